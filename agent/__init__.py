@@ -1,0 +1,1 @@
+"""The edge service: configuration, runtime wiring, CLI, health and metrics."""

@@ -1,0 +1,1 @@
+"""The durable SQLite outbox of sealed batches, committed with the engine checkpoint."""

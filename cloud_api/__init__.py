@@ -1,0 +1,1 @@
+"""The cloud side: ingest worker, PostgreSQL schema and migrations, HTTP API and dashboard."""

@@ -1,0 +1,1 @@
+"""PLC connectors (one folder per protocol) that turn PLC values into Samples."""

@@ -1,0 +1,113 @@
+"""Additive OEE components and the one place where ratios are computed from them.
+
+Every level (bucket, shift, day, machine, line, site) stores or sums these components;
+ratios are derived from sums at read time and never averaged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+TIME_FIELDS: tuple[str, ...] = (
+    "planned_busy_s",
+    "production_s",
+    "setup_s",
+    "downtime_s",
+    "fault_s",
+    "idle_s",
+    "micro_stop_s",
+    "unknown_s",
+    "planned_down_s",
+    "off_plan_s",
+)
+QUANTITY_FIELDS: tuple[str, ...] = ("produced", "good", "scrap", "rework", "off_plan_produced")
+IDEAL_FIELDS: tuple[str, ...] = ("ideal_produced_s", "ideal_good_s")
+COMPONENT_FIELDS: tuple[str, ...] = TIME_FIELDS + QUANTITY_FIELDS + IDEAL_FIELDS
+
+
+class Components(BaseModel):
+    """Additive quantities of one window; `+` pools two windows exactly.
+
+    `downtime_s` = `fault_s` + `idle_s` (micro-stops counted as downtime included);
+    `micro_stop_s` is the part of the stops judged micro-stops, whichever class they went to.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    planned_busy_s: float = 0.0
+    production_s: float = 0.0
+    setup_s: float = 0.0
+    downtime_s: float = 0.0
+    fault_s: float = 0.0
+    idle_s: float = 0.0
+    micro_stop_s: float = 0.0
+    unknown_s: float = 0.0
+    planned_down_s: float = 0.0
+    off_plan_s: float = 0.0
+    produced: int = 0
+    good: int = 0
+    scrap: int = 0
+    rework: int = 0
+    off_plan_produced: int = 0
+    ideal_produced_s: float = 0.0
+    ideal_good_s: float = 0.0
+
+    def __add__(self, other: Components) -> Components:
+        return Components(
+            **{name: getattr(self, name) + getattr(other, name) for name in COMPONENT_FIELDS}
+        )
+
+    @classmethod
+    def pool(cls, parts: Iterable[Components]) -> Components:
+        total = cls()
+        for part in parts:
+            total = total + part
+        return total
+
+    @classmethod
+    def from_mapping(cls, row: Mapping[str, Any]) -> Components:
+        """Build from a row of sums (missing or NULL columns count as zero)."""
+        values: dict[str, Any] = {}
+        for name in COMPONENT_FIELDS:
+            raw = row.get(name)
+            if raw is None:
+                continue
+            values[name] = int(raw) if name in QUANTITY_FIELDS else float(raw)
+        return cls(**values)
+
+    def ratios(self) -> Ratios:
+        return ratios(self)
+
+
+class Ratios(BaseModel):
+    """A, P, Q and OEE; None where the ratio is undefined (never 0 or 1 by default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    availability: float | None
+    performance: float | None
+    quality: float | None
+    oee: float | None
+
+
+def ratios(c: Components) -> Ratios:
+    """ISO 22400 ratios from additive components (see OEE.md, Formulas).
+
+    A = APT/PBT, P = ideal_produced/APT, Q = ideal_good/ideal_produced, OEE = ideal_good/PBT.
+    Performance is never clamped.
+    """
+    pbt = c.planned_busy_s
+    apt = c.production_s
+    availability = apt / pbt if pbt > 0 else None
+    performance = c.ideal_produced_s / apt if apt > 0 else None
+    if c.produced > 0 and c.ideal_produced_s > 0:
+        quality: float | None = c.ideal_good_s / c.ideal_produced_s
+    elif c.produced > 0:
+        quality = c.good / c.produced
+    else:
+        quality = None
+    oee = c.ideal_good_s / pbt if pbt > 0 else None
+    return Ratios(availability=availability, performance=performance, quality=quality, oee=oee)

@@ -1,0 +1,175 @@
+"""The OEE-relevant configuration: durations, the shift calendar and each equipment's spec.
+
+These models are part of the agent's YAML (the agent composes them) and of `replay`.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import time
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from oee.events import STATES
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, None: 1.0}
+WEEKDAYS: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def parse_duration(value: object) -> float:
+    """'1s', '1.3s', '500ms', '2m', '1h' or a number of seconds -> seconds (float)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 1s, 500ms, 2m or a number of seconds")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError(
+            f"invalid duration {value!r}: use 1s, 1.3s, 500ms, 2m, 1h or a number of seconds"
+        )
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _parse_clock(value: object) -> time:
+    if isinstance(value, time):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        # YAML 1.1 reads an unquoted 06:00 as the sexagesimal number 360 (minutes).
+        hours, minutes = divmod(value, 60)
+        if hours < 24:
+            return time(hours, minutes)
+    if isinstance(value, str):
+        match = re.fullmatch(r"(\d{1,2}):(\d{2})", value.strip())
+        if match and int(match.group(1)) <= 24 and int(match.group(2)) < 60:
+            hours, minutes = int(match.group(1)), int(match.group(2))
+            return time(0, 0) if hours == 24 and minutes == 0 else time(hours % 24, minutes)
+    raise ValueError(f"invalid time of day {value!r}: use \"HH:MM\" in quotes, e.g. \"06:00\"")
+
+
+ClockTime = Annotated[time, BeforeValidator(_parse_clock)]
+
+
+class BreakSpec(BaseModel):
+    """A planned break inside a shift, in the plant's local time."""
+
+    model_config = ConfigDict(extra="forbid")
+    start: ClockTime
+    end: ClockTime
+
+
+class ShiftSpec(BaseModel):
+    """A shift in the plant's local time; `end` <= `start` means it ends the next day."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    start: ClockTime
+    end: ClockTime
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(
+        default_factory=lambda: list(WEEKDAYS)
+    )
+    breaks: list[BreakSpec] = Field(default_factory=list)
+
+
+def _check_timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown IANA time zone {value!r} (e.g. Europe/Berlin)") from exc
+    return value
+
+
+TimeZoneName = Annotated[str, BeforeValidator(_check_timezone)]
+
+
+class CounterSpec(BaseModel):
+    """How a cumulative PLC counter behaves: bit width, signedness, plausibility bound."""
+
+    model_config = ConfigDict(extra="forbid")
+    width: Literal[16, 32, 64] = 32
+    signed: bool = False
+    max_delta: int | None = Field(default=None, gt=0)
+
+
+class ProductSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ideal_cycle_time: Duration
+
+
+def _code_key(raw: object) -> str:
+    """PLC codes as map keys: 1, 1.0 and "1" are the same code."""
+    if isinstance(raw, float) and raw.is_integer():
+        return str(int(raw))
+    if isinstance(raw, bool):
+        return str(int(raw))
+    return str(raw).strip()
+
+
+def _code_map(value: object) -> object:
+    if isinstance(value, dict):
+        return {_code_key(k): v for k, v in value.items()}
+    return value
+
+
+CodeMap = Annotated[dict[str, str], BeforeValidator(_code_map)]
+
+
+class EquipmentSpec(BaseModel):
+    """What the OEE engine needs to know about one piece of equipment."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1)
+    line: str | None = None
+    ideal_cycle_time: Duration
+    micro_stop_threshold: Duration | None = None
+    micro_stops: Literal["performance", "availability"] = "performance"
+    state_map: CodeMap
+    reason_map: CodeMap = Field(default_factory=dict)
+    product_map: CodeMap = Field(default_factory=dict)
+    products: dict[str, ProductSpec] = Field(default_factory=dict)
+    counters: dict[Literal["total_count", "good_count", "scrap_count", "rework_count"], CounterSpec]
+
+    @field_validator("ideal_cycle_time")
+    @classmethod
+    def _positive_cycle(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("ideal_cycle_time must be greater than zero")
+        return value
+
+    @field_validator("state_map")
+    @classmethod
+    def _known_states(cls, value: dict[str, str]) -> dict[str, str]:
+        for raw, state in value.items():
+            if state not in STATES or state == "unknown":
+                allowed = ", ".join(s for s in STATES if s != "unknown")
+                raise ValueError(f"unknown state {state!r} for value {raw}: use one of {allowed}")
+        return value
+
+    @model_validator(mode="after")
+    def _counters_make_sense(self) -> EquipmentSpec:
+        if "total_count" not in self.counters:
+            raise ValueError("a total_count signal is required to count produced parts")
+        if "good_count" in self.counters and "scrap_count" in self.counters:
+            raise ValueError("configure either good_count or scrap_count, not both")
+        for code, product in self.product_map.items():
+            if product not in self.products:
+                raise ValueError(
+                    f"product {product!r} (value {code}) has no entry under products"
+                )
+        return self
+
+    def code(self, raw: object) -> str:
+        return _code_key(raw)
+
+    def cycle_time(self, product: str | None) -> float:
+        if product is not None and product in self.products:
+            return self.products[product].ideal_cycle_time
+        return self.ideal_cycle_time

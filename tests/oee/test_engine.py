@@ -1,0 +1,126 @@
+"""The engine on hand-built timelines, including the oee.com example shift."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from connectors.sample import Sample
+from oee.calendar import ShiftCalendar
+from oee.components import Components
+from oee.config import BreakSpec, CounterSpec, EquipmentSpec, ShiftSpec
+from oee.engine import EquipmentEngine
+from oee.events import AgentEvent, OeeEvent
+
+T0 = datetime(2026, 1, 5, 5, 0, tzinfo=UTC)  # a Monday; 06:00 in Berlin (UTC+1)
+
+
+def spec(**extra: object) -> EquipmentSpec:
+    base: dict[str, object] = {
+        "id": "press-1",
+        "ideal_cycle_time": 1.0,
+        "state_map": {0: "idle", 1: "running", 2: "fault", 3: "setup", 4: "planned_stop"},
+        "counters": {"total_count": CounterSpec(width=32), "scrap_count": CounterSpec(width=32)},
+    }
+    base.update(extra)
+    return EquipmentSpec.model_validate(base)
+
+
+def oee_com_calendar() -> ShiftCalendar:
+    shift = ShiftSpec(
+        name="early",
+        start="06:00",  # type: ignore[arg-type]
+        end="14:00",  # type: ignore[arg-type]
+        breaks=[
+            BreakSpec(start="09:00", end="09:15"),  # type: ignore[arg-type]
+            BreakSpec(start="11:30", end="12:00"),  # type: ignore[arg-type]
+            BreakSpec(start="12:45", end="13:00"),  # type: ignore[arg-type]
+        ],
+    )
+    return ShiftCalendar([shift], "Europe/Berlin")
+
+
+def at(minutes: float) -> datetime:
+    return T0 + timedelta(minutes=minutes)
+
+
+def pooled(events: list[object]) -> Components:
+    return Components.pool(e.components for e in events if isinstance(e, OeeEvent))
+
+
+def test_oee_com_shift() -> None:
+    engine = EquipmentEngine(spec(), oee_com_calendar(), agent_id="a", site_id="s")
+    events: list[object] = []
+    events += engine.start(at(0))
+    events += engine.feed(Sample("press-1", "total_count", 1000, at(0)))
+    events += engine.feed(Sample("press-1", "scrap_count", 50, at(0)))
+    events += engine.feed(Sample("press-1", "state", 1, at(0)))
+    events += engine.feed(Sample("press-1", "state", 2, at(60)))  # 47 min fault
+    events += engine.feed(Sample("press-1", "state", 1, at(107)))
+    events += engine.feed(Sample("press-1", "total_count", 1000 + 19271, at(470)))
+    events += engine.feed(Sample("press-1", "scrap_count", 50 + 423, at(470)))
+    events += engine.finish(at(480))
+    c = pooled(events)
+    assert c.planned_busy_s == pytest.approx(420 * 60)
+    assert c.production_s == pytest.approx(373 * 60)
+    assert c.downtime_s == pytest.approx(47 * 60)
+    assert c.off_plan_s == pytest.approx(60 * 60)
+    assert (c.produced, c.scrap, c.good) == (19271, 423, 18848)
+    r = c.ratios()
+    assert r.availability == pytest.approx(0.888095, abs=1e-6)
+    assert r.performance == pytest.approx(0.861081, abs=1e-6)
+    assert r.quality == pytest.approx(0.978050, abs=1e-6)
+    assert r.oee == pytest.approx(0.747937, abs=1e-6)
+    buckets = [e for e in events if isinstance(e, OeeEvent)]
+    assert all(b.bucket_end - b.bucket_start <= timedelta(minutes=1) for b in buckets)
+
+
+def test_undefined_ratios_are_null() -> None:
+    assert Components().ratios().oee is None
+    r = Components(planned_busy_s=10, unknown_s=10).ratios()
+    assert (r.availability, r.performance, r.quality, r.oee) == (0.0, None, None, 0.0)
+
+
+def test_counter_wrap_reset_and_restart_without_phantom_delta() -> None:
+    cal = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+    s = spec(counters={"total_count": CounterSpec(width=16)})
+    engine = EquipmentEngine(s, cal, agent_id="a", site_id="s")
+    events: list[object] = []
+    events += engine.feed(Sample("press-1", "state", 1, at(0)))
+    events += engine.feed(Sample("press-1", "total_count", 65530, at(0)))
+    events += engine.feed(Sample("press-1", "total_count", 4, at(1)))  # wrap: +10
+    snapshot = engine.checkpoint()
+    restarted = EquipmentEngine(s, cal, agent_id="a", site_id="s")
+    restarted.restore(snapshot)
+    events += restarted.feed(Sample("press-1", "total_count", 9, at(2)))  # +5, not 9
+    events += restarted.feed(Sample("press-1", "total_count", 2, at(3)))  # reset: +2
+    events += restarted.finish(at(4))
+    assert pooled(events).produced == 17
+    codes = [e.code for e in events if isinstance(e, AgentEvent)]
+    assert codes == ["counter_wrap", "counter_reset"]
+
+
+def test_micro_stops_both_settings() -> None:
+    cal = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+    results = {}
+    for mode in ("performance", "availability"):
+        engine = EquipmentEngine(
+            spec(micro_stop_threshold="2m", micro_stops=mode), cal, agent_id="a", site_id="s"
+        )
+        events: list[object] = []
+        events += engine.feed(Sample("press-1", "state", 1, at(0)))
+        events += engine.feed(Sample("press-1", "state", 2, at(0.5)))  # 2 min exactly: micro
+        events += engine.tick(at(1.9))
+        events += engine.feed(Sample("press-1", "state", 1, at(2.5)))
+        events += engine.feed(Sample("press-1", "state", 0, at(3)))  # 3 min: a real stop
+        events += engine.feed(Sample("press-1", "state", 1, at(6)))
+        events += engine.finish(at(7))
+        results[mode] = pooled(events)
+    perf, avail = results["performance"], results["availability"]
+    assert perf.production_s == pytest.approx(240)  # 0.5 + 2 (micro) + 0.5 + 1 min
+    assert avail.production_s == pytest.approx(120)
+    assert perf.downtime_s == pytest.approx(180)
+    assert avail.downtime_s == pytest.approx(300)
+    assert perf.micro_stop_s == avail.micro_stop_s == pytest.approx(120)
+    assert perf.planned_busy_s == avail.planned_busy_s == pytest.approx(420)

@@ -1,0 +1,1 @@
+"""Modbus TCP/RTU connector: config, hub, codec."""

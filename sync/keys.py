@@ -1,0 +1,429 @@
+"""Key material of the edge<->cloud contract: generation, key ids, key files and keyrings.
+
+Key id: the first 16 hex chars of sha256 over the raw public key bytes (for the hybrid KEM the
+raw public key is the ML-KEM-768 public key followed by the X25519 public key).
+
+Every key, public or private, is stored and exchanged as ONE text line ``<type>:<base64>``:
+
+    ed25519:<32 raw bytes>                  agent signing / cloud ack-verify public key
+    x25519:<32 raw bytes>                   cloud HPKE public key, suite x25519-...
+    mlkem768x25519:<1184 + 32 raw bytes>    cloud HPKE public key, suite mlkem768x25519-...
+    ed25519-private:<32 raw bytes>
+    x25519-private:<32 raw bytes>
+    mlkem768x25519-private:<64-byte ML-KEM seed + 32 X25519 bytes>
+
+(PEM has no encoding for the hybrid key, so one format is used for all.) Private key files are
+written atomically with mode 0600 and are refused on load if group/other have any access.
+
+Cloud key directory (``CloudKeyring``), several keys kept for rotation:
+
+    hpke-<keyid>.key  hpke-<keyid>.pub  hpke.current   (current = key id used by agents)
+    ack-<keyid>.key   ack-<keyid>.pub   ack.current    (current = key signing new acks)
+
+Agent key directory (``AgentKeys``):
+
+    signing.key  signing.pub   the agent's Ed25519 key (the .pub line goes to the fleet registry)
+    cloud-hpke.pub             the cloud's current HPKE public key line
+    cloud-ack.pub              one ed25519 line per accepted cloud ack key (several while rotating)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import secrets
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+Suite = Literal["x25519-hkdfsha256-aes256gcm", "mlkem768x25519-hkdfsha256-aes256gcm"]
+SUITE_X25519: Suite = "x25519-hkdfsha256-aes256gcm"
+SUITE_MLKEM768X25519: Suite = "mlkem768x25519-hkdfsha256-aes256gcm"
+SUITES: tuple[Suite, ...] = (SUITE_X25519, SUITE_MLKEM768X25519)
+
+HpkePublicKey = x25519.X25519PublicKey | hpke.MLKEM768X25519PublicKey
+HpkePrivateKey = x25519.X25519PrivateKey | hpke.MLKEM768X25519PrivateKey
+
+_PUBLIC_PREFIX: dict[Suite, str] = {SUITE_X25519: "x25519", SUITE_MLKEM768X25519: "mlkem768x25519"}
+_MLKEM_SEED, _MLKEM_PUB, _X25519_LEN = 64, 1184, 32
+
+
+class KeyFileError(Exception):
+    """A key file or key line is missing, malformed, unsafe, or would be overwritten."""
+
+
+def key_id(raw_public: bytes) -> str:
+    """Return the key id of a raw public key: first 16 hex chars of its sha256."""
+    return hashlib.sha256(raw_public).hexdigest()[:16]
+
+
+def ed25519_key_id(key: Ed25519PublicKey) -> str:
+    return key_id(key.public_bytes_raw())
+
+
+def ed25519_line(key: Ed25519PublicKey) -> str:
+    """Export an Ed25519 public key as ``ed25519:<base64>``."""
+    return _line("ed25519", key.public_bytes_raw())
+
+
+@dataclass(frozen=True)
+class CloudPublicKey:
+    """The cloud's HPKE public key together with its suite and raw bytes (for the key id)."""
+
+    suite: Suite
+    key: HpkePublicKey = field(repr=False, compare=False)
+    raw: bytes = field(repr=False)
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.raw)
+
+    def to_line(self) -> str:
+        return _line(_PUBLIC_PREFIX[self.suite], self.raw)
+
+
+@dataclass(frozen=True)
+class CloudPrivateKey:
+    """The cloud's HPKE private key; ``raw`` is what the key file stores."""
+
+    suite: Suite
+    key: HpkePrivateKey = field(repr=False, compare=False)
+    raw: bytes = field(repr=False)
+    public: CloudPublicKey
+
+    @property
+    def key_id(self) -> str:
+        return self.public.key_id
+
+    @classmethod
+    def generate(cls, suite: Suite = SUITE_X25519) -> CloudPrivateKey:
+        if suite == SUITE_X25519:
+            return _x25519_private(x25519.X25519PrivateKey.generate().private_bytes_raw())
+        if suite == SUITE_MLKEM768X25519:
+            seed = mlkem.MLKEM768PrivateKey.generate().private_bytes_raw()
+            return _hybrid_private(seed + x25519.X25519PrivateKey.generate().private_bytes_raw())
+        raise ValueError(f"unknown suite {suite!r}")
+
+    def to_line(self) -> str:
+        return _line(_PUBLIC_PREFIX[self.suite] + "-private", self.raw)
+
+
+def _x25519_private(raw: bytes) -> CloudPrivateKey:
+    priv = x25519.X25519PrivateKey.from_private_bytes(raw)
+    pub = priv.public_key()
+    return CloudPrivateKey(
+        SUITE_X25519, priv, raw, CloudPublicKey(SUITE_X25519, pub, pub.public_bytes_raw())
+    )
+
+
+def _hybrid_private(raw: bytes) -> CloudPrivateKey:
+    if len(raw) != _MLKEM_SEED + _X25519_LEN:
+        raise ValueError("hybrid private key must be 96 bytes")
+    m = mlkem.MLKEM768PrivateKey.from_seed_bytes(raw[:_MLKEM_SEED])
+    x = x25519.X25519PrivateKey.from_private_bytes(raw[_MLKEM_SEED:])
+    pub_raw = m.public_key().public_bytes_raw() + x.public_key().public_bytes_raw()
+    public = CloudPublicKey(
+        SUITE_MLKEM768X25519,
+        hpke.MLKEM768X25519PublicKey(m.public_key(), x.public_key()),
+        pub_raw,
+    )
+    return CloudPrivateKey(SUITE_MLKEM768X25519, hpke.MLKEM768X25519PrivateKey(m, x), raw, public)
+
+
+# --- one-line text form ---------------------------------------------------------------------
+
+
+def _line(kind: str, raw: bytes) -> str:
+    return f"{kind}:{base64.b64encode(raw).decode('ascii')}"
+
+
+def _split_line(line: str) -> tuple[str, bytes]:
+    kind, sep, b64 = line.strip().partition(":")
+    if not sep:
+        raise KeyFileError("key line must look like '<type>:<base64>'")
+    try:
+        return kind, base64.b64decode(b64, validate=True)
+    except binascii.Error as exc:
+        raise KeyFileError(f"bad base64 in {kind} key line") from exc
+
+
+def parse_ed25519_public(line: str) -> Ed25519PublicKey:
+    """Parse ``ed25519:<base64>`` (agent signing key or cloud ack-verify key)."""
+    kind, raw = _split_line(line)
+    if kind != "ed25519" or len(raw) != 32:
+        raise KeyFileError(f"expected an ed25519 public key line, got {kind!r}")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def parse_cloud_public(line: str) -> CloudPublicKey:
+    """Parse ``x25519:<base64>`` or ``mlkem768x25519:<base64>`` (the cloud HPKE public key)."""
+    kind, raw = _split_line(line)
+    try:
+        if kind == "x25519" and len(raw) == _X25519_LEN:
+            pub = x25519.X25519PublicKey.from_public_bytes(raw)
+            return CloudPublicKey(SUITE_X25519, pub, raw)
+        if kind == "mlkem768x25519" and len(raw) == _MLKEM_PUB + _X25519_LEN:
+            m = mlkem.MLKEM768PublicKey.from_public_bytes(raw[:_MLKEM_PUB])
+            x = x25519.X25519PublicKey.from_public_bytes(raw[_MLKEM_PUB:])
+            return CloudPublicKey(SUITE_MLKEM768X25519, hpke.MLKEM768X25519PublicKey(m, x), raw)
+    except ValueError as exc:
+        raise KeyFileError(f"invalid {kind} public key") from exc
+    raise KeyFileError(f"expected an x25519 or mlkem768x25519 public key line, got {kind!r}")
+
+
+def parse_ed25519_private(line: str) -> Ed25519PrivateKey:
+    kind, raw = _split_line(line)
+    if kind != "ed25519-private" or len(raw) != 32:
+        raise KeyFileError(f"expected an ed25519-private key line, got {kind!r}")
+    return Ed25519PrivateKey.from_private_bytes(raw)
+
+
+def parse_cloud_private(line: str) -> CloudPrivateKey:
+    kind, raw = _split_line(line)
+    try:
+        if kind == "x25519-private" and len(raw) == _X25519_LEN:
+            return _x25519_private(raw)
+        if kind == "mlkem768x25519-private":
+            return _hybrid_private(raw)
+    except ValueError as exc:
+        raise KeyFileError(f"invalid {kind} private key") from exc
+    raise KeyFileError(f"expected an HPKE private key line, got {kind!r}")
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, text: str, *, mode: int, overwrite: bool) -> None:
+    """Write via a fresh O_EXCL temp file with the final mode, fsync, then rename into place.
+
+    The temp file is created with ``mode`` from the start, so a private key is never readable
+    by others, not even for an instant. Without ``overwrite`` the final step is a hard link,
+    which fails atomically if the target exists (no check-then-write race).
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            os.fchmod(fh.fileno(), mode)  # the umask may have narrowed it; make it exact
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise KeyFileError(f"{path} exists; pass overwrite=True to replace it") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_private_line(path: Path, line: str, *, overwrite: bool = False) -> None:
+    _write_atomic(path, line + "\n", mode=0o600, overwrite=overwrite)
+
+
+def write_public_lines(path: Path, lines: list[str], *, overwrite: bool = True) -> None:
+    _write_atomic(path, "".join(f"{ln}\n" for ln in lines), mode=0o644, overwrite=overwrite)
+
+
+def _read_private(path: Path) -> str:
+    try:
+        st = path.stat()
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            raise KeyFileError(f"{path} is accessible by group/other; chmod 600 it")
+        return path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"cannot read private key {path}: {exc}") from exc
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"cannot read {path}: {exc}") from exc
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    """Load an Ed25519 private key file (agent signing key or cloud ack key)."""
+    return parse_ed25519_private(_read_private(path))
+
+
+def load_cloud_private(path: Path) -> CloudPrivateKey:
+    return parse_cloud_private(_read_private(path))
+
+
+def load_ed25519_publics(path: Path) -> dict[str, Ed25519PublicKey]:
+    """Load every ``ed25519:`` line of a file, keyed by key id."""
+    keys = [parse_ed25519_public(ln) for ln in _read_lines(path)]
+    return {ed25519_key_id(k): k for k in keys}
+
+
+def load_cloud_public(path: Path) -> CloudPublicKey:
+    lines = _read_lines(path)
+    if len(lines) != 1:
+        raise KeyFileError(f"{path} must hold exactly one HPKE public key line")
+    return parse_cloud_public(lines[0])
+
+
+# --- cloud keyring --------------------------------------------------------------------------
+
+
+def generate_cloud_hpke_key(
+    directory: Path, suite: Suite = SUITE_X25519, *, make_current: bool = True
+) -> CloudPrivateKey:
+    """Create ``hpke-<id>.key/.pub`` and (by default) point ``hpke.current`` at it."""
+    key = CloudPrivateKey.generate(suite)
+    _store_pair(
+        directory,
+        "hpke",
+        key.key_id,
+        key.to_line(),
+        key.public.to_line(),
+        make_current=make_current,
+    )
+    return key
+
+
+def generate_cloud_ack_key(directory: Path, *, make_current: bool = True) -> Ed25519PrivateKey:
+    """Create ``ack-<id>.key/.pub`` and (by default) point ``ack.current`` at it."""
+    key = Ed25519PrivateKey.generate()
+    pub = key.public_key()
+    private = _line("ed25519-private", key.private_bytes_raw())
+    _store_pair(
+        directory, "ack", ed25519_key_id(pub), private, ed25519_line(pub), make_current=make_current
+    )
+    return key
+
+
+def _store_pair(
+    directory: Path, prefix: str, kid: str, private: str, public: str, *, make_current: bool
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    write_private_line(directory / f"{prefix}-{kid}.key", private)
+    write_public_lines(directory / f"{prefix}-{kid}.pub", [public])
+    if make_current:
+        # Written after the key itself, so the pointer never names a key that is not on disk.
+        write_public_lines(directory / f"{prefix}.current", [kid])
+
+
+@dataclass(frozen=True)
+class CloudKeyring:
+    """All HPKE and ack-signing keys of a cloud key directory, by key id.
+
+    Old keys stay so batches sealed to them (still in agents' outboxes) can be opened and
+    acks signed by them can be verified; ``*.current`` names the key to use for new work.
+    """
+
+    hpke: dict[str, CloudPrivateKey]
+    ack: dict[str, Ed25519PrivateKey]
+    current_hpke_id: str
+    current_ack_id: str
+
+    @classmethod
+    def load(cls, directory: Path) -> CloudKeyring:
+        hpke_keys: dict[str, CloudPrivateKey] = {}
+        for path in sorted(directory.glob("hpke-*.key")):
+            k = load_cloud_private(path)
+            _check_name(path, "hpke", k.key_id)
+            hpke_keys[k.key_id] = k
+        ack_keys: dict[str, Ed25519PrivateKey] = {}
+        for path in sorted(directory.glob("ack-*.key")):
+            a = load_signing_key(path)
+            _check_name(path, "ack", ed25519_key_id(a.public_key()))
+            ack_keys[ed25519_key_id(a.public_key())] = a
+        return cls(
+            hpke_keys,
+            ack_keys,
+            _current(directory / "hpke.current", hpke_keys),
+            _current(directory / "ack.current", ack_keys),
+        )
+
+    @property
+    def current_hpke(self) -> CloudPrivateKey:
+        return self.hpke[self.current_hpke_id]
+
+    @property
+    def current_ack(self) -> tuple[str, Ed25519PrivateKey]:
+        return self.current_ack_id, self.ack[self.current_ack_id]
+
+    def decrypt_key_for(self, cloud_key_id: str) -> HpkePrivateKey | None:
+        """Lookup shaped for ``open_envelope(decrypt_key_for=...)``."""
+        k = self.hpke.get(cloud_key_id)
+        return k.key if k is not None else None
+
+    def ack_verify_keys(self) -> dict[str, Ed25519PublicKey]:
+        return {kid: k.public_key() for kid, k in self.ack.items()}
+
+
+def _check_name(path: Path, prefix: str, kid: str) -> None:
+    if path.name != f"{prefix}-{kid}.key":
+        raise KeyFileError(f"{path} holds key {kid}; its name must be {prefix}-{kid}.key")
+
+
+def _current(pointer: Path, keys: Mapping[str, object]) -> str:
+    lines = _read_lines(pointer)
+    if len(lines) != 1 or lines[0] not in keys:
+        raise KeyFileError(f"{pointer} must name one key present in {pointer.parent}")
+    return lines[0]
+
+
+# --- agent keys -----------------------------------------------------------------------------
+
+
+def generate_agent_signing_key(directory: Path, *, overwrite: bool = False) -> Ed25519PrivateKey:
+    """Create ``signing.key`` (0600) and ``signing.pub`` (the line for the fleet registry)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    line = _line("ed25519-private", key.private_bytes_raw())
+    write_private_line(directory / "signing.key", line, overwrite=overwrite)
+    write_public_lines(directory / "signing.pub", [ed25519_line(key.public_key())])
+    return key
+
+
+def install_cloud_public_keys(directory: Path, hpke_line: str, ack_lines: list[str]) -> None:
+    """Write the operator-pasted cloud key lines after checking that they parse."""
+    parse_cloud_public(hpke_line)
+    for ln in ack_lines:
+        parse_ed25519_public(ln)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_public_lines(directory / "cloud-hpke.pub", [hpke_line.strip()])
+    write_public_lines(directory / "cloud-ack.pub", [ln.strip() for ln in ack_lines])
+
+
+@dataclass(frozen=True)
+class AgentKeys:
+    """What the edge needs: its signing key, the cloud's HPKE key and the cloud ack keys."""
+
+    signing_key: Ed25519PrivateKey = field(repr=False)
+    cloud_public: CloudPublicKey
+    ack_verify_keys: dict[str, Ed25519PublicKey] = field(repr=False)
+
+    @property
+    def signing_key_id(self) -> str:
+        return ed25519_key_id(self.signing_key.public_key())
+
+    @classmethod
+    def load(cls, directory: Path) -> AgentKeys:
+        acks = load_ed25519_publics(directory / "cloud-ack.pub")
+        if not acks:
+            raise KeyFileError(f"{directory / 'cloud-ack.pub'} holds no ack key")
+        return cls(
+            load_signing_key(directory / "signing.key"),
+            load_cloud_public(directory / "cloud-hpke.pub"),
+            acks,
+        )

@@ -16,7 +16,8 @@ from oee.events import STATES
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, None: 1.0}
-WEEKDAYS: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
 def parse_duration(value: object) -> float:
@@ -52,7 +53,7 @@ def _parse_clock(value: object) -> time:
         if match and int(match.group(1)) <= 24 and int(match.group(2)) < 60:
             hours, minutes = int(match.group(1)), int(match.group(2))
             return time(0, 0) if hours == 24 and minutes == 0 else time(hours % 24, minutes)
-    raise ValueError(f"invalid time of day {value!r}: use \"HH:MM\" in quotes, e.g. \"06:00\"")
+    raise ValueError(f'invalid time of day {value!r}: use "HH:MM" in quotes, e.g. "06:00"')
 
 
 ClockTime = Annotated[time, BeforeValidator(_parse_clock)]
@@ -73,9 +74,7 @@ class ShiftSpec(BaseModel):
     name: str = Field(min_length=1)
     start: ClockTime
     end: ClockTime
-    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(
-        default_factory=lambda: list(WEEKDAYS)
-    )
+    days: list[Weekday] = Field(default_factory=lambda: list(WEEKDAYS))
     breaks: list[BreakSpec] = Field(default_factory=list)
 
 
@@ -161,9 +160,7 @@ class EquipmentSpec(BaseModel):
             raise ValueError("configure either good_count or scrap_count, not both")
         for code, product in self.product_map.items():
             if product not in self.products:
-                raise ValueError(
-                    f"product {product!r} (value {code}) has no entry under products"
-                )
+                raise ValueError(f"product {product!r} (value {code}) has no entry under products")
         return self
 
     def code(self, raw: object) -> str:

@@ -89,8 +89,8 @@ class _Bucket:
         return bucket
 
     def components(self) -> Components:
-        return Components(
-            **{
+        return Components.model_validate(
+            {
                 name: round(self.values[name])
                 if name in QUANTITY_FIELDS
                 else round(self.values[name], 6)
@@ -163,8 +163,13 @@ class EquipmentEngine:
                 code = self.spec.code(sample.value)
                 product = self.spec.product_map.get(code, code if code else None)
                 if product is not None and product not in self.spec.products:
-                    self._agent(at, "unknown_product", f"product code {code} is not configured; "
-                                "the default ideal cycle time applies", {"code": code})
+                    self._agent(
+                        at,
+                        "unknown_product",
+                        f"product code {code} is not configured; "
+                        "the default ideal cycle time applies",
+                        {"code": code},
+                    )
                 self.product = product
         elif signal in COUNTER_SIGNALS:
             if good:
@@ -389,8 +394,13 @@ class EquipmentEngine:
             code = self.spec.code(value)
             mapped = self.spec.state_map.get(code)
             if mapped is None:
-                self._agent(at, "unmapped_state", f"{self.spec.id}: state value {code} is not "
-                            "in the state map; the state is unknown", {"value": code})
+                self._agent(
+                    at,
+                    "unmapped_state",
+                    f"{self.spec.id}: state value {code} is not "
+                    "in the state map; the state is unknown",
+                    {"value": code},
+                )
                 new = "unknown"
             else:
                 new = mapped
@@ -398,7 +408,9 @@ class EquipmentEngine:
         if new != self.state:
             self._change_state(new, at, raw=raw, reason=None)
 
-    def _change_state(self, new: str, at: datetime, *, raw: float | None, reason: str | None) -> None:
+    def _change_state(
+        self, new: str, at: datetime, *, raw: float | None, reason: str | None
+    ) -> None:
         previous = self.state
         if previous in STOP_STATES and not self.stop_judged:
             self._judge_stop(at)
@@ -425,8 +437,12 @@ class EquipmentEngine:
         try:
             raw = int(value)  # type: ignore[call-overload]
         except (TypeError, ValueError):
-            self._agent(at, "counter_invalid", f"{self.spec.id}: {signal} value {value!r} "
-                        "is not an integer; ignored", {"signal": signal, "value": repr(value)})
+            self._agent(
+                at,
+                "counter_invalid",
+                f"{self.spec.id}: {signal} value {value!r} is not an integer; ignored",
+                {"signal": signal, "value": repr(value)},
+            )
             return
         result = counter_delta(spec, self.counters.get(signal), raw)
         self.counters[signal] = result.current
@@ -435,8 +451,12 @@ class EquipmentEngine:
                 at,
                 f"counter_{result.kind}",
                 f"{self.spec.id}: {signal} {result.kind} {result.previous} -> {result.current}",
-                {"signal": signal, "previous": result.previous, "current": result.current,
-                 "delta": result.delta},
+                {
+                    "signal": signal,
+                    "previous": result.previous,
+                    "current": result.current,
+                    "delta": result.delta,
+                },
             )
         d = result.delta
         if d == 0:
@@ -479,7 +499,10 @@ class EquipmentEngine:
                 ts=at,
                 product=self.product,
                 in_plan=in_plan,
-                **counts,
+                produced=counts["produced"],
+                good=counts["good"],
+                scrap=counts["scrap"],
+                rework=counts["rework"],
             )
         )
 

@@ -84,6 +84,7 @@ class EnvelopeError(Exception):
     def __init__(self, reason: EnvelopeReason, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason: EnvelopeReason = reason
+        self.detail = detail
 
 
 class AckError(Exception):

@@ -1,0 +1,225 @@
+"""`edge-agent`: run the agent, manage its keys and outbox, simulate PLCs, replay history."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from agent.config import AgentConfig, ConfigError, load_config
+from sync.keys import (
+    AgentKeys,
+    KeyFileError,
+    generate_agent_signing_key,
+    install_cloud_public_keys,
+)
+from sync.logs import configure_logging
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"edge-agent: {message}", file=sys.stderr)
+    return code
+
+
+def _config(path: str) -> AgentConfig:
+    return load_config(path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.runtime import AgentRuntime
+
+    config = _config(args.config)
+    configure_logging(config.agent.log_level)
+    os.umask(0o077)  # outbox, WAL and key files are readable by the agent's user only
+    try:
+        keys = AgentKeys.load(config.keys_dir)
+    except (KeyFileError, OSError) as exc:
+        return _fail(
+            f"keys in {config.keys_dir} are not usable: {exc}\n"
+            "  run `edge-agent keys init -c FILE` and install the cloud's public keys "
+            "with `edge-agent keys install-cloud -c FILE CLOUD_KEYS_FILE`"
+        )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await AgentRuntime(config, keys).run(stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    print(
+        f"{args.config}: ok ({len(config.equipment)} equipment, "
+        f"{len(config.connections)} connection(s), {len(config.shifts)} shift(s))"
+    )
+    return 0
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    directory = config.keys_dir
+    if (directory / "signing.key").exists() and not args.force:
+        print(
+            f"{directory / 'signing.key'} exists; keeping it (use --force to replace)",
+            file=sys.stderr,
+        )
+    else:
+        os.umask(0o077)
+        generate_agent_signing_key(directory, overwrite=args.force)
+    print((directory / "signing.pub").read_text(encoding="utf-8").strip())
+    return 0
+
+
+def cmd_keys_install_cloud(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    lines = [ln.strip() for ln in Path(args.file).read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    hpke = [ln for ln in lines if not ln.startswith("ed25519:")]
+    acks = [ln for ln in lines if ln.startswith("ed25519:")]
+    if len(hpke) != 1 or not acks:
+        return _fail(
+            f"{args.file}: expected one HPKE public key line and at least one "
+            "ed25519 ack key line (the output of `cloud-api keys export`)"
+        )
+    install_cloud_public_keys(config.keys_dir, hpke[0], acks)
+    print(f"installed the cloud's public keys in {config.keys_dir}")
+    return 0
+
+
+def cmd_buffer_stats(args: argparse.Namespace) -> int:
+    from buffer.outbox import Outbox
+
+    config = _config(args.config)
+    outbox = Outbox(config.outbox_path, max_bytes=config.outbox.max_bytes)
+    stats = outbox.stats()
+    outbox.close()
+    data = {
+        "epoch": stats.epoch,
+        "depth_batches": stats.depth,
+        "events": stats.events,
+        "bytes": stats.bytes,
+        "quota_bytes": stats.max_bytes,
+        "fill": round(stats.fill_ratio, 4),
+        "oldest_unacked_age_s": stats.oldest_unacked_age_s,
+        "acked_seq_high_water": stats.acked_seq_high_water,
+        "acked_batches_total": stats.acked_batches_total,
+        "next_seq": stats.next_seq,
+    }
+    if args.json:
+        print(json.dumps(data))
+    else:
+        for key, value in data.items():
+            print(f"{key:<24} {value}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from connectors.modbus.simulator import Press, PressLine
+
+    configure_logging("warning")
+
+    async def main() -> None:
+        presses = [
+            Press(seed=i + 1, time_scale=args.time_scale, cycle_time=args.cycle_time)
+            for i in range(args.machines)
+        ]
+        line = PressLine(presses, host=args.host, port=args.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await line.start()
+        print(
+            f"simulating {args.machines} press(es) on modbus://{args.host}:{args.port} "
+            f"(units 1..{args.machines})",
+            flush=True,
+        )
+        await stop.wait()
+        await line.stop()
+        if args.truth:
+            truth = [
+                {
+                    "unit": i + 1,
+                    "produced": p.truth.produced,
+                    "scrap": p.truth.scrap,
+                    "seconds": p.truth.seconds,
+                }
+                for i, p in enumerate(presses)
+            ]
+            await asyncio.to_thread(
+                Path(args.truth).write_text, json.dumps(truth), encoding="utf-8"
+            )
+
+    asyncio.run(main())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the agent")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a configuration file and exit")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=cmd_validate)
+
+    keys = sub.add_parser("keys", help="key management").add_subparsers(dest="keys", required=True)
+    p = keys.add_parser("init", help="create the agent's signing key; prints its public key")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing key")
+    p.set_defaults(func=cmd_keys_init)
+    p = keys.add_parser("install-cloud", help="install the cloud's public keys")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("file", help="output of `cloud-api keys export`")
+    p.set_defaults(func=cmd_keys_install_cloud)
+
+    buf = sub.add_parser("buffer", help="outbox").add_subparsers(dest="buffer", required=True)
+    p = buf.add_parser("stats", help="depth, bytes, oldest unacked age, acked high-water mark")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_buffer_stats)
+
+    sim = sub.add_parser("simulate", help="simulated PLCs").add_subparsers(
+        dest="sim", required=True
+    )
+    p = sim.add_parser("modbus", help="serve simulated presses over Modbus TCP")
+    p.add_argument("--machines", type=int, default=1)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5020)
+    p.add_argument("--cycle-time", type=float, default=1.0)
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="scales the duration of each machine state (0.2 = five times faster)",
+    )
+    p.add_argument("--truth", help="write what the presses did to this JSON file on exit")
+    p.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

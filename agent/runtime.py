@@ -1,0 +1,242 @@
+"""The running agent: connectors -> OEE engine -> sealed batches in the outbox -> uplink.
+
+Every flush commits the events produced since the last one together with the engine
+checkpoint that produced them, in one outbox transaction: a crash at any point either keeps
+both or neither, so no part count is lost or counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from agent.config import AgentConfig, EquipmentConfig
+from buffer.outbox import Outbox, OutboxFull
+from connectors.modbus.config import ModbusConnection
+from connectors.modbus.hub import ModbusHub, ModbusTag
+from connectors.sample import Sample
+from oee.engine import PlantEngine
+from oee.events import AgentEvent, Event, dump_events
+from sync.envelope import EnvelopeHeader, envelope_digest, seal
+from sync.keys import AgentKeys
+from sync.uplink import BrokerSettings, Uplink
+
+log = structlog.get_logger("agent")
+
+Clock = Callable[[], datetime]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def modbus_tags(connection: ModbusConnection, equipment: list[EquipmentConfig]) -> list[ModbusTag]:
+    tags = []
+    for eq in equipment:
+        if eq.connection != connection.id:
+            continue
+        for name, sig in eq.signals.items():
+            if sig.address is None:
+                continue
+            tags.append(
+                ModbusTag(
+                    equipment_id=eq.id,
+                    signal=name,
+                    unit=eq.unit,
+                    address=sig.address,
+                    data_type=sig.type,
+                    order=sig.order,
+                    scale=sig.scale,
+                    offset=sig.offset,
+                    bit=sig.bit,
+                    length=sig.length,
+                )
+            )
+    return tags
+
+
+class AgentRuntime:
+    """Wires the pipeline for one configuration; `await runtime.run(stop)`."""
+
+    def __init__(self, config: AgentConfig, keys: AgentKeys, *, clock: Clock = _utcnow) -> None:
+        self.config = config
+        self.keys = keys
+        self.clock = clock
+        self.samples: asyncio.Queue[Sample] = asyncio.Queue(maxsize=100_000)
+        self.outbox = Outbox(config.outbox_path, max_bytes=config.outbox.max_bytes)
+        self.engine = PlantEngine(
+            config.oee_specs(),
+            config.calendar(),
+            agent_id=config.agent.id,
+            site_id=config.agent.site,
+            bucket_seconds=config.agent.bucket_seconds,
+        )
+        self.pending: list[Event] = []
+        self.hubs: list[ModbusHub] = [
+            ModbusHub(conn, modbus_tags(conn, config.equipment)) for conn in config.connections
+        ]
+        mqtt = config.mqtt
+        self.uplink = Uplink(
+            self.outbox,
+            BrokerSettings(
+                host=mqtt.host,
+                port=mqtt.port,
+                username=mqtt.username,
+                password=mqtt.password,
+                tls=mqtt.tls,
+                ca_file=str(mqtt.ca_file) if mqtt.ca_file else None,
+                keepalive=mqtt.keepalive,
+            ),
+            site=config.agent.site,
+            agent=config.agent.id,
+            ack_keys=keys.ack_verify_keys,
+            topic_prefix=mqtt.topic_prefix,
+            ack_timeout=config.uplink.ack_timeout,
+            max_in_flight=config.uplink.max_in_flight,
+        )
+        self.log = log.bind(agent=config.agent.id, site=config.agent.site)
+
+    # -- start-up -------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        now = self.clock()
+        report = self.outbox.open_report
+        if report.moved_aside is not None:
+            self.log.error(
+                "outbox was corrupt; moved aside, started a new epoch",
+                moved_to=str(report.moved_aside),
+                problem=report.problem,
+            )
+            self.pending.append(
+                self._agent_event(
+                    now,
+                    "outbox_replaced",
+                    "the outbox file was corrupt and was replaced; unsent batches in it are in "
+                    f"{report.moved_aside.name} on the edge box",
+                    {"moved_to": str(report.moved_aside), "problem": report.problem},
+                )
+            )
+        raw = self.outbox.load_checkpoint()
+        if raw is not None:
+            self.engine.restore(json.loads(raw))
+            # The machine was not observed while the agent was down: that time is unknown.
+            for engine in self.engine.engines.values():
+                at = engine.cursor or now
+                self.pending.extend(engine.mark_unknown(at, "agent restarted"))
+            self.log.info("resumed from checkpoint")
+        for engine in self.engine.engines.values():
+            self.pending.extend(engine.start(now))
+        self.pending.append(self._agent_event(now, "agent_started", "agent started", {}))
+
+    def _agent_event(self, at: datetime, code: str, message: str, data: dict[str, Any]) -> Event:
+        return AgentEvent(
+            agent_id=self.config.agent.id,
+            site_id=self.config.agent.site,
+            ts=at,
+            code=code,
+            message=message,
+            data=data,
+        )
+
+    # -- the pipeline ---------------------------------------------------------------------
+
+    async def _emit(self, sample: Sample) -> None:
+        await self.samples.put(sample)
+
+    def _seal_batch(self, events: list[Event]) -> Callable[[str, int], tuple[bytes, str]]:
+        plaintext = dump_events(events)
+        keys = self.keys
+
+        def sealer(epoch: str, seq: int) -> tuple[bytes, str]:
+            header = EnvelopeHeader(
+                agent_id=self.config.agent.id,
+                site_id=self.config.agent.site,
+                epoch=epoch,
+                seq=seq,
+                count=len(events),
+                signing_key_id=keys.signing_key_id,
+                cloud_key_id=keys.cloud_public.key_id,
+                suite=keys.cloud_public.suite,
+                trace_id=secrets.token_hex(16),
+            )
+            raw = seal(plaintext, header, keys.signing_key, keys.cloud_public)
+            return raw, envelope_digest(raw)
+
+        return sealer
+
+    def flush(self) -> int:
+        """Close due buckets and commit pending events with the checkpoint; returns batches."""
+        self.pending.extend(self.engine.tick(self.clock()))
+        size = self.config.uplink.batch_max_events
+        chunks = [self.pending[i : i + size] for i in range(0, len(self.pending), size)]
+        checkpoint = json.dumps(self.engine.checkpoint(), separators=(",", ":"))
+        try:
+            seqs = self.outbox.append(
+                [(len(chunk), self._seal_batch(chunk)) for chunk in chunks], checkpoint
+            )
+        except OutboxFull as exc:
+            # Back-pressure: keep the events (and thus the engine's advance) in memory; the
+            # checkpoint on disk stays consistent with what is stored.
+            self.log.warning("outbox full, holding events", error=str(exc), held=len(self.pending))
+            return 0
+        self.pending.clear()
+        if seqs:
+            self.uplink.notify()
+        return len(seqs)
+
+    async def _engine_loop(self) -> None:
+        while True:
+            sample = await self.samples.get()
+            try:
+                self.pending.extend(self.engine.feed(sample))
+            except (KeyError, ValueError) as exc:
+                self.log.warning("sample ignored", error=str(exc))
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.uplink.flush_interval)
+            self.flush()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._resume()
+        self.flush()
+        self.log.info(
+            "running",
+            equipment=len(self.config.equipment),
+            connections=len(self.hubs),
+            outbox=str(self.config.outbox_path),
+        )
+        tasks = [
+            asyncio.create_task(self._engine_loop(), name="engine"),
+            asyncio.create_task(self._flush_loop(), name="flush"),
+            asyncio.create_task(self.uplink.run(), name="uplink"),
+        ]
+        tasks += [asyncio.create_task(hub.run(self._emit), name=hub.config.id) for hub in self.hubs]
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in [stopper, *tasks]:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            # Graceful stop: whatever was sampled is committed with its checkpoint.
+            while not self.samples.empty():
+                with contextlib.suppress(KeyError, ValueError):
+                    self.pending.extend(self.engine.feed(self.samples.get_nowait()))
+            self.flush()
+            for hub in self.hubs:
+                await hub.__aexit__()
+            self.outbox.close()
+            self.log.info("stopped")

@@ -1,0 +1,271 @@
+"""The durable outbox: sealed batches and the engine checkpoint, committed together.
+
+SQLite in WAL mode with `synchronous=FULL` (NORMAL may lose the last commits on power loss).
+One writer. A batch gets its sequence number inside the transaction that stores it, so
+`(epoch, seq)` is never reused; `epoch` is a random id of this database file. The outbox
+stores opaque bytes: sealing is done by a callable handed in by the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY,
+    created_ms INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    envelope BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoint (id INTEGER PRIMARY KEY CHECK (id = 1), data TEXT NOT NULL);
+"""
+
+Sealer = Callable[[str, int], tuple[bytes, str]]
+"""(epoch, seq) -> (envelope bytes, digest); called inside the storing transaction."""
+
+
+class OutboxError(Exception):
+    """The outbox cannot take the write (see subclasses)."""
+
+
+class OutboxFull(OutboxError):
+    """The byte quota is reached; the caller keeps its data and retries later."""
+
+
+@dataclass(frozen=True)
+class PendingBatch:
+    seq: int
+    count: int
+    digest: str
+    envelope: bytes
+    created_ms: int
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    epoch: str
+    depth: int
+    events: int
+    bytes: int
+    oldest_unacked_age_s: float | None
+    acked_seq_high_water: int
+    acked_batches_total: int
+    next_seq: int
+    max_bytes: int
+
+    @property
+    def fill_ratio(self) -> float:
+        return self.bytes / self.max_bytes if self.max_bytes else 0.0
+
+
+@dataclass(frozen=True)
+class OpenReport:
+    """What happened when the file was opened (a corrupt file is moved aside, not fatal)."""
+
+    created: bool
+    moved_aside: Path | None
+    problem: str | None
+
+
+def _create_private(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+        os.close(fd)
+
+
+class Outbox:
+    """The single-writer outbox. Not thread-safe: use it from one thread (or the loop)."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        max_bytes: int = 2 * 1024**3,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self.open_report = self._open()
+
+    # -- opening ------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise sqlite3.DatabaseError(f"cannot switch to WAL (journal_mode={mode})")
+        conn.execute("PRAGMA synchronous = FULL")
+        return conn
+
+    def _open(self) -> OpenReport:
+        created = not self.path.exists()
+        _create_private(self.path)
+        moved: Path | None = None
+        problem: str | None = None
+        try:
+            conn = self._connect()
+            result = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if result != "ok":
+                conn.close()
+                raise sqlite3.DatabaseError(f"quick_check: {result}")
+            conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            problem = str(exc)
+            moved = self._move_aside()
+            _create_private(self.path)
+            conn = self._connect()
+            conn.executescript(SCHEMA)
+            created = True
+        self._conn = conn
+        if self._meta("epoch") is None:
+            with self._tx():
+                self._set_meta("epoch", secrets.token_hex(8))
+                self._set_meta("next_seq", "1")
+                self._set_meta("acked_hwm", "0")
+                self._set_meta("acked_total", "0")
+        return OpenReport(created=created, moved_aside=moved, problem=problem)
+
+    def _move_aside(self) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                shutil.move(src, Path(str(target) + suffix))
+        return target
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # -- small helpers ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def _meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self._conn.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    @property
+    def epoch(self) -> str:
+        epoch = self._meta("epoch")
+        assert epoch is not None
+        return epoch
+
+    def _stored_bytes(self) -> int:
+        row = self._conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM batches").fetchone()
+        return int(row[0])
+
+    # -- the interface ------------------------------------------------------------------
+
+    def append(self, batches: Sequence[tuple[int, Sealer]], checkpoint: str | None) -> list[int]:
+        """Store sealed batches and the checkpoint that produced them in ONE transaction.
+
+        `batches` are (event count, sealer); returns the sequence numbers given.
+        Raises OutboxFull (nothing stored) when the byte quota is reached.
+        """
+        seqs: list[int] = []
+        with self._tx() as conn:
+            if batches and self._stored_bytes() >= self.max_bytes:
+                raise OutboxFull(
+                    f"outbox holds {self._stored_bytes()} bytes, quota {self.max_bytes}"
+                )
+            epoch = self.epoch
+            next_seq = int(self._meta("next_seq") or "1")
+            now_ms = int(self._clock() * 1000)
+            for count, seal in batches:
+                envelope, digest = seal(epoch, next_seq)
+                conn.execute(
+                    "INSERT INTO batches(seq, created_ms, count, bytes, digest, envelope) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (next_seq, now_ms, count, len(envelope), digest, envelope),
+                )
+                seqs.append(next_seq)
+                next_seq += 1
+            if seqs:
+                self._set_meta("next_seq", str(next_seq))
+            if checkpoint is not None:
+                conn.execute(
+                    "INSERT INTO checkpoint(id, data) VALUES (1, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET data = excluded.data",
+                    (checkpoint,),
+                )
+        return seqs
+
+    def load_checkpoint(self) -> str | None:
+        row = self._conn.execute("SELECT data FROM checkpoint WHERE id = 1").fetchone()
+        return None if row is None else str(row[0])
+
+    def pending(self, limit: int, *, after_seq: int = 0) -> list[PendingBatch]:
+        """The oldest unacked batches with seq > after_seq."""
+        rows = self._conn.execute(
+            "SELECT seq, count, digest, envelope, created_ms FROM batches "
+            "WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        ).fetchall()
+        return [PendingBatch(int(r[0]), int(r[1]), str(r[2]), bytes(r[3]), int(r[4])) for r in rows]
+
+    def ack(self, epoch: str, acked: dict[int, str]) -> list[int]:
+        """Delete the batches an ack names, only where epoch and digest match what we sent."""
+        if epoch != self.epoch or not acked:
+            return []
+        deleted: list[int] = []
+        with self._tx() as conn:
+            for seq, digest in sorted(acked.items()):
+                cur = conn.execute(
+                    "DELETE FROM batches WHERE seq = ? AND digest = ?", (seq, digest)
+                )
+                if cur.rowcount:
+                    deleted.append(seq)
+            if deleted:
+                hwm = max(int(self._meta("acked_hwm") or "0"), *deleted)
+                self._set_meta("acked_hwm", str(hwm))
+                total = int(self._meta("acked_total") or "0") + len(deleted)
+                self._set_meta("acked_total", str(total))
+        return deleted
+
+    def stats(self) -> OutboxStats:
+        row = self._conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0), MIN(created_ms) "
+            "FROM batches"
+        ).fetchone()
+        oldest = None if row[3] is None else max(0.0, self._clock() - int(row[3]) / 1000)
+        return OutboxStats(
+            epoch=self.epoch,
+            depth=int(row[0]),
+            events=int(row[1]),
+            bytes=int(row[2]),
+            oldest_unacked_age_s=oldest,
+            acked_seq_high_water=int(self._meta("acked_hwm") or "0"),
+            acked_batches_total=int(self._meta("acked_total") or "0"),
+            next_seq=int(self._meta("next_seq") or "1"),
+            max_bytes=self.max_bytes,
+        )

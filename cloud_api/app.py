@@ -1,0 +1,144 @@
+"""The HTTP API (FastAPI): OEE and its components, computed from sums, and health."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from cloud_api import metrics
+from cloud_api.config import CloudSettings
+from cloud_api.db import make_pool, with_retry
+from oee.components import COMPONENT_FIELDS, Components
+
+SUMS = sql.SQL(", ").join(
+    sql.SQL("COALESCE(sum({c}), 0) AS {c}").format(c=sql.Identifier(c)) for c in COMPONENT_FIELDS
+)
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise HTTPException(422, "timestamps need a time zone, e.g. 2026-01-05T06:00:00Z")
+    return value.astimezone(UTC)
+
+
+def oee_payload(c: Components) -> dict[str, Any]:
+    r = c.ratios()
+    return {
+        "availability": r.availability,
+        "performance": r.performance,
+        "quality": r.quality,
+        "oee": r.oee,
+        "components": c.model_dump(),
+    }
+
+
+def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> FastAPI:
+    owns_pool = pool is None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if app.state.pool is None:
+            app.state.pool = await run_in_threadpool(make_pool, settings.database, name="api")
+        yield
+        if owns_pool:
+            app.state.pool.close()
+
+    app = FastAPI(
+        title="Factory edge gateway cloud API",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.pool = pool
+
+    @app.middleware("http")
+    async def timing(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        elapsed = time.perf_counter() - started
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.HTTP_REQUESTS.labels(path, request.method, str(response.status_code)).inc()
+        metrics.HTTP_LATENCY.labels(path).observe(elapsed)
+        response.headers["Server-Timing"] = f"app;dur={elapsed * 1000:.1f}"
+        return response
+
+    def query(stmt: sql.Composable, params: dict[str, Any]) -> list[dict[str, Any]]:
+        def run() -> list[dict[str, Any]]:
+            with app.state.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+                cur.execute(stmt, params)
+                rows: list[dict[str, Any]] = cur.fetchall()
+                return rows
+
+        return with_retry(run, attempts=3)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        try:
+            await run_in_threadpool(query, sql.SQL("SELECT 1 AS ok"), {})
+        except Exception:
+            return JSONResponse({"status": "database unavailable"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/equipment/{equipment_id}/oee")
+    async def equipment_oee(
+        equipment_id: str,
+        from_: Annotated[datetime, Query(alias="from", description="inclusive, ISO 8601")],
+        to: Annotated[datetime, Query(description="exclusive, ISO 8601")],
+        site: Annotated[str | None, Query(description="site id, if ids repeat")] = None,
+    ) -> dict[str, Any]:
+        start, end = _utc(from_), _utc(to)
+        if end <= start:
+            raise HTTPException(422, "`to` must be after `from`")
+        stmt = sql.SQL(
+            "SELECT count(*) AS buckets, array_agg(DISTINCT site_id) AS sites, {sums} "
+            "FROM rollups.oee_1m WHERE equipment_id = %(eq)s AND bucket >= %(start)s "
+            "AND bucket < %(end)s AND (%(site)s::text IS NULL OR site_id = %(site)s)"
+        ).format(sums=SUMS)
+        rows = await run_in_threadpool(
+            query, stmt, {"eq": equipment_id, "start": start, "end": end, "site": site}
+        )
+        row = rows[0]
+        if not row["buckets"]:
+            known = await run_in_threadpool(
+                query,
+                sql.SQL(
+                    "SELECT 1 AS ok FROM registry.equipment WHERE equipment_id = %(eq)s "
+                    "AND (%(site)s::text IS NULL OR site_id = %(site)s) LIMIT 1"
+                ),
+                {"eq": equipment_id, "site": site},
+            )
+            if not known:
+                raise HTTPException(404, f"no equipment {equipment_id!r}")
+        sites = [s for s in (row["sites"] or []) if s]
+        if len(sites) > 1:
+            raise HTTPException(409, "equipment id exists at several sites: pass ?site=")
+        return {
+            "equipment": equipment_id,
+            "site": sites[0] if sites else site,
+            "from": start.isoformat(),
+            "to": end.isoformat(),
+            **oee_payload(Components.from_mapping(row)),
+        }
+
+    return app

@@ -1,0 +1,216 @@
+"""`cloud-api`: migrate the database, run ingest and the HTTP API, manage keys and agents."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import psycopg
+
+from cloud_api.config import CloudSettings, ConfigError, load_settings
+from sync.keys import (
+    SUITES,
+    CloudKeyring,
+    KeyFileError,
+    ed25519_key_id,
+    generate_cloud_ack_key,
+    generate_cloud_hpke_key,
+    parse_ed25519_public,
+)
+from sync.logs import configure_logging
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"cloud-api: {message}", file=sys.stderr)
+    return code
+
+
+def _settings(args: argparse.Namespace) -> CloudSettings:
+    settings = load_settings(args.config)
+    if getattr(args, "keys_dir", None):
+        settings.keys_dir = Path(args.keys_dir)
+    return settings
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from cloud_api.db import migrate
+
+    settings = _settings(args)
+    applied = migrate(settings.database.url)
+    print(
+        f"applied {len(applied)} migration(s): {', '.join(applied)}"
+        if applied
+        else "database is up to date"
+    )
+    return 0
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    directory = settings.keys_dir
+    os.umask(0o077)
+    if list(directory.glob("hpke-*.key")) and not args.rotate:
+        print(
+            f"{directory} already holds keys (use --rotate to add new current keys)",
+            file=sys.stderr,
+        )
+    else:
+        generate_cloud_hpke_key(directory, args.suite)
+        generate_cloud_ack_key(directory)
+    return cmd_keys_export(args)
+
+
+def cmd_keys_export(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    ring = CloudKeyring.load(settings.keys_dir)
+    print("# cloud public keys: the current HPKE key, then every ack-verify key")
+    print(ring.current_hpke.public.to_line())
+    for _kid, verify in ring.ack_verify_keys().items():
+        from sync.keys import ed25519_line
+
+        print(ed25519_line(verify))
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    line = Path(args.public_key).read_text(encoding="utf-8").strip()
+    try:
+        key = parse_ed25519_public(line)
+    except KeyFileError as exc:
+        return _fail(f"{args.public_key}: {exc}")
+    kid = ed25519_key_id(key)
+    with psycopg.connect(settings.database.url) as conn, conn.transaction():
+        conn.execute(
+            "INSERT INTO registry.sites(site_id) VALUES (%s) ON CONFLICT DO NOTHING", (args.site,)
+        )
+        row = conn.execute(
+            "SELECT site_id FROM registry.agents WHERE agent_id = %s", (args.agent,)
+        ).fetchone()
+        if row is not None and row[0] != args.site:
+            return _fail(f"agent {args.agent} is enrolled at site {row[0]}, not {args.site}")
+        conn.execute(
+            "INSERT INTO registry.agents(agent_id, site_id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            (args.agent, args.site),
+        )
+        conn.execute(
+            "INSERT INTO registry.agent_keys(agent_id, key_id, public_key) VALUES (%s, %s, %s) "
+            "ON CONFLICT (agent_id, key_id) DO UPDATE SET revoked_at = NULL",
+            (args.agent, kid, line),
+        )
+    print(f"enrolled agent {args.agent} at site {args.site} with key {kid}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from cloud_api.db import make_pool
+    from cloud_api.ingest import BatchStore, IngestWorker
+    from sync.uplink import BrokerSettings
+
+    settings = _settings(args)
+    configure_logging(args.log_level)
+    ring = CloudKeyring.load(settings.keys_dir)
+    pool = make_pool(settings.database, name="ingest")
+    store = BatchStore(
+        pool,
+        ring,
+        topic_prefix=settings.mqtt.topic_prefix,
+        max_envelope_bytes=settings.max_envelope_bytes,
+    )
+    m = settings.mqtt
+    worker = IngestWorker(
+        store,
+        BrokerSettings(
+            host=m.host,
+            port=m.port,
+            username=m.username,
+            password=m.password,
+            tls=m.tls,
+            ca_file=m.ca_file,
+        ),
+        share_group=m.share_group,
+        workers=args.workers,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    worker.start()
+    stop.wait()
+    worker.stop()
+    pool.close()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from cloud_api.app import create_app
+
+    settings = _settings(args)
+    configure_logging(args.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=args.host or settings.http.host,
+        port=args.port or settings.http.port,
+        log_level="warning",
+        access_log=False,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cloud-api", description=__doc__)
+    parser.add_argument("--config", help="cloud YAML (CLOUD_* environment variables override)")
+    parser.add_argument("--keys-dir", help="directory of the cloud's keys")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("migrate", help="apply pending SQL migrations").set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("ingest", help="run the ingest worker")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("serve", help="run the HTTP API")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
+
+    keys = sub.add_parser("keys", help="cloud keys").add_subparsers(dest="keys", required=True)
+    p = keys.add_parser("init", help="create the HPKE and ack-signing keys; prints the public keys")
+    p.add_argument("--suite", choices=SUITES, default=SUITES[0])
+    p.add_argument("--rotate", action="store_true", help="add new current keys, keep old ones")
+    p.set_defaults(func=cmd_keys_init)
+    keys.add_parser("export", help="print the public keys for agents").set_defaults(
+        func=cmd_keys_export
+    )
+
+    agents = sub.add_parser("agents", help="fleet").add_subparsers(dest="agents", required=True)
+    p = agents.add_parser("enroll", help="accept batches from an agent")
+    p.add_argument("--agent", required=True)
+    p.add_argument("--site", required=True)
+    p.add_argument("--public-key", required=True, help="the agent's signing.pub")
+    p.set_defaults(func=cmd_enroll)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except (ConfigError, KeyFileError) as exc:
+        return _fail(str(exc))
+    except psycopg.OperationalError as exc:
+        return _fail(f"cannot reach the database: {str(exc).strip().splitlines()[0]}", 3)
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""PostgreSQL access: ordered plain-SQL migrations, the connection pool, retries."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from importlib import resources
+from typing import TypeVar
+
+import psycopg
+import structlog
+from psycopg import errors
+from psycopg_pool import ConnectionPool
+
+from cloud_api.config import DatabaseSettings
+
+T = TypeVar("T")
+log = structlog.get_logger("cloud_api.db")
+
+TRANSIENT = (
+    psycopg.OperationalError,
+    errors.SerializationFailure,
+    errors.DeadlockDetected,
+)
+
+
+def migrations() -> list[tuple[str, str]]:
+    """(name, sql) of every migration, in order."""
+    folder = resources.files("cloud_api") / "migrations"
+    items = sorted(
+        (f.name, f.read_text(encoding="utf-8")) for f in folder.iterdir() if f.name.endswith(".sql")
+    )
+    return items
+
+
+def migrate(url: str) -> list[str]:
+    """Apply pending migrations in order, each in its own transaction; returns those applied.
+
+    Idempotent and forward-only: an applied migration whose file changed is an error.
+    """
+    applied: list[str] = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS ops")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS ops.schema_migrations ("
+            " name text PRIMARY KEY, checksum text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        # One migrator at a time, even with several replicas starting together.
+        conn.execute("SELECT pg_advisory_lock(727274)")
+        try:
+            done: dict[str, str] = dict(
+                conn.execute("SELECT name, checksum FROM ops.schema_migrations").fetchall()
+            )
+            for name, sql in migrations():
+                checksum = hashlib.sha256(sql.encode()).hexdigest()
+                if name in done:
+                    if done[name] != checksum:
+                        raise RuntimeError(
+                            f"migration {name} was changed after it was applied; "
+                            "add a new migration instead"
+                        )
+                    continue
+                with conn.transaction():
+                    conn.execute(sql.encode())
+                    conn.execute(
+                        "INSERT INTO ops.schema_migrations(name, checksum) VALUES (%s, %s)",
+                        (name, checksum),
+                    )
+                applied.append(name)
+            conn.execute("SELECT ops.ensure_month_partitions(now() - interval '1 month')")
+            conn.execute("SELECT ops.ensure_month_partitions(now())")
+            conn.execute("SELECT ops.ensure_month_partitions(now() + interval '1 month')")
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(727274)")
+    return applied
+
+
+def make_pool(settings: DatabaseSettings, *, name: str) -> ConnectionPool:
+    # prepare_threshold=None: no server-side prepared statements, so PgBouncer in
+    # transaction mode works.
+    pool = ConnectionPool(
+        settings.url,
+        min_size=settings.pool_min,
+        max_size=settings.pool_max,
+        kwargs={"autocommit": False, "prepare_threshold": None},
+        name=name,
+        open=False,
+    )
+    pool.open(wait=True, timeout=30)
+    return pool
+
+
+def with_retry(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.2) -> T:
+    """Run fn again after transient database errors, with exponential backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except TRANSIENT as exc:
+            if attempt == attempts:
+                raise
+            delay = min(5.0, base_delay * 2 ** (attempt - 1))
+            log.warning(
+                "transient database error, retrying",
+                error=type(exc).__name__,
+                attempt=attempt,
+                delay=delay,
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")

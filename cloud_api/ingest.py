@@ -1,0 +1,507 @@
+"""Ingest: verify, decrypt, validate and store batches exactly once, then ack them.
+
+Order per batch: size -> header -> topic/agent/site -> signature (before decryption) ->
+decrypt -> schema -> one PostgreSQL transaction (batch key, events, OEE buckets, rollups)
+-> commit -> signed ack. Anything refused is counted by reason and kept in ops.quarantine;
+no message can stop the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+import psycopg
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+from pydantic import ValidationError
+
+from cloud_api import metrics
+from cloud_api.db import TRANSIENT, with_retry
+from oee.components import COMPONENT_FIELDS
+from oee.events import Event, OeeEvent, load_events
+from sync.envelope import (
+    AckBody,
+    EnvelopeError,
+    EnvelopeHeader,
+    open_envelope,
+    parse_header,
+    sign_ack,
+)
+from sync.keys import CloudKeyring, parse_ed25519_public
+from sync.uplink import BrokerSettings, ack_topic, batch_topic, make_client
+
+log = structlog.get_logger("cloud_api.ingest")
+
+Status = Literal["stored", "duplicate", "rejected"]
+QUARANTINE_PAYLOAD_MAX = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: Status
+    reason: str | None = None
+    header: EnvelopeHeader | None = None
+    ack: bytes | None = None
+    ack_topic: str | None = None
+    events: int = 0
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str = "", header: EnvelopeHeader | None = None) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.header = header
+
+
+_ROLLUP_COLS = sql.SQL(", ").join(sql.Identifier(c) for c in COMPONENT_FIELDS)
+_ROLLUP_SUMS = sql.SQL(", ").join(
+    sql.SQL("sum({})").format(sql.Identifier(c)) for c in COMPONENT_FIELDS
+)
+_ROLLUP_ADD = sql.SQL(", ").join(
+    sql.SQL("{c} = {t}.{c} + excluded.{c}").format(c=sql.Identifier(c), t=sql.Identifier("r"))
+    for c in COMPONENT_FIELDS
+)
+
+
+def _rollup_sql(table: str, unit: str) -> sql.Composed:
+    return sql.SQL(
+        "INSERT INTO rollups.{table} AS r (site_id, equipment_id, bucket, {cols}) "
+        "SELECT site_id, equipment_id, date_trunc({unit}, bucket_start), {sums} "
+        "FROM _new_buckets GROUP BY 1, 2, 3 "
+        "ON CONFLICT (site_id, equipment_id, bucket) DO UPDATE SET {add}"
+    ).format(
+        table=sql.Identifier(table),
+        cols=_ROLLUP_COLS,
+        unit=sql.Literal(unit),
+        sums=_ROLLUP_SUMS,
+        add=_ROLLUP_ADD,
+    )
+
+
+ROLLUP_1M = _rollup_sql("oee_1m", "minute")
+ROLLUP_1H = _rollup_sql("oee_1h", "hour")
+BUCKET_COLS = (
+    "site_id", "equipment_id", "bucket_start", "bucket_end", "event_id", "shift",
+    "shift_start", *COMPONENT_FIELDS, "downtime_by_reason",
+)  # fmt: skip
+EVENT_COLS = (
+    "site_id",
+    "ts",
+    "event_id",
+    "agent_id",
+    "epoch",
+    "seq",
+    "equipment_id",
+    "kind",
+    "body",
+)
+
+
+class AgentRegistry:
+    """Enrolled agents and their public keys, cached; reloaded when an unknown key shows up."""
+
+    def __init__(self, pool: ConnectionPool, refresh_s: float = 30.0) -> None:
+        self.pool = pool
+        self.refresh_s = refresh_s
+        self._agents: dict[str, str] = {}
+        self._keys: dict[tuple[str, str], Ed25519PublicKey] = {}
+        self._loaded = 0.0
+        self._lock = threading.Lock()
+
+    def _load(self) -> None:
+        with self.pool.connection() as conn:
+            agents = conn.execute("SELECT agent_id, site_id FROM registry.agents").fetchall()
+            keys = conn.execute(
+                "SELECT agent_id, key_id, public_key FROM registry.agent_keys "
+                "WHERE revoked_at IS NULL"
+            ).fetchall()
+        self._agents = {a: s for a, s in agents}
+        parsed: dict[tuple[str, str], Ed25519PublicKey] = {}
+        for agent_id, key_id, line in keys:
+            with contextlib.suppress(Exception):
+                parsed[(agent_id, key_id)] = parse_ed25519_public(line)
+        self._keys = parsed
+        self._loaded = time.monotonic()
+
+    def site_of(self, agent_id: str) -> str | None:
+        with self._lock:
+            if agent_id not in self._agents or time.monotonic() - self._loaded > self.refresh_s:
+                self._load()
+            return self._agents.get(agent_id)
+
+    def key(self, agent_id: str, key_id: str) -> Ed25519PublicKey | None:
+        with self._lock:
+            if (agent_id, key_id) not in self._keys:
+                self._load()
+            return self._keys.get((agent_id, key_id))
+
+
+class BatchStore:
+    """The database half of ingest; usable without MQTT (tests, benchmarks)."""
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        keyring: CloudKeyring,
+        *,
+        topic_prefix: str = "",
+        max_envelope_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        self.pool = pool
+        self.keyring = keyring
+        self.topic_prefix = topic_prefix
+        self.max_envelope_bytes = max_envelope_bytes
+        self.registry = AgentRegistry(pool)
+        self._partitions: set[str] = set()
+
+    # -- checks ---------------------------------------------------------------------------
+
+    def _check(self, topic: str, payload: bytes) -> tuple[EnvelopeHeader, bytes, str, list[Event]]:
+        if len(payload) > self.max_envelope_bytes:
+            raise Rejected("oversize", f"{len(payload)} bytes")
+        try:
+            header = parse_header(payload)
+        except EnvelopeError as exc:
+            raise Rejected(exc.reason, exc.detail) from None
+        expected = batch_topic(self.topic_prefix, header.site_id, header.agent_id)
+        if topic != expected:
+            raise Rejected("wrong_topic", f"{topic} carries a batch of {header.agent_id}", header)
+        site = self.registry.site_of(header.agent_id)
+        if site is None:
+            raise Rejected("unknown_agent", header.agent_id, header)
+        if site != header.site_id:
+            raise Rejected("wrong_site", f"agent is enrolled at {site}", header)
+        try:
+            opened = open_envelope(
+                payload,
+                verify_key_for=self.registry.key,
+                decrypt_key_for=self.keyring.decrypt_key_for,
+                max_size=self.max_envelope_bytes,
+            )
+        except EnvelopeError as exc:
+            raise Rejected(exc.reason, exc.detail, header) from None
+        try:
+            events = load_events(opened.plaintext)
+        except ValidationError as exc:
+            raise Rejected("invalid_schema", str(exc.errors()[:3]), header) from None
+        if len(events) != header.count:
+            raise Rejected("invalid_schema", "event count differs from the header", header)
+        for event in events:
+            if event.agent_id != header.agent_id or event.site_id != header.site_id:
+                raise Rejected("invalid_schema", "an event names another agent or site", header)
+        return header, payload, opened.digest, events
+
+    # -- storing --------------------------------------------------------------------------
+
+    def _ensure_partitions(self, conn: psycopg.Connection[Any], events: Sequence[Event]) -> None:
+        months = set()
+        for event in events:
+            months.add(event.ts.strftime("%Y%m"))
+            if isinstance(event, OeeEvent):
+                months.add(event.bucket_start.strftime("%Y%m"))
+        for month in sorted(months - self._partitions):
+            t = datetime.strptime(month + "15", "%Y%m%d").replace(tzinfo=UTC)
+            conn.execute("SELECT ops.ensure_month_partitions(%s)", (t,))
+            self._partitions.add(month)
+
+    def _store(
+        self, header: EnvelopeHeader, digest: str, events: Sequence[Event]
+    ) -> Literal["stored", "duplicate", "conflict"]:
+        with self.pool.connection() as conn:
+            self._ensure_partitions(conn, events)
+            conn.commit()
+            with conn.transaction():
+                row = conn.execute(
+                    "INSERT INTO facts.batches(site_id, agent_id, epoch, seq, digest, "
+                    "event_count, created, trace_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT DO NOTHING RETURNING seq",
+                    (
+                        header.site_id,
+                        header.agent_id,
+                        header.epoch,
+                        header.seq,
+                        digest,
+                        header.count,
+                        header.created,
+                        header.trace_id,
+                    ),
+                ).fetchone()
+                if row is None:
+                    stored = conn.execute(
+                        "SELECT digest FROM facts.batches WHERE agent_id = %s AND epoch = %s "
+                        "AND seq = %s",
+                        (header.agent_id, header.epoch, header.seq),
+                    ).fetchone()
+                    return "duplicate" if stored and stored[0] == digest else "conflict"
+                self._insert_events(conn, header, events)
+                conn.execute(
+                    "UPDATE registry.agents SET last_seen = now(), last_batch_created = "
+                    "GREATEST(last_batch_created, %s) WHERE agent_id = %s",
+                    (header.created, header.agent_id),
+                )
+            return "stored"
+
+    def _insert_events(
+        self, conn: psycopg.Connection[Any], header: EnvelopeHeader, events: Sequence[Event]
+    ) -> None:
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS _new_events (LIKE facts.events) ON COMMIT DELETE ROWS"
+        )
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS _new_buckets (LIKE facts.oee_buckets) "
+            "ON COMMIT DELETE ROWS"
+        )
+        equipment: set[tuple[str, str]] = set()
+        with conn.cursor().copy(
+            sql.SQL("COPY _new_events ({}) FROM STDIN").format(
+                sql.SQL(", ").join(map(sql.Identifier, EVENT_COLS))
+            )
+        ) as copy:
+            for e in events:
+                copy.write_row(
+                    (
+                        e.site_id,
+                        e.ts,
+                        e.event_id,
+                        e.agent_id,
+                        header.epoch,
+                        header.seq,
+                        e.equipment_id,
+                        e.kind,
+                        e.model_dump_json(),
+                    )
+                )
+                if e.equipment_id:
+                    equipment.add((e.site_id, e.equipment_id))
+        buckets = [e for e in events if isinstance(e, OeeEvent)]
+        if buckets:
+            with conn.cursor().copy(
+                sql.SQL("COPY _new_buckets ({}) FROM STDIN").format(
+                    sql.SQL(", ").join(map(sql.Identifier, BUCKET_COLS))
+                )
+            ) as copy:
+                for b in buckets:
+                    c = b.components
+                    copy.write_row(
+                        (
+                            b.site_id,
+                            b.equipment_id,
+                            b.bucket_start,
+                            b.bucket_end,
+                            b.event_id,
+                            b.shift,
+                            b.shift_start,
+                            *(getattr(c, f) for f in COMPONENT_FIELDS),
+                            json.dumps(b.downtime_by_reason),
+                        )
+                    )
+        conn.execute("INSERT INTO facts.events SELECT * FROM _new_events ON CONFLICT DO NOTHING")
+        if buckets:
+            conn.execute(
+                "INSERT INTO facts.oee_buckets SELECT * FROM _new_buckets ON CONFLICT DO NOTHING"
+            )
+            conn.execute(ROLLUP_1M)
+            conn.execute(ROLLUP_1H)
+        for site_id, equipment_id in sorted(equipment):
+            conn.execute(
+                "INSERT INTO registry.equipment(site_id, equipment_id, agent_id) "
+                "VALUES (%s, %s, %s) ON CONFLICT (site_id, equipment_id) DO UPDATE "
+                "SET agent_id = excluded.agent_id, updated_at = now() "
+                "WHERE registry.equipment.agent_id IS DISTINCT FROM excluded.agent_id",
+                (site_id, equipment_id, header.agent_id),
+            )
+
+    def _quarantine(self, topic: str, payload: bytes, rejected: Rejected) -> None:
+        h = rejected.header
+
+        def write() -> None:
+            with self.pool.connection() as conn, conn.transaction():
+                conn.execute(
+                    "INSERT INTO ops.quarantine(reason, detail, topic, site_id, agent_id, epoch, "
+                    "seq, payload) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                    (
+                        rejected.reason,
+                        rejected.detail[:2000],
+                        topic[:500],
+                        h.site_id if h else None,
+                        h.agent_id if h else None,
+                        h.epoch if h else None,
+                        h.seq if h else None,
+                        payload[:QUARANTINE_PAYLOAD_MAX],
+                    ),
+                )
+                conn.execute(
+                    "INSERT INTO ops.reject_counts(reason, agent_id, count) VALUES (%s, %s, 1) "
+                    "ON CONFLICT (reason, agent_id) DO UPDATE "
+                    "SET count = ops.reject_counts.count + 1, last_at = now()",
+                    (rejected.reason, h.agent_id if h else ""),
+                )
+
+        with_retry(write)
+
+    def _ack(self, header: EnvelopeHeader, digest: str) -> bytes:
+        key_id, key = self.keyring.current_ack
+        body = AckBody(
+            agent_id=header.agent_id,
+            epoch=header.epoch,
+            ranges=[(header.seq, header.seq)],
+            digests={str(header.seq): digest},
+            key_id=key_id,
+        )
+        return sign_ack(body, key)
+
+    def process(self, topic: str, payload: bytes) -> Outcome:
+        """Handle one MQTT message; never raises for bad input (database outages do raise)."""
+        try:
+            header, _, digest, events = self._check(topic, payload)
+        except Rejected as rejected:
+            metrics.INGEST_REJECTS.labels(rejected.reason).inc()
+            log.warning(
+                "batch rejected",
+                reason=rejected.reason,
+                detail=rejected.detail[:200],
+                topic=topic[:200],
+            )
+            self._quarantine(topic, payload, rejected)
+            return Outcome("rejected", rejected.reason, rejected.header)
+        result = with_retry(lambda: self._store(header, digest, events))
+        if result == "conflict":
+            conflict = Rejected("conflict", "same (agent, epoch, seq), different content", header)
+            metrics.INGEST_REJECTS.labels("conflict").inc()
+            log.error(
+                "batch key reused with different content",
+                agent=header.agent_id,
+                epoch=header.epoch,
+                seq=header.seq,
+            )
+            self._quarantine(topic, payload, conflict)
+            return Outcome("rejected", "conflict", header)
+        metrics.INGEST_BATCHES.labels(result).inc()
+        if result == "stored":
+            metrics.INGEST_EVENTS.inc(len(events))
+            with contextlib.suppress(ValueError):
+                lag = (datetime.now(UTC) - datetime.fromisoformat(header.created)).total_seconds()
+                metrics.INGEST_LAG.observe(max(0.0, lag))
+        return Outcome(
+            result,
+            None,
+            header,
+            ack=self._ack(header, digest),
+            ack_topic=ack_topic(self.topic_prefix, header.site_id, header.agent_id),
+            events=len(events) if result == "stored" else 0,
+        )
+
+
+class IngestWorker:
+    """Subscribes (shared subscription), processes on worker threads, publishes acks."""
+
+    def __init__(
+        self,
+        store: BatchStore,
+        broker: BrokerSettings,
+        *,
+        share_group: str = "ingest",
+        workers: int = 1,
+        client_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.broker = broker
+        self.share_group = share_group
+        self.workers = workers
+        self.queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=10_000)
+        self.stop_event = threading.Event()
+        self.subscribed = threading.Event()
+        import secrets
+
+        self.client = make_client(broker, client_id or f"ingest-{secrets.token_hex(4)}")
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def subscription(self) -> str:
+        return f"$share/{self.share_group}/{self.store.topic_prefix}edge/+/+/v1/batches"
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            log.warning("broker refused connection", reason=str(reason))
+            return
+        log.info("broker connected", subscription=self.subscription)
+        client.subscribe(self.subscription, qos=1)
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        self.subscribed.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self.queue.put((message.topic, bytes(message.payload)))
+
+    def _work(self) -> None:
+        while not self.stop_event.is_set():
+            item = self.queue.get()
+            if item is None:
+                break
+            topic, payload = item
+            while not self.stop_event.is_set():
+                try:
+                    outcome = self.store.process(topic, payload)
+                    break
+                except TRANSIENT as exc:
+                    log.warning("database unavailable, holding the batch", error=str(exc)[:200])
+                    self.stop_event.wait(2.0)
+                except Exception:  # a bug must not kill the worker; the agent will resend
+                    log.exception("unexpected error while processing a batch")
+                    outcome = Outcome("rejected", "internal_error")
+                    break
+            else:
+                break
+            if outcome.ack is not None and outcome.ack_topic is not None:
+                self.client.publish(outcome.ack_topic, outcome.ack, qos=1)
+
+    def start(self) -> None:
+        self.client.connect_async(
+            self.broker.host, self.broker.port, keepalive=self.broker.keepalive
+        )
+        self.client.loop_start()
+        for i in range(self.workers):
+            t = threading.Thread(target=self._work, name=f"ingest-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for _ in self._threads:
+            with contextlib.suppress(queue.Full):
+                self.queue.put_nowait(None)
+        for t in self._threads:
+            t.join(timeout=10)
+        self.client.disconnect()
+        self.client.loop_stop()

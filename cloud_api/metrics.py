@@ -1,0 +1,17 @@
+"""Prometheus metrics of the cloud side (ingest and HTTP)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+INGEST_BATCHES = Counter("ingest_batches_total", "Batches handled by outcome", ["outcome"])
+INGEST_EVENTS = Counter("ingest_events_total", "Events stored")
+INGEST_REJECTS = Counter("ingest_rejects_total", "Messages refused by reason", ["reason"])
+INGEST_LAG = Histogram(
+    "ingest_lag_seconds",
+    "From batch creation at the edge to commit in PostgreSQL",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+HTTP_REQUESTS = Counter("http_requests_total", "HTTP requests", ["route", "method", "status"])
+HTTP_LATENCY = Histogram("http_request_duration_seconds", "HTTP latency", ["route"])
+DB_LATENCY = Histogram("db_query_duration_seconds", "Database query latency", ["query"])

@@ -1,0 +1,254 @@
+"""The MQTT uplink: publish sealed batches (QoS 1), receive signed acks, drive deletion.
+
+A broker PUBACK only means the broker has the message; a batch leaves the outbox only when
+a cloud ack, verified against the cloud's ack keys, names its (epoch, seq) and digest.
+Unacked batches are resent after `ack_timeout` (brokers drop queued QoS 1 messages for
+slow subscribers), with at most `max_in_flight` unacked batches on the wire.
+
+paho-mqtt runs its network loop in its own thread; its callbacks only hand work to the
+asyncio loop (call_soon_threadsafe), so the outbox is touched from one thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import paho.mqtt.client as mqtt
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from sync.envelope import AckError, verify_ack
+
+
+def batch_topic(prefix: str, site: str, agent: str) -> str:
+    return f"{prefix}edge/{site}/{agent}/v1/batches"
+
+
+def ack_topic(prefix: str, site: str, agent: str) -> str:
+    return f"{prefix}edge/{site}/{agent}/v1/acks"
+
+
+class PendingLike(Protocol):
+    @property
+    def seq(self) -> int: ...
+    @property
+    def digest(self) -> str: ...
+    @property
+    def envelope(self) -> bytes: ...
+
+
+class BatchStore(Protocol):
+    """What the uplink needs from the outbox."""
+
+    @property
+    def epoch(self) -> str: ...
+    def pending(self, limit: int, *, after_seq: int = 0) -> Sequence[PendingLike]: ...
+    def ack(self, epoch: str, acked: dict[int, str]) -> list[int]: ...
+
+
+@dataclass
+class BrokerSettings:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    keepalive: int = 30
+    client_id: str = ""
+
+
+@dataclass
+class UplinkStats:
+    published: int = 0
+    resent: int = 0
+    acked_batches: int = 0
+    acks_rejected: int = 0
+    connected: bool = False
+
+
+def make_client(settings: BrokerSettings, client_id: str) -> mqtt.Client:
+    """A paho 2.x MQTT 5 client with credentials and TLS from the settings."""
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5,
+    )
+    if settings.username is not None:
+        client.username_pw_set(settings.username, settings.password)
+    if settings.tls:
+        context = ssl.create_default_context(cafile=settings.ca_file)
+        client.tls_set_context(context)
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    return client
+
+
+class Uplink:
+    """Ships the outbox's batches and applies verified acks; `await uplink.run()`."""
+
+    def __init__(
+        self,
+        store: BatchStore,
+        settings: BrokerSettings,
+        *,
+        site: str,
+        agent: str,
+        ack_keys: Mapping[str, Ed25519PublicKey],
+        topic_prefix: str = "",
+        ack_timeout: float = 15.0,
+        max_in_flight: int = 16,
+        poll_interval: float = 0.5,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.site = site
+        self.agent = agent
+        self.ack_keys = dict(ack_keys)
+        self.batch_topic = batch_topic(topic_prefix, site, agent)
+        self.ack_topic = ack_topic(topic_prefix, site, agent)
+        self.ack_timeout = ack_timeout
+        self.max_in_flight = max_in_flight
+        self.poll_interval = poll_interval
+        self.stats = UplinkStats()
+        self._in_flight: dict[int, float] = {}  # seq -> monotonic time sent
+        self._wake = asyncio.Event()
+        self._acks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10_000)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._log = structlog.get_logger("sync.uplink").bind(agent=agent, site=site)
+        self._client = make_client(settings, settings.client_id or f"edge-{site}-{agent}")
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    # -- paho thread ------------------------------------------------------------------------
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            self._log.warning("broker refused connection", reason=str(reason))
+            return
+        client.subscribe(self.ack_topic, qos=1)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._connected, True)
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._connected, False)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._enqueue_ack, bytes(message.payload))
+
+    # -- asyncio side ---------------------------------------------------------------------
+
+    def _enqueue_ack(self, payload: bytes) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self._acks.put_nowait(payload)
+
+    def _connected(self, up: bool) -> None:
+        if up != self.stats.connected:
+            self._log.info(
+                "broker connected" if up else "broker lost",
+                host=self.settings.host,
+                port=self.settings.port,
+            )
+        self.stats.connected = up
+        # After a (re)connect nothing is known about what the broker delivered: resend all.
+        self._in_flight.clear()
+        self._wake.set()
+
+    def notify(self) -> None:
+        """New batches were committed: ship them now rather than at the next poll."""
+        self._wake.set()
+
+    def apply_ack(self, payload: bytes) -> list[int]:
+        """Verify an ack and delete what it names; a bad ack deletes nothing."""
+        try:
+            body = verify_ack(payload, verify_keys=self.ack_keys, agent_id=self.agent)
+        except AckError as exc:
+            self.stats.acks_rejected += 1
+            self._log.warning("ack rejected", reason=exc.reason)
+            return []
+        if body.epoch != self.store.epoch:
+            return []
+        named = {int(seq): digest for seq, digest in body.digests.items() if body.covers(int(seq))}
+        deleted = self.store.ack(body.epoch, named)
+        for seq in named:
+            self._in_flight.pop(seq, None)
+        self.stats.acked_batches += len(deleted)
+        if deleted:
+            self._wake.set()
+        return deleted
+
+    def _publish_due(self) -> None:
+        if not self.stats.connected:
+            return
+        now = time.monotonic()
+        for seq, sent in list(self._in_flight.items()):
+            if now - sent > self.ack_timeout:
+                del self._in_flight[seq]  # presumed lost on the way: send again
+                self.stats.resent += 1
+        free = self.max_in_flight - len(self._in_flight)
+        if free <= 0:
+            return
+        candidates = self.store.pending(self.max_in_flight)
+        for batch in candidates:
+            if free <= 0:
+                break
+            if batch.seq in self._in_flight:
+                continue
+            info = self._client.publish(self.batch_topic, batch.envelope, qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                break
+            self._in_flight[batch.seq] = now
+            self.stats.published += 1
+            free -= 1
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._client.connect_async(
+            self.settings.host, self.settings.port, keepalive=self.settings.keepalive
+        )
+        self._client.loop_start()
+        try:
+            while True:
+                while not self._acks.empty():
+                    self.apply_ack(self._acks.get_nowait())
+                self._publish_due()
+                self._wake.clear()
+                ack_wait = asyncio.ensure_future(self._acks.get())
+                wake_wait = asyncio.ensure_future(self._wake.wait())
+                done, pending = await asyncio.wait(
+                    {ack_wait, wake_wait},
+                    timeout=self.poll_interval,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for task in pending:
+                    task.cancel()
+                if ack_wait in done:
+                    self.apply_ack(ack_wait.result())
+        finally:
+            self._client.disconnect()
+            self._client.loop_stop()

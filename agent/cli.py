@@ -163,6 +163,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from agent.replay import run_replay
+
+    return run_replay(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a configuration file and exit")
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("replay", help="run the OEE engine on recorded samples (JSON Lines)")
+    p.add_argument("-c", "--config", required=True, help="the same file as for `run`")
+    p.add_argument("--samples", required=True, help="JSON Lines file of samples")
+    p.add_argument("--from", dest="from_", required=True, help="window start, ISO 8601")
+    p.add_argument("--to", required=True, help="window end (exclusive), ISO 8601")
+    p.add_argument("--equipment", help="only this equipment")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_replay)
 
     keys = sub.add_parser("keys", help="key management").add_subparsers(dest="keys", required=True)
     p = keys.add_parser("init", help="create the agent's signing key; prints its public key")

@@ -154,6 +154,7 @@ class UplinkConfig(_Model):
     flush_interval: Duration = 1.0
     ack_timeout: Duration = 15.0
     max_in_flight: int = Field(default=16, ge=1, le=1000)
+    drain_timeout: Duration = 5.0
     suite: Literal["x25519-hkdfsha256-aes256gcm", "mlkem768x25519-hkdfsha256-aes256gcm"] = (
         "x25519-hkdfsha256-aes256gcm"
     )

@@ -204,6 +204,19 @@ class AgentRuntime:
             await asyncio.sleep(self.config.uplink.flush_interval)
             self.flush()
 
+    async def _drain(self, uplink: asyncio.Task[None], timeout: float) -> None:
+        """On stop, give the uplink a bounded time to ship what is committed and get acks."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self.uplink.notify()
+        while loop.time() < deadline and not uplink.done():
+            if self.outbox.stats().depth == 0:
+                return
+            await asyncio.sleep(0.1)
+        left = self.outbox.stats().depth
+        if left:
+            self.log.info("batches stay in the outbox until the next start", batches=left)
+
     async def run(self, stop: asyncio.Event) -> None:
         self._resume()
         self.flush()
@@ -213,15 +226,17 @@ class AgentRuntime:
             connections=len(self.hubs),
             outbox=str(self.config.outbox_path),
         )
+        uplink = asyncio.create_task(self.uplink.run(), name="uplink")
         tasks = [
             asyncio.create_task(self._engine_loop(), name="engine"),
             asyncio.create_task(self._flush_loop(), name="flush"),
-            asyncio.create_task(self.uplink.run(), name="uplink"),
         ]
         tasks += [asyncio.create_task(hub.run(self._emit), name=hub.config.id) for hub in self.hubs]
         stopper = asyncio.create_task(stop.wait())
         try:
-            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                [stopper, uplink, *tasks], return_when=asyncio.FIRST_COMPLETED
+            )
             for task in done:
                 if task is not stopper and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
@@ -238,5 +253,10 @@ class AgentRuntime:
             self.flush()
             for hub in self.hubs:
                 await hub.__aexit__()
+            with contextlib.suppress(Exception):
+                await self._drain(uplink, self.config.uplink.drain_timeout)
+            uplink.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await uplink
             self.outbox.close()
             self.log.info("stopped")

@@ -204,10 +204,10 @@ class AgentRuntime:
             await asyncio.sleep(self.config.uplink.flush_interval)
             self.flush()
 
-    async def _drain(self, uplink: asyncio.Task[None], timeout: float) -> None:
+    async def _drain(self, uplink: asyncio.Task[None], limit_s: float) -> None:
         """On stop, give the uplink a bounded time to ship what is committed and get acks."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + limit_s
         self.uplink.notify()
         while loop.time() < deadline and not uplink.done():
             if self.outbox.stats().depth == 0:

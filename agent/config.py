@@ -44,6 +44,9 @@ class AgentSection(_Model):
     state_dir: Path = Path("/var/lib/edge-agent")
     bucket_seconds: int = Field(default=60, ge=1, le=3600)
     tick_interval: Duration = 1.0
+    status_interval: Duration = Field(
+        default=60.0, description="how often health goes to the cloud"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 

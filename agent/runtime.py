@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import secrets
 from collections.abc import Callable
@@ -29,6 +30,11 @@ from sync.keys import AgentKeys
 from sync.uplink import BrokerSettings, Uplink
 
 log = structlog.get_logger("agent")
+
+try:
+    AGENT_VERSION = importlib.metadata.version("factory-edge-gateway")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    AGENT_VERSION = "0+unknown"
 
 Clock = Callable[[], datetime]
 
@@ -200,9 +206,51 @@ class AgentRuntime:
                 self.log.warning("sample ignored", error=str(exc))
 
     async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_status = loop.time()
         while True:
             await asyncio.sleep(self.config.uplink.flush_interval)
+            if loop.time() >= next_status:
+                self.pending.append(self.status_event())
+                next_status = loop.time() + self.config.agent.status_interval
             self.flush()
+
+    def status_event(self) -> Event:
+        """The agent's health as the cloud's fleet view reads it (AgentEvent code "status").
+
+        data keys: version, outbox_depth, outbox_events, outbox_bytes, outbox_quota_bytes,
+        outbox_oldest_age_s, acked_seq_high_water, epoch, next_seq, connections
+        ({id: connected}), uplink ({connected, published, resent, acked_batches,
+        acks_rejected}), agent_time (the agent's clock, for the cloud's offset estimate).
+        """
+        stats = self.outbox.stats()
+        up = self.uplink.stats
+        now = self.clock()
+        return self._agent_event(
+            now,
+            "status",
+            "agent status",
+            {
+                "version": AGENT_VERSION,
+                "outbox_depth": stats.depth,
+                "outbox_events": stats.events,
+                "outbox_bytes": stats.bytes,
+                "outbox_quota_bytes": stats.max_bytes,
+                "outbox_oldest_age_s": stats.oldest_unacked_age_s,
+                "acked_seq_high_water": stats.acked_seq_high_water,
+                "epoch": stats.epoch,
+                "next_seq": stats.next_seq,
+                "connections": {hub.config.id: hub.connected for hub in self.hubs},
+                "uplink": {
+                    "connected": up.connected,
+                    "published": up.published,
+                    "resent": up.resent,
+                    "acked_batches": up.acked_batches,
+                    "acks_rejected": up.acks_rejected,
+                },
+                "agent_time": now.isoformat(),
+            },
+        )
 
     async def _drain(self, uplink: asyncio.Task[None], limit_s: float) -> None:
         """On stop, give the uplink a bounded time to ship what is committed and get acks."""

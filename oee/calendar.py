@@ -7,10 +7,12 @@ Shifts and breaks are local wall-clock times converted to UTC day by day, so day
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from oee.config import WEEKDAYS, ShiftSpec
+
+_SEARCH_DAYS = 9  # a weekly calendar repeats within 7 days; 9 covers a shift across midnight
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,9 @@ class ShiftCalendar:
         self.zone = ZoneInfo(timezone)
         self._cache: dict[date, list[_Occurrence]] = {}
 
-    def _local(self, day: date, clock: object) -> datetime:
-        from datetime import time as _time
-
-        assert isinstance(clock, _time)
+    def _local(self, day: date, clock: time) -> datetime:
+        # A wall time skipped by DST (02:30 on the spring day) resolves with the offset
+        # before the change (fold=0), i.e. one hour later on the clock: 03:30.
         return datetime.combine(day, clock, tzinfo=self.zone).astimezone(UTC)
 
     def _occurrences(self, day: date) -> list[_Occurrence]:
@@ -80,30 +81,49 @@ class ShiftCalendar:
 
     def window_at(self, t: datetime) -> Window:
         """The maximal window of constant planning status that contains instant t."""
+        if t.tzinfo is None:
+            raise ValueError("window_at needs an aware datetime (UTC)")
         local_day = t.astimezone(self.zone).date()
-        edges: list[datetime] = []
-        found: tuple[_Occurrence, datetime, datetime] | None = None
-        for offset in (-1, 0, 1):
-            for occ in self._occurrences(local_day + timedelta(days=offset)):
-                edges.extend((occ.start, occ.end))
-                for b_start, b_end in occ.breaks:
-                    edges.extend((b_start, b_end))
-                if found is None and occ.start <= t < occ.end:
-                    in_break = next(((s, e) for s, e in occ.breaks if s <= t < e), None)
-                    if in_break is None:
-                        # planned: from the latest edge <= t to the next edge > t, inside occ
-                        lo = max([occ.start, *[e for _, e in occ.breaks if e <= t]])
-                        hi = min([occ.end, *[s for s, _ in occ.breaks if s > t]])
-                        found = (occ, lo, hi)
-        if found is not None:
-            occ, lo, hi = found
-            return Window(lo, hi, occ.name, occ.start, occ.end)
-        # Off plan: bounded by the nearest edges around t (or a day away when none are near).
-        before = [e for e in edges if e <= t]
-        after = [e for e in edges if e > t]
-        lo = max(before) if before else t - timedelta(days=1)
-        hi = min(after) if after else t + timedelta(days=1)
+        # A shift lasts at most one day and starts on its own local date, so the shift
+        # holding t started on day-1 or day 0; days -2..+2 hold both neighbouring edges
+        # unless the calendar has gaps (weekends, no shifts), handled by widening below.
+        occurrences = [
+            occ
+            for offset in range(-2, 3)
+            for occ in self._occurrences(local_day + timedelta(offset))
+        ]
+        for occ in occurrences:
+            if occ.start <= t < occ.end and not any(s <= t < e for s, e in occ.breaks):
+                lo = max([occ.start, *[e for _, e in occ.breaks if e <= t]])
+                hi = min([occ.end, *[s for s, _ in occ.breaks if s > t]])
+                return Window(lo, hi, occ.name, occ.start, occ.end)
+        lo_edge = self._edge(occurrences, t, before=True)
+        hi_edge = self._edge(occurrences, t, before=False)
+        reach = 2
+        while (lo_edge is None or hi_edge is None) and reach < _SEARCH_DAYS:
+            reach += 1
+            if lo_edge is None:
+                lo_edge = self._edge(self._occurrences(local_day - timedelta(reach)), t, True)
+            if hi_edge is None:
+                hi_edge = self._edge(self._occurrences(local_day + timedelta(reach)), t, False)
+        # No shift within the search horizon: bound the window at whole UTC days, which are
+        # aligned to every bucket length, so buckets stay aligned to UTC minutes.
+        day0 = datetime.combine(t.astimezone(UTC).date(), time(0), tzinfo=UTC)
+        lo = lo_edge if lo_edge is not None else day0
+        hi = hi_edge if hi_edge is not None else day0 + timedelta(days=1)
         return Window(lo, hi, None, None)
+
+    @staticmethod
+    def _edge(occurrences: list[_Occurrence], t: datetime, before: bool) -> datetime | None:
+        """The nearest shift or break edge <= t (before) or > t (after) among occurrences."""
+        edges: list[datetime] = []
+        for occ in occurrences:
+            edges.extend((occ.start, occ.end))
+            for b_start, b_end in occ.breaks:
+                edges.extend((b_start, b_end))
+        if before:
+            return max((e for e in edges if e <= t), default=None)
+        return min((e for e in edges if e > t), default=None)
 
     def windows(self, start: datetime, end: datetime) -> list[Window]:
         """Windows covering [start, end) exactly, clipped to it."""

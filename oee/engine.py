@@ -4,15 +4,26 @@ Time is accounted piecewise: the state holds from one state sample to the next, 
 stretch is cut at shift/break edges and at UTC bucket edges, and each piece is credited to
 exactly one time class of one bucket. Counter increments are credited to the bucket and
 product active when they were observed. The whole state is a JSON-able checkpoint.
+
+Internally every instant and duration is an integer number of microseconds since the Unix
+epoch: sums are exact (classes of time add up to the window to the microsecond, whatever
+the order of additions) and the per-sample path avoids datetime arithmetic. Ideal times are
+integers too (parts x ideal cycle time in microseconds). Seconds appear only in events.
+
+Sample order: the engine trusts source timestamps. A sample older than the last accepted
+sample of the same signal is stale and ignored (so feeding a stream twice, or a duplicate,
+changes nothing); a sample newer than that but older than the time already accounted takes
+effect at the accounted time (closed buckets are never revised on the edge; late data is
+the cloud's business).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from oee.calendar import ShiftCalendar, Window
+from oee.calendar import ShiftCalendar
 from oee.components import COMPONENT_FIELDS, QUANTITY_FIELDS, Components
 from oee.config import EquipmentSpec
 from oee.counters import counter_delta
@@ -22,6 +33,32 @@ STOP_STATES = ("fault", "idle")
 COUNTER_SIGNALS = ("total_count", "good_count", "scrap_count", "rework_count")
 SIGNALS = ("state", "reason", "product", *COUNTER_SIGNALS)
 UNSPECIFIED = "unspecified"
+CHECKPOINT_VERSION = 2
+
+US = 1_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SCALED = frozenset(COMPONENT_FIELDS) - frozenset(QUANTITY_FIELDS)  # held in microseconds
+_ts_memo: tuple[datetime | None, int] = (None, 0)
+
+
+def to_us(t: datetime) -> int:
+    """Exact microseconds since the epoch of an aware datetime."""
+    global _ts_memo
+    memo = _ts_memo
+    # Samples polled together share one timestamp object: a one-entry memo saves the
+    # datetime arithmetic for all but the first of them.
+    if memo[0] is t:
+        return memo[1]
+    if t.tzinfo is None:
+        raise ValueError(f"timestamp {t.isoformat()} has no UTC offset")
+    d = t - _EPOCH
+    us = (d.days * 86_400 + d.seconds) * US + d.microseconds
+    _ts_memo = (t, us)
+    return us
+
+
+def from_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
 
 
 class SampleLike(Protocol):
@@ -39,34 +76,50 @@ class SampleLike(Protocol):
     def quality(self) -> str: ...
 
 
-def _iso(t: datetime | None) -> str | None:
-    return None if t is None else t.isoformat()
+def _new_values() -> dict[str, int]:
+    return dict.fromkeys(COMPONENT_FIELDS, 0)
 
 
-def _parse(t: str | None) -> datetime | None:
-    return None if t is None else datetime.fromisoformat(t)
-
-
-@dataclass
 class _Bucket:
-    start: datetime
-    end: datetime
-    shift: str | None
-    shift_start: datetime | None
-    shift_end: datetime | None
-    values: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COMPONENT_FIELDS, 0.0))
-    reasons: dict[str, float] = field(default_factory=dict)
-    # Seconds of the current, not yet judged stop, by (state, reason): the stop's full length
-    # decides whether it is a micro-stop, so its time waits here until it is known.
-    pending: dict[tuple[str, str], float] = field(default_factory=dict)
+    """One bucket [start, end) of one equipment, with its components in integer units."""
+
+    __slots__ = (
+        "end",
+        "pending",
+        "reasons",
+        "shift",
+        "shift_end",
+        "shift_start",
+        "start",
+        "values",
+    )
+
+    def __init__(
+        self,
+        start: int,
+        end: int,
+        shift: str | None,
+        shift_start: int | None,
+        shift_end: int | None,
+    ) -> None:
+        self.start = start
+        self.end = end
+        self.shift = shift
+        self.shift_start = shift_start
+        self.shift_end = shift_end
+        self.values = _new_values()
+        self.reasons: dict[str, int] = {}
+        # Microseconds of the current, not yet judged stop, by (state, reason): the stop's
+        # full length decides whether it is a micro-stop, so its time waits here until known.
+        self.pending: dict[tuple[str, str], int] = {}
 
     def dump(self) -> dict[str, Any]:
         return {
-            "start": _iso(self.start),
-            "end": _iso(self.end),
+            "start": self.start,
+            "end": self.end,
             "shift": self.shift,
-            "shift_start": _iso(self.shift_start),
-            "shift_end": _iso(self.shift_end),
+            "shift_start": self.shift_start,
+            "shift_end": self.shift_end,
             "values": self.values,
             "reasons": self.reasons,
             "pending": [[s, r, v] for (s, r), v in self.pending.items()],
@@ -74,33 +127,31 @@ class _Bucket:
 
     @classmethod
     def load(cls, data: dict[str, Any]) -> _Bucket:
-        start, end = _parse(data["start"]), _parse(data["end"])
-        assert start is not None and end is not None
         bucket = cls(
-            start,
-            end,
+            int(data["start"]),
+            int(data["end"]),
             data["shift"],
-            _parse(data["shift_start"]),
-            _parse(data["shift_end"]),
+            data["shift_start"],
+            data["shift_end"],
         )
-        bucket.values.update({k: float(v) for k, v in data["values"].items()})
-        bucket.reasons = {k: float(v) for k, v in data["reasons"].items()}
-        bucket.pending = {(s, r): float(v) for s, r, v in data["pending"]}
+        bucket.values.update({k: int(v) for k, v in data["values"].items()})
+        bucket.reasons = {k: int(v) for k, v in data["reasons"].items()}
+        bucket.pending = {(s, r): int(v) for s, r, v in data["pending"]}
         return bucket
 
     def components(self) -> Components:
+        v = self.values
         return Components.model_validate(
-            {
-                name: round(self.values[name])
-                if name in QUANTITY_FIELDS
-                else round(self.values[name], 6)
-                for name in COMPONENT_FIELDS
-            }
+            {name: v[name] / US if name in _SCALED else v[name] for name in COMPONENT_FIELDS}
         )
 
 
 class EquipmentEngine:
-    """OEE accounting of one piece of equipment."""
+    """OEE accounting of one piece of equipment.
+
+    `count_events=False` (replay) skips the per-increment `count` and per-change `state`
+    events, which only the live agent ships; the accounting is identical.
+    """
 
     def __init__(
         self,
@@ -110,6 +161,7 @@ class EquipmentEngine:
         agent_id: str,
         site_id: str,
         bucket_seconds: int = 60,
+        count_events: bool = True,
     ) -> None:
         if bucket_seconds <= 0 or 3600 % bucket_seconds:
             raise ValueError("bucket_seconds must divide an hour")
@@ -118,322 +170,481 @@ class EquipmentEngine:
         self.agent_id = agent_id
         self.site_id = site_id
         self.bucket_seconds = bucket_seconds
+        self.count_events = count_events
+        self._bucket_us = bucket_seconds * US
+        threshold = spec.micro_stop_threshold
+        self._threshold_us = None if threshold is None else round(threshold * US)
+        self._cycle_us: dict[str | None, int] = {}
         self.state = "unknown"
-        self.state_since: datetime | None = None
+        self.state_since_us: int | None = None
         self.stop_judged = True
         self.reason: str | None = None
         self.product: str | None = None
-        self.cursor: datetime | None = None
+        self.cursor_us: int | None = None
         self.counters: dict[str, int] = {}
-        self.buckets: dict[datetime, _Bucket] = {}
-        self.shift_totals: dict[str, float] = dict.fromkeys(COMPONENT_FIELDS, 0.0)
+        self.seen: dict[str, tuple[int, Any]] = {}  # signal -> (ts, raw) of the last accepted
+        self.buckets: dict[int, _Bucket] = {}  # insertion order is time order
+        self.shift_totals = _new_values()
         self.shift_key: str | None = None
-        self._window: Window | None = None
+        self._unmapped: str | None = None
+        self._stale: set[str] = set()
+        self._cur: _Bucket | None = None
+        self._win: tuple[int, int, str | None, int | None, int | None] | None = None
         self._out: list[Event] = []
+
+    @property
+    def cursor(self) -> datetime | None:
+        """The instant up to which time has been accounted."""
+        return None if self.cursor_us is None else from_us(self.cursor_us)
+
+    @property
+    def state_since(self) -> datetime | None:
+        return None if self.state_since_us is None else from_us(self.state_since_us)
 
     # -- public interface -------------------------------------------------------------
 
     def start(self, at: datetime) -> list[Event]:
         """Begin accounting at `at` (state unknown until the first state sample)."""
-        if self.cursor is None:
-            self.cursor = at
-            self.state_since = at
+        if self.cursor_us is None:
+            self._start(to_us(at))
         return self._drain()
 
-    def feed(self, sample: SampleLike) -> list[Event]:
-        """Apply one sample; a sample older than the accounted time takes effect now."""
-        ts = sample.ts.astimezone(UTC)
-        if self.cursor is None:
-            self.start(ts)
-        assert self.cursor is not None
-        self._accrue(ts)
-        at = max(ts, self.cursor)
-        good = sample.quality == "good" and sample.value is not None
+    def prime(self, sample: SampleLike) -> None:
+        """Before accounting starts, learn state, reason, product and counter baselines.
+
+        Replay feeds the samples before its window here, so the window starts with the
+        machine's real state (and how long it has been in it) and counts only parts made
+        inside the window.
+        """
+        if self.cursor_us is not None:
+            raise RuntimeError("prime() is only possible before accounting starts")
+        ts = to_us(sample.ts)
+        raw = sample.value if sample.quality == "good" else None
+        if not self._accept(sample.signal, ts, raw):
+            return
         signal = sample.signal
         if signal == "state":
-            self._on_state(sample.value if good else None, at)
+            new = self.map_state(raw)
+            if new != self.state:
+                self.state = new
+                self.state_since_us = ts
+                self.stop_judged = not (new in STOP_STATES and self._threshold_us is not None)
         elif signal == "reason":
-            if good:
-                code = self.spec.code(sample.value)
-                self.reason = (
-                    None if code in ("0", "") else self.spec.reason_map.get(code, f"code {code}")
-                )
+            if raw is not None:
+                self.reason = self._map_reason(raw)
         elif signal == "product":
-            if good:
-                code = self.spec.code(sample.value)
-                product = self.spec.product_map.get(code, code if code else None)
-                if product is not None and product not in self.spec.products:
+            if raw is not None:
+                self.product = self._map_product(raw)
+        elif raw is not None and signal in self.spec.counters:
+            counter = self.spec.counters[signal]  # type: ignore[index]
+            with contextlib.suppress(TypeError, ValueError):  # feed() reports bad values
+                current = int(raw)  # type: ignore[call-overload]
+                self.counters[signal] = counter_delta(counter, None, current).current
+
+    def feed(self, sample: SampleLike) -> list[Event]:
+        """Apply one sample (see the module docstring for samples out of order)."""
+        signal = sample.signal
+        if signal not in SIGNALS:
+            raise ValueError(f"unknown signal {signal!r}")
+        ts = to_us(sample.ts)
+        value = sample.value
+        raw = value if value is not None and sample.quality == "good" else None
+        if not self._accept(signal, ts, raw):
+            return self._drain()
+        cursor = self.cursor_us
+        if cursor is None:
+            self._start(ts)
+            cursor = ts
+        if ts > cursor:
+            self._accrue(ts)
+            cursor = ts
+        if signal == "state":
+            self._on_state(raw, cursor)
+        elif signal in COUNTER_SIGNALS:
+            if raw is not None:
+                self._on_counter(signal, raw, cursor)
+        elif raw is not None:
+            if signal == "reason":
+                self.reason = self._map_reason(raw)
+            else:
+                product = self._map_product(raw)
+                if product != self.product and product not in self.spec.products:
                     self._agent(
-                        at,
+                        cursor,
                         "unknown_product",
-                        f"product code {code} is not configured; "
-                        "the default ideal cycle time applies",
-                        {"code": code},
+                        f"{self.spec.id}: product {product!r} is not configured; "
+                        "the equipment's ideal cycle time applies",
+                        {"product": product},
                     )
                 self.product = product
-        elif signal in COUNTER_SIGNALS:
-            if good:
-                self._on_counter(signal, sample.value, at)
-        else:
-            raise ValueError(f"unknown signal {signal!r}")
         return self._drain()
 
     def tick(self, now: datetime) -> list[Event]:
         """Account time up to `now` and close every finished bucket."""
-        now = now.astimezone(UTC)
-        if self.cursor is None:
-            self.start(now)
-        self._accrue(now)
+        at = to_us(now)
+        if self.cursor_us is None:
+            self._start(at)
+        self._accrue(at)
         self._close_buckets(final=False)
         return self._drain()
 
-    def finish(self, at: datetime) -> list[Event]:
-        """End of a replay window: judge an open stop on its length so far, close all."""
-        self._accrue(at.astimezone(UTC))
+    def finish(self, at: datetime, *, stop_end: datetime | None = None) -> list[Event]:
+        """End of a replay window: close every bucket, the last one clipped at `at`.
+
+        A stop still open is judged on its full length, ending at `stop_end` when the
+        caller knows it (replay looks ahead in the file), else at `at`.
+        """
+        end = to_us(at)
+        if self.cursor_us is None:
+            self._start(end)
+        self._accrue(end)
         if self.state in STOP_STATES and not self.stop_judged:
-            self._judge_stop(at)
+            self._judge_stop(max(end, to_us(stop_end)) if stop_end is not None else end)
         self._close_buckets(final=True)
         return self._drain()
 
     def mark_unknown(self, at: datetime, why: str) -> list[Event]:
         """From `at` on, the state is not known (communication lost, agent was down)."""
-        at = at.astimezone(UTC)
-        if self.cursor is None:
-            self.start(at)
-        self._accrue(at)
+        t = to_us(at)
+        if self.cursor_us is None:
+            self._start(t)
+        self._accrue(t)
         if self.state != "unknown":
-            self._change_state("unknown", max(at, self.cursor or at), raw=None, reason=why)
+            assert self.cursor_us is not None
+            self._change_state("unknown", max(t, self.cursor_us), raw=None, reason=why)
         return self._drain()
+
+    def map_state(self, raw: object) -> str:
+        """The state a raw PLC value stands for (None, bad quality or unmapped: unknown)."""
+        if raw is None:
+            return "unknown"
+        return self.spec.state_map.get(self.spec.code(raw), "unknown")
 
     def checkpoint(self) -> dict[str, Any]:
         return {
+            "version": CHECKPOINT_VERSION,
             "state": self.state,
-            "state_since": _iso(self.state_since),
+            "state_since": self.state_since_us,
             "stop_judged": self.stop_judged,
             "reason": self.reason,
             "product": self.product,
-            "cursor": _iso(self.cursor),
+            "cursor": self.cursor_us,
             "counters": self.counters,
+            "seen": {k: [ts, raw] for k, (ts, raw) in self.seen.items()},
             "buckets": [b.dump() for b in self.buckets.values()],
             "shift_totals": self.shift_totals,
             "shift_key": self.shift_key,
+            "unmapped": self._unmapped,
         }
 
     def restore(self, data: dict[str, Any]) -> None:
+        version = data.get("version")
+        if version != CHECKPOINT_VERSION:
+            raise ValueError(
+                f"engine checkpoint version {version!r} is not {CHECKPOINT_VERSION}; "
+                "it was written by an incompatible agent"
+            )
         self.state = data["state"]
-        self.state_since = _parse(data["state_since"])
+        self.state_since_us = data["state_since"]
         self.stop_judged = bool(data["stop_judged"])
         self.reason = data["reason"]
         self.product = data["product"]
-        self.cursor = _parse(data["cursor"])
+        self.cursor_us = data["cursor"]
         self.counters = {k: int(v) for k, v in data["counters"].items()}
+        self.seen = {k: (int(ts), raw) for k, (ts, raw) in data["seen"].items()}
         self.buckets = {}
-        for raw in data["buckets"]:
-            bucket = _Bucket.load(raw)
+        for raw_bucket in data["buckets"]:
+            bucket = _Bucket.load(raw_bucket)
             self.buckets[bucket.start] = bucket
-        self.shift_totals = {k: float(v) for k, v in data["shift_totals"].items()}
+        self.shift_totals = _new_values()
+        self.shift_totals.update({k: int(v) for k, v in data["shift_totals"].items()})
         self.shift_key = data["shift_key"]
-        self._window = None
+        self._unmapped = data["unmapped"]
+        self._stale = set()
+        self._cur = None
+        self._win = None
+
+    # -- sample order ---------------------------------------------------------------------
+
+    def _accept(self, signal: str, ts: int, raw: object) -> bool:
+        """False for a stale sample or an exact duplicate; records the accepted one."""
+        seen = self.seen.get(signal)
+        if seen is not None:
+            if ts < seen[0]:
+                if signal not in self._stale:
+                    # Once per stale run: a source clock that jumped back would otherwise
+                    # produce one event per sample.
+                    self._stale.add(signal)
+                    self._agent(
+                        self.cursor_us if self.cursor_us is not None else ts,
+                        "sample_stale",
+                        f"{self.spec.id}: {signal} sample at {from_us(ts).isoformat()} is older "
+                        f"than the last one ({from_us(seen[0]).isoformat()}); ignored",
+                        {"signal": signal, "ts": from_us(ts).isoformat()},
+                    )
+                return False
+            if ts == seen[0] and raw == seen[1]:
+                return False
+        self._stale.discard(signal)
+        self.seen[signal] = (ts, raw)
+        return True
 
     # -- time accounting ----------------------------------------------------------------
 
-    def _window_at(self, t: datetime) -> Window:
-        w = self._window
-        if w is None or not (w.start <= t < w.end):
-            w = self.calendar.window_at(t)
-            self._window = w
-        return w
+    def _start(self, at: int) -> None:
+        self.cursor_us = at
+        if self.state_since_us is None:
+            self.state_since_us = at
 
-    def _bucket_at(self, t: datetime) -> _Bucket:
-        w = self._window_at(t)
-        epoch = int(t.timestamp())
-        floor = datetime.fromtimestamp(epoch - epoch % self.bucket_seconds, UTC)
-        start = max(floor, w.start)
-        bucket = self.buckets.get(start)
+    def _bucket_at(self, t: int) -> _Bucket:
+        """The bucket holding instant t (t >= the accounted time), created when first needed."""
+        win = self._win
+        if win is None or not (win[0] <= t < win[1]):
+            w = self.calendar.window_at(from_us(t))
+            win = (
+                to_us(w.start),
+                to_us(w.end),
+                w.shift,
+                None if w.shift_start is None else to_us(w.shift_start),
+                None if w.shift_end is None else to_us(w.shift_end),
+            )
+            self._win = win
+        floor = t - t % self._bucket_us
+        key = max(floor, win[0])
+        bucket = self.buckets.get(key)
         if bucket is None:
-            end = min(floor + timedelta(seconds=self.bucket_seconds), w.end)
-            bucket = _Bucket(start, end, w.shift, w.shift_start, w.shift_end)
-            self.buckets[start] = bucket
+            # Starts at t, not at the aligned edge, when accounting begins mid-bucket.
+            end = min(floor + self._bucket_us, win[1])
+            bucket = _Bucket(max(key, t), end, win[2], win[3], win[4])
+            self.buckets[key] = bucket
+        self._cur = bucket
         return bucket
 
-    def _accrue(self, until: datetime) -> None:
-        if self.cursor is None or until <= self.cursor:
+    def _accrue(self, until: int) -> None:
+        t = self.cursor_us
+        if t is None or until <= t:
             return
-        t = self.cursor
+        bucket = self._cur
         while t < until:
-            bucket = self._bucket_at(t)
-            seg_end = min(bucket.end, until)
-            self._credit_time(bucket, (seg_end - t).total_seconds())
+            if bucket is None or not (bucket.start <= t < bucket.end):
+                bucket = self._bucket_at(t)
+            seg_end = bucket.end if bucket.end < until else until
+            if seg_end <= t:  # only inconsistent calendar windows could cause this
+                raise RuntimeError(f"{self.spec.id}: no progress accounting time at {t}")
+            self._credit_time(bucket, seg_end - t)
             t = seg_end
-        self.cursor = until
+        self.cursor_us = until
+        threshold = self._threshold_us
         if (
-            self.state in STOP_STATES
-            and not self.stop_judged
-            and self.state_since is not None
-            and self.spec.micro_stop_threshold is not None
-            and (until - self.state_since).total_seconds() > self.spec.micro_stop_threshold
+            not self.stop_judged
+            and threshold is not None
+            and self.state_since_us is not None
+            and until - self.state_since_us > threshold
         ):
             self._judge_stop(until)
 
-    def _credit_time(self, bucket: _Bucket, seconds: float) -> None:
+    def _credit_time(self, bucket: _Bucket, us: int) -> None:
         v = bucket.values
         if bucket.shift is None:
-            v["off_plan_s"] += seconds
+            v["off_plan_s"] += us
             return
         state = self.state
         if state == "planned_stop":
-            v["planned_down_s"] += seconds
+            v["planned_down_s"] += us
             return
-        v["planned_busy_s"] += seconds
+        v["planned_busy_s"] += us
         if state == "running":
-            v["production_s"] += seconds
+            v["production_s"] += us
         elif state == "setup":
-            v["setup_s"] += seconds
+            v["setup_s"] += us
         elif state == "unknown":
-            v["unknown_s"] += seconds
+            v["unknown_s"] += us
         else:
             reason = self.reason or UNSPECIFIED
             if self.stop_judged:
-                self._credit_downtime(bucket, state, reason, seconds, micro=False)
+                self._credit_downtime(bucket, state, reason, us, micro=False)
             else:
                 key = (state, reason)
-                bucket.pending[key] = bucket.pending.get(key, 0.0) + seconds
+                bucket.pending[key] = bucket.pending.get(key, 0) + us
 
     @staticmethod
-    def _credit_downtime(
-        bucket: _Bucket, state: str, reason: str, seconds: float, *, micro: bool
-    ) -> None:
+    def _credit_downtime(bucket: _Bucket, state: str, reason: str, us: int, *, micro: bool) -> None:
         v = bucket.values
-        v["downtime_s"] += seconds
-        v["fault_s" if state == "fault" else "idle_s"] += seconds
+        v["downtime_s"] += us
+        v["fault_s" if state == "fault" else "idle_s"] += us
         if micro:
-            v["micro_stop_s"] += seconds
-        bucket.reasons[reason] = bucket.reasons.get(reason, 0.0) + seconds
+            v["micro_stop_s"] += us
+        bucket.reasons[reason] = bucket.reasons.get(reason, 0) + us
 
-    def _judge_stop(self, end: datetime) -> None:
-        """Move the pending seconds of the current stop to their class, on its full length."""
-        assert self.state_since is not None
-        length = (end - self.state_since).total_seconds()
-        threshold = self.spec.micro_stop_threshold
+    def _judge_stop(self, end: int) -> None:
+        """Move the pending time of the current stop to its class, on its full length."""
+        assert self.state_since_us is not None
+        length = end - self.state_since_us
+        threshold = self._threshold_us
+        # Inclusive: a stop of exactly the threshold is a micro-stop.
         micro = threshold is not None and length <= threshold
+        to_production = micro and self.spec.micro_stops == "performance"
         for bucket in self.buckets.values():
-            for (state, reason), seconds in bucket.pending.items():
-                if micro and self.spec.micro_stops == "performance":
-                    bucket.values["production_s"] += seconds
-                    bucket.values["micro_stop_s"] += seconds
+            if not bucket.pending:
+                continue
+            for (state, reason), us in bucket.pending.items():
+                if to_production:
+                    bucket.values["production_s"] += us
+                    bucket.values["micro_stop_s"] += us
                 else:
-                    self._credit_downtime(bucket, state, reason, seconds, micro=micro)
+                    self._credit_downtime(bucket, state, reason, us, micro=micro)
             bucket.pending.clear()
         self.stop_judged = True
 
     def _close_buckets(self, *, final: bool) -> None:
-        assert self.cursor is not None
-        for start in sorted(self.buckets):
-            bucket = self.buckets[start]
-            if bucket.pending or (bucket.end > self.cursor and not final):
+        cursor = self.cursor_us
+        assert cursor is not None
+        done: list[int] = []
+        for key, bucket in self.buckets.items():
+            if bucket.pending or (bucket.end > cursor and not final):
                 break
-            del self.buckets[start]
+            done.append(key)
+        for key in done:
+            bucket = self.buckets.pop(key)
+            if bucket is self._cur:
+                self._cur = None
+            if final and bucket.end > cursor:
+                bucket.end = max(cursor, bucket.start)
             self._emit_bucket(bucket)
 
     def _emit_bucket(self, bucket: _Bucket) -> None:
-        components = bucket.components()
+        v = bucket.values
+        shift_start = None if bucket.shift_start is None else from_us(bucket.shift_start)
+        end = from_us(bucket.end)
         self._out.append(
             OeeEvent(
                 agent_id=self.agent_id,
                 site_id=self.site_id,
                 equipment_id=self.spec.id,
-                ts=bucket.end,
-                bucket_start=bucket.start,
-                bucket_end=bucket.end,
+                ts=end,
+                bucket_start=from_us(bucket.start),
+                bucket_end=end,
                 shift=bucket.shift,
-                shift_start=bucket.shift_start,
-                components=components,
-                downtime_by_reason={k: round(v, 6) for k, v in bucket.reasons.items()},
+                shift_start=shift_start,
+                components=bucket.components(),
+                downtime_by_reason={k: us / US for k, us in bucket.reasons.items()},
             )
         )
-        if bucket.shift is None:
-            return
-        key = f"{bucket.shift}@{_iso(bucket.shift_start)}"
-        if key != self.shift_key:
-            self.shift_totals = dict.fromkeys(COMPONENT_FIELDS, 0.0)
-            self.shift_key = key
-        for name in COMPONENT_FIELDS:
-            self.shift_totals[name] += bucket.values[name]
-        if bucket.end == bucket.shift_end:
-            self._check_shift(bucket)
-
-    def _check_shift(self, bucket: _Bucket) -> None:
-        totals = self.shift_totals
-        production = totals["production_s"]
-        if production <= 0:
-            return
-        performance = totals["ideal_produced_s"] / production
-        if performance > 1.0:
-            produced = totals["produced"]
-            suspected = production / produced if produced else None
+        if v["off_plan_produced"]:
+            where = "a planned stop" if bucket.shift is not None else "a break or off shift"
             self._agent(
                 bucket.end,
-                "performance_above_one",
-                f"{self.spec.id}: performance {performance:.3f} > 1 in shift {bucket.shift}; "
-                "the configured ideal cycle time is probably too long",
+                "off_plan_production",
+                f"{self.spec.id}: {v['off_plan_produced']} part(s) produced during {where} "
+                f"({from_us(bucket.start).isoformat()} to {end.isoformat()}); "
+                "not part of OEE",
                 {
-                    "performance": performance,
+                    "produced": v["off_plan_produced"],
+                    "bucket_start": from_us(bucket.start).isoformat(),
+                    "bucket_end": end.isoformat(),
                     "shift": bucket.shift,
-                    "shift_start": _iso(bucket.shift_start),
-                    "configured_ideal_cycle_time_s": self.spec.cycle_time(self.product),
-                    "suspected_ideal_cycle_time_s": suspected,
                 },
             )
+        if bucket.shift is None:
+            return
+        key = f"{bucket.shift}@{bucket.shift_start}"
+        if key != self.shift_key:
+            self.shift_totals = _new_values()
+            self.shift_key = key
+        totals = self.shift_totals
+        for name in COMPONENT_FIELDS:
+            totals[name] += v[name]
+        if bucket.end == bucket.shift_end:
+            self._check_shift(bucket, shift_start)
+
+    def _check_shift(self, bucket: _Bucket, shift_start: datetime | None) -> None:
+        totals = self.shift_totals
+        production = totals["production_s"]
+        if production <= 0 or totals["ideal_produced_s"] <= production:
+            return
+        performance = totals["ideal_produced_s"] / production
+        produced = totals["produced"]
+        # The mean cycle time actually achieved bounds the true ideal cycle time from above.
+        suspected = production / produced / US if produced else None
+        self._agent(
+            bucket.end,
+            "performance_above_one",
+            f"{self.spec.id}: performance {performance:.3f} > 1 in shift {bucket.shift}; "
+            "the configured ideal cycle time is probably too long",
+            {
+                "performance": performance,
+                "shift": bucket.shift,
+                "shift_start": None if shift_start is None else shift_start.isoformat(),
+                "configured_ideal_cycle_time_s": self.spec.cycle_time(self.product),
+                "suspected_ideal_cycle_time_s": suspected,
+            },
+        )
 
     # -- signals --------------------------------------------------------------------------
 
-    def _on_state(self, value: object, at: datetime) -> None:
-        if value is None:
-            new, raw = "unknown", None
-        else:
-            code = self.spec.code(value)
-            mapped = self.spec.state_map.get(code)
-            if mapped is None:
+    def _map_reason(self, raw: object) -> str | None:
+        code = self.spec.code(raw)
+        if code in ("0", ""):
+            return None  # PLCs write 0 for "no reason"
+        return self.spec.reason_map.get(code, f"code {code}")
+
+    def _map_product(self, raw: object) -> str | None:
+        code = self.spec.code(raw)
+        return self.spec.product_map.get(code, code or None)
+
+    def _on_state(self, raw: object, at: int) -> None:
+        new = self.map_state(raw)
+        if raw is not None and new == "unknown":
+            code = self.spec.code(raw)
+            if code != self._unmapped:
+                self._unmapped = code
                 self._agent(
                     at,
                     "unmapped_state",
-                    f"{self.spec.id}: state value {code} is not "
-                    "in the state map; the state is unknown",
+                    f"{self.spec.id}: state value {code} is not in the state map; "
+                    "the state is unknown",
                     {"value": code},
                 )
-                new = "unknown"
-            else:
-                new = mapped
-            raw = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+        else:
+            self._unmapped = None
         if new != self.state:
-            self._change_state(new, at, raw=raw, reason=None)
+            number: float | None = None
+            if isinstance(raw, int | float) and not isinstance(raw, bool):
+                number = raw
+            self._change_state(new, at, raw=number, reason=None)
 
-    def _change_state(
-        self, new: str, at: datetime, *, raw: float | None, reason: str | None
-    ) -> None:
+    def _change_state(self, new: str, at: int, *, raw: float | None, reason: str | None) -> None:
         previous = self.state
         if previous in STOP_STATES and not self.stop_judged:
             self._judge_stop(at)
         self.state = new
-        self.state_since = at
-        self.stop_judged = not (new in STOP_STATES and self.spec.micro_stop_threshold is not None)
-        self._out.append(
-            StateEvent(
-                agent_id=self.agent_id,
-                site_id=self.site_id,
-                equipment_id=self.spec.id,
-                ts=at,
-                state=new,  # type: ignore[arg-type]
-                previous=previous,  # type: ignore[arg-type]
-                reason=reason if reason is not None else self.reason,
-                raw=raw,
+        self.state_since_us = at
+        self.stop_judged = not (new in STOP_STATES and self._threshold_us is not None)
+        if self.count_events:
+            self._out.append(
+                StateEvent(
+                    agent_id=self.agent_id,
+                    site_id=self.site_id,
+                    equipment_id=self.spec.id,
+                    ts=from_us(at),
+                    state=new,  # type: ignore[arg-type]
+                    previous=previous,  # type: ignore[arg-type]
+                    reason=reason if reason is not None else self.reason,
+                    raw=raw,
+                )
             )
-        )
 
-    def _on_counter(self, signal: str, value: object, at: datetime) -> None:
+    def _cycle(self, product: str | None) -> int:
+        cycle = self._cycle_us.get(product)
+        if cycle is None:
+            cycle = round(self.spec.cycle_time(product) * US)
+            self._cycle_us[product] = cycle
+        return cycle
+
+    def _on_counter(self, signal: str, value: object, at: int) -> None:
         spec = self.spec.counters.get(signal)  # type: ignore[call-overload]
         if spec is None:
-            return
+            return  # a counter this equipment does not use
         try:
             raw = int(value)  # type: ignore[call-overload]
         except (TypeError, ValueError):
@@ -444,7 +655,10 @@ class EquipmentEngine:
                 {"signal": signal, "value": repr(value)},
             )
             return
-        result = counter_delta(spec, self.counters.get(signal), raw)
+        previous = self.counters.get(signal)
+        if previous is not None and raw == previous:
+            return  # the common case at 1 Hz: nothing counted since the last poll
+        result = counter_delta(spec, previous, raw)
         self.counters[signal] = result.current
         if result.kind in ("reset", "quarantined", "wrap"):
             self._agent(
@@ -461,58 +675,63 @@ class EquipmentEngine:
         d = result.delta
         if d == 0:
             return
-        bucket = self._bucket_at(at)
+        bucket = self._cur
+        if bucket is None or not (bucket.start <= at < bucket.end):
+            bucket = self._bucket_at(at)
         v = bucket.values
-        cycle = self.spec.cycle_time(self.product)
-        in_plan = bucket.shift is not None
-        counts = {"produced": 0, "good": 0, "scrap": 0, "rework": 0}
+        cycle = self._cycle(self.product)
+        # Planned busy time excludes breaks, off-shift time and planned stops: parts
+        # observed there are reported apart and stay out of OEE.
+        in_plan = bucket.shift is not None and self.state != "planned_stop"
+        by_good_counter = "good_count" in self.spec.counters
+        # Each bucket keeps produced = good + scrap + rework. With a good counter, scrap is
+        # what is neither good nor rework; otherwise good is what is neither scrap nor rework.
         if signal == "total_count":
-            counts["produced"] = d
-            if in_plan:
+            if not in_plan:
+                v["off_plan_produced"] += d
+            else:
                 v["produced"] += d
                 v["ideal_produced_s"] += d * cycle
-                if "good_count" in self.spec.counters:
-                    v["scrap"] += d  # until the good counter says otherwise
+                if by_good_counter:
+                    v["scrap"] += d
                 else:
                     v["good"] += d
                     v["ideal_good_s"] += d * cycle
-            else:
-                v["off_plan_produced"] += d
-        elif signal == "good_count":
-            counts["good"] = d
-            if in_plan:
+        elif in_plan:
+            if signal == "good_count":
                 v["good"] += d
                 v["scrap"] -= d
                 v["ideal_good_s"] += d * cycle
-        else:
-            name = "scrap" if signal == "scrap_count" else "rework"
-            counts[name] = d
-            if in_plan:
-                v[name] += d
-                v["good"] -= d
-                v["ideal_good_s"] -= d * cycle
-        self._out.append(
-            CountEvent(
-                agent_id=self.agent_id,
-                site_id=self.site_id,
-                equipment_id=self.spec.id,
-                ts=at,
-                product=self.product,
-                in_plan=in_plan,
-                produced=counts["produced"],
-                good=counts["good"],
-                scrap=counts["scrap"],
-                rework=counts["rework"],
+            else:
+                v["scrap" if signal == "scrap_count" else "rework"] += d
+                if by_good_counter:
+                    v["scrap"] -= d
+                else:
+                    v["good"] -= d
+                    v["ideal_good_s"] -= d * cycle
+        if self.count_events:
+            self._out.append(
+                CountEvent(
+                    agent_id=self.agent_id,
+                    site_id=self.site_id,
+                    equipment_id=self.spec.id,
+                    ts=from_us(at),
+                    product=self.product,
+                    in_plan=in_plan,
+                    produced=d if signal == "total_count" else 0,
+                    good=d if signal == "good_count" else 0,
+                    scrap=d if signal == "scrap_count" else 0,
+                    rework=d if signal == "rework_count" else 0,
+                )
             )
-        )
 
-    def _agent(self, at: datetime, code: str, message: str, data: dict[str, Any]) -> None:
+    def _agent(self, at: int, code: str, message: str, data: dict[str, Any]) -> None:
         self._out.append(
             AgentEvent(
                 agent_id=self.agent_id,
                 site_id=self.site_id,
                 equipment_id=self.spec.id,
-                ts=at,
+                ts=from_us(at),
                 code=code,
                 message=message,
                 data=data,
@@ -520,6 +739,8 @@ class EquipmentEngine:
         )
 
     def _drain(self) -> list[Event]:
+        if not self._out:
+            return []
         out, self._out = self._out, []
         return out
 
@@ -535,10 +756,16 @@ class PlantEngine:
         agent_id: str,
         site_id: str,
         bucket_seconds: int = 60,
+        count_events: bool = True,
     ) -> None:
         self.engines = {
             spec.id: EquipmentEngine(
-                spec, calendar, agent_id=agent_id, site_id=site_id, bucket_seconds=bucket_seconds
+                spec,
+                calendar,
+                agent_id=agent_id,
+                site_id=site_id,
+                bucket_seconds=bucket_seconds,
+                count_events=count_events,
             )
             for spec in specs
         }
@@ -549,8 +776,14 @@ class PlantEngine:
             raise KeyError(f"unknown equipment {sample.equipment_id!r}")
         return engine.feed(sample)
 
+    def start(self, at: datetime) -> list[Event]:
+        return [e for engine in self.engines.values() for e in engine.start(at)]
+
     def tick(self, now: datetime) -> list[Event]:
         return [e for engine in self.engines.values() for e in engine.tick(now)]
+
+    def finish(self, at: datetime) -> list[Event]:
+        return [e for engine in self.engines.values() for e in engine.finish(at)]
 
     def mark_unknown(self, at: datetime, why: str) -> list[Event]:
         return [e for engine in self.engines.values() for e in engine.mark_unknown(at, why)]

@@ -14,7 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from connectors.modbus.config import ModbusConnection
+from connectors.opcua.config import node_notation_error
+from connectors.registry import CONNECTOR_TYPES, Connection
 from oee.calendar import ShiftCalendar
 from oee.config import (
     CodeMap,
@@ -50,14 +51,16 @@ class AgentSection(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-Connection = ModbusConnection  # becomes a discriminated union on `type` with more protocols
-_CONNECTION_TYPES = ("modbus", "opcua")
+_CONNECTION_TYPES = tuple(CONNECTOR_TYPES)
 
 
 class SignalConfig(_Model):
     """Where a signal is read (connector part) and how the engine reads it (OEE part)."""
 
     address: str | None = None
+    node: str | None = Field(
+        default=None, description="OPC UA: ns=2;s=..., ns=3;i=..., nsu=URI;s=..., /Objects/2:..."
+    )
     type: Literal[
         "bool",
         "int16",
@@ -79,6 +82,12 @@ class SignalConfig(_Model):
     width: Literal[16, 32, 64] | None = None
     signed: bool | None = None
     max_delta: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _node_notation(self) -> SignalConfig:
+        if self.node is not None and (problem := node_notation_error(self.node)):
+            raise ValueError(f"node: {problem}")
+        return self
 
 
 SignalName = Literal[
@@ -196,6 +205,17 @@ class AgentConfig(_Model):
                 raise ValueError(
                     f"equipment[{i}].connection: no connection with id {eq.connection!r}"
                 )
+        kinds = {c.id: c.type for c in self.connections}
+        for i, eq in enumerate(self.equipment):
+            if eq.connection is None:
+                continue
+            where = CONNECTOR_TYPES[kinds[eq.connection]].signal_field
+            for name, sig in eq.signals.items():
+                if getattr(sig, where) is None:
+                    raise ValueError(
+                        f"equipment[{i}].signals.{name}: needs `{where}:` "
+                        f"(connection {eq.connection!r} is {kinds[eq.connection]})"
+                    )
         return self
 
     @property

@@ -18,10 +18,10 @@ from typing import Any
 
 import structlog
 
-from agent.config import AgentConfig, EquipmentConfig
+from agent.config import AgentConfig
 from buffer.outbox import Outbox, OutboxFull
-from connectors.modbus.config import ModbusConnection
-from connectors.modbus.hub import ModbusHub, ModbusTag
+from connectors.connector import Hub
+from connectors.registry import build_hub
 from connectors.sample import Sample
 from oee.engine import PlantEngine
 from oee.events import AgentEvent, Event, dump_events
@@ -43,31 +43,6 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def modbus_tags(connection: ModbusConnection, equipment: list[EquipmentConfig]) -> list[ModbusTag]:
-    tags = []
-    for eq in equipment:
-        if eq.connection != connection.id:
-            continue
-        for name, sig in eq.signals.items():
-            if sig.address is None:
-                continue
-            tags.append(
-                ModbusTag(
-                    equipment_id=eq.id,
-                    signal=name,
-                    unit=eq.unit,
-                    address=sig.address,
-                    data_type=sig.type,
-                    order=sig.order,
-                    scale=sig.scale,
-                    offset=sig.offset,
-                    bit=sig.bit,
-                    length=sig.length,
-                )
-            )
-    return tags
-
-
 class AgentRuntime:
     """Wires the pipeline for one configuration; `await runtime.run(stop)`."""
 
@@ -85,9 +60,7 @@ class AgentRuntime:
             bucket_seconds=config.agent.bucket_seconds,
         )
         self.pending: list[Event] = []
-        self.hubs: list[ModbusHub] = [
-            ModbusHub(conn, modbus_tags(conn, config.equipment)) for conn in config.connections
-        ]
+        self.hubs: list[Hub] = [build_hub(conn, config.equipment) for conn in config.connections]
         mqtt = config.mqtt
         self.uplink = Uplink(
             self.outbox,

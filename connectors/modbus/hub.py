@@ -1,30 +1,37 @@
-"""One hub per Modbus TCP connection: connect, poll coalesced blocks, decode, emit Samples.
+"""One hub per Modbus connection (TCP or RTU): connect, poll coalesced blocks, decode, emit.
 
-The hub owns the reconnect loop. A unit that fails is marked unavailable (its signals are
-emitted once with bad quality) and retried with backoff, without delaying the other units.
-State changes are logged ("connected", "lost", "recovered"), not every failed poll.
+Each unit (slave id) is polled by its own task, on its own TCP connection unless
+`connection_per_unit: false`, so a unit that never answers does not delay the others. On a
+serial line (RTU) the bus carries one request at a time; there a unit that stops answering is
+marked unavailable (its signals emitted once with bad quality) and only probed again after a
+capped, jittered backoff, so it costs the others at most one timeout per backoff period.
+
+Exception responses are reported by name. A coalesced block answered with
+ILLEGAL_DATA_ADDRESS (a gap register the device does not have) is split into one read per
+tag, so one unmapped register does not hide its neighbours. State changes are logged
+("connected", "lost", "recovered", "unit unavailable"), not every failed poll.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.exceptions import ModbusException
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusException
 
+from connectors.connector import Emit, EquipmentSource
 from connectors.modbus.codec import CodecError, decode_registers, parse_address, register_count
-from connectors.modbus.config import ModbusConnection
-from connectors.modbus.plan import Block, ReadRequest, TagSpan, plan_reads
+from connectors.modbus.config import ModbusConnection, ModbusRtuConnection
+from connectors.modbus.plan import Block, Member, ReadRequest, TagSpan, plan_reads
 from connectors.sample import Sample
-
-Emit = Callable[[Sample], Awaitable[None]]
 
 EXCEPTION_NAMES = {
     1: "ILLEGAL_FUNCTION",
@@ -37,6 +44,11 @@ EXCEPTION_NAMES = {
     10: "GATEWAY_PATH_UNAVAILABLE",
     11: "GATEWAY_TARGET_DEVICE_FAILED_TO_RESPOND",
 }
+_ILLEGAL_DATA_ADDRESS = 2
+# A gateway answering 10/11 means the unit behind it is silent: treat like no answer.
+_GATEWAY_NO_ANSWER = frozenset({10, 11})
+
+AnyModbusConnection = ModbusConnection | ModbusRtuConnection
 
 
 @dataclass(frozen=True)
@@ -59,14 +71,115 @@ class ModbusTag:
         return f"{self.equipment_id}/{self.signal}"
 
 
+def modbus_tags(connection_id: str, equipment: Sequence[EquipmentSource]) -> list[ModbusTag]:
+    """The tags of every equipment attached to connection `connection_id`."""
+    tags = []
+    for eq in equipment:
+        if eq.connection != connection_id:
+            continue
+        for name, sig in eq.signals.items():
+            if sig.address is None:
+                continue
+            tags.append(
+                ModbusTag(
+                    equipment_id=eq.id,
+                    signal=str(name),
+                    unit=eq.unit,
+                    address=sig.address,
+                    data_type=sig.type,
+                    order=sig.order,
+                    scale=sig.scale,
+                    offset=sig.offset,
+                    bit=sig.bit,
+                    length=sig.length,
+                )
+            )
+    return tags
+
+
 class ModbusReadError(Exception):
-    """A read failed: a Modbus exception response (named) or no/invalid answer."""
+    """A Modbus exception response; `code` is the exception code, the message names it."""
+
+    def __init__(self, unit: int, code: int) -> None:
+        self.unit = unit
+        self.code = code
+        super().__init__(f"unit {unit}: {exception_name(code)}")
+
+
+class UnitSilent(Exception):
+    """The unit did not answer (timeout, or a gateway reporting it silent)."""
+
+
+def exception_name(code: int) -> str:
+    return EXCEPTION_NAMES.get(code, f"exception code {code}")
+
+
+def _jitter(delay: float) -> float:
+    return delay * random.uniform(0.5, 1.0)
+
+
+class _Link:
+    """One Modbus client (a TCP connection or the serial port) and its reconnect state."""
+
+    def __init__(self, hub: ModbusHub, name: str) -> None:
+        self.hub = hub
+        self.name = name
+        self.client: Any = None
+        self.lock = asyncio.Lock()
+        self.failures = 0
+        self.retry_at = 0.0
+        self.ever_connected = False
+
+    @property
+    def connected(self) -> bool:
+        return self.client is not None and bool(self.client.connected)
+
+    async def ensure(self) -> Any:
+        """The connected client, or None while the link is down and backing off."""
+        async with self.lock:
+            if self.connected:
+                return self.client
+            if time.monotonic() < self.retry_at:
+                return None
+            self.close()
+            client = self.hub._make_client()
+            try:
+                ok = await client.connect()
+            except (OSError, ModbusException):
+                ok = False
+            if not ok:
+                client.close()
+                self.failures += 1
+                if self.failures == 1:
+                    self.hub._log.warning(
+                        "lost" if self.ever_connected else "cannot connect", link=self.name
+                    )
+                delay = min(self.hub.config.reconnect_max, 0.5 * 2 ** min(self.failures, 10))
+                self.retry_at = time.monotonic() + _jitter(delay)
+                return None
+            self.hub._log.info("recovered" if self.ever_connected else "connected", link=self.name)
+            self.client = client
+            self.failures = 0
+            self.ever_connected = True
+            return client
+
+    def drop(self) -> None:
+        """Forget the connection (e.g. after a garbled answer): the next use reconnects, which
+        also resets pymodbus' transaction ids."""
+        self.close()
+        self.retry_at = 0.0
+
+    def close(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close()
+            self.client = None
 
 
 class ModbusHub:
-    """Polls one Modbus TCP server; `async with hub: await hub.run(emit)`."""
+    """Polls one Modbus TCP server or RTU line; `async with hub: await hub.run(emit)`."""
 
-    def __init__(self, config: ModbusConnection, tags: Sequence[ModbusTag]) -> None:
+    def __init__(self, config: AnyModbusConnection, tags: Sequence[ModbusTag]) -> None:
         self.config = config
         self.tags = {t.key: t for t in tags}
         spans = []
@@ -74,47 +187,54 @@ class ModbusHub:
             addr = parse_address(tag.address, base=config.addressing)
             count = 1 if addr.is_bit else register_count(tag.data_type, tag.length)
             spans.append(TagSpan(tag.key, ReadRequest(tag.unit, addr.table, addr.address, count)))
-        self.blocks: list[Block] = plan_reads(spans, max_gap=config.max_gap)
-        self.connected = False
+        self.blocks: list[Block] = plan_reads(
+            spans, max_gap=config.max_gap, max_registers=config.max_registers
+        )
+        self.units: dict[int, list[Block]] = {}
+        for block in self.blocks:
+            self.units.setdefault(block.unit, []).append(block)
         self.requests = 0
+        self.requests_by_unit: dict[int, int] = dict.fromkeys(self.units, 0)
         self.last_read_latency_s: float | None = None
-        self._unit_down_until: dict[int, float] = {}
-        self._unit_failures: dict[int, int] = {}
-        self._client: AsyncModbusTcpClient | None = None
+        self.unit_available: dict[int, bool] = dict.fromkeys(self.units, True)
+        self.problems: dict[str, str] = {}
         self._log = structlog.get_logger("connectors.modbus").bind(connection=config.id)
+        per_unit = isinstance(config, ModbusConnection) and config.connection_per_unit
+        shared = _Link(self, "line")
+        self._links: dict[int, _Link] = {
+            unit: _Link(self, f"unit {unit}") if per_unit else shared for unit in self.units
+        }
+
+    @property
+    def connected(self) -> bool:
+        return any(link.connected for link in self._links.values())
 
     async def __aenter__(self) -> ModbusHub:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._close()
+        for link in self._links.values():
+            link.close()
 
-    def _close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        self.connected = False
-
-    async def _connect(self) -> bool:
-        self._close()
-        client = AsyncModbusTcpClient(
-            self.config.host,
-            port=self.config.port,
-            timeout=self.config.timeout,
-            retries=self.config.retries,
-            reconnect_delay=0,  # the hub owns reconnects
+    def _make_client(self) -> Any:
+        cfg = self.config
+        # pymodbus' own reconnect is off: the hub owns reconnects and their backoff.
+        if isinstance(cfg, ModbusRtuConnection):
+            return AsyncModbusSerialClient(
+                cfg.port,
+                baudrate=cfg.baudrate,
+                bytesize=cfg.bytesize,
+                parity=cfg.parity,
+                stopbits=cfg.stopbits,
+                timeout=cfg.timeout,
+                retries=cfg.retries,
+                reconnect_delay=0,
+            )
+        return AsyncModbusTcpClient(
+            cfg.host, port=cfg.port, timeout=cfg.timeout, retries=cfg.retries, reconnect_delay=0
         )
-        ok = await client.connect()
-        if not ok:
-            client.close()
-            return False
-        self._client = client
-        return True
 
-    async def _read(self, block: Block) -> list[Any]:
-        client = self._client
-        if client is None:
-            raise ModbusReadError("not connected")
+    async def _read(self, client: Any, block: Block) -> list[Any]:
         read = {
             "holding": client.read_holding_registers,
             "input": client.read_input_registers,
@@ -122,19 +242,26 @@ class ModbusHub:
             "discrete": client.read_discrete_inputs,
         }[block.table]
         self.requests += 1
-        rr = await read(block.start, count=block.count, device_id=block.unit)
+        self.requests_by_unit[block.unit] = self.requests_by_unit.get(block.unit, 0) + 1
+        try:
+            rr = await read(block.start, count=block.count, device_id=block.unit)
+        except ConnectionException:
+            raise
+        except (TimeoutError, ModbusException) as exc:
+            raise UnitSilent(f"unit {block.unit}: no answer ({exc})") from exc
         if rr.isError():
-            code = getattr(rr, "exception_code", 0)
-            name = EXCEPTION_NAMES.get(code, f"exception code {code}")
-            raise ModbusReadError(f"unit {block.unit}: {name}")
+            code = int(getattr(rr, "exception_code", 0) or 0)
+            if code in _GATEWAY_NO_ANSWER:
+                raise UnitSilent(f"unit {block.unit}: {exception_name(code)}")
+            raise ModbusReadError(block.unit, code)
         return list(rr.bits if block.table in ("coil", "discrete") else rr.registers)
 
     def _decode(self, block: Block, values: list[Any], ts: datetime) -> list[Sample]:
         out = []
         for member in block.members:
             tag = self.tags[member.key]
-            raw = block.slice(values, member.key)
             try:
+                raw = block.slice(values, member.key)
                 if block.table in ("coil", "discrete"):
                     value: Any = bool(raw[0])
                 else:
@@ -147,74 +274,101 @@ class ModbusHub:
                         bit=tag.bit,
                         length=tag.length,
                     )
-                out.append(Sample(tag.equipment_id, tag.signal, value, ts))
-            except CodecError as exc:
-                self._log.warning("decode failed", tag=tag.key, error=str(exc))
+            except (CodecError, ValueError, IndexError) as exc:
+                self._problem(tag.key, f"cannot decode: {exc}")
                 out.append(Sample(tag.equipment_id, tag.signal, None, ts, "bad"))
+                continue
+            self._clear_problem(tag.key)
+            out.append(Sample(tag.equipment_id, tag.signal, value, ts))
         return out
 
-    def _bad(self, unit: int | None, ts: datetime) -> list[Sample]:
-        return [
-            Sample(t.equipment_id, t.signal, None, ts, "bad")
-            for t in self.tags.values()
-            if unit is None or t.unit == unit
-        ]
+    def _problem(self, key: str, reason: str) -> None:
+        if self.problems.get(key) != reason:
+            self._log.warning("signal unreadable", tag=key, reason=reason)
+        self.problems[key] = reason
 
-    async def poll_once(self) -> list[Sample]:
-        """Read every block once; units in backoff are skipped. Raises on a lost connection."""
+    def _clear_problem(self, key: str) -> None:
+        if self.problems.pop(key, None) is not None:
+            self._log.info("signal readable again", tag=key)
+
+    def _bad(self, members: Sequence[Member], reason: str, ts: datetime) -> list[Sample]:
+        out = []
+        for member in members:
+            tag = self.tags[member.key]
+            self._problem(tag.key, reason)
+            out.append(Sample(tag.equipment_id, tag.signal, None, ts, "bad"))
+        return out
+
+    def _split(self, unit: int, block: Block) -> None:
+        """Replace a coalesced block by one read per tag (the device rejects the whole span)."""
+        singles = [
+            Block(unit, block.table, block.start + m.offset, m.size, (Member(m.key, 0, m.size),))
+            for m in block.members
+        ]
+        blocks = self.units[unit]
+        i = blocks.index(block)
+        blocks[i : i + 1] = singles
+        self._log.info("block split into single reads", unit=unit, start=block.start)
+
+    async def poll_unit_once(self, unit: int) -> list[Sample]:
+        """Read every block of `unit` once. Raises UnitSilent/ConnectionError."""
+        link = self._links[unit]
+        client = await link.ensure()
+        if client is None:
+            raise ConnectionError("not connected")
         samples: list[Sample] = []
-        now = time.monotonic()
-        started = now
-        for block in self.blocks:
-            if self._unit_down_until.get(block.unit, 0.0) > now:
-                continue
+        started = time.monotonic()
+        for block in list(self.units[unit]):
             try:
-                values = await self._read(block)
-            except (TimeoutError, ModbusReadError, ModbusException) as exc:
-                if self._client is None or not self._client.connected:
-                    raise ConnectionError(str(exc)) from exc
-                failures = self._unit_failures.get(block.unit, 0) + 1
-                self._unit_failures[block.unit] = failures
-                backoff = min(self.config.reconnect_max, self.config.poll_interval * 2**failures)
-                self._unit_down_until[block.unit] = time.monotonic() + backoff
-                if failures == 1:
-                    self._log.warning("unit unavailable", unit=block.unit, error=str(exc))
-                    samples.extend(self._bad(block.unit, datetime.now(UTC)))
+                values = await self._read(client, block)
+            except ModbusReadError as exc:
+                if exc.code == _ILLEGAL_DATA_ADDRESS and len(block.members) > 1:
+                    self._split(unit, block)
+                samples.extend(self._bad(block.members, str(exc), datetime.now(UTC)))
                 continue
-            if self._unit_failures.pop(block.unit, 0):
-                self._unit_down_until.pop(block.unit, None)
-                self._log.info("unit recovered", unit=block.unit)
+            except ConnectionException as exc:
+                link.drop()
+                raise ConnectionError(str(exc)) from exc
             samples.extend(self._decode(block, values, datetime.now(UTC)))
         self.last_read_latency_s = time.monotonic() - started
         return samples
 
-    async def run(self, emit: Emit) -> None:
-        """Poll forever; reconnect with capped exponential backoff and jitter."""
-        attempt = 0
+    async def _run_unit(self, unit: int, emit: Emit) -> None:
+        failures = 0
+        link = self._links[unit]
+        interval = self.config.poll_interval
         while True:
+            started = time.monotonic()
             try:
-                if not self.connected:
-                    if not await self._connect():
-                        raise ConnectionError("connection refused or timed out")
-                    self.connected = True
-                    self._log.info(
-                        "recovered" if attempt else "connected",
-                        host=self.config.host,
-                        port=self.config.port,
-                    )
-                    attempt = 0
-                started = time.monotonic()
-                for sample in await self.poll_once():
-                    await emit(sample)
-                elapsed = time.monotonic() - started
-                await asyncio.sleep(max(0.0, self.config.poll_interval - elapsed))
-            except (ConnectionError, OSError, ModbusException) as exc:
-                was_connected = self.connected
-                self._close()
-                if was_connected or attempt == 0:
-                    self._log.warning("lost" if was_connected else "cannot connect", error=str(exc))
-                    for sample in self._bad(None, datetime.now(UTC)):
+                samples = await self.poll_unit_once(unit)
+            except (UnitSilent, ConnectionError, OSError) as exc:
+                failures += 1
+                if self.unit_available[unit]:
+                    self.unit_available[unit] = False
+                    if isinstance(exc, UnitSilent):
+                        self._log.warning("unit unavailable", unit=unit, error=str(exc))
+                    members = [m for b in self.units[unit] for m in b.members]
+                    reason = str(exc) if isinstance(exc, UnitSilent) else f"not connected: {exc}"
+                    for sample in self._bad(members, reason, datetime.now(UTC)):
                         await emit(sample)
-                attempt += 1
-                delay = min(self.config.reconnect_max, 0.5 * 2 ** min(attempt, 10))
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                if isinstance(exc, UnitSilent) and link.client is not None:
+                    if not link.connected:
+                        link.drop()  # pymodbus closed it after repeated silence
+                    delay = min(self.config.unit_backoff_max, interval * 2 ** min(failures, 10))
+                else:
+                    delay = max(interval, link.retry_at - time.monotonic())
+                await asyncio.sleep(_jitter(delay))
+                continue
+            if not self.unit_available[unit]:
+                self.unit_available[unit] = True
+                self._log.info("unit recovered", unit=unit)
+            failures = 0
+            for sample in samples:
+                await emit(sample)
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    async def run(self, emit: Emit) -> None:
+        """Poll every unit forever, each in its own task."""
+        async with asyncio.TaskGroup() as group:
+            for unit in self.units:
+                group.create_task(self._run_unit(unit, emit), name=f"{self.config.id}/{unit}")

@@ -1,0 +1,79 @@
+"""The connector seam: what a hub looks like to the agent, and what the agent gives a hub.
+
+A hub owns one physical connection (a TCP socket, a serial line, an OPC UA session) and its
+reconnect loop: `async with hub: await hub.run(emit)`, where `emit` takes one `Sample` at a
+time. The equipment and signal shapes here are structural, so `connectors` never imports the
+agent's configuration models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from connectors.sample import Sample
+
+Emit = Callable[[Sample], Awaitable[None]]
+
+
+class SignalSource(Protocol):
+    """Where one signal is read: a Modbus address or an OPC UA node, and how to decode it."""
+
+    @property
+    def address(self) -> str | None: ...
+    @property
+    def node(self) -> str | None: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def order(self) -> str: ...
+    @property
+    def scale(self) -> float: ...
+    @property
+    def offset(self) -> float: ...
+    @property
+    def bit(self) -> int | None: ...
+    @property
+    def length(self) -> int | None: ...
+
+
+class EquipmentSource(Protocol):
+    """One equipment as a connector sees it: which connection, which unit, which signals."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def connection(self) -> str | None: ...
+    @property
+    def unit(self) -> int: ...
+    @property
+    def signals(self) -> Mapping[Any, SignalSource]: ...
+
+
+class ConnectionSource(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+
+
+@runtime_checkable
+class Hub(Protocol):
+    """One physical connection: its configuration, whether it is connected, how many requests
+    it sent, how long the last read took, and for each "equipment/signal" that currently has
+    no value, why not."""
+
+    @property
+    def config(self) -> ConnectionSource: ...
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def requests(self) -> int: ...
+    @property
+    def last_read_latency_s(self) -> float | None: ...
+    @property
+    def problems(self) -> dict[str, str]: ...
+
+    async def __aenter__(self) -> Hub: ...
+    async def __aexit__(self, *exc: object) -> None: ...
+    async def run(self, emit: Emit) -> None: ...

@@ -1,0 +1,1 @@
+"""OPC UA connector: config model, hub (subscriptions or batched reads), browse, simulator."""

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from oee.calendar import ShiftCalendar
 from oee.components import COMPONENT_FIELDS, QUANTITY_FIELDS, Components
-from oee.config import EquipmentSpec
+from oee.config import CounterSpec, EquipmentSpec
 from oee.counters import counter_delta
 from oee.events import AgentEvent, CountEvent, Event, OeeEvent, StateEvent
 
@@ -187,7 +187,9 @@ class EquipmentEngine:
         self.shift_totals = _new_values()
         self.shift_key: str | None = None
         self._unmapped: str | None = None
+        self._state_raw: object = None  # raw value behind self.state (a repeat changes nothing)
         self._stale: set[str] = set()
+        self._by_good = "good_count" in spec.counters
         self._cur: _Bucket | None = None
         self._win: tuple[int, int, str | None, int | None, int | None] | None = None
         self._out: list[Event] = []
@@ -236,7 +238,7 @@ class EquipmentEngine:
             if raw is not None:
                 self.product = self._map_product(raw)
         elif raw is not None and signal in self.spec.counters:
-            counter = self.spec.counters[signal]  # type: ignore[index]
+            counter = self.spec.counters[signal]
             with contextlib.suppress(TypeError, ValueError):  # feed() reports bad values
                 current = int(raw)  # type: ignore[call-overload]
                 self.counters[signal] = counter_delta(counter, None, current).current
@@ -249,8 +251,14 @@ class EquipmentEngine:
         ts = to_us(sample.ts)
         value = sample.value
         raw = value if value is not None and sample.quality == "good" else None
-        if not self._accept(signal, ts, raw):
+        # This is the hot path (every poll of every signal): the common cases (a repeated
+        # state, an unchanged or incremented counter) avoid any call that is not needed.
+        seen = self.seen.get(signal)
+        if seen is not None and (ts < seen[0] or (ts == seen[0] and raw == seen[1])):
+            self._accept(signal, ts, raw)  # reports a stale sample
             return self._drain()
+        self._stale.discard(signal)
+        self.seen[signal] = (ts, raw)
         cursor = self.cursor_us
         if cursor is None:
             self._start(ts)
@@ -259,7 +267,9 @@ class EquipmentEngine:
             self._accrue(ts)
             cursor = ts
         if signal == "state":
-            self._on_state(raw, cursor)
+            if raw is None or raw != self._state_raw:
+                self._state_raw = raw
+                self._on_state(raw, cursor)
         elif signal in COUNTER_SIGNALS:
             if raw is not None:
                 self._on_counter(signal, raw, cursor)
@@ -277,7 +287,9 @@ class EquipmentEngine:
                         {"product": product},
                     )
                 self.product = product
-        return self._drain()
+        if self._out:
+            return self._drain()
+        return []
 
     def tick(self, now: datetime) -> list[Event]:
         """Account time up to `now` and close every finished bucket."""
@@ -361,6 +373,7 @@ class EquipmentEngine:
         self.shift_key = data["shift_key"]
         self._unmapped = data["unmapped"]
         self._stale = set()
+        self._state_raw = None
         self._cur = None
         self._win = None
 
@@ -615,6 +628,8 @@ class EquipmentEngine:
 
     def _change_state(self, new: str, at: int, *, raw: float | None, reason: str | None) -> None:
         previous = self.state
+        if new == "unknown":
+            self._state_raw = None  # after a loss, the same raw value means a change again
         if previous in STOP_STATES and not self.stop_judged:
             self._judge_stop(at)
         self.state = new
@@ -645,34 +660,30 @@ class EquipmentEngine:
         spec = self.spec.counters.get(signal)  # type: ignore[call-overload]
         if spec is None:
             return  # a counter this equipment does not use
-        try:
-            raw = int(value)  # type: ignore[call-overload]
-        except (TypeError, ValueError):
-            self._agent(
-                at,
-                "counter_invalid",
-                f"{self.spec.id}: {signal} value {value!r} is not an integer; ignored",
-                {"signal": signal, "value": repr(value)},
-            )
-            return
+        if type(value) is int:
+            raw = value
+        else:
+            try:
+                raw = int(value)  # type: ignore[call-overload]
+            except (TypeError, ValueError):
+                self._agent(
+                    at,
+                    "counter_invalid",
+                    f"{self.spec.id}: {signal} value {value!r} is not an integer; ignored",
+                    {"signal": signal, "value": repr(value)},
+                )
+                return
         previous = self.counters.get(signal)
-        if previous is not None and raw == previous:
-            return  # the common case at 1 Hz: nothing counted since the last poll
-        result = counter_delta(spec, previous, raw)
-        self.counters[signal] = result.current
-        if result.kind in ("reset", "quarantined", "wrap"):
-            self._agent(
-                at,
-                f"counter_{result.kind}",
-                f"{self.spec.id}: {signal} {result.kind} {result.previous} -> {result.current}",
-                {
-                    "signal": signal,
-                    "previous": result.previous,
-                    "current": result.current,
-                    "delta": result.delta,
-                },
-            )
-        d = result.delta
+        if previous is not None:
+            d = raw - previous
+            if d == 0:
+                return  # nothing counted since the last poll
+            if d < 0 or raw >= 1 << spec.width or (spec.max_delta and d > spec.max_delta):
+                d = self._counter_event(signal, spec, previous, raw)
+            else:
+                self.counters[signal] = raw  # a plain increment, the common case
+        else:
+            d = self._counter_event(signal, spec, previous, raw)
         if d == 0:
             return
         bucket = self._cur
@@ -683,7 +694,7 @@ class EquipmentEngine:
         # Planned busy time excludes breaks, off-shift time and planned stops: parts
         # observed there are reported apart and stay out of OEE.
         in_plan = bucket.shift is not None and self.state != "planned_stop"
-        by_good_counter = "good_count" in self.spec.counters
+        by_good_counter = self._by_good
         # Each bucket keeps produced = good + scrap + rework. With a good counter, scrap is
         # what is neither good nor rework; otherwise good is what is neither scrap nor rework.
         if signal == "total_count":
@@ -724,6 +735,24 @@ class EquipmentEngine:
                     rework=d if signal == "rework_count" else 0,
                 )
             )
+
+    def _counter_event(self, signal: str, spec: CounterSpec, previous: int | None, raw: int) -> int:
+        """The general case of a counter reading (baseline, wrap, reset, quarantine)."""
+        result = counter_delta(spec, previous, raw)
+        self.counters[signal] = result.current
+        if result.kind in ("reset", "quarantined", "wrap"):
+            self._agent(
+                self.cursor_us or 0,
+                f"counter_{result.kind}",
+                f"{self.spec.id}: {signal} {result.kind} {result.previous} -> {result.current}",
+                {
+                    "signal": signal,
+                    "previous": result.previous,
+                    "current": result.current,
+                    "delta": result.delta,
+                },
+            )
+        return result.delta
 
     def _agent(self, at: int, code: str, message: str, data: dict[str, Any]) -> None:
         self._out.append(

@@ -19,6 +19,7 @@ from psycopg_pool import ConnectionPool
 from cloud_api import metrics
 from cloud_api.config import CloudSettings
 from cloud_api.db import make_pool, with_retry
+from cloud_api.routes import install_routes
 from oee.components import COMPONENT_FIELDS, Components
 
 SUMS = sql.SQL(", ").join(
@@ -60,6 +61,7 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
         lifespan=lifespan,
     )
     app.state.pool = pool
+    install_routes(app)
 
     @app.middleware("http")
     async def timing(
@@ -72,7 +74,9 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
         path = getattr(route, "path", "unmatched")
         metrics.HTTP_REQUESTS.labels(path, request.method, str(response.status_code)).inc()
         metrics.HTTP_LATENCY.labels(path).observe(elapsed)
-        response.headers["Server-Timing"] = f"app;dur={elapsed * 1000:.1f}"
+        # Routes may already have added their own parts (db time, cache outcome).
+        parts = [f"app;dur={elapsed * 1000:.1f}", response.headers.get("Server-Timing")]
+        response.headers["Server-Timing"] = ", ".join(p for p in parts if p)
         return response
 
     def query(stmt: sql.Composable, params: dict[str, Any]) -> list[dict[str, Any]]:

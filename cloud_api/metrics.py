@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 INGEST_BATCHES = Counter("ingest_batches_total", "Batches handled by outcome", ["outcome"])
 INGEST_EVENTS = Counter("ingest_events_total", "Events stored")
@@ -15,3 +15,5 @@ INGEST_LAG = Histogram(
 HTTP_REQUESTS = Counter("http_requests_total", "HTTP requests", ["route", "method", "status"])
 HTTP_LATENCY = Histogram("http_request_duration_seconds", "HTTP latency", ["route"])
 DB_LATENCY = Histogram("db_query_duration_seconds", "Database query latency", ["query"])
+CACHE_REQUESTS = Counter("api_result_cache_total", "Result cache lookups by outcome", ["outcome"])
+DB_POOL = Gauge("db_pool_connections", "API connection pool use", ["state"])

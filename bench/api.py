@@ -1,0 +1,371 @@
+"""Benchmark of the query API over one year of 1-minute data for 20 machines on 2 sites.
+
+Load: 10,512,000 OEE buckets (one per machine and minute of 2025) go through the ingest's
+database path in large transactions: COPY into the ingest's staging table, then the same
+statements ingest runs (facts.oee_buckets ON CONFLICT, 1-minute and 1-hour rollup upserts,
+data versions). The database `bench_api` is kept and reused when complete (`--fresh` drops
+it).
+
+Measure (uvicorn on a free local port, `--workers` processes):
+- latency, sequential, result cache bypassed (`Cache-Control: no-cache`): one machine's OEE
+  over the year by month; one site's OEE over 30 days by day and machine;
+- throughput: 32 concurrent keep-alive clients (wrk) asking 7-day OEE for random machines
+  and random closed weeks, once bypassing the result cache and once using it;
+- concurrency: 1,000 simultaneous keep-alive clients for `--hold` seconds.
+
+Prints one JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg import sql
+
+from cloud_api import derived
+from cloud_api.db import migrate
+from cloud_api.ingest import BUCKET_COLS, ROLLUP_1H, ROLLUP_1M
+from oee.events import AgentEvent
+
+ADMIN = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+DB = "bench_api"
+YEAR_START = datetime(2025, 1, 1, tzinfo=UTC)
+YEAR_END = datetime(2026, 1, 1, tzinfo=UTC)
+SITES = {"site-a": "Europe/Berlin", "site-b": "America/Chicago"}
+MACHINES_PER_SITE = 10
+REASONS = ("no material", "tool change", "jam", "operator")
+TZ = "Europe/Berlin"
+
+
+def machines() -> list[tuple[str, str, str]]:
+    """(site, line, equipment) of the 20 machines."""
+    return [
+        (site, f"{site}-line-{i % 2 + 1}", f"{site}-m{i:02d}")
+        for site in SITES
+        for i in range(MACHINES_PER_SITE)
+    ]
+
+
+def _admin() -> psycopg.Connection[Any]:
+    return psycopg.connect(f"{ADMIN}/postgres", autocommit=True)
+
+
+def prepare(fresh: bool) -> str:
+    url = f"{ADMIN}/{DB}"
+    with _admin() as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB,)).fetchone()
+        if exists and fresh:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(DB)))
+            exists = None
+        if not exists:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DB)))
+    migrate(url)
+    return url
+
+
+def register(url: str) -> None:
+    with psycopg.connect(url) as conn, conn.transaction():
+        for site, tz in SITES.items():
+            agent = f"agent-{site}"
+            conn.execute(
+                "INSERT INTO registry.sites(site_id, timezone) VALUES (%s, %s) "
+                "ON CONFLICT DO NOTHING",
+                (site, tz),
+            )
+            conn.execute(
+                "INSERT INTO registry.agents(agent_id, site_id) VALUES (%s, %s) "
+                "ON CONFLICT DO NOTHING",
+                (agent, site),
+            )
+            equipment = [
+                {"id": eq, "line": line, "reasons": dict(enumerate(REASONS, 1))}
+                for s, line, eq in machines()
+                if s == site
+            ]
+            config = AgentEvent(
+                agent_id=agent,
+                site_id=site,
+                ts=YEAR_START,
+                code=derived.CONFIG_CODE,
+                message="configuration",
+                data={"timezone": tz, "shifts": [], "equipment": equipment},
+            )
+            derived.record_batch(conn, [config], has_buckets=False)
+
+
+def _month_rows(site: str, equipment: str, start: datetime, end: datetime, rng: random.Random):  # type: ignore[no-untyped-def]
+    t = start
+    minute = timedelta(minutes=1)
+    while t < end:
+        shift_start = t.replace(hour=t.hour - t.hour % 8, minute=0)
+        shift = ("night", "early", "late")[t.hour // 8]
+        down = rng.random() < 0.12
+        setup = not down and rng.random() < 0.03
+        production = 0.0 if down or setup else 60.0
+        produced = rng.randint(50, 60) if production else 0
+        scrap = rng.randint(0, 2) if produced else 0
+        fault = 60.0 if down and rng.random() < 0.5 else 0.0
+        idle = 60.0 if down and not fault else 0.0
+        reasons = json.dumps({rng.choice(REASONS): 60.0}) if down else "{}"
+        yield (
+            site, equipment, t, t + minute, uuid.UUID(bytes=os.urandom(16)), shift, shift_start,
+            60.0, production, 60.0 if setup else 0.0, fault + idle, fault, idle, 0.0, 0.0, 0.0,
+            0.0, produced - scrap, scrap, 0, 0, produced * 1.0, (produced - scrap) * 1.0,
+            produced, reasons,
+        )  # fmt: skip
+        t += minute
+
+
+# Column order of BUCKET_COLS as the generator yields it.
+_GEN_COLS = (
+    "site_id", "equipment_id", "bucket_start", "bucket_end", "event_id", "shift", "shift_start",
+    "planned_busy_s", "production_s", "setup_s", "downtime_s", "fault_s", "idle_s",
+    "micro_stop_s", "unknown_s", "planned_down_s", "off_plan_s", "good", "scrap", "rework",
+    "off_plan_produced", "ideal_produced_s", "ideal_good_s", "produced", "downtime_by_reason",
+)  # fmt: skip
+
+
+def load(url: str) -> dict[str, Any]:
+    """Load the missing months; returns load figures."""
+    assert set(_GEN_COLS) == set(BUCKET_COLS)
+    rng = random.Random(6)
+    loaded = 0
+    started = time.perf_counter()
+    months = []
+    m = YEAR_START
+    while m < YEAR_END:
+        nxt = m.replace(year=m.year + 1, month=1) if m.month == 12 else m.replace(month=m.month + 1)
+        months.append((m, nxt))
+        m = nxt
+    with psycopg.connect(url) as conn:
+        for lo, hi in months:
+            for site in SITES:
+                done = conn.execute(
+                    "SELECT count(*) FROM rollups.oee_1m WHERE site_id = %s AND bucket >= %s "
+                    "AND bucket < %s",
+                    (site, lo, hi),
+                ).fetchone()
+                expected = MACHINES_PER_SITE * int((hi - lo).total_seconds() // 60)
+                if done and done[0] == expected:
+                    continue
+                if done and done[0]:
+                    raise SystemExit(f"{site} {lo:%Y-%m} is partly loaded: rerun with --fresh")
+                t0 = time.perf_counter()
+                conn.execute("SELECT ops.ensure_month_partitions(%s)", (lo + timedelta(days=14),))
+                conn.commit()
+                with conn.transaction():
+                    conn.execute(
+                        "CREATE TEMP TABLE IF NOT EXISTS _new_buckets (LIKE facts.oee_buckets) "
+                        "ON COMMIT DELETE ROWS"
+                    )
+                    with conn.cursor().copy(
+                        sql.SQL("COPY _new_buckets ({}) FROM STDIN").format(
+                            sql.SQL(", ").join(map(sql.Identifier, _GEN_COLS))
+                        )
+                    ) as copy:
+                        for s, _line, eq in machines():
+                            if s == site:
+                                for row in _month_rows(site, eq, lo, hi, rng):
+                                    copy.write_row(row)
+                    conn.execute(
+                        "INSERT INTO facts.oee_buckets SELECT * FROM _new_buckets "
+                        "ON CONFLICT DO NOTHING"
+                    )
+                    conn.execute(ROLLUP_1M)
+                    conn.execute(ROLLUP_1H)
+                    derived.record_batch(conn, [], has_buckets=True)
+                loaded += expected
+                print(
+                    f"loaded {site} {lo:%Y-%m}: {expected} buckets in "
+                    f"{time.perf_counter() - t0:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("ANALYZE")
+        total = conn.execute("SELECT count(*) FROM rollups.oee_1m").fetchone()
+    elapsed = time.perf_counter() - started
+    return {
+        "buckets_loaded_now": loaded,
+        "load_s": round(elapsed, 1),
+        "load_buckets_per_s": round(loaded / elapsed) if loaded else None,
+        "rollup_1m_rows": total[0] if total else 0,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve(url: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {**os.environ, "CLOUD_DATABASE_URL": url}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "bench.api_app:app", "--factory", "--host",
+         "127.0.0.1", "--port", str(port), "--workers", str(workers), "--log-level",
+         "warning", "--no-access-log", "--backlog", "4096"],
+        env=env,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("the API did not become ready")
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def sequential(base: str, n: int) -> dict[str, Any]:
+    rng = random.Random(1)
+    eqs = [eq for _s, _l, eq in machines()]
+    out: dict[str, Any] = {}
+    queries = {
+        "machine_year_by_month": lambda: {
+            "scope": "equipment", "id": rng.choice(eqs), "from": "2025-01-01T00:00:00+01:00",
+            "to": "2026-01-01T00:00:00+01:00", "interval": "1mo", "tz": TZ,
+        },
+        "site_30d_by_day_and_machine": lambda: {
+            "scope": "site", "id": rng.choice(list(SITES)),
+            "from": (d := datetime(2025, 3, 1) + timedelta(days=rng.randrange(300)))
+            .strftime("%Y-%m-%dT00:00:00+01:00"),
+            "to": (d + timedelta(days=30)).strftime("%Y-%m-%dT00:00:00+01:00"),
+            "interval": "1d", "tz": TZ, "group_by": "equipment",
+        },
+    }  # fmt: skip
+    with httpx.Client(base_url=base, headers={"Cache-Control": "no-cache"}) as client:
+        for name, make in queries.items():
+            for _ in range(5):  # warm the connection and the database's caches
+                client.get("/v1/oee", params=make()).raise_for_status()
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                r = client.get("/v1/oee", params=make())
+                times.append((time.perf_counter() - t0) * 1000)
+                r.raise_for_status()
+                assert r.headers["server-timing"].count('cache;desc="miss"') == 1
+            out[name] = {
+                "requests": n,
+                "p50_ms": round(statistics.median(times), 2),
+                "p99_ms": round(pct(times, 99), 2),
+                "max_ms": round(max(times), 2),
+                "buckets": len(r.json()["groups"][0]["buckets"]),
+            }
+    return out
+
+
+WRK_SCRIPT = """
+math.randomseed(os.time())
+local eqs = {%(eqs)s}
+local nocache = %(nocache)s
+request = function()
+  local eq = eqs[math.random(#eqs)]
+  local day = math.random(0, 357)
+  local from = os.date("!%%Y-%%m-%%dT00:00:00Z", 1735689600 + day * 86400)
+  local to = os.date("!%%Y-%%m-%%dT00:00:00Z", 1735689600 + (day + 7) * 86400)
+  local path = "/v1/oee?scope=equipment&id=" .. eq .. "&from=" .. from .. "&to=" .. to ..
+    "&interval=1d"
+  if nocache then
+    return wrk.format("GET", path, {["Cache-Control"] = "no-cache"})
+  end
+  return wrk.format("GET", path)
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests": %%d, "duration_s": %%.3f, "rps": %%.1f, "p50_ms": %%.2f, "p99_ms": %%.2f, ' ..
+    '"max_ms": %%.2f, "errors": {"connect": %%d, "read": %%d, "write": %%d, "status": %%d, ' ..
+    '"timeout": %%d}}\\n',
+    summary.requests, summary.duration / 1e6, summary.requests / (summary.duration / 1e6),
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, latency.max / 1000,
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+def wrk(base: str, connections: int, seconds: int, *, nocache: bool) -> dict[str, Any]:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is needed for the load tests (apt-get install wrk)")
+    eqs = ", ".join(f'"{eq}"' for _s, _l, eq in machines())
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_SCRIPT % {"eqs": eqs, "nocache": "true" if nocache else "false"})
+        script = f.name
+    try:
+        out = subprocess.run(
+            ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", script,
+             base],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+    finally:
+        Path(script).unlink()
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    result["connections"] = connections
+    result["result_cache"] = "bypassed" if nocache else "used"
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.api", description=__doc__)
+    parser.add_argument("--fresh", action="store_true", help="drop and reload the data")
+    parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
+    parser.add_argument("--requests", type=int, default=300, help="sequential requests per query")
+    parser.add_argument("--seconds", type=int, default=30, help="throughput run length")
+    parser.add_argument("--hold", type=int, default=60, help="concurrency run length")
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    url = prepare(args.fresh)
+    register(url)
+    figures: dict[str, Any] = {"bench": "api", "run": secrets.token_hex(4)}
+    figures["data"] = {
+        "machines": len(machines()),
+        "sites": len(SITES),
+        "from": YEAR_START.isoformat(),
+        "to": YEAR_END.isoformat(),
+        **load(url),
+    }
+    proc, base = serve(url, args.workers)
+    try:
+        figures["latency_sequential_uncached"] = sequential(base, args.requests)
+        figures["throughput_32_clients_7d"] = {
+            "uncached": wrk(base, 32, args.seconds, nocache=True),
+            "cached": wrk(base, 32, args.seconds, nocache=False),
+        }
+        figures["concurrency_1000_clients"] = wrk(base, 1000, args.hold, nocache=False)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    figures["machine"] = {"cpus": os.cpu_count(), "api_workers": args.workers}
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

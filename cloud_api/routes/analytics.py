@@ -1,0 +1,321 @@
+"""Read routes over OEE data: OEE and counts per interval, downtime Pareto and stops, state
+timelines, quality by product. Ratios always come from summed components."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+
+from cloud_api import queries
+from cloud_api.cache import ResultCache
+from cloud_api.queries import (
+    INTERVAL_SECONDS,
+    MAX_POINTS,
+    STOP_STATES,
+    Bucket,
+    Conn,
+    GroupBy,
+    Interval,
+    ScopeKind,
+)
+from cloud_api.routes.common import allowed_sites, db, respond, window, zone
+from oee.components import QUANTITY_FIELDS, Components
+
+router = APIRouter(prefix="/v1", tags=["oee"])
+
+From = Annotated[datetime, Query(alias="from", description="inclusive, ISO 8601 with offset")]
+To = Annotated[datetime, Query(description="exclusive, ISO 8601 with offset")]
+Scope = Annotated[ScopeKind, Query(description="what `id` names")]
+Ident = Annotated[str, Query(min_length=1, max_length=200, description="site, line or equipment")]
+Site = Annotated[str | None, Query(description="site id, when line/equipment ids repeat")]
+Tz = Annotated[str, Query(description="IANA time zone buckets are aligned to")]
+IntervalQ = Annotated[Interval | None, Query(description="omitted: chosen from max_points")]
+MaxPoints = Annotated[int, Query(ge=1, le=MAX_POINTS, description="bucket budget")]
+GroupQ = Annotated[GroupBy, Query(description="one series per site, line or equipment")]
+
+
+def ratios_of(c: Components) -> dict[str, float | None]:
+    r = c.ratios()
+    return {
+        "availability": r.availability,
+        "performance": r.performance,
+        "quality": r.quality,
+        "oee": r.oee,
+    }
+
+
+def _interval(start: datetime, end: datetime, interval: Interval | None, max_points: int) -> Any:
+    chosen = interval or queries.choose_interval(start, end, max_points)
+    if chosen != "shift" and (end - start).total_seconds() / INTERVAL_SECONDS[chosen] > MAX_POINTS:
+        raise HTTPException(
+            422, f"`interval` {chosen} gives more than {MAX_POINTS} buckets for this window"
+        )
+    return chosen
+
+
+def _series_payload(
+    buckets: list[Bucket],
+    start: datetime,
+    end: datetime,
+    tz_name: str,
+    group_by: GroupBy,
+    fields: Literal["oee", "counts"],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    tz = zone(tz_name)
+    groups: dict[tuple[str | None, str | None], list[Bucket]] = {}
+    for b in buckets:
+        groups.setdefault(b.group, []).append(b)
+
+    def values(c: Components) -> dict[str, Any]:
+        if fields == "counts":
+            return {k: int(getattr(c, k)) for k in QUANTITY_FIELDS}
+        return {**ratios_of(c), "components": c.model_dump()}
+
+    out_groups = []
+    table = []
+    key_name = {"none": None, "site": "site", "line": "line", "equipment": "equipment"}[group_by]
+    for (g_site, g_id), items in groups.items():
+        series = []
+        for b in items:
+            b_start = max(b.start, start).astimezone(tz)
+            b_end = min(b.end, end).astimezone(tz) if b.end is not None else None
+            row: dict[str, Any] = {"start": b_start, "end": b_end}
+            if b.shift is not None:
+                row["shift"] = b.shift
+            row.update(values(b.components))
+            series.append(row)
+            flat: dict[str, Any] = (
+                {"site": g_site, key_name or "group": g_id} if group_by != "none" else {}
+            )
+            flat.update({"start": b_start, "end": b_end, "shift": b.shift})
+            flat.update({k: v for k, v in row.items() if k not in ("start", "end", "shift")})
+            if fields == "oee":
+                flat.pop("components")
+                flat.update(b.components.model_dump())
+            table.append(flat)
+        group: dict[str, Any] = {}
+        if group_by != "none":
+            group["site"] = g_site
+            if key_name != "site":
+                group[key_name or "id"] = g_id
+        group["total"] = values(Components.pool(b.components for b in items))
+        group["buckets"] = series
+        out_groups.append(group)
+    payload = {
+        "total": values(Components.pool(b.components for b in buckets)),
+        "groups": out_groups,
+    }
+    return payload, table
+
+
+async def _series(
+    request: Request,
+    route: str,
+    scope: ScopeKind,
+    ident: str,
+    site: str | None,
+    from_: datetime,
+    to: datetime,
+    interval: Interval | None,
+    max_points: int,
+    tz: str,
+    group_by: GroupBy,
+    fields: Literal["oee", "counts"],
+) -> Response:
+    start, end = window(from_, to)
+    tzinfo = zone(tz)
+    chosen = _interval(start, end, interval, max_points)
+    sites = allowed_sites(request)
+    cache: ResultCache = request.app.state.result_cache
+    closed = end <= datetime.now(UTC)
+
+    def load(conn: Conn) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+        members = queries.resolve_scope(conn, scope, ident, site, sites)
+        key = None
+        if closed:
+            mark = queries.data_watermark(conn, members, start, end)
+            key = (route, scope, ident, site, start, end, chosen, tz, group_by,
+                   tuple(sites) if sites is not None else None, mark)  # fmt: skip
+            hit = cache.get(key)
+            if hit is not None:
+                return "hit", hit[0], hit[1]
+        buckets, source = queries.oee_series(conn, members, start, end, chosen, tzinfo, group_by)
+        payload, table = _series_payload(buckets, start, end, tz, group_by, fields)
+        payload = {
+            "scope": {"kind": scope, "id": ident, "site": site},
+            "from": start.astimezone(tzinfo),
+            "to": end.astimezone(tzinfo),
+            "tz": tz,
+            "interval": chosen,
+            "group_by": group_by,
+            "source": source,
+            **payload,
+        }
+        if key is not None:
+            cache.put(key, (payload, table))
+        return ("miss" if closed else "open"), payload, table
+
+    outcome, payload, table = await db(request, load)
+    return respond(request, payload, table, closed=closed, cache=outcome)
+
+
+@router.get("/oee", summary="OEE per interval and for the whole window, from summed components")
+async def oee(
+    request: Request,
+    scope: Scope,
+    id: Ident,
+    from_: From,
+    to: To,
+    site: Site = None,
+    interval: IntervalQ = None,
+    max_points: MaxPoints = 1000,
+    tz: Tz = "UTC",
+    group_by: GroupQ = "none",
+) -> Response:
+    return await _series(
+        request, "oee", scope, id, site, from_, to, interval, max_points, tz, group_by, "oee"
+    )
+
+
+@router.get("/counts", summary="Produced, good, scrap and rework per interval")
+async def counts(
+    request: Request,
+    scope: Scope,
+    id: Ident,
+    from_: From,
+    to: To,
+    site: Site = None,
+    interval: IntervalQ = None,
+    max_points: MaxPoints = 1000,
+    tz: Tz = "UTC",
+    group_by: GroupQ = "none",
+) -> Response:
+    return await _series(
+        request, "counts", scope, id, site, from_, to, interval, max_points, tz, group_by, "counts"
+    )
+
+
+@router.get("/downtime/pareto", summary="Downtime by reason or loss class, largest first")
+async def downtime_pareto(
+    request: Request,
+    scope: Scope,
+    id: Ident,
+    from_: From,
+    to: To,
+    site: Site = None,
+    by: Annotated[Literal["reason", "class"], Query()] = "reason",
+    top: Annotated[int, Query(ge=1, le=1000)] = 10,
+) -> Response:
+    start, end = window(from_, to)
+    sites = allowed_sites(request)
+
+    def load(conn: Conn) -> list[tuple[str, float]]:
+        members = queries.resolve_scope(conn, scope, id, site, sites)
+        return queries.pareto(conn, members, start, end, by)
+
+    items = await db(request, load)
+    total = sum(s for _, s in items)
+    head = items[:top]
+    rest = sum(s for _, s in items[top:])
+    rows: list[dict[str, Any]] = []
+    cumulative = 0.0
+    for label, seconds in head:
+        cumulative += seconds
+        rows.append(
+            {
+                by: label,
+                "seconds": seconds,
+                "share": seconds / total if total else None,
+                "cumulative_share": cumulative / total if total else None,
+            }
+        )
+    payload = {
+        "scope": {"kind": scope, "id": id, "site": site},
+        "from": start,
+        "to": end,
+        "by": by,
+        "total_s": total,
+        "other_s": rest,
+        "items": rows,
+    }
+    return respond(request, payload, rows, closed=end <= datetime.now(UTC))
+
+
+@router.get("/downtime/events", summary="Stops (fault and idle intervals) from state events")
+async def downtime_events(
+    request: Request,
+    scope: Scope,
+    id: Ident,
+    from_: From,
+    to: To,
+    site: Site = None,
+    min_duration_s: Annotated[float, Query(ge=0)] = 0.0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> Response:
+    start, end = window(from_, to)
+    sites = allowed_sites(request)
+
+    def load(conn: Conn) -> list[dict[str, Any]]:
+        members = queries.resolve_scope(conn, scope, id, site, sites)
+        return queries.state_intervals(
+            conn, members, start, end, states=STOP_STATES, min_duration_s=min_duration_s,
+            limit=limit,
+        )  # fmt: skip
+
+    rows = await db(request, load)
+    payload = {"from": start, "to": end, "stops": rows}
+    return respond(request, payload, rows, closed=end <= datetime.now(UTC))
+
+
+@router.get("/equipment/{equipment_id}/states", summary="State timeline of one equipment")
+async def equipment_states(
+    request: Request,
+    equipment_id: str,
+    from_: From,
+    to: To,
+    site: Site = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+) -> Response:
+    start, end = window(from_, to)
+    sites = allowed_sites(request)
+
+    def load(conn: Conn) -> list[dict[str, Any]]:
+        members = queries.resolve_scope(conn, "equipment", equipment_id, site, sites)
+        return queries.state_intervals(conn, members, start, end, limit=limit)
+
+    rows = await db(request, load)
+    totals: dict[str, float] = {}
+    for r in rows:
+        totals[r["state"]] = totals.get(r["state"], 0.0) + r["duration_s"]
+    payload = {
+        "equipment": equipment_id,
+        "from": start,
+        "to": end,
+        "seconds_by_state": totals,
+        "intervals": rows,
+    }
+    return respond(request, payload, rows, closed=end <= datetime.now(UTC))
+
+
+@router.get("/quality", summary="Produced, good, scrap and rework by equipment and product")
+async def quality(
+    request: Request,
+    scope: Scope,
+    id: Ident,
+    from_: From,
+    to: To,
+    site: Site = None,
+) -> Response:
+    start, end = window(from_, to)
+    sites = allowed_sites(request)
+
+    def load(conn: Conn) -> list[dict[str, Any]]:
+        members = queries.resolve_scope(conn, scope, id, site, sites)
+        return queries.quality(conn, members, start, end)
+
+    rows = await db(request, load)
+    totals = {k: sum(r[k] for r in rows) for k in ("produced", "good", "scrap", "rework")}
+    payload = {"from": start, "to": end, "total": totals, "by_product": rows}
+    return respond(request, payload, rows, closed=end <= datetime.now(UTC))

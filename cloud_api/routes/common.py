@@ -1,0 +1,144 @@
+"""What every read route shares: the caller's visible sites, window and time zone parsing,
+database access off the event loop, and rendering (JSON or CSV, ETag, Cache-Control, 304,
+Server-Timing parts)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from fastapi import HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from psycopg_pool import ConnectionPool
+
+from cloud_api import metrics
+from cloud_api.db import with_retry
+from cloud_api.queries import Ambiguous, Conn, NotFound
+
+T = TypeVar("T")
+CSV = "text/csv"
+
+
+def allowed_sites(request: Request) -> list[str] | None:
+    """The sites the caller may see; None = all. Authentication sets `request.state.sites`."""
+    sites = getattr(request.state, "sites", None)
+    return None if sites is None else list(sites)
+
+
+def window(from_: datetime, to: datetime) -> tuple[datetime, datetime]:
+    """The half-open UTC window [from, to); 422 naming the parameter when unusable."""
+    for name, value in (("from", from_), ("to", to)):
+        if value.tzinfo is None:
+            raise HTTPException(
+                422, f"`{name}` needs a time zone offset, e.g. 2026-01-05T06:00:00Z"
+            )
+    start, end = from_.astimezone(UTC), to.astimezone(UTC)
+    if end <= start:
+        raise HTTPException(422, "`to` must be after `from`")
+    return start, end
+
+
+def zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise HTTPException(422, f"`tz`: unknown IANA time zone {name!r}") from None
+
+
+async def db(request: Request, fn: Callable[[Conn], T]) -> T:
+    """Run `fn` with a pooled connection on a worker thread, retrying transient errors
+    (reads only, so a retry is safe); adds the time to the request's Server-Timing."""
+    pool: ConnectionPool = request.app.state.pool
+
+    def call() -> T:
+        with pool.connection() as conn:
+            try:
+                return fn(conn)
+            finally:
+                conn.rollback()
+
+    started = time.perf_counter()
+    try:
+        return await run_in_threadpool(with_retry, call, attempts=3)
+    except NotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+    except Ambiguous as exc:
+        raise HTTPException(409, str(exc)) from None
+    finally:
+        timings = request.state.__dict__.setdefault("timings", {})
+        timings["db"] = timings.get("db", 0.0) + (time.perf_counter() - started) * 1000
+        stats = pool.get_stats()
+        metrics.DB_POOL.labels("size").set(stats.get("pool_size", 0))
+        metrics.DB_POOL.labels("available").set(stats.get("pool_available", 0))
+        metrics.DB_POOL.labels("waiting").set(stats.get("requests_waiting", 0))
+
+
+def _default(value: object) -> object:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def wants_csv(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return CSV in accept and "application/json" not in accept
+
+
+def _csv_body(rows: Sequence[dict[str, Any]]) -> bytes:
+    out = io.StringIO()
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(
+            {
+                k: v.isoformat()
+                if isinstance(v, datetime | date)
+                else ("" if v is None else json.dumps(v) if isinstance(v, dict | list) else v)
+                for k, v in row.items()
+            }
+        )
+    return out.getvalue().encode()
+
+
+def respond(
+    request: Request,
+    payload: dict[str, Any],
+    table: Sequence[dict[str, Any]] | None = None,
+    *,
+    closed: bool = False,
+    cache: str | None = None,
+) -> Response:
+    """Render JSON (or CSV when asked and the result is a table) with a strong ETag.
+
+    Closed windows may be reused briefly and revalidated; open ones always revalidate.
+    """
+    if table is not None and wants_csv(request):
+        body, media = _csv_body(table), f"{CSV}; charset=utf-8"
+    else:
+        body = json.dumps(payload, default=_default, separators=(",", ":")).encode()
+        media = "application/json"
+    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    headers = {
+        "ETag": etag,
+        "Cache-Control": "private, max-age=60" if closed else "private, no-cache",
+        "Vary": "Accept, Authorization",
+    }
+    timings = getattr(request.state, "timings", {})
+    parts = [f"db;dur={timings['db']:.1f}"] if "db" in timings else []
+    if cache is not None:
+        parts.append(f'cache;desc="{cache}"')
+    if parts:
+        headers["Server-Timing"] = ", ".join(parts)
+    if etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")}:
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type=media, headers=headers)

@@ -30,7 +30,7 @@ def _config(path: str) -> AgentConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.runtime import AgentRuntime
+    from agent.service import AgentService
 
     config = _config(args.config)
     configure_logging(config.agent.log_level)
@@ -44,14 +44,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             "with `edge-agent keys install-cloud -c FILE CLOUD_KEYS_FILE`"
         )
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await AgentRuntime(config, keys).run(stop)
+    # SIGTERM/SIGINT stop gracefully, SIGHUP reloads the file; systemd is told via sd_notify.
+    service = AgentService(Path(args.config), config, keys)
+    asyncio.run(service.run())
+    return 0
 
-    asyncio.run(main())
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.status import AgentUnreachable, fetch, parse_metrics, render
+
+    config = _config(args.config)
+    if not config.health.enabled:
+        return _fail(f"{args.config}: health.enabled is false; there is nothing to ask")
+    try:
+        text = fetch(config.health.port)
+    except AgentUnreachable as exc:
+        return _fail(f"{exc}\n  is the agent running? (systemctl status edge-agent)", 1)
+    print(text if args.prometheus else render(parse_metrics(text)))
     return 0
 
 
@@ -176,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the agent")
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="the running agent's health and metrics as tables")
+    p.add_argument("-c", "--config", required=True, help="for the health port")
+    p.add_argument("--prometheus", action="store_true", help="print the raw /metrics text")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("validate", help="check a configuration file and exit")
     p.add_argument("-c", "--config", required=True)

@@ -183,6 +183,13 @@ class OutboxConfig(_Model):
     max_bytes: int = Field(default=2 * 1024**3, ge=1024 * 1024)
 
 
+class HealthConfig(_Model):
+    """The local health and metrics endpoint; it listens on the loopback interface only."""
+
+    enabled: bool = True
+    port: int = Field(default=9650, ge=1, le=65535)
+
+
 class AgentConfig(_Model):
     agent: AgentSection
     connections: list[Connection] = Field(default_factory=list)
@@ -190,6 +197,7 @@ class AgentConfig(_Model):
     uplink: UplinkConfig = Field(default_factory=UplinkConfig)
     keys: KeysConfig = Field(default_factory=KeysConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
     shifts: list[ShiftSpec] = Field(default_factory=list)
     equipment: list[EquipmentConfig] = Field(min_length=1)
 

@@ -12,6 +12,7 @@ import contextlib
 import importlib.metadata
 import json
 import secrets
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -60,6 +61,11 @@ class AgentRuntime:
             bucket_seconds=config.agent.bucket_seconds,
         )
         self.pending: list[Event] = []
+        # Read by the service's watchdog and the local metrics (agent/service.py, health.py).
+        self.tasks: list[asyncio.Task[None]] = []
+        self.last_flush: float | None = None
+        self.samples_total = 0
+        self.samples_ignored = 0
         self.hubs: list[Hub] = [build_hub(conn, config.equipment) for conn in config.connections]
         mqtt = config.mqtt
         self.uplink = Uplink(
@@ -152,6 +158,7 @@ class AgentRuntime:
 
     def flush(self) -> int:
         """Close due buckets and commit pending events with the checkpoint; returns batches."""
+        self.last_flush = time.monotonic()
         self.pending.extend(self.engine.tick(self.clock()))
         size = self.config.uplink.batch_max_events
         chunks = [self.pending[i : i + size] for i in range(0, len(self.pending), size)]
@@ -173,9 +180,11 @@ class AgentRuntime:
     async def _engine_loop(self) -> None:
         while True:
             sample = await self.samples.get()
+            self.samples_total += 1
             try:
                 self.pending.extend(self.engine.feed(sample))
             except (KeyError, ValueError) as exc:
+                self.samples_ignored += 1
                 self.log.warning("sample ignored", error=str(exc))
 
     async def _flush_loop(self) -> None:
@@ -253,6 +262,7 @@ class AgentRuntime:
             asyncio.create_task(self._flush_loop(), name="flush"),
         ]
         tasks += [asyncio.create_task(hub.run(self._emit), name=hub.config.id) for hub in self.hubs]
+        self.tasks = [uplink, *tasks]
         stopper = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait(

@@ -18,7 +18,7 @@ from sync.keys import (
     KeyFileError,
     ed25519_key_id,
     generate_cloud_ack_key,
-    generate_cloud_hpke_key,
+    generate_cloud_hpke_keys,
     parse_ed25519_public,
 )
 from sync.logs import configure_logging
@@ -59,16 +59,19 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     else:
-        generate_cloud_hpke_key(directory, args.suite)
-        generate_cloud_ack_key(directory)
+        suites = list(SUITES) if args.suite == "all" else [args.suite]
+        generate_cloud_hpke_keys(directory, suites)
+        if not args.keep_ack_key:
+            generate_cloud_ack_key(directory)
     return cmd_keys_export(args)
 
 
 def cmd_keys_export(args: argparse.Namespace) -> int:
     settings = _settings(args)
     ring = CloudKeyring.load(settings.keys_dir)
-    print("# cloud public keys: the current HPKE key, then every ack-verify key")
-    print(ring.current_hpke.public.to_line())
+    print("# cloud public keys: the current HPKE key per suite, then every ack-verify key")
+    for key in ring.current_hpke_keys:
+        print(key.public.to_line())
     for _kid, verify in ring.ack_verify_keys().items():
         from sync.keys import ed25519_line
 
@@ -103,6 +106,28 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             (args.agent, kid, line),
         )
     print(f"enrolled agent {args.agent} at site {args.site} with key {kid}")
+    return 0
+
+
+def cmd_revoke_key(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    with psycopg.connect(settings.database.url) as conn, conn.transaction():
+        live = conn.execute(
+            "SELECT key_id FROM registry.agent_keys WHERE agent_id = %s AND revoked_at IS NULL",
+            (args.agent,),
+        ).fetchall()
+        if args.key_id not in {r[0] for r in live}:
+            return _fail(f"agent {args.agent} has no active key {args.key_id}")
+        if len(live) == 1 and not args.last:
+            return _fail(
+                f"{args.key_id} is the last active key of {args.agent}; "
+                "enroll the new key first (or pass --last)"
+            )
+        conn.execute(
+            "UPDATE registry.agent_keys SET revoked_at = now() WHERE agent_id = %s AND key_id = %s",
+            (args.agent, args.key_id),
+        )
+    print(f"revoked key {args.key_id} of agent {args.agent}")
     return 0
 
 
@@ -183,8 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="cloud keys").add_subparsers(dest="keys", required=True)
     p = keys.add_parser("init", help="create the HPKE and ack-signing keys; prints the public keys")
-    p.add_argument("--suite", choices=SUITES, default=SUITES[0])
+    p.add_argument(
+        "--suite",
+        choices=[*SUITES, "all"],
+        default=SUITES[0],
+        help="HPKE suite of the new key; `all` publishes one key per suite",
+    )
     p.add_argument("--rotate", action="store_true", help="add new current keys, keep old ones")
+    p.add_argument(
+        "--keep-ack-key",
+        action="store_true",
+        help="rotate only the HPKE key(s); the ack-signing key stays current",
+    )
     p.set_defaults(func=cmd_keys_init)
     keys.add_parser("export", help="print the public keys for agents").set_defaults(
         func=cmd_keys_export
@@ -196,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", required=True)
     p.add_argument("--public-key", required=True, help="the agent's signing.pub")
     p.set_defaults(func=cmd_enroll)
+    p = agents.add_parser(
+        "revoke-key", help="stop accepting batches signed by one of an agent's keys"
+    )
+    p.add_argument("--agent", required=True)
+    p.add_argument("--key-id", required=True)
+    p.add_argument("--last", action="store_true", help="allow revoking the agent's last key")
+    p.set_defaults(func=cmd_revoke_key)
     return parser
 
 

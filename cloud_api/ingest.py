@@ -3,7 +3,10 @@
 Order per batch: size -> header -> topic/agent/site -> signature (before decryption) ->
 decrypt -> schema -> one PostgreSQL transaction (batch key, events, OEE buckets, rollups)
 -> commit -> signed ack. Anything refused is counted by reason and kept in ops.quarantine;
-no message can stop the worker.
+no message can stop the worker. A resent batch that is already stored is re-acked (its first
+ack may have been lost) and counted as `replay`. Sequence gaps per (agent, epoch) are tracked
+in the same transaction (cloud_api.sequence). The worker coalesces the acks of the batches it
+handled together into one signed ack per (agent, epoch) naming seq ranges.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -30,6 +33,7 @@ from pydantic import ValidationError
 
 from cloud_api import derived, metrics
 from cloud_api.db import TRANSIENT, with_retry
+from cloud_api.sequence import record_batch_seq, record_declared_losses
 from oee.components import COMPONENT_FIELDS
 from oee.events import Event, OeeEvent, load_events
 from sync.envelope import (
@@ -47,6 +51,7 @@ log = structlog.get_logger("cloud_api.ingest")
 
 Status = Literal["stored", "duplicate", "rejected"]
 QUARANTINE_PAYLOAD_MAX = 64 * 1024
+ACK_MAX_BATCHES = 512  # keeps one ack far below the agents' 1 MiB ack limit
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class Outcome:
     ack: bytes | None = None
     ack_topic: str | None = None
     events: int = 0
+    digest: str | None = None
 
 
 class Rejected(Exception):
@@ -109,6 +115,17 @@ EVENT_COLS = (
     "kind",
     "body",
 )
+
+
+def seq_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
+    """Inclusive ranges of consecutive seqs: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    ranges: list[tuple[int, int]] = []
+    for seq in sorted(set(seqs)):
+        if ranges and seq == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], seq)
+        else:
+            ranges.append((seq, seq))
+    return ranges
 
 
 class AgentRegistry:
@@ -247,7 +264,9 @@ class BatchStore:
                         (header.agent_id, header.epoch, header.seq),
                     ).fetchone()
                     return "duplicate" if stored and stored[0] == digest else "conflict"
+                record_batch_seq(conn, header.site_id, header.agent_id, header.epoch, header.seq)
                 self._insert_events(conn, header, events)
+                record_declared_losses(conn, header.site_id, header.agent_id, list(events))
                 conn.execute(
                     "UPDATE registry.agents SET last_seen = now(), last_batch_created = "
                     "GREATEST(last_batch_created, %s) WHERE agent_id = %s",
@@ -326,7 +345,8 @@ class BatchStore:
                 (site_id, equipment_id, header.agent_id),
             )
 
-    def _quarantine(self, topic: str, payload: bytes, rejected: Rejected) -> None:
+    def _quarantine(self, topic: str, payload: bytes | None, rejected: Rejected) -> None:
+        """Count a refused message by reason and keep it (payload None: not worth keeping)."""
         h = rejected.header
 
         def write() -> None:
@@ -342,7 +362,7 @@ class BatchStore:
                         h.agent_id if h else None,
                         h.epoch if h else None,
                         h.seq if h else None,
-                        payload[:QUARANTINE_PAYLOAD_MAX],
+                        None if payload is None else payload[:QUARANTINE_PAYLOAD_MAX],
                     ),
                 )
                 conn.execute(
@@ -355,12 +375,16 @@ class BatchStore:
         with_retry(write)
 
     def _ack(self, header: EnvelopeHeader, digest: str) -> bytes:
+        return self.make_ack(header.agent_id, header.epoch, {header.seq: digest})
+
+    def make_ack(self, agent_id: str, epoch: str, digests: dict[int, str]) -> bytes:
+        """One signed ack naming the stored batches of one (agent, epoch) as seq ranges."""
         key_id, key = self.keyring.current_ack
         body = AckBody(
-            agent_id=header.agent_id,
-            epoch=header.epoch,
-            ranges=[(header.seq, header.seq)],
-            digests={str(header.seq): digest},
+            agent_id=agent_id,
+            epoch=epoch,
+            ranges=seq_ranges(digests),
+            digests={str(seq): digest for seq, digest in sorted(digests.items())},
             key_id=key_id,
         )
         return sign_ack(body, key)
@@ -392,6 +416,12 @@ class BatchStore:
             self._quarantine(topic, payload, conflict)
             return Outcome("rejected", "conflict", header)
         metrics.INGEST_BATCHES.labels(result).inc()
+        if result == "duplicate":
+            # Stored before: re-ack (the first ack may have been lost), count it, keep a trace
+            # without the payload (the identical bytes are stored already).
+            metrics.INGEST_REJECTS.labels("replay").inc()
+            replay = Rejected("replay", "identical to a stored batch; re-acked", header)
+            self._quarantine(topic, None, replay)
         if result == "stored":
             metrics.INGEST_EVENTS.inc(len(events))
             with contextlib.suppress(ValueError):
@@ -404,6 +434,7 @@ class BatchStore:
             ack=self._ack(header, digest),
             ack_topic=ack_topic(self.topic_prefix, header.site_id, header.agent_id),
             events=len(events) if result == "stored" else 0,
+            digest=digest,
         )
 
 
@@ -418,12 +449,17 @@ class IngestWorker:
         share_group: str = "ingest",
         workers: int = 1,
         client_id: str | None = None,
+        queue_size: int = 10_000,
+        ack_coalesce: int = 64,
     ) -> None:
         self.store = store
         self.broker = broker
         self.share_group = share_group
         self.workers = workers
-        self.queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=10_000)
+        # Bounded: when full, paho's thread waits, so the broker holds (or, beyond its own
+        # limits, drops) further messages; the agents' resend recovers dropped ones.
+        self.queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=queue_size)
+        self.ack_coalesce = max(1, ack_coalesce)
         self.stop_event = threading.Event()
         self.subscribed = threading.Event()
         import secrets
@@ -465,27 +501,56 @@ class IngestWorker:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self.queue.put((message.topic, bytes(message.payload)))
 
+    def _process(self, topic: str, payload: bytes) -> Outcome | None:
+        """One message, waiting out database outages; None when stopping first."""
+        while not self.stop_event.is_set():
+            try:
+                return self.store.process(topic, payload)
+            except TRANSIENT as exc:
+                log.warning("database unavailable, holding the batch", error=str(exc)[:200])
+                self.stop_event.wait(2.0)
+            except Exception:  # a bug must not kill the worker; the agent will resend
+                log.exception("unexpected error while processing a batch")
+                return Outcome("rejected", "internal_error")
+        return None
+
+    def _publish_acks(self, outcomes: list[Outcome]) -> None:
+        """One signed ack per (agent, epoch) naming every batch stored in this round."""
+        groups: dict[tuple[str, str, str], dict[int, str]] = {}
+        for o in outcomes:
+            if o.ack_topic is None or o.header is None or o.digest is None:
+                continue
+            key = (o.ack_topic, o.header.agent_id, o.header.epoch)
+            groups.setdefault(key, {})[o.header.seq] = o.digest
+        for (topic, agent_id, epoch), digests in groups.items():
+            for i in range(0, len(digests), ACK_MAX_BATCHES):
+                part = dict(sorted(digests.items())[i : i + ACK_MAX_BATCHES])
+                self.client.publish(topic, self.store.make_ack(agent_id, epoch, part), qos=1)
+
     def _work(self) -> None:
         while not self.stop_event.is_set():
-            item = self.queue.get()
-            if item is None:
-                break
-            topic, payload = item
-            while not self.stop_event.is_set():
+            items = [self.queue.get()]
+            # Whatever is already queued is handled in the same round, so its acks go out
+            # together (fewer signatures and messages under load, no added wait when idle).
+            while len(items) < self.ack_coalesce and items[-1] is not None:
                 try:
-                    outcome = self.store.process(topic, payload)
+                    items.append(self.queue.get_nowait())
+                except queue.Empty:
                     break
-                except TRANSIENT as exc:
-                    log.warning("database unavailable, holding the batch", error=str(exc)[:200])
-                    self.stop_event.wait(2.0)
-                except Exception:  # a bug must not kill the worker; the agent will resend
-                    log.exception("unexpected error while processing a batch")
-                    outcome = Outcome("rejected", "internal_error")
+            outcomes: list[Outcome] = []
+            stopping = False
+            for item in items:
+                if item is None:
+                    stopping = True
                     break
-            else:
+                outcome = self._process(*item)
+                if outcome is None:
+                    stopping = True
+                    break
+                outcomes.append(outcome)
+            self._publish_acks(outcomes)
+            if stopping:
                 break
-            if outcome.ack is not None and outcome.ack_topic is not None:
-                self.client.publish(outcome.ack_topic, outcome.ack, qos=1)
 
     def start(self) -> None:
         self.client.connect_async(

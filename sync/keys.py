@@ -17,13 +17,15 @@ written atomically with mode 0600 and are refused on load if group/other have an
 
 Cloud key directory (``CloudKeyring``), several keys kept for rotation:
 
-    hpke-<keyid>.key  hpke-<keyid>.pub  hpke.current   (current = key id used by agents)
+    hpke-<keyid>.key  hpke-<keyid>.pub  hpke.current   (current key ids used by agents: one
+                                                        line per suite, the first the default)
     ack-<keyid>.key   ack-<keyid>.pub   ack.current    (current = key signing new acks)
 
 Agent key directory (``AgentKeys``):
 
     signing.key  signing.pub   the agent's Ed25519 key (the .pub line goes to the fleet registry)
-    cloud-hpke.pub             the cloud's current HPKE public key line
+    signing-retired.pub        public lines of signing keys replaced by `rotate_agent_signing_key`
+    cloud-hpke.pub             the cloud's current HPKE public key lines (one per suite)
     cloud-ack.pub              one ed25519 line per accepted cloud ack key (several while rotating)
 """
 
@@ -280,6 +282,17 @@ def load_cloud_public(path: Path) -> CloudPublicKey:
     return parse_cloud_public(lines[0])
 
 
+def load_cloud_publics(path: Path) -> list[CloudPublicKey]:
+    """One or more HPKE public key lines, at most one per suite (the first is the default)."""
+    keys = [parse_cloud_public(ln) for ln in _read_lines(path)]
+    if not keys:
+        raise KeyFileError(f"{path} holds no HPKE public key")
+    suites = [k.suite for k in keys]
+    if len(set(suites)) != len(suites):
+        raise KeyFileError(f"{path} holds two HPKE keys of the same suite")
+    return keys
+
+
 # --- cloud keyring --------------------------------------------------------------------------
 
 
@@ -321,6 +334,27 @@ def _store_pair(
         write_public_lines(directory / f"{prefix}.current", [kid])
 
 
+def generate_cloud_hpke_keys(
+    directory: Path, suites: list[Suite], *, make_current: bool = True
+) -> list[CloudPrivateKey]:
+    """Create one HPKE key per suite; with make_current each replaces its suite's current key.
+
+    ``hpke.current`` keeps one line per suite; the first is the default for agents that do not
+    choose a suite, and a rotation keeps each suite in its place.
+    """
+    created = [generate_cloud_hpke_key(directory, suite, make_current=False) for suite in suites]
+    if make_current:
+        pointer = directory / "hpke.current"
+        current: dict[Suite, str] = {}
+        if pointer.exists():
+            for kid in _read_lines(pointer):
+                current[load_cloud_private(directory / f"hpke-{kid}.key").suite] = kid
+        for key in created:
+            current[key.suite] = key.key_id  # in place when the suite exists, else appended
+        write_public_lines(pointer, list(current.values()))
+    return created
+
+
 @dataclass(frozen=True)
 class CloudKeyring:
     """All HPKE and ack-signing keys of a cloud key directory, by key id.
@@ -333,6 +367,7 @@ class CloudKeyring:
     ack: dict[str, Ed25519PrivateKey]
     current_hpke_id: str
     current_ack_id: str
+    current_hpke_ids: tuple[str, ...] = ()  # one per suite, the default first
 
     @classmethod
     def load(cls, directory: Path) -> CloudKeyring:
@@ -346,12 +381,19 @@ class CloudKeyring:
             a = load_signing_key(path)
             _check_name(path, "ack", ed25519_key_id(a.public_key()))
             ack_keys[ed25519_key_id(a.public_key())] = a
+        hpke_current = _current_per_suite(directory / "hpke.current", hpke_keys)
         return cls(
             hpke_keys,
             ack_keys,
-            _current(directory / "hpke.current", hpke_keys),
+            hpke_current[0],
             _current(directory / "ack.current", ack_keys),
+            tuple(hpke_current),
         )
+
+    @property
+    def current_hpke_keys(self) -> list[CloudPrivateKey]:
+        """The current key of every suite the cloud publishes, the default first."""
+        return [self.hpke[kid] for kid in (self.current_hpke_ids or (self.current_hpke_id,))]
 
     @property
     def current_hpke(self) -> CloudPrivateKey:
@@ -375,6 +417,16 @@ def _check_name(path: Path, prefix: str, kid: str) -> None:
         raise KeyFileError(f"{path} holds key {kid}; its name must be {prefix}-{kid}.key")
 
 
+def _current_per_suite(pointer: Path, keys: Mapping[str, CloudPrivateKey]) -> list[str]:
+    lines = _read_lines(pointer)
+    if not lines or any(kid not in keys for kid in lines):
+        raise KeyFileError(f"{pointer} must name keys present in {pointer.parent}")
+    suites = [keys[kid].suite for kid in lines]
+    if len(set(suites)) != len(suites):
+        raise KeyFileError(f"{pointer} names two current keys of the same suite")
+    return lines
+
+
 def _current(pointer: Path, keys: Mapping[str, object]) -> str:
     lines = _read_lines(pointer)
     if len(lines) != 1 or lines[0] not in keys:
@@ -395,13 +447,43 @@ def generate_agent_signing_key(directory: Path, *, overwrite: bool = False) -> E
     return key
 
 
-def install_cloud_public_keys(directory: Path, hpke_line: str, ack_lines: list[str]) -> None:
-    """Write the operator-pasted cloud key lines after checking that they parse."""
-    parse_cloud_public(hpke_line)
+def rotate_agent_signing_key(directory: Path) -> tuple[Ed25519PrivateKey, str]:
+    """Replace the agent's signing key; returns (new key, retired key id).
+
+    Batches already in the outbox stay signed by the retired key (they are sealed once), so
+    the cloud must keep that key enrolled until they are acked; its public line is kept in
+    ``signing-retired.pub`` for that. The retired private key is not kept: nothing needs it.
+    """
+    old = load_signing_key(directory / "signing.key")
+    old_line = ed25519_line(old.public_key())
+    retired_path = directory / "signing-retired.pub"
+    retired = _read_lines(retired_path) if retired_path.exists() else []
+    if old_line not in retired:
+        write_public_lines(retired_path, [*retired, old_line])
+    new = generate_agent_signing_key(directory, overwrite=True)
+    return new, ed25519_key_id(old.public_key())
+
+
+def retired_signing_keys(directory: Path) -> dict[str, Ed25519PublicKey]:
+    path = directory / "signing-retired.pub"
+    return load_ed25519_publics(path) if path.exists() else {}
+
+
+def install_cloud_public_keys(
+    directory: Path, hpke_line: str | list[str], ack_lines: list[str]
+) -> None:
+    """Write the operator-pasted cloud key lines after checking that they parse.
+
+    ``hpke_line`` is one line or one line per suite (the first is the default).
+    """
+    hpke_lines = [hpke_line] if isinstance(hpke_line, str) else list(hpke_line)
+    suites = [parse_cloud_public(ln).suite for ln in hpke_lines]
+    if not suites or len(set(suites)) != len(suites):
+        raise KeyFileError("expected one HPKE public key line per suite")
     for ln in ack_lines:
         parse_ed25519_public(ln)
     directory.mkdir(parents=True, exist_ok=True)
-    write_public_lines(directory / "cloud-hpke.pub", [hpke_line.strip()])
+    write_public_lines(directory / "cloud-hpke.pub", [ln.strip() for ln in hpke_lines])
     write_public_lines(directory / "cloud-ack.pub", [ln.strip() for ln in ack_lines])
 
 
@@ -410,20 +492,36 @@ class AgentKeys:
     """What the edge needs: its signing key, the cloud's HPKE key and the cloud ack keys."""
 
     signing_key: Ed25519PrivateKey = field(repr=False)
-    cloud_public: CloudPublicKey
+    cloud_public: CloudPublicKey  # the default (first) HPKE key
     ack_verify_keys: dict[str, Ed25519PublicKey] = field(repr=False)
+    cloud_publics: tuple[CloudPublicKey, ...] = ()  # one per suite the cloud published
 
     @property
     def signing_key_id(self) -> str:
         return ed25519_key_id(self.signing_key.public_key())
+
+    def cloud_key_for(self, suite: Suite | None) -> CloudPublicKey:
+        """The cloud's HPKE key for `suite` (None: the default); KeyFileError if not installed."""
+        if suite is None:
+            return self.cloud_public
+        for key in self.cloud_publics or (self.cloud_public,):
+            if key.suite == suite:
+                return key
+        raise KeyFileError(
+            f"no cloud HPKE key for suite {suite} is installed; ask the cloud operator for "
+            f"`cloud-api keys init --rotate --suite {suite}` and run `edge-agent keys "
+            "install-cloud` with the new export"
+        )
 
     @classmethod
     def load(cls, directory: Path) -> AgentKeys:
         acks = load_ed25519_publics(directory / "cloud-ack.pub")
         if not acks:
             raise KeyFileError(f"{directory / 'cloud-ack.pub'} holds no ack key")
+        clouds = load_cloud_publics(directory / "cloud-hpke.pub")
         return cls(
             load_signing_key(directory / "signing.key"),
-            load_cloud_public(directory / "cloud-hpke.pub"),
+            clouds[0],
             acks,
+            tuple(clouds),
         )

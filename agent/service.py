@@ -1,0 +1,367 @@
+"""The agent as a systemd service: the supervisor around the pipeline.
+
+It owns the service protocol with systemd (READY, WATCHDOG, RELOADING, STOPPING and STATUS
+sent as datagrams to `$NOTIFY_SOCKET`), the watchdog that pings only while the pipeline is
+alive, the atomic configuration reload on SIGHUP (the new file is loaded and checked in full
+before the running pipeline is touched; a bad file is rejected and the running configuration
+stays), and the graceful stop on SIGTERM/SIGINT (the runtime commits what it holds with its
+checkpoint, closes its connections and drains the uplink for a bounded time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from agent.config import AgentConfig, ConfigError, load_config
+from oee.engine import PlantEngine
+from sync.keys import AgentKeys, KeyFileError
+
+log = structlog.get_logger("agent.service")
+
+Monotonic = Callable[[], float]
+
+
+class SdNotifier:
+    """sd_notify(3) without libsystemd: one datagram per message to `$NOTIFY_SOCKET`.
+
+    Outside systemd (no `$NOTIFY_SOCKET`) every call is a no-op, so the same binary runs in a
+    terminal, a container or a test.
+    """
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
+        address = env.get("NOTIFY_SOCKET") or None
+        # An address starting with "@" is in Linux's abstract namespace (leading NUL byte).
+        self.address = "\0" + address[1:] if address and address.startswith("@") else address
+        self.watchdog_interval = _watchdog_interval(env)
+        self._socket: socket.socket | None = None
+        self._failed = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    def notify(self, *assignments: str) -> bool:
+        """Send `KEY=value` lines as one datagram; returns whether it was sent."""
+        if self.address is None:
+            return False
+        try:
+            if self._socket is None:
+                self._socket = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                )
+                # A receiver that stops reading must never block the event loop: with a full
+                # queue the message is dropped (BlockingIOError) instead.
+                self._socket.setblocking(False)
+            self._socket.sendto("\n".join(assignments).encode(), self.address)
+        except OSError as exc:
+            # The service keeps running without its supervisor's protocol; say so once.
+            if not self._failed:
+                log.warning("cannot notify systemd", socket=self.address, error=str(exc))
+                self._failed = True
+            return False
+        self._failed = False
+        return True
+
+    def ready(self, status: str) -> bool:
+        return self.notify("READY=1", f"STATUS={status}")
+
+    def reloading(self) -> bool:
+        # MONOTONIC_USEC lets systemd (Type=notify-reload) tie READY to this reload.
+        return self.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+
+    def stopping(self) -> bool:
+        return self.notify("STOPPING=1", "STATUS=stopping")
+
+    def watchdog(self) -> bool:
+        return self.notify("WATCHDOG=1")
+
+    def status(self, text: str) -> bool:
+        return self.notify(f"STATUS={text}")
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+
+def _watchdog_interval(env: Mapping[str, str]) -> float | None:
+    """Seconds between pings (half of WatchdogSec), or None when systemd set no watchdog."""
+    usec = env.get("WATCHDOG_USEC")
+    pid = env.get("WATCHDOG_PID")
+    if not usec:
+        return None
+    if pid and pid != str(os.getpid()):
+        return None  # the watchdog is meant for another process of the unit
+    try:
+        value = int(usec)
+    except ValueError:
+        return None
+    return value / 2_000_000 if value > 0 else None
+
+
+class Pipeline(Protocol):
+    """What the watchdog looks at in a running `AgentRuntime`."""
+
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]: ...
+    @property
+    def last_flush(self) -> float | None: ...
+
+
+def pipeline_problem(pipeline: Pipeline | None, now: float, stale_after: float) -> str | None:
+    """Why the pipeline is not alive, or None when it is.
+
+    Alive means: every stage task (engine, flush, uplink, each connection) is still running
+    and the flush loop ran within `stale_after` seconds (monotonic clock).
+    """
+    if pipeline is None or not pipeline.tasks:
+        return "pipeline not started"
+    for task in pipeline.tasks:
+        if task.done():
+            return f"pipeline stage {task.get_name()!r} stopped"
+    if pipeline.last_flush is None:
+        return "no flush yet"
+    age = now - pipeline.last_flush
+    if age > stale_after:
+        return f"no flush for {age:.0f} s"
+    return None
+
+
+@dataclass
+class ReloadStats:
+    """Counters of SIGHUP reloads, exported as metrics."""
+
+    generation: int = 1
+    applied: int = 0
+    rejected: int = 0
+    last_error: str | None = None
+
+
+class RuntimeLike(Protocol):
+    tasks: list[asyncio.Task[None]]
+    last_flush: float | None
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+RuntimeFactory = Callable[[AgentConfig, AgentKeys], RuntimeLike]
+
+
+def check_candidate(path: Path) -> tuple[AgentConfig, AgentKeys]:
+    """Load and check a new configuration as far as possible without touching the running one.
+
+    Raises ConfigError with a message for the plant engineer.
+    """
+    config = load_config(path)
+    try:
+        keys = AgentKeys.load(config.keys_dir)
+    except (KeyFileError, OSError) as exc:
+        raise ConfigError(f"{path}: keys in {config.keys_dir} are not usable: {exc}") from None
+    try:
+        PlantEngine(
+            config.oee_specs(),
+            config.calendar(),
+            agent_id=config.agent.id,
+            site_id=config.agent.site,
+            bucket_seconds=config.agent.bucket_seconds,
+        )
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"{path}: the OEE engine refuses this configuration: {exc}") from None
+    return config, keys
+
+
+class AgentService:
+    """Runs one `AgentRuntime` at a time; SIGHUP swaps it for one with the new configuration.
+
+    `await service.run()` returns after a stop signal once the pipeline has committed and
+    closed; it raises when a pipeline stage fails, so systemd restarts the service.
+    """
+
+    def __init__(
+        self,
+        config_path: Path,
+        config: AgentConfig,
+        keys: AgentKeys,
+        *,
+        runtime_factory: RuntimeFactory | None = None,
+        notifier: SdNotifier | None = None,
+        monotonic: Monotonic = time.monotonic,
+    ) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.keys = keys
+        self.notifier = notifier or SdNotifier()
+        self.monotonic = monotonic
+        self.runtime: RuntimeLike | None = None
+        self.reloads = ReloadStats()
+        self.started_at = monotonic()
+        self._factory = runtime_factory or _default_factory
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._watchdog_problem: str | None = None
+
+    # -- signals --------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    @property
+    def stale_after(self) -> float:
+        """How long the flush loop may stay silent before the pipeline counts as hung."""
+        return max(10.0, 5 * self.config.uplink.flush_interval)
+
+    def problem(self) -> str | None:
+        return pipeline_problem(self.runtime, self.monotonic(), self.stale_after)
+
+    # -- watchdog -------------------------------------------------------------------------
+
+    def beat(self) -> bool:
+        """Ping the watchdog if the pipeline is alive; returns whether a ping was sent."""
+        problem = self.problem()
+        if problem is None:
+            if self._watchdog_problem is not None:
+                log.info("pipeline alive again, watchdog pings resume")
+                self._watchdog_problem = None
+            return self.notifier.watchdog()
+        if problem != self._watchdog_problem:
+            # Withholding pings lets systemd restart a hung agent after WatchdogSec.
+            log.error("pipeline not alive, watchdog pings withheld", problem=problem)
+            self.notifier.status(f"pipeline not alive: {problem}")
+            self._watchdog_problem = problem
+        return False
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.beat()
+
+    # -- reload ---------------------------------------------------------------------------
+
+    def _try_reload(self) -> tuple[AgentConfig, AgentKeys] | None:
+        try:
+            config, keys = check_candidate(self.config_path)
+        except ConfigError as exc:
+            self.reloads.rejected += 1
+            self.reloads.last_error = str(exc)
+            log.error(
+                "configuration reload rejected; the running configuration stays",
+                problem=str(exc),
+            )
+            self.notifier.status(f"reload rejected, running generation {self.reloads.generation}")
+            return None
+        return config, keys
+
+    # -- main loop ------------------------------------------------------------------------
+
+    async def _wait_started(self, runtime: RuntimeLike, task: asyncio.Task[None]) -> None:
+        # The runtime publishes its stage tasks once it has resumed and committed; polling
+        # keeps AgentRuntime free of service concerns.
+        while not runtime.tasks and not task.done():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        helpers: list[asyncio.Task[None]] = []
+        if self.notifier.watchdog_interval:
+            helpers.append(
+                asyncio.create_task(
+                    self._watchdog_loop(self.notifier.watchdog_interval), name="watchdog"
+                )
+            )
+        health = None
+        if self.config.health.enabled:
+            from agent.health import HealthServer
+
+            health = HealthServer(self, port=self.config.health.port)
+            await health.start()
+        try:
+            await self._supervise(health)
+        finally:
+            self.notifier.stopping()
+            for task in helpers:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if health is not None:
+                await health.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            self.notifier.close()
+
+    async def _supervise(self, health: HealthServerLike | None) -> None:
+        while True:
+            runtime = self._factory(self.config, self.keys)
+            self.runtime = runtime
+            run_stop = asyncio.Event()
+            task = asyncio.create_task(runtime.run(run_stop), name="pipeline")
+            await self._wait_started(runtime, task)
+            if not task.done():
+                self.notifier.ready(
+                    f"running {len(self.config.equipment)} equipment, "
+                    f"configuration generation {self.reloads.generation}"
+                )
+            candidate: tuple[AgentConfig, AgentKeys] | None = None
+            while candidate is None:
+                stop = asyncio.create_task(self._stop.wait())
+                reload = asyncio.create_task(self._reload.wait())
+                await asyncio.wait([task, stop, reload], return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                reload.cancel()
+                if task.done() or self._stop.is_set():
+                    break
+                self._reload.clear()
+                candidate = self._try_reload()
+                if (
+                    candidate is not None
+                    and health is not None
+                    and not await health.rebind(candidate[0].health)
+                ):
+                    self.reloads.rejected += 1
+                    self.reloads.last_error = "the new health port cannot be bound"
+                    candidate = None
+            if task.done():
+                # A stage failed (or the runtime ended on its own): let systemd restart us.
+                await task
+                raise RuntimeError("the pipeline ended without a stop request")
+            if candidate is None:
+                self.notifier.stopping()
+                run_stop.set()
+                await task
+                return
+            self.notifier.reloading()
+            log.info("reloading the configuration", path=str(self.config_path))
+            run_stop.set()
+            await task
+            self.config, self.keys = candidate
+            self.reloads.generation += 1
+            self.reloads.applied += 1
+            self.reloads.last_error = None
+            log.info("configuration reloaded", generation=self.reloads.generation)
+
+
+class HealthServerLike(Protocol):
+    async def rebind(self, settings: object) -> bool: ...
+
+
+def _default_factory(config: AgentConfig, keys: AgentKeys) -> RuntimeLike:
+    from agent.runtime import AgentRuntime
+
+    return AgentRuntime(config, keys)

@@ -1,0 +1,127 @@
+"""Sequence-gap tracking per (agent, epoch), inside the ingest transaction.
+
+A batch whose seq jumps past the highest seen opens a gap (ops.seq_gaps); a batch arriving
+later inside a gap fills that seq (the gap row is resolved and what remains reopened, so the
+detection time survives); a `data_shed` loss record declares the seqs it names
+(ops.declared_losses). With several workers and an in-flight window, short-lived gaps are
+normal; a gap that stays open beyond the agents' resend period means batches are missing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import psycopg
+import structlog
+from prometheus_client import Counter
+
+from oee.events import AgentEvent, Event
+
+log = structlog.get_logger("cloud_api.sequence")
+GAPS_OPENED = Counter("ingest_seq_gaps_opened_total", "Sequence gaps opened (may fill later)")
+LOSSES_DECLARED = Counter("ingest_declared_lost_batches_total", "Batches declared shed by agents")
+
+LOSS_CODE = "data_shed"
+
+
+def record_batch_seq(
+    conn: psycopg.Connection[Any], site_id: str, agent_id: str, epoch: str, seq: int
+) -> tuple[int, int] | None:
+    """Advance the (agent, epoch) high-water mark; returns a newly opened gap, if any."""
+    conn.execute(
+        "INSERT INTO ops.agent_epochs(agent_id, epoch, site_id) VALUES (%s, %s, %s) "
+        "ON CONFLICT DO NOTHING",
+        (agent_id, epoch, site_id),
+    )
+    row = conn.execute(
+        "SELECT max_seq FROM ops.agent_epochs WHERE agent_id = %s AND epoch = %s FOR UPDATE",
+        (agent_id, epoch),
+    ).fetchone()
+    previous = int(row[0]) if row else 0
+    opened: tuple[int, int] | None = None
+    if seq > previous + 1:
+        opened = (previous + 1, seq - 1)
+        conn.execute(
+            "INSERT INTO ops.seq_gaps(site_id, agent_id, epoch, first_seq, last_seq) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            (site_id, agent_id, epoch, *opened),
+        )
+        GAPS_OPENED.inc()
+        log.debug(
+            "sequence gap opened", agent=agent_id, epoch=epoch, first=opened[0], last=opened[1]
+        )
+    elif seq <= previous:
+        _resolve(conn, agent_id, epoch, seq, "filled")
+        conn.execute(
+            "DELETE FROM ops.declared_losses WHERE agent_id = %s AND epoch = %s AND seq = %s",
+            (agent_id, epoch, seq),
+        )
+    conn.execute(
+        "UPDATE ops.agent_epochs SET max_seq = GREATEST(max_seq, %s), batches = batches + 1, "
+        "last_seen = now() WHERE agent_id = %s AND epoch = %s",
+        (seq, agent_id, epoch),
+    )
+    return opened
+
+
+def _resolve(
+    conn: psycopg.Connection[Any],
+    agent_id: str,
+    epoch: str,
+    seq: int,
+    resolution: Literal["filled", "declared"],
+) -> bool:
+    row = conn.execute(
+        "SELECT id, site_id, first_seq, last_seq, detected_at FROM ops.seq_gaps "
+        "WHERE agent_id = %s AND epoch = %s AND resolved_at IS NULL "
+        "AND first_seq <= %s AND last_seq >= %s FOR UPDATE",
+        (agent_id, epoch, seq, seq),
+    ).fetchone()
+    if row is None:
+        return False
+    gap_id, site_id, first, last, detected = row
+    conn.execute(
+        "UPDATE ops.seq_gaps SET resolved_at = now(), resolution = %s WHERE id = %s",
+        (resolution, gap_id),
+    )
+    for lo, hi in ((first, seq - 1), (seq + 1, last)):
+        if lo <= hi:
+            conn.execute(
+                "INSERT INTO ops.seq_gaps(site_id, agent_id, epoch, first_seq, last_seq, "
+                "detected_at) VALUES (%s, %s, %s, %s, %s, %s)",
+                (site_id, agent_id, epoch, lo, hi, detected),
+            )
+    return True
+
+
+def record_declared_losses(
+    conn: psycopg.Connection[Any], site_id: str, agent_id: str, events: list[Event]
+) -> int:
+    """Apply the loss records of a batch: the seqs they name are declared, not missing."""
+    declared = 0
+    for event in events:
+        if not isinstance(event, AgentEvent) or event.code != LOSS_CODE:
+            continue
+        epoch, seqs = event.data.get("epoch"), event.data.get("seqs")
+        if not isinstance(epoch, str) or not isinstance(seqs, list):
+            continue
+        for seq in seqs:
+            if type(seq) is not int or seq < 1:
+                continue
+            stored = conn.execute(
+                "SELECT 1 FROM facts.batches WHERE agent_id = %s AND epoch = %s AND seq = %s",
+                (agent_id, epoch, seq),
+            ).fetchone()
+            if stored is not None:
+                continue  # it made it before it was shed: nothing was lost
+            conn.execute(
+                "INSERT INTO ops.declared_losses(agent_id, epoch, seq, site_id, reason) "
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (agent_id, epoch, seq, site_id, str(event.data.get("kind", "sample"))),
+            )
+            _resolve(conn, agent_id, epoch, seq, "declared")
+            declared += 1
+    if declared:
+        LOSSES_DECLARED.inc(declared)
+        log.warning("agent declared shed batches", agent=agent_id, batches=declared)
+    return declared

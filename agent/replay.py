@@ -231,7 +231,7 @@ class ReplayRun:
         if cursor is None:
             self._collect(engine.start(self.start))
             cursor = self.start_us
-        if ts < cursor:
+        if ts <= cursor:
             self._report_late(engine, sample, ts, cursor, line)
         events = engine.feed(sample)
         if events:
@@ -258,7 +258,7 @@ class ReplayRun:
             )
         elif seen is not None and ts == seen[0] and raw == seen[1]:
             self.warn(line, "duplicate", f"duplicate {signal} sample at {when}; ignored")
-        else:
+        elif ts < cursor:
             self.warn(
                 line,
                 "order",
@@ -462,8 +462,8 @@ def run_replay(args: argparse.Namespace) -> int:
     run.finish()
     result = run.result()
     if args.json:
-        json.dump(result, sys.stdout, separators=(",", ":"))
-        sys.stdout.write("\n")
+        # dumps, not dump: only dumps uses the C encoder (a week of buckets is large).
+        sys.stdout.write(json.dumps(result, separators=(",", ":")) + "\n")
     else:
         print(summary(result))
     return 0

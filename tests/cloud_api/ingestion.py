@@ -33,6 +33,17 @@ class Agent:
 
     def send(self, events: Sequence[Event], *, seq: int | None = None) -> str:
         """Seal and ingest one batch; returns the outcome status ("stored", ...)."""
+        raw = self.sealed(events, seq=seq)
+        outcome = self.store.process(self.topic, raw)
+        assert outcome.status != "rejected", outcome.reason
+        return outcome.status
+
+    @property
+    def topic(self) -> str:
+        return batch_topic(self.store.topic_prefix, self.site_id, self.agent_id)
+
+    def sealed(self, events: Sequence[Event], *, seq: int | None = None) -> bytes:
+        """The envelope of one batch (the next seq unless given)."""
         if seq is None:
             self.seq += 1
             seq = self.seq
@@ -46,11 +57,9 @@ class Agent:
             cloud_key_id=self.keys.cloud_public.key_id,
             suite=self.keys.cloud_public.suite,
         )
-        raw = seal(dump_events(list(events)), header, self.keys.signing_key, self.keys.cloud_public)
-        topic = batch_topic(self.store.topic_prefix, self.site_id, self.agent_id)
-        outcome = self.store.process(topic, raw)
-        assert outcome.status != "rejected", outcome.reason
-        return outcome.status
+        return seal(
+            dump_events(list(events)), header, self.keys.signing_key, self.keys.cloud_public
+        )
 
     def bucket(
         self,

@@ -16,7 +16,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from cloud_api import metrics
+from cloud_api import metrics, security
 from cloud_api.config import CloudSettings
 from cloud_api.db import make_pool, with_retry
 from cloud_api.routes import install_routes
@@ -146,3 +146,5 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
         }
 
     return app
+    # Last: the security perimeter wraps every route and middleware registered above.
+    security.install(app, settings)

@@ -18,6 +18,7 @@ from psycopg_pool import ConnectionPool
 
 from cloud_api import metrics, security
 from cloud_api.config import CloudSettings
+from cloud_api.dashboard import install_dashboard
 from cloud_api.db import make_pool, with_retry
 from cloud_api.routes import install_routes
 from oee.components import COMPONENT_FIELDS, Components
@@ -62,6 +63,7 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
     )
     app.state.pool = pool
     install_routes(app)
+    install_dashboard(app)
 
     @app.middleware("http")
     async def timing(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -32,6 +33,12 @@ def _utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         raise HTTPException(422, "timestamps need a time zone, e.g. 2026-01-05T06:00:00Z")
     return value.astimezone(UTC)
+
+
+def _broker_reachable(host: str, port: int) -> None:
+    """Raises OSError unless the MQTT broker accepts a TCP connection within a second."""
+    with socket.create_connection((host, port), timeout=1.0):
+        pass
 
 
 def oee_payload(c: Components) -> dict[str, Any]:
@@ -100,6 +107,10 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
             await run_in_threadpool(query, sql.SQL("SELECT 1 AS ok"), {})
         except Exception:
             return JSONResponse({"status": "database unavailable"}, status_code=503)
+        try:
+            await run_in_threadpool(_broker_reachable, settings.mqtt.host, settings.mqtt.port)
+        except OSError:
+            return JSONResponse({"status": "broker unavailable"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics")

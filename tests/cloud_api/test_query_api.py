@@ -10,6 +10,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import uvicorn
 from psycopg_pool import ConnectionPool
 
 from cloud_api.app import create_app
+from cloud_api.auth import TokenKeyring, generate_token_key, issue_token
 from cloud_api.config import CloudSettings, DatabaseSettings
 from oee.components import Components, ratios
 from oee.events import AgentEvent
@@ -31,16 +33,33 @@ T0 = datetime(2026, 1, 5, 6, 0, tzinfo=UTC)  # a Monday, closed window
 
 
 @pytest.fixture
-def api(pg_url: str, pool: ConnectionPool) -> Iterator[httpx.Client]:
-    """The API served by uvicorn on a free local port, in a thread."""
-    app = create_app(CloudSettings(database=DatabaseSettings(url=pg_url)), pool=pool)
+def api(pg_url: str, pool: ConnectionPool, tmp_path: Path) -> Iterator[httpx.Client]:
+    settings = CloudSettings(database=DatabaseSettings(url=pg_url), keys_dir=tmp_path / "api-keys")
+    with served(settings, pool) as client:
+        yield client
+
+
+@contextmanager
+def served(settings: CloudSettings, pool: ConnectionPool) -> Iterator[httpx.Client]:
+    """The API served by uvicorn on a free local port, in a thread; the client carries a
+    service token that sees every site."""
+    generate_token_key(settings.keys_dir)
+    token, _ = issue_token(
+        TokenKeyring.load(settings.keys_dir), settings.security, subject="query-tests",
+        role="service", sites=["*"], ttl=timedelta(hours=1),
+    )  # fmt: skip
+    app = create_app(settings, pool=pool)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started and thread.is_alive():
         time.sleep(0.02)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+    with httpx.Client(
+        base_url=f"http://127.0.0.1:{port}",
+        timeout=30,
+        headers={"Authorization": f"Bearer {token}"},
+    ) as client:
         yield client
     server.should_exit = True
     thread.join(10)
@@ -396,3 +415,33 @@ def test_downtime_states_quality_events_hierarchy_and_fleet(
     assert shared[0].startswith("agent_id,site_id,")
     assert agent["rejected_batches"]["bad_signature"] == 1
     assert api.get("/metrics").text.count("api_result_cache_total") >= 1
+
+
+def test_readiness_needs_the_database_and_the_broker(
+    pg_url: str, pool: ConnectionPool, tmp_path: Path
+) -> None:
+    settings = CloudSettings(database=DatabaseSettings(url=pg_url), keys_dir=tmp_path / "keys")
+    with served(settings, pool) as client:
+        assert client.get("/readyz").json() == {"status": "ready"}
+    settings.mqtt.port = free_port()  # nothing listens there
+    with served(settings, pool) as client:
+        r = client.get("/readyz")
+        assert (r.status_code, r.json()) == (503, {"status": "broker unavailable"})
+
+
+def test_retention_drops_whole_old_partitions_only(pool: ConnectionPool) -> None:
+    with pool.connection() as conn:
+        conn.execute("SELECT ops.ensure_month_partitions('2020-01-15T00:00:00Z')")
+        conn.execute("SELECT ops.ensure_month_partitions('2020-02-15T00:00:00Z')")
+        dropped = [
+            r[0]
+            for r in conn.execute(
+                "SELECT * FROM ops.drop_partitions_before('2020-02-01T00:00:00Z')"
+            ).fetchall()
+        ]
+        left = conn.execute(
+            "SELECT count(*) FROM pg_class WHERE relkind = 'r' AND relname ~ '_2020'"
+        ).fetchone()
+        conn.commit()
+    assert sorted(dropped) == ["facts.events_202001", "facts.oee_buckets_202001"]
+    assert left == (2,)

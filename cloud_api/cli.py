@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psycopg
 
+from cloud_api import audit, security_cli, tracing
 from cloud_api.config import CloudSettings, ConfigError, load_settings
 from sync.keys import (
     SUITES,
@@ -105,6 +106,15 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             "ON CONFLICT (agent_id, key_id) DO UPDATE SET revoked_at = NULL",
             (args.agent, kid, line),
         )
+        audit.record(
+            conn,
+            actor=audit.cli_actor(),
+            actor_kind="cli",
+            action="agents.enroll",
+            target=args.agent,
+            site_id=args.site,
+            detail={"key_id": kid},
+        )
     print(f"enrolled agent {args.agent} at site {args.site} with key {kid}")
     return 0
 
@@ -127,6 +137,14 @@ def cmd_revoke_key(args: argparse.Namespace) -> int:
             "UPDATE registry.agent_keys SET revoked_at = now() WHERE agent_id = %s AND key_id = %s",
             (args.agent, args.key_id),
         )
+        audit.record(
+            conn,
+            actor=audit.cli_actor(),
+            actor_kind="cli",
+            action="agents.revoke_key",
+            target=args.agent,
+            detail={"key_id": args.key_id},
+        )
     print(f"revoked key {args.key_id} of agent {args.agent}")
     return 0
 
@@ -139,7 +157,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(args.log_level)
     ring = CloudKeyring.load(settings.keys_dir)
-    pool = make_pool(settings.database, name="ingest")
+    tracing.configure(settings.tracing)
+    pool = make_pool(settings.database, name="ingest", role=settings.security.ingest_db_role)
     store = BatchStore(
         pool,
         ring,
@@ -238,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-id", required=True)
     p.add_argument("--last", action="store_true", help="allow revoking the agent's last key")
     p.set_defaults(func=cmd_revoke_key)
+    security_cli.register(sub)
     return parser
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -40,12 +40,74 @@ class HttpSettings(_Model):
     port: int = Field(default=8080, ge=1, le=65535)
 
 
+JwksAlgorithm = Literal["RS256", "ES256", "EdDSA"]
+_JWKS_DEFAULT_ALGORITHMS: tuple[JwksAlgorithm, ...] = ("RS256", "ES256")
+
+
+class JwksSettings(_Model):
+    """An external identity provider whose tokens the API accepts, verified by its JWKS."""
+
+    url: str
+    issuer: str
+    audience: str
+    algorithms: list[JwksAlgorithm] = Field(
+        default_factory=lambda: list(_JWKS_DEFAULT_ALGORITHMS), min_length=1
+    )
+    role_claim: str = "role"
+    sites_claim: str = "sites"
+    cache_seconds: int = Field(default=300, ge=0)
+    timeout_seconds: float = Field(default=5.0, gt=0)
+
+
+class RateTier(_Model):
+    """A token bucket: `per_hour` refill, `burst` capacity (dashboards fire panels at once)."""
+
+    per_hour: int = Field(ge=1_000, le=100_000)
+    burst: int = Field(ge=1, le=10_000)
+
+
+Role = Literal["viewer", "engineer", "admin", "service"]
+
+
+def _default_tiers() -> dict[Role, RateTier]:
+    return {
+        "viewer": RateTier(per_hour=1_000, burst=60),
+        "engineer": RateTier(per_hour=5_000, burst=120),
+        "admin": RateTier(per_hour=10_000, burst=200),
+        "service": RateTier(per_hour=100_000, burst=1_000),
+    }
+
+
+class SecuritySettings(_Model):
+    issuer: str = "factory-edge-gateway"
+    audience: str = "factory-edge-gateway-api"
+    leeway_seconds: int = Field(default=30, ge=0, le=300)
+    max_token_ttl_seconds: int = Field(default=90 * 86400, ge=60)
+    revocation_refresh_seconds: float = Field(default=10.0, ge=0)
+    jwks: JwksSettings | None = None
+    rate_limits: dict[Role, RateTier] = Field(default_factory=_default_tiers)
+    redis_url: str | None = Field(default=None, repr=False)
+    redis_prefix: str = "fgw:ratelimit:"
+    cors_origins: list[str] = Field(default_factory=list)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    hsts_seconds: int = Field(default=63_072_000, ge=0)
+    api_db_role: str = "gateway_api"
+    ingest_db_role: str | None = "gateway_ingest"
+
+
+class TracingSettings(_Model):
+    otlp_endpoint: str | None = None
+    service_name: str = "cloud-api"
+
+
 class CloudSettings(_Model):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     keys_dir: Path = Path("/etc/cloud-api/keys")
     max_envelope_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
 
 _ENV = {
@@ -57,6 +119,8 @@ _ENV = {
     "CLOUD_TOPIC_PREFIX": ("mqtt", "topic_prefix"),
     "CLOUD_KEYS_DIR": ("keys_dir",),
     "CLOUD_HTTP_PORT": ("http", "port"),
+    "CLOUD_REDIS_URL": ("security", "redis_url"),
+    "CLOUD_OTLP_ENDPOINT": ("tracing", "otlp_endpoint"),
 }
 
 

@@ -6,9 +6,10 @@ import hashlib
 import time
 from collections.abc import Callable
 from importlib import resources
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
+import psycopg.sql
 import structlog
 from psycopg import errors
 from psycopg_pool import ConnectionPool
@@ -72,12 +73,24 @@ def migrate(url: str) -> list[str]:
             conn.execute("SELECT ops.ensure_month_partitions(now() - interval '1 month')")
             conn.execute("SELECT ops.ensure_month_partitions(now())")
             conn.execute("SELECT ops.ensure_month_partitions(now() + interval '1 month')")
+            # Grants and site policies for every table, including ones added by migrations
+            # that came after the security migration (see 0010_security.sql).
+            row = conn.execute("SELECT to_regprocedure('ops.apply_access_policies()')").fetchone()
+            if row is not None and row[0] is not None:
+                conn.execute("SELECT ops.apply_access_policies()")
         finally:
             conn.execute("SELECT pg_advisory_unlock(727274)")
     return applied
 
 
-def make_pool(settings: DatabaseSettings, *, name: str) -> ConnectionPool:
+def make_pool(settings: DatabaseSettings, *, name: str, role: str | None = None) -> ConnectionPool:
+    """A connection pool; with `role`, every connection runs as that database role."""
+
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        # Session-level, so commits inside a checkout keep the role.
+        conn.execute(psycopg.sql.SQL("SET ROLE {}").format(psycopg.sql.Identifier(str(role))))
+        conn.commit()
+
     # prepare_threshold=None: no server-side prepared statements, so PgBouncer in
     # transaction mode works.
     pool = ConnectionPool(
@@ -85,6 +98,7 @@ def make_pool(settings: DatabaseSettings, *, name: str) -> ConnectionPool:
         min_size=settings.pool_min,
         max_size=settings.pool_max,
         kwargs={"autocommit": False, "prepare_threshold": None},
+        configure=configure if role else None,
         name=name,
         open=False,
     )

@@ -31,7 +31,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
 
-from cloud_api import derived, metrics
+from cloud_api import derived, metrics, tracing
 from cloud_api.db import TRANSIENT, with_retry
 from cloud_api.sequence import record_batch_seq, record_declared_losses
 from oee.components import COMPONENT_FIELDS
@@ -114,6 +114,7 @@ EVENT_COLS = (
     "equipment_id",
     "kind",
     "body",
+    "trace_id",
 )
 
 
@@ -302,6 +303,7 @@ class BatchStore:
                         e.equipment_id,
                         e.kind,
                         e.model_dump_json(),
+                        header.trace_id,
                     )
                 )
                 if e.equipment_id:
@@ -400,15 +402,21 @@ class BatchStore:
                 reason=rejected.reason,
                 detail=rejected.detail[:200],
                 topic=topic[:200],
+                trace_id=rejected.header.trace_id if rejected.header else None,
             )
             self._quarantine(topic, payload, rejected)
             return Outcome("rejected", rejected.reason, rejected.header)
-        result = with_retry(lambda: self._store(header, digest, events))
+        # The agent's trace id joins the span, the stored batch and events, and the log lines.
+        with tracing.batch_span(
+            header.trace_id, {"agent": header.agent_id, "site": header.site_id, "seq": header.seq}
+        ):
+            result = with_retry(lambda: self._store(header, digest, events))
         if result == "conflict":
             conflict = Rejected("conflict", "same (agent, epoch, seq), different content", header)
             metrics.INGEST_REJECTS.labels("conflict").inc()
             log.error(
                 "batch key reused with different content",
+                trace_id=header.trace_id,
                 agent=header.agent_id,
                 epoch=header.epoch,
                 seq=header.seq,

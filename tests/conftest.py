@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psycopg
@@ -101,6 +101,31 @@ def enroll(url: str, agent: str, site: str, public_line: str) -> None:
             "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
             (agent, kid, public_line),
         )
+
+
+def bearer(
+    keys_dir: Path, *, role: str = "admin", sites: Sequence[str] = ("*",), ttl_s: int = 3600
+) -> dict[str, str]:
+    """An Authorization header for the API of CloudSettings(keys_dir=keys_dir): a token signed
+    by the cloud's token key in `keys_dir` (created there if missing)."""
+    from datetime import timedelta
+
+    from cloud_api.auth import TokenKeyring, generate_token_key, issue_token, parse_role
+    from cloud_api.config import SecuritySettings
+
+    ring = TokenKeyring.load(keys_dir) if keys_dir.is_dir() else None
+    if ring is None or ring.current_id is None:
+        generate_token_key(keys_dir)
+        ring = TokenKeyring.load(keys_dir)
+    token, _ = issue_token(
+        ring,
+        SecuritySettings(),
+        subject=f"test-{role}",
+        role=parse_role(role),
+        sites=sites,
+        ttl=timedelta(seconds=ttl_s),
+    )
+    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from cloud_api.config import CloudSettings, DatabaseSettings
 from cloud_api.ingest import IngestWorker
 from connectors.modbus.simulator import Press, PressLine
 from sync.keys import CloudKeyring
-from tests.conftest import MQTT_HOST, MQTT_PORT, enroll, free_port, make_agent_keys
+from tests.conftest import MQTT_HOST, MQTT_PORT, bearer, enroll, free_port, make_agent_keys
 
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
 
@@ -167,7 +167,10 @@ async def test_press_to_api_with_agent_killed(
     _, produced, scrap = stored_counts(pg_url)
     assert (produced, scrap) == (truth.produced, truth.scrap), log.read_text()[-3000:]
 
-    app = create_app(CloudSettings(database=DatabaseSettings(url=pg_url)), pool=pool)
+    keys_dir = tmp_path / "cloud-keys"
+    app = create_app(
+        CloudSettings(database=DatabaseSettings(url=pg_url), keys_dir=keys_dir), pool=pool
+    )
     window_from = (started - timedelta(minutes=1)).replace(second=0, microsecond=0)
     window_to = datetime.now(UTC) + timedelta(minutes=1)
     async with httpx.AsyncClient(
@@ -176,6 +179,7 @@ async def test_press_to_api_with_agent_killed(
         response = await client.get(
             "/v1/equipment/press-1/oee",
             params={"from": window_from.isoformat(), "to": window_to.isoformat()},
+            headers=bearer(keys_dir, role="viewer", sites=["plant-e2e"]),
         )
     assert response.status_code == 200, response.text
     body = response.json()

@@ -1,0 +1,440 @@
+"""The HTTP API's security perimeter, installed on the app by `install(app, settings)`.
+
+One ASGI middleware, outermost, wraps every request: trace span and id, body size limit,
+authentication and rate limiting of every `/v1/...` path (health, readiness, metrics, OpenAPI
+and the dashboard's static page stay public), the default permission (GET/HEAD need `read`,
+any other method `write`), security headers, closed CORS unless origins are configured,
+problem+json for anything that escapes a route, and request statistics.
+
+The caller's scope reaches PostgreSQL too: `SitePool` wraps the app's pool so each checkout
+runs as the API's database role with `app.sites` set to the caller's sites, and the row-level
+security policies of 0010_security.sql filter every table with a site_id column by it.
+
+Routes read the caller with `CurrentPrincipal` (or `request.state.principal`; the visible
+sites are also in `request.state.sites`) and ask for more than the default with
+`Depends(require("pii"))` / `require("ops")`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
+from typing import Annotated, Any
+from urllib.parse import unquote
+
+import psycopg
+import structlog
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from psycopg_pool import ConnectionPool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cloud_api import tracing
+from cloud_api.auth import Authenticator, Permission, Principal
+from cloud_api.config import CloudSettings, RateTier, SecuritySettings
+from cloud_api.ops_stats import RequestStats
+from cloud_api.pii import PiiKeyring
+from cloud_api.problems import Problem, problem_response
+from cloud_api.ratelimit import RateLimiter
+
+log = structlog.get_logger("cloud_api.security")
+
+_SCOPE: ContextVar[str] = ContextVar("db_site_scope", default="")
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+PROTECTED_PREFIX = "/v1/"
+API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+# The dashboard is served from this origin with its scripts and styles as files (no inline
+# code), so 'self' is enough; API calls go to the same origin.
+DASHBOARD_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "font-src 'self'; connect-src 'self'; manifest-src 'self'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'; object-src 'none'"
+)
+
+
+class SitePool:
+    """The app's connection pool, scoped: each checkout runs as `role` with the caller's sites.
+
+    Settings are session-level (so a commit inside the block keeps them) and reset when the
+    connection goes back, so another user of the same pool (ingest in tests) is unaffected.
+    Everything else is delegated to the wrapped pool.
+    """
+
+    def __init__(self, pool: ConnectionPool, role: str) -> None:
+        self.pool = pool
+        self.role = role
+
+    @contextmanager
+    def connection(self, timeout: float | None = None) -> Iterator[psycopg.Connection[Any]]:
+        scope = _SCOPE.get()
+        with tracing.db_span(self.role), self.pool.connection(timeout) as conn:
+            conn.execute(
+                "SELECT set_config('role', %s, false), set_config('app.sites', %s, false)",
+                (self.role, scope),
+            )
+            conn.commit()
+            try:
+                yield conn
+            except BaseException:
+                with contextlib.suppress(psycopg.Error):
+                    conn.rollback()
+                self._reset(conn)
+                raise
+            conn.commit()
+            self._reset(conn)
+
+    @staticmethod
+    def _reset(conn: psycopg.Connection[Any]) -> None:
+        try:
+            conn.execute("RESET ROLE")
+            conn.execute("RESET app.sites")
+            conn.commit()
+        except psycopg.Error:
+            # A connection whose role cannot be reset must not be reused by anyone.
+            conn.close()
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+
+def scoped_pool(pool: ConnectionPool | SitePool, settings: SecuritySettings) -> SitePool:
+    return pool if isinstance(pool, SitePool) else SitePool(pool, settings.api_db_role)
+
+
+@contextmanager
+def database_scope(principal: Principal | None) -> Iterator[None]:
+    """Run database work as `principal` outside a request (None: no site visible)."""
+    token = _SCOPE.set(principal.db_scope if principal else "")
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+# --- dependencies for routes ----------------------------------------------------------------
+
+
+async def current_principal(request: Request) -> Principal:
+    principal = request.scope.get("state", {}).get("principal")
+    if not isinstance(principal, Principal):
+        raise Problem(401, "authentication is required", slug="unauthenticated")
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+def require(permission: Permission) -> Callable[[Principal], Awaitable[Principal]]:
+    """A dependency that refuses (403) callers without `permission`."""
+
+    async def check(principal: CurrentPrincipal) -> Principal:
+        if not principal.can(permission):
+            raise Problem(
+                403,
+                f"the role {principal.role!r} (or this key's scopes) lacks the "
+                f"{permission!r} permission",
+                slug="forbidden",
+            )
+        return principal
+
+    return check
+
+
+# --- the middleware -------------------------------------------------------------------------
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class SecurityState:
+    """What the middleware needs, kept on `app.state.security` (tests adjust the clock)."""
+
+    def __init__(self, app: FastAPI, settings: CloudSettings) -> None:
+        self.settings = settings.security
+        self.auth = Authenticator(settings.security, settings.keys_dir, lambda: app.state.pool)
+        self.limiter = RateLimiter(
+            redis_url=settings.security.redis_url, prefix=settings.security.redis_prefix
+        )
+        self.stats = RequestStats()
+        self.keys_dir = settings.keys_dir
+        self._pii: PiiKeyring | None = None
+
+    def pii(self) -> PiiKeyring:
+        """The personal-data keys, read once; read again while none is current yet."""
+        if self._pii is None or self._pii.current_id is None:
+            self._pii = PiiKeyring.load(self.keys_dir)
+        return self._pii
+
+    def tier(self, principal: Principal) -> RateTier:
+        return self.settings.rate_limits[principal.role]
+
+
+class SecurityMiddleware:
+    def __init__(self, app: ASGIApp, state: SecurityState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        path: str = scope.get("path", "")
+        method: str = scope.get("method", "GET")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        state: MutableMapping[str, Any] = scope.setdefault("state", {})
+        status_box = {"status": 500, "cache_hit": False, "started": False}
+        with tracing.request_span(method, path, headers) as (span, trace_id):
+            state["trace_id"] = trace_id
+            extra_headers: dict[str, str] = {"X-Trace-Id": trace_id}
+
+            async def send_wrapped(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    status_box["started"] = True
+                    status_box["status"] = message["status"]
+                    raw = list(message.get("headers", []))
+                    present = {k.lower() for k, _ in raw}
+                    timing = b"".join(v for k, v in raw if k.lower() == b"server-timing")
+                    status_box["cache_hit"] = message["status"] == 304 or b'desc="hit"' in timing
+                    content_type = b"".join(v for k, v in raw if k.lower() == b"content-type")
+                    for name, value in self._headers(path, content_type, extra_headers).items():
+                        if name.lower().encode() not in present:
+                            raw.append((name.encode(), value.encode("latin-1")))
+                    message = {**message, "headers": raw}
+                await send(message)
+
+            scope_token = _SCOPE.set("")
+            try:
+                refusal = await self._admit(scope, path, method, headers, state, extra_headers)
+                if refusal is not None:
+                    await refusal(scope, receive, send_wrapped)
+                else:
+                    await self.app(scope, self._limited(receive, headers), send_wrapped)
+            except BodyTooLarge:
+                if status_box["started"]:
+                    raise
+                await self._too_large(path, trace_id)(scope, receive, send_wrapped)
+            except Exception:
+                log.exception("unhandled error in a request", path=path[:200], method=method)
+                if status_box["started"]:
+                    raise
+                response = problem_response(
+                    500,
+                    "the server failed to answer this request; quote the trace id to support",
+                    slug="internal-error",
+                    instance=path,
+                    trace_id=trace_id,
+                )
+                await response(scope, receive, send_wrapped)
+            finally:
+                _SCOPE.reset(scope_token)
+                status = int(status_box["status"])
+                span.set_attribute("http.response.status_code", status)
+                route = scope.get("route")
+                self.state.stats.record(
+                    getattr(route, "path", "unmatched"),
+                    method,
+                    status,
+                    (time.perf_counter() - started) * 1000,
+                    cache_hit=bool(status_box["cache_hit"]),
+                )
+
+    def _headers(self, path: str, content_type: bytes, extra: dict[str, str]) -> dict[str, str]:
+        out = {
+            "X-Content-Type-Options": "nosniff",
+            "X-Frame-Options": "DENY",
+            "Referrer-Policy": "no-referrer",
+            "Cross-Origin-Opener-Policy": "same-origin",
+            "Cross-Origin-Resource-Policy": "same-origin",
+            "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+            "Content-Security-Policy": DASHBOARD_CSP
+            if content_type.startswith(b"text/html")
+            or not (path.startswith(PROTECTED_PREFIX) or path.startswith("/openapi"))
+            else API_CSP,
+        }
+        if self.state.settings.hsts_seconds:
+            out["Strict-Transport-Security"] = (
+                f"max-age={self.state.settings.hsts_seconds}; includeSubDomains"
+            )
+        out.update(extra)
+        return out
+
+    def _too_large(self, path: str, trace_id: str) -> ASGIApp:
+        return problem_response(
+            413,
+            f"the request body exceeds {self.state.settings.max_body_bytes} bytes",
+            slug="body-too-large",
+            instance=path,
+            trace_id=trace_id,
+        )
+
+    def _limited(self, receive: Receive, headers: dict[str, str]) -> Receive:
+        limit = self.state.settings.max_body_bytes
+        seen = 0
+
+        async def wrapped() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge
+            return message
+
+        return wrapped
+
+    async def _admit(
+        self,
+        scope: Scope,
+        path: str,
+        method: str,
+        headers: dict[str, str],
+        state: MutableMapping[str, Any],
+        extra_headers: dict[str, str],
+    ) -> ASGIApp | None:
+        """None to let the request through, else the response that refuses it."""
+        trace_id = state["trace_id"]
+
+        def refuse(problem: Problem) -> ASGIApp:
+            return problem_response(
+                problem.status,
+                problem.detail,
+                slug=problem.slug,
+                instance=path,
+                trace_id=trace_id,
+                headers=problem.headers,
+            )
+
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.state.settings.max_body_bytes:
+            return self._too_large(path, trace_id)
+        # PostgreSQL text cannot hold NUL; refuse it here instead of failing in a query.
+        raw_query = scope.get("query_string", b"").decode("latin-1")
+        if "\x00" in path or "%00" in raw_query or "\x00" in unquote(raw_query):
+            return refuse(Problem(400, "NUL characters are not allowed in the URL", slug="bad-url"))
+        if not path.startswith(PROTECTED_PREFIX):
+            return None
+        try:
+            principal = await self.state.auth.authenticate(Request(scope))
+        except Problem as problem:
+            return refuse(problem)
+        decision = await self.state.limiter.check(principal.rate_key, self.state.tier(principal))
+        extra_headers.update(decision.headers(principal.role))
+        if not decision.allowed:
+            return refuse(
+                Problem(
+                    429,
+                    f"rate limit of the {principal.role} tier reached "
+                    f"({decision.limit} requests per hour, bursts of {decision.burst}); "
+                    f"retry in {decision.retry_after} s",
+                    slug="rate-limited",
+                )
+            )
+        needed: Permission = "read" if method in SAFE_METHODS else "write"
+        if not principal.can(needed):
+            return refuse(
+                Problem(
+                    403,
+                    f"the role {principal.role!r} (or this key's scopes) lacks the "
+                    f"{needed!r} permission",
+                    slug="forbidden",
+                )
+            )
+        state["principal"] = principal
+        state["sites"] = principal.site_list
+        # Copied into the tasks and worker threads that serve this request.
+        _SCOPE.set(principal.db_scope)
+        return None
+
+
+def _with_security_scheme(app: FastAPI) -> None:
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = original()
+        components = schema.setdefault("components", {})
+        components.setdefault("securitySchemes", {}).update(
+            {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            }
+        )
+        for path, operations in schema.get("paths", {}).items():
+            if not path.startswith(PROTECTED_PREFIX):
+                continue
+            for operation in operations.values():
+                if isinstance(operation, dict):
+                    operation.setdefault("security", [{"bearer": []}, {"apiKey": []}])
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def install(app: FastAPI, settings: CloudSettings) -> SecurityState:
+    """Put the perimeter around `app` (call after the routes and other middleware exist)."""
+    from cloud_api import annotations, ops_stats, problems
+
+    tracing.configure(settings.tracing)
+    state = SecurityState(app, settings)
+    app.state.security = state
+    if app.state.pool is not None:
+        app.state.pool = scoped_pool(app.state.pool, settings.security)
+    problems.install(app)
+    app.include_router(ops_stats.router(require("ops")))
+    app.include_router(annotations.router)
+    _with_security_scheme(app)
+    if settings.security.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.security.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "If-None-Match"],
+            expose_headers=["ETag", "RateLimit", "RateLimit-Policy", "Retry-After", "X-Trace-Id"],
+            max_age=600,
+        )
+    app.add_middleware(SecurityMiddleware, state=state)
+
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app_: Any) -> AsyncIterator[Any]:
+        async with inner(app_) as value:
+            # The app may create its pool in its own lifespan: scope it before serving.
+            if app.state.pool is not None:
+                app.state.pool = scoped_pool(app.state.pool, settings.security)
+            flusher = asyncio.create_task(_flush_loop(app, state))
+            try:
+                yield value
+            finally:
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
+                await asyncio.to_thread(_flush_once, app, state)
+                await state.limiter.close()
+
+    app.router.lifespan_context = lifespan
+    return state
+
+
+def _flush_once(app: FastAPI, state: SecurityState) -> None:
+    try:
+        state.stats.flush(app.state.pool)
+    except psycopg.Error as exc:
+        log.warning("request statistics not stored", error=type(exc).__name__)
+
+
+async def _flush_loop(app: FastAPI, state: SecurityState, every_s: float = 15.0) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        await asyncio.to_thread(_flush_once, app, state)

@@ -1,0 +1,110 @@
+"""OpenTelemetry tracing of the cloud side: API requests, database sessions and ingest batches.
+
+Spans are always created with the SDK (so every request and batch has a real trace id for
+logs, problem details and audit rows); they leave the process only when an OTLP endpoint is
+configured. An ingest batch's span joins the trace the edge agent started: the envelope
+header's `trace_id` (32 hex digits) becomes the span's trace id, and the same id is stored on
+the batch, on each of its events and bound into every log line written while it is handled.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, TraceFlags
+
+from cloud_api.config import TracingSettings
+
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
+_lock = threading.Lock()
+_configured = False
+
+tracer = trace.get_tracer("cloud_api")
+
+
+def configure(settings: TracingSettings) -> None:
+    """Install the SDK tracer provider once per process; export over OTLP when configured."""
+    global _configured
+    with _lock:
+        if _configured:
+            return
+        provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}))
+        if settings.otlp_endpoint:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+            provider.add_span_processor(
+                BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.otlp_endpoint))
+            )
+        trace.set_tracer_provider(provider)
+        _configured = True
+
+
+def trace_id_of(span: Span) -> str | None:
+    ctx = span.get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+def current_trace_id() -> str | None:
+    return trace_id_of(trace.get_current_span())
+
+
+@contextmanager
+def request_span(method: str, path: str, headers: Mapping[str, str]) -> Iterator[tuple[Span, str]]:
+    """A server span for one HTTP request, continuing a `traceparent` the caller sent."""
+    parent = propagate.extract(dict(headers))
+    with tracer.start_as_current_span(
+        f"{method} {path}",
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes={"http.request.method": method, "url.path": path},
+    ) as span:
+        trace_id = trace_id_of(span) or secrets.token_hex(16)
+        with structlog.contextvars.bound_contextvars(trace_id=trace_id):
+            yield span, trace_id
+
+
+@contextmanager
+def db_span(role: str) -> Iterator[Span]:
+    """One span per database session (pool checkout), child of the current span."""
+    with tracer.start_as_current_span(
+        "db.session",
+        kind=SpanKind.CLIENT,
+        attributes={"db.system.name": "postgresql", "db.user": role},
+    ) as span:
+        yield span
+
+
+@contextmanager
+def batch_span(trace_id: str | None, attributes: Mapping[str, Any]) -> Iterator[Span]:
+    """The span of one ingest batch, inside the trace the agent started (its header trace_id)."""
+    token = None
+    if trace_id and _TRACE_ID.fullmatch(trace_id) and int(trace_id, 16):
+        remote = SpanContext(
+            trace_id=int(trace_id, 16),
+            span_id=int.from_bytes(secrets.token_bytes(8), "big") or 1,
+            is_remote=True,
+            trace_flags=TraceFlags(TraceFlags.SAMPLED),
+        )
+        token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(remote)))
+    try:
+        with (
+            tracer.start_as_current_span(
+                "ingest.batch", kind=SpanKind.CONSUMER, attributes=dict(attributes)
+            ) as span,
+            structlog.contextvars.bound_contextvars(trace_id=trace_id),
+        ):
+            yield span
+    finally:
+        if token is not None:
+            otel_context.detach(token)

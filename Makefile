@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint services venv clean
+.PHONY: demo test lint services browser venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: $(STAMP) services lint
+# Headless Chromium for the dashboard test (installs Debian's chromium when missing).
+browser:
+	bash scripts/browser.sh >/dev/null
+
+test: $(STAMP) services browser lint
 	$(BIN)/pytest -q -p no:cacheprovider
 
 clean:

@@ -41,6 +41,8 @@ import psycopg
 from psycopg import sql
 
 from cloud_api import derived
+from cloud_api.auth import TokenKeyring, generate_token_key, issue_token
+from cloud_api.config import SecuritySettings
 from cloud_api.db import migrate
 from cloud_api.ingest import BUCKET_COLS, ROLLUP_1H, ROLLUP_1M
 from oee.events import AgentEvent
@@ -217,9 +219,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve(url: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
+def bearer_tokens(keys_dir: Path, n: int) -> list[str]:
+    """`n` service tokens seeing every site: one per simulated client, so each client stays
+    within its own rate-limit tier as real clients would."""
+    generate_token_key(keys_dir)
+    ring = TokenKeyring.load(keys_dir)
+    return [
+        issue_token(ring, SecuritySettings(), subject=f"bench-client-{i}", role="service",
+                    sites=["*"], ttl=timedelta(hours=2))[0]
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def serve(url: str, workers: int, keys_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    env = {**os.environ, "CLOUD_DATABASE_URL": url}
+    env = {**os.environ, "CLOUD_DATABASE_URL": url, "CLOUD_KEYS_DIR": str(keys_dir)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "bench.api_app:app", "--factory", "--host",
          "127.0.0.1", "--port", str(port), "--workers", str(workers), "--log-level",
@@ -244,7 +258,7 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def sequential(base: str, n: int) -> dict[str, Any]:
+def sequential(base: str, n: int, token: str) -> dict[str, Any]:
     rng = random.Random(1)
     eqs = [eq for _s, _l, eq in machines()]
     out: dict[str, Any] = {}
@@ -261,7 +275,8 @@ def sequential(base: str, n: int) -> dict[str, Any]:
             "interval": "1d", "tz": TZ, "group_by": "equipment",
         },
     }  # fmt: skip
-    with httpx.Client(base_url=base, headers={"Cache-Control": "no-cache"}) as client:
+    headers = {"Cache-Control": "no-cache", "Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=base, headers=headers) as client:
         for name, make in queries.items():
             for _ in range(5):  # warm the connection and the database's caches
                 client.get("/v1/oee", params=make()).raise_for_status()
@@ -285,6 +300,7 @@ def sequential(base: str, n: int) -> dict[str, Any]:
 WRK_SCRIPT = """
 math.randomseed(os.time())
 local eqs = {%(eqs)s}
+local tokens = {%(tokens)s}
 local nocache = %(nocache)s
 request = function()
   local eq = eqs[math.random(#eqs)]
@@ -293,10 +309,11 @@ request = function()
   local to = os.date("!%%Y-%%m-%%dT00:00:00Z", 1735689600 + (day + 7) * 86400)
   local path = "/v1/oee?scope=equipment&id=" .. eq .. "&from=" .. from .. "&to=" .. to ..
     "&interval=1d"
+  local headers = {["Authorization"] = "Bearer " .. tokens[math.random(#tokens)]}
   if nocache then
-    return wrk.format("GET", path, {["Cache-Control"] = "no-cache"})
+    headers["Cache-Control"] = "no-cache"
   end
-  return wrk.format("GET", path)
+  return wrk.format("GET", path, headers)
 end
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -311,12 +328,21 @@ end
 """
 
 
-def wrk(base: str, connections: int, seconds: int, *, nocache: bool) -> dict[str, Any]:
+def wrk(
+    base: str, connections: int, seconds: int, tokens: list[str], *, nocache: bool
+) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed for the load tests (apt-get install wrk)")
     eqs = ", ".join(f'"{eq}"' for _s, _l, eq in machines())
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(WRK_SCRIPT % {"eqs": eqs, "nocache": "true" if nocache else "false"})
+        f.write(
+            WRK_SCRIPT
+            % {
+                "eqs": eqs,
+                "tokens": ", ".join(f'"{t}"' for t in tokens),
+                "nocache": "true" if nocache else "false",
+            }
+        )
         script = f.name
     try:
         out = subprocess.run(
@@ -352,17 +378,20 @@ def main() -> None:
         "to": YEAR_END.isoformat(),
         **load(url),
     }
-    proc, base = serve(url, args.workers)
+    keys_dir = Path(tempfile.mkdtemp(prefix="bench-api-keys-"))
+    tokens = bearer_tokens(keys_dir, 1000)
+    proc, base = serve(url, args.workers, keys_dir)
     try:
-        figures["latency_sequential_uncached"] = sequential(base, args.requests)
+        figures["latency_sequential_uncached"] = sequential(base, args.requests, tokens[0])
         figures["throughput_32_clients_7d"] = {
-            "uncached": wrk(base, 32, args.seconds, nocache=True),
-            "cached": wrk(base, 32, args.seconds, nocache=False),
+            "uncached": wrk(base, 32, args.seconds, tokens[:32], nocache=True),
+            "cached": wrk(base, 32, args.seconds, tokens[32:64], nocache=False),
         }
-        figures["concurrency_1000_clients"] = wrk(base, 1000, args.hold, nocache=False)
+        figures["concurrency_1000_clients"] = wrk(base, 1000, args.hold, tokens, nocache=False)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        shutil.rmtree(keys_dir, ignore_errors=True)
     figures["machine"] = {"cpus": os.cpu_count(), "api_workers": args.workers}
     print(json.dumps(figures))
 

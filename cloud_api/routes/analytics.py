@@ -130,6 +130,9 @@ async def _series(
     sites = allowed_sites(request)
     cache: ResultCache = request.app.state.result_cache
     closed = end <= datetime.now(UTC)
+    # A client asking for a fresh computation (Cache-Control: no-cache) skips the lookup;
+    # the fresh result still refreshes the cache.
+    fresh = "no-cache" in request.headers.get("cache-control", "").lower()
 
     def load(conn: Conn) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
         members = queries.resolve_scope(conn, scope, ident, site, sites)
@@ -138,7 +141,7 @@ async def _series(
             mark = queries.data_watermark(conn, members, start, end)
             key = (route, scope, ident, site, start, end, chosen, tz, group_by,
                    tuple(sites) if sites is not None else None, mark)  # fmt: skip
-            hit = cache.get(key)
+            hit = None if fresh else cache.get(key)
             if hit is not None:
                 return "hit", hit[0], hit[1]
         buckets, source = queries.oee_series(conn, members, start, end, chosen, tzinfo, group_by)

@@ -235,6 +235,9 @@ def test_late_data_changes_buckets_and_the_cached_result_etag_and_csv(
     assert 'cache;desc="hit"' in again.headers["server-timing"]
     assert again.headers["etag"] == first.headers["etag"]
     assert "max-age" in again.headers["cache-control"]
+    recomputed = api.get("/v1/oee", params=q1, headers={"Cache-Control": "no-cache"})
+    assert 'cache;desc="miss"' in recomputed.headers["server-timing"]
+    assert recomputed.headers["etag"] == first.headers["etag"]
     not_modified = api.get("/v1/oee", params=q1, headers={"If-None-Match": first.headers["etag"]})
     assert not_modified.status_code == 304
     assert api.get("/v1/oee", params=q2).json()["total"]["availability"] == 0.5

@@ -8,7 +8,8 @@ cloud. Each line of the samples file is one sample::
 with an optional `"quality": "bad"`. Samples before `--from` only set the starting point
 (state and since when, reason, product, counter baselines); samples at or after `--to` are
 not accounted, but a stop still open at `--to` is judged on its full length, read ahead in
-the file. Lines are applied in file order; samples sharing a timestamp apply in file order.
+the file (a stop whose end is not in the file is not a micro-stop). Lines are applied
+in file order; samples sharing a timestamp apply in file order.
 
 Problems in the input never stop a replay: unparseable lines, unknown equipment or signals,
 and samples out of order (older than an earlier sample: ignored if older than the last sample
@@ -142,7 +143,6 @@ class ReplayRun:
         self._next_tick: dict[str, int] = {}
         # After --to: per open stop, the time its state changes (None while unknown).
         self._stop_end: dict[str, int | None] = {}
-        self._last_after: dict[str, int] = {}
 
     # -- input ----------------------------------------------------------------------------
 
@@ -256,7 +256,7 @@ class ReplayRun:
                 f"out of order: {signal} at {when} is older than the {signal} sample at "
                 f"{iso(from_us(seen[0]))}; ignored",
             )
-        elif seen is not None and ts == seen[0] and raw == seen[1]:
+        elif seen is not None and ts == seen[0] and raw in seen[1]:
             self.warn(line, "duplicate", f"duplicate {signal} sample at {when}; ignored")
         elif ts < cursor:
             self.warn(
@@ -279,7 +279,6 @@ class ReplayRun:
                 self._stop_end[eq] = ts  # nothing to judge: resolved
                 return
             self._stop_end[eq] = None
-        self._last_after[eq] = ts
         raw = sample.value if sample.quality == "good" else None
         if engine.map_state(raw) != engine.state:
             self._stop_end[eq] = ts
@@ -288,7 +287,7 @@ class ReplayRun:
         for eq, engine in self.engines.items():
             if engine.cursor_us is None:
                 self._collect(engine.start(self.start))
-            stop_end_us = self._stop_end.get(eq) or self._last_after.get(eq)
+            stop_end_us = self._stop_end.get(eq)
             stop_end = None if stop_end_us is None else from_us(stop_end_us)
             self._collect(engine.finish(self.end, stop_end=stop_end))
 

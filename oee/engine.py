@@ -182,7 +182,8 @@ class EquipmentEngine:
         self.product: str | None = None
         self.cursor_us: int | None = None
         self.counters: dict[str, int] = {}
-        self.seen: dict[str, tuple[int, Any]] = {}  # signal -> (ts, raw) of the last accepted
+        # signal -> (ts, raw values accepted at ts) of the latest accepted sample
+        self.seen: dict[str, tuple[int, list[Any]]] = {}
         self.buckets: dict[int, _Bucket] = {}  # insertion order is time order
         self.shift_totals = _new_values()
         self.shift_key: str | None = None
@@ -254,11 +255,12 @@ class EquipmentEngine:
         # This is the hot path (every poll of every signal): the common cases (a repeated
         # state, an unchanged or incremented counter) avoid any call that is not needed.
         seen = self.seen.get(signal)
-        if seen is not None and (ts < seen[0] or (ts == seen[0] and raw == seen[1])):
-            self._accept(signal, ts, raw)  # reports a stale sample
-            return self._drain()
-        self._stale.discard(signal)
-        self.seen[signal] = (ts, raw)
+        if seen is not None and ts <= seen[0]:
+            if not self._accept(signal, ts, raw):  # stale or duplicate
+                return self._drain()
+        else:
+            self._stale.discard(signal)
+            self.seen[signal] = (ts, [raw])
         cursor = self.cursor_us
         if cursor is None:
             self._start(ts)
@@ -304,14 +306,19 @@ class EquipmentEngine:
         """End of a replay window: close every bucket, the last one clipped at `at`.
 
         A stop still open is judged on its full length, ending at `stop_end` when the
-        caller knows it (replay looks ahead in the file), else at `at`.
+        caller knows it (replay looks ahead in the file). When its end is not known, its
+        length cannot be shown to be within the threshold, so it is not a micro-stop: any
+        other choice would make the result depend on where the window was cut.
         """
         end = to_us(at)
         if self.cursor_us is None:
             self._start(end)
         self._accrue(end)
         if self.state in STOP_STATES and not self.stop_judged:
-            self._judge_stop(max(end, to_us(stop_end)) if stop_end is not None else end)
+            if stop_end is None:
+                self._judge_stop(end, open_ended=True)
+            else:
+                self._judge_stop(max(end, to_us(stop_end)))
         self._close_buckets(final=True)
         return self._drain()
 
@@ -342,7 +349,7 @@ class EquipmentEngine:
             "product": self.product,
             "cursor": self.cursor_us,
             "counters": self.counters,
-            "seen": {k: [ts, raw] for k, (ts, raw) in self.seen.items()},
+            "seen": {k: [ts, list(raws)] for k, (ts, raws) in self.seen.items()},
             "buckets": [b.dump() for b in self.buckets.values()],
             "shift_totals": self.shift_totals,
             "shift_key": self.shift_key,
@@ -363,7 +370,7 @@ class EquipmentEngine:
         self.product = data["product"]
         self.cursor_us = data["cursor"]
         self.counters = {k: int(v) for k, v in data["counters"].items()}
-        self.seen = {k: (int(ts), raw) for k, (ts, raw) in data["seen"].items()}
+        self.seen = {k: (int(ts), list(raws)) for k, (ts, raws) in data["seen"].items()}
         self.buckets = {}
         for raw_bucket in data["buckets"]:
             bucket = _Bucket.load(raw_bucket)
@@ -396,10 +403,15 @@ class EquipmentEngine:
                         {"signal": signal, "ts": from_us(ts).isoformat()},
                     )
                 return False
-            if ts == seen[0] and raw == seen[1]:
-                return False
+            if ts == seen[0]:
+                # All values already taken at this instant are remembered, not only the
+                # last: a stream fed twice repeats every one of them.
+                if raw in seen[1]:
+                    return False
+                seen[1].append(raw)
+                return True
         self._stale.discard(signal)
-        self.seen[signal] = (ts, raw)
+        self.seen[signal] = (ts, [raw])
         return True
 
     # -- time accounting ----------------------------------------------------------------
@@ -489,13 +501,13 @@ class EquipmentEngine:
             v["micro_stop_s"] += us
         bucket.reasons[reason] = bucket.reasons.get(reason, 0) + us
 
-    def _judge_stop(self, end: int) -> None:
+    def _judge_stop(self, end: int, *, open_ended: bool = False) -> None:
         """Move the pending time of the current stop to its class, on its full length."""
         assert self.state_since_us is not None
         length = end - self.state_since_us
         threshold = self._threshold_us
         # Inclusive: a stop of exactly the threshold is a micro-stop.
-        micro = threshold is not None and length <= threshold
+        micro = threshold is not None and length <= threshold and not open_ended
         to_production = micro and self.spec.micro_stops == "performance"
         for bucket in self.buckets.values():
             if not bucket.pending:

@@ -180,6 +180,13 @@ def main() -> int:
         env,
     )
 
+    # A read-only token for the demo plant, issued (and audited) like an operator would.
+    token = run(
+        [str(BIN / "cloud-api"), "tokens", "issue", "--role", "viewer", "--sites", "demo-plant",
+         "--ttl", "1h", "--subject", "demo"],
+        env,
+    ).strip()  # fmt: skip
+
     procs = Processes()
     interrupted = False
 
@@ -231,6 +238,7 @@ def main() -> int:
                 response = httpx.get(
                     url,
                     params={"from": window_from.isoformat(), "to": window_to.isoformat()},
+                    headers={"Authorization": f"Bearer {token}"},
                     timeout=5,
                 )
                 if response.status_code == 200:

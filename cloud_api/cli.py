@@ -50,6 +50,29 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retention(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    months = args.keep_months or settings.retention_months
+    if months is None:
+        return _fail("no retention: pass --keep-months or set retention_months")
+    with psycopg.connect(settings.database.url) as conn, conn.transaction():
+        dropped = [
+            r[0]
+            for r in conn.execute(
+                "SELECT * FROM ops.drop_partitions_before("
+                "date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+                " - make_interval(months => %s))",
+                (months,),
+            ).fetchall()
+        ]
+    print(
+        f"dropped {len(dropped)} partition(s): {', '.join(dropped)}"
+        if dropped
+        else "nothing to drop"
+    )
+    return 0
+
+
 def cmd_keys_init(args: argparse.Namespace) -> int:
     settings = _settings(args)
     directory = settings.keys_dir
@@ -213,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("migrate", help="apply pending SQL migrations").set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("retention", help="drop monthly fact partitions older than the retention")
+    p.add_argument("--keep-months", type=int, help="whole months kept before the current one")
+    p.set_defaults(func=cmd_retention)
 
     p = sub.add_parser("ingest", help="run the ingest worker")
     p.add_argument("--workers", type=int, default=1)

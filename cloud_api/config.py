@@ -106,6 +106,9 @@ class CloudSettings(_Model):
     http: HttpSettings = Field(default_factory=HttpSettings)
     keys_dir: Path = Path("/etc/cloud-api/keys")
     max_envelope_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # Whole months of raw facts (events, OEE buckets) kept by `cloud-api retention`; rollups
+    # are kept. None keeps everything.
+    retention_months: int | None = Field(default=None, ge=1, le=1200)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
 

@@ -20,6 +20,7 @@ import pytest
 import uvicorn
 from psycopg_pool import ConnectionPool
 
+from cloud_api import cli
 from cloud_api.app import create_app
 from cloud_api.auth import TokenKeyring, generate_token_key, issue_token
 from cloud_api.config import CloudSettings, DatabaseSettings
@@ -432,19 +433,35 @@ def test_readiness_needs_the_database_and_the_broker(
         assert (r.status_code, r.json()) == (503, {"status": "broker unavailable"})
 
 
-def test_retention_drops_whole_old_partitions_only(pool: ConnectionPool) -> None:
+def test_retention_drops_whole_old_partitions_only(
+    pg_url: str, pool: ConnectionPool, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    def old_tables() -> int:
+        with pool.connection() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_class WHERE relkind = 'r' AND relname ~ '_2020'"
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
     with pool.connection() as conn:
-        conn.execute("SELECT ops.ensure_month_partitions('2020-01-15T00:00:00Z')")
-        conn.execute("SELECT ops.ensure_month_partitions('2020-02-15T00:00:00Z')")
+        for month in ("2020-01-15", "2020-02-15", "2020-03-15"):
+            conn.execute("SELECT ops.ensure_month_partitions(%s::timestamptz)", (month,))
+        conn.commit()
+    monkeypatch.setenv("CLOUD_DATABASE_URL", pg_url)
+    assert cli.main(["retention", "--keep-months", "1200"]) == 0
+    assert "nothing to drop" in capsys.readouterr().out
+    assert old_tables() == 6
+    with pool.connection() as conn:
         dropped = [
             r[0]
             for r in conn.execute(
                 "SELECT * FROM ops.drop_partitions_before('2020-02-01T00:00:00Z')"
             ).fetchall()
         ]
-        left = conn.execute(
-            "SELECT count(*) FROM pg_class WHERE relkind = 'r' AND relname ~ '_2020'"
-        ).fetchone()
         conn.commit()
     assert sorted(dropped) == ["facts.events_202001", "facts.oee_buckets_202001"]
-    assert left == (2,)
+    assert old_tables() == 4
+    assert cli.main(["retention", "--keep-months", "1"]) == 0
+    assert "facts.oee_buckets_202003" in capsys.readouterr().out
+    assert old_tables() == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -124,3 +125,106 @@ def test_micro_stops_both_settings() -> None:
     assert avail.downtime_s == pytest.approx(300)
     assert perf.micro_stop_s == avail.micro_stop_s == pytest.approx(120)
     assert perf.planned_busy_s == avail.planned_busy_s == pytest.approx(420)
+
+
+def test_calendar_dst_days_and_night_shifts() -> None:
+    whole_day = ShiftSpec(name="all", start="00:00", end="00:00")  # type: ignore[arg-type]
+    cal = ShiftCalendar([whole_day], "Europe/Berlin")
+    spring = cal.window_at(datetime(2026, 3, 29, 12, 0, tzinfo=UTC))
+    autumn = cal.window_at(datetime(2026, 10, 25, 12, 0, tzinfo=UTC))
+    assert spring.end - spring.start == timedelta(hours=23)
+    assert autumn.end - autumn.start == timedelta(hours=25)
+    night = ShiftSpec(name="night", start="22:00", end="06:00")  # type: ignore[arg-type]
+    cal = ShiftCalendar([night], "Europe/Berlin")
+    w = cal.window_at(datetime(2026, 10, 25, 2, 0, tzinfo=UTC))
+    assert (w.shift, w.start, w.end) == (
+        "night",
+        datetime(2026, 10, 24, 20, 0, tzinfo=UTC),  # 22:00 CEST
+        datetime(2026, 10, 25, 5, 0, tzinfo=UTC),  # 06:00 CET: 9 hours
+    )
+
+
+def test_off_plan_windows_span_weekends_and_empty_calendars() -> None:
+    weekdays = ShiftSpec(
+        name="day",
+        start="06:00",  # type: ignore[arg-type]
+        end="14:00",  # type: ignore[arg-type]
+        days=["mon", "tue", "wed", "thu", "fri"],
+    )
+    cal = ShiftCalendar([weekdays], "UTC")
+    w = cal.window_at(datetime(2026, 1, 10, 12, 0, tzinfo=UTC))  # Saturday
+    assert (w.shift, w.start, w.end) == (
+        None,
+        datetime(2026, 1, 9, 14, 0, tzinfo=UTC),
+        datetime(2026, 1, 12, 6, 0, tzinfo=UTC),
+    )
+    empty = ShiftCalendar([], "Asia/Kolkata").window_at(
+        datetime(2026, 1, 10, 12, 0, 30, tzinfo=UTC)
+    )
+    # Without shifts the window is bounded at UTC midnights, which every bucket edge divides.
+    assert (empty.start, empty.end) == (
+        datetime(2026, 1, 10, tzinfo=UTC),
+        datetime(2026, 1, 11, tzinfo=UTC),
+    )
+
+
+def test_performance_above_one_is_flagged_with_the_suspected_cycle_time() -> None:
+    cal = ShiftCalendar(
+        [ShiftSpec(name="early", start="06:00", end="07:00")],  # type: ignore[arg-type]
+        "UTC",
+    )
+    engine = EquipmentEngine(spec(ideal_cycle_time=2.0), cal, agent_id="a", site_id="s")
+    t = datetime(2026, 1, 5, 6, 0, tzinfo=UTC)
+    events: list[object] = []
+    events += engine.feed(Sample("press-1", "state", 1, t))
+    events += engine.feed(Sample("press-1", "total_count", 0, t))
+    events += engine.feed(Sample("press-1", "total_count", 3000, t + timedelta(minutes=50)))
+    events += engine.tick(t + timedelta(hours=1))
+    flags = [e for e in events if isinstance(e, AgentEvent) and e.code == "performance_above_one"]
+    assert len(flags) == 1
+    assert flags[0].equipment_id == "press-1"
+    assert flags[0].data["performance"] == pytest.approx(6000 / 3600)
+    assert flags[0].data["suspected_ideal_cycle_time_s"] == pytest.approx(1.2)
+    assert pooled(events).ratios().performance == pytest.approx(6000 / 3600)  # not clamped
+
+
+def test_noisy_inputs_raise_one_event_per_episode() -> None:
+    cal = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+    engine = EquipmentEngine(spec(), cal, agent_id="a", site_id="s")
+    events: list[object] = []
+    for second in range(10):  # an unmapped state polled at 1 Hz
+        events += engine.feed(Sample("press-1", "state", 7, at(second / 60)))
+    events += engine.feed(Sample("press-1", "total_count", 100, at(1)))
+    for second in range(5):  # a source clock that jumped back
+        events += engine.feed(Sample("press-1", "total_count", 50, at(0.5 + second / 60)))
+    codes = [e.code for e in events if isinstance(e, AgentEvent)]
+    assert codes == ["unmapped_state", "sample_stale"]
+
+
+def test_checkpoint_of_another_version_is_refused() -> None:
+    cal = ShiftCalendar([], "UTC")
+    engine = EquipmentEngine(spec(), cal, agent_id="a", site_id="s")
+    snapshot = engine.checkpoint()
+    snapshot["version"] = 1
+    with pytest.raises(ValueError, match="checkpoint version"):
+        EquipmentEngine(spec(), cal, agent_id="a", site_id="s").restore(snapshot)
+
+
+def test_restart_gap_is_unknown_time_and_counts_once() -> None:
+    cal = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+    engine = EquipmentEngine(spec(), cal, agent_id="a", site_id="s")
+    events: list[object] = []
+    events += engine.feed(Sample("press-1", "state", 1, at(0)))
+    events += engine.feed(Sample("press-1", "total_count", 100, at(0)))
+    events += engine.tick(at(10))
+    restarted = EquipmentEngine(spec(), cal, agent_id="a", site_id="s")
+    restarted.restore(json.loads(json.dumps(engine.checkpoint())))
+    # What agent/runtime.py does: the time it was down is unknown, from the cursor on.
+    assert restarted.cursor is not None
+    events += restarted.mark_unknown(restarted.cursor, "agent restarted")
+    events += restarted.feed(Sample("press-1", "state", 1, at(15)))
+    events += restarted.feed(Sample("press-1", "total_count", 130, at(15)))
+    events += restarted.finish(at(20))
+    c = pooled(events)
+    assert (c.production_s, c.unknown_s, c.planned_busy_s) == (900.0, 300.0, 1200.0)
+    assert c.produced == 30

@@ -191,12 +191,22 @@ class SecurityMiddleware:
         method: str = scope.get("method", "GET")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         state: MutableMapping[str, Any] = scope.setdefault("state", {})
-        status_box = {"status": 500, "cache_hit": False, "started": False}
+        status_box = {"status": 500, "cache_hit": False, "started": False, "too_large": False}
         with tracing.request_span(method, path, headers) as (span, trace_id):
             state["trace_id"] = trace_id
             extra_headers: dict[str, str] = {"X-Trace-Id": trace_id}
 
             async def send_wrapped(message: Message) -> None:
+                if status_box["too_large"]:
+                    # The body outgrew the limit while a route read it; whatever the route made
+                    # of that (FastAPI answers 400), the answer is 413.
+                    if message["type"] == "http.response.start" and not status_box["started"]:
+                        status_box["started"] = True
+                        await self._too_large(path, trace_id)(scope, receive, send_inner)
+                    return
+                await send_inner(message)
+
+            async def send_inner(message: Message) -> None:
                 if message["type"] == "http.response.start":
                     status_box["started"] = True
                     status_box["status"] = message["status"]
@@ -217,7 +227,7 @@ class SecurityMiddleware:
                 if refusal is not None:
                     await refusal(scope, receive, send_wrapped)
                 else:
-                    await self.app(scope, self._limited(receive, headers), send_wrapped)
+                    await self.app(scope, self._limited(receive, status_box), send_wrapped)
             except BodyTooLarge:
                 if status_box["started"]:
                     raise
@@ -276,7 +286,7 @@ class SecurityMiddleware:
             trace_id=trace_id,
         )
 
-    def _limited(self, receive: Receive, headers: dict[str, str]) -> Receive:
+    def _limited(self, receive: Receive, box: dict[str, Any]) -> Receive:
         limit = self.state.settings.max_body_bytes
         seen = 0
 
@@ -286,6 +296,7 @@ class SecurityMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
+                    box["too_large"] = True
                     raise BodyTooLarge
             return message
 
@@ -394,6 +405,8 @@ def install(app: FastAPI, settings: CloudSettings) -> SecurityState:
     app.include_router(ops_stats.router(require("ops")))
     app.include_router(annotations.router)
     _with_security_scheme(app)
+    app.add_middleware(SecurityMiddleware, state=state)
+    # Outermost: a preflight carries no credentials, so it is answered before authentication.
     if settings.security.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -403,7 +416,6 @@ def install(app: FastAPI, settings: CloudSettings) -> SecurityState:
             expose_headers=["ETag", "RateLimit", "RateLimit-Policy", "Retry-After", "X-Trace-Id"],
             max_age=600,
         )
-    app.add_middleware(SecurityMiddleware, state=state)
 
     inner = app.router.lifespan_context
 

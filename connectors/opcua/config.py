@@ -16,8 +16,9 @@ SecurityMode = Literal["None", "Sign", "SignAndEncrypt"]
 
 # ns=2;s=Line1.Press, ns=3;i=1001, ns=1;g=<guid>, ns=1;b=<base64>, i=2258 (namespace 0),
 # nsu=urn:plant:press;s=Counter (namespace by URI: survives a changed namespace index),
-# and browse paths such as /Objects/2:Press1/2:State (each element `ns:Name`, `<uri>:Name`
-# is not allowed because URIs contain colons; use nsu= node ids for that).
+# and browse paths from the root such as /Objects/2:Press1/2:State or /Objects/Press1/State
+# (an element without `ns:` matches the name in any namespace, so it survives a server that
+# renumbers its namespaces).
 _NODE_ID = re.compile(
     r"^(?:(?:ns=\d+|nsu=[^;]+);)?(?:i=\d+|s=.+|g=[0-9A-Fa-f-]{36}|b=[A-Za-z0-9+/=]+)$"
 )

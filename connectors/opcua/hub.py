@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import enum
 import hashlib
+import logging
 import random
 import time
 from collections.abc import Sequence
@@ -138,8 +139,19 @@ def plain_value(value: Any) -> bool | int | float | str | None:
 async def resolve_node(client: Client, text: str, namespaces: list[str]) -> ua.NodeId:
     """A node id from config notation, against the server's current namespace table."""
     if text.startswith("/"):
-        parts = [p for p in text.split("/") if p]
-        node = await client.nodes.root.get_child(parts)
+        node = client.nodes.root
+        for part in (p for p in text.split("/") if p):
+            prefix, _, name = part.partition(":")
+            if name and prefix.isdigit():
+                node = await node.get_child(part)
+                continue
+            # No namespace index given: match the name in any namespace, so the path keeps
+            # working when the server hands out other indexes after a restart.
+            refs = await node.get_children_descriptions()
+            found = [r for r in refs if r.BrowseName.Name == part]
+            if not found:
+                raise ValueError(f"no child {part!r} under {node.nodeid.to_string()}")
+            node = client.get_node(found[0].NodeId)
         return node.nodeid
     if text.startswith("nsu="):
         uri, _, rest = text[4:].partition(";")
@@ -182,6 +194,9 @@ class OpcUaHub:
         self._skew_reported = False
         self._lost = asyncio.Event()
         self._log = structlog.get_logger("connectors.opcua").bind(connection=config.id)
+        # The hub logs connection state changes itself; asyncua would add a warning for every
+        # closed socket on every failed reconnect attempt.
+        logging.getLogger("asyncua").setLevel(logging.ERROR)
 
     async def __aenter__(self) -> OpcUaHub:
         return self
@@ -231,16 +246,15 @@ class OpcUaHub:
                     f"trusted one in {cfg.server_certificate} (SHA-1 {thumbprint(trusted)}); "
                     "if the server's certificate was replaced on purpose, put the new one there"
                 )
-        cert = await uacrypto.load_certificate(str(cfg.certificate))
-        key = await uacrypto.load_private_key(
-            str(cfg.private_key),
-            cfg.private_key_password.encode() if cfg.private_key_password else None,
-        )
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        # the endpoint may carry a chain; the channel is secured with its first certificate
+        server_cert = uacrypto.x509_from_der(server_der)  # type: ignore[no-untyped-call]
         await client._set_security(  # the public wrapper would fetch the endpoints again
             policy,
-            uacrypto.CertProperties(cert),
-            uacrypto.CertProperties(key),
-            uacrypto.CertProperties(uacrypto.x509_from_der(server_der)),  # type: ignore[no-untyped-call]
+            uacrypto.CertProperties(str(cfg.certificate)),
+            uacrypto.CertProperties(str(cfg.private_key), password=cfg.private_key_password),
+            uacrypto.CertProperties(server_cert.public_bytes(Encoding.DER), extension="der"),
             mode,
         )
 
@@ -249,6 +263,9 @@ class OpcUaHub:
         cfg = self.config
         client = Client(cfg.url, timeout=cfg.timeout, watchdog_intervall=max(1.0, cfg.timeout / 2))
         client.application_uri = cfg.application_uri
+        # Servers free the session of an agent that died after this long (ms); asyncua's
+        # default of an hour keeps dead sessions around on small PLC servers.
+        client.session_timeout = 60_000
         client.name = client.description = "edge-agent"
         if cfg.username is not None:
             client.set_user(cfg.username)

@@ -39,6 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         keys = AgentKeys.load(config.keys_dir)
     except (KeyFileError, OSError) as exc:
         return _fail(
+        keys.cloud_key_for(config.uplink.suite)  # the configured suite needs its cloud key
             f"keys in {config.keys_dir} are not usable: {exc}\n"
             "  run `edge-agent keys init -c FILE` and install the cloud's public keys "
             "with `edge-agent keys install-cloud -c FILE CLOUD_KEYS_FILE`"

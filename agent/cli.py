@@ -16,6 +16,8 @@ from sync.keys import (
     KeyFileError,
     generate_agent_signing_key,
     install_cloud_public_keys,
+    retired_signing_keys,
+    rotate_agent_signing_key,
 )
 from sync.logs import configure_logging
 
@@ -37,9 +39,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.umask(0o077)  # outbox, WAL and key files are readable by the agent's user only
     try:
         keys = AgentKeys.load(config.keys_dir)
+        keys.cloud_key_for(config.uplink.suite)  # the configured suite needs its cloud key
     except (KeyFileError, OSError) as exc:
         return _fail(
-        keys.cloud_key_for(config.uplink.suite)  # the configured suite needs its cloud key
             f"keys in {config.keys_dir} are not usable: {exc}\n"
             "  run `edge-agent keys init -c FILE` and install the cloud's public keys "
             "with `edge-agent keys install-cloud -c FILE CLOUD_KEYS_FILE`"
@@ -95,21 +97,86 @@ def cmd_keys_install_cloud(args: argparse.Namespace) -> int:
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
     hpke = [ln for ln in lines if not ln.startswith("ed25519:")]
     acks = [ln for ln in lines if ln.startswith("ed25519:")]
-    if len(hpke) != 1 or not acks:
+    if not hpke or not acks:
         return _fail(
-            f"{args.file}: expected one HPKE public key line and at least one "
+            f"{args.file}: expected HPKE public key line(s) (one per suite) and at least one "
             "ed25519 ack key line (the output of `cloud-api keys export`)"
         )
-    install_cloud_public_keys(config.keys_dir, hpke[0], acks)
+    try:
+        install_cloud_public_keys(config.keys_dir, hpke, acks)
+    except KeyFileError as exc:
+        return _fail(f"{args.file}: {exc}")
     print(f"installed the cloud's public keys in {config.keys_dir}")
     return 0
 
 
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    os.umask(0o077)
+    try:
+        new, old_kid = rotate_agent_signing_key(config.keys_dir)
+    except KeyFileError as exc:
+        return _fail(str(exc))
+    from sync.keys import ed25519_key_id, ed25519_line
+
+    print(ed25519_line(new.public_key()))
+    print(
+        f"# new signing key {ed25519_key_id(new.public_key())}; retired {old_kid}.\n"
+        "# 1. enroll the line above: cloud-api agents enroll --agent ID --site SITE "
+        "--public-key FILE\n"
+        "# 2. restart the agent (batches signed by an unenrolled key are refused and resent)\n"
+        f"# 3. when `edge-agent keys status` shows no batch signed by {old_kid}, revoke it:\n"
+        f"#    cloud-api agents revoke-key --agent ID --key-id {old_kid}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_keys_status(args: argparse.Namespace) -> int:
+    from buffer.outbox import Outbox
+    from sync.envelope import EnvelopeError, parse_header
+
+    config = _config(args.config)
+    keys = AgentKeys.load(config.keys_dir)
+    by_signer: dict[str, int] = {}
+    by_cloud: dict[str, int] = {}
+    outbox = Outbox(config.outbox_path, max_bytes=config.outbox.max_bytes)
+    try:
+        after = 0
+        while batches := outbox.pending(1000, after_seq=after):
+            for batch in batches:
+                try:
+                    header = parse_header(batch.envelope)
+                except EnvelopeError:
+                    continue
+                by_signer[header.signing_key_id] = by_signer.get(header.signing_key_id, 0) + 1
+                by_cloud[header.cloud_key_id] = by_cloud.get(header.cloud_key_id, 0) + 1
+            after = batches[-1].seq
+    finally:
+        outbox.close()
+    data = {
+        "signing_key_id": keys.signing_key_id,
+        "retired_signing_key_ids": sorted(retired_signing_keys(config.keys_dir)),
+        "cloud_hpke_keys": {k.suite: k.key_id for k in keys.cloud_publics},
+        "sealing_suite": config.uplink.suite,
+        "cloud_ack_key_ids": sorted(keys.ack_verify_keys),
+        "unacked_batches_by_signing_key": by_signer,
+        "unacked_batches_by_cloud_key": by_cloud,
+    }
+    print(json.dumps(data, indent=None if args.json else 2))
+    return 0
+
+
 def cmd_buffer_stats(args: argparse.Namespace) -> int:
+    from agent.outbox_writer import fill_level
     from buffer.outbox import Outbox
 
     config = _config(args.config)
-    outbox = Outbox(config.outbox_path, max_bytes=config.outbox.max_bytes)
+    outbox = Outbox(
+        config.outbox_path,
+        max_bytes=config.outbox.max_bytes,
+        min_free_bytes=config.outbox.min_free_bytes,
+    )
     stats = outbox.stats()
     outbox.close()
     data = {
@@ -118,11 +185,19 @@ def cmd_buffer_stats(args: argparse.Namespace) -> int:
         "events": stats.events,
         "bytes": stats.bytes,
         "quota_bytes": stats.max_bytes,
+        "capacity_bytes": stats.capacity_bytes,
+        "disk_free_bytes": stats.disk_free_bytes,
+        "min_free_bytes": stats.min_free_bytes,
         "fill": round(stats.fill_ratio, 4),
+        "fill_level": fill_level(stats.fill_ratio, full=False),
+        "when_full": config.outbox.when_full,
         "oldest_unacked_age_s": stats.oldest_unacked_age_s,
         "acked_seq_high_water": stats.acked_seq_high_water,
         "acked_batches_total": stats.acked_batches_total,
         "next_seq": stats.next_seq,
+        "sheddable_batches": stats.sheddable_batches,
+        "shed_batches_total": stats.shed_batches_total,
+        "shed_events_total": stats.shed_events_total,
     }
     if args.json:
         print(json.dumps(data))
@@ -214,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True)
     p.add_argument("file", help="output of `cloud-api keys export`")
     p.set_defaults(func=cmd_keys_install_cloud)
+    p = keys.add_parser(
+        "rotate", help="replace the signing key; prints the new public key to enroll"
+    )
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=cmd_keys_rotate)
+    p = keys.add_parser("status", help="key ids in use and unacked batches per key")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_keys_status)
 
     buf = sub.add_parser("buffer", help="outbox").add_subparsers(dest="buffer", required=True)
     p = buf.add_parser("stats", help="depth, bytes, oldest unacked age, acked high-water mark")

@@ -179,8 +179,27 @@ class KeysConfig(_Model):
 
 
 class OutboxConfig(_Model):
+    """The durable outbox: where it lives and how much it may hold during an outage."""
+
     path: Path | None = None
-    max_bytes: int = Field(default=2 * 1024**3, ge=1024 * 1024)
+    max_bytes: int = Field(default=2 * 1024**3, ge=16 * 1024)
+    # The outbox stops growing when the file system's free space would drop below this.
+    min_free_bytes: int = Field(default=256 * 1024**2, ge=0)
+    # block: hold new events in memory (the checkpoint on disk stays consistent), retry.
+    # shed_samples: delete raw-sample batches first and record the loss; OEE data is never shed.
+    when_full: Literal["block", "shed_samples"] = "block"
+
+
+class RawSamplesConfig(_Model):
+    """Optional publishing of raw signal values (`sample` events), filtered by a deadband."""
+
+    enabled: bool = False
+    # A numeric value is published when it moved by more than this since the last one sent.
+    deadband: float = Field(default=0.0, ge=0.0)
+    # Publish an unchanged value again after this long (a heartbeat); unset: never.
+    max_interval: Duration | None = None
+    # Only these signals (default: every signal of every equipment).
+    signals: list[str] | None = None
 
 
 class HealthConfig(_Model):
@@ -197,6 +216,7 @@ class AgentConfig(_Model):
     uplink: UplinkConfig = Field(default_factory=UplinkConfig)
     keys: KeysConfig = Field(default_factory=KeysConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    raw_samples: RawSamplesConfig = Field(default_factory=RawSamplesConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     shifts: list[ShiftSpec] = Field(default_factory=list)
     equipment: list[EquipmentConfig] = Field(min_length=1)

@@ -20,7 +20,9 @@ from typing import Any
 import structlog
 
 from agent.config import AgentConfig
-from buffer.outbox import Outbox, OutboxFull
+from agent.outbox_writer import OutboxWriter
+from agent.raw_samples import RawSamplePublisher
+from buffer.outbox import Outbox
 from connectors.connector import Hub
 from connectors.registry import build_hub
 from connectors.sample import Sample
@@ -52,7 +54,33 @@ class AgentRuntime:
         self.keys = keys
         self.clock = clock
         self.samples: asyncio.Queue[Sample] = asyncio.Queue(maxsize=100_000)
-        self.outbox = Outbox(config.outbox_path, max_bytes=config.outbox.max_bytes)
+        self.outbox = Outbox(
+            config.outbox_path,
+            max_bytes=config.outbox.max_bytes,
+            min_free_bytes=config.outbox.min_free_bytes,
+        )
+        # The configured suite decides which of the cloud's published keys seals batches.
+        self.cloud_key = keys.cloud_key_for(config.uplink.suite)
+        self.writer = OutboxWriter(
+            self.outbox,
+            self._seal_batch,
+            agent_id=config.agent.id,
+            site_id=config.agent.site,
+            batch_max_events=config.uplink.batch_max_events,
+            when_full=config.outbox.when_full,
+        )
+        raw = config.raw_samples
+        self.raw_samples = (
+            RawSamplePublisher(
+                agent_id=config.agent.id,
+                site_id=config.agent.site,
+                deadband=raw.deadband,
+                max_interval=raw.max_interval,
+                signals=raw.signals,
+            )
+            if raw.enabled
+            else None
+        )
         self.engine = PlantEngine(
             config.oee_specs(),
             config.calendar(),
@@ -138,6 +166,7 @@ class AgentRuntime:
     def _seal_batch(self, events: list[Event]) -> Callable[[str, int], tuple[bytes, str]]:
         plaintext = dump_events(events)
         keys = self.keys
+        cloud_key = self.cloud_key
 
         def sealer(epoch: str, seq: int) -> tuple[bytes, str]:
             header = EnvelopeHeader(
@@ -147,11 +176,11 @@ class AgentRuntime:
                 seq=seq,
                 count=len(events),
                 signing_key_id=keys.signing_key_id,
-                cloud_key_id=keys.cloud_public.key_id,
-                suite=keys.cloud_public.suite,
+                cloud_key_id=cloud_key.key_id,
+                suite=cloud_key.suite,
                 trace_id=secrets.token_hex(16),
             )
-            raw = seal(plaintext, header, keys.signing_key, keys.cloud_public)
+            raw = seal(plaintext, header, keys.signing_key, cloud_key)
             return raw, envelope_digest(raw)
 
         return sealer
@@ -159,23 +188,16 @@ class AgentRuntime:
     def flush(self) -> int:
         """Close due buckets and commit pending events with the checkpoint; returns batches."""
         self.last_flush = time.monotonic()
-        self.pending.extend(self.engine.tick(self.clock()))
-        size = self.config.uplink.batch_max_events
-        chunks = [self.pending[i : i + size] for i in range(0, len(self.pending), size)]
+        now = self.clock()
+        self.pending.extend(self.engine.tick(now))
         checkpoint = json.dumps(self.engine.checkpoint(), separators=(",", ":"))
-        try:
-            seqs = self.outbox.append(
-                [(len(chunk), self._seal_batch(chunk)) for chunk in chunks], checkpoint
-            )
-        except OutboxFull as exc:
-            # Back-pressure: keep the events (and thus the engine's advance) in memory; the
-            # checkpoint on disk stays consistent with what is stored.
-            self.log.warning("outbox full, holding events", error=str(exc), held=len(self.pending))
-            return 0
-        self.pending.clear()
-        if seqs:
+        # When the outbox is full the events are held (the engine's advance stays in memory,
+        # the checkpoint on disk stays consistent with what is stored) or raw samples shed.
+        result = self.writer.write(self.pending, checkpoint, now)
+        self.pending = result.held
+        if result.seqs:
             self.uplink.notify()
-        return len(seqs)
+        return len(result.seqs)
 
     async def _engine_loop(self) -> None:
         while True:
@@ -183,6 +205,8 @@ class AgentRuntime:
             self.samples_total += 1
             try:
                 self.pending.extend(self.engine.feed(sample))
+                if self.raw_samples is not None and (raw := self.raw_samples.feed(sample)):
+                    self.pending.append(raw)
             except (KeyError, ValueError) as exc:
                 self.samples_ignored += 1
                 self.log.warning("sample ignored", error=str(exc))

@@ -55,6 +55,7 @@ from oee.components import Components, ratios
 from oee.engine import SIGNALS, EquipmentEngine, PlantEngine, from_us, to_us
 from oee.events import AgentEvent, Event, OeeEvent
 
+_SIGNAL_SET = frozenset(SIGNALS)
 MAX_WARNINGS_KEPT = 1000
 MAX_WARNINGS_PRINTED_PER_KIND = 20
 
@@ -208,7 +209,7 @@ class ReplayRun:
                 self.warn(line, "equipment", f"unknown equipment {eq!r}; sample ignored")
             return  # else: another equipment than --equipment
         signal = sample.signal
-        if signal not in SIGNALS:
+        if signal not in _SIGNAL_SET:
             self.warn(
                 line,
                 "signal",
@@ -231,7 +232,9 @@ class ReplayRun:
         if cursor is None:
             self._collect(engine.start(self.start))
             cursor = self.start_us
-        if ts <= cursor:
+        if ts < cursor or (ts == cursor and ts == engine.seen.get(sample.signal, (None,))[0]):
+            # Cheap test first: samples of one poll share a timestamp; only a second sample
+            # of the same signal at the same instant can be a duplicate.
             self._report_late(engine, sample, ts, cursor, line)
         events = engine.feed(sample)
         if events:

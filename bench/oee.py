@@ -4,8 +4,9 @@ Every second each machine is polled once and yields three samples (state, total_
 scrap_count), as a 1 Hz Modbus poll does: 50 x 604,800 x 3 = 90.7 million samples. The
 samples are generated in memory, an hour at a time, and fed through `agent.replay.ReplayRun`
 (the code path of `edge-agent replay` after JSON parsing). Machines are independent, so
-the fleet is split over worker processes (one per CPU by default); each reports its engine
-time, the time spent only inside the replay path, excluding sample generation.
+the fleet is split over worker processes (one per CPU by default). Besides wall-clock time,
+each worker reports its CPU time in total and inside the replay path alone (excluding sample
+generation): on a shared machine the CPU figures are the ones that do not depend on load.
 
 Run: `python -m bench.oee [--machines 50] [--days 7] [--workers N]`. The last line of the
 output is one JSON object with the figures.
@@ -81,6 +82,8 @@ def run_group(machines: list[int], total_machines: int, seconds: int) -> dict[st
     total = dict.fromkeys(ids, 0)
     scrap = dict.fromkeys(ids, 0)
     engine_s = 0.0
+    engine_cpu = 0.0
+    cpu_began = time.process_time()
     count = 0
     line = 0
     feed = run.feed
@@ -104,19 +107,23 @@ def run_group(machines: list[int], total_machines: int, seconds: int) -> dict[st
                 append(Sample(eq, "state", state[eq], ts))
                 append(Sample(eq, "total_count", total[eq], ts))
                 append(Sample(eq, "scrap_count", scrap[eq], ts))
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         for sample in chunk:
             line += 1
             feed(sample, line)
         engine_s += time.perf_counter() - began
+        engine_cpu += time.process_time() - began_cpu
         count += len(chunk)
-    began = time.perf_counter()
+    began, began_cpu = time.perf_counter(), time.process_time()
     run.finish()
     engine_s += time.perf_counter() - began
+    engine_cpu += time.process_time() - began_cpu
     pooled = Components.pool(t.components for t in run.tally.values())
     return {
         "samples": count,
         "engine_seconds": engine_s,
+        "engine_cpu_seconds": engine_cpu,
+        "cpu_seconds": time.process_time() - cpu_began,
         "components": pooled.model_dump(),
         "warnings": run.warnings_total,
     }
@@ -140,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             results = [f.result() for f in futures]
     wall = time.perf_counter() - began
     samples = sum(r["samples"] for r in results)
-    engine_cpu = sum(r["engine_seconds"] for r in results)
+    engine_cpu = sum(r["engine_cpu_seconds"] for r in results)
+    cpu = sum(r["cpu_seconds"] for r in results)
     pooled = Components.pool(Components.model_validate(r["components"]) for r in results)
     r = ratios(pooled)
     report = {
@@ -151,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         "samples": samples,
         "seconds": round(wall, 3),
         "samples_per_second": round(samples / wall),
+        "cpu_seconds": round(cpu, 3),
         "engine_cpu_seconds": round(engine_cpu, 3),
         "engine_samples_per_cpu_second": round(samples / engine_cpu),
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "warnings": sum(r["warnings"] for r in results),
         "oee": r.oee,
         "availability": r.availability,

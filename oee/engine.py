@@ -32,6 +32,8 @@ from oee.events import AgentEvent, CountEvent, Event, OeeEvent, StateEvent
 STOP_STATES = ("fault", "idle")
 COUNTER_SIGNALS = ("total_count", "good_count", "scrap_count", "rework_count")
 SIGNALS = ("state", "reason", "product", *COUNTER_SIGNALS)
+_SIGNAL_SET = frozenset(SIGNALS)  # membership tests on the hot path
+_COUNTER_SET = frozenset(COUNTER_SIGNALS)
 UNSPECIFIED = "unspecified"
 CHECKPOINT_VERSION = 2
 
@@ -247,7 +249,7 @@ class EquipmentEngine:
     def feed(self, sample: SampleLike) -> list[Event]:
         """Apply one sample (see the module docstring for samples out of order)."""
         signal = sample.signal
-        if signal not in SIGNALS:
+        if signal not in _SIGNAL_SET:
             raise ValueError(f"unknown signal {signal!r}")
         ts = to_us(sample.ts)
         value = sample.value
@@ -272,7 +274,7 @@ class EquipmentEngine:
             if raw is None or raw != self._state_raw:
                 self._state_raw = raw
                 self._on_state(raw, cursor)
-        elif signal in COUNTER_SIGNALS:
+        elif signal in _COUNTER_SET:
             if raw is not None:
                 self._on_counter(signal, raw, cursor)
         elif raw is not None:
@@ -656,7 +658,10 @@ class EquipmentEngine:
                     ts=from_us(at),
                     state=new,  # type: ignore[arg-type]
                     previous=previous,  # type: ignore[arg-type]
-                    reason=reason if reason is not None else self.reason,
+                    # The PLC's reason register keeps its last value while running.
+                    reason=reason
+                    if reason is not None
+                    else (self.reason if new in STOP_STATES else None),
                     raw=raw,
                 )
             )

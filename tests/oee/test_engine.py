@@ -228,3 +228,18 @@ def test_restart_gap_is_unknown_time_and_counts_once() -> None:
     c = pooled(events)
     assert (c.production_s, c.unknown_s, c.planned_busy_s) == (900.0, 300.0, 1200.0)
     assert c.produced == 30
+
+
+def test_implausible_jump_is_quarantined_and_reported() -> None:
+    cal = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+    s = spec(counters={"total_count": CounterSpec(width=32, max_delta=1000)})
+    engine = EquipmentEngine(s, cal, agent_id="a", site_id="s")
+    events: list[object] = []
+    events += engine.feed(Sample("press-1", "state", 1, at(0)))
+    events += engine.feed(Sample("press-1", "total_count", 100, at(0)))
+    events += engine.feed(Sample("press-1", "total_count", 900_000, at(1)))  # a glitch
+    events += engine.feed(Sample("press-1", "total_count", 900_040, at(2)))  # +40 from there
+    events += engine.finish(at(3))
+    assert pooled(events).produced == 40
+    quarantined = [e for e in events if isinstance(e, AgentEvent)]
+    assert [(e.code, e.data["current"]) for e in quarantined] == [("counter_quarantined", 900_000)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -65,6 +65,25 @@ class Bucket:
     end: datetime | None
     shift: str | None
     components: Components
+
+
+def components_of(row: Mapping[str, Any]) -> Components:
+    """Components from a row of sums (NULL counts as zero; numeric sums become int)."""
+    values: dict[str, Any] = {
+        c: int(row[c] or 0) if c in QUANTITY_FIELDS else float(row[c] or 0.0)
+        for c in COMPONENT_FIELDS
+    }
+    return Components(**values)
+
+
+def pooled(parts: Iterable[Components]) -> Components:
+    """The exact sum of several windows' components (Components.pool with one validation)."""
+    total: dict[str, Any] = dict.fromkeys(COMPONENT_FIELDS, 0)
+    for part in parts:
+        values = part.__dict__
+        for c in COMPONENT_FIELDS:
+            total[c] += values[c]
+    return components_of(total)
 
 
 def _sums(prefix: str = "") -> sql.Composable:
@@ -252,7 +271,7 @@ def oee_series(
                 r["label"],
                 r["bucket_end"],
                 r["shift"],
-                Components.from_mapping(r),
+                components_of(r),
             )
             for r in rows
         ]
@@ -264,8 +283,8 @@ def oee_series(
         params[f"lo{i}"], params[f"hi{i}"] = lo, hi
         selects.append(
             sql.SQL(
-                "SELECT site_id, equipment_id, bucket, {cols} FROM rollups.{table} "
-                "WHERE (site_id, equipment_id) IN (SELECT site_id, equipment_id FROM scope) "
+                "SELECT bucket, {cols} FROM rollups.{table} "
+                "WHERE site_id = s.site_id AND equipment_id = s.equipment_id "
                 "AND bucket >= {lo} AND bucket < {hi}"
             ).format(
                 cols=_COLS,
@@ -274,9 +293,12 @@ def oee_series(
                 hi=sql.Placeholder(f"hi{i}"),
             )
         )
+    # One primary-key range scan per equipment, whatever the table's size: OFFSET 0 keeps
+    # the planner from flattening the LATERAL subquery into a hash join over a full scan.
     stmt = _SCOPE_CTE + sql.SQL(
-        "SELECT {groups}, {label} AS label, {sums} FROM ({union}) r "
-        "JOIN scope s USING (site_id, equipment_id) GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+        "SELECT {groups}, {label} AS label, {sums} FROM scope s "
+        "CROSS JOIN LATERAL (SELECT * FROM ({union}) u OFFSET 0) r "
+        "GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
     ).format(
         groups=_group_cols(group_by),
         label=_label(interval),
@@ -290,7 +312,7 @@ def oee_series(
             r["label"],
             bucket_end(r["label"], interval, tz),
             None,
-            Components.from_mapping(r),
+            components_of(r),
         )
         for r in rows
     ]
@@ -343,7 +365,7 @@ def pareto(
         rows = run(conn, "pareto_reason", stmt, params)
         return [(r["label"], float(r["seconds"])) for r in rows if r["seconds"] > 0]
     (buckets, _) = oee_series(conn, members, start, end, "1mo", ZoneInfo("UTC"), "none")
-    total = Components.pool(b.components for b in buckets)
+    total = pooled(b.components for b in buckets)
     items = [(name.removesuffix("_s"), float(getattr(total, name))) for name in LOSS_CLASSES]
     return sorted((i for i in items if i[1] > 0), key=lambda i: (-i[1], i[0]))
 

@@ -20,7 +20,7 @@ from cloud_api.queries import (
     Interval,
     ScopeKind,
 )
-from cloud_api.routes.common import allowed_sites, db, respond, window, zone
+from cloud_api.routes.common import allowed_sites, db, respond, wants_csv, window, zone
 from oee.components import QUANTITY_FIELDS, Components
 
 router = APIRouter(prefix="/v1", tags=["oee"])
@@ -62,7 +62,7 @@ def _series_payload(
     tz_name: str,
     group_by: GroupBy,
     fields: Literal["oee", "counts"],
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+) -> dict[str, Any]:
     tz = zone(tz_name)
     groups: dict[tuple[str | None, str | None], list[Bucket]] = {}
     for b in buckets:
@@ -70,44 +70,51 @@ def _series_payload(
 
     def values(c: Components) -> dict[str, Any]:
         if fields == "counts":
-            return {k: int(getattr(c, k)) for k in QUANTITY_FIELDS}
-        return {**ratios_of(c), "components": c.model_dump()}
+            return {k: getattr(c, k) for k in QUANTITY_FIELDS}
+        return {**ratios_of(c), "components": dict(c.__dict__)}
 
     out_groups = []
-    table = []
     key_name = {"none": None, "site": "site", "line": "line", "equipment": "equipment"}[group_by]
     for (g_site, g_id), items in groups.items():
         series = []
         for b in items:
-            b_start = max(b.start, start).astimezone(tz)
-            b_end = min(b.end, end).astimezone(tz) if b.end is not None else None
-            row: dict[str, Any] = {"start": b_start, "end": b_end}
+            row: dict[str, Any] = {
+                "start": max(b.start, start).astimezone(tz),
+                "end": min(b.end, end).astimezone(tz) if b.end is not None else None,
+            }
             if b.shift is not None:
                 row["shift"] = b.shift
             row.update(values(b.components))
             series.append(row)
-            flat: dict[str, Any] = (
-                {"site": g_site, key_name or "group": g_id} if group_by != "none" else {}
-            )
-            flat.update({"start": b_start, "end": b_end, "shift": b.shift})
-            flat.update({k: v for k, v in row.items() if k not in ("start", "end", "shift")})
-            if fields == "oee":
-                flat.pop("components")
-                flat.update(b.components.model_dump())
-            table.append(flat)
         group: dict[str, Any] = {}
         if group_by != "none":
             group["site"] = g_site
             if key_name != "site":
                 group[key_name or "id"] = g_id
-        group["total"] = values(Components.pool(b.components for b in items))
+        group["total"] = values(queries.pooled(b.components for b in items))
         group["buckets"] = series
         out_groups.append(group)
-    payload = {
-        "total": values(Components.pool(b.components for b in buckets)),
+    return {
+        "total": values(queries.pooled(b.components for b in buckets)),
         "groups": out_groups,
     }
-    return payload, table
+
+
+def _series_table(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per bucket (group keys, bounds, ratios, components) for CSV."""
+    table = []
+    for group in payload["groups"]:
+        keys = {k: v for k, v in group.items() if k not in ("total", "buckets")}
+        for bucket in group["buckets"]:
+            flat = {**keys, "start": bucket["start"], "end": bucket["end"]}
+            flat["shift"] = bucket.get("shift")
+            for k, v in bucket.items():
+                if k == "components":
+                    flat.update(v)
+                elif k not in flat:
+                    flat[k] = v
+            table.append(flat)
+    return table
 
 
 async def _series(
@@ -134,7 +141,7 @@ async def _series(
     # the fresh result still refreshes the cache.
     fresh = "no-cache" in request.headers.get("cache-control", "").lower()
 
-    def load(conn: Conn) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    def load(conn: Conn) -> tuple[str, dict[str, Any]]:
         members = queries.resolve_scope(conn, scope, ident, site, sites)
         key = None
         if closed:
@@ -143,9 +150,8 @@ async def _series(
                    tuple(sites) if sites is not None else None, mark)  # fmt: skip
             hit = None if fresh else cache.get(key)
             if hit is not None:
-                return "hit", hit[0], hit[1]
+                return "hit", hit
         buckets, source = queries.oee_series(conn, members, start, end, chosen, tzinfo, group_by)
-        payload, table = _series_payload(buckets, start, end, tz, group_by, fields)
         payload = {
             "scope": {"kind": scope, "id": ident, "site": site},
             "from": start.astimezone(tzinfo),
@@ -154,13 +160,14 @@ async def _series(
             "interval": chosen,
             "group_by": group_by,
             "source": source,
-            **payload,
+            **_series_payload(buckets, start, end, tz, group_by, fields),
         }
         if key is not None:
-            cache.put(key, (payload, table))
-        return ("miss" if closed else "open"), payload, table
+            cache.put(key, payload)
+        return ("miss" if closed else "open"), payload
 
-    outcome, payload, table = await db(request, load)
+    outcome, payload = await db(request, load)
+    table = _series_table(payload) if wants_csv(request) else None
     return respond(request, payload, table, closed=closed, cache=outcome)
 
 

@@ -10,6 +10,9 @@ import signal
 import sys
 from pathlib import Path
 
+from agent import opcua_cli
+from agent.browse import add_parser as browse_parser
+from agent.check import add_parser as check_parser
 from agent.config import AgentConfig, ConfigError, load_config
 from sync.keys import (
     AgentKeys,
@@ -270,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a configuration file and exit")
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=cmd_validate)
+    check_parser(sub)
+    browse_parser(sub)
 
     p = sub.add_parser("replay", help="run the OEE engine on recorded samples (JSON Lines)")
     p.add_argument("-c", "--config", required=True, help="the same file as for `run`")
@@ -298,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_keys_status)
+    opcua_cli.add_keys_parser(keys)
 
     buf = sub.add_parser("buffer", help="outbox").add_subparsers(dest="buffer", required=True)
     p = buf.add_parser("stats", help="depth, bytes, oldest unacked age, acked high-water mark")
@@ -321,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--truth", help="write what the presses did to this JSON file on exit")
     p.set_defaults(func=cmd_simulate)
+    opcua_cli.add_simulate_parser(sim)
     return parser
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from collections.abc import Sequence
@@ -129,6 +130,7 @@ class _Link:
         self.failures = 0
         self.retry_at = 0.0
         self.ever_connected = False
+        self.error = "not connected yet"
 
     @property
     def connected(self) -> bool:
@@ -148,6 +150,7 @@ class _Link:
             except (OSError, ModbusException):
                 ok = False
             if not ok:
+                self.error = f"cannot connect to {self.hub.endpoint}"
                 client.close()
                 self.failures += 1
                 if self.failures == 1:
@@ -199,6 +202,8 @@ class ModbusHub:
         self.unit_available: dict[int, bool] = dict.fromkeys(self.units, True)
         self.problems: dict[str, str] = {}
         self._log = structlog.get_logger("connectors.modbus").bind(connection=config.id)
+        # The hub logs state changes once; pymodbus would log every failed attempt and timeout.
+        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
         per_unit = isinstance(config, ModbusConnection) and config.connection_per_unit
         shared = _Link(self, "line")
         self._links: dict[int, _Link] = {
@@ -208,6 +213,11 @@ class ModbusHub:
     @property
     def connected(self) -> bool:
         return any(link.connected for link in self._links.values())
+
+    @property
+    def endpoint(self) -> str:
+        cfg = self.config
+        return cfg.port if isinstance(cfg, ModbusRtuConnection) else f"{cfg.host}:{cfg.port}"
 
     async def __aenter__(self) -> ModbusHub:
         return self
@@ -315,7 +325,7 @@ class ModbusHub:
         link = self._links[unit]
         client = await link.ensure()
         if client is None:
-            raise ConnectionError("not connected")
+            raise ConnectionError(link.error)
         samples: list[Sample] = []
         started = time.monotonic()
         for block in list(self.units[unit]):
@@ -328,7 +338,8 @@ class ModbusHub:
                 continue
             except ConnectionException as exc:
                 link.drop()
-                raise ConnectionError(str(exc)) from exc
+                link.error = f"connection to {self.endpoint} lost"
+                raise ConnectionError(link.error) from exc
             samples.extend(self._decode(block, values, datetime.now(UTC)))
         self.last_read_latency_s = time.monotonic() - started
         return samples
@@ -348,7 +359,7 @@ class ModbusHub:
                     if isinstance(exc, UnitSilent):
                         self._log.warning("unit unavailable", unit=unit, error=str(exc))
                     members = [m for b in self.units[unit] for m in b.members]
-                    reason = str(exc) if isinstance(exc, UnitSilent) else f"not connected: {exc}"
+                    reason = str(exc)
                     for sample in self._bad(members, reason, datetime.now(UTC)):
                         await emit(sample)
                 if isinstance(exc, UnitSilent) and link.client is not None:

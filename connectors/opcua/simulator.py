@@ -113,7 +113,7 @@ class OpcUaPressServer:
     async def start(self, *, tick: float = 0.1, extra_namespaces: int = 0) -> None:
         self._tick = tick
         # asyncua logs every session and request at INFO; a simulator should stay quiet.
-        logging.getLogger("asyncua").setLevel(logging.WARNING)
+        logging.getLogger("asyncua").setLevel(logging.ERROR)
         server = Server(user_manager=_Users(self.users))
         await server.init()
         server.set_endpoint(f"opc.tcp://{self.host}:{self.port}/")
@@ -221,3 +221,48 @@ class OpcUaPressServer:
         self.restarts += 1
         await asyncio.sleep(down_for)
         await self.start(tick=self._tick, extra_namespaces=extra_namespaces * self.restarts)
+
+
+async def serve(
+    machines: int,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 4840,
+    time_scale: float = 1.0,
+    cycle_time: float = 1.0,
+    counter_width: int = 32,
+    restart_every: float | None = None,
+    restart_down_for: float = 2.0,
+    stop: asyncio.Event,
+    restart: asyncio.Event,
+    announce: Any = print,
+) -> list[Press]:
+    """Serve `machines` presses until `stop` is set; restart when `restart` is set or every
+    `restart_every` seconds (each restart shifts the namespace index). Returns the presses."""
+    presses = [
+        Press(seed=i + 1, time_scale=time_scale, cycle_time=cycle_time, width=counter_width)
+        for i in range(machines)
+    ]
+    sim = OpcUaPressServer(presses, host=host, port=port)
+    await sim.start()
+    announce(
+        f"simulating {machines} press(es) on {sim.url} (namespace {SIM_NAMESPACE} = "
+        f"ns={sim.namespace_index}; nodes Press1.State, Press1.TotalCount, ...)"
+    )
+    loop = asyncio.get_running_loop()
+    next_restart = loop.time() + restart_every if restart_every else None
+    try:
+        while not stop.is_set():
+            timeout = 0.5 if next_restart is None else max(0.0, next_restart - loop.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(restart.wait(), timeout=min(timeout, 0.5))
+            due = next_restart is not None and loop.time() >= next_restart
+            if restart.is_set() or due:
+                restart.clear()
+                await sim.restart(down_for=restart_down_for)
+                announce(f"restarted; namespace index now {sim.namespace_index}")
+                if restart_every:
+                    next_restart = loop.time() + restart_every
+    finally:
+        await sim.stop()
+    return presses

@@ -1,0 +1,110 @@
+"""The OPC UA parts of `edge-agent`: `keys opcua-cert` (a client certificate for secure
+connections) and `simulate opcua` (simulated presses on an asyncua server)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+from pathlib import Path
+
+from agent.config import load_config
+
+
+def cmd_keys_opcua_cert(args: argparse.Namespace) -> int:
+    from connectors.opcua.certs import create_certificate
+    from connectors.opcua.config import OpcUaConnection
+    from connectors.opcua.hub import thumbprint
+
+    config = load_config(args.config)
+    uri = OpcUaConnection.model_fields["application_uri"].default
+    for conn in config.connections:
+        if isinstance(conn, OpcUaConnection) and (args.connection in (None, conn.id)):
+            uri = conn.application_uri
+            break
+    out = Path(args.out) if args.out else config.keys_dir
+    cert_path, key_path = out / "opcua-client.der", out / "opcua-client.pem"
+    try:
+        cert = create_certificate(
+            cert_path,
+            key_path,
+            application_uri=uri,
+            hostnames=args.hostname or None,
+            days=args.days,
+            overwrite=args.force,
+        )
+    except FileExistsError as exc:
+        print(f"edge-agent: {exc}; keeping it (use --force to replace)")
+        return 2
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    print(f"certificate {cert_path} (SHA-1 {thumbprint(cert.public_bytes(Encoding.DER))})")
+    print(f"private key {key_path} (mode 0600)")
+    print(f"application URI {uri}: trust this certificate on the OPC UA server, then set")
+    print(f"  certificate: {cert_path}\n  private_key: {key_path}")
+    return 0
+
+
+def cmd_simulate_opcua(args: argparse.Namespace) -> int:
+    from connectors.opcua.simulator import serve
+    from sync.logs import configure_logging
+
+    configure_logging("warning")
+
+    async def main() -> None:
+        stop, restart = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, restart.set)
+        presses = await serve(
+            args.machines,
+            host=args.host,
+            port=args.port,
+            time_scale=args.time_scale,
+            cycle_time=args.cycle_time,
+            counter_width=args.counter_width,
+            restart_every=args.restart_every,
+            stop=stop,
+            restart=restart,
+            announce=lambda text: print(text, flush=True),
+        )
+        if args.truth:
+            truth = [
+                {"machine": i + 1, "produced": p.truth.produced, "scrap": p.truth.scrap}
+                for i, p in enumerate(presses)
+            ]
+            await asyncio.to_thread(Path(args.truth).write_text, json.dumps(truth))
+
+    asyncio.run(main())
+    return 0
+
+
+def add_keys_parser(keys: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = keys.add_parser("opcua-cert", help="create the OPC UA client certificate and key")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--connection", help="take the application URI from this connection")
+    p.add_argument("--out", help="directory (default: the keys directory)")
+    p.add_argument("--hostname", action="append", help="host name or IP in the certificate")
+    p.add_argument("--days", type=int, default=3650)
+    p.add_argument("--force", action="store_true", help="replace an existing certificate")
+    p.set_defaults(func=cmd_keys_opcua_cert)
+
+
+def add_simulate_parser(sim: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sim.add_parser("opcua", help="serve simulated presses over OPC UA")
+    p.add_argument("--machines", type=int, default=1)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=4840)
+    p.add_argument("--cycle-time", type=float, default=1.0)
+    p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument("--counter-width", type=int, choices=(16, 32, 64), default=32)
+    p.add_argument(
+        "--restart-every",
+        type=float,
+        help="restart the server every this many seconds (also on SIGUSR1); each restart "
+        "shifts the namespace index",
+    )
+    p.add_argument("--truth", help="write what the presses did to this JSON file on exit")
+    p.set_defaults(func=cmd_simulate_opcua)

@@ -147,6 +147,38 @@ class AgentRuntime:
         for engine in self.engine.engines.values():
             self.pending.extend(engine.start(now))
         self.pending.append(self._agent_event(now, "agent_started", "agent started", {}))
+        self.pending.append(self.config_event(now))
+
+    def config_event(self, now: datetime) -> Event:
+        """The configuration as the cloud's registry reads it (AgentEvent code "config")."""
+        cfg = self.config
+        equipment = []
+        for eq in cfg.equipment:
+            reason = eq.signals.get("reason")
+            equipment.append(
+                {
+                    "id": eq.id,
+                    "line": eq.line,
+                    "connection": eq.connection,
+                    "ideal_cycle_time_s": eq.ideal_cycle_time,
+                    "micro_stop_threshold_s": eq.micro_stop_threshold,
+                    "micro_stops": eq.micro_stops,
+                    "reasons": dict(reason.map or {}) if reason else {},
+                    "states": dict(eq.signals["state"].map or {}),
+                    "products": {k: v.ideal_cycle_time for k, v in eq.products.items()},
+                }
+            )
+        return self._agent_event(
+            now,
+            "config",
+            "agent configuration",
+            {
+                "timezone": cfg.agent.timezone,
+                "bucket_seconds": cfg.agent.bucket_seconds,
+                "shifts": [s.model_dump(mode="json") for s in cfg.shifts],
+                "equipment": equipment,
+            },
+        )
 
     def _agent_event(self, at: datetime, code: str, message: str, data: dict[str, Any]) -> Event:
         return AgentEvent(
@@ -225,7 +257,7 @@ class AgentRuntime:
         """The agent's health as the cloud's fleet view reads it (AgentEvent code "status").
 
         data keys: version, outbox_depth, outbox_events, outbox_bytes, outbox_quota_bytes,
-        outbox_oldest_age_s, acked_seq_high_water, epoch, next_seq, connections
+        outbox_oldest_unacked_s, acked_seq_high_water, epoch, next_seq, connectors
         ({id: connected}), uplink ({connected, published, resent, acked_batches,
         acks_rejected}), agent_time (the agent's clock, for the cloud's offset estimate).
         """
@@ -242,11 +274,11 @@ class AgentRuntime:
                 "outbox_events": stats.events,
                 "outbox_bytes": stats.bytes,
                 "outbox_quota_bytes": stats.max_bytes,
-                "outbox_oldest_age_s": stats.oldest_unacked_age_s,
+                "outbox_oldest_unacked_s": stats.oldest_unacked_age_s,
                 "acked_seq_high_water": stats.acked_seq_high_water,
                 "epoch": stats.epoch,
                 "next_seq": stats.next_seq,
-                "connections": {hub.config.id: hub.connected for hub in self.hubs},
+                "connectors": {hub.config.id: hub.connected for hub in self.hubs},
                 "uplink": {
                     "connected": up.connected,
                     "published": up.published,

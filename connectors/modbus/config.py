@@ -20,6 +20,11 @@ class _ModbusCommon(BaseModel):
     addressing: Literal[0, 1] = Field(
         default=0, description="0: addresses as sent on the wire; 1: 1-based (PLC manuals)"
     )
+    coalesce: bool = Field(
+        default=True,
+        description="false: one request per tag, for devices that reject reads "
+        "spanning several of their variables",
+    )
     max_gap: int = Field(default=10, ge=0, le=120)
     max_registers: int = Field(default=125, ge=1, le=125, description="per read request")
     reconnect_max: Duration = 30.0

@@ -190,9 +190,12 @@ class ModbusHub:
             addr = parse_address(tag.address, base=config.addressing)
             count = 1 if addr.is_bit else register_count(tag.data_type, tag.length)
             spans.append(TagSpan(tag.key, ReadRequest(tag.unit, addr.table, addr.address, count)))
-        self.blocks: list[Block] = plan_reads(
-            spans, max_gap=config.max_gap, max_registers=config.max_registers
-        )
+        if config.coalesce:
+            self.blocks: list[Block] = plan_reads(
+                spans, max_gap=config.max_gap, max_registers=config.max_registers
+            )
+        else:
+            self.blocks = [b for span in spans for b in plan_reads([span])]
         self.units: dict[int, list[Block]] = {}
         for block in self.blocks:
             self.units.setdefault(block.unit, []).append(block)

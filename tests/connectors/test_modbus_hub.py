@@ -179,7 +179,7 @@ async def test_coalescing_counted_on_the_server(plc_factory: Callable[..., Plc])
     async with hub:
         samples = await hub.poll_unit_once(1)
         assert plc.requests[1] == 3
-        single = ModbusHub(conn(plc.port, max_gap=0, max_registers=1), tags)
+        single = ModbusHub(conn(plc.port, coalesce=False), tags)
         async with single:
             await single.poll_unit_once(1)
     assert plc.requests[1] == 3 + 100

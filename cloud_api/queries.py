@@ -115,6 +115,19 @@ def run(
 # -- scope --------------------------------------------------------------------------------
 
 
+def _scope_sql(kind: ScopeKind) -> str:
+    return (
+        "SELECT site_id, equipment_id, line_id FROM registry.equipment "
+        "WHERE (%(sites)s::text[] IS NULL OR site_id = ANY(%(sites)s)) "
+        "AND (%(site)s::text IS NULL OR site_id = %(site)s) AND "
+        + {
+            "site": "site_id = %(id)s",
+            "line": "line_id = %(id)s",
+            "equipment": "equipment_id = %(id)s",
+        }[kind]
+    )
+
+
 def resolve_scope(
     conn: Conn, kind: ScopeKind, ident: str, site: str | None, sites: list[str] | None
 ) -> list[Member]:
@@ -122,19 +135,39 @@ def resolve_scope(
     rows = run(
         conn,
         "scope",
-        sql.SQL(
-            "SELECT site_id, equipment_id, line_id FROM registry.equipment "
-            "WHERE (%(sites)s::text[] IS NULL OR site_id = ANY(%(sites)s)) "
-            "AND (%(site)s::text IS NULL OR site_id = %(site)s) AND "
-            + {
-                "site": "site_id = %(id)s",
-                "line": "line_id = %(id)s",
-                "equipment": "equipment_id = %(id)s",
-            }[kind]
-            + " ORDER BY site_id, equipment_id"
-        ),
+        sql.SQL(_scope_sql(kind) + " ORDER BY site_id, equipment_id"),
         {"sites": sites, "site": site, "id": ident},
     )
+    return _members(conn, kind, ident, sites, rows)
+
+
+def resolve_scope_marked(
+    conn: Conn,
+    kind: ScopeKind,
+    ident: str,
+    site: str | None,
+    sites: list[str] | None,
+    start: datetime,
+    end: datetime,
+) -> tuple[list[Member], int]:
+    """resolve_scope and data_watermark in one round trip (the result cache's hot path)."""
+    rows = run(
+        conn,
+        "scope_mark",
+        sql.SQL(
+            "WITH m AS (" + _scope_sql(kind) + ") "
+            "SELECT m.*, (SELECT COALESCE(max(v.version), 0) FROM rollups.data_versions v "
+            "JOIN m x USING (site_id, equipment_id) WHERE v.day >= %(d0)s AND v.day <= %(d1)s)"
+            " AS mark FROM m ORDER BY site_id, equipment_id"
+        ),
+        {"sites": sites, "site": site, "id": ident, **_days(start, end)},
+    )
+    return _members(conn, kind, ident, sites, rows), int(rows[0]["mark"]) if rows else 0
+
+
+def _members(
+    conn: Conn, kind: ScopeKind, ident: str, sites: list[str] | None, rows: list[dict[str, Any]]
+) -> list[Member]:
     if not rows:
         exists = run(
             conn,
@@ -331,13 +364,17 @@ def data_watermark(conn: Conn, members: Sequence[Member], start: datetime, end: 
             "SELECT COALESCE(max(v.version), 0) AS w FROM rollups.data_versions v "
             "JOIN scope s USING (site_id, equipment_id) WHERE v.day >= %(d0)s AND v.day <= %(d1)s"
         ),
-        {
-            **_scope_params(members),
-            "d0": start.astimezone(UTC).date(),
-            "d1": (end - timedelta(microseconds=1)).astimezone(UTC).date(),
-        },
+        {**_scope_params(members), **_days(start, end)},
     )
     return int(rows[0]["w"])
+
+
+def _days(start: datetime, end: datetime) -> dict[str, Any]:
+    """The UTC days (data_versions keys) that [start, end) touches, as d0..d1 inclusive."""
+    return {
+        "d0": start.astimezone(UTC).date(),
+        "d1": (end - timedelta(microseconds=1)).astimezone(UTC).date(),
+    }
 
 
 # -- downtime, states, quality --------------------------------------------------------------

@@ -142,15 +142,18 @@ async def _series(
     fresh = "no-cache" in request.headers.get("cache-control", "").lower()
 
     def load(conn: Conn) -> tuple[str, dict[str, Any]]:
-        members = queries.resolve_scope(conn, scope, ident, site, sites)
         key = None
         if closed:
-            mark = queries.data_watermark(conn, members, start, end)
+            members, mark = queries.resolve_scope_marked(
+                conn, scope, ident, site, sites, start, end
+            )
             key = (route, scope, ident, site, start, end, chosen, tz, group_by,
                    tuple(sites) if sites is not None else None, mark)  # fmt: skip
             hit = None if fresh else cache.get(key)
             if hit is not None:
                 return "hit", hit
+        else:
+            members = queries.resolve_scope(conn, scope, ident, site, sites)
         buckets, source = queries.oee_series(conn, members, start, end, chosen, tzinfo, group_by)
         payload = {
             "scope": {"kind": scope, "id": ident, "site": site},

@@ -1,0 +1,139 @@
+"""Interoperability: the OPC UA hub against a node-opcua server (not asyncua), from npm.
+
+The server (tests/connectors/node_opcua/server.js) is started by the test; its npm packages
+are installed into that folder on first use (`npm ci` with the committed lock file). The
+test is skipped only when Node.js or npm is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from connectors.opcua.certs import create_certificate
+from connectors.opcua.config import OpcUaConnection
+from connectors.opcua.hub import OpcUaHub, OpcUaTag
+from tests.conftest import free_port
+from tests.connectors.harness import running, wait_until
+
+HERE = Path(__file__).parent / "node_opcua"
+NS = "urn:interop:node-opcua:press"
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("node") is None or shutil.which("npm") is None,
+    reason="Node.js and npm are not installed",
+)
+
+
+def _install() -> None:
+    if (HERE / "node_modules" / "node-opcua-server").is_dir():
+        return
+    subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=HERE,
+        check=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def node_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    _install()
+    home = tmp_path_factory.mktemp("node-opcua")
+    port = free_port()
+    proc = subprocess.Popen(
+        ["node", "server.js", str(port), str(home / "pki")],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "XDG_CONFIG_HOME": str(home)},
+    )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+
+    pumper = threading.Thread(target=pump, daemon=True)
+    pumper.start()
+    seen = []
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=120)
+            except queue.Empty:
+                raise AssertionError(f"node-opcua did not start: {''.join(seen)}") from None
+            seen.append(line)
+            if line.startswith("READY"):
+                break
+        yield f"opc.tcp://127.0.0.1:{port}/UA/Press"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        pumper.join(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+TAGS = [
+    OpcUaTag("p1", "state", f"nsu={NS};s=Press1.State"),
+    OpcUaTag("p1", "total_count", "/Objects/Press1/TotalCount"),
+    OpcUaTag("p1", "reason", f"nsu={NS};s=Press1.Sensor"),
+]
+
+
+def _conn(url: str, **kw: object) -> OpcUaConnection:
+    data: dict[str, object] = {
+        "id": "node",
+        "url": url,
+        "publishing_interval": "200ms",
+        "sampling_interval": "100ms",
+        "poll_interval": "200ms",
+        "reconnect_min": "200ms",
+        "timeout": "5s",
+    }
+    data.update(kw)
+    return OpcUaConnection.model_validate(data)
+
+
+async def _reads_the_press(hub: OpcUaHub) -> None:
+    async with running(hub) as got:
+        await wait_until(lambda: got.value("p1", "state") == 1, "state")
+        await wait_until(
+            lambda: len({s.value for s in got.of("p1", "total_count")}) >= 3, "the counter moving"
+        )
+        await wait_until(lambda: got.quality("p1", "reason") == "bad", "the failed sensor")
+    assert "BadSensorFailure" in hub.problems["p1/reason"]
+    counts = [s.value for s in got.of("p1", "total_count") if s.quality == "good"]
+    assert counts == sorted(counts)
+
+
+@pytest.mark.parametrize("mode", ["subscribe", "poll"])
+async def test_node_opcua_server(node_server: str, mode: str) -> None:
+    await _reads_the_press(OpcUaHub(_conn(node_server, mode=mode), TAGS))
+
+
+async def test_node_opcua_server_signed_and_encrypted(node_server: str, tmp_path: Path) -> None:
+    cert, key = tmp_path / "client.der", tmp_path / "client.pem"
+    create_certificate(cert, key, application_uri="urn:factory-edge-gateway:edge-agent")
+    cfg = _conn(
+        node_server,
+        security_policy="Basic256Sha256",
+        security_mode="SignAndEncrypt",
+        certificate=str(cert),
+        private_key=str(key),
+    )
+    await _reads_the_press(OpcUaHub(cfg, TAGS))

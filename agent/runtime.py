@@ -138,7 +138,27 @@ class AgentRuntime:
             )
         raw = self.outbox.load_checkpoint()
         if raw is not None:
-            self.engine.restore(json.loads(raw))
+            try:
+                saved = json.loads(raw)
+            except ValueError:
+                saved = {}
+            for eq, problem in self.engine.restore(
+                saved if isinstance(saved, dict) else {}
+            ).items():
+                # Starting afresh re-baselines the counters: parts made since the last
+                # checkpoint are not counted, so this is reported as a loss.
+                self.log.error(
+                    "checkpoint not usable, equipment starts afresh", equipment=eq, problem=problem
+                )
+                self.pending.append(
+                    self._agent_event(
+                        now,
+                        "checkpoint_discarded",
+                        f"{eq}: the saved engine state could not be restored ({problem}); "
+                        "counting restarts from the next reading",
+                        {"equipment": eq, "problem": problem, "loss": True},
+                    )
+                )
             # The machine was not observed while the agent was down: that time is unknown.
             for engine in self.engine.engines.values():
                 at = engine.cursor or now

@@ -837,7 +837,24 @@ class PlantEngine:
     def checkpoint(self) -> dict[str, Any]:
         return {eq: engine.checkpoint() for eq, engine in self.engines.items()}
 
-    def restore(self, data: dict[str, Any]) -> None:
+    def restore(self, data: dict[str, Any]) -> dict[str, str]:
+        """Restore each equipment's state; returns {equipment: problem} for those that could
+        not be restored (they start afresh, so one bad entry never stops the agent)."""
+        problems: dict[str, str] = {}
         for eq, state in data.items():
-            if eq in self.engines:
-                self.engines[eq].restore(state)
+            engine = self.engines.get(eq)
+            if engine is None:
+                continue  # equipment no longer configured
+            try:
+                engine.restore(state)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                self.engines[eq] = EquipmentEngine(
+                    engine.spec,
+                    engine.calendar,
+                    agent_id=engine.agent_id,
+                    site_id=engine.site_id,
+                    bucket_seconds=engine.bucket_seconds,
+                    count_events=engine.count_events,
+                )
+                problems[eq] = str(exc) or type(exc).__name__
+        return problems

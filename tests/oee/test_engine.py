@@ -243,3 +243,19 @@ def test_implausible_jump_is_quarantined_and_reported() -> None:
     assert pooled(events).produced == 40
     quarantined = [e for e in events if isinstance(e, AgentEvent)]
     assert [(e.code, e.data["current"]) for e in quarantined] == [("counter_quarantined", 900_000)]
+
+
+def test_unusable_checkpoint_entry_starts_that_equipment_afresh() -> None:
+    from oee.engine import PlantEngine
+
+    cal = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+    good = EquipmentEngine(spec(), cal, agent_id="a", site_id="s")
+    good.feed(Sample("press-1", "total_count", 100, at(0)))
+    other = spec(id="press-2")
+    plant = PlantEngine([spec(), other], cal, agent_id="a", site_id="s")
+    problems = plant.restore({"press-1": good.checkpoint(), "press-2": {"version": 1}, "gone": {}})
+    assert list(problems) == ["press-2"]
+    assert plant.engines["press-1"].counters == {"total_count": 100}
+    assert plant.engines["press-2"].counters == {}
+    events = plant.feed(Sample("press-2", "state", 1, at(1)))  # the fresh engine works
+    assert any(getattr(e, "state", None) == "running" for e in events)

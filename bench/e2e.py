@@ -1,0 +1,186 @@
+"""Benchmark: a backlog of sealed events drained end to end with acks.
+
+An outbox holding a backlog (default 200,000 events in batches of 1,000, sealed as the agent
+seals them) is shipped by the agent's uplink through Mosquitto to `cloud-api ingest`
+processes (verify, decrypt, validate, store in PostgreSQL, signed ack) until every batch is
+acked and deleted. Events per second = backlog / (first publish .. outbox empty).
+
+Uses the machine's Mosquitto and PostgreSQL (a fresh database, dropped afterwards).
+Run: `python -m bench.e2e [--events 200000] [--ingest-processes 2] [--workers 2]`.
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from psycopg import sql
+
+from bench.outbox import AGENT, SITE, make_events, make_sealer
+from buffer.outbox import NewBatch, Outbox
+from cloud_api.db import migrate
+from sync.keys import (
+    SUITE_X25519,
+    CloudKeyring,
+    ed25519_key_id,
+    ed25519_line,
+    generate_cloud_ack_key,
+    generate_cloud_hpke_keys,
+)
+from sync.uplink import BrokerSettings, Uplink
+
+PG = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+MQTT_HOST = os.environ.get("BENCH_MQTT_HOST", "127.0.0.1")
+MQTT_PORT = int(os.environ.get("BENCH_MQTT_PORT", "1883"))
+
+
+def depth(path: Path) -> int:
+    with sqlite3.connect(path, timeout=30) as conn:
+        return int(conn.execute("SELECT count(*) FROM batches").fetchone()[0])
+
+
+async def drain(outbox: Outbox, prefix: str, ring: CloudKeyring, in_flight: int) -> float:
+    uplink = Uplink(
+        outbox,
+        BrokerSettings(host=MQTT_HOST, port=MQTT_PORT),
+        site=SITE,
+        agent=AGENT,
+        ack_keys=ring.ack_verify_keys(),
+        topic_prefix=prefix,
+        ack_timeout=30,
+        max_in_flight=in_flight,
+    )
+    t0 = time.perf_counter()
+    task = asyncio.create_task(uplink.run())
+    try:
+        while outbox.stats().depth:  # noqa: ASYNC110 (the outbox has no change notification)
+            await asyncio.sleep(0.05)
+        return time.perf_counter() - t0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--ingest-processes", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="threads per ingest process")
+    parser.add_argument("--in-flight", type=int, default=32)
+    args = parser.parse_args(argv)
+
+    db = f"bench_e2e_{secrets.token_hex(4)}"
+    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+    url = f"{PG}/{db}"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        migrate(url)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            keys_dir = folder / "cloud-keys"
+            generate_cloud_hpke_keys(keys_dir, [SUITE_X25519])
+            generate_cloud_ack_key(keys_dir)
+            ring = CloudKeyring.load(keys_dir)
+            key = Ed25519PrivateKey.generate()
+            with psycopg.connect(url) as conn, conn.transaction():
+                conn.execute("INSERT INTO registry.sites(site_id) VALUES (%s)", (SITE,))
+                conn.execute("INSERT INTO registry.agents VALUES (%s, %s)", (AGENT, SITE))
+                conn.execute(
+                    "INSERT INTO registry.agent_keys(agent_id, key_id, public_key) "
+                    "VALUES (%s, %s, %s)",
+                    (AGENT, ed25519_key_id(key.public_key()), ed25519_line(key.public_key())),
+                )
+            # The backlog, sealed once as the agent would have sealed it during an outage.
+            outbox = Outbox(folder / "outbox.db", max_bytes=64 * 1024**3, min_free_bytes=0)
+            events = make_events(args.events)
+            cloud = ring.current_hpke.public
+            for i in range(0, len(events), args.batch * 10):
+                part = events[i : i + args.batch * 10]
+                chunks = [part[j : j + args.batch] for j in range(0, len(part), args.batch)]
+                outbox.append(
+                    [NewBatch(len(c), make_sealer(c, key, cloud, SUITE_X25519)) for c in chunks],
+                    None,
+                )
+            batches = outbox.stats().depth
+            prefix = f"bench/{secrets.token_hex(4)}/"
+            env = {
+                **os.environ,
+                "CLOUD_DATABASE_URL": url,
+                "CLOUD_MQTT_HOST": MQTT_HOST,
+                "CLOUD_MQTT_PORT": str(MQTT_PORT),
+                "CLOUD_TOPIC_PREFIX": prefix,
+                "CLOUD_KEYS_DIR": str(keys_dir),
+            }
+            cloud_api = str(Path(sys.executable).parent / "cloud-api")
+            for _ in range(args.ingest_processes):
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            cloud_api,
+                            "ingest",
+                            "--workers",
+                            str(args.workers),
+                            "--log-level",
+                            "warning",
+                        ],
+                        env=env,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+            time.sleep(3)  # the ingest processes subscribe (their start-up is not measured)
+            seconds = asyncio.run(drain(outbox, prefix, ring, args.in_flight))
+            outbox.close()
+        with psycopg.connect(url) as conn:
+            row = conn.execute(
+                "SELECT count(*), count(DISTINCT event_id) FROM facts.events"
+            ).fetchone()
+            stored_batches = conn.execute("SELECT count(*) FROM facts.batches").fetchone()
+        assert row is not None and stored_batches is not None
+        assert row[0] == row[1] == args.events, (row, args.events)
+        assert stored_batches[0] == batches
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+        with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db))
+            )
+    rate = args.events / seconds
+    print(f"{args.events:,} events in {batches} batches drained end to end in {seconds:.2f} s")
+    print(
+        json.dumps(
+            {
+                "bench": "e2e",
+                "events": args.events,
+                "batches": batches,
+                "seconds": round(seconds, 3),
+                "events_per_s": round(rate),
+                "ingest_processes": args.ingest_processes,
+                "workers_per_process": args.workers,
+                "max_in_flight": args.in_flight,
+                "target_events_per_s": 20_000,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

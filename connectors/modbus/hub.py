@@ -145,13 +145,15 @@ class _Link:
                 return None
             self.close()
             client = self.hub._make_client()
+            problem = ""
             try:
                 ok = await client.connect()
-            except (OSError, ModbusException):
-                ok = False
+            except Exception as exc:  # e.g. termios.error for settings a serial port rejects
+                ok, problem = False, f": {type(exc).__name__}: {exc}"
             if not ok:
-                self.error = f"cannot connect to {self.hub.endpoint}"
-                client.close()
+                self.error = f"cannot connect to {self.hub.endpoint}{problem}"
+                with contextlib.suppress(Exception):
+                    client.close()
                 self.failures += 1
                 if self.failures == 1:
                     self.hub._log.warning(
@@ -355,7 +357,12 @@ class ModbusHub:
             started = time.monotonic()
             try:
                 samples = await self.poll_unit_once(unit)
-            except (UnitSilent, ConnectionError, OSError) as exc:
+            except Exception as exc:
+                # Whatever a device or driver does, it costs this unit its values, never the
+                # hub (the other units) or the agent.
+                if not isinstance(exc, UnitSilent | ConnectionError):
+                    link.drop()
+                    exc = ConnectionError(f"{type(exc).__name__}: {exc}")
                 failures += 1
                 if self.unit_available[unit]:
                     self.unit_available[unit] = False

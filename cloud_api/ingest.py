@@ -469,6 +469,7 @@ class IngestWorker:
         self.queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=queue_size)
         self.ack_coalesce = max(1, ack_coalesce)
         self.stop_event = threading.Event()
+        self.processed = 0  # messages handled by this worker's threads (any outcome)
         self.subscribed = threading.Event()
         import secrets
 
@@ -507,7 +508,15 @@ class IngestWorker:
         self.subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        self.queue.put((message.topic, bytes(message.payload)))
+        item = (message.topic, bytes(message.payload))
+        # Waiting here is the back-pressure on the broker; a stop must still end the wait
+        # (the message is not acked at the broker, so it is redelivered or resent).
+        while not self.stop_event.is_set():
+            try:
+                self.queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     def _process(self, topic: str, payload: bytes) -> Outcome | None:
         """One message, waiting out database outages; None when stopping first."""
@@ -556,6 +565,7 @@ class IngestWorker:
                     stopping = True
                     break
                 outcomes.append(outcome)
+                self.processed += 1
             self._publish_acks(outcomes)
             if stopping:
                 break

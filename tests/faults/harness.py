@@ -77,6 +77,9 @@ class Mosquitto:
         self.conf = folder / "mosquitto.conf"
         lines = [
             f"listener {self.port} 127.0.0.1",
+            # Started as root, mosquitto would switch to its own user, which cannot write the
+            # test's private folder (log and persistence file).
+            *(["user root"] if os.geteuid() == 0 else []),
             "allow_anonymous true",
             f"persistence {'true' if persistence else 'false'}",
             f"persistence_location {folder}/",

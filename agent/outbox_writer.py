@@ -127,8 +127,9 @@ class OutboxWriter:
 
     def _shed(self, pending: list[Event], now: datetime) -> tuple[list[Event], int] | None:
         stats = self.outbox.stats()
-        capacity = stats.capacity_bytes or stats.max_bytes
-        report = self.outbox.shed(max(1, stats.bytes - int(capacity * SHED_TARGET_FILL)))
+        report = self.outbox.shed(
+            max(1, stats.bytes - int(stats.capacity_bytes * SHED_TARGET_FILL))
+        )
         in_memory = sum(1 for e in pending if isinstance(e, SampleEvent))
         if not report.seqs and not in_memory:
             return None

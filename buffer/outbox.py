@@ -109,10 +109,9 @@ class OutboxStats:
     @property
     def fill_ratio(self) -> float:
         """Stored bytes over capacity (quota, or less when the disk floor is near)."""
-        capacity = self.capacity_bytes or self.max_bytes
-        if capacity <= 0:
-            return 1.0
-        return self.bytes / capacity
+        if self.capacity_bytes <= 0:
+            return 1.0  # the disk is at its floor: nothing more fits
+        return self.bytes / self.capacity_bytes
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,199 @@
+"""The outbox on real SQLite files: capacity, shedding, acks, corruption, alarms, loss records."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from agent.outbox_writer import OutboxWriter, fill_level
+from buffer.outbox import NewBatch, Outbox, OutboxFull
+from oee.events import AgentEvent, CountEvent, Event, SampleEvent, load_events
+
+NOW = datetime(2026, 1, 5, 6, tzinfo=UTC)
+
+
+def blob_sealer(size: int, tag: bytes = b"x"):  # type: ignore[no-untyped-def]
+    def seal(epoch: str, seq: int) -> tuple[bytes, str]:
+        raw = tag * size
+        return raw, f"{epoch}-{seq}"
+
+    return seal
+
+
+def test_sequence_numbers_survive_reopen_and_epoch_is_stable(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    assert box.append([(1, blob_sealer(10)), (1, blob_sealer(10))], "cp1") == [1, 2]
+    epoch = box.epoch
+    box.close()
+    box = Outbox(tmp_path / "o.db")
+    assert box.epoch == epoch and box.load_checkpoint() == "cp1"
+    assert box.append([(1, blob_sealer(10))], "cp2") == [3]
+    assert (tmp_path / "o.db").stat().st_mode & 0o077 == 0
+
+
+def test_quota_refuses_whole_writes_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", max_bytes=1000, min_free_bytes=0)
+    box.append([(1, blob_sealer(600))], "cp1")
+    box.append([(1, blob_sealer(600))], "cp2")  # started below the quota: taken whole
+    with pytest.raises(OutboxFull):
+        box.append([(1, blob_sealer(10))], "cp3")
+    assert box.load_checkpoint() == "cp2" and box.stats().depth == 2
+    box.ack(box.epoch, {1: f"{box.epoch}-1", 2: f"{box.epoch}-2"})
+    assert box.append([(1, blob_sealer(10))], "cp3") == [3]
+
+
+def test_free_disk_floor_counts_as_full(tmp_path: Path) -> None:
+    free = shutil.disk_usage(tmp_path).free
+    box = Outbox(tmp_path / "o.db", min_free_bytes=free + 10**12)  # the real disk is "full"
+    assert not box.has_room() and box.stats().fill_ratio >= 1.0
+    with pytest.raises(OutboxFull):
+        box.append([(1, blob_sealer(10))], None)
+    box.min_free_bytes = 0  # space returns
+    assert box.append([(1, blob_sealer(10))], None) == [1]
+
+
+def test_ack_deletes_only_matching_epoch_and_digest(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    box.append([(1, blob_sealer(10)), (1, blob_sealer(10))], None)
+    e = box.epoch
+    assert box.ack("other-epoch", {1: f"{e}-1"}) == []
+    assert box.ack(e, {1: "wrong", 2: f"{e}-2"}) == [2]
+    assert box.ack(e, {2: f"{e}-2"}) == []  # a replayed ack deletes nothing more
+    stats = box.stats()
+    assert (stats.depth, stats.acked_seq_high_water, stats.acked_batches_total) == (1, 2, 1)
+
+
+def test_shed_deletes_only_sheddable_batches_oldest_first(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    box.append(
+        [
+            NewBatch(3, blob_sealer(100), sheddable=True),
+            NewBatch(5, blob_sealer(100)),
+            NewBatch(4, blob_sealer(100), sheddable=True),
+        ],
+        None,
+    )
+    report = box.shed(150)
+    assert (report.seqs, report.events, report.bytes) == ([1, 3], 7, 200)
+    assert [b.seq for b in box.pending(10)] == [2]
+    assert box.shed(10).seqs == []  # OEE data is never shed
+    stats = box.stats()
+    assert (stats.shed_batches_total, stats.shed_events_total) == (2, 7)
+
+
+def test_corrupt_file_is_moved_aside_with_a_new_epoch(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    box = Outbox(path)
+    box.append([(1, blob_sealer(5000))], None)
+    old_epoch = box.epoch
+    box.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with path.open("r+b") as fh:
+        fh.seek(0)
+        fh.write(b"\xff" * 200)
+    box = Outbox(path)
+    assert box.open_report.moved_aside is not None and box.open_report.problem
+    assert box.open_report.moved_aside.exists()
+    assert box.epoch != old_epoch and box.stats().depth == 0
+    assert box.append([(1, blob_sealer(5))], None) == [1]
+
+
+def test_old_schema_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+            "CREATE TABLE batches (seq INTEGER PRIMARY KEY, created_ms INTEGER NOT NULL,"
+            " count INTEGER NOT NULL, bytes INTEGER NOT NULL, digest TEXT NOT NULL,"
+            " envelope BLOB NOT NULL);"
+            "INSERT INTO meta VALUES ('epoch', 'e0'), ('next_seq', '2');"
+            "INSERT INTO batches VALUES (1, 0, 1, 1, 'd', x'00');"
+        )
+    box = Outbox(path)
+    assert box.epoch == "e0" and box.stats().sheddable_batches == 0
+    assert box.append([NewBatch(1, blob_sealer(1), sheddable=True)], None) == [2]
+
+
+# -- the writer: policies, alarms and loss records --------------------------------------------
+
+
+def json_sealer(events: list[Event]):  # type: ignore[no-untyped-def]
+    from oee.events import dump_events
+
+    raw = dump_events(events)
+
+    def seal(epoch: str, seq: int) -> tuple[bytes, str]:
+        return raw, f"{epoch}-{seq}"
+
+    return seal
+
+
+def sample(i: int) -> Event:
+    return SampleEvent(
+        agent_id="a", site_id="s", equipment_id="p", ts=NOW, signal="total_count", value=i
+    )
+
+
+def count() -> Event:
+    return CountEvent(agent_id="a", site_id="s", equipment_id="p", ts=NOW, produced=1)
+
+
+def stored_events(box: Outbox) -> list[Event]:
+    return [e for b in box.pending(1000) for e in load_events(b.envelope)]
+
+
+def test_block_holds_everything_until_space_returns(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", max_bytes=4000, min_free_bytes=0)
+    writer = OutboxWriter(box, json_sealer, agent_id="a", site_id="s", batch_max_events=50)
+    held: list[Event] = []
+    for i in range(40):
+        result = writer.write([*held, count(), sample(i)], f"cp{i}", NOW)
+        held = result.held
+        if held:
+            break
+    assert held, "the quota was reached"
+    assert writer.level == "full"
+    codes = [e.code for e in stored_events(box) if isinstance(e, AgentEvent)]
+    assert "outbox_fill" in codes  # the 70 % / 90 % alarms were committed while there was room
+    box.ack(box.epoch, {b.seq: b.digest for b in box.pending(1000)})
+    result = writer.write(held, "cp-final", NOW)
+    assert result.held == [] and box.load_checkpoint() == "cp-final"
+    after = stored_events(box)
+    assert sum(isinstance(e, CountEvent) for e in after) == sum(
+        isinstance(e, CountEvent) for e in held
+    )
+
+
+def test_shed_samples_drops_only_samples_and_records_the_loss(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", max_bytes=4000, min_free_bytes=0)
+    writer = OutboxWriter(
+        box, json_sealer, agent_id="a", site_id="s", batch_max_events=50, when_full="shed_samples"
+    )
+    counts_written = 0
+    for i in range(60):
+        result = writer.write([count(), sample(i)], f"cp{i}", NOW)
+        assert not result.held or all(not isinstance(e, SampleEvent) for e in result.held)
+        counts_written += 1
+        if result.shed_events:
+            break
+    assert writer.shed_events_total > 0
+    events = stored_events(box)
+    losses = [e for e in events if isinstance(e, AgentEvent) and e.code == "data_shed"]
+    assert len(losses) == 1 and losses[0].data["events"] == writer.shed_events_total
+    assert losses[0].data["epoch"] == box.epoch and losses[0].data["seqs"]
+    assert sum(isinstance(e, CountEvent) for e in events) == counts_written  # none shed
+
+
+def test_fill_levels() -> None:
+    assert [fill_level(f, full=False) for f in (0.1, 0.7, 0.95, 1.2)] == [
+        "ok",
+        "warning",
+        "critical",
+        "full",
+    ]
+    assert fill_level(0.1, full=True) == "full"

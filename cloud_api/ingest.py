@@ -338,13 +338,16 @@ class BatchStore:
             conn.execute(ROLLUP_1M)
             conn.execute(ROLLUP_1H)
         derived.record_batch(conn, events, has_buckets=bool(buckets))
-        for site_id, equipment_id in sorted(equipment):
+        if equipment:
+            # One statement for every equipment of the batch (sorted: a stable lock order).
+            pairs = sorted(equipment)
             conn.execute(
                 "INSERT INTO registry.equipment(site_id, equipment_id, agent_id) "
-                "VALUES (%s, %s, %s) ON CONFLICT (site_id, equipment_id) DO UPDATE "
+                "SELECT s, e, %s FROM unnest(%s::text[], %s::text[]) AS t(s, e) "
+                "ON CONFLICT (site_id, equipment_id) DO UPDATE "
                 "SET agent_id = excluded.agent_id, updated_at = now() "
                 "WHERE registry.equipment.agent_id IS DISTINCT FROM excluded.agent_id",
-                (site_id, equipment_id, header.agent_id),
+                (header.agent_id, [s for s, _ in pairs], [e for _, e in pairs]),
             )
 
     def _quarantine(self, topic: str, payload: bytes | None, rejected: Rejected) -> None:

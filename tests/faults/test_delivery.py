@@ -264,3 +264,44 @@ async def test_key_rotation_on_both_sides_loses_no_batch(
         await asyncio.gather(task, return_exceptions=True)
         worker.stop()
         outbox.close()
+
+
+def test_sequence_gaps_open_fill_and_are_reported(
+    tmp_path: Path, pg_url: str, fault_pool: ConnectionPool, ring: CloudKeyring
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    enroll(pg_url, "agent-g", SITE, ed25519_line(key.public_key()))
+    store = BatchStore(fault_pool, ring, topic_prefix="g/")
+    topic = batch_topic("g/", SITE, "agent-g")
+
+    def send(seq: int) -> None:
+        events = agent_events("agent-g", SITE, 2)
+        raw, _ = sealer(
+            events, agent_id="agent-g", site_id=SITE, key=key, cloud=ring.current_hpke.public
+        )("e1", seq)
+        assert store.process(topic, raw).status == "stored"
+
+    def open_gaps() -> list[tuple[int, int]]:
+        with psycopg.connect(pg_url) as conn:
+            rows = conn.execute(
+                "SELECT first_seq, last_seq FROM ops.open_gaps WHERE agent_id = 'agent-g' "
+                "ORDER BY first_seq"
+            ).fetchall()
+        return [(int(a), int(b)) for a, b in rows]
+
+    for seq in (1, 2, 6):
+        send(seq)
+    assert open_gaps() == [(3, 5)]
+    send(4)
+    assert open_gaps() == [(3, 3), (5, 5)]
+    send(3)
+    send(5)
+    assert open_gaps() == []
+    send(9)
+    assert open_gaps() == [(7, 8)]
+    with psycopg.connect(pg_url) as conn:
+        history = conn.execute(
+            "SELECT count(*) FILTER (WHERE resolution = 'filled'), count(*) FROM ops.seq_gaps"
+        ).fetchone()
+        top = conn.execute("SELECT max_seq, batches FROM ops.agent_epochs").fetchone()
+    assert history == (3, 4) and top == (9, 7)

@@ -158,6 +158,6 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
             **oee_payload(Components.from_mapping(row)),
         }
 
-    return app
     # Last: the security perimeter wraps every route and middleware registered above.
     security.install(app, settings)
+    return app

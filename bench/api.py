@@ -44,7 +44,7 @@ from cloud_api import derived
 from cloud_api.auth import TokenKeyring, generate_token_key, issue_token
 from cloud_api.config import SecuritySettings
 from cloud_api.db import migrate
-from cloud_api.ingest import BUCKET_COLS, ROLLUP_1H, ROLLUP_1M
+from cloud_api.ingest import BUCKET_COLS, STORE_BUCKETS
 from oee.events import AgentEvent
 
 ADMIN = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
@@ -187,12 +187,7 @@ def load(url: str) -> dict[str, Any]:
                             if s == site:
                                 for row in _month_rows(site, eq, lo, hi, rng):
                                     copy.write_row(row)
-                    conn.execute(
-                        "INSERT INTO facts.oee_buckets SELECT * FROM _new_buckets "
-                        "ON CONFLICT DO NOTHING"
-                    )
-                    conn.execute(ROLLUP_1M)
-                    conn.execute(ROLLUP_1H)
+                    conn.execute(STORE_BUCKETS)
                     derived.record_batch(conn, [], has_buckets=True)
                 loaded += expected
                 print(

@@ -83,23 +83,33 @@ _ROLLUP_ADD = sql.SQL(", ").join(
 )
 
 
-def _rollup_sql(table: str, unit: str) -> sql.Composed:
+def _rollup_sql(table: str, unit: str, source: str) -> sql.Composed:
     return sql.SQL(
         "INSERT INTO rollups.{table} AS r (site_id, equipment_id, bucket, {cols}) "
         "SELECT site_id, equipment_id, date_trunc({unit}, bucket_start), {sums} "
-        "FROM _new_buckets GROUP BY 1, 2, 3 "
+        "FROM {source} GROUP BY 1, 2, 3 "
         "ON CONFLICT (site_id, equipment_id, bucket) DO UPDATE SET {add}"
     ).format(
         table=sql.Identifier(table),
         cols=_ROLLUP_COLS,
         unit=sql.Literal(unit),
         sums=_ROLLUP_SUMS,
+        source=sql.Identifier(source),
         add=_ROLLUP_ADD,
     )
 
 
-ROLLUP_1M = _rollup_sql("oee_1m", "minute")
-ROLLUP_1H = _rollup_sql("oee_1h", "hour")
+# Facts and rollups in one statement: the rollups add exactly the buckets this statement
+# inserted (RETURNING), so a bucket that is already stored (sent again in another batch, or
+# by a concurrent worker) is never added to a rollup twice.
+STORE_BUCKETS = sql.SQL(
+    "WITH inserted AS (INSERT INTO facts.oee_buckets SELECT * FROM _new_buckets "
+    "ON CONFLICT DO NOTHING RETURNING *), "
+    "minute AS ({minute} RETURNING 1) {hour}"
+).format(
+    minute=_rollup_sql("oee_1m", "minute", "inserted"),
+    hour=_rollup_sql("oee_1h", "hour", "inserted"),
+)
 BUCKET_COLS = (
     "site_id", "equipment_id", "bucket_start", "bucket_end", "event_id", "shift",
     "shift_start", *COMPONENT_FIELDS, "downtime_by_reason",
@@ -332,11 +342,7 @@ class BatchStore:
                     )
         conn.execute("INSERT INTO facts.events SELECT * FROM _new_events ON CONFLICT DO NOTHING")
         if buckets:
-            conn.execute(
-                "INSERT INTO facts.oee_buckets SELECT * FROM _new_buckets ON CONFLICT DO NOTHING"
-            )
-            conn.execute(ROLLUP_1M)
-            conn.execute(ROLLUP_1H)
+            conn.execute(STORE_BUCKETS)
         derived.record_batch(conn, events, has_buckets=bool(buckets))
         if equipment:
             # One statement for every equipment of the batch (sorted: a stable lock order).

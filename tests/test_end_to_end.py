@@ -46,6 +46,8 @@ mqtt:
   host: {mqtt_host}
   port: {mqtt_port}
   topic_prefix: "{prefix}"
+health:
+  port: {health_port}
 uplink:
   flush_interval: 500ms
   ack_timeout: 5s
@@ -122,7 +124,12 @@ async def test_press_to_api_with_agent_killed(
     config = tmp_path / "agent.yaml"
     config.write_text(
         CONFIG.format(
-            state=state, port=port, mqtt_host=MQTT_HOST, mqtt_port=MQTT_PORT, prefix=topic_prefix
+            state=state,
+            port=port,
+            mqtt_host=MQTT_HOST,
+            mqtt_port=MQTT_PORT,
+            prefix=topic_prefix,
+            health_port=free_port(),
         ),
         encoding="utf-8",
     )

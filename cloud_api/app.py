@@ -67,6 +67,10 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
         title="Factory edge gateway cloud API",
         version="0.1.0",
         lifespan=lifespan,
+        # FastAPI's own /docs and /redoc load scripts from a CDN; /docs is served from the
+        # package instead (cloud_api/dashboard.py).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.pool = pool
     install_routes(app)

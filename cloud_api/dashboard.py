@@ -1,4 +1,5 @@
-"""The dashboard: one static page served at `/` with its CSS, script and vendored Chart.js.
+"""The dashboard: one static page served at `/` with its CSS, script and vendored Chart.js;
+and the interactive API documentation at `/docs` (vendored Swagger UI).
 
 The page is a client of the public /v1 API like any other (same bearer token, entered once
 and kept for the browser session), so it shows exactly what the API returns. Everything is
@@ -25,3 +26,8 @@ def install_dashboard(app: FastAPI) -> None:
     async def dashboard() -> FileResponse:
         # The page is small and changes with each release: always revalidate.
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/docs", include_in_schema=False)
+    async def api_docs() -> FileResponse:
+        # Interactive docs (Swagger UI, vendored) for /openapi.json, under the same CSP.
+        return FileResponse(STATIC_DIR / "docs.html", headers={"Cache-Control": "no-cache"})

@@ -204,3 +204,24 @@ async def test_dashboard_in_chromium(
     assert len(charts["fleet"]) == 1 and AGENT in charts["fleet"][0]
     assert "2 batches" in charts["fleet"][0]
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+
+
+async def test_interactive_api_docs_render_from_the_package(
+    tmp_path: Path, live_api: tuple[str, dict[str, str]]
+) -> None:
+    base, _ = live_api
+    async with open_page(tmp_path / "chromium-docs") as page:
+        await page.call("Page.navigate", url=f"{base}/docs")
+        # Swagger UI lists every operation of the app's own OpenAPI document.
+        paths = await page.wait_for(
+            "document.querySelectorAll('.opblock-summary-path').length > 10 && "
+            "[...document.querySelectorAll('.opblock-summary-path')].map(e => e.textContent)"
+        )
+        await page.screenshot(tmp_path / "docs.png")
+        errors = list(page.errors)
+    assert errors == [], errors
+    assert any("/v1/oee" in p for p in paths), paths
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        page_response = await client.get("/docs")
+    csp = page_response.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp

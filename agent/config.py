@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from connectors.modbus.codec import DataType, Order
 from connectors.opcua.config import node_notation_error
 from connectors.registry import CONNECTOR_TYPES, Connection
 from oee.calendar import ShiftCalendar
@@ -61,19 +62,8 @@ class SignalConfig(_Model):
     node: str | None = Field(
         default=None, description="OPC UA: ns=2;s=..., ns=3;i=..., nsu=URI;s=..., /Objects/2:..."
     )
-    type: Literal[
-        "bool",
-        "int16",
-        "uint16",
-        "int32",
-        "uint32",
-        "int64",
-        "uint64",
-        "float32",
-        "float64",
-        "string",
-    ] = "uint16"
-    order: Literal["ABCD", "DCBA", "BADC", "CDAB"] = "ABCD"
+    type: DataType = "uint16"
+    order: Order = "ABCD"
     scale: float = 1.0
     offset: float = 0.0
     bit: int | None = Field(default=None, ge=0, le=15)

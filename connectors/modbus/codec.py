@@ -10,26 +10,19 @@ import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 Value = bool | int | float | str
 Table = Literal["holding", "input", "coil", "discrete"]
 
 TABLES: tuple[Table, ...] = ("coil", "discrete", "holding", "input")
 BIT_TABLES: frozenset[str] = frozenset({"coil", "discrete"})
-ORDERS: tuple[str, ...] = ("ABCD", "DCBA", "BADC", "CDAB")
-DATA_TYPES: tuple[str, ...] = (
-    "bool",
-    "int16",
-    "uint16",
-    "int32",
-    "uint32",
-    "int64",
-    "uint64",
-    "float32",
-    "float64",
-    "string",
-)
+Order = Literal["ABCD", "DCBA", "BADC", "CDAB"]
+DataType = Literal[
+    "bool", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64", "string"
+]
+ORDERS: tuple[str, ...] = get_args(Order)
+DATA_TYPES: tuple[str, ...] = get_args(DataType)
 
 # struct format (big-endian once words/bytes are put back in ABCD order) and register count.
 _NUMERIC: dict[str, tuple[str, int]] = {

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi import FastAPI, HTTPException, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloud_api import metrics, security
 from cloud_api.config import CloudSettings
 from cloud_api.dashboard import install_dashboard
 from cloud_api.db import make_pool, with_retry
+from cloud_api.marks import DataMarks
 from cloud_api.routes import install_routes
 from oee.components import COMPONENT_FIELDS, Components
 
@@ -52,6 +55,42 @@ def oee_payload(c: Components) -> dict[str, Any]:
     }
 
 
+class TimingMiddleware:
+    """Request counts and latencies by route for Prometheus, and the `app` part of the
+    Server-Timing header.
+
+    A plain ASGI middleware rather than `@app.middleware("http")`: Starlette's
+    BaseHTTPMiddleware runs the rest of the app in a separate task and pipes the response
+    through memory streams, which cost about a fifth of a cached request's time.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                elapsed = time.perf_counter() - started
+                # The router has put the matched route into the (shared) scope by now.
+                path = getattr(scope.get("route"), "path", "unmatched")
+                status = message["status"]
+                metrics.HTTP_REQUESTS.labels(path, scope["method"], str(status)).inc()
+                metrics.HTTP_LATENCY.labels(path).observe(elapsed)
+                # Routes may already have added their own parts (db time, cache outcome).
+                headers = MutableHeaders(raw=list(message.get("headers", [])))
+                parts = [f"app;dur={elapsed * 1000:.1f}", headers.get("Server-Timing")]
+                headers["Server-Timing"] = ", ".join(p for p in parts if p)
+                message = {**message, "headers": headers.raw}
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
+
+
 def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> FastAPI:
     owns_pool = pool is None
 
@@ -59,9 +98,14 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if app.state.pool is None:
             app.state.pool = await run_in_threadpool(make_pool, settings.database, name="api")
-        yield
-        if owns_pool:
-            app.state.pool.close()
+        # Until it listens (and whenever it does not), routes read watermarks from the database.
+        app.state.data_marks.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(app.state.data_marks.stop)
+            if owns_pool:
+                app.state.pool.close()
 
     app = FastAPI(
         title="Factory edge gateway cloud API",
@@ -73,24 +117,11 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
         redoc_url=None,
     )
     app.state.pool = pool
+    app.state.data_marks = DataMarks(settings.database.url)
     install_routes(app)
     install_dashboard(app)
 
-    @app.middleware("http")
-    async def timing(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        elapsed = time.perf_counter() - started
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.HTTP_REQUESTS.labels(path, request.method, str(response.status_code)).inc()
-        metrics.HTTP_LATENCY.labels(path).observe(elapsed)
-        # Routes may already have added their own parts (db time, cache outcome).
-        parts = [f"app;dur={elapsed * 1000:.1f}", response.headers.get("Server-Timing")]
-        response.headers["Server-Timing"] = ", ".join(p for p in parts if p)
-        return response
+    app.add_middleware(TimingMiddleware)
 
     def query(stmt: sql.Composable, params: dict[str, Any]) -> list[dict[str, Any]]:
         def run() -> list[dict[str, Any]]:

@@ -59,9 +59,16 @@ DASHBOARD_CSP = (
 class SitePool:
     """The app's connection pool, scoped: each checkout runs as `role` with the caller's sites.
 
-    Settings are session-level (so a commit inside the block keeps them) and reset when the
-    connection goes back, so another user of the same pool (ingest in tests) is unaffected.
-    Everything else is delegated to the wrapped pool.
+    Settings are session-level (so a commit or rollback inside the block keeps them; a
+    transaction-local setting would fall back to the pool's login role after a commit, which
+    fails open) and reset when the connection goes back, so another user of the same pool
+    (ingest in tests) is unaffected. Everything else is delegated to the wrapped pool.
+
+    Each side costs one round trip: both settings go in one autocommit statement (a
+    session-level set_config in autocommit is committed by itself, so no BEGIN/COMMIT around
+    it), and the reset is one simple-protocol call holding both RESETs (no parameters, so
+    PostgreSQL runs them as one implicit transaction). Before, a checkout spent seven round
+    trips on this, which capped every database-backed route at about 400 requests/s.
     """
 
     def __init__(self, pool: ConnectionPool, role: str) -> None:
@@ -72,11 +79,15 @@ class SitePool:
     def connection(self, timeout: float | None = None) -> Iterator[psycopg.Connection[Any]]:
         scope = _SCOPE.get()
         with tracing.db_span(self.role), self.pool.connection(timeout) as conn:
-            conn.execute(
-                "SELECT set_config('role', %s, false), set_config('app.sites', %s, false)",
-                (self.role, scope),
-            )
-            conn.commit()
+            autocommit = conn.autocommit
+            try:
+                conn.autocommit = True
+                conn.execute(
+                    "SELECT set_config('role', %s, false), set_config('app.sites', %s, false)",
+                    (self.role, scope),
+                )
+            finally:
+                conn.autocommit = autocommit
             try:
                 yield conn
             except BaseException:
@@ -84,15 +95,24 @@ class SitePool:
                     conn.rollback()
                 self._reset(conn)
                 raise
-            conn.commit()
-            self._reset(conn)
+            try:
+                conn.commit()
+            finally:
+                # Reset even when the commit fails, else the connection would go back to
+                # the pool still carrying this caller's role and sites.
+                self._reset(conn)
 
     @staticmethod
     def _reset(conn: psycopg.Connection[Any]) -> None:
         try:
-            conn.execute("RESET ROLE")
-            conn.execute("RESET app.sites")
-            conn.commit()
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.rollback()
+            autocommit = conn.autocommit
+            conn.autocommit = True
+            try:
+                conn.execute("RESET ROLE; RESET app.sites")
+            finally:
+                conn.autocommit = autocommit
         except psycopg.Error:
             # A connection whose role cannot be reset must not be reused by anyone.
             conn.close()

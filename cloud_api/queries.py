@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -369,12 +369,14 @@ def data_watermark(conn: Conn, members: Sequence[Member], start: datetime, end: 
     return int(rows[0]["w"])
 
 
-def _days(start: datetime, end: datetime) -> dict[str, Any]:
+def day_span(start: datetime, end: datetime) -> tuple[date, date]:
     """The UTC days (data_versions keys) that [start, end) touches, as d0..d1 inclusive."""
-    return {
-        "d0": start.astimezone(UTC).date(),
-        "d1": (end - timedelta(microseconds=1)).astimezone(UTC).date(),
-    }
+    return start.astimezone(UTC).date(), (end - timedelta(microseconds=1)).astimezone(UTC).date()
+
+
+def _days(start: datetime, end: datetime) -> dict[str, Any]:
+    d0, d1 = day_span(start, end)
+    return {"d0": d0, "d1": d1}
 
 
 # -- downtime, states, quality --------------------------------------------------------------

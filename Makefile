@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint services browser venv clean
+.PHONY: demo test lint services browser test-tools venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ lint: $(STAMP)
 browser:
 	bash scripts/browser.sh >/dev/null
 
-test: $(STAMP) services browser lint
+# socat and systemd-analyze for the RTU and unit-file tests (installed when missing).
+test-tools:
+	bash scripts/test-tools.sh
+
+test: $(STAMP) services browser test-tools lint
 	$(BIN)/pytest -q -p no:cacheprovider
 
 clean:

@@ -12,6 +12,7 @@ import zlib
 from typing import Any
 
 import pytest
+import zstandard
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from hypothesis import HealthCheck, given, settings
@@ -228,12 +229,23 @@ def test_zip_bomb_is_bounded() -> None:
     assert open_(raw, max_plaintext=len(bomb)).plaintext == bomb
 
 
+_ZSTD = zstandard.ZstdCompressor(level=1)
+
+
 @pytest.mark.parametrize(
-    "compressed",
-    [b"not zlib at all", zlib.compress(b"x" * 100)[:-5], zlib.compress(b"x") + b"trailing"],
+    ("compression", "compressed"),
+    [
+        ("zlib", b"not zlib at all"),
+        ("zlib", zlib.compress(b"x" * 100)[:-5]),
+        ("zlib", zlib.compress(b"x") + b"trailing"),
+        ("zstd", b"not zstd at all"),
+        ("zstd", _ZSTD.compress(b"x" * 100)[:-3]),
+        # A frame that does not state its size (streaming) is refused: the size bounds memory.
+        ("zstd", zstandard.ZstdCompressor(write_content_size=False).compress(b"x" * 100)),
+    ],
 )
-def test_bad_compression_from_a_signed_sender(compressed: bytes) -> None:
-    h = header()
+def test_bad_compression_from_a_signed_sender(compression: str, compressed: bytes) -> None:
+    h = header(compression=compression)
     hb = h.to_bytes()
     suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
     ct = suite.encrypt(compressed, CLOUD_KEYS[SUITE_X25519].public.key, info=MAGIC + hb)
@@ -471,3 +483,14 @@ def test_fuzz_verify_ack(data: st.DataObject) -> None:
         assert exc.reason in {"malformed", "unknown_key", "bad_signature", "wrong_agent"}
     else:
         assert ack.agent_id == "agent-1"
+
+
+@pytest.mark.parametrize("compression", ["zstd", "zlib"])
+def test_both_compressions_round_trip_and_zstd_is_the_default(compression: str) -> None:
+    assert header().compression == "zstd"
+    raw = seal(
+        PLAINTEXT, header(compression=compression), AGENT_KEY, CLOUD_KEYS[SUITE_X25519].public
+    )
+    opened = open_(raw)
+    assert opened.plaintext == PLAINTEXT
+    assert opened.header.compression == compression

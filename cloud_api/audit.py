@@ -61,6 +61,26 @@ def record_principal(
     )
 
 
+def record_cli(
+    conn: psycopg.Connection[Any],
+    action: str,
+    *,
+    target: str | None = None,
+    site_id: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> int:
+    """Audit a write made by an operator through a `cloud-api` command."""
+    return record(
+        conn,
+        actor=cli_actor(),
+        actor_kind="cli",
+        action=action,
+        target=target,
+        site_id=site_id,
+        detail=detail,
+    )
+
+
 def cli_actor() -> str:
     """The operator running a `cloud-api` command (the sudo caller when run through sudo)."""
     user = os.environ.get("SUDO_USER") or getpass.getuser()

@@ -129,11 +129,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             "ON CONFLICT (agent_id, key_id) DO UPDATE SET revoked_at = NULL",
             (args.agent, kid, line),
         )
-        audit.record(
+        audit.record_cli(
             conn,
-            actor=audit.cli_actor(),
-            actor_kind="cli",
-            action="agents.enroll",
+            "agents.enroll",
             target=args.agent,
             site_id=args.site,
             detail={"key_id": kid},
@@ -160,11 +158,9 @@ def cmd_revoke_key(args: argparse.Namespace) -> int:
             "UPDATE registry.agent_keys SET revoked_at = now() WHERE agent_id = %s AND key_id = %s",
             (args.agent, args.key_id),
         )
-        audit.record(
+        audit.record_cli(
             conn,
-            actor=audit.cli_actor(),
-            actor_kind="cli",
-            action="agents.revoke_key",
+            "agents.revoke_key",
             target=args.agent,
             detail={"key_id": args.key_id},
         )

@@ -61,11 +61,9 @@ def cmd_tokens_issue(args: argparse.Namespace) -> int:
         ring = TokenKeyring.load(settings.keys_dir) if settings.keys_dir.is_dir() else None
         if ring is None or ring.current_id is None:
             kid = generate_token_key(settings.keys_dir)
-            audit.record(
+            audit.record_cli(
                 conn,
-                actor=audit.cli_actor(),
-                actor_kind="cli",
-                action="tokens.key_created",
+                "tokens.key_created",
                 target=kid,
             )
             ring = TokenKeyring.load(settings.keys_dir)
@@ -80,11 +78,9 @@ def cmd_tokens_issue(args: argparse.Namespace) -> int:
             )
         except AuthError as exc:
             return _fail(str(exc))
-        audit.record(
+        audit.record_cli(
             conn,
-            actor=audit.cli_actor(),
-            actor_kind="cli",
-            action="tokens.issue",
+            "tokens.issue",
             target=claims["jti"],
             detail={
                 "subject": claims["sub"],
@@ -105,11 +101,9 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
             "INSERT INTO ops.revoked_tokens(jti, reason) VALUES (%s, %s) ON CONFLICT DO NOTHING",
             (args.jti, args.reason),
         )
-        audit.record(
+        audit.record_cli(
             conn,
-            actor=audit.cli_actor(),
-            actor_kind="cli",
-            action="tokens.revoke",
+            "tokens.revoke",
             target=args.jti,
             detail={"reason": args.reason},
         )
@@ -121,9 +115,7 @@ def cmd_tokens_rotate_key(args: argparse.Namespace) -> int:
     settings = _settings(args)
     with psycopg.connect(settings.database.url) as conn, conn.transaction():
         kid = generate_token_key(settings.keys_dir)
-        audit.record(
-            conn, actor=audit.cli_actor(), actor_kind="cli", action="tokens.rotate_key", target=kid
-        )
+        audit.record_cli(conn, "tokens.rotate_key", target=kid)
     print(f"new token signing key {kid}; older keys keep verifying until their files are removed")
     return 0
 
@@ -132,9 +124,7 @@ def cmd_pii_rotate_key(args: argparse.Namespace) -> int:
     settings = _settings(args)
     with psycopg.connect(settings.database.url) as conn, conn.transaction():
         kid = generate_pii_key(settings.keys_dir)
-        audit.record(
-            conn, actor=audit.cli_actor(), actor_kind="cli", action="pii.rotate_key", target=kid
-        )
+        audit.record_cli(conn, "pii.rotate_key", target=kid)
     print(f"new personal-data key {kid}; keep the older keys to read what they sealed")
     return 0
 
@@ -167,11 +157,9 @@ def cmd_apikeys_create(args: argparse.Namespace) -> int:
                 expires,
             ),
         )
-        audit.record(
+        audit.record_cli(
             conn,
-            actor=audit.cli_actor(),
-            actor_kind="cli",
-            action="apikeys.create",
+            "apikeys.create",
             target=prefix,
             detail={
                 "name": args.name,
@@ -196,11 +184,9 @@ def cmd_apikeys_revoke(args: argparse.Namespace) -> int:
         ).fetchone()
         if row is None:
             return _fail(f"no active API key with prefix {args.prefix!r}")
-        audit.record(
+        audit.record_cli(
             conn,
-            actor=audit.cli_actor(),
-            actor_kind="cli",
-            action="apikeys.revoke",
+            "apikeys.revoke",
             target=args.prefix,
             detail={"name": row[0]},
         )

@@ -115,6 +115,10 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
         # package instead (cloud_api/dashboard.py).
         docs_url=None,
         redoc_url=None,
+        # Request spans come from the security middleware (cloud_api/tracing.py), which also
+        # puts the trace id into logs and problem details; FastAPI's own would be a second
+        # span per request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.pool = pool
     app.state.data_marks = DataMarks(settings.database.url)

@@ -35,6 +35,7 @@ from fastapi.concurrency import run_in_threadpool
 from psycopg_pool import ConnectionPool
 from starlette.requests import Request
 
+from cloud_api.cache import LruMap
 from cloud_api.config import JwksSettings, Role, SecuritySettings
 from cloud_api.problems import Problem
 from sync.keys import (
@@ -254,6 +255,14 @@ class RevocationList:
         self._loaded = float("-inf")
         self._lock = threading.Lock()
 
+    def fresh(self) -> bool:
+        """Whether the list in memory may be used without re-reading it."""
+        return time.monotonic() - self._loaded < self.refresh_s
+
+    def listed(self, jti: str) -> bool:
+        """Whether `jti` is in the list as last read (no database access)."""
+        return jti in self._ids
+
     def revoked(self, pool: ConnectionPool, jti: str) -> bool:
         with self._lock:
             if time.monotonic() - self._loaded >= self.refresh_s:
@@ -274,6 +283,34 @@ def _unauthorized(detail: str) -> Problem:
     return Problem(401, detail, slug="unauthenticated", headers=WWW_AUTHENTICATE)
 
 
+class VerifiedTokens:
+    """Bearer tokens whose signature and claims verified, with the principal they gave.
+
+    Verifying an EdDSA token (two base64 and JSON decodes and a signature check) costs more
+    than the rest of a cached API answer; a dashboard or a service sends the same token with
+    every request. A remembered token is still checked on each use for what can change after
+    its verification: expiry (with the same leeway as the verification) and revocation. Bounded,
+    least recently used first out.
+    """
+
+    def __init__(self, leeway_s: float, max_entries: int = 10_000) -> None:
+        self.leeway_s = leeway_s
+        self._items: LruMap[str, Principal] = LruMap(max_entries)
+
+    def get(self, token: str) -> Principal | None:
+        principal = self._items.get(token)
+        if principal is None:
+            return None
+        expires = principal.expires
+        if expires is not None and expires.timestamp() + self.leeway_s <= time.time():
+            self._items.pop(token)
+            return None
+        return principal
+
+    def put(self, token: str, principal: Principal) -> None:
+        self._items.put(token, principal)
+
+
 class Authenticator:
     """Turns the credentials of a request into a `Principal`, or raises a 401 `Problem`."""
 
@@ -287,6 +324,7 @@ class Authenticator:
         self.keys_dir = keys_dir
         self.pool = pool
         self.revocations = RevocationList(settings.revocation_refresh_seconds)
+        self.verified = VerifiedTokens(settings.leeway_seconds)
         self._ring: TokenKeyring | None = None
         self._jwks: jwt.PyJWKClient | None = None
         if settings.jwks is not None:
@@ -321,11 +359,26 @@ class Authenticator:
             raise _unauthorized("use the Bearer scheme: `Authorization: Bearer <token>`")
         if credential.startswith("fgw_"):
             return await run_in_threadpool(self._api_key, credential)
+        # A token verified before needs no worker thread while the revocation list in memory
+        # is current (re-reading it is a database query).
+        known = self.verified.get(credential)
+        if known is not None and (known.kind != "token" or self.revocations.fresh()):
+            self._check_revocation(known)
+            return known
         return await run_in_threadpool(self._token, credential)
+
+    def _check_revocation(self, principal: Principal) -> None:
+        if principal.kind == "token" and self.revocations.listed(principal.credential_id):
+            raise _unauthorized("the token has been revoked")
 
     # -- JWT ----------------------------------------------------------------------------------
 
     def _token(self, token: str) -> Principal:
+        known = self.verified.get(token)
+        if known is not None:
+            if known.kind == "token" and self.revocations.revoked(self.pool(), known.credential_id):
+                raise _unauthorized("the token has been revoked")
+            return known
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
@@ -372,7 +425,7 @@ class Authenticator:
         jti = str(claims.get("jti") or hashlib.sha256(token.encode()).hexdigest()[:32])
         if kind == "token" and self.revocations.revoked(self.pool(), jti):
             raise _unauthorized("the token has been revoked")
-        return Principal(
+        principal = Principal(
             subject=str(claims.get("sub")),
             role=role,
             sites=sites,
@@ -380,6 +433,8 @@ class Authenticator:
             credential_id=jti,
             expires=datetime.fromtimestamp(int(claims["exp"]), UTC),
         )
+        self.verified.put(token, principal)
+        return principal
 
     def _own_token(self, token: str, header: Mapping[str, Any]) -> dict[str, Any]:
         # The algorithm is pinned: `none`, HMAC with the public key as secret and every other

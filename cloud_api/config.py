@@ -98,6 +98,8 @@ class SecuritySettings(_Model):
 class TracingSettings(_Model):
     otlp_endpoint: str | None = None
     service_name: str = "cloud-api"
+    # Share of new traces recorded and exported (a caller's sampled traceparent always is).
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
 
 
 class CloudSettings(_Model):

@@ -14,6 +14,7 @@ the OEE buckets themselves for interval=shift (grouped by shift and shift start)
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -101,7 +102,7 @@ _SCOPE_CTE = sql.SQL(
 
 
 def run(
-    conn: Conn, name: str, stmt: sql.Composed | sql.SQL, params: dict[str, Any]
+    conn: Conn, name: str, stmt: sql.Composed | sql.SQL | bytes, params: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """Execute one read query, timing it into the database latency histogram."""
     started = time.perf_counter()
@@ -275,6 +276,37 @@ def _rollup_parts(
     return [("oee_1m", start, end)]
 
 
+@functools.lru_cache(maxsize=256)
+def _series_sql(group_by: GroupBy, interval: Interval, tables: tuple[str, ...]) -> bytes:
+    """The rollup query of oee_series for one shape of request, composed once."""
+    selects = [
+        sql.SQL(
+            "SELECT bucket, {cols} FROM rollups.{table} "
+            "WHERE site_id = s.site_id AND equipment_id = s.equipment_id "
+            "AND bucket >= {lo} AND bucket < {hi}"
+        ).format(
+            cols=_COLS,
+            table=sql.Identifier(table),
+            lo=sql.Placeholder(f"lo{i}"),
+            hi=sql.Placeholder(f"hi{i}"),
+        )
+        for i, table in enumerate(tables)
+    ]
+    # One primary-key range scan per equipment, whatever the table's size: OFFSET 0 keeps
+    # the planner from flattening the LATERAL subquery into a hash join over a full scan.
+    stmt = _SCOPE_CTE + sql.SQL(
+        "SELECT {groups}, {label} AS label, {sums} FROM scope s "
+        "CROSS JOIN LATERAL (SELECT * FROM ({union}) u OFFSET 0) r "
+        "GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+    ).format(
+        groups=_group_cols(group_by),
+        label=_label(interval),
+        sums=_sums("r."),
+        union=sql.SQL(" UNION ALL ").join(selects),
+    )
+    return stmt.as_bytes(None)
+
+
 def oee_series(
     conn: Conn,
     members: Sequence[Member],
@@ -311,34 +343,10 @@ def oee_series(
         return buckets, "facts.oee_buckets"
     hourly = interval in ("1h", "1d", "1w", "1mo") and whole_hour_zone(tz, start, end)
     parts = _rollup_parts(start, end, hourly)
-    selects = []
-    for i, (table, lo, hi) in enumerate(parts):
+    for i, (_table, lo, hi) in enumerate(parts):
         params[f"lo{i}"], params[f"hi{i}"] = lo, hi
-        selects.append(
-            sql.SQL(
-                "SELECT bucket, {cols} FROM rollups.{table} "
-                "WHERE site_id = s.site_id AND equipment_id = s.equipment_id "
-                "AND bucket >= {lo} AND bucket < {hi}"
-            ).format(
-                cols=_COLS,
-                table=sql.Identifier(table),
-                lo=sql.Placeholder(f"lo{i}"),
-                hi=sql.Placeholder(f"hi{i}"),
-            )
-        )
-    # One primary-key range scan per equipment, whatever the table's size: OFFSET 0 keeps
-    # the planner from flattening the LATERAL subquery into a hash join over a full scan.
-    stmt = _SCOPE_CTE + sql.SQL(
-        "SELECT {groups}, {label} AS label, {sums} FROM scope s "
-        "CROSS JOIN LATERAL (SELECT * FROM ({union}) u OFFSET 0) r "
-        "GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
-    ).format(
-        groups=_group_cols(group_by),
-        label=_label(interval),
-        sums=_sums("r."),
-        union=sql.SQL(" UNION ALL ").join(selects),
-    )
-    rows = run(conn, f"oee_{interval}", stmt, params)
+    query = _series_sql(group_by, interval, tuple(table for table, _, _ in parts))
+    rows = run(conn, f"oee_{interval}", query, params)
     buckets = [
         Bucket(
             (r["g_site"], r["g_id"]),

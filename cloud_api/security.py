@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
@@ -61,46 +62,64 @@ class SitePool:
 
     Settings are session-level (so a commit or rollback inside the block keeps them; a
     transaction-local setting would fall back to the pool's login role after a commit, which
-    fails open) and reset when the connection goes back, so another user of the same pool
-    (ingest in tests) is unaffected. Everything else is delegated to the wrapped pool.
+    fails open). Both go in one autocommit statement (a session-level set_config in
+    autocommit is committed by itself, so no BEGIN/COMMIT around it).
 
-    Each side costs one round trip: both settings go in one autocommit statement (a
-    session-level set_config in autocommit is committed by itself, so no BEGIN/COMMIT around
-    it), and the reset is one simple-protocol call holding both RESETs (no parameters, so
-    PostgreSQL runs them as one implicit transaction). Before, a checkout spent seven round
-    trips on this, which capped every database-backed route at about 400 requests/s.
+    A pool shared with other users (ingest in tests) gets its connections back reset (one
+    simple-protocol call holding both RESETs), so they are unaffected. A pool only this
+    wrapper hands out (`exclusive`, the API's own) keeps each connection's role and sites and
+    remembers them: a checkout whose caller has the same scope as the connection's last one
+    needs no round trip at all, and a different scope one. Every checkout sets its own scope
+    before any query, so a connection never serves one caller with another's sites.
     """
 
-    def __init__(self, pool: ConnectionPool, role: str) -> None:
+    def __init__(self, pool: ConnectionPool, role: str, *, exclusive: bool = False) -> None:
         self.pool = pool
         self.role = role
+        self.exclusive = exclusive
+        self._scopes: weakref.WeakKeyDictionary[psycopg.Connection[Any], str] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[psycopg.Connection[Any]]:
         scope = _SCOPE.get()
         with tracing.db_span(self.role), self.pool.connection(timeout) as conn:
-            autocommit = conn.autocommit
-            try:
-                conn.autocommit = True
-                conn.execute(
-                    "SELECT set_config('role', %s, false), set_config('app.sites', %s, false)",
-                    (self.role, scope),
-                )
-            finally:
-                conn.autocommit = autocommit
+            if self._scopes.get(conn) != scope:
+                self._scopes.pop(conn, None)
+                autocommit = conn.autocommit
+                try:
+                    conn.autocommit = True
+                    conn.execute(
+                        "SELECT set_config('role', %s, false), set_config('app.sites', %s, false)",
+                        (self.role, scope),
+                    )
+                finally:
+                    conn.autocommit = autocommit
+                if self.exclusive:
+                    self._scopes[conn] = scope
             try:
                 yield conn
             except BaseException:
                 with contextlib.suppress(psycopg.Error):
                     conn.rollback()
-                self._reset(conn)
+                self._release(conn)
                 raise
             try:
                 conn.commit()
             finally:
                 # Reset even when the commit fails, else the connection would go back to
                 # the pool still carrying this caller's role and sites.
-                self._reset(conn)
+                self._release(conn)
+
+    def _release(self, conn: psycopg.Connection[Any]) -> None:
+        if not self.exclusive:
+            self._reset(conn)
+        elif conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            # Unknown state: the next checkout sets the scope again (or the pool discards it).
+            self._scopes.pop(conn, None)
+            with contextlib.suppress(psycopg.Error):
+                conn.rollback()
 
     @staticmethod
     def _reset(conn: psycopg.Connection[Any]) -> None:
@@ -110,7 +129,7 @@ class SitePool:
             autocommit = conn.autocommit
             conn.autocommit = True
             try:
-                conn.execute("RESET ROLE; RESET app.sites")
+                conn.execute("RESET ROLE; RESET app.sites", prepare=False)
             finally:
                 conn.autocommit = autocommit
         except psycopg.Error:
@@ -124,8 +143,12 @@ class SitePool:
         return getattr(self.pool, name)
 
 
-def scoped_pool(pool: ConnectionPool | SitePool, settings: SecuritySettings) -> SitePool:
-    return pool if isinstance(pool, SitePool) else SitePool(pool, settings.api_db_role)
+def scoped_pool(
+    pool: ConnectionPool | SitePool, settings: SecuritySettings, *, exclusive: bool = False
+) -> SitePool:
+    if isinstance(pool, SitePool):
+        return pool
+    return SitePool(pool, settings.api_db_role, exclusive=exclusive)
 
 
 @contextmanager
@@ -201,6 +224,8 @@ class SecurityMiddleware:
     def __init__(self, app: ASGIApp, state: SecurityState) -> None:
         self.app = app
         self.state = state
+        self._api_headers = self._build_headers(API_CSP)
+        self._dashboard_headers = self._build_headers(DASHBOARD_CSP)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -231,13 +256,25 @@ class SecurityMiddleware:
                     status_box["started"] = True
                     status_box["status"] = message["status"]
                     raw = list(message.get("headers", []))
-                    present = {k.lower() for k, _ in raw}
-                    timing = b"".join(v for k, v in raw if k.lower() == b"server-timing")
-                    status_box["cache_hit"] = message["status"] == 304 or b'desc="hit"' in timing
-                    content_type = b"".join(v for k, v in raw if k.lower() == b"content-type")
-                    for name, value in self._headers(path, content_type, extra_headers).items():
-                        if name.lower().encode() not in present:
-                            raw.append((name.encode(), value.encode("latin-1")))
+                    present = set()
+                    content_type = b""
+                    for k, v in raw:
+                        name = k.lower()
+                        present.add(name)
+                        if name == b"content-type":
+                            content_type = v
+                        elif name == b"server-timing" and b'desc="hit"' in v:
+                            status_box["cache_hit"] = True
+                    if message["status"] == 304:
+                        status_box["cache_hit"] = True
+                    html = content_type.startswith(b"text/html")
+                    for name, value in self._fixed_headers(path, html):
+                        if name not in present:
+                            raw.append((name, value))
+                    for name_s, value_s in extra_headers.items():
+                        name = name_s.lower().encode()
+                        if name not in present:
+                            raw.append((name, value_s.encode("latin-1")))
                     message = {**message, "headers": raw}
                 await send(message)
 
@@ -277,7 +314,12 @@ class SecurityMiddleware:
                     cache_hit=bool(status_box["cache_hit"]),
                 )
 
-    def _headers(self, path: str, content_type: bytes, extra: dict[str, str]) -> dict[str, str]:
+    def _fixed_headers(self, path: str, html: bool) -> tuple[tuple[bytes, bytes], ...]:
+        """The security headers every response gets (built once per kind of response)."""
+        dashboard = html or not (path.startswith(PROTECTED_PREFIX) or path.startswith("/openapi"))
+        return self._dashboard_headers if dashboard else self._api_headers
+
+    def _build_headers(self, csp: str) -> tuple[tuple[bytes, bytes], ...]:
         out = {
             "X-Content-Type-Options": "nosniff",
             "X-Frame-Options": "DENY",
@@ -285,17 +327,13 @@ class SecurityMiddleware:
             "Cross-Origin-Opener-Policy": "same-origin",
             "Cross-Origin-Resource-Policy": "same-origin",
             "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
-            "Content-Security-Policy": DASHBOARD_CSP
-            if content_type.startswith(b"text/html")
-            or not (path.startswith(PROTECTED_PREFIX) or path.startswith("/openapi"))
-            else API_CSP,
+            "Content-Security-Policy": csp,
         }
         if self.state.settings.hsts_seconds:
             out["Strict-Transport-Security"] = (
                 f"max-age={self.state.settings.hsts_seconds}; includeSubDomains"
             )
-        out.update(extra)
-        return out
+        return tuple((k.lower().encode(), v.encode("latin-1")) for k, v in out.items())
 
     def _too_large(self, path: str, trace_id: str) -> ASGIApp:
         return problem_response(
@@ -419,7 +457,8 @@ def install(app: FastAPI, settings: CloudSettings) -> SecurityState:
     tracing.configure(settings.tracing)
     state = SecurityState(app, settings)
     app.state.security = state
-    if app.state.pool is not None:
+    shared_pool = app.state.pool is not None
+    if shared_pool:
         app.state.pool = scoped_pool(app.state.pool, settings.security)
     problems.install(app)
     app.include_router(ops_stats.router(require("ops")))
@@ -442,9 +481,12 @@ def install(app: FastAPI, settings: CloudSettings) -> SecurityState:
     @asynccontextmanager
     async def lifespan(app_: Any) -> AsyncIterator[Any]:
         async with inner(app_) as value:
-            # The app may create its pool in its own lifespan: scope it before serving.
+            # The app may create its pool in its own lifespan: scope it before serving. Such a
+            # pool is the API's alone (a pool passed in at install time may be shared).
             if app.state.pool is not None:
-                app.state.pool = scoped_pool(app.state.pool, settings.security)
+                app.state.pool = scoped_pool(
+                    app.state.pool, settings.security, exclusive=not shared_pool
+                )
             flusher = asyncio.create_task(_flush_loop(app, state))
             try:
                 yield value

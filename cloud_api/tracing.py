@@ -1,10 +1,13 @@
 """OpenTelemetry tracing of the cloud side: API requests, database sessions and ingest batches.
 
-Spans are always created with the SDK (so every request and batch has a real trace id for
-logs, problem details and audit rows); they leave the process only when an OTLP endpoint is
-configured. An ingest batch's span joins the trace the edge agent started: the envelope
-header's `trace_id` (32 hex digits) becomes the span's trace id, and the same id is stored on
-the batch, on each of its events and bound into every log line written while it is handled.
+Every request and batch has a real trace id for logs, problem details and audit rows. Spans
+are recorded only when they can leave the process: with an OTLP endpoint configured (a share
+`sample_ratio` of new traces), or when a caller's `traceparent` is marked sampled. Otherwise
+a request gets its trace id and nothing more, which keeps a cached API answer cheap.
+
+An ingest batch's span joins the trace the edge agent started: the envelope header's
+`trace_id` (32 hex digits) becomes the span's trace id, and the same id is stored on the
+batch, on each of its events and bound into every log line written while it is handled.
 """
 
 from __future__ import annotations
@@ -21,24 +24,39 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, TraceFlags
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    TraceFlags,
+)
 
 from cloud_api.config import TracingSettings
 
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _lock = threading.Lock()
 _configured = False
+_exporting = False  # new traces are sampled (an OTLP endpoint is configured)
 
 tracer = trace.get_tracer("cloud_api")
 
 
 def configure(settings: TracingSettings) -> None:
     """Install the SDK tracer provider once per process; export over OTLP when configured."""
-    global _configured
+    global _configured, _exporting
     with _lock:
         if _configured:
             return
-        provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}))
+        # Parent-based: a caller's sampling decision is followed; new traces are sampled only
+        # when they are exported.
+        root = TraceIdRatioBased(settings.sample_ratio) if settings.otlp_endpoint else ALWAYS_OFF
+        provider = TracerProvider(
+            resource=Resource.create({"service.name": settings.service_name}),
+            sampler=ParentBased(root),
+        )
         if settings.otlp_endpoint:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -48,6 +66,7 @@ def configure(settings: TracingSettings) -> None:
             )
         trace.set_tracer_provider(provider)
         _configured = True
+        _exporting = bool(settings.otlp_endpoint) and settings.sample_ratio > 0
 
 
 def trace_id_of(span: Span) -> str | None:
@@ -61,7 +80,17 @@ def current_trace_id() -> str | None:
 
 @contextmanager
 def request_span(method: str, path: str, headers: Mapping[str, str]) -> Iterator[tuple[Span, str]]:
-    """A server span for one HTTP request, continuing a `traceparent` the caller sent."""
+    """A server span for one HTTP request, continuing a `traceparent` the caller sent.
+
+    When the span could not be recorded (nothing is exported and the caller sent no trace
+    context), only a trace id is made: the SDK's unsampled span would cost more than the rest
+    of a cached answer and give nothing else.
+    """
+    if not _exporting and "traceparent" not in headers:
+        trace_id = secrets.token_hex(16)
+        with structlog.contextvars.bound_contextvars(trace_id=trace_id):
+            yield INVALID_SPAN, trace_id
+        return
     parent = propagate.extract(dict(headers))
     with tracer.start_as_current_span(
         f"{method} {path}",
@@ -77,6 +106,10 @@ def request_span(method: str, path: str, headers: Mapping[str, str]) -> Iterator
 @contextmanager
 def db_span(role: str) -> Iterator[Span]:
     """One span per database session (pool checkout), child of the current span."""
+    current = trace.get_current_span()
+    if not _exporting and not current.is_recording():
+        yield current
+        return
     with tracer.start_as_current_span(
         "db.session",
         kind=SpanKind.CLIENT,

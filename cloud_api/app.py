@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloud_api import metrics, security
@@ -82,10 +82,15 @@ class TimingMiddleware:
                 metrics.HTTP_REQUESTS.labels(path, scope["method"], str(status)).inc()
                 metrics.HTTP_LATENCY.labels(path).observe(elapsed)
                 # Routes may already have added their own parts (db time, cache outcome).
-                headers = MutableHeaders(raw=list(message.get("headers", [])))
-                parts = [f"app;dur={elapsed * 1000:.1f}", headers.get("Server-Timing")]
-                headers["Server-Timing"] = ", ".join(p for p in parts if p)
-                message = {**message, "headers": headers.raw}
+                own = f"app;dur={elapsed * 1000:.1f}".encode()
+                headers = []
+                for name, value in message.get("headers", []):
+                    if name.lower() == b"server-timing":
+                        own = own + b", " + value
+                    else:
+                        headers.append((name, value))
+                headers.append((b"server-timing", own))
+                message = {**message, "headers": headers}
             await send(message)
 
         await self.app(scope, receive, timed_send)
@@ -97,7 +102,9 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if app.state.pool is None:
-            app.state.pool = await run_in_threadpool(make_pool, settings.database, name="api")
+            app.state.pool = await run_in_threadpool(
+                functools.partial(make_pool, settings.database, name="api", prepare=True)
+            )
         # Until it listens (and whenever it does not), routes read watermarks from the database.
         app.state.data_marks.start()
         try:

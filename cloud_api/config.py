@@ -22,6 +22,10 @@ class DatabaseSettings(_Model):
     url: str = Field(default="postgresql://postgres@127.0.0.1:5432/postgres", repr=False)
     pool_min: int = Field(default=1, ge=0, le=100)
     pool_max: int = Field(default=10, ge=1, le=500)
+    # The API prepares a query on the server after this many runs of it on a connection, which
+    # saves planning on the hot read paths (ingest prepares nothing). PgBouncer in transaction
+    # mode supports that from 1.21 on (max_prepared_statements > 0); null for an older one.
+    prepare_threshold: int | None = Field(default=2, ge=0)
 
 
 class MqttSettings(_Model):

@@ -83,21 +83,28 @@ def migrate(url: str) -> list[str]:
     return applied
 
 
-def make_pool(settings: DatabaseSettings, *, name: str, role: str | None = None) -> ConnectionPool:
-    """A connection pool; with `role`, every connection runs as that database role."""
+def make_pool(
+    settings: DatabaseSettings, *, name: str, role: str | None = None, prepare: bool = False
+) -> ConnectionPool:
+    """A connection pool; with `role`, every connection runs as that database role.
+
+    With `prepare` (the API's read pool), queries run often are prepared on the server per
+    `settings.prepare_threshold`; otherwise nothing is prepared.
+    """
 
     def configure(conn: psycopg.Connection[Any]) -> None:
         # Session-level, so commits inside a checkout keep the role.
         conn.execute(psycopg.sql.SQL("SET ROLE {}").format(psycopg.sql.Identifier(str(role))))
         conn.commit()
 
-    # prepare_threshold=None: no server-side prepared statements, so PgBouncer in
-    # transaction mode works.
     pool = ConnectionPool(
         settings.url,
         min_size=settings.pool_min,
         max_size=settings.pool_max,
-        kwargs={"autocommit": False, "prepare_threshold": None},
+        kwargs={
+            "autocommit": False,
+            "prepare_threshold": settings.prepare_threshold if prepare else None,
+        },
         configure=configure if role else None,
         name=name,
         open=False,

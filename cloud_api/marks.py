@@ -3,9 +3,16 @@
 A result-cache hit used to need a database round trip only to learn the scope's members and
 data watermark (the cache key). This memo keeps them per (scope, window days, visible sites)
 so a hit needs no database at all, and stays correct because of the triggers of
-0004_data_notify.sql: every committed change of rollups.data_versions notifies the channel
-`gateway_data` with its (site, equipment), and every change of the registry (or a deletion of
-versions) notifies with an empty payload, meaning "forget everything".
+0004_data_notify.sql and 0022_data_notify_day.sql: every committed change of
+rollups.data_versions notifies the channel `gateway_data` with its (site, equipment, day), and
+every change of the registry (or a deletion of versions) notifies with an empty payload,
+meaning "forget everything". A change invalidates the entries whose scope holds that
+equipment and whose window touches that day, so live data arriving for today leaves the
+entries of past windows in place. (A payload without a day, from the 0004 trigger, invalidates
+every entry of that equipment.)
+
+Scope members alone (which equipment a site or line has) are remembered too, per scope and
+visible sites; only a registry change forgets them.
 
 Validity is tracked with one counter (`_seq`) bumped by each notification. An entry carries
 the counter value read before its database query ran (its stamp); it is used only while no
@@ -31,6 +38,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
+from datetime import date
 
 import psycopg
 import structlog
@@ -42,6 +50,9 @@ log = structlog.get_logger("cloud_api.marks")
 CHANNEL = "gateway_data"
 APPLICATION = "gateway-api-data-marks"  # finds the listener in pg_stat_activity
 PROBE_SECONDS = 1.0
+# Changed days remembered before everything is forgotten at once (bounds memory).
+MAX_CHANGED_DAYS = 200_000
+ALL_DAYS = None  # a change without a day
 RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -52,10 +63,13 @@ class DataMarks:
         self.url = url
         self.max_entries = max_entries
         self._lock = threading.Lock()
-        self._entries: OrderedDict[Hashable, tuple[tuple[Member, ...], int, int]] = OrderedDict()
+        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._members: OrderedDict[Hashable, tuple[tuple[Member, ...], int]] = OrderedDict()
         self._seq = 0
         self._flushed = 0  # _seq at the last "forget everything"
-        self._changed: dict[tuple[str, str], int] = {}  # (site, equipment) -> _seq of change
+        # (site, equipment) -> {day or ALL_DAYS: _seq of its last change}
+        self._changed: dict[tuple[str, str], dict[date | None, int]] = {}
+        self._changed_days = 0
         self._listening = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -77,17 +91,34 @@ class DataMarks:
             entry = self._entries.get(key)
             if entry is None:
                 return None
-            members, mark, stamp = entry
-            if stamp < self._flushed or any(
-                self._changed.get((m.site_id, m.equipment_id), 0) > stamp for m in members
+            if entry.stamp < self._flushed or any(
+                self._touched(m, entry.stamp, entry.span) for m in entry.members
             ):
                 del self._entries[key]
                 return None
             self._entries.move_to_end(key)
-            return list(members), mark
+            return list(entry.members), entry.mark
 
-    def put(self, key: Hashable, members: list[Member], mark: int, stamp: int | None) -> None:
-        """Remember a database read stamped (before it ran) with `stamp()`."""
+    def _touched(self, member: Member, stamp: int, span: tuple[date, date] | None) -> bool:
+        """With the lock held: whether a change after `stamp` touched `member` in `span`."""
+        changes = self._changed.get((member.site_id, member.equipment_id))
+        if not changes:
+            return False
+        for day, seq in changes.items():
+            if seq > stamp and (day is ALL_DAYS or span is None or span[0] <= day <= span[1]):
+                return True
+        return False
+
+    def put(
+        self,
+        key: Hashable,
+        members: list[Member],
+        mark: int,
+        stamp: int | None,
+        span: tuple[date, date] | None = None,
+    ) -> None:
+        """Remember a database read stamped (before it ran) with `stamp()`; `span` holds the
+        first and last UTC day of its window (None: any change of a member invalidates it)."""
         if stamp is None:
             return
         with self._lock:
@@ -95,10 +126,32 @@ class DataMarks:
             # may have been missed in between, so the read proves nothing about the present.
             if not self._listening or stamp < self._flushed:
                 return
-            self._entries[key] = (tuple(members), mark, stamp)
+            self._entries[key] = _Entry(tuple(members), mark, stamp, span)
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
+
+    def get_members(self, key: Hashable) -> list[Member] | None:
+        """The members of a scope (key: scope, id, site, visible sites), if remembered."""
+        with self._lock:
+            if not self._listening:
+                return None
+            found = self._members.get(key)
+            if found is None or found[1] < self._flushed:
+                return None
+            self._members.move_to_end(key)
+            return list(found[0])
+
+    def put_members(self, key: Hashable, members: list[Member], stamp: int | None) -> None:
+        if stamp is None:
+            return
+        with self._lock:
+            if not self._listening or stamp < self._flushed:
+                return
+            self._members[key] = (tuple(members), stamp)
+            self._members.move_to_end(key)
+            while len(self._members) > self.max_entries:
+                self._members.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -107,12 +160,19 @@ class DataMarks:
         with self._lock:
             self._seq += 1
             try:
-                site, equipment = json.loads(payload) if payload else (None, None)
-            except (ValueError, TypeError):
-                site = equipment = None
-            if isinstance(site, str) and isinstance(equipment, str):
-                self._changed[(site, equipment)] = self._seq
-            else:
+                parsed = json.loads(payload) if payload else None
+            except ValueError:
+                parsed = None
+            change = _parse_change(parsed)
+            if change is None:
+                self._forget_all()
+                return
+            site, equipment, day = change
+            changes = self._changed.setdefault((site, equipment), {})
+            if day not in changes:
+                self._changed_days += 1
+            changes[day] = self._seq
+            if self._changed_days > MAX_CHANGED_DAYS:
                 self._forget_all()
 
     def _forget_all(self) -> None:
@@ -120,7 +180,9 @@ class DataMarks:
         self._seq += 1
         self._flushed = self._seq
         self._entries.clear()
+        self._members.clear()
         self._changed.clear()
+        self._changed_days = 0
 
     def _set_listening(self, listening: bool) -> None:
         with self._lock:
@@ -174,3 +236,34 @@ class DataMarks:
             if not self._stop.is_set():
                 self._stop.wait(RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)])
                 failures += 1
+
+
+class _Entry:
+    __slots__ = ("mark", "members", "span", "stamp")
+
+    def __init__(
+        self,
+        members: tuple[Member, ...],
+        mark: int,
+        stamp: int,
+        span: tuple[date, date] | None,
+    ) -> None:
+        self.members = members
+        self.mark = mark
+        self.stamp = stamp
+        self.span = span
+
+
+def _parse_change(parsed: object) -> tuple[str, str, date | None] | None:
+    """(site, equipment, day or ALL_DAYS) of a notification; None means forget everything."""
+    if not isinstance(parsed, list) or len(parsed) not in (2, 3):
+        return None
+    site, equipment = parsed[0], parsed[1]
+    if not isinstance(site, str) or not isinstance(equipment, str):
+        return None
+    if len(parsed) == 2:
+        return site, equipment, ALL_DAYS
+    try:
+        return site, equipment, date.fromisoformat(str(parsed[2]))
+    except ValueError:
+        return None

@@ -276,9 +276,30 @@ def _rollup_parts(
     return [("oee_1m", start, end)]
 
 
+# The data watermark of the scope's days, as one more column of a series query: an
+# uncorrelated subquery, so PostgreSQL computes it once per statement, in the same snapshot.
+_MARK_COLUMN = (
+    ", (SELECT COALESCE(max(v.version), 0) FROM rollups.data_versions v "
+    "JOIN scope x USING (site_id, equipment_id) "
+    "WHERE v.day >= %(d0)s AND v.day <= %(d1)s) AS mark"
+)
+
+
 @functools.lru_cache(maxsize=256)
-def _series_sql(group_by: GroupBy, interval: Interval, tables: tuple[str, ...]) -> bytes:
-    """The rollup query of oee_series for one shape of request, composed once."""
+def _series_sql(
+    group_by: GroupBy, interval: Interval, tables: tuple[str, ...], marked: bool
+) -> bytes:
+    """The query of oee_series for one shape of request, composed once."""
+    mark = sql.SQL(_MARK_COLUMN if marked else "")
+    if interval == "shift":
+        stmt = _SCOPE_CTE + sql.SQL(
+            "SELECT {groups}, b.shift, b.shift_start AS label, max(b.bucket_end) AS bucket_end, "
+            "{sums}{mark} FROM facts.oee_buckets b JOIN scope s USING (site_id, equipment_id) "
+            "WHERE b.bucket_start >= %(start)s AND b.bucket_start < %(end)s "
+            "AND b.shift_start IS NOT NULL "
+            "GROUP BY g_site, g_id, b.shift, b.shift_start ORDER BY g_site, g_id, label, shift"
+        ).format(groups=_group_cols(group_by), sums=_sums("b."), mark=mark)
+        return stmt.as_bytes(None)
     selects = [
         sql.SQL(
             "SELECT bucket, {cols} FROM rollups.{table} "
@@ -295,13 +316,14 @@ def _series_sql(group_by: GroupBy, interval: Interval, tables: tuple[str, ...]) 
     # One primary-key range scan per equipment, whatever the table's size: OFFSET 0 keeps
     # the planner from flattening the LATERAL subquery into a hash join over a full scan.
     stmt = _SCOPE_CTE + sql.SQL(
-        "SELECT {groups}, {label} AS label, {sums} FROM scope s "
+        "SELECT {groups}, {label} AS label, {sums}{mark} FROM scope s "
         "CROSS JOIN LATERAL (SELECT * FROM ({union}) u OFFSET 0) r "
         "GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
     ).format(
         groups=_group_cols(group_by),
         label=_label(interval),
         sums=_sums("r."),
+        mark=mark,
         union=sql.SQL(" UNION ALL ").join(selects),
     )
     return stmt.as_bytes(None)
@@ -317,19 +339,46 @@ def oee_series(
     group_by: GroupBy,
 ) -> tuple[list[Bucket], str]:
     """Summed components per (group, bucket) over [start, end); returns (buckets, source)."""
+    buckets, source, _ = _oee_series(conn, members, start, end, interval, tz, group_by, False)
+    return buckets, source
+
+
+def oee_series_marked(
+    conn: Conn,
+    members: Sequence[Member],
+    start: datetime,
+    end: datetime,
+    interval: Interval,
+    tz: ZoneInfo,
+    group_by: GroupBy,
+) -> tuple[list[Bucket], str, int]:
+    """oee_series and the data watermark of its scope and window (data_watermark), read in
+    one statement, hence one snapshot and one round trip (a second only when no bucket has
+    data)."""
+    buckets, source, mark = _oee_series(conn, members, start, end, interval, tz, group_by, True)
+    if mark is None:
+        mark = data_watermark(conn, members, start, end)
+    return buckets, source, mark
+
+
+def _oee_series(
+    conn: Conn,
+    members: Sequence[Member],
+    start: datetime,
+    end: datetime,
+    interval: Interval,
+    tz: ZoneInfo,
+    group_by: GroupBy,
+    marked: bool,
+) -> tuple[list[Bucket], str, int | None]:
     if not members:
-        return [], "none"
+        return [], "none", 0
     params: dict[str, Any] = {**_scope_params(members), "tz": tz.key}
+    if marked:
+        params.update(_days(start, end))
     if interval == "shift":
-        stmt = _SCOPE_CTE + sql.SQL(
-            "SELECT {groups}, b.shift, b.shift_start AS label, max(b.bucket_end) AS bucket_end, "
-            "{sums} FROM facts.oee_buckets b JOIN scope s USING (site_id, equipment_id) "
-            "WHERE b.bucket_start >= %(start)s AND b.bucket_start < %(end)s "
-            "AND b.shift_start IS NOT NULL "
-            "GROUP BY g_site, g_id, b.shift, b.shift_start ORDER BY g_site, g_id, label, shift"
-        ).format(groups=_group_cols(group_by), sums=_sums("b."))
         params.update(start=start, end=end)
-        rows = run(conn, "oee_shift", stmt, params)
+        rows = run(conn, "oee_shift", _series_sql(group_by, interval, (), marked), params)
         buckets = [
             Bucket(
                 (r["g_site"], r["g_id"]),
@@ -340,24 +389,27 @@ def oee_series(
             )
             for r in rows
         ]
-        return buckets, "facts.oee_buckets"
-    hourly = interval in ("1h", "1d", "1w", "1mo") and whole_hour_zone(tz, start, end)
-    parts = _rollup_parts(start, end, hourly)
-    for i, (_table, lo, hi) in enumerate(parts):
-        params[f"lo{i}"], params[f"hi{i}"] = lo, hi
-    query = _series_sql(group_by, interval, tuple(table for table, _, _ in parts))
-    rows = run(conn, f"oee_{interval}", query, params)
-    buckets = [
-        Bucket(
-            (r["g_site"], r["g_id"]),
-            r["label"],
-            bucket_end(r["label"], interval, tz),
-            None,
-            components_of(r),
-        )
-        for r in rows
-    ]
-    return buckets, "+".join(f"rollups.{t}" for t, _, _ in parts)
+        source = "facts.oee_buckets"
+    else:
+        hourly = interval in ("1h", "1d", "1w", "1mo") and whole_hour_zone(tz, start, end)
+        parts = _rollup_parts(start, end, hourly)
+        for i, (_table, lo, hi) in enumerate(parts):
+            params[f"lo{i}"], params[f"hi{i}"] = lo, hi
+        query = _series_sql(group_by, interval, tuple(table for table, _, _ in parts), marked)
+        rows = run(conn, f"oee_{interval}", query, params)
+        buckets = [
+            Bucket(
+                (r["g_site"], r["g_id"]),
+                r["label"],
+                bucket_end(r["label"], interval, tz),
+                None,
+                components_of(r),
+            )
+            for r in rows
+        ]
+        source = "+".join(f"rollups.{t}" for t, _, _ in parts)
+    mark = int(rows[0]["mark"]) if marked and rows else None
+    return buckets, source, mark
 
 
 def data_watermark(conn: Conn, members: Sequence[Member], start: datetime, end: datetime) -> int:

@@ -150,7 +150,9 @@ async def _series(
     # Scope members and watermark of a closed window, remembered while no change notification
     # touched them (cloud_api/marks.py): a result-cache hit then needs no database at all.
     marks: DataMarks | None = getattr(request.app.state, "data_marks", None)
-    memo = (scope, ident, site, visible, *queries.day_span(start, end))
+    span = queries.day_span(start, end)
+    scope_key = (scope, ident, site, visible)
+    memo = (*scope_key, *span)
     if closed and not fresh and marks is not None:
         known = marks.get(memo)
         if known is not None:
@@ -161,20 +163,24 @@ async def _series(
     stamp = marks.stamp() if marks is not None else None
 
     def load(conn: Conn) -> tuple[str, dict[str, Any]]:
+        members = marks.get_members(scope_key) if marks is not None else None
+        if members is None:
+            members = queries.resolve_scope(conn, scope, ident, site, sites)
+            if marks is not None:
+                marks.put_members(scope_key, members, stamp)
         key = None
         if closed:
-            members, mark = queries.resolve_scope_marked(
-                conn, scope, ident, site, sites, start, end
+            # The series and its watermark in one statement: a miss costs one round trip.
+            buckets, source, mark = queries.oee_series_marked(
+                conn, members, start, end, chosen, tzinfo, group_by
             )
             if marks is not None:
-                marks.put(memo, members, mark, stamp)
+                marks.put(memo, members, mark, stamp, span)
             key = result_key(mark)
-            hit = None if fresh else cache.get(key)
-            if hit is not None:
-                return "hit", hit
         else:
-            members = queries.resolve_scope(conn, scope, ident, site, sites)
-        buckets, source = queries.oee_series(conn, members, start, end, chosen, tzinfo, group_by)
+            buckets, source = queries.oee_series(
+                conn, members, start, end, chosen, tzinfo, group_by
+            )
         payload = {
             "scope": {"kind": scope, "id": ident, "site": site},
             "from": start.astimezone(tzinfo),

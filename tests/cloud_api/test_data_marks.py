@@ -1,5 +1,6 @@
 """The in-memory scope/watermark memo (cloud_api/marks.py) against a real PostgreSQL: change
-notifications from the 0004 triggers invalidate exactly what they touch, a stamp older than
+notifications from the 0004/0022 triggers invalidate exactly what they touch (equipment and
+day), a stamp older than
 a change is never remembered, and a lost listening connection sends every lookup back to the
 database until it listens again (and forgets what it knew before)."""
 
@@ -39,13 +40,13 @@ def marks(pg_url: str) -> Iterator[DataMarks]:
     m.stop()
 
 
-def bump(pg_url: str, site: str, equipment: str) -> None:
+def bump(pg_url: str, site: str, equipment: str, day: date = date(2025, 1, 3)) -> None:
     with psycopg.connect(pg_url) as conn:
         conn.execute(
             "INSERT INTO rollups.data_versions AS v (site_id, equipment_id, day, version) "
-            "VALUES (%s, %s, '2025-01-03', nextval('rollups.data_version_seq')) "
+            "VALUES (%s, %s, %s, nextval('rollups.data_version_seq')) "
             "ON CONFLICT (site_id, equipment_id, day) DO UPDATE SET version = excluded.version",
-            (site, equipment),
+            (site, equipment, day),
         )
 
 
@@ -58,6 +59,41 @@ def test_a_data_change_invalidates_only_the_scopes_it_touches(
     bump(pg_url, "site-a", "m1")  # committed: notified at commit
     eventually(lambda: marks.get(KEY1) is None, "m1's entry invalidated")
     assert marks.get(KEY2) == ([A2], 6)
+
+
+def test_a_change_invalidates_only_windows_touching_its_day(
+    pg_url: str, marks: DataMarks
+) -> None:
+    week = (date(2025, 1, 1), date(2025, 1, 7))
+    later = (date(2025, 1, 8), date(2025, 1, 14))
+    key_later = (*KEY1[:4], *later)
+    marks.put(KEY1, [A1], 5, marks.stamp(), week)
+    marks.put(key_later, [A1], 7, marks.stamp(), later)
+    stamp = marks.stamp()
+    bump(pg_url, "site-a", "m1", date(2025, 1, 10))  # live data for a day of the later week
+    eventually(lambda: marks.stamp() != stamp, "notification arrived")
+    assert marks.get(KEY1) == ([A1], 5)  # the earlier week's watermark still holds
+    assert marks.get(key_later) is None
+    # An entry without a span is forgotten by a change on any day of its members.
+    marks.put(KEY2, [A2], 6, marks.stamp())
+    stamp = marks.stamp()
+    bump(pg_url, "site-a", "m2", date(2030, 6, 1))
+    eventually(lambda: marks.stamp() != stamp, "notification arrived")
+    assert marks.get(KEY2) is None
+
+
+def test_scope_members_are_remembered_until_the_registry_changes(
+    pg_url: str, marks: DataMarks
+) -> None:
+    scope = ("site", "site-a", None, None)
+    marks.put_members(scope, [A1, A2], marks.stamp())
+    stamp = marks.stamp()
+    bump(pg_url, "site-a", "m1")  # data changes leave members alone
+    eventually(lambda: marks.stamp() != stamp, "notification arrived")
+    assert marks.get_members(scope) == [A1, A2]
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("INSERT INTO registry.sites(site_id) VALUES ('site-new')")
+    eventually(lambda: marks.get_members(scope) is None, "members forgotten")
 
 
 def test_a_rolled_back_change_notifies_nothing(pg_url: str, marks: DataMarks) -> None:

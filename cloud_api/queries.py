@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from zoneinfo import ZoneInfo
 
 import psycopg
@@ -329,6 +329,12 @@ def _series_sql(
     return stmt.as_bytes(None)
 
 
+class Series(NamedTuple):
+    buckets: list[Bucket]
+    source: str  # the tables the sums came from
+    mark: int | None  # the data watermark of scope and window, when asked for
+
+
 def oee_series(
     conn: Conn,
     members: Sequence[Member],
@@ -337,42 +343,17 @@ def oee_series(
     interval: Interval,
     tz: ZoneInfo,
     group_by: GroupBy,
-) -> tuple[list[Bucket], str]:
-    """Summed components per (group, bucket) over [start, end); returns (buckets, source)."""
-    buckets, source, _ = _oee_series(conn, members, start, end, interval, tz, group_by, False)
-    return buckets, source
+    *,
+    marked: bool = False,
+) -> Series:
+    """Summed components per (group, bucket) over [start, end).
 
-
-def oee_series_marked(
-    conn: Conn,
-    members: Sequence[Member],
-    start: datetime,
-    end: datetime,
-    interval: Interval,
-    tz: ZoneInfo,
-    group_by: GroupBy,
-) -> tuple[list[Bucket], str, int]:
-    """oee_series and the data watermark of its scope and window (data_watermark), read in
-    one statement, hence one snapshot and one round trip (a second only when no bucket has
-    data)."""
-    buckets, source, mark = _oee_series(conn, members, start, end, interval, tz, group_by, True)
-    if mark is None:
-        mark = data_watermark(conn, members, start, end)
-    return buckets, source, mark
-
-
-def _oee_series(
-    conn: Conn,
-    members: Sequence[Member],
-    start: datetime,
-    end: datetime,
-    interval: Interval,
-    tz: ZoneInfo,
-    group_by: GroupBy,
-    marked: bool,
-) -> tuple[list[Bucket], str, int | None]:
+    With `marked`, also the data watermark of the scope and window (data_watermark), read in
+    the same statement, hence the same snapshot and round trip (a second one only when no
+    bucket has data).
+    """
     if not members:
-        return [], "none", 0
+        return Series([], "none", 0 if marked else None)
     params: dict[str, Any] = {**_scope_params(members), "tz": tz.key}
     if marked:
         params.update(_days(start, end))
@@ -408,8 +389,10 @@ def _oee_series(
             for r in rows
         ]
         source = "+".join(f"rollups.{t}" for t, _, _ in parts)
-    mark = int(rows[0]["mark"]) if marked and rows else None
-    return buckets, source, mark
+    if not marked:
+        return Series(buckets, source, None)
+    mark = int(rows[0]["mark"]) if rows else data_watermark(conn, members, start, end)
+    return Series(buckets, source, mark)
 
 
 def data_watermark(conn: Conn, members: Sequence[Member], start: datetime, end: datetime) -> int:
@@ -463,7 +446,7 @@ def pareto(
         )
         rows = run(conn, "pareto_reason", stmt, params)
         return [(r["label"], float(r["seconds"])) for r in rows if r["seconds"] > 0]
-    (buckets, _) = oee_series(conn, members, start, end, "1mo", ZoneInfo("UTC"), "none")
+    buckets = oee_series(conn, members, start, end, "1mo", ZoneInfo("UTC"), "none").buckets
     total = pooled(b.components for b in buckets)
     items = [(name.removesuffix("_s"), float(getattr(total, name))) for name in LOSS_CLASSES]
     return sorted((i for i in items if i[1] > 0), key=lambda i: (-i[1], i[0]))

@@ -171,14 +171,15 @@ async def _series(
         key = None
         if closed:
             # The series and its watermark in one statement: a miss costs one round trip.
-            buckets, source, mark = queries.oee_series_marked(
-                conn, members, start, end, chosen, tzinfo, group_by
+            buckets, source, mark = queries.oee_series(
+                conn, members, start, end, chosen, tzinfo, group_by, marked=True
             )
+            assert mark is not None
             if marks is not None:
                 marks.put(memo, members, mark, stamp, span)
             key = result_key(mark)
         else:
-            buckets, source = queries.oee_series(
+            buckets, source, _ = queries.oee_series(
                 conn, members, start, end, chosen, tzinfo, group_by
             )
         payload = {

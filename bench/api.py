@@ -230,9 +230,8 @@ def serve(url: str, workers: int, keys_dir: Path) -> tuple[subprocess.Popen[byte
     port = free_port()
     env = {**os.environ, "CLOUD_DATABASE_URL": url, "CLOUD_KEYS_DIR": str(keys_dir)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "bench.api_app:app", "--factory", "--host",
-         "127.0.0.1", "--port", str(port), "--workers", str(workers), "--log-level",
-         "warning", "--no-access-log", "--backlog", "4096"],
+        [sys.executable, "-m", "cloud_api.cli", "serve", "--host", "127.0.0.1", "--port",
+         str(port), "--workers", str(workers), "--log-level", "warning"],
         env=env,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"

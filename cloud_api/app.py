@@ -20,6 +20,7 @@ from psycopg_pool import ConnectionPool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloud_api import metrics, security
+from cloud_api.answers import Answers, AnswersMiddleware
 from cloud_api.config import CloudSettings
 from cloud_api.dashboard import install_dashboard
 from cloud_api.db import make_pool, with_retry
@@ -129,9 +130,12 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
     )
     app.state.pool = pool
     app.state.data_marks = DataMarks(settings.database.url)
+    app.state.answers = Answers(app.state.data_marks)
     install_routes(app)
     install_dashboard(app)
 
+    # Inner to the timing middleware, so answers served again are timed and counted too.
+    app.add_middleware(AnswersMiddleware, answers=app.state.answers)
     app.add_middleware(TimingMiddleware)
 
     def query(stmt: sql.Composable, params: dict[str, Any]) -> list[dict[str, Any]]:

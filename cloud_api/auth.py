@@ -16,6 +16,7 @@ Roles and what they may do (API keys are further limited to their scopes):
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import re
@@ -247,33 +248,60 @@ def new_api_key() -> tuple[str, str, str]:
 
 
 class RevocationList:
-    """Revoked token ids, re-read from the database at most every `refresh_s` seconds."""
+    """Revoked token ids, re-read from the database every `refresh_s` seconds.
 
-    def __init__(self, refresh_s: float) -> None:
+    A request never waits for a re-read while the list is less than three periods old: the
+    first request after a period starts one in the background (one at a time) and everyone
+    goes on with the list in memory. Only an older list (no traffic for a while, or the
+    database unreachable) is re-read before the token is accepted. A revocation thus takes
+    effect within about one period under traffic, and at the latest after three.
+    """
+
+    def __init__(self, refresh_s: float, pool: Callable[[], ConnectionPool]) -> None:
         self.refresh_s = refresh_s
+        self.pool = pool
         self._ids: frozenset[str] = frozenset()
         self._loaded = float("-inf")
         self._lock = threading.Lock()
+        self._refreshing: asyncio.Future[None] | None = None
 
-    def fresh(self) -> bool:
-        """Whether the list in memory may be used without re-reading it."""
-        return time.monotonic() - self._loaded < self.refresh_s
+    def usable(self) -> bool:
+        """Whether the list in memory may answer without waiting for the database."""
+        return time.monotonic() - self._loaded < 3 * self.refresh_s
 
     def listed(self, jti: str) -> bool:
-        """Whether `jti` is in the list as last read (no database access)."""
+        """Whether `jti` is in the list as last read; starts a background re-read (needs a
+        running event loop) when a period has passed."""
+        if time.monotonic() - self._loaded >= self.refresh_s and (
+            self._refreshing is None or self._refreshing.done()
+        ):
+            self._refreshing = asyncio.ensure_future(self._refresh_in_background())
         return jti in self._ids
 
-    def revoked(self, pool: ConnectionPool, jti: str) -> bool:
+    async def _refresh_in_background(self) -> None:
+        try:
+            await run_in_threadpool(self._refresh_due)
+        except Exception as exc:  # the next request tries again; an old list stops serving
+            log.warning("revoked tokens not re-read", error=type(exc).__name__)
+
+    def _refresh_due(self) -> None:
         with self._lock:
             if time.monotonic() - self._loaded >= self.refresh_s:
-                with pool.connection() as conn:
-                    rows = conn.execute(
-                        "SELECT jti FROM ops.revoked_tokens "
-                        "WHERE expires_at IS NULL OR expires_at > now() - interval '1 day'"
-                    ).fetchall()
-                self._ids = frozenset(r[0] for r in rows)
-                self._loaded = time.monotonic()
-            return jti in self._ids
+                self._load()
+
+    def _load(self) -> None:
+        with self.pool().connection() as conn:
+            rows = conn.execute(
+                "SELECT jti FROM ops.revoked_tokens "
+                "WHERE expires_at IS NULL OR expires_at > now() - interval '1 day'"
+            ).fetchall()
+        self._ids = frozenset(r[0] for r in rows)
+        self._loaded = time.monotonic()
+
+    def revoked(self, jti: str) -> bool:
+        """Whether `jti` is revoked, re-reading the list first when a period has passed."""
+        self._refresh_due()
+        return jti in self._ids
 
 
 # --- verification ---------------------------------------------------------------------------
@@ -323,7 +351,7 @@ class Authenticator:
         self.settings = settings
         self.keys_dir = keys_dir
         self.pool = pool
-        self.revocations = RevocationList(settings.revocation_refresh_seconds)
+        self.revocations = RevocationList(settings.revocation_refresh_seconds, pool)
         self.verified = VerifiedTokens(settings.leeway_seconds)
         self._ring: TokenKeyring | None = None
         self._jwks: jwt.PyJWKClient | None = None
@@ -360,23 +388,23 @@ class Authenticator:
         if credential.startswith("fgw_"):
             return await run_in_threadpool(self._api_key, credential)
         # A token verified before needs no worker thread while the revocation list in memory
-        # is current (re-reading it is a database query).
+        # is usable (re-reading it is a database query).
         known = self.verified.get(credential)
-        if known is not None and (known.kind != "token" or self.revocations.fresh()):
-            self._check_revocation(known)
-            return known
+        if known is not None:
+            if known.kind != "token":
+                return known
+            if self.revocations.usable():
+                if self.revocations.listed(known.credential_id):
+                    raise _unauthorized("the token has been revoked")
+                return known
         return await run_in_threadpool(self._token, credential)
-
-    def _check_revocation(self, principal: Principal) -> None:
-        if principal.kind == "token" and self.revocations.listed(principal.credential_id):
-            raise _unauthorized("the token has been revoked")
 
     # -- JWT ----------------------------------------------------------------------------------
 
     def _token(self, token: str) -> Principal:
         known = self.verified.get(token)
         if known is not None:
-            if known.kind == "token" and self.revocations.revoked(self.pool(), known.credential_id):
+            if known.kind == "token" and self.revocations.revoked(known.credential_id):
                 raise _unauthorized("the token has been revoked")
             return known
         try:
@@ -423,7 +451,7 @@ class Authenticator:
         except ValueError as exc:
             raise _unauthorized(f"the token's claims are unusable: {exc}") from None
         jti = str(claims.get("jti") or hashlib.sha256(token.encode()).hexdigest()[:32])
-        if kind == "token" and self.revocations.revoked(self.pool(), jti):
+        if kind == "token" and self.revocations.revoked(jti):
             raise _unauthorized("the token has been revoked")
         principal = Principal(
             subject=str(claims.get("sub")),

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -215,13 +216,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(args.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=args.host or settings.http.host,
-        port=args.port or settings.http.port,
-        log_level="warning",
-        access_log=False,
-    )
+    http = settings.http
+    workers = args.workers or http.workers
+    options: dict[str, Any] = {
+        "host": args.host or http.host,
+        "port": args.port or http.port,
+        "loop": http.loop,
+        "backlog": http.backlog,
+        "log_level": "warning",
+        "access_log": False,
+    }
+    if workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return 0
+    # Worker processes import the app factory and read the same settings.
+    if args.config:
+        os.environ["CLOUD_CONFIG"] = str(Path(args.config).resolve())
+    if getattr(args, "keys_dir", None):
+        os.environ["CLOUD_KEYS_DIR"] = str(Path(args.keys_dir).resolve())
+    uvicorn.run("cloud_api.asgi:app", factory=True, workers=workers, **options)
     return 0
 
 
@@ -245,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the HTTP API")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int, help="worker processes (default: http.workers)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
 

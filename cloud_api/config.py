@@ -42,6 +42,13 @@ class MqttSettings(_Model):
 class HttpSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
+    # Worker processes of `cloud-api serve` (one per core is a good start).
+    workers: int = Field(default=1, ge=1, le=64)
+    # asyncio serves connections in turn when the API is saturated; uvloop is faster per
+    # request but let some of 1,000 keep-alive clients wait seconds in our measurements
+    # (python -m bench.api), so it is opt-in.
+    loop: Literal["asyncio", "uvloop"] = "asyncio"
+    backlog: int = Field(default=2048, ge=64, le=65535)
 
 
 JwksAlgorithm = Literal["RS256", "ES256", "EdDSA"]

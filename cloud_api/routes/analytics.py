@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from cloud_api import queries
+from cloud_api.answers import Answers
 from cloud_api.cache import ResultCache
 from cloud_api.marks import DataMarks
 from cloud_api.queries import (
@@ -137,6 +138,7 @@ async def _series(
     chosen = _interval(start, end, interval, max_points)
     sites = allowed_sites(request)
     cache: ResultCache = request.app.state.result_cache
+    answers: Answers = request.app.state.answers
     closed = end <= datetime.now(UTC)
     # A client asking for a fresh computation (Cache-Control: no-cache) skips the lookup;
     # the fresh result still refreshes the cache.
@@ -159,16 +161,18 @@ async def _series(
             hit = cache.get(result_key(known[1]))
             if hit is not None:
                 table = _series_table(hit) if wants_csv(request) else None
-                return respond(request, hit, table, closed=closed, cache="hit")
+                response = respond(request, hit, table, closed=closed, cache="hit")
+                answers.remember(request, memo, known[1], response)
+                return response
     stamp = marks.stamp() if marks is not None else None
 
-    def load(conn: Conn) -> tuple[str, dict[str, Any]]:
+    def load(conn: Conn) -> tuple[str, dict[str, Any], int | None]:
         members = marks.get_members(scope_key) if marks is not None else None
         if members is None:
             members = queries.resolve_scope(conn, scope, ident, site, sites)
             if marks is not None:
                 marks.put_members(scope_key, members, stamp)
-        key = None
+        key = mark = None
         if closed:
             # The series and its watermark in one statement: a miss costs one round trip.
             buckets, source, mark = queries.oee_series(
@@ -194,11 +198,14 @@ async def _series(
         }
         if key is not None:
             cache.put(key, payload)
-        return ("miss" if closed else "open"), payload
+        return ("miss" if closed else "open"), payload, mark
 
-    outcome, payload = await db(request, load)
+    outcome, payload, mark = await db(request, load)
     table = _series_table(payload) if wants_csv(request) else None
-    return respond(request, payload, table, closed=closed, cache=outcome)
+    response = respond(request, payload, table, closed=closed, cache=outcome)
+    if mark is not None:
+        answers.remember(request, memo, mark, response)
+    return response
 
 
 @router.get("/oee", summary="OEE per interval and for the whole window, from summed components")

@@ -61,9 +61,7 @@ def test_a_data_change_invalidates_only_the_scopes_it_touches(
     assert marks.get(KEY2) == ([A2], 6)
 
 
-def test_a_change_invalidates_only_windows_touching_its_day(
-    pg_url: str, marks: DataMarks
-) -> None:
+def test_a_change_invalidates_only_windows_touching_its_day(pg_url: str, marks: DataMarks) -> None:
     week = (date(2025, 1, 1), date(2025, 1, 7))
     later = (date(2025, 1, 8), date(2025, 1, 14))
     key_later = (*KEY1[:4], *later)

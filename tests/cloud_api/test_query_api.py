@@ -24,6 +24,7 @@ from cloud_api import cli
 from cloud_api.app import create_app
 from cloud_api.auth import TokenKeyring, generate_token_key, issue_token
 from cloud_api.config import CloudSettings, DatabaseSettings
+from cloud_api.marks import DataMarks
 from oee.components import Components, ratios
 from oee.events import AgentEvent
 from sync.keys import CloudKeyring
@@ -34,14 +35,31 @@ T0 = datetime(2026, 1, 5, 6, 0, tzinfo=UTC)  # a Monday, closed window
 
 
 @pytest.fixture
-def api(pg_url: str, pool: ConnectionPool, tmp_path: Path) -> Iterator[httpx.Client]:
+def api(pg_url: str, pool: ConnectionPool, tmp_path: Path) -> Iterator[ApiClient]:
     settings = CloudSettings(database=DatabaseSettings(url=pg_url), keys_dir=tmp_path / "api-keys")
     with served(settings, pool) as client:
         yield client
 
 
+class ApiClient(httpx.Client):
+    """A client of the API served in this process; `marks` is the app's change memo."""
+
+    marks: DataMarks
+
+    def changes_seen(self, before: int | None) -> None:
+        """Wait until the API processed a change notification after the stamp `before`.
+
+        Notifications reach the API asynchronously, a moment after the writer's commit; a
+        test that reads its own write waits for that moment as a later reader would.
+        """
+        deadline = time.monotonic() + 20
+        while self.marks.stamp() == before:
+            assert time.monotonic() < deadline, "no change notification reached the API"
+            time.sleep(0.005)
+
+
 @contextmanager
-def served(settings: CloudSettings, pool: ConnectionPool) -> Iterator[httpx.Client]:
+def served(settings: CloudSettings, pool: ConnectionPool) -> Iterator[ApiClient]:
     """The API served by uvicorn on a free local port, in a thread; the client carries a
     service token that sees every site."""
     generate_token_key(settings.keys_dir)
@@ -56,11 +74,12 @@ def served(settings: CloudSettings, pool: ConnectionPool) -> Iterator[httpx.Clie
     thread.start()
     while not server.started and thread.is_alive():
         time.sleep(0.02)
-    with httpx.Client(
+    with ApiClient(
         base_url=f"http://127.0.0.1:{port}",
         timeout=30,
         headers={"Authorization": f"Bearer {token}"},
     ) as client:
+        client.marks = app.state.data_marks
         yield client
     server.should_exit = True
     thread.join(10)
@@ -218,7 +237,7 @@ def test_days_in_a_time_zone_follow_dst_and_half_hour_offsets(
 
 
 def test_late_data_changes_buckets_and_the_cached_result_etag_and_csv(
-    api: httpx.Client, pg_url: str, pool: ConnectionPool, cloud_keys: CloudKeyring, tmp_path: Path
+    api: ApiClient, pg_url: str, pool: ConnectionPool, cloud_keys: CloudKeyring, tmp_path: Path
 ) -> None:
     a = agent_at(pg_url, pool, cloud_keys, tmp_path, "edge-late", "plant-late")
     day1, day2 = T0, T0 + timedelta(days=1)
@@ -244,7 +263,9 @@ def test_late_data_changes_buckets_and_the_cached_result_etag_and_csv(
     assert api.get("/v1/oee", params=q2).json()["total"]["availability"] == 0.5
 
     # Late data for day 1 (a bucket the agent sends later) changes day 1 only.
+    before = api.marks.stamp()
     a.send([a.bucket("m1", day1 + timedelta(minutes=1), planned_busy_s=60, production_s=0)])
+    api.changes_seen(before)
     late = api.get("/v1/oee", params=q1)
     assert 'cache;desc="miss"' in late.headers["server-timing"]
     assert late.json()["total"]["availability"] == 0.5

@@ -1,6 +1,6 @@
 """In-process caches of the read API: a bounded LRU map, and the result cache built on it.
 
-The result cache holds rendered results of closed windows. A key holds the route, the
+The result cache holds results of closed windows, as JSON. A key holds the route, the
 normalized query, the caller's visible sites and the data watermark of the scope and window
 (cloud_api.queries.data_watermark). Late data bumps the watermark of the days it touches, so
 a cached result is never served after its data changed, and results over other days stay

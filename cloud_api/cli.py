@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -24,6 +24,9 @@ from sync.keys import (
     parse_ed25519_public,
 )
 from sync.logs import configure_logging
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -234,8 +237,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["CLOUD_CONFIG"] = str(Path(args.config).resolve())
     if getattr(args, "keys_dir", None):
         os.environ["CLOUD_KEYS_DIR"] = str(Path(args.keys_dir).resolve())
-    uvicorn.run("cloud_api.asgi:app", factory=True, workers=workers, **options)
+    _serve_workers(uvicorn.Config("cloud_api.asgi:app", factory=True, workers=workers, **options))
     return 0
+
+
+def _serve_workers(config: uvicorn.Config) -> None:
+    """uvicorn's worker supervisor, on a listening socket that says it is TCP.
+
+    uvicorn binds the shared socket with protocol 0, and asyncio sets TCP_NODELAY only on
+    connections whose socket says IPPROTO_TCP: every answer of every worker then waited for
+    the client's delayed ACK (44 ms per request, 725 requests/s for /healthz with 32 clients
+    instead of thousands).
+    """
+    import socket
+
+    from uvicorn.supervisors import Multiprocess
+
+    bound = config.bind_socket()
+    sock = socket.socket(bound.family, bound.type, socket.IPPROTO_TCP, fileno=bound.detach())
+    sock.set_inheritable(True)
+    Multiprocess(config, sockets=[sock]).run()
 
 
 def build_parser() -> argparse.ArgumentParser:

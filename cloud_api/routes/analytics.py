@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from cloud_api import queries
@@ -158,8 +159,9 @@ async def _series(
     if closed and not fresh and marks is not None:
         known = marks.get(memo)
         if known is not None:
-            hit = cache.get(result_key(known[1]))
-            if hit is not None:
+            stored = cache.get(result_key(known[1]))
+            if stored is not None:
+                hit = orjson.loads(stored)
                 table = _series_table(hit) if wants_csv(request) else None
                 response = respond(request, hit, table, closed=closed, cache="hit")
                 answers.remember(request, memo, known[1], response)
@@ -197,7 +199,9 @@ async def _series(
             **_series_payload(buckets, start, end, tz, group_by, fields),
         }
         if key is not None:
-            cache.put(key, payload)
+            # As JSON: thousands of cached results as Python objects would make every full
+            # garbage collection of the worker walk millions of them.
+            cache.put(key, orjson.dumps(payload))
         return ("miss" if closed else "open"), payload, mark
 
     outcome, payload, mark = await db(request, load)

@@ -377,3 +377,29 @@ async def test_external_idp_via_jwks(
     no_role = {k: v for k, v in good.items() if k != "gw_role"}
     bare = jwt.encode(no_role, key, algorithm="ES256", headers={"kid": "idp-1"})
     assert_problem(await get(api, OEE_A, {"Authorization": f"Bearer {bare}"}), 401)
+
+
+async def test_answers_served_again_stay_within_the_callers_sites(api: SecuredApi) -> None:
+    marks = api.app.state.data_marks
+    marks.start()  # the change listener that lets closed-window answers be served again
+    try:
+        assert marks.connected.wait(20)
+        query = {"scope": "equipment", "id": "press-b", **WINDOW}
+        everyone = api.headers("service", ["*"])
+        async with api.client() as client:
+            first = await client.get("/v1/oee", params=query, headers=everyone)
+            again = await client.get("/v1/oee", params=query, headers=everyone)
+            assert first.status_code == again.status_code == 200, first.text
+            assert 'cache;desc="hit"' in again.headers["server-timing"]
+            assert again.content == first.content
+            # The same URL for a caller of site-a only: not the answer remembered above.
+            other = await client.get(
+                "/v1/oee", params=query, headers=api.headers("viewer", ["site-a"])
+            )
+            assert_problem(other, 404)
+            own = await client.get(
+                "/v1/oee", params=query, headers=api.headers("viewer", ["site-b"])
+            )
+            assert own.status_code == 200 and own.json() == first.json()
+    finally:
+        marks.stop()

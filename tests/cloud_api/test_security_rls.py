@@ -12,8 +12,10 @@ import pytest
 from psycopg import errors
 from psycopg_pool import ConnectionPool
 
+from cloud_api.auth import Principal
 from cloud_api.config import DatabaseSettings
 from cloud_api.db import make_pool, migrate
+from cloud_api.security import SitePool, database_scope
 from oee.events import dump_events
 from sync.envelope import EnvelopeHeader, seal
 from sync.keys import AgentKeys, CloudKeyring
@@ -224,3 +226,36 @@ def test_ingest_role_stores_batches_of_every_site(
             assert stored == (trace_id, [trace_id])
     finally:
         ingest_pool.close()
+
+
+def test_the_apis_own_pool_switches_scope_per_caller(pg_url: str) -> None:
+    """An exclusive SitePool keeps a connection's role and sites between checkouts, and a
+    caller with other sites (or none) never sees the previous caller's."""
+    seed_two_sites(pg_url)
+    settings = DatabaseSettings(url=pg_url, pool_min=1, pool_max=1)
+    pool = SitePool(make_pool(settings, name="scoped"), "gateway_api", exclusive=True)
+
+    def visible(principal: Principal | None) -> list[tuple[object, ...]]:
+        with database_scope(principal), pool.connection() as conn:
+            assert conn.execute("SELECT current_user").fetchone() == ("gateway_api",)
+            return conn.execute("SELECT site_id FROM registry.sites ORDER BY 1").fetchall()
+
+    def caller(*sites: str) -> Principal:
+        return Principal("t", "viewer", sites or None, "token", secrets.token_hex(4))
+
+    try:
+        assert visible(caller("site-a")) == [("site-a",)]
+        assert visible(caller("site-a")) == [("site-a",)]  # same scope: kept as it was
+        assert visible(caller("site-b")) == [("site-b",)]
+        assert visible(caller()) == [("site-a",), ("site-b",)]  # every site
+        assert visible(None) == []  # no caller: nothing
+        # A failed statement rolls back; the next caller still gets exactly its own sites.
+        with (
+            pytest.raises(errors.UndefinedTable),
+            database_scope(caller("site-a")),
+            pool.connection() as conn,
+        ):
+            conn.execute("SELECT * FROM no_such_table")
+        assert visible(caller("site-b")) == [("site-b",)]
+    finally:
+        pool.close()

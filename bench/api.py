@@ -230,7 +230,7 @@ def serve(url: str, workers: int, keys_dir: Path) -> tuple[subprocess.Popen[byte
     port = free_port()
     env = {**os.environ, "CLOUD_DATABASE_URL": url, "CLOUD_KEYS_DIR": str(keys_dir)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cloud_api.cli", *(["--config", os.environ["BENCH_API_CONFIG"]] if os.environ.get("BENCH_API_CONFIG") else []), "serve", "--host", "127.0.0.1", "--port",
+        [sys.executable, "-m", "cloud_api.cli", "serve", "--host", "127.0.0.1", "--port",
          str(port), "--workers", str(workers), "--log-level", "warning"],
         env=env,
     )  # fmt: skip

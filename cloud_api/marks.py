@@ -38,7 +38,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
-from datetime import date
+from datetime import date, timedelta
 
 import psycopg
 import structlog
@@ -104,10 +104,25 @@ class DataMarks:
         changes = self._changed.get((member.site_id, member.equipment_id))
         if not changes:
             return False
-        for day, seq in changes.items():
-            if seq > stamp and (day is ALL_DAYS or span is None or span[0] <= day <= span[1]):
-                return True
-        return False
+        undated = changes.get(ALL_DAYS)
+        if undated is not None and undated > stamp:
+            return True
+        if span is None:
+            return any(seq > stamp for seq in changes.values())
+        first, last = span
+        if (last - first).days < len(changes):
+            # A short window: look its days up rather than scan every changed day.
+            day = first
+            while day <= last:
+                seq = changes.get(day)
+                if seq is not None and seq > stamp:
+                    return True
+                day += timedelta(days=1)
+            return False
+        return any(
+            seq > stamp and day is not ALL_DAYS and first <= day <= last
+            for day, seq in changes.items()
+        )
 
     def put(
         self,

@@ -13,6 +13,11 @@ Measure (uvicorn on a free local port, `--workers` processes):
   and random closed weeks, once bypassing the result cache and once using it;
 - concurrency: 1,000 simultaneous keep-alive clients for `--hold` seconds.
 
+wrk runs one thread (it drives far more than these rates from one core). With two, on a
+2-core machine where two API workers already use most of both cores, wrk's own threads got
+too little CPU now and then, and the answers they read late counted as slow: p99 of the
+1,000-client run varied from 0.3 to 5 s between identical runs, against 0.3-0.4 s with one.
+
 Prints one JSON object as the last line.
 """
 
@@ -197,7 +202,11 @@ def load(url: str) -> dict[str, Any]:
                     flush=True,
                 )
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("ANALYZE")
+        if loaded:
+            conn.execute("ANALYZE")
+        # Pages dirtied by the checks above (hint bits) are written now, not by a checkpoint
+        # in the middle of the measurements.
+        conn.execute("CHECKPOINT")
         total = conn.execute("SELECT count(*) FROM rollups.oee_1m").fetchone()
     elapsed = time.perf_counter() - started
     return {
@@ -351,7 +360,7 @@ def wrk(
         script = f.name
     try:
         out = subprocess.run(
-            ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", script,
+            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", script,
              base],
             check=True, capture_output=True, text=True,
         ).stdout  # fmt: skip

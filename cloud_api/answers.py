@@ -62,9 +62,13 @@ def _key(scope: Scope) -> Hashable | None:
 class Answers:
     """The memo of rendered answers, and the middleware that serves from it."""
 
-    def __init__(self, marks: DataMarks, max_entries: int = 10_000) -> None:
+    def __init__(
+        self, marks: DataMarks, max_entries: int = 10_000, max_bytes: int = 256 * 1024 * 1024
+    ) -> None:
         self.marks = marks
-        self._items: LruMap[Hashable, Answer] = LruMap(max_entries)
+        self._items: LruMap[Hashable, Answer] = LruMap(
+            max_entries, max_bytes=max_bytes, size=lambda a: len(a.body)
+        )
 
     def remember(self, request: Request, memo: Hashable, mark: int, response: Response) -> None:
         """Keep a 200 answer about a closed window, valid while `memo` holds `mark`."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 from cloud_api import metrics
 
@@ -21,10 +21,22 @@ V = TypeVar("V")
 
 
 class LruMap(Generic[K, V]):
-    """A bounded, thread-safe map that drops its least recently used entries."""
+    """A bounded, thread-safe map that drops its least recently used entries.
 
-    def __init__(self, max_entries: int) -> None:
+    Bounded by entry count and, with `size` (bytes of a value), by total bytes too.
+    """
+
+    def __init__(
+        self,
+        max_entries: int,
+        *,
+        max_bytes: int | None = None,
+        size: Callable[[V], int] | None = None,
+    ) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._size = size
+        self._bytes = 0
         self._items: OrderedDict[K, V] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -36,27 +48,43 @@ class LruMap(Generic[K, V]):
             return value
 
     def put(self, key: K, value: V) -> None:
+        size = self._size(value) if self._size is not None else 0
         with self._lock:
+            self._discard(key)
+            if self.max_bytes is not None and size > self.max_bytes:
+                return  # larger than the whole budget: not kept, and nothing else dropped
             self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_entries:
-                self._items.popitem(last=False)
+            self._bytes += size
+            while len(self._items) > self.max_entries or (
+                self.max_bytes is not None and self._bytes > self.max_bytes and self._items
+            ):
+                self._discard(next(iter(self._items)))
 
     def pop(self, key: K) -> None:
         with self._lock:
-            self._items.pop(key, None)
+            self._discard(key)
+
+    def _discard(self, key: K) -> None:
+        """With the lock held."""
+        value = self._items.pop(key, None)
+        if value is not None and self._size is not None:
+            self._bytes -= self._size(value)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._items)
 
 
-class ResultCache(LruMap[Hashable, Any]):
-    """Query key -> result payload, counting hits and misses for /metrics."""
+class ResultCache(LruMap[Hashable, bytes]):
+    """Query key -> result payload as JSON, counting hits and misses for /metrics."""
 
-    def __init__(self, max_entries: int = 10_000) -> None:
-        super().__init__(max_entries)
+    def __init__(self, max_entries: int = 10_000, max_bytes: int = 256 * 1024 * 1024) -> None:
+        super().__init__(max_entries, max_bytes=max_bytes, size=len)
 
-    def get(self, key: Hashable) -> Any | None:
+    def get(self, key: Hashable) -> bytes | None:
         value = super().get(key)
         metrics.CACHE_REQUESTS.labels("miss" if value is None else "hit").inc()
         return value

@@ -8,6 +8,7 @@ agent's configuration models.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -77,3 +78,16 @@ class Hub(Protocol):
     async def __aenter__(self) -> Hub: ...
     async def __aexit__(self, *exc: object) -> None: ...
     async def run(self, emit: Emit) -> None: ...
+
+
+def raise_if_cancelled(exc: BaseException) -> None:
+    """Re-raise a cancellation that a driver turned into an ordinary error.
+
+    A hub's poll loop survives any device or driver error, but a driver that catches the
+    CancelledError of a pending request and raises its own exception instead would make the
+    loop outlive its cancellation, and the agent's shutdown would wait forever. The task still
+    counts the pending cancel request (Task.cancelling), so the loop can tell.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc

@@ -28,7 +28,7 @@ import structlog
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException
 
-from connectors.connector import Emit, EquipmentSource
+from connectors.connector import Emit, EquipmentSource, raise_if_cancelled
 from connectors.modbus.codec import CodecError, decode_registers, parse_address, register_count
 from connectors.modbus.config import ModbusConnection, ModbusRtuConnection
 from connectors.modbus.plan import Block, Member, ReadRequest, TagSpan, plan_reads
@@ -358,6 +358,7 @@ class ModbusHub:
             try:
                 samples = await self.poll_unit_once(unit)
             except Exception as exc:
+                raise_if_cancelled(exc)
                 # Whatever a device or driver does, it costs this unit its values, never the
                 # hub (the other units) or the agent.
                 if not isinstance(exc, UnitSilent | ConnectionError):

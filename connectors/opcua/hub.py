@@ -38,7 +38,7 @@ from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 
-from connectors.connector import Emit, EquipmentSource
+from connectors.connector import Emit, EquipmentSource, raise_if_cancelled
 from connectors.opcua.config import OpcUaConnection
 from connectors.sample import Sample
 
@@ -540,6 +540,7 @@ class OpcUaHub:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                raise_if_cancelled(exc)
                 message = str(exc) or type(exc).__name__
                 was_connected = self.connected
                 await self._disconnect()

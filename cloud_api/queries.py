@@ -142,30 +142,6 @@ def resolve_scope(
     return _members(conn, kind, ident, sites, rows)
 
 
-def resolve_scope_marked(
-    conn: Conn,
-    kind: ScopeKind,
-    ident: str,
-    site: str | None,
-    sites: list[str] | None,
-    start: datetime,
-    end: datetime,
-) -> tuple[list[Member], int]:
-    """resolve_scope and data_watermark in one round trip (the result cache's hot path)."""
-    rows = run(
-        conn,
-        "scope_mark",
-        sql.SQL(
-            "WITH m AS (" + _scope_sql(kind) + ") "
-            "SELECT m.*, (SELECT COALESCE(max(v.version), 0) FROM rollups.data_versions v "
-            "JOIN m x USING (site_id, equipment_id) WHERE v.day >= %(d0)s AND v.day <= %(d1)s)"
-            " AS mark FROM m ORDER BY site_id, equipment_id"
-        ),
-        {"sites": sites, "site": site, "id": ident, **_days(start, end)},
-    )
-    return _members(conn, kind, ident, sites, rows), int(rows[0]["mark"]) if rows else 0
-
-
 def _members(
     conn: Conn, kind: ScopeKind, ident: str, sites: list[str] | None, rows: list[dict[str, Any]]
 ) -> list[Member]:

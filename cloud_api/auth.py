@@ -390,14 +390,9 @@ class Authenticator:
         # A token verified before needs no worker thread while the revocation list in memory
         # is usable (re-reading it is a database query).
         known = self.verified.get(credential)
-        if known is not None:
-            if known.kind != "token":
-                return known
-            if self.revocations.usable():
-                if self.revocations.listed(known.credential_id):
-                    raise _unauthorized("the token has been revoked")
-                return known
-        elif self.revocations.usable() and self._verifiable_here(credential):
+        if known is not None and (known.kind != "token" or self.revocations.usable()):
+            return self._still_valid(known, self.revocations.listed)
+        if known is None and self.revocations.usable() and self._verifiable_here(credential):
             # Our own token signed with a key already loaded: verifying it is a little CPU
             # and no I/O, cheaper on the event loop than a hop to a worker thread (a burst of
             # new clients would otherwise queue behind the thread pool).
@@ -417,13 +412,18 @@ class Authenticator:
 
     # -- JWT ----------------------------------------------------------------------------------
 
+    @staticmethod
+    def _still_valid(known: Principal, revoked: Callable[[str], bool]) -> Principal:
+        """A remembered token's principal, unless the token has been revoked since."""
+        if known.kind == "token" and revoked(known.credential_id):
+            raise _unauthorized("the token has been revoked")
+        return known
+
     def _token(self, token: str, revoked: Callable[[str], bool]) -> Principal:
         """Verify `token`; `revoked` checks a token id (blocking re-read or list in memory)."""
         known = self.verified.get(token)
         if known is not None:
-            if known.kind == "token" and revoked(known.credential_id):
-                raise _unauthorized("the token has been revoked")
-            return known
+            return self._still_valid(known, revoked)
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})

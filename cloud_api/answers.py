@@ -120,5 +120,10 @@ class AnswersMiddleware:
 def _matches(scope: Scope, etag: bytes) -> bool:
     for name, value in scope["headers"]:
         if name == b"if-none-match":
-            return bool(etag) and etag in {t.strip() for t in value.split(b",")}
+            return etag_matches(value, etag)
     return False
+
+
+def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
+    """Whether an If-None-Match header value names `etag` (a list, comma-separated)."""
+    return bool(etag) and etag in {t.strip() for t in if_none_match.split(b",")}

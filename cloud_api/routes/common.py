@@ -22,6 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from psycopg_pool import ConnectionPool
 
 from cloud_api import metrics
+from cloud_api.answers import etag_matches
 from cloud_api.db import with_retry
 from cloud_api.queries import Ambiguous, Conn, NotFound
 
@@ -148,6 +149,6 @@ def respond(
         parts.append(f'cache;desc="{cache}"')
     if parts:
         headers["Server-Timing"] = ", ".join(parts)
-    if etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")}:
+    if etag_matches(request.headers.get("if-none-match", "").encode("latin-1"), etag.encode()):
         return Response(status_code=304, headers=headers)
     return Response(body, media_type=media, headers=headers)

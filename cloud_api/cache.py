@@ -70,6 +70,11 @@ class LruMap(Generic[K, V]):
         if value is not None and self._size is not None:
             self._bytes -= self._size(value)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
     @property
     def bytes(self) -> int:
         return self._bytes

@@ -43,6 +43,7 @@ from datetime import date, timedelta
 import psycopg
 import structlog
 
+from cloud_api.cache import LruMap
 from cloud_api.queries import Member
 
 log = structlog.get_logger("cloud_api.marks")
@@ -64,7 +65,7 @@ class DataMarks:
         self.max_entries = max_entries
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
-        self._members: OrderedDict[Hashable, tuple[tuple[Member, ...], int]] = OrderedDict()
+        self._members: LruMap[Hashable, tuple[tuple[Member, ...], int]] = LruMap(max_entries)
         self._seq = 0
         self._flushed = 0  # _seq at the last "forget everything"
         # (site, equipment) -> {day or ALL_DAYS: _seq of its last change}
@@ -154,7 +155,6 @@ class DataMarks:
             found = self._members.get(key)
             if found is None or found[1] < self._flushed:
                 return None
-            self._members.move_to_end(key)
             return list(found[0])
 
     def put_members(self, key: Hashable, members: list[Member], stamp: int | None) -> None:
@@ -163,10 +163,7 @@ class DataMarks:
         with self._lock:
             if not self._listening or stamp < self._flushed:
                 return
-            self._members[key] = (tuple(members), stamp)
-            self._members.move_to_end(key)
-            while len(self._members) > self.max_entries:
-                self._members.popitem(last=False)
+            self._members.put(key, (tuple(members), stamp))
 
     def __len__(self) -> int:
         return len(self._entries)

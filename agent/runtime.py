@@ -41,6 +41,9 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
 
 Clock = Callable[[], datetime]
 
+# How long a graceful stop waits for each cancelled pipeline stage before going on without it.
+STAGE_STOP_TIMEOUT_S = 5.0
+
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
@@ -323,6 +326,19 @@ class AgentRuntime:
         if left:
             self.log.info("batches stay in the outbox until the next start", batches=left)
 
+    async def _reap(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Wait a bounded time for the cancelled stages. A stage that does not end (a driver
+        that loses its cancellation) is named and left behind, so the graceful stop still
+        commits what was sampled instead of waiting for it until systemd kills the agent."""
+        done, stuck = await asyncio.wait(tasks, timeout=STAGE_STOP_TIMEOUT_S)
+        for task in done:
+            if not task.cancelled():
+                task.exception()  # a stage's failure was raised already; mark it retrieved
+        for task in stuck:
+            self.log.error(
+                "stage did not stop when cancelled; stopping without it", stage=task.get_name()
+            )
+
     async def run(self, stop: asyncio.Event) -> None:
         self._resume()
         self.flush()
@@ -350,9 +366,7 @@ class AgentRuntime:
         finally:
             for task in [stopper, *tasks]:
                 task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await self._reap(tasks)
             # Graceful stop: whatever was sampled is committed with its checkpoint.
             while not self.samples.empty():
                 with contextlib.suppress(KeyError, ValueError):

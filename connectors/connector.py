@@ -80,13 +80,21 @@ class Hub(Protocol):
     async def run(self, emit: Emit) -> None: ...
 
 
-def raise_if_cancelled(exc: BaseException) -> None:
-    """Re-raise a cancellation that a driver turned into an ordinary error.
+def raise_if_cancelled(exc: BaseException | None = None) -> None:
+    """Re-raise a cancellation of the current task that something below it swallowed.
 
-    A hub's poll loop survives any device or driver error, but a driver that catches the
-    CancelledError of a pending request and raises its own exception instead would make the
-    loop outlive its cancellation, and the agent's shutdown would wait forever. The task still
-    counts the pending cancel request (Task.cancelling), so the loop can tell.
+    A hub's poll loop survives any device or driver error, so a cancellation can get lost on
+    the way up in two ways, and either would make the loop outlive its cancellation and the
+    agent's shutdown wait forever:
+
+    - a driver catches the CancelledError of a pending request and raises its own exception
+      instead (call this with that exception in the loop's error handler);
+    - Python 3.11's `asyncio.wait_for`, used by pymodbus and asyncua for every request,
+      returns the result instead of raising when the cancellation arrives just as the
+      request completes (fixed in 3.12), so the loop carries on as if nothing happened
+      (call this with no argument once per iteration).
+
+    The task still counts the pending cancel request (Task.cancelling), so the loop can tell.
     """
     task = asyncio.current_task()
     if task is not None and task.cancelling():

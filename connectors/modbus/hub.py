@@ -354,6 +354,7 @@ class ModbusHub:
         link = self._links[unit]
         interval = self.config.poll_interval
         while True:
+            raise_if_cancelled()
             started = time.monotonic()
             try:
                 samples = await self.poll_unit_once(unit)

@@ -423,6 +423,7 @@ class OpcUaHub:
     async def _poll(self, client: Client, emit: Emit) -> None:
         last_clock = time.monotonic()
         while True:
+            raise_if_cancelled()
             started = time.monotonic()
             if self._lost.is_set():
                 raise ConnectionError("connection lost")
@@ -452,6 +453,7 @@ class OpcUaHub:
             await emit(sample)
         last_clock = time.monotonic()
         while True:
+            raise_if_cancelled()
             try:
                 handle, dv = await asyncio.wait_for(queue.get(), timeout=0.5)
             except TimeoutError:

@@ -254,6 +254,44 @@ async def test_connection_refused_then_server_appears(plc_factory: Callable[...,
         await wait_until(lambda: got.value("m", "state") == 43, "data flows again")
 
 
+async def test_a_swallowed_cancellation_still_stops_the_hub(
+    plc_factory: Callable[..., Plc],
+) -> None:
+    """Python 3.11's asyncio.wait_for (which pymodbus awaits for every request) returns the
+    answer instead of raising when the cancellation lands just as the answer arrives. The
+    emit callback below swallows the hub's cancellation the same way, deterministically: the
+    hub must still stop at its next poll instead of polling on forever."""
+    plc = plc_factory({1: [7, 7]})
+    await plc.start()
+    hub = ModbusHub(conn(plc.port), [ModbusTag("m", "state", 1, "hr:0")])
+    hub_task: asyncio.Task[None] | None = None
+    swallowed = 0
+    emitted = 0
+
+    async def emit(sample: object) -> None:
+        nonlocal swallowed, emitted
+        emitted += 1
+        if emitted == 3 and hub_task is not None:
+            hub_task.cancel()  # the agent stops: the hub's task group cancels its units
+            for _ in range(10):  # let the cancellation reach this unit, then lose it
+                try:
+                    await asyncio.sleep(0)
+                except asyncio.CancelledError:
+                    swallowed += 1
+                    break
+
+    async with hub:
+        hub_task = asyncio.create_task(hub.run(emit))
+        await asyncio.wait({hub_task}, timeout=30)
+        stopped = hub_task.done()
+        if not stopped:
+            hub_task.cancel()  # pre-fix behaviour: put the runaway loop down for good
+    assert swallowed == 1
+    assert stopped, f"the hub kept polling after its cancellation ({emitted} samples)"
+    assert hub_task.cancelled()
+    assert emitted == 3  # not one more poll after the stop
+
+
 RTU = """\
 agent: {id: a1, site: s1}
 connections:

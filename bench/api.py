@@ -224,8 +224,9 @@ def free_port() -> int:
 
 
 def bearer_tokens(keys_dir: Path, n: int) -> list[str]:
-    """`n` service tokens seeing every site: one per simulated client, so each client stays
-    within its own rate-limit tier as real clients would."""
+    """`n` service tokens seeing every site. Each request carries one of them at random, so
+    no principal leaves its rate-limit tier (100,000 an hour, bursts of 1,000) and the
+    figures measure the query path, not the rate limiter; `ok_rps` counts 2xx answers only."""
     generate_token_key(keys_dir)
     ring = TokenKeyring.load(keys_dir)
     return [
@@ -367,6 +368,10 @@ def wrk(
     finally:
         Path(script).unlink()
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    # Answers other than 2xx (a rate limit, say) are cheap and would flatter the rate.
+    result["ok_rps"] = round(
+        (result["requests"] - result["errors"]["status"]) / result["duration_s"], 1
+    )
     result["connections"] = connections
     result["result_cache"] = "n/a" if fixed_path else "bypassed" if nocache else "used"
     return result
@@ -403,8 +408,8 @@ def main() -> None:
         )
         figures["latency_sequential_uncached"] = sequential(base, args.requests, tokens[0])
         figures["throughput_32_clients_7d"] = {
-            "uncached": wrk(base, 32, args.seconds, tokens[:32], nocache=True),
-            "cached": wrk(base, 32, args.seconds, tokens[32:64], nocache=False),
+            "uncached": wrk(base, 32, args.seconds, tokens, nocache=True),
+            "cached": wrk(base, 32, args.seconds, tokens, nocache=False),
         }
         figures["concurrency_1000_clients"] = wrk(base, 1000, args.hold, tokens, nocache=False)
     finally:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 
@@ -25,9 +24,6 @@ from sync.keys import (
     parse_ed25519_public,
 )
 from sync.logs import configure_logging
-
-if TYPE_CHECKING:
-    import uvicorn
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -238,28 +234,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["CLOUD_CONFIG"] = str(Path(args.config).resolve())
     if getattr(args, "keys_dir", None):
         os.environ["CLOUD_KEYS_DIR"] = str(Path(args.keys_dir).resolve())
-    _serve_workers(uvicorn.Config("cloud_api.asgi:app", factory=True, workers=workers, **options))
-    return 0
+    from cloud_api.serving import Supervisor
 
-
-def _serve_workers(config: uvicorn.Config) -> None:
-    from uvicorn.supervisors import Multiprocess
-
-    Multiprocess(config, sockets=[tcp_listening_socket(config)]).run()
-
-
-def tcp_listening_socket(config: uvicorn.Config) -> socket.socket:
-    """The socket uvicorn binds for its workers, re-wrapped to say it is TCP.
-
-    uvicorn binds it with protocol 0, and asyncio sets TCP_NODELAY only on connections whose
-    socket says IPPROTO_TCP: every answer of every worker then waited for the client's
-    delayed ACK (44 ms per request, 725 requests/s for /healthz with 32 clients instead of
-    thousands).
-    """
-    bound = config.bind_socket()
-    sock = socket.socket(bound.family, bound.type, socket.IPPROTO_TCP, fileno=bound.detach())
-    sock.set_inheritable(True)
-    return sock
+    config = uvicorn.Config("cloud_api.asgi:app", factory=True, **options)
+    try:
+        return Supervisor(config, workers).run()
+    except OSError as exc:
+        print(f"cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,10 +1,13 @@
-"""`cloud-api serve` with worker processes: the real command answering through its workers and
-stopping cleanly on SIGTERM, and the listening socket they share, on which asyncio turns
-Nagle's algorithm off for every connection."""
+"""`cloud-api serve` with worker processes: the real command answering through its workers,
+spreading connections over them, replacing a worker that dies and stopping cleanly on
+SIGTERM; and the workers' listening sockets, on which asyncio turns Nagle's algorithm off for
+every connection."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,11 +17,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 from cloud_api.auth import TokenKeyring, generate_token_key, issue_token
-from cloud_api.cli import tcp_listening_socket
 from cloud_api.config import SecuritySettings
+from cloud_api.serving import worker_socket
 from tests.conftest import free_port
 
 
@@ -33,6 +35,42 @@ def _wait_until_up(base: str, proc: subprocess.Popen[bytes]) -> None:
         except httpx.HTTPError:
             time.sleep(0.2)
     raise AssertionError("cloud-api serve never answered")
+
+
+def _children(pid: int) -> set[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return {int(p) for p in found.stdout.split()}
+
+
+def _sockets(port: int, state: str) -> set[int]:
+    """The pids of the processes holding TCP sockets of local `port` in `state`."""
+    listing = subprocess.run(
+        ["ss", "-tnpH", "state", state, f"( sport = :{port} )"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return {int(pid) for pid in re.findall(r"pid=(\d+)", listing)}
+
+
+def _wait_for_listeners(port: int, n: int) -> None:
+    deadline = time.monotonic() + 60
+    while len(_sockets(port, "listening")) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} workers listen on {port}"
+        time.sleep(0.1)
+
+
+def _connection_owners(port: int, n: int) -> set[int]:
+    """Open `n` keep-alive connections at once, have each answered, and return the pids of
+    the processes that hold their server side."""
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+    try:
+        for c in clients:
+            c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        for c in clients:
+            assert c.recv(4096).startswith(b"HTTP/1.1 200")
+        return _sockets(port, "established")
+    finally:
+        for c in clients:
+            c.close()
 
 
 def test_serve_with_workers_answers_and_stops_cleanly(pg_url: str, tmp_path: Path) -> None:
@@ -60,19 +98,29 @@ def test_serve_with_workers_answers_and_stops_cleanly(pg_url: str, tmp_path: Pat
             sites = client.get("/v1/sites")
             assert sites.status_code == 200, sites.text
             assert sites.headers["x-content-type-options"] == "nosniff"
-        children = subprocess.run(
-            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False
-        ).stdout.split()
-        assert len(children) >= 2
+        # 64 keep-alive clients connecting together are spread over both workers.
+        _wait_for_listeners(port, 2)
+        owners = _connection_owners(port, 64)
+        children = _children(proc.pid)
+        assert len(owners) == 2 and owners <= children, (owners, children)
+        # A worker that dies is replaced, and the service answers on.
+        victim = min(owners)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while victim in (now := _children(proc.pid)) or len(now) < len(children):
+            assert time.monotonic() < deadline, f"no replacement for worker {victim}: {now}"
+            time.sleep(0.1)
+        _wait_for_listeners(port, 2)
+        assert len(_connection_owners(port, 64)) == 2
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
 
 
 async def test_workers_accept_on_a_socket_asyncio_turns_nagle_off_for() -> None:
-    config = uvicorn.Config("cloud_api.asgi:app", host="127.0.0.1", port=free_port())
-    listening = tcp_listening_socket(config)
+    listening = worker_socket("127.0.0.1", 0)
     assert listening.proto == socket.IPPROTO_TCP
+    port = listening.getsockname()[1]
     accepted: asyncio.Queue[int] = asyncio.Queue()
 
     class Probe(asyncio.Protocol):
@@ -84,9 +132,27 @@ async def test_workers_accept_on_a_socket_asyncio_turns_nagle_off_for() -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(Probe, sock=listening)
     try:
-        _, writer = await asyncio.open_connection("127.0.0.1", config.port)
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
         assert await accepted.get() != 0  # Nagle off on the accepted connection
         writer.close()
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_a_port_in_use_is_a_clear_error(pg_url: str) -> None:
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "cloud_api.cli", "serve", "--host", "127.0.0.1", "--port",
+             str(port), "--workers", "2"],
+            env={"CLOUD_DATABASE_URL": pg_url, "PATH": "/usr/bin:/bin"},
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        taken.close()
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr

@@ -32,7 +32,8 @@ log = structlog.get_logger("cloud_api.serve")
 _spawn = multiprocessing.get_context("spawn")
 # A worker that exits with an error within this many seconds of its start failed to start.
 START_FAILURE_S = 10.0
-STOP_TIMEOUT_S = 30.0
+# Within the unit's TimeoutStopSec (20 s), so stragglers are killed here, not by systemd.
+STOP_TIMEOUT_S = 15.0
 
 
 def worker_socket(host: str, port: int) -> socket.socket:

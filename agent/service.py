@@ -220,6 +220,19 @@ class AgentService:
     def request_reload(self) -> None:
         self._reload.set()
 
+    def dump_tasks(self) -> None:
+        """SIGUSR1: log every asyncio task of the agent with the chain of awaits it is
+        suspended in, to find what holds up a stop or a stage (`kill -USR1 <pid>`, then read
+        the journal)."""
+        for task in asyncio.all_tasks():
+            log.warning(
+                "task",
+                name=task.get_name(),
+                done=task.done(),
+                cancelling=task.cancelling(),
+                waits_at=_await_chain(task.get_coro()),
+            )
+
     @property
     def stale_after(self) -> float:
         """How long the flush loop may stay silent before the pipeline counts as hung."""
@@ -279,6 +292,7 @@ class AgentService:
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.dump_tasks)
         helpers: list[asyncio.Task[None]] = []
         if self.notifier.watchdog_interval:
             helpers.append(
@@ -302,7 +316,7 @@ class AgentService:
                     await task
             if health is not None:
                 await health.stop()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
             self.notifier.close()
 
@@ -359,6 +373,18 @@ class AgentService:
 
 class HealthServerLike(Protocol):
     async def rebind(self, settings: object) -> bool: ...
+
+
+def _await_chain(coro: object, limit: int = 16) -> list[str]:
+    """file:line function of each coroutine in the chain a suspended coroutine awaits."""
+    chain: list[str] = []
+    while coro is not None and len(chain) < limit:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return chain
 
 
 def _default_factory(config: AgentConfig, keys: AgentKeys) -> RuntimeLike:

@@ -248,13 +248,24 @@ def serve(url: str, workers: int, keys_dir: Path) -> tuple[subprocess.Popen[byte
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+            # Every worker listening (each on its own socket), else the first load run's
+            # connections all go to the workers that started first.
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200 and (
+                listening_sockets(port) >= workers
+            ):
                 return proc, base
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
     proc.kill()
     raise SystemExit("the API did not become ready")
+
+
+def listening_sockets(port: int) -> int:
+    out = subprocess.run(
+        ["ss", "-tlnH", f"( sport = :{port} )"], capture_output=True, text=True, check=True
+    ).stdout
+    return len(out.splitlines())
 
 
 def pct(values: list[float], p: float) -> float:

@@ -21,8 +21,8 @@ import multiprocessing
 import signal
 import socket
 import time
+from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import Any
 
 import structlog
 import uvicorn
@@ -69,12 +69,12 @@ class Supervisor:
         self.config = config
         self.workers = workers
         self._stopping = False
-        self._procs: list[tuple[Any, float]] = []  # (process, monotonic start)
+        self._procs: list[tuple[BaseProcess, float]] = []  # (process, monotonic start)
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True
 
-    def _start(self, port: int) -> tuple[Any, float]:
+    def _start(self, port: int) -> tuple[BaseProcess, float]:
         proc = _spawn.Process(
             target=_worker, args=(self.config, self.config.host, port), name="cloud-api-worker"
         )
@@ -101,6 +101,8 @@ class Supervisor:
                         self._stopping = True
                         code = 1
                         break
+                    if time.monotonic() - started < 1.0:
+                        continue  # at most one start a second, should a worker crash at once
                     log.warning("worker ended; starting another", exit_code=proc.exitcode)
                     self._procs[i] = self._start(port)
         finally:

@@ -391,10 +391,20 @@ class Agent:
             self.proc.wait(15)
 
     def stop(self) -> int:
-        """SIGTERM: graceful stop (commits what was sampled); returns the exit code."""
+        """SIGTERM: graceful stop (commits what was sampled); returns the exit code.
+
+        An agent that does not stop is asked (SIGUSR1) to log where each of its tasks waits,
+        and the failure carries that part of its log."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            raise AssertionError(
+                f"the agent did not stop within 60 s of SIGTERM:\n{self.log_tail(12000)}"
+            ) from None
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

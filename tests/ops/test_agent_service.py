@@ -323,6 +323,12 @@ async def test_agent_service_lifecycle(
         )
         assert missing.status_code == 404
 
+        # SIGUSR1 logs where each task waits (for a stop or stage that hangs), and nothing else.
+        agent.send_signal(signal.SIGUSR1)
+        await wait_for(lambda: '"name": "pipeline"' in log.read_text(), 30, "the task dump")
+        assert "runtime.py" in log.read_text()  # where the pipeline task waits
+        assert agent.poll() is None
+
         press = presses[0]
         press.frozen = False
         await wait_for(lambda: (value(health_port, "edge_agent_acks_total") or 0) >= 1, 30, "acks")

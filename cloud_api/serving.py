@@ -12,7 +12,9 @@ with a bound socket that never listens (the kernel gives connections only to lis
 sockets), so a port taken by another program fails at start with a clear error, and port 0
 picks one port for all workers. A worker that dies is replaced; a worker that exits with an
 error within its first seconds stops the service (a configuration or start-up problem that a
-restart of the worker would only repeat), and systemd decides what comes next.
+restart of the worker would only repeat), and systemd decides what comes next. Connections
+still waiting in a dying worker's accept queue are reset by the kernel (clients retry); the
+other workers keep answering.
 """
 
 from __future__ import annotations

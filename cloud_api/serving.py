@@ -7,14 +7,17 @@ balancer's pool, then all land on one worker and stay there: with 32 clients, on
 all 32 connections and the other none, and the service ran as if it had one process.
 
 Here each worker binds its own socket to the same address with SO_REUSEPORT, and the kernel
-spreads new connections evenly over the workers' sockets. The supervisor holds the address
-with a bound socket that never listens (the kernel gives connections only to listening
-sockets), so a port taken by another program fails at start with a clear error, and port 0
-picks one port for all workers. A worker that dies is replaced; a worker that exits with an
-error within its first seconds stops the service (a configuration or start-up problem that a
-restart of the worker would only repeat), and systemd decides what comes next. Connections
-still waiting in a dying worker's accept queue are reset by the kernel (clients retry); the
-other workers keep answering.
+spreads new connections evenly over the workers' sockets. The supervisor first binds the
+address without SO_REUSEPORT, so a port that another program or another `cloud-api serve`
+listens on is a clear error at start rather than a port silently shared; it then holds the
+address with a bound socket that never listens (the kernel gives connections only to
+listening sockets), and port 0 picks one port for all workers.
+
+A worker that dies is replaced; a worker that exits with an error within its first seconds
+stops the service (a configuration or start-up problem that a restart of the worker would
+only repeat), and systemd decides what comes next. Connections still waiting in a dying
+worker's accept queue are reset by the kernel (clients retry); the other workers keep
+answering.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ START_FAILURE_S = 10.0
 STOP_TIMEOUT_S = 15.0
 
 
-def worker_socket(host: str, port: int) -> socket.socket:
+def worker_socket(host: str, port: int, *, reuse_port: bool = True) -> socket.socket:
     """A TCP socket bound to (host, port) with SO_REUSEPORT, not yet listening.
 
     Created as IPPROTO_TCP: asyncio turns Nagle's algorithm off only on connections accepted
@@ -49,7 +52,8 @@ def worker_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except OSError:
         sock.close()
@@ -84,7 +88,11 @@ class Supervisor:
         return proc, time.monotonic()
 
     def run(self) -> int:
-        # Held, never listening: reserves the address and fails here if it is taken.
+        if self.config.port:
+            # Without SO_REUSEPORT, so that another program listening there, or another
+            # `cloud-api serve` (whose workers would otherwise share our port), is an error.
+            worker_socket(self.config.host, self.config.port, reuse_port=False).close()
+        # Held, never listening: reserves the address for the workers.
         holder = worker_socket(self.config.host, self.config.port)
         port = holder.getsockname()[1]
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}

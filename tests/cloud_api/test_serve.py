@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import httpx
+import pytest
 
 from cloud_api.auth import TokenKeyring, generate_token_key, issue_token
 from cloud_api.config import SecuritySettings
@@ -140,8 +141,12 @@ async def test_workers_accept_on_a_socket_asyncio_turns_nagle_off_for() -> None:
         await server.wait_closed()
 
 
-def test_a_port_in_use_is_a_clear_error(pg_url: str) -> None:
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["other-program", "other-serve"])
+def test_a_port_in_use_is_a_clear_error(pg_url: str, reuse_port: bool) -> None:
+    # A listener with SO_REUSEPORT is what the workers of another `cloud-api serve` are.
     taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if reuse_port:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     port = taken.getsockname()[1]

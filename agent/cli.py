@@ -9,6 +9,9 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
 
 from agent import opcua_cli
 from agent.browse import add_parser as browse_parser
@@ -23,6 +26,12 @@ from sync.keys import (
     rotate_agent_signing_key,
 )
 from sync.logs import configure_logging
+
+if TYPE_CHECKING:
+    from agent.service import AgentService
+
+# How long the stopped agent waits for tasks still running before it exits without them.
+STOP_LEFTOVERS_S = 5.0
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -52,8 +61,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # SIGTERM/SIGINT stop gracefully, SIGHUP reloads the file; systemd is told via sd_notify.
     service = AgentService(Path(args.config), config, keys)
-    asyncio.run(service.run())
+    asyncio.run(_run(service))
     return 0
+
+
+async def _run(service: AgentService) -> None:
+    await service.run()
+    # asyncio.run would wait without limit for a task that does not end when cancelled. What
+    # was sampled is committed by now, so such a task is named and the process exits anyway.
+    me = asyncio.current_task()
+    left = [task for task in asyncio.all_tasks() if task is not me]
+    for task in left:
+        task.cancel()
+    if left:
+        _, stuck = await asyncio.wait(left, timeout=STOP_LEFTOVERS_S)
+        if stuck:
+            structlog.get_logger("agent").error(
+                "tasks did not end after the stop; exiting without them",
+                tasks=sorted(task.get_name() for task in stuck),
+            )
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -225,7 +225,8 @@ class AgentService:
         suspended in, to find what holds up a stop or a stage (`kill -USR1 <pid>`, then read
         the journal)."""
         for task in asyncio.all_tasks():
-            log.warning(
+            # At error level, so a log_level of error still shows what was asked for.
+            log.error(
                 "task",
                 name=task.get_name(),
                 done=task.done(),
@@ -316,7 +317,10 @@ class AgentService:
                     await task
             if health is not None:
                 await health.stop()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            # SIGUSR1 stays with the loop (until it closes): a stop that hangs after this
+            # point can still be asked where it waits, and the signal's default, ending the
+            # process, does not come back.
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             self.notifier.close()
 
@@ -376,14 +380,21 @@ class HealthServerLike(Protocol):
 
 
 def _await_chain(coro: object, limit: int = 16) -> list[str]:
-    """file:line function of each coroutine in the chain a suspended coroutine awaits."""
+    """file:line function of each coroutine (or async generator, as in an async context
+    manager) in the chain a suspended coroutine awaits."""
     chain: list[str] = []
     while coro is not None and len(chain) < limit:
-        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        frame = next(
+            (f for a in ("cr_frame", "ag_frame", "gi_frame") if (f := getattr(coro, a, None))),
+            None,
+        )
         if frame is None:
             break
         chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
-        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        coro = next(
+            (c for a in ("cr_await", "ag_await", "gi_yieldfrom") if (c := getattr(coro, a, None))),
+            None,
+        )
     return chain
 
 

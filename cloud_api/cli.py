@@ -237,11 +237,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cloud_api.serving import Supervisor
 
     config = uvicorn.Config("cloud_api.asgi:app", factory=True, **options)
+    supervisor = Supervisor(config, workers)
     try:
-        return Supervisor(config, workers).run()
+        supervisor.bind()
     except OSError as exc:
-        print(f"cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
+        where = f"[{config.host}]" if ":" in config.host else config.host
+        print(f"cannot listen on {where}:{config.port}: {exc.strerror}", file=sys.stderr)
         return 1
+    return supervisor.run()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ every connection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -36,6 +37,36 @@ def _wait_until_up(base: str, proc: subprocess.Popen[bytes]) -> None:
         except httpx.HTTPError:
             time.sleep(0.2)
     raise AssertionError("cloud-api serve never answered")
+
+
+def _serve(port: int, env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
+    """`cloud-api serve --workers 2` in its own session, so cleanup can end all of it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cloud_api.cli", "serve", "--host", "127.0.0.1", "--port",
+         str(port), "--workers", "2", "--log-level", "warning", *extra],
+        env=env, start_new_session=True,
+    )  # fmt: skip
+
+
+def _end_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _wait_gone(pids: set[int]) -> None:
+    deadline = time.monotonic() + 60
+    while alive := {pid for pid in pids if _alive(pid)}:
+        assert time.monotonic() < deadline, f"processes outlived their supervisor: {alive}"
+        time.sleep(0.1)
 
 
 def _children(pid: int) -> set[int]:
@@ -83,11 +114,7 @@ def test_serve_with_workers_answers_and_stops_cleanly(pg_url: str, tmp_path: Pat
     )  # fmt: skip
     port = free_port()
     env = {"CLOUD_DATABASE_URL": pg_url, "CLOUD_KEYS_DIR": str(keys), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cloud_api.cli", "serve", "--host", "127.0.0.1", "--port",
-         str(port), "--workers", "2", "--log-level", "warning"],
-        env=env,
-    )  # fmt: skip
+    proc = _serve(port, env)
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_until_up(base, proc)
@@ -113,9 +140,43 @@ def test_serve_with_workers_answers_and_stops_cleanly(pg_url: str, tmp_path: Pat
             time.sleep(0.1)
         _wait_for_listeners(port, 2)
         assert len(_connection_owners(port, 64)) == 2
-    finally:
+        running = _children(proc.pid)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+        _wait_gone(running)
+    finally:
+        _end_group(proc)
+
+
+def test_a_second_serve_is_refused_and_workers_end_with_their_supervisor(
+    pg_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {"CLOUD_DATABASE_URL": pg_url, "PATH": "/usr/bin:/bin"}
+    first = _serve(port, env)
+    try:
+        # The first supervisor holds the port before it starts workers; a second one is
+        # refused whether or not the first one's workers listen yet.
+        deadline = time.monotonic() + 60
+        while not _children(first.pid):
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        second = subprocess.run(
+            [sys.executable, "-m", "cloud_api.cli", "serve", "--host", "127.0.0.1", "--port",
+             str(port), "--workers", "2"],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+            start_new_session=True,
+        )  # fmt: skip
+        assert second.returncode == 1, second.stderr
+        assert "Address already in use" in second.stderr
+        _wait_for_listeners(port, 2)
+        workers = _sockets(port, "listening")
+        # A supervisor killed outright takes its workers with it (no orphan keeps the port).
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        _wait_gone(workers)
+    finally:
+        _end_group(first)
 
 
 async def test_workers_accept_on_a_socket_asyncio_turns_nagle_off_for() -> None:
@@ -155,7 +216,7 @@ def test_a_port_in_use_is_a_clear_error(pg_url: str, reuse_port: bool) -> None:
             [sys.executable, "-m", "cloud_api.cli", "serve", "--host", "127.0.0.1", "--port",
              str(port), "--workers", "2"],
             env={"CLOUD_DATABASE_URL": pg_url, "PATH": "/usr/bin:/bin"},
-            capture_output=True, text=True, timeout=60, check=False,
+            capture_output=True, text=True, timeout=60, check=False, start_new_session=True,
         )  # fmt: skip
     finally:
         taken.close()

@@ -326,7 +326,10 @@ async def test_agent_service_lifecycle(
         # SIGUSR1 logs where each task waits (for a stop or stage that hangs), and nothing else.
         agent.send_signal(signal.SIGUSR1)
         await wait_for(lambda: '"name": "pipeline"' in log.read_text(), 30, "the task dump")
-        assert "runtime.py" in log.read_text()  # where the pipeline task waits
+        dump = [json.loads(line) for line in log.read_text().splitlines() if '"task"' in line]
+        pipeline = next(d for d in dump if d.get("event") == "task" and d["name"] == "pipeline")
+        assert pipeline["waits_at"][0].endswith(" run")  # AgentRuntime.run, where it waits
+        assert "agent/runtime.py" in pipeline["waits_at"][0]
         assert agent.poll() is None
 
         press = presses[0]

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Tools some tests drive besides the browser: socat (a pty pair for the Modbus RTU test) and
-# systemd-analyze (verifies the unit files). Installed with apt-get when missing and we are
+# Tools some tests drive besides the browser: socat (a pty pair for the Modbus RTU test),
+# systemd-analyze (verifies the unit files) and ss (which worker of `cloud-api serve` holds a
+# connection; part of iproute2, present on nearly every Debian system). Installed with apt-get when missing and we are
 # root on Debian/Ubuntu, so those tests run instead of skipping; otherwise says what to install.
 set -euo pipefail
 
 missing=()
 command -v socat >/dev/null 2>&1 || missing+=(socat)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v ss >/dev/null 2>&1 || missing+=(iproute2)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing ${missing[*]} (apt-get) for the tests" >&2

@@ -30,9 +30,6 @@ from sync.logs import configure_logging
 if TYPE_CHECKING:
     from agent.service import AgentService
 
-# How long the stopped agent waits for tasks still running before it exits without them.
-STOP_LEFTOVERS_S = 5.0
-
 
 def _fail(message: str, code: int = 2) -> int:
     print(f"edge-agent: {message}", file=sys.stderr)
@@ -66,23 +63,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _run(service: AgentService) -> None:
+    from agent.runtime import cancel_and_wait
+
     await service.run()
     # asyncio.run would wait without limit for a task that does not end when cancelled. What
     # was sampled is committed by now, so such a task is named and the process exits anyway.
     me = asyncio.current_task()
-    left = [task for task in asyncio.all_tasks() if task is not me]
-    for task in left:
-        task.cancel()
-    if left:
-        _, stuck = await asyncio.wait(left, timeout=STOP_LEFTOVERS_S)
-        if stuck:
-            structlog.get_logger("agent").error(
-                "tasks did not end after the stop; exiting without them",
-                tasks=sorted(task.get_name() for task in stuck),
-            )
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
+    stuck = await cancel_and_wait([task for task in asyncio.all_tasks() if task is not me])
+    if stuck:
+        structlog.get_logger("agent").error(
+            "tasks did not end after the stop; exiting without them",
+            tasks=[task.get_name() for task in stuck],
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -41,8 +41,24 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
 
 Clock = Callable[[], datetime]
 
-# How long a graceful stop waits for each cancelled pipeline stage before going on without it.
+# How long a graceful stop waits for cancelled tasks (pipeline stages, then anything left)
+# before going on without them.
 STAGE_STOP_TIMEOUT_S = 5.0
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+    """Cancel `tasks` and wait for them at most STAGE_STOP_TIMEOUT_S; returns those that have
+    not ended, by name. Failures of the others are marked retrieved (a stage's was raised
+    already)."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return []
+    done, stuck = await asyncio.wait(tasks, timeout=STAGE_STOP_TIMEOUT_S)
+    for task in done:
+        if not task.cancelled():
+            task.exception()
+    return sorted(stuck, key=lambda t: t.get_name())
 
 
 def _utcnow() -> datetime:
@@ -326,19 +342,6 @@ class AgentRuntime:
         if left:
             self.log.info("batches stay in the outbox until the next start", batches=left)
 
-    async def _reap(self, tasks: list[asyncio.Task[None]]) -> None:
-        """Wait a bounded time for the cancelled stages. A stage that does not end (a driver
-        that loses its cancellation) is named and left behind, so the graceful stop still
-        commits what was sampled instead of waiting for it until systemd kills the agent."""
-        done, stuck = await asyncio.wait(tasks, timeout=STAGE_STOP_TIMEOUT_S)
-        for task in done:
-            if not task.cancelled():
-                task.exception()  # a stage's failure was raised already; mark it retrieved
-        for task in stuck:
-            self.log.error(
-                "stage did not stop when cancelled; stopping without it", stage=task.get_name()
-            )
-
     async def run(self, stop: asyncio.Event) -> None:
         self._resume()
         self.flush()
@@ -364,9 +367,15 @@ class AgentRuntime:
                 if task is not stopper and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:
-            for task in [stopper, *tasks]:
-                task.cancel()
-            await self._reap(tasks)
+            stopper.cancel()
+            # A stage that does not end (a driver that loses its cancellation) is named and
+            # left behind, so the graceful stop still commits what was sampled instead of
+            # waiting for it until systemd kills the agent.
+            for task in await cancel_and_wait(tasks):
+                self.log.error(
+                    "stage did not stop when cancelled; stopping without it",
+                    stage=task.get_name(),
+                )
             # Graceful stop: whatever was sampled is committed with its checkpoint.
             while not self.samples.empty():
                 with contextlib.suppress(KeyError, ValueError):

@@ -87,10 +87,10 @@ def _end_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker(config: uvicorn.Config, host: str, port: int, parent: int) -> None:
+def _worker(config: uvicorn.Config, port: int, parent: int) -> None:
     """A worker process: its own socket, one uvicorn server (which handles SIGTERM)."""
     _end_with_parent(parent)
-    sock = worker_socket(host, port)
+    sock = worker_socket(config.host, port)
     config.configure_logging()
     uvicorn.Server(config).run(sockets=[sock])
 
@@ -134,7 +134,7 @@ class Supervisor:
     def _spawn_worker(self) -> BaseProcess:
         proc = _spawn.Process(
             target=_worker,
-            args=(self.config, self.config.host, self._port, os.getpid()),
+            args=(self.config, self._port, os.getpid()),
             name="cloud-api-worker",
         )
         proc.start()

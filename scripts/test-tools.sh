@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Tools some tests drive besides the browser: socat (a pty pair for the Modbus RTU test),
-# systemd-analyze (verifies the unit files) and ss (which worker of `cloud-api serve` holds a
-# connection; part of iproute2, present on nearly every Debian system). Installed with apt-get when missing and we are
-# root on Debian/Ubuntu, so those tests run instead of skipping; otherwise says what to install.
+# systemd-analyze (verifies the unit files) and ss from iproute2 (which worker of
+# `cloud-api serve` holds a connection). Installed with apt-get when missing and we are root
+# on Debian/Ubuntu, so those tests run instead of skipping; otherwise says what to install.
 set -euo pipefail
 
 missing=()

@@ -39,13 +39,14 @@ def _wait_until_up(base: str, proc: subprocess.Popen[bytes]) -> None:
     raise AssertionError("cloud-api serve never answered")
 
 
-def _serve(port: int, env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
+def _argv(port: int) -> list[str]:
+    return [sys.executable, "-m", "cloud_api.cli", "serve", "--host", "127.0.0.1", "--port",
+            str(port), "--workers", "2", "--log-level", "warning"]  # fmt: skip
+
+
+def _serve(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """`cloud-api serve --workers 2` in its own session, so cleanup can end all of it."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "cloud_api.cli", "serve", "--host", "127.0.0.1", "--port",
-         str(port), "--workers", "2", "--log-level", "warning", *extra],
-        env=env, start_new_session=True,
-    )  # fmt: skip
+    return subprocess.Popen(_argv(port), env=env, start_new_session=True)
 
 
 def _end_group(proc: subprocess.Popen[bytes]) -> None:
@@ -162,9 +163,7 @@ def test_a_second_serve_is_refused_and_workers_end_with_their_supervisor(
             assert time.monotonic() < deadline and first.poll() is None
             time.sleep(0.05)
         second = subprocess.run(
-            [sys.executable, "-m", "cloud_api.cli", "serve", "--host", "127.0.0.1", "--port",
-             str(port), "--workers", "2"],
-            env=env, capture_output=True, text=True, timeout=60, check=False,
+            _argv(port), env=env, capture_output=True, text=True, timeout=60, check=False,
             start_new_session=True,
         )  # fmt: skip
         assert second.returncode == 1, second.stderr
@@ -213,9 +212,7 @@ def test_a_port_in_use_is_a_clear_error(pg_url: str, reuse_port: bool) -> None:
     port = taken.getsockname()[1]
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "cloud_api.cli", "serve", "--host", "127.0.0.1", "--port",
-             str(port), "--workers", "2"],
-            env={"CLOUD_DATABASE_URL": pg_url, "PATH": "/usr/bin:/bin"},
+            _argv(port), env={"CLOUD_DATABASE_URL": pg_url, "PATH": "/usr/bin:/bin"},
             capture_output=True, text=True, timeout=60, check=False, start_new_session=True,
         )  # fmt: skip
     finally:

@@ -178,6 +178,12 @@ class OutboxConfig(_Model):
     # block: hold new events in memory (the checkpoint on disk stays consistent), retry.
     # shed_samples: delete raw-sample batches first and record the loss; OEE data is never shed.
     when_full: Literal["block", "shed_samples"] = "block"
+    # With nothing changing on the line, the time accounted is committed this often: after a
+    # crash or power loss at most this much (plus one flush) of observed time is reported as
+    # unknown ("agent restarted"). Shorter: a tighter bound, more small writes to the flash.
+    heartbeat_interval: Duration = Field(default=10.0, gt=0, le=3600)
+    # The engine-state journal is folded into one row per equipment this often.
+    snapshot_interval: Duration = Field(default=300.0, gt=0, le=86400)
 
 
 class RawSamplesConfig(_Model):

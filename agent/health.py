@@ -3,7 +3,8 @@
 `GET /healthz` answers 200 while the pipeline is alive (the same test the systemd watchdog
 uses) and 503 with the reason otherwise; `GET /metrics` is the Prometheus text format with
 per connection status and read latency, samples per second, per equipment current state and
-OEE of the running shift, outbox depth/bytes/oldest age, acks, resends and rejects. The
+OEE of the running shift, outbox depth/bytes/oldest age, bytes and fsyncs it wrote, acks,
+resends and rejects. The
 values are read from the running pipeline at scrape time, so a configuration reload shows up
 at the next scrape. The server is a small HTTP/1.1 responder on asyncio: two read-only
 routes do not justify a web framework on the edge box.
@@ -192,6 +193,25 @@ class AgentCollector(Collector):
             "edge_agent_outbox_oldest_age_seconds",
             "Age of the oldest batch not acked (0 when empty)",
             stats.oldest_unacked_age_s or 0.0,
+        )
+        # Flash wear: what the outbox made the kernel write (its transactions and WAL
+        # checkpoints, from /proc/self/io), and the fsyncs SQLite issued for them.
+        written = runtime.outbox.counters
+        yield CounterMetricFamily(
+            "edge_agent_outbox_written_bytes",
+            "Bytes the outbox's transactions and checkpoints wrote to storage",
+            value=written.bytes,
+        )
+        yield CounterMetricFamily(
+            "edge_agent_outbox_fsyncs", "fsyncs of the outbox's files", value=written.fsyncs
+        )
+        yield CounterMetricFamily(
+            "edge_agent_outbox_commits", "Write transactions committed", value=written.commits
+        )
+        yield CounterMetricFamily(
+            "edge_agent_outbox_sealed_bytes",
+            "Bytes of sealed batches stored (what the written bytes carry)",
+            value=written.sealed_bytes,
         )
 
     def _uplink(self, runtime: Any) -> Iterable[Metric]:

@@ -1,8 +1,9 @@
 """Writing the engine's events into the outbox: batching, the when-full policy and fill alarms.
 
-`OutboxWriter.write(events, checkpoint)` commits events (OEE, state, count, agent events in
+`OutboxWriter.write(events, state)` commits events (OEE, state, count, agent events in
 their own batches; raw samples in separate, sheddable batches) together with the engine
-checkpoint, or keeps them for the next attempt when the outbox is full. With
+state write (agent/engine_store.py), or keeps them for the next attempt when the outbox is
+full. With
 `when_full: shed_samples` it first deletes stored raw-sample batches and drops raw samples
 held in memory, and records exactly how many were dropped in a `data_shed` agent event that
 travels to the cloud like any other event. Fill alarms (70 %, 90 %, full, back to normal) are
@@ -18,7 +19,7 @@ from typing import Literal
 
 import structlog
 
-from buffer.outbox import NewBatch, Outbox, OutboxFull, Sealer
+from buffer.outbox import NewBatch, Outbox, OutboxFull, Sealer, StateWrite
 from oee.events import AgentEvent, Event, SampleEvent
 
 WhenFull = Literal["block", "shed_samples"]
@@ -37,6 +38,7 @@ class WriteResult:
     seqs: list[int] = field(default_factory=list)
     held: list[Event] = field(default_factory=list)  # not written: the caller keeps them
     shed_events: int = 0
+    committed: bool = False  # the events and the state write are on disk
 
 
 def fill_level(fill: float, *, full: bool) -> FillLevel:
@@ -94,17 +96,18 @@ class OutboxWriter:
                 out.append(NewBatch(len(chunk), self.sealer_for(chunk), sheddable))
         return out
 
-    def _append(self, events: list[Event], checkpoint: str | None) -> list[int]:
-        return self.outbox.append(self._batches(events), checkpoint)
+    def _append(self, events: list[Event], state: StateWrite | None) -> list[int]:
+        return self.outbox.append(self._batches(events), state)
 
-    def write(self, events: list[Event], checkpoint: str | None, now: datetime) -> WriteResult:
-        """Commit `events` with `checkpoint`, or hold them (and maybe shed raw samples)."""
+    def write(self, events: list[Event], state: StateWrite | None, now: datetime) -> WriteResult:
+        """Commit `events` with `state`, or hold them (and maybe shed raw samples)."""
         result = WriteResult()
         self._alarm(now, full=False)
         pending = [*events, *self._alarms]
         self._alarms = []
         try:
-            result.seqs = self._append(pending, checkpoint)
+            result.seqs = self._append(pending, state)
+            result.committed = True
             return result
         except OutboxFull as exc:
             problem = str(exc)
@@ -113,7 +116,8 @@ class OutboxWriter:
             if shed is not None:
                 pending, result.shed_events = shed
                 try:
-                    result.seqs = self._append(pending, checkpoint)
+                    result.seqs = self._append(pending, state)
+                    result.committed = True
                     self._alarm(now, full=False)  # goes out with the next write
                     return result
                 except OutboxFull as exc:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
-import json
 import secrets
 import time
 from collections.abc import Callable
@@ -20,13 +19,14 @@ from typing import Any
 import structlog
 
 from agent.config import AgentConfig
+from agent.engine_store import EngineStore
 from agent.outbox_writer import OutboxWriter
 from agent.raw_samples import RawSamplePublisher
 from buffer.outbox import Outbox
 from connectors.connector import Hub
 from connectors.registry import build_hub
 from connectors.sample import Sample
-from oee.engine import PlantEngine
+from oee.engine import PlantEngine, from_us, to_us
 from oee.events import AgentEvent, Event, dump_events
 from sync.envelope import EnvelopeHeader, envelope_digest, seal
 from sync.keys import AgentKeys
@@ -77,6 +77,11 @@ class AgentRuntime:
             config.outbox_path,
             max_bytes=config.outbox.max_bytes,
             min_free_bytes=config.outbox.min_free_bytes,
+        )
+        self.state_store = EngineStore(
+            self.outbox,
+            heartbeat_s=config.outbox.heartbeat_interval,
+            snapshot_s=config.outbox.snapshot_interval,
         )
         # The configured suite decides which of the cloud's published keys seals batches.
         self.cloud_key = keys.cloud_key_for(config.uplink.suite)
@@ -155,15 +160,9 @@ class AgentRuntime:
                     {"moved_to": str(report.moved_aside), "problem": report.problem},
                 )
             )
-        raw = self.outbox.load_checkpoint()
-        if raw is not None:
-            try:
-                saved = json.loads(raw)
-            except ValueError:
-                saved = {}
-            for eq, problem in self.engine.restore(
-                saved if isinstance(saved, dict) else {}
-            ).items():
+        saved, accounted_us = self.state_store.load()
+        if saved:
+            for eq, problem in self.engine.restore(saved).items():
                 # Starting afresh re-baselines the counters: parts made since the last
                 # checkpoint are not counted, so this is reported as a loss.
                 self.log.error(
@@ -178,9 +177,13 @@ class AgentRuntime:
                         {"equipment": eq, "problem": problem, "loss": True},
                     )
                 )
-            # The machine was not observed while the agent was down: that time is unknown.
+            # Up to the last committed instant the state stored is what the agent saw (any
+            # change was committed when it happened); after it the machine was not observed
+            # while the agent was down: that time is unknown.
             for engine in self.engine.engines.values():
                 at = engine.cursor or now
+                if accounted_us is not None and to_us(at) < accounted_us:
+                    at = from_us(accounted_us)
                 self.pending.extend(engine.mark_unknown(at, "agent restarted"))
             self.log.info("resumed from checkpoint")
         for engine in self.engine.engines.values():
@@ -261,11 +264,13 @@ class AgentRuntime:
         self.last_flush = time.monotonic()
         now = self.clock()
         self.pending.extend(self.engine.tick(now))
-        checkpoint = json.dumps(self.engine.checkpoint(), separators=(",", ":"))
+        state = self.state_store.prepare(self.engine.checkpoint(), to_us(now))
         # When the outbox is full the events are held (the engine's advance stays in memory,
-        # the checkpoint on disk stays consistent with what is stored) or raw samples shed.
-        result = self.writer.write(self.pending, checkpoint, now)
+        # the state on disk stays consistent with what is stored) or raw samples shed.
+        result = self.writer.write(self.pending, state, now)
         self.pending = result.held
+        if result.committed and state is not None:
+            self.state_store.committed(state)
         if result.seqs:
             self.uplink.notify()
         return len(result.seqs)

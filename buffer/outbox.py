@@ -12,6 +12,26 @@ exceeded by at most one flush (splitting a flush would separate events from the 
 that produced them). Batches marked sheddable (raw samples) can be deleted unsent to make
 room (`shed`); the caller records that as a loss.
 
+Engine state is stored beside the batches and committed in the same transaction: one row
+per equipment (`engine_state`, rewritten at compaction) and a journal of what changed since
+(`engine_journal`, one row per commit that changed something, with the instant up to which
+time was accounted). The outbox stores both as opaque bytes; agent/engine_store.py decides
+what goes in.
+
+Tuned for flash (every figure in README "Storage"):
+- `secure_delete = OFF`: Debian's SQLite is built with it on, which overwrites every freed
+  page with zeros, a second write of everything deleted; the outbox holds ciphertext only.
+- `page_size = 1024` for new files: a commit writes whole pages to the WAL, and most commits
+  carry about a kilobyte (a batch of one second, a small journal row).
+- WAL checkpoints are run by the outbox itself (`wal_autocheckpoint = 0`) after about
+  CHECKPOINT_BYTES written, so pages rewritten by many commits reach the database file
+  once, and so it knows its fsyncs; `journal_size_limit` keeps the WAL file from staying
+  large after a burst.
+- Acked batches are deleted in the next write transaction (or at close), not in a
+  transaction and fsync of their own; until then they are hidden from `pending()`, and a
+  crash before the delete only means they are sent again (the cloud stores a batch once).
+- A call with nothing to store commits nothing.
+
 Exceptions: OutboxError <- OutboxFull.
 """
 
@@ -39,7 +59,25 @@ CREATE TABLE IF NOT EXISTS batches (
     sheddable INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS checkpoint (id INTEGER PRIMARY KEY CHECK (id = 1), data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS engine_state (key TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS engine_journal (
+    id INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL,
+    data BLOB
+);
 """
+
+PAGE_SIZE = 1024
+# Run a WAL checkpoint once about this much has been written since the last one.
+CHECKPOINT_BYTES = 4 * 1024**2
+# Without /proc/self/io (not Linux) the checkpoint comes after this many commits instead.
+CHECKPOINT_COMMITS = 1000
+# After a checkpoint the WAL file is cut back to this size (it stays allocated up to it, so
+# the next commits overwrite blocks instead of growing the file).
+JOURNAL_SIZE_LIMIT = 8 * 1024**2
+# fsyncs SQLite issues (synchronous=FULL, WAL): one per commit, and per checkpoint one of the
+# WAL and one of the database, plus one of the new WAL header at the next commit.
+FSYNCS_PER_CHECKPOINT = 3
 
 Sealer = Callable[[str, int], tuple[bytes, str]]
 """(epoch, seq) -> (envelope bytes, digest); called inside the storing transaction."""
@@ -59,6 +97,50 @@ class NewBatch:
     count: int
     seal: Sealer
     sheddable: bool = False
+
+
+@dataclass(frozen=True)
+class StateWrite:
+    """Engine state committed with a flush: a journal row (`entry`, opaque; None for a bare
+    heartbeat) recording that time is accounted up to `at`; with `snapshot` the journal is
+    folded instead: those rows replace the stored ones (None deletes one), the journal is
+    emptied and the new row starts it again."""
+
+    at: int
+    entry: bytes | None = None
+    snapshot: dict[str, bytes | None] | None = None
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """What `load_state()` finds: rows by key, the journal in order, the legacy checkpoint."""
+
+    rows: dict[str, bytes]
+    journal: list[tuple[int, bytes | None]]
+    legacy: str | None
+
+
+@dataclass
+class WriteCounters:
+    """What the outbox wrote to its files since it was opened (see the module docstring)."""
+
+    bytes: int = 0
+    fsyncs: int = 0
+    commits: int = 0
+    checkpoints: int = 0
+    sealed_bytes: int = 0
+
+
+def _write_bytes() -> int | None:
+    """Bytes this process has caused to be written to storage (Linux), or None."""
+    try:
+        with open("/proc/self/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"write_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 @dataclass(frozen=True)
@@ -147,6 +229,10 @@ class Outbox:
         self.min_free_bytes = min_free_bytes
         self._clock = clock
         self._free_space = free_space
+        self.counters = WriteCounters()
+        # Acked batches waiting for the next write transaction: seq -> (count, bytes).
+        self._acked: dict[int, tuple[int, int]] = {}
+        self._since_checkpoint = (0, 0)  # (bytes, commits)
         self.open_report = self._open()
 
     # -- opening ------------------------------------------------------------------------
@@ -154,10 +240,15 @@ class Outbox:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
         conn.execute("PRAGMA busy_timeout = 10000")
+        # Only takes effect while the file is still empty (a new outbox).
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise sqlite3.DatabaseError(f"cannot switch to WAL (journal_mode={mode})")
         conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA secure_delete = OFF")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         return conn
 
     def _open(self) -> OpenReport:
@@ -205,19 +296,70 @@ class Outbox:
         return target
 
     def close(self) -> None:
+        if self._acked:
+            with contextlib.suppress(sqlite3.Error), self._tx():
+                pass  # the transaction deletes the acked batches
+        with contextlib.suppress(sqlite3.Error):
+            self._checkpoint()
         self._conn.close()
 
     # -- small helpers ------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        before = _write_bytes()
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield self._conn
+            deleted = self._delete_acked()
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
+        if deleted:
+            for seq in deleted:
+                self._acked.pop(seq, None)
+        self._count_commit(before)
+
+    def _count_commit(self, before: int | None) -> None:
+        written = 0
+        if before is not None and (after := _write_bytes()) is not None:
+            written = after - before
+        c = self.counters
+        c.commits += 1
+        c.fsyncs += 1
+        c.bytes += written
+        b, n = self._since_checkpoint
+        self._since_checkpoint = (b + written, n + 1)
+        if b + written >= CHECKPOINT_BYTES or n + 1 >= CHECKPOINT_COMMITS:
+            with contextlib.suppress(sqlite3.Error):
+                self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the database file (PASSIVE: never waits for a reader)."""
+        before = _write_bytes()
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        after = _write_bytes()
+        c = self.counters
+        c.checkpoints += 1
+        c.fsyncs += FSYNCS_PER_CHECKPOINT
+        if before is not None and after is not None:
+            c.bytes += after - before
+        self._since_checkpoint = (0, 0)
+
+    def _delete_acked(self) -> list[int]:
+        """Inside a write transaction: delete the acked batches (see `ack`)."""
+        if not self._acked:
+            return []
+        seqs = sorted(self._acked)
+        conn = self._conn
+        for i in range(0, len(seqs), 500):
+            chunk = seqs[i : i + 500]
+            conn.execute(f"DELETE FROM batches WHERE seq IN ({','.join('?' * len(chunk))})", chunk)
+        hwm = max(int(self._meta("acked_hwm") or "0"), seqs[-1])
+        self._set_meta("acked_hwm", str(hwm))
+        self._set_meta("acked_total", str(int(self._meta("acked_total") or "0") + len(seqs)))
+        return seqs
 
     def _meta(self, key: str) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -238,7 +380,7 @@ class Outbox:
 
     def _stored_bytes(self) -> int:
         row = self._conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM batches").fetchone()
-        return int(row[0])
+        return int(row[0]) - sum(size for _, size in self._acked.values())
 
     def _disk_free(self) -> int:
         try:
@@ -259,15 +401,18 @@ class Outbox:
     # -- the interface ------------------------------------------------------------------
 
     def append(
-        self, batches: Sequence[tuple[int, Sealer] | NewBatch], checkpoint: str | None
+        self, batches: Sequence[tuple[int, Sealer] | NewBatch], state: StateWrite | None
     ) -> list[int]:
-        """Store sealed batches and the checkpoint that produced them in ONE transaction.
+        """Store sealed batches and the engine state that produced them in ONE transaction.
 
         `batches` are NewBatch or (event count, sealer); returns the sequence numbers given.
-        Raises OutboxFull (nothing stored) when the capacity is reached.
+        Raises OutboxFull (nothing stored) when the capacity is reached. With no batch, no
+        state and no acked batch to delete, nothing is committed.
         """
         seqs: list[int] = []
         items = [b if isinstance(b, NewBatch) else NewBatch(b[0], b[1]) for b in batches]
+        if not items and state is None and not self._acked:
+            return seqs
         with self._tx() as conn:
             if items:
                 stored = self._stored_bytes()
@@ -296,48 +441,89 @@ class Outbox:
                     ),
                 )
                 seqs.append(next_seq)
+                self.counters.sealed_bytes += len(envelope)
                 next_seq += 1
             if seqs:
                 self._set_meta("next_seq", str(next_seq))
-            if checkpoint is not None:
-                conn.execute(
-                    "INSERT INTO checkpoint(id, data) VALUES (1, ?) "
-                    "ON CONFLICT(id) DO UPDATE SET data = excluded.data",
-                    (checkpoint,),
-                )
+            if state is not None:
+                self._store_state(conn, state)
         return seqs
 
-    def load_checkpoint(self) -> str | None:
-        row = self._conn.execute("SELECT data FROM checkpoint WHERE id = 1").fetchone()
-        return None if row is None else str(row[0])
+    def _store_state(self, conn: sqlite3.Connection, state: StateWrite) -> None:
+        if state.snapshot is not None:
+            for key, data in state.snapshot.items():
+                if data is None:
+                    conn.execute("DELETE FROM engine_state WHERE key = ?", (key,))
+                else:
+                    conn.execute(
+                        "INSERT INTO engine_state(key, data) VALUES (?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET data = excluded.data",
+                        (key, data),
+                    )
+            conn.execute("DELETE FROM engine_journal")
+            conn.execute("DELETE FROM checkpoint")  # an older agent's single row, now folded
+        conn.execute("INSERT INTO engine_journal(at, data) VALUES (?, ?)", (state.at, state.entry))
+
+    def load_state(self) -> StoredState:
+        """The stored engine state: rows, then the journal to apply over them, in order."""
+        rows = {
+            str(k): bytes(v)
+            for k, v in self._conn.execute("SELECT key, data FROM engine_state").fetchall()
+        }
+        journal = [
+            (int(at), None if data is None else bytes(data))
+            for at, data in self._conn.execute(
+                "SELECT at, data FROM engine_journal ORDER BY id"
+            ).fetchall()
+        ]
+        legacy = self._conn.execute("SELECT data FROM checkpoint WHERE id = 1").fetchone()
+        return StoredState(rows, journal, None if legacy is None else str(legacy[0]))
 
     def pending(self, limit: int, *, after_seq: int = 0) -> list[PendingBatch]:
         """The oldest unacked batches with seq > after_seq."""
-        rows = self._conn.execute(
-            "SELECT seq, count, digest, envelope, created_ms FROM batches "
-            "WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after_seq, limit),
-        ).fetchall()
-        return [PendingBatch(int(r[0]), int(r[1]), str(r[2]), bytes(r[3]), int(r[4])) for r in rows]
+        out: list[PendingBatch] = []
+        while len(out) < limit:
+            rows = self._conn.execute(
+                "SELECT seq, count, digest, envelope, created_ms FROM batches "
+                "WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit + len(self._acked)),
+            ).fetchall()
+            out += [
+                PendingBatch(int(r[0]), int(r[1]), str(r[2]), bytes(r[3]), int(r[4]))
+                for r in rows
+                if int(r[0]) not in self._acked
+            ]
+            if len(rows) < limit + len(self._acked):
+                break
+            after_seq = int(rows[-1][0])
+        return out[:limit]
 
     def ack(self, epoch: str, acked: dict[int, str]) -> list[int]:
-        """Delete the batches an ack names, only where epoch and digest match what we sent."""
+        """Take the batches an ack names, only where epoch and digest match what we sent.
+
+        They are gone from `pending()` and `stats()` at once and deleted from the file in the
+        next write transaction (see the module docstring)."""
         if epoch != self.epoch or not acked:
             return []
-        deleted: list[int] = []
-        with self._tx() as conn:
-            for seq, digest in sorted(acked.items()):
-                cur = conn.execute(
-                    "DELETE FROM batches WHERE seq = ? AND digest = ?", (seq, digest)
-                )
-                if cur.rowcount:
-                    deleted.append(seq)
-            if deleted:
-                hwm = max(int(self._meta("acked_hwm") or "0"), *deleted)
-                self._set_meta("acked_hwm", str(hwm))
-                total = int(self._meta("acked_total") or "0") + len(deleted)
-                self._set_meta("acked_total", str(total))
-        return deleted
+        taken: list[int] = []
+        for seq, digest in sorted(acked.items()):
+            if seq in self._acked:
+                continue
+            row = self._conn.execute(
+                "SELECT count, bytes FROM batches WHERE seq = ? AND digest = ?", (seq, digest)
+            ).fetchone()
+            if row is not None:
+                self._acked[seq] = (int(row[0]), int(row[1]))
+                taken.append(seq)
+        return taken
+
+    def flush_acks(self) -> int:
+        """Delete the acked batches now (a transaction of its own); returns how many."""
+        n = len(self._acked)
+        if n:
+            with self._tx():
+                pass
+        return n
 
     def shed(self, min_bytes: int) -> ShedReport:
         """Delete the oldest sheddable batches, unsent or unacked, until `min_bytes` are freed.
@@ -355,6 +541,8 @@ class Outbox:
             for seq, count, size in rows:
                 if freed >= min_bytes:
                     break
+                if int(seq) in self._acked:
+                    continue  # acked: deleted with this transaction anyway
                 conn.execute("DELETE FROM batches WHERE seq = ?", (seq,))
                 seqs.append(int(seq))
                 events += int(count)
@@ -368,28 +556,48 @@ class Outbox:
 
     def stats(self) -> OutboxStats:
         row = self._conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0), MIN(created_ms), "
+            "SELECT COUNT(*), COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0), "
             "COALESCE(SUM(sheddable), 0) FROM batches"
         ).fetchone()
-        oldest = None if row[3] is None else max(0.0, self._clock() - int(row[3]) / 1000)
+        acked = self._acked
+        oldest_row = self._conn.execute(
+            "SELECT created_ms FROM batches WHERE seq > ? ORDER BY seq LIMIT 1",
+            (self._acked_prefix(),),
+        ).fetchone()
+        oldest = None if oldest_row is None else max(0.0, self._clock() - oldest_row[0] / 1000)
         free = self._disk_free()
+        stored = int(row[2]) - sum(size for _, size in acked.values())
         return OutboxStats(
             epoch=self.epoch,
-            depth=int(row[0]),
-            events=int(row[1]),
-            bytes=int(row[2]),
+            depth=int(row[0]) - len(acked),
+            events=int(row[1]) - sum(count for count, _ in acked.values()),
+            bytes=stored,
             oldest_unacked_age_s=oldest,
-            acked_seq_high_water=int(self._meta("acked_hwm") or "0"),
-            acked_batches_total=int(self._meta("acked_total") or "0"),
+            acked_seq_high_water=max(int(self._meta("acked_hwm") or "0"), max(acked, default=0)),
+            acked_batches_total=int(self._meta("acked_total") or "0") + len(acked),
             next_seq=int(self._meta("next_seq") or "1"),
             max_bytes=self.max_bytes,
-            capacity_bytes=min(self.max_bytes, int(row[2]) + max(0, free - self.min_free_bytes)),
+            capacity_bytes=min(self.max_bytes, stored + max(0, free - self.min_free_bytes)),
             disk_free_bytes=free,
             min_free_bytes=self.min_free_bytes,
-            sheddable_batches=int(row[4]),
+            sheddable_batches=int(row[3]),
             shed_batches_total=int(self._meta("shed_batches") or "0"),
             shed_events_total=int(self._meta("shed_events") or "0"),
         )
+
+    def _acked_prefix(self) -> int:
+        """The highest seq below which every stored batch is acked (0 when none is)."""
+        if not self._acked:
+            return 0
+        rows = self._conn.execute(
+            "SELECT seq FROM batches ORDER BY seq LIMIT ?", (len(self._acked) + 1,)
+        ).fetchall()
+        prefix = 0
+        for (seq,) in rows:
+            if int(seq) not in self._acked:
+                break
+            prefix = int(seq)
+        return prefix
 
 
 def _upgrade(conn: sqlite3.Connection) -> None:

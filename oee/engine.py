@@ -82,6 +82,10 @@ def _new_values() -> dict[str, int]:
     return dict.fromkeys(COMPONENT_FIELDS, 0)
 
 
+def _nonzero(values: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in values.items() if v}
+
+
 class _Bucket:
     """One bucket [start, end) of one equipment, with its components in integer units."""
 
@@ -116,29 +120,33 @@ class _Bucket:
         self.pending: dict[tuple[str, str], int] = {}
 
     def dump(self) -> dict[str, Any]:
-        return {
+        # Compact: zero components and empty maps are left out (load restores them as zero),
+        # so the stored state of a bucket grows with what happened in it, not with the model.
+        out: dict[str, Any] = {
             "start": self.start,
             "end": self.end,
-            "shift": self.shift,
-            "shift_start": self.shift_start,
-            "shift_end": self.shift_end,
-            "values": self.values,
-            "reasons": self.reasons,
-            "pending": [[s, r, v] for (s, r), v in self.pending.items()],
+            "values": _nonzero(self.values),
         }
+        if self.shift is not None:
+            out.update(shift=self.shift, shift_start=self.shift_start, shift_end=self.shift_end)
+        if self.reasons:
+            out["reasons"] = self.reasons
+        if self.pending:
+            out["pending"] = [[s, r, v] for (s, r), v in self.pending.items()]
+        return out
 
     @classmethod
     def load(cls, data: dict[str, Any]) -> _Bucket:
         bucket = cls(
             int(data["start"]),
             int(data["end"]),
-            data["shift"],
-            data["shift_start"],
-            data["shift_end"],
+            data.get("shift"),
+            data.get("shift_start"),
+            data.get("shift_end"),
         )
         bucket.values.update({k: int(v) for k, v in data["values"].items()})
-        bucket.reasons = {k: int(v) for k, v in data["reasons"].items()}
-        bucket.pending = {(s, r): int(v) for s, r, v in data["pending"]}
+        bucket.reasons = {k: int(v) for k, v in data.get("reasons", {}).items()}
+        bucket.pending = {(s, r): int(v) for s, r, v in data.get("pending", [])}
         return bucket
 
     def components(self) -> Components:
@@ -342,7 +350,9 @@ class EquipmentEngine:
         return self.spec.state_map.get(self.spec.code(raw), "unknown")
 
     def checkpoint(self) -> dict[str, Any]:
-        return {
+        """The state as a JSON-able dict; compact: keys whose value is None, zero or empty
+        are left out (restore() reads them as such)."""
+        out = {
             "version": CHECKPOINT_VERSION,
             "state": self.state,
             "state_since": self.state_since_us,
@@ -353,10 +363,11 @@ class EquipmentEngine:
             "counters": self.counters,
             "seen": {k: [ts, list(raws)] for k, (ts, raws) in self.seen.items()},
             "buckets": [b.dump() for b in self.buckets.values()],
-            "shift_totals": self.shift_totals,
+            "shift_totals": _nonzero(self.shift_totals),
             "shift_key": self.shift_key,
             "unmapped": self._unmapped,
         }
+        return {k: v for k, v in out.items() if v is not None and v not in ({}, [])}
 
     def restore(self, data: dict[str, Any]) -> None:
         version = data.get("version")
@@ -366,21 +377,21 @@ class EquipmentEngine:
                 "it was written by an incompatible agent"
             )
         self.state = data["state"]
-        self.state_since_us = data["state_since"]
+        self.state_since_us = data.get("state_since")
         self.stop_judged = bool(data["stop_judged"])
-        self.reason = data["reason"]
-        self.product = data["product"]
-        self.cursor_us = data["cursor"]
-        self.counters = {k: int(v) for k, v in data["counters"].items()}
-        self.seen = {k: (int(ts), list(raws)) for k, (ts, raws) in data["seen"].items()}
+        self.reason = data.get("reason")
+        self.product = data.get("product")
+        self.cursor_us = data.get("cursor")
+        self.counters = {k: int(v) for k, v in data.get("counters", {}).items()}
+        self.seen = {k: (int(ts), list(raws)) for k, (ts, raws) in data.get("seen", {}).items()}
         self.buckets = {}
-        for raw_bucket in data["buckets"]:
+        for raw_bucket in data.get("buckets", []):
             bucket = _Bucket.load(raw_bucket)
             self.buckets[bucket.start] = bucket
         self.shift_totals = _new_values()
-        self.shift_totals.update({k: int(v) for k, v in data["shift_totals"].items()})
-        self.shift_key = data["shift_key"]
-        self._unmapped = data["unmapped"]
+        self.shift_totals.update({k: int(v) for k, v in data.get("shift_totals", {}).items()})
+        self.shift_key = data.get("shift_key")
+        self._unmapped = data.get("unmapped")
         self._stale = set()
         self._state_raw = None
         self._cur = None

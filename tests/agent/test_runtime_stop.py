@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import sqlite3
 import time
 from pathlib import Path
 
@@ -14,7 +12,9 @@ import pytest
 
 import agent.runtime as runtime_module
 from agent.config import load_config
+from agent.engine_store import EngineStore
 from agent.runtime import AgentRuntime
+from buffer.outbox import Outbox
 from connectors.connector import Emit
 from sync.keys import AgentKeys, CloudKeyring
 from tests.conftest import MQTT_HOST, MQTT_PORT, free_port, make_agent_keys
@@ -88,6 +88,7 @@ async def test_a_stage_that_ignores_cancellation_does_not_hold_up_the_stop(
     assert cancels >= 1
     # The stop's own flush ran after the stage was left behind, and committed the checkpoint.
     assert runtime.last_flush is not None and runtime.last_flush > asked
-    with contextlib.closing(sqlite3.connect(config.outbox_path)) as conn:
-        (checkpoint,) = conn.execute("SELECT data FROM checkpoint WHERE id = 1").fetchone()
-    assert "press-1" in json.loads(checkpoint)
+    outbox = Outbox(config.outbox_path)
+    saved, _ = EngineStore(outbox, heartbeat_s=10, snapshot_s=300).load()
+    outbox.close()
+    assert "press-1" in saved

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.outbox_writer import OutboxWriter, fill_level
-from buffer.outbox import NewBatch, Outbox, OutboxFull
+from buffer.outbox import NewBatch, Outbox, OutboxFull, StateWrite
 from oee.events import AgentEvent, CountEvent, Event, SampleEvent, load_events
 
 NOW = datetime(2026, 1, 5, 6, tzinfo=UTC)
@@ -24,26 +24,34 @@ def blob_sealer(size: int, tag: bytes = b"x"):  # type: ignore[no-untyped-def]
     return seal
 
 
+def state(tag: str) -> StateWrite:
+    return StateWrite(at=1, entry=tag.encode())
+
+
+def last_state(box: Outbox) -> bytes | None:
+    return box.load_state().journal[-1][1]
+
+
 def test_sequence_numbers_survive_reopen_and_epoch_is_stable(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db")
-    assert box.append([(1, blob_sealer(10)), (1, blob_sealer(10))], "cp1") == [1, 2]
+    assert box.append([(1, blob_sealer(10)), (1, blob_sealer(10))], state("cp1")) == [1, 2]
     epoch = box.epoch
     box.close()
     box = Outbox(tmp_path / "o.db")
-    assert box.epoch == epoch and box.load_checkpoint() == "cp1"
-    assert box.append([(1, blob_sealer(10))], "cp2") == [3]
+    assert box.epoch == epoch and last_state(box) == b"cp1"
+    assert box.append([(1, blob_sealer(10))], state("cp2")) == [3]
     assert (tmp_path / "o.db").stat().st_mode & 0o077 == 0
 
 
 def test_quota_refuses_whole_writes_and_keeps_the_checkpoint(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db", max_bytes=1000, min_free_bytes=0)
-    box.append([(1, blob_sealer(600))], "cp1")
-    box.append([(1, blob_sealer(600))], "cp2")  # started below the quota: taken whole
+    box.append([(1, blob_sealer(600))], state("cp1"))
+    box.append([(1, blob_sealer(600))], state("cp2"))  # started below the quota: taken whole
     with pytest.raises(OutboxFull):
-        box.append([(1, blob_sealer(10))], "cp3")
-    assert box.load_checkpoint() == "cp2" and box.stats().depth == 2
+        box.append([(1, blob_sealer(10))], state("cp3"))
+    assert last_state(box) == b"cp2" and box.stats().depth == 2
     box.ack(box.epoch, {1: f"{box.epoch}-1", 2: f"{box.epoch}-2"})
-    assert box.append([(1, blob_sealer(10))], "cp3") == [3]
+    assert box.append([(1, blob_sealer(10))], state("cp3")) == [3]
 
 
 def test_free_disk_floor_counts_as_full(tmp_path: Path) -> None:
@@ -152,7 +160,7 @@ def test_block_holds_everything_until_space_returns(tmp_path: Path) -> None:
     writer = OutboxWriter(box, json_sealer, agent_id="a", site_id="s", batch_max_events=50)
     held: list[Event] = []
     for i in range(40):
-        result = writer.write([*held, count(), sample(i)], f"cp{i}", NOW)
+        result = writer.write([*held, count(), sample(i)], state(f"cp{i}"), NOW)
         held = result.held
         if held:
             break
@@ -161,8 +169,8 @@ def test_block_holds_everything_until_space_returns(tmp_path: Path) -> None:
     codes = [e.code for e in stored_events(box) if isinstance(e, AgentEvent)]
     assert "outbox_fill" in codes  # the 70 % / 90 % alarms were committed while there was room
     box.ack(box.epoch, {b.seq: b.digest for b in box.pending(1000)})
-    result = writer.write(held, "cp-final", NOW)
-    assert result.held == [] and box.load_checkpoint() == "cp-final"
+    result = writer.write(held, state("cp-final"), NOW)
+    assert result.held == [] and last_state(box) == b"cp-final"
     after = stored_events(box)
     assert sum(isinstance(e, CountEvent) for e in after) == sum(
         isinstance(e, CountEvent) for e in held
@@ -176,7 +184,7 @@ def test_shed_samples_drops_only_samples_and_records_the_loss(tmp_path: Path) ->
     )
     counts_written = 0
     for i in range(60):
-        result = writer.write([count(), sample(i)], f"cp{i}", NOW)
+        result = writer.write([count(), sample(i)], state(f"cp{i}"), NOW)
         assert not result.held or all(not isinstance(e, SampleEvent) for e in result.held)
         counts_written += 1
         if result.shed_events:

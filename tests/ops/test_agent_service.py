@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from agent.engine_store import EngineStore
 from agent.service import SdNotifier, pipeline_problem
 from agent.status import parse_metrics
 from buffer.outbox import Outbox
@@ -421,10 +422,9 @@ async def test_agent_service_lifecycle(
     assert "stopped" in text
     # The checkpoint committed at stop belongs to both presses of the reloaded configuration.
     outbox = Outbox(state / "outbox.db")
-    checkpoint = outbox.load_checkpoint()
+    saved, _ = EngineStore(outbox, heartbeat_s=10, snapshot_s=300).load()
     outbox.close()
-    assert checkpoint is not None
-    assert set(json.loads(checkpoint)) == {"press-1", "press-2"}
+    assert set(saved) == {"press-1", "press-2"}
 
 
 async def test_sigterm_with_broker_down_stops_within_timeout(

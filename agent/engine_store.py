@@ -1,0 +1,164 @@
+"""The engine state on disk: what each flush writes of it, and what a restart begins from.
+
+At each flush every equipment's checkpoint is compared with what is stored for it
+(oee.checkpoint.plan): unchanged but for the clock, it costs nothing; a part counted writes a
+small patch; any other change writes the equipment's whole (compact) checkpoint. The entries
+of one flush form one journal row (JSON, zlib-compressed), committed in the transaction that
+stores the flush's batches, so the events and the state that produced them stay together.
+Every journal row also records the instant up to which the agent had accounted time.
+
+When nothing changed, a bare row (a heartbeat) is committed at most every `heartbeat_s`
+seconds. Every `snapshot_s` seconds the journal is folded into one row per equipment.
+
+Crash bound: a restart resumes every equipment from its stored state, accounts time with
+that state up to the last committed row's instant (exactly what the agent accounted before
+the crash, since any change of state was committed when it happened) and marks it unknown
+("agent restarted") from there. So at most `heartbeat_s` plus one flush interval of observed
+time before a crash or power loss is reported as unknown instead of as the machine's state;
+while anything on the line changes, a row is committed at every flush and the bound is one
+flush interval. Counts stay exact: PLC counters are cumulative, and a part is stored
+together with the counter value that counted it.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from buffer.outbox import Outbox, StateWrite
+from oee.checkpoint import WriteKind, apply, plan
+
+US = 1_000_000
+
+
+def encode(value: Any) -> bytes:
+    return zlib.compress(json.dumps(value, separators=(",", ":")).encode(), 6)
+
+
+def decode(data: bytes) -> Any:
+    return json.loads(zlib.decompress(data))
+
+
+@dataclass
+class _Prepared:
+    write: StateWrite
+    stored: dict[str, dict[str, Any]]
+    touched: set[str]
+
+
+class EngineStore:
+    """Turns the engine's checkpoints into outbox state writes; `prepare()` before a commit,
+    `committed()` once it is on disk (a held flush leaves the stored view as it was)."""
+
+    def __init__(self, outbox: Outbox, *, heartbeat_s: float, snapshot_s: float) -> None:
+        self.outbox = outbox
+        self.heartbeat_us = round(heartbeat_s * US)
+        self.snapshot_us = round(snapshot_s * US)
+        self._stored: dict[str, dict[str, Any]] = {}
+        self._on_disk: set[str] = set()  # keys of the per-equipment rows
+        self._touched: set[str] = set()  # equipment with journal entries since the snapshot
+        self._last_at: int | None = None
+        self._snapshot_at: int | None = None
+        self._fold = False
+        self._prepared: _Prepared | None = None
+
+    def load(self) -> tuple[dict[str, dict[str, Any]], int | None]:
+        """The stored checkpoints by equipment and the instant time was accounted up to."""
+        found = self.outbox.load_state()
+        stored: dict[str, dict[str, Any]] = {}
+        for key, data in found.rows.items():
+            try:
+                value = decode(data)
+            except (zlib.error, ValueError):
+                continue  # the equipment starts afresh, reported by the runtime as missing
+            if isinstance(value, dict):
+                stored[key] = value
+        self._on_disk = set(found.rows)
+        if not found.rows and found.legacy is not None:
+            try:
+                legacy = json.loads(found.legacy)
+            except ValueError:
+                legacy = {}
+            if isinstance(legacy, dict):
+                stored = {k: v for k, v in legacy.items() if isinstance(v, dict)}
+        at: int | None = None
+        for row_at, entry in found.journal:
+            at = row_at
+            if entry is None:
+                continue
+            try:
+                body = decode(entry)
+            except (zlib.error, ValueError):
+                continue
+            for eq, checkpoint in body.get("f", {}).items():
+                stored[eq] = checkpoint
+            for eq, patch in body.get("c", {}).items():
+                if eq in stored:
+                    stored[eq] = apply(stored[eq], "counts", patch)
+        self._stored = stored
+        self._last_at = at
+        # What was there is folded at the first flush (that flush changes every equipment to
+        # unknown anyway).
+        self._fold = bool(found.journal) or found.legacy is not None
+        return {k: dict(v) for k, v in stored.items()}, at
+
+    def prepare(self, checkpoints: dict[str, dict[str, Any]], now_us: int) -> StateWrite | None:
+        """The state write for this flush, or None when nothing needs committing."""
+        stored = dict(self._stored)
+        full: dict[str, Any] = {}
+        counts: dict[str, Any] = {}
+        for eq, current in checkpoints.items():
+            step = plan(stored.get(eq), current)
+            if step is None:
+                continue
+            kind: WriteKind = step[0]
+            (full if kind == "full" else counts)[eq] = step[1]
+            stored[eq] = apply(stored.get(eq, {}), kind, step[1])
+        for eq in set(stored) - set(checkpoints):
+            del stored[eq]  # no longer configured
+        touched = self._touched | set(full) | set(counts)
+        if self._snapshot_at is None:
+            self._snapshot_at = now_us
+        fold = self._fold or (bool(touched) and now_us - self._snapshot_at >= self.snapshot_us)
+        if fold:
+            snapshot: dict[str, bytes | None] = {
+                eq: encode(stored[eq]) for eq in touched if eq in stored
+            }
+            for eq in set(stored) - self._on_disk:
+                snapshot[eq] = encode(stored[eq])
+            for eq in self._on_disk - set(stored):
+                snapshot[eq] = None
+            write = StateWrite(at=now_us, snapshot=snapshot)
+        elif full or counts:
+            body: dict[str, Any] = {}
+            if full:
+                body["f"] = full
+            if counts:
+                body["c"] = counts
+            write = StateWrite(at=now_us, entry=encode(body))
+        elif self._last_at is None or now_us - self._last_at >= self.heartbeat_us:
+            write = StateWrite(at=now_us)
+        else:
+            return None
+        self._prepared = _Prepared(write, stored, touched)
+        return write
+
+    def committed(self, write: StateWrite) -> None:
+        """`write` (from the last prepare()) is on disk."""
+        prepared = self._prepared
+        if prepared is None or prepared.write is not write:
+            return
+        self._prepared = None
+        self._stored = prepared.stored
+        self._last_at = write.at
+        if write.snapshot is not None:
+            self._on_disk = {k for k, v in write.snapshot.items() if v is not None} | (
+                self._on_disk - set(write.snapshot)
+            )
+            self._touched = set()
+            self._snapshot_at = write.at
+            self._fold = False
+        else:
+            self._touched = prepared.touched

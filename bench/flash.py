@@ -1,0 +1,457 @@
+"""Benchmark: what the agent writes to its storage, against what happens on the line.
+
+The real `edge-agent run` process reads 100 simulated Modbus presses (one pymodbus server in
+a child process, units 1..100: state, 32-bit part total, 32-bit scrap, reason; polled at
+1 Hz; a part every 2-5 s per running press) in three modes, each for `--seconds`:
+- `unreachable`: the broker port refuses connections, batches pile up in the outbox;
+- `acknowledging`: the machine's Mosquitto and a `cloud-api ingest` process storing into a
+  fresh PostgreSQL database, so batches are acked and deleted;
+- `idle`: every press stopped (idle, nothing counted), cloud unreachable.
+
+For each mode, after a warm-up: bytes written per minute by the agent process
+(/proc/PID/io write_bytes, which counts the 4 KiB pages it dirtied in the page cache, i.e.
+what the kernel must write to the device), fsyncs per minute (strace -f -c on the process
+when strace can attach; the agent's own counter otherwise), sealed event bytes per minute
+(the envelopes the outbox stored) and their ratio, the write amplification. The floor,
+measured in the same run: a plain sqlite3 table (WAL, synchronous=FULL, nothing else)
+committing batches of the same sizes once a second in a child process, its write_bytes.
+
+Run: `python -m bench.flash [--seconds 180] [--warmup 30] [--modes unreachable,acknowledging,idle]`.
+Uses the machine's Mosquitto and PostgreSQL for `acknowledging` (a fresh database, dropped
+afterwards). The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg import sql
+
+from cloud_api.db import migrate
+from sync.keys import (
+    SUITE_X25519,
+    CloudKeyring,
+    ed25519_key_id,
+    ed25519_line,
+    generate_agent_signing_key,
+    generate_cloud_ack_key,
+    generate_cloud_hpke_keys,
+    install_cloud_public_keys,
+)
+
+PG = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+MQTT_HOST = os.environ.get("BENCH_MQTT_HOST", "127.0.0.1")
+MQTT_PORT = int(os.environ.get("BENCH_MQTT_PORT", "1883"))
+MACHINES = 100
+AGENT, SITE = "edge-flash-01", "plant-flash"
+TARGETS = {
+    "running_bytes_per_min": 1_000_000,
+    "idle_bytes_per_min": 50_000,
+    "write_amplification": 10,
+    "times_floor": 3,
+}
+
+CONFIG = """
+agent:
+  id: {agent}
+  site: {site}
+  timezone: UTC
+  state_dir: {state}
+  log_level: warning
+connections:
+  - id: plc
+    type: modbus
+    host: 127.0.0.1
+    port: {plc_port}
+    poll_interval: 1s
+    timeout: 2s
+mqtt:
+  host: 127.0.0.1
+  port: {mqtt_port}
+  topic_prefix: "{prefix}"
+health:
+  port: {health_port}
+shifts:
+  - name: all-day
+    start: "00:00"
+    end: "00:00"
+equipment:
+{equipment}"""
+
+EQUIPMENT = """  - id: press-{unit:03d}
+    connection: plc
+    unit: {unit}
+    ideal_cycle_time: 2s
+    micro_stop_threshold: 30s
+    signals:
+      state: {{address: "holding:0", map: {{0: idle, 1: running, 2: fault, 3: setup}}}}
+      total_count: {{address: "holding:1", type: uint32}}
+      scrap_count: {{address: "holding:3", type: uint32}}
+      reason: {{address: "holding:5", map: {{1: no material, 2: tool change, 3: jam}}}}
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _plc(port: int, idle: bool) -> None:
+    """The presses (child process): a part every 2-5 s while running, 32-bit counters."""
+    from connectors.modbus.simulator import Press, PressLine
+
+    async def main() -> None:
+        rng = random.Random(7)
+        presses = [
+            Press(
+                seed=i + 1,
+                cycle_time=rng.uniform(2.0, 5.0),
+                speed=1.0,
+                start_count=rng.randrange(0, 1 << 31),
+            )
+            for i in range(MACHINES)
+        ]
+        if idle:
+            for press in presses:
+                press.frozen = True
+                press.set_state("idle", 1)
+        line = PressLine(presses, port=port)
+        await line.start(tick=0.2)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def _floor(path: str, schedule: list[list[int]], out: Any) -> None:
+    """The floor (child process): the same batch sizes committed once a second, nothing else."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("CREATE TABLE batches (seq INTEGER PRIMARY KEY, envelope BLOB NOT NULL)")
+    before = _write_bytes(os.getpid())
+    started = time.monotonic()
+    for i, sizes in enumerate(schedule):
+        if sizes:
+            conn.execute("BEGIN")
+            for size in sizes:
+                conn.execute("INSERT INTO batches(envelope) VALUES (?)", (os.urandom(size),))
+            conn.execute("COMMIT")
+        delay = started + i + 1 - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    conn.close()
+    out.send(_write_bytes(os.getpid()) - before)
+
+
+def _write_bytes(pid: int) -> int:
+    text = Path(f"/proc/{pid}/io").read_text()
+    match = re.search(r"^write_bytes: (\d+)$", text, re.M)
+    assert match is not None, text
+    return int(match.group(1))
+
+
+def _metrics(port: int) -> dict[str, float]:
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, _, value = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                out[name] = float(value)
+    return out
+
+
+class BatchWatch:
+    """Reads (read-only) the batches the outbox stores: sizes per second, for the floor."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last_seq = 0
+        self.sizes: dict[int, int] = {}
+        self.per_second: list[list[int]] = []
+        self._current: list[int] = []
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with contextlib.closing(
+            sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        ) as conn:
+            rows = conn.execute(
+                "SELECT seq, bytes FROM batches WHERE seq > ? ORDER BY seq", (self.last_seq,)
+            ).fetchall()
+        for seq, size in rows:
+            self.sizes[int(seq)] = int(size)
+            self._current.append(int(size))
+            self.last_seq = int(seq)
+
+    def second(self) -> None:
+        self.per_second.append(self._current)
+        self._current = []
+
+
+def _strace(pid: int) -> subprocess.Popen[str] | None:
+    if shutil.which("strace") is None:
+        return None
+    proc = subprocess.Popen(
+        ["strace", "-f", "-c", "-e", "trace=fsync,fdatasync", "-p", str(pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)
+    if proc.poll() is not None:
+        return None  # no ptrace here (a container without CAP_SYS_PTRACE)
+    return proc
+
+
+def _strace_count(proc: subprocess.Popen[str]) -> int | None:
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    total = 0
+    found = False
+    for line in err.splitlines():
+        parts = line.split()
+        if parts and parts[-1] in ("fsync", "fdatasync"):
+            total += int(parts[3])
+            found = True
+    return total if found else (0 if "total" in err else None)
+
+
+class Cloud:
+    """PostgreSQL database + `cloud-api ingest` on the machine's Mosquitto."""
+
+    def __init__(self, folder: Path, ring_dir: Path, prefix: str, public_line: str) -> None:
+        self.db = f"bench_flash_{secrets.token_hex(4)}"
+        with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.db)))
+        self.url = f"{PG}/{self.db}"
+        migrate(self.url)
+        from sync.keys import parse_ed25519_public
+
+        kid = ed25519_key_id(parse_ed25519_public(public_line))
+        with psycopg.connect(self.url) as conn, conn.transaction():
+            conn.execute("INSERT INTO registry.sites(site_id) VALUES (%s)", (SITE,))
+            conn.execute("INSERT INTO registry.agents VALUES (%s, %s)", (AGENT, SITE))
+            conn.execute(
+                "INSERT INTO registry.agent_keys(agent_id, key_id, public_key) VALUES (%s, %s, %s)",
+                (AGENT, kid, public_line),
+            )
+        env = {
+            **os.environ,
+            "CLOUD_DATABASE_URL": self.url,
+            "CLOUD_MQTT_HOST": MQTT_HOST,
+            "CLOUD_MQTT_PORT": str(MQTT_PORT),
+            "CLOUD_TOPIC_PREFIX": prefix,
+            "CLOUD_KEYS_DIR": str(ring_dir),
+        }
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "cloud-api"), "ingest", "--log-level", "warning"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=(folder / "ingest.log").open("wb"),
+        )
+
+    def stored_batches(self) -> int:
+        with psycopg.connect(self.url) as conn:
+            row = conn.execute("SELECT count(*) FROM facts.batches").fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        self.proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(30)
+        with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.db))
+            )
+
+
+def run_mode(mode: str, seconds: float, warmup: float, folder: Path) -> dict[str, Any]:
+    folder.mkdir(parents=True)
+    ring_dir = folder / "cloud-keys"
+    generate_cloud_hpke_keys(ring_dir, [SUITE_X25519])
+    generate_cloud_ack_key(ring_dir)
+    ring = CloudKeyring.load(ring_dir)
+    state = folder / "state"
+    keys_dir = state / "keys"
+    key = generate_agent_signing_key(keys_dir)
+    install_cloud_public_keys(
+        keys_dir,
+        [k.public.to_line() for k in ring.current_hpke_keys],
+        [ed25519_line(k) for k in ring.ack_verify_keys().values()],
+    )
+    plc_port, health_port = _free_port(), _free_port()
+    prefix = f"bench/{secrets.token_hex(4)}/"
+    acking = mode == "acknowledging"
+    mqtt_port = MQTT_PORT if acking else _free_port()  # nothing listens there: unreachable
+    config = folder / "agent.yaml"
+    config.write_text(
+        CONFIG.format(
+            agent=AGENT,
+            site=SITE,
+            state=state,
+            plc_port=plc_port,
+            mqtt_port=mqtt_port,
+            prefix=prefix,
+            health_port=health_port,
+            equipment="".join(EQUIPMENT.format(unit=u) for u in range(1, MACHINES + 1)),
+        ),
+        encoding="utf-8",
+    )
+    plc = multiprocessing.get_context("spawn").Process(
+        target=_plc, args=(plc_port, mode == "idle"), daemon=True
+    )
+    plc.start()
+    cloud = Cloud(folder, ring_dir, prefix, ed25519_line(key.public_key())) if acking else None
+    agent: subprocess.Popen[bytes] | None = None
+    watch = BatchWatch(state / "outbox.db")
+    try:
+        time.sleep(2)
+        agent = subprocess.Popen(
+            [str(Path(sys.executable).parent / "edge-agent"), "run", "-c", str(config)],
+            stdout=(folder / "agent.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        end_warmup = time.monotonic() + warmup
+        while time.monotonic() < end_warmup:
+            watch.poll()
+            time.sleep(0.1)
+        if agent.poll() is not None:
+            raise RuntimeError((folder / "agent.log").read_text()[-3000:])
+        tracer = _strace(agent.pid)
+        m0 = _metrics(health_port)
+        b0 = _write_bytes(agent.pid)
+        watch.poll()
+        seq0 = watch.last_seq
+        watch.per_second.clear()
+        watch._current = []
+        t0 = time.monotonic()
+        next_second = t0 + 1
+        while (now := time.monotonic()) < t0 + seconds:
+            watch.poll()
+            if now >= next_second:
+                watch.second()
+                next_second += 1
+            time.sleep(0.05)
+        b1 = _write_bytes(agent.pid)
+        m1 = _metrics(health_port)
+        elapsed = time.monotonic() - t0
+        watch.poll()
+        fsyncs_strace = _strace_count(tracer) if tracer is not None else None
+        stored = cloud.stored_batches() if cloud is not None else None
+    finally:
+        if agent is not None:
+            agent.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                agent.wait(60)
+        plc.terminate()
+        plc.join(10)
+        if cloud is not None:
+            cloud.close()
+    per_min = 60.0 / elapsed
+    sealed_metric = m1.get("edge_agent_outbox_sealed_bytes_total")
+    if sealed_metric is not None and "edge_agent_outbox_sealed_bytes_total" in m0:
+        sealed = sealed_metric - m0["edge_agent_outbox_sealed_bytes_total"]
+        sealed_source = "agent counter"
+    else:
+        sealed = float(sum(size for seq, size in watch.sizes.items() if seq > seq0))
+        sealed_source = "outbox rows polled"
+    fsync_metric = m1.get("edge_agent_outbox_fsyncs_total")
+    fsyncs_agent = None
+    if fsync_metric is not None and "edge_agent_outbox_fsyncs_total" in m0:
+        fsyncs_agent = fsync_metric - m0["edge_agent_outbox_fsyncs_total"]
+    written = b1 - b0
+    floor_path = folder / "floor.db"
+    parent, child = multiprocessing.get_context("spawn").Pipe()
+    floor_proc = multiprocessing.get_context("spawn").Process(
+        target=_floor, args=(str(floor_path), watch.per_second, child)
+    )
+    floor_proc.start()
+    floor_bytes = parent.recv()
+    floor_proc.join(30)
+    floor_elapsed = max(1, len(watch.per_second))
+    result: dict[str, Any] = {
+        "mode": mode,
+        "seconds": round(elapsed, 1),
+        "bytes_per_min": round(written * per_min),
+        "fsyncs_per_min": None if fsyncs_strace is None else round(fsyncs_strace * per_min, 1),
+        "fsyncs_per_min_agent_counter": None
+        if fsyncs_agent is None
+        else round(fsyncs_agent * per_min, 1),
+        "sealed_bytes_per_min": round(sealed * per_min),
+        "sealed_source": sealed_source,
+        "write_amplification": round(written / sealed, 2) if sealed else None,
+        "floor_bytes_per_min": round(floor_bytes * 60.0 / floor_elapsed),
+        "times_floor": round((written * per_min) / (floor_bytes * 60.0 / floor_elapsed), 2)
+        if floor_bytes
+        else None,
+        "outbox_bytes_written_per_min_agent_counter": None
+        if "edge_agent_outbox_written_bytes_total" not in m1
+        else round(
+            (
+                m1["edge_agent_outbox_written_bytes_total"]
+                - m0.get("edge_agent_outbox_written_bytes_total", 0.0)
+            )
+            * per_min
+        ),
+    }
+    if stored is not None:
+        result["batches_stored_in_cloud"] = stored
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=180.0, help="measured, per mode")
+    parser.add_argument("--warmup", type=float, default=30.0, help="before measuring, per mode")
+    parser.add_argument("--modes", default="unreachable,acknowledging,idle")
+    args = parser.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-flash-") as tmp:
+        for mode in modes:
+            result = run_mode(mode, args.seconds, args.warmup, Path(tmp) / mode)
+            results.append(result)
+            print(
+                f"{mode:>13}: {result['bytes_per_min'] / 1000:8.1f} kB/min written, "
+                f"{result['fsyncs_per_min']} fsyncs/min, "
+                f"{result['sealed_bytes_per_min'] / 1000:6.1f} kB/min sealed, "
+                f"amplification {result['write_amplification']}, "
+                f"floor {result['floor_bytes_per_min'] / 1000:.1f} kB/min "
+                f"(x{result['times_floor']})",
+                flush=True,
+            )
+    print(
+        json.dumps({"bench": "flash", "machines": MACHINES, "modes": results, "targets": TARGETS})
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""What of an equipment's checkpoint must reach the disk, and in what form.
+
+An equipment checkpoint (EquipmentEngine.checkpoint()) changes at every tick: the cursor and
+the time classes of the open buckets grow with the clock. Those parts are a function of the
+rest: from a checkpoint taken at T0, accounting up to T1 with the same state, reason and
+buckets gives the checkpoint at T1 to the microsecond (mark_unknown(T1) does this on a
+restart). So a checkpoint only has to be stored again when something else changed:
+
+- nothing but time (`cursor`, `seen`, time classes, pending stop time, reason durations):
+  no write; a restart accounts the time from the stored state up to the last instant the
+  agent committed (its heartbeat);
+- only counters and the part quantities of buckets that were already stored (a part was
+  counted): a small `counts` patch with those values and the timestamps of the counter
+  samples that set them;
+- anything else (a state change, a bucket opened or closed, a reason or product change, a
+  stop judged): the whole checkpoint (`full`).
+
+Every event the engine emits comes with one of the last two, so a stored checkpoint and the
+events committed with it always agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from oee.components import IDEAL_FIELDS, QUANTITY_FIELDS, TIME_FIELDS
+
+WriteKind = Literal["full", "counts"]
+_TIME = frozenset(TIME_FIELDS)
+_COUNTED = frozenset(QUANTITY_FIELDS) | frozenset(IDEAL_FIELDS)
+_CLOCKED_KEYS = ("cursor", "seen")
+_BUCKET_CLOCKED = ("reasons", "pending")
+
+
+def _without_time(checkpoint: dict[str, Any], *, counted: bool) -> dict[str, Any]:
+    """The checkpoint less what grows with the clock (and, with `counted`, less counts)."""
+    out = {
+        k: v
+        for k, v in checkpoint.items()
+        if k not in _CLOCKED_KEYS and not (counted and k == "counters")
+    }
+    buckets = []
+    for bucket in checkpoint.get("buckets", []):
+        skip = _TIME | _COUNTED if counted else _TIME
+        b = {k: v for k, v in bucket.items() if k not in _BUCKET_CLOCKED and k != "values"}
+        b["values"] = {k: v for k, v in bucket.get("values", {}).items() if k not in skip}
+        buckets.append(b)
+    if buckets:
+        out["buckets"] = buckets
+    return out
+
+
+def plan(stored: dict[str, Any] | None, current: dict[str, Any]) -> tuple[WriteKind, Any] | None:
+    """What to write so that the stored checkpoint stands for `current`: None (nothing),
+    ("counts", patch) or ("full", current)."""
+    if stored is None:
+        return "full", current
+    if _without_time(stored, counted=False) == _without_time(current, counted=False):
+        return None
+    if _without_time(stored, counted=True) != _without_time(current, counted=True):
+        return "full", current
+    counters = current.get("counters", {})
+    old_counters = stored.get("counters", {})
+    changed = {k: v for k, v in counters.items() if old_counters.get(k) != v}
+    seen = current.get("seen", {})
+    patch: dict[str, Any] = {}
+    if changed:
+        patch["counters"] = changed
+        patch["seen"] = {k: seen[k] for k in changed if k in seen}
+    old_buckets = {b["start"]: b.get("values", {}) for b in stored.get("buckets", [])}
+    values: dict[str, dict[str, int]] = {}
+    for bucket in current.get("buckets", []):
+        old = old_buckets.get(bucket["start"], {})
+        new = bucket.get("values", {})
+        diff = {k: new.get(k, 0) for k in _COUNTED if new.get(k, 0) != old.get(k, 0)}
+        if diff:
+            values[str(bucket["start"])] = diff
+    if values:
+        patch["values"] = values
+    return "counts", patch
+
+
+def apply(stored: dict[str, Any], kind: WriteKind, payload: Any) -> dict[str, Any]:
+    """The stored checkpoint after a write of `plan()` (a new dict; `stored` is unchanged)."""
+    if kind == "full":
+        return dict(payload)
+    out = dict(stored)
+    if "counters" in payload:
+        out["counters"] = {**stored.get("counters", {}), **payload["counters"]}
+        out["seen"] = {**stored.get("seen", {}), **payload.get("seen", {})}
+    values = payload.get("values", {})
+    if values:
+        buckets = []
+        for bucket in stored.get("buckets", []):
+            diff = values.get(str(bucket["start"]))
+            if diff:
+                merged = {**bucket.get("values", {}), **diff}
+                buckets.append({**bucket, "values": {k: v for k, v in merged.items() if v}})
+            else:
+                buckets.append(bucket)
+        out["buckets"] = buckets
+    return out

@@ -42,10 +42,18 @@ def _config(path: str) -> AgentConfig:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.service import AgentService
+    from agent.statelock import StateFolderBusy, lock_state_folder
 
     config = _config(args.config)
     configure_logging(config.agent.log_level)
     os.umask(0o077)  # outbox, WAL and key files are readable by the agent's user only
+    try:
+        # Held until the process ends (the kernel releases it even after kill -9).
+        lock = lock_state_folder(config.agent.state_dir)
+    except StateFolderBusy as exc:
+        return _fail(str(exc), 1)
+    except OSError as exc:
+        return _fail(f"cannot lock the state folder {config.agent.state_dir}: {exc}")
     try:
         keys = AgentKeys.load(config.keys_dir)
         keys.cloud_key_for(config.uplink.suite)  # the configured suite needs its cloud key
@@ -58,7 +66,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # SIGTERM/SIGINT stop gracefully, SIGHUP reloads the file; systemd is told via sd_notify.
     service = AgentService(Path(args.config), config, keys)
-    asyncio.run(_run(service))
+    try:
+        asyncio.run(_run(service))
+    finally:
+        lock.release()
     return 0
 
 

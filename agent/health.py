@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -212,6 +213,11 @@ class AgentCollector(Collector):
             "edge_agent_outbox_sealed_bytes",
             "Bytes of sealed batches stored (what the written bytes carry)",
             value=written.sealed_bytes,
+        )
+        yield _gauge(
+            "edge_agent_outbox_open_seconds",
+            "Seconds since the outbox was opened (the written counters start then)",
+            max(0.0, time.monotonic() - written.opened_at),
         )
 
     def _uplink(self, runtime: Any) -> Iterable[Metric]:

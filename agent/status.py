@@ -90,6 +90,22 @@ def _bytes(n: float | None) -> str:
     return f"{n:.1f} GiB"
 
 
+def _writes(snap: Snapshot) -> str:
+    """What the outbox writes to the flash, as a rate and the daily volume it implies."""
+    seconds = snap.value("edge_agent_outbox_open_seconds")
+    written = snap.value("edge_agent_outbox_written_bytes_total")
+    if not seconds or written is None:
+        return "-"
+    fsyncs = snap.value("edge_agent_outbox_fsyncs_total", 0.0) or 0.0
+    sealed = snap.value("edge_agent_outbox_sealed_bytes_total", 0.0) or 0.0
+    per_min = written / seconds * 60
+    amplification = f", {written / sealed:.1f} x the sealed events" if sealed else ""
+    return (
+        f"{_bytes(per_min)}/min, {_bytes(per_min * 1440)}/day at this rate, "
+        f"{fsyncs / seconds * 60:.0f} fsyncs/min{amplification} (since start, {_age(seconds)})"
+    )
+
+
 def render(snap: Snapshot) -> str:
     info = snap.series.get("edge_agent_info", [])
     labels = info[0][0] if info else {}
@@ -179,6 +195,7 @@ def render(snap: Snapshot) -> str:
             f"{int(v('edge_agent_outbox_events', 0) or 0)} events, {_bytes(used)}{fill}",
         ],
         ["oldest unacked", _age(v("edge_agent_outbox_oldest_age_seconds"))],
+        ["storage writes", _writes(snap)],
         ["broker", "connected" if v("edge_agent_broker_connected") == 1 else "DISCONNECTED"],
         ["published", str(int(v("edge_agent_batches_published_total", 0) or 0))],
         ["acked", str(int(v("edge_agent_acks_total", 0) or 0))],

@@ -44,7 +44,7 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SCHEMA = """
@@ -129,6 +129,7 @@ class WriteCounters:
     commits: int = 0
     checkpoints: int = 0
     sealed_bytes: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
 
 
 def _write_bytes() -> int | None:
@@ -299,8 +300,9 @@ class Outbox:
         if self._acked:
             with contextlib.suppress(sqlite3.Error), self._tx():
                 pass  # the transaction deletes the acked batches
-        with contextlib.suppress(sqlite3.Error):
-            self._checkpoint()
+        if self.counters.commits:  # a reader (buffer stats beside the agent) writes nothing
+            with contextlib.suppress(sqlite3.Error):
+                self._checkpoint()
         self._conn.close()
 
     # -- small helpers ------------------------------------------------------------------

@@ -1,0 +1,140 @@
+"""One agent per state folder, with two real `edge-agent run` processes: the second exits at
+once naming the folder and the first one's PID; read-only commands work beside the first."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sync.keys import CloudKeyring
+from tests.conftest import free_port, make_agent_keys
+
+EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
+
+CONFIG = """
+agent: {{id: edge-lock, site: plant-lock, state_dir: {state}}}
+connections:
+  - {{id: plc, type: modbus, host: 127.0.0.1, port: {plc_port}, poll_interval: 200ms}}
+mqtt: {{host: 127.0.0.1, port: {mqtt_port}}}
+uplink: {{flush_interval: 200ms, drain_timeout: 200ms}}
+health: {{port: {health_port}}}
+shifts: [{{name: all-day, start: "00:00", end: "00:00"}}]
+equipment:
+  - id: press-1
+    connection: plc
+    unit: 1
+    ideal_cycle_time: 1s
+    signals:
+      state: {{address: "holding:0", map: {{0: idle, 1: running}}}}
+      total_count: {{address: "holding:1", type: uint32}}
+"""
+
+
+def _config(tmp_path: Path, name: str, state: Path, health_port: int) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        CONFIG.format(
+            state=state,
+            plc_port=free_port(),  # nothing listens: the hub backs off, the agent runs on
+            mqtt_port=free_port(),  # the cloud is unreachable
+            health_port=health_port,
+        ),
+        encoding="utf-8",
+    )
+    return path
+
+
+def _edge_agent(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [EDGE_AGENT, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def _wait_committed(outbox: Path, limit_s: float = 30) -> None:
+    import sqlite3
+
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if outbox.exists():
+            try:
+                with sqlite3.connect(f"file:{outbox}?mode=ro", uri=True) as conn:
+                    if conn.execute("SELECT count(*) FROM batches").fetchone()[0] > 0:
+                        return
+            except sqlite3.Error:
+                pass
+        time.sleep(0.1)
+    raise AssertionError("the first agent committed nothing")
+
+
+def test_a_second_agent_on_the_same_state_folder_exits_at_once(
+    tmp_path: Path, cloud_keys: CloudKeyring
+) -> None:
+    state = tmp_path / "state"
+    make_agent_keys(state / "keys", cloud_keys)
+    health_port = free_port()
+    first_config = _config(tmp_path, "first", state, health_port)
+    # Another configuration file, another health port, the same state folder.
+    second_config = _config(tmp_path, "second", state, free_port())
+    log = (tmp_path / "first.log").open("wb")
+    first = subprocess.Popen(
+        [EDGE_AGENT, "run", "-c", str(first_config)], stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        _wait_committed(state / "outbox.db")
+        second = _edge_agent("run", "-c", str(second_config))
+        assert second.returncode == 1, second
+        assert str(state) in second.stderr and f"PID {first.pid}" in second.stderr, second.stderr
+        assert first.poll() is None, "the first agent keeps running"
+
+        # Read-only commands beside the running agent.
+        stats = _edge_agent("buffer", "stats", "--json", "-c", str(second_config))
+        assert stats.returncode == 0, stats.stderr
+        assert json.loads(stats.stdout)["depth_batches"] >= 1
+        valid = _edge_agent("validate", "-c", str(second_config))
+        assert valid.returncode == 0 and "ok" in valid.stdout, valid
+        status = _edge_agent("status", "-c", str(first_config))
+        assert status.returncode == 0, status.stderr
+        assert "storage writes" in status.stdout and "/day at this rate" in status.stdout
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(60)
+        log.close()
+    # The lock died with the first agent: a new start on the same folder runs.
+    again = subprocess.Popen(
+        [EDGE_AGENT, "run", "-c", str(second_config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and again.poll() is None:
+            if (state / "agent.lock").read_text().strip() == str(again.pid):
+                break
+            time.sleep(0.1)
+        assert again.poll() is None, "the agent did not start after the first one stopped"
+        assert (state / "agent.lock").read_text().strip() == str(again.pid)
+    finally:
+        again.kill()  # kill -9: the kernel releases the lock
+        again.wait(30)
+    third = subprocess.Popen(
+        [EDGE_AGENT, "run", "-c", str(first_config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and third.poll() is None:
+            if (state / "agent.lock").read_text().strip() == str(third.pid):
+                break
+            time.sleep(0.1)
+        assert third.poll() is None and (state / "agent.lock").read_text().strip() == str(
+            third.pid
+        ), "a kill -9 left the lock behind"
+    finally:
+        third.send_signal(signal.SIGTERM)
+        third.wait(60)

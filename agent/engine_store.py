@@ -25,10 +25,13 @@ from __future__ import annotations
 import json
 import zlib
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from buffer.outbox import Outbox, StateWrite
 from oee.checkpoint import WriteKind, apply, plan
+from oee.engine import PlantEngine, from_us, to_us
+from oee.events import Event
 
 US = 1_000_000
 
@@ -103,6 +106,27 @@ class EngineStore:
         # unknown anyway).
         self._fold = bool(found.journal) or found.legacy is not None
         return {k: dict(v) for k, v in stored.items()}, at
+
+    def resume(
+        self, plant: PlantEngine, now: datetime
+    ) -> tuple[list[Event], dict[str, str]] | None:
+        """Restore `plant` from what is stored: None when nothing is; else the events of the
+        restart (every equipment unknown from the last instant committed) and the equipment
+        whose state could not be restored ({equipment: problem}; they start afresh)."""
+        saved, accounted_us = self.load()
+        if not saved:
+            return None
+        problems = plant.restore(saved)
+        events: list[Event] = []
+        # Up to the last committed instant the stored state is what the agent saw (any change
+        # was committed when it happened); after it the machine was not observed while the
+        # agent was down: that time is unknown.
+        for engine in plant.engines.values():
+            at = engine.cursor or now
+            if accounted_us is not None and to_us(at) < accounted_us:
+                at = from_us(accounted_us)
+            events += engine.mark_unknown(at, "agent restarted")
+        return events, problems
 
     def prepare(self, checkpoints: dict[str, dict[str, Any]], now_us: int) -> StateWrite | None:
         """The state write for this flush, or None when nothing needs committing."""

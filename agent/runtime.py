@@ -26,7 +26,7 @@ from buffer.outbox import Outbox
 from connectors.connector import Hub
 from connectors.registry import build_hub
 from connectors.sample import Sample
-from oee.engine import PlantEngine, from_us, to_us
+from oee.engine import PlantEngine, to_us
 from oee.events import AgentEvent, Event, dump_events
 from sync.envelope import EnvelopeHeader, envelope_digest, seal
 from sync.keys import AgentKeys
@@ -160,9 +160,10 @@ class AgentRuntime:
                     {"moved_to": str(report.moved_aside), "problem": report.problem},
                 )
             )
-        saved, accounted_us = self.state_store.load()
-        if saved:
-            for eq, problem in self.engine.restore(saved).items():
+        resumed = self.state_store.resume(self.engine, now)
+        if resumed is not None:
+            events, problems = resumed
+            for eq, problem in problems.items():
                 # Starting afresh re-baselines the counters: parts made since the last
                 # checkpoint are not counted, so this is reported as a loss.
                 self.log.error(
@@ -177,14 +178,7 @@ class AgentRuntime:
                         {"equipment": eq, "problem": problem, "loss": True},
                     )
                 )
-            # Up to the last committed instant the state stored is what the agent saw (any
-            # change was committed when it happened); after it the machine was not observed
-            # while the agent was down: that time is unknown.
-            for engine in self.engine.engines.values():
-                at = engine.cursor or now
-                if accounted_us is not None and to_us(at) < accounted_us:
-                    at = from_us(accounted_us)
-                self.pending.extend(engine.mark_unknown(at, "agent restarted"))
+            self.pending.extend(events)
             self.log.info("resumed from checkpoint")
         for engine in self.engine.engines.values():
             self.pending.extend(engine.start(now))

@@ -21,6 +21,7 @@ events committed with it always agree.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 from oee.components import IDEAL_FIELDS, QUANTITY_FIELDS, TIME_FIELDS
@@ -83,7 +84,8 @@ def plan(stored: dict[str, Any] | None, current: dict[str, Any]) -> tuple[WriteK
 def apply(stored: dict[str, Any], kind: WriteKind, payload: Any) -> dict[str, Any]:
     """The stored checkpoint after a write of `plan()` (a new dict; `stored` is unchanged)."""
     if kind == "full":
-        return dict(payload)
+        # A copy: the engine's checkpoint shares some of its live containers.
+        return copy.deepcopy(payload)
     out = dict(stored)
     if "counters" in payload:
         out["counters"] = {**stored.get("counters", {}), **payload["counters"]}

@@ -292,6 +292,8 @@ outbox:
   max_bytes: {max_bytes}
   min_free_bytes: 0
   when_full: {when_full}
+  heartbeat_interval: {heartbeat}
+  snapshot_interval: {snapshot}
 raw_samples:
   enabled: {raw_samples}
   deadband: 0
@@ -332,6 +334,8 @@ class Agent:
     when_full: str = "block"
     raw_samples: bool = False
     suite: str = "x25519-hkdfsha256-aes256gcm"
+    heartbeat: str = "10s"  # outbox.heartbeat_interval
+    snapshot: str = "5min"  # outbox.snapshot_interval
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -370,6 +374,8 @@ class Agent:
                 when_full=self.when_full,
                 raw_samples=str(self.raw_samples).lower(),
                 suite=self.suite,
+                heartbeat=self.heartbeat,
+                snapshot=self.snapshot,
                 equipment=equipment,
             ),
             encoding="utf-8",

@@ -199,12 +199,15 @@ class BatchWatch:
     def poll(self) -> None:
         if not self.path.exists():
             return
-        with contextlib.closing(
-            sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
-        ) as conn:
-            rows = conn.execute(
-                "SELECT seq, bytes FROM batches WHERE seq > ? ORDER BY seq", (self.last_seq,)
-            ).fetchall()
+        try:
+            with contextlib.closing(
+                sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+            ) as conn:
+                rows = conn.execute(
+                    "SELECT seq, bytes FROM batches WHERE seq > ? ORDER BY seq", (self.last_seq,)
+                ).fetchall()
+        except sqlite3.OperationalError:
+            return  # the agent is still creating the file
         for seq, size in rows:
             self.sizes[int(seq)] = int(size)
             self._current.append(int(size))

@@ -27,9 +27,13 @@ Tuned for flash (every figure in README "Storage"):
   CHECKPOINT_BYTES written, so pages rewritten by many commits reach the database file
   once, and so it knows its fsyncs; `journal_size_limit` keeps the WAL file from staying
   large after a burst.
-- Acked batches are deleted in the next write transaction (or at close), not in a
-  transaction and fsync of their own; until then they are hidden from `pending()`, and a
-  crash before the delete only means they are sent again (the cloud stores a batch once).
+- Acked batches are deleted together, with a write transaction once the oldest of them has
+  waited ACK_DELETE_AFTER_S (or ACK_DELETE_BATCHES are waiting, or at close), not each ack
+  in a transaction and fsync of its own; until then they are hidden from `pending()` and
+  `stats()`, and a crash before the delete only means they are sent again (the cloud stores
+  a batch once).
+- A commit that stores engine state records the next sequence number in its journal row
+  instead of rewriting the `meta` page as well; opening takes the larger of the two.
 - A call with nothing to store commits nothing.
 
 Exceptions: OutboxError <- OutboxFull.
@@ -63,7 +67,8 @@ CREATE TABLE IF NOT EXISTS engine_state (key TEXT PRIMARY KEY, data BLOB NOT NUL
 CREATE TABLE IF NOT EXISTS engine_journal (
     id INTEGER PRIMARY KEY,
     at INTEGER NOT NULL,
-    data BLOB
+    data BLOB,
+    next_seq INTEGER NOT NULL
 );
 """
 
@@ -75,6 +80,8 @@ CHECKPOINT_COMMITS = 1000
 # After a checkpoint the WAL file is cut back to this size (it stays allocated up to it, so
 # the next commits overwrite blocks instead of growing the file).
 JOURNAL_SIZE_LIMIT = 8 * 1024**2
+ACK_DELETE_AFTER_S = 10.0
+ACK_DELETE_BATCHES = 256
 # fsyncs SQLite issues (synchronous=FULL, WAL): one per commit, and per checkpoint one of the
 # WAL and one of the database, plus one of the new WAL header at the next commit.
 FSYNCS_PER_CHECKPOINT = 3
@@ -233,6 +240,8 @@ class Outbox:
         self.counters = WriteCounters()
         # Acked batches waiting for the next write transaction: seq -> (count, bytes).
         self._acked: dict[int, tuple[int, int]] = {}
+        self._acked_since: float | None = None  # monotonic time of the oldest of them
+        self._next_seq = 1
         self._since_checkpoint = (0, 0)  # (bytes, commits)
         self.open_report = self._open()
 
@@ -285,6 +294,8 @@ class Outbox:
                 self._set_meta("next_seq", "1")
                 self._set_meta("acked_hwm", "0")
                 self._set_meta("acked_total", "0")
+        row = self._conn.execute("SELECT MAX(next_seq) FROM engine_journal").fetchone()
+        self._next_seq = max(int(self._meta("next_seq") or "1"), int(row[0] or 0))
         return OpenReport(created=created, moved_aside=moved, problem=problem)
 
     def _move_aside(self) -> Path:
@@ -298,8 +309,8 @@ class Outbox:
 
     def close(self) -> None:
         if self._acked:
-            with contextlib.suppress(sqlite3.Error), self._tx():
-                pass  # the transaction deletes the acked batches
+            with contextlib.suppress(sqlite3.Error), self._tx(delete_acked=True):
+                pass
         if self.counters.commits:  # a reader (buffer stats beside the agent) writes nothing
             with contextlib.suppress(sqlite3.Error):
                 self._checkpoint()
@@ -307,13 +318,19 @@ class Outbox:
 
     # -- small helpers ------------------------------------------------------------------
 
+    def _acks_due(self) -> bool:
+        since = self._acked_since
+        return since is not None and (
+            len(self._acked) >= ACK_DELETE_BATCHES or time.monotonic() - since >= ACK_DELETE_AFTER_S
+        )
+
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, delete_acked: bool = False) -> Iterator[sqlite3.Connection]:
         before = _write_bytes()
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield self._conn
-            deleted = self._delete_acked()
+            deleted = self._delete_acked() if delete_acked or self._acks_due() else []
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
@@ -321,6 +338,7 @@ class Outbox:
         if deleted:
             for seq in deleted:
                 self._acked.pop(seq, None)
+            self._acked_since = time.monotonic() if self._acked else None
         self._count_commit(before)
 
     def _count_commit(self, before: int | None) -> None:
@@ -413,7 +431,7 @@ class Outbox:
         """
         seqs: list[int] = []
         items = [b if isinstance(b, NewBatch) else NewBatch(b[0], b[1]) for b in batches]
-        if not items and state is None and not self._acked:
+        if not items and state is None and not self._acks_due():
             return seqs
         with self._tx() as conn:
             if items:
@@ -425,7 +443,7 @@ class Outbox:
                         f"(quota {self.max_bytes}, free-disk floor {self.min_free_bytes})"
                     )
             epoch = self.epoch
-            next_seq = int(self._meta("next_seq") or "1")
+            next_seq = self._next_seq
             now_ms = int(self._clock() * 1000)
             for item in items:
                 envelope, digest = item.seal(epoch, next_seq)
@@ -445,13 +463,14 @@ class Outbox:
                 seqs.append(next_seq)
                 self.counters.sealed_bytes += len(envelope)
                 next_seq += 1
-            if seqs:
-                self._set_meta("next_seq", str(next_seq))
             if state is not None:
-                self._store_state(conn, state)
+                self._store_state(conn, state, next_seq)
+            elif seqs:
+                self._set_meta("next_seq", str(next_seq))
+        self._next_seq = next_seq
         return seqs
 
-    def _store_state(self, conn: sqlite3.Connection, state: StateWrite) -> None:
+    def _store_state(self, conn: sqlite3.Connection, state: StateWrite, next_seq: int) -> None:
         if state.snapshot is not None:
             for key, data in state.snapshot.items():
                 if data is None:
@@ -464,7 +483,10 @@ class Outbox:
                     )
             conn.execute("DELETE FROM engine_journal")
             conn.execute("DELETE FROM checkpoint")  # an older agent's single row, now folded
-        conn.execute("INSERT INTO engine_journal(at, data) VALUES (?, ?)", (state.at, state.entry))
+        conn.execute(
+            "INSERT INTO engine_journal(at, data, next_seq) VALUES (?, ?, ?)",
+            (state.at, state.entry, next_seq),
+        )
 
     def load_state(self) -> StoredState:
         """The stored engine state: rows, then the journal to apply over them, in order."""
@@ -517,13 +539,15 @@ class Outbox:
             if row is not None:
                 self._acked[seq] = (int(row[0]), int(row[1]))
                 taken.append(seq)
+        if taken and self._acked_since is None:
+            self._acked_since = time.monotonic()
         return taken
 
     def flush_acks(self) -> int:
         """Delete the acked batches now (a transaction of its own); returns how many."""
         n = len(self._acked)
         if n:
-            with self._tx():
+            with self._tx(delete_acked=True):
                 pass
         return n
 
@@ -577,7 +601,7 @@ class Outbox:
             oldest_unacked_age_s=oldest,
             acked_seq_high_water=max(int(self._meta("acked_hwm") or "0"), max(acked, default=0)),
             acked_batches_total=int(self._meta("acked_total") or "0") + len(acked),
-            next_seq=int(self._meta("next_seq") or "1"),
+            next_seq=self._next_seq,
             max_bytes=self.max_bytes,
             capacity_bytes=min(self.max_bytes, stored + max(0, free - self.min_free_bytes)),
             disk_free_bytes=free,

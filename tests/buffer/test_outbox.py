@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sqlite3
 from datetime import UTC, datetime
@@ -205,3 +206,52 @@ def test_fill_levels() -> None:
         "full",
     ]
     assert fill_level(0.1, full=True) == "full"
+
+
+def test_acks_delete_together_with_a_later_write_not_in_a_transaction_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import buffer.outbox as outbox_module
+
+    path = tmp_path / "o.db"
+    box = Outbox(path)
+    box.append([(1, blob_sealer(10)), (1, blob_sealer(10)), (1, blob_sealer(10))], None)
+    e = box.epoch
+    commits = box.counters.commits
+    assert box.ack(e, {1: f"{e}-1", 2: f"{e}-2"}) == [1, 2]
+    assert box.counters.commits == commits, "an ack alone commits nothing"
+    assert [b.seq for b in box.pending(10)] == [3]
+    stats = box.stats()
+    assert (stats.depth, stats.acked_batches_total, stats.acked_seq_high_water) == (1, 2, 2)
+
+    def rows() -> list[int]:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            return [r[0] for r in conn.execute("SELECT seq FROM batches ORDER BY seq")]
+
+    assert rows() == [1, 2, 3]  # a crash now: they are sent again, the cloud stores them once
+    box.append([(1, blob_sealer(10))], None)  # not due yet: the write leaves them
+    assert rows() == [1, 2, 3, 4]
+    monkeypatch.setattr(outbox_module, "ACK_DELETE_AFTER_S", 0.0)
+    box.append([], None)  # due: a commit of its own, with nothing else to store
+    assert rows() == [3, 4]
+    box.close()
+    box = Outbox(path)
+    stats = box.stats()
+    assert (stats.depth, stats.acked_batches_total, stats.next_seq) == (2, 2, 5)
+    assert box.append([(1, blob_sealer(10))], None) == [5]
+
+
+def test_a_new_outbox_has_small_pages_and_no_secure_delete(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    assert box._conn.execute("PRAGMA page_size").fetchone()[0] == 1024
+    assert box._conn.execute("PRAGMA secure_delete").fetchone()[0] == 0
+    assert box._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    box.close()
+
+
+def test_nothing_to_store_commits_nothing(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    commits = box.counters.commits
+    assert box.append([], None) == []
+    assert box.counters.commits == commits
+    box.close()

@@ -180,8 +180,9 @@ class OutboxConfig(_Model):
     when_full: Literal["block", "shed_samples"] = "block"
     # With nothing changing on the line, the time accounted is committed this often: after a
     # crash or power loss at most this much (plus one flush) of observed time is reported as
-    # unknown ("agent restarted"). Shorter: a tighter bound, more small writes to the flash.
-    heartbeat_interval: Duration = Field(default=10.0, gt=0, le=3600)
+    # unknown ("agent restarted"); while parts are counted it is one flush. Shorter: a
+    # tighter bound, more small writes to the flash (README "Storage").
+    heartbeat_interval: Duration = Field(default=30.0, gt=0, le=3600)
     # The engine-state journal is folded into one row per equipment this often.
     snapshot_interval: Duration = Field(default=300.0, gt=0, le=86400)
 

@@ -7,8 +7,9 @@ of one flush form one journal row (JSON, zlib-compressed), committed in the tran
 stores the flush's batches, so the events and the state that produced them stay together.
 Every journal row also records the instant up to which the agent had accounted time.
 
-When nothing changed, a bare row (a heartbeat) is committed at most every `heartbeat_s`
-seconds. Every `snapshot_s` seconds the journal is folded into one row per equipment.
+When nothing changed, a bare row (a heartbeat) is committed every `heartbeat_s` seconds
+(earlier when a flush commits events anyway). Every `snapshot_s` seconds the journal is
+folded into one row per equipment.
 
 Crash bound: a restart resumes every equipment from its stored state, accounts time with
 that state up to the last committed row's instant (exactly what the agent accounted before
@@ -128,8 +129,12 @@ class EngineStore:
             events += engine.mark_unknown(at, "agent restarted")
         return events, problems
 
-    def prepare(self, checkpoints: dict[str, dict[str, Any]], now_us: int) -> StateWrite | None:
-        """The state write for this flush, or None when nothing needs committing."""
+    def prepare(
+        self, checkpoints: dict[str, dict[str, Any]], now_us: int, *, riding: bool = False
+    ) -> StateWrite | None:
+        """The state write for this flush, or None when nothing needs committing. `riding`:
+        the flush commits events anyway, so a heartbeat half due goes with them rather than
+        in a commit of its own later."""
         stored = dict(self._stored)
         full: dict[str, Any] = {}
         counts: dict[str, Any] = {}
@@ -162,7 +167,11 @@ class EngineStore:
             if counts:
                 body["c"] = counts
             write = StateWrite(at=now_us, entry=encode(body))
-        elif self._last_at is None or now_us - self._last_at >= self.heartbeat_us:
+        elif (
+            self._last_at is None
+            or now_us - self._last_at >= self.heartbeat_us
+            or (riding and 2 * (now_us - self._last_at) >= self.heartbeat_us)
+        ):
             write = StateWrite(at=now_us)
         else:
             return None

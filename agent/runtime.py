@@ -258,7 +258,9 @@ class AgentRuntime:
         self.last_flush = time.monotonic()
         now = self.clock()
         self.pending.extend(self.engine.tick(now))
-        state = self.state_store.prepare(self.engine.checkpoint(), to_us(now))
+        state = self.state_store.prepare(
+            self.engine.checkpoint(), to_us(now), riding=bool(self.pending)
+        )
         # When the outbox is full the events are held (the engine's advance stays in memory,
         # the state on disk stays consistent with what is stored) or raw samples shed.
         result = self.writer.write(self.pending, state, now)

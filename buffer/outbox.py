@@ -12,10 +12,10 @@ exceeded by at most one flush (splitting a flush would separate events from the 
 that produced them). Batches marked sheddable (raw samples) can be deleted unsent to make
 room (`shed`); the caller records that as a loss.
 
-Engine state is stored beside the batches and committed in the same transaction: one row
-per equipment (`engine_state`, rewritten at compaction) and a journal of what changed since
-(`engine_journal`, one row per commit that changed something, with the instant up to which
-time was accounted). The outbox stores both as opaque bytes; agent/engine_store.py decides
+Engine state is stored beside the batches and committed in the same transaction: snapshot
+rows (`engine_state`, rewritten when the journal is folded) and a journal of what changed
+since (`engine_journal`, one row per commit that changed something, with the instant up to
+which time was accounted). The outbox stores both as opaque bytes; agent/engine_store.py decides
 what goes in.
 
 Tuned for flash (every figure in README "Storage"):

@@ -182,7 +182,7 @@ class OutboxConfig(_Model):
     # crash or power loss at most this much (plus one flush) of observed time is reported as
     # unknown ("agent restarted"); while parts are counted it is one flush. Shorter: a
     # tighter bound, more small writes to the flash (README "Storage").
-    heartbeat_interval: Duration = Field(default=30.0, gt=0, le=3600)
+    heartbeat_interval: Duration = Field(default=60.0, gt=0, le=3600)
     # The engine-state journal is folded into one row per equipment this often.
     snapshot_interval: Duration = Field(default=300.0, gt=0, le=86400)
 

@@ -293,3 +293,39 @@ def test_an_idle_line_writes_nothing_but_heartbeats_and_a_counted_part_only_a_pa
     assert set(body) == {"c"} and set(body["c"]) == {"press-1"}
     assert body["c"]["press-1"]["counters"] == {"total_count": 101}
     box.close()
+
+
+def test_the_single_checkpoint_row_of_an_older_agent_is_resumed_and_folded(
+    tmp_path: Path,
+) -> None:
+    import json
+    import sqlite3
+
+    path = tmp_path / "outbox.db"
+    engine = plant()
+    engine.start(START)
+    for eq in PRESSES:
+        engine.feed(Sample(eq, "state", 1, START, "good"))
+        engine.feed(Sample(eq, "total_count", 500, START, "good"))
+    engine.tick(START + timedelta(seconds=5))
+    Outbox(path).close()
+    with sqlite3.connect(path) as conn:  # what an older agent left: one row, whole plant
+        conn.execute(
+            "INSERT INTO checkpoint(id, data) VALUES (1, ?)", (json.dumps(engine.checkpoint()),)
+        )
+    box = Outbox(path)
+    store = EngineStore(box, heartbeat_s=60, snapshot_s=300)
+    again = plant()
+    resumed = store.resume(again, START + timedelta(seconds=9))
+    assert resumed is not None and resumed[1] == {}
+    assert again.engines["press-1"].counters == {"total_count": 500}
+    state = store.prepare(again.checkpoint(), to_us(START + timedelta(seconds=9)))
+    assert state is not None and state.snapshot is not None  # folded at the first flush
+    box.append([], state)
+    store.committed(state)
+    assert box.load_state().legacy is None
+    box.close()
+    box = Outbox(path)
+    saved, at = EngineStore(box, heartbeat_s=60, snapshot_s=300).load()
+    assert set(saved) == set(PRESSES) and at == to_us(START + timedelta(seconds=9))
+    box.close()

@@ -543,6 +543,11 @@ class Outbox:
             self._acked_since = time.monotonic()
         return taken
 
+    def tidy(self) -> int:
+        """Delete the acked batches if their deletion is due (see `ack`); returns how many.
+        The uplink calls it on its rounds, so they go even when nothing else is written."""
+        return self.flush_acks() if self._acks_due() else 0
+
     def flush_acks(self) -> int:
         """Delete the acked batches now (a transaction of its own); returns how many."""
         n = len(self._acked)

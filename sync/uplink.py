@@ -53,6 +53,9 @@ class BatchStore(Protocol):
     def epoch(self) -> str: ...
     def pending(self, limit: int, *, after_seq: int = 0) -> Sequence[PendingLike]: ...
     def ack(self, epoch: str, acked: dict[int, str]) -> list[int]: ...
+    def tidy(self) -> int:
+        """Delete acked batches whose deletion is due (the outbox deletes them together)."""
+        ...
 
 
 @dataclass
@@ -236,6 +239,7 @@ class Uplink:
             while True:
                 while not self._acks.empty():
                     self.apply_ack(self._acks.get_nowait())
+                self.store.tidy()
                 self._publish_due()
                 self._wake.clear()
                 ack_wait = asyncio.ensure_future(self._acks.get())

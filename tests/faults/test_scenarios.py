@@ -11,6 +11,7 @@ from pathlib import Path
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from buffer.outbox import Outbox
 from cloud_api.config import DatabaseSettings
 from cloud_api.db import make_pool, migrate
 from sync.keys import SUITE_MLKEM768X25519, CloudKeyring
@@ -403,11 +404,10 @@ async def test_corrupted_outbox_is_moved_aside_and_a_new_epoch_starts(
         await asyncio.sleep(1)
         await settle(agent)
         assert list(agent.state.glob("outbox.db.corrupt-*")), "the bad file is kept aside"
-        with sqlite3.connect(agent.outbox_path) as conn:
-            epoch, next_seq = (
-                conn.execute("SELECT value FROM meta WHERE key = ?", (k,)).fetchone()[0]
-                for k in ("epoch", "next_seq")
-            )
+        # The outbox owns where the next sequence number is kept (meta or its journal).
+        box = Outbox(agent.outbox_path)
+        epoch, next_seq = box.epoch, box.stats().next_seq
+        box.close()
         assert epoch != old_epoch
         with psycopg.connect(pg_url) as conn:
             seqs = [

@@ -15,8 +15,8 @@ room (`shed`); the caller records that as a loss.
 Engine state is stored beside the batches and committed in the same transaction: snapshot
 rows (`engine_state`, rewritten when the journal is folded) and a journal of what changed
 since (`engine_journal`, one row per commit that changed something, with the instant up to
-which time was accounted). The outbox stores both as opaque bytes; agent/engine_store.py decides
-what goes in.
+which time was accounted). The outbox stores both as opaque bytes; its caller decides what
+goes in.
 
 Tuned for flash (every figure in README "Storage"):
 - `secure_delete = OFF`: Debian's SQLite is built with it on, which overwrites every freed
@@ -238,7 +238,7 @@ class Outbox:
         self._clock = clock
         self._free_space = free_space
         self.counters = WriteCounters()
-        # Acked batches waiting for the next write transaction: seq -> (count, bytes).
+        # Acked batches waiting to be deleted together: seq -> (count, bytes).
         self._acked: dict[int, tuple[int, int]] = {}
         self._acked_since: float | None = None  # monotonic time of the oldest of them
         self._next_seq = 1
@@ -525,8 +525,8 @@ class Outbox:
     def ack(self, epoch: str, acked: dict[int, str]) -> list[int]:
         """Take the batches an ack names, only where epoch and digest match what we sent.
 
-        They are gone from `pending()` and `stats()` at once and deleted from the file in the
-        next write transaction (see the module docstring)."""
+        They are gone from `pending()` and `stats()` at once and deleted from the file together
+        with others when due (see the module docstring, and `tidy`)."""
         if epoch != self.epoch or not acked:
             return []
         taken: list[int] = []

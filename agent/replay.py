@@ -442,7 +442,7 @@ def summary(result: dict[str, Any]) -> str:
 def run_replay(args: argparse.Namespace) -> int:
     """`edge-agent replay`; returns the exit code."""
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, replay=True)
     except ConfigError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2

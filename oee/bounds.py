@@ -62,6 +62,16 @@ def clean_text(value: str) -> str:
     return kept[:MAX_TEXT_CHARS]
 
 
+def plc_value(value: bool | int | float | str | None) -> bool | int | float | str | None:
+    """A raw PLC value as an event carries it: text cleaned, a number out of bounds (a 64-bit
+    counter, NaN, infinity) as its text."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value if number_in_bounds(value) else clean_text(str(value))
+    return value
+
+
 def check_data(data: dict[str, Any]) -> dict[str, Any]:
     """An agent event's data: JSON values within the bounds above."""
     budget = [MAX_DATA_VALUES]

@@ -118,9 +118,12 @@ def _cycle_time(value: float) -> float:
     return value
 
 
+CycleTime = Annotated[Duration, AfterValidator(_cycle_time)]
+
+
 class ProductSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    ideal_cycle_time: Annotated[Duration, AfterValidator(_cycle_time)]
+    ideal_cycle_time: CycleTime
 
 
 def _code_key(raw: object) -> str:
@@ -155,7 +158,7 @@ class EquipmentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
     line: str | None = None
-    ideal_cycle_time: Duration
+    ideal_cycle_time: CycleTime
     micro_stop_threshold: Duration | None = None
     micro_stops: Literal["performance", "availability"] = "performance"
     state_map: CodeMap
@@ -163,11 +166,6 @@ class EquipmentSpec(BaseModel):
     product_map: CodeMap = Field(default_factory=dict)
     products: dict[EventText, ProductSpec] = Field(default_factory=dict)
     counters: dict[Literal["total_count", "good_count", "scrap_count", "rework_count"], CounterSpec]
-
-    @field_validator("ideal_cycle_time")
-    @classmethod
-    def _positive_cycle(cls, value: float) -> float:
-        return _cycle_time(value)
 
     @field_validator("state_map")
     @classmethod

@@ -93,6 +93,7 @@ class _Bucket:
 
     __slots__ = (
         "end",
+        "parts",
         "pending",
         "reasons",
         "shift",
@@ -116,6 +117,7 @@ class _Bucket:
         self.shift_start = shift_start
         self.shift_end = shift_end
         self.values = _new_values()
+        self.parts = 0  # counted by any counter: bounds every quantity of the bucket
         self.reasons: dict[str, int] = {}
         # Microseconds of the current, not yet judged stop, by (state, reason): the stop's
         # full length decides whether it is a micro-stop, so its time waits here until known.
@@ -129,6 +131,7 @@ class _Bucket:
             "shift_start": self.shift_start,
             "shift_end": self.shift_end,
             "values": self.values,
+            "parts": self.parts,
             "reasons": self.reasons,
             "pending": [[s, r, v] for (s, r), v in self.pending.items()],
         }
@@ -144,6 +147,7 @@ class _Bucket:
         )
         bucket.values.update({k: int(v) for k, v in data["values"].items()})
         bucket.reasons = {k: int(v) for k, v in data["reasons"].items()}
+        bucket.parts = int(data.get("parts", 0))  # absent in checkpoints of earlier agents
         bucket.pending = {(s, r): int(v) for s, r, v in data["pending"]}
         return bucket
 
@@ -809,13 +813,14 @@ class EquipmentEngine:
         bucket = self._cur
         if bucket is None or not (bucket.start <= at < bucket.end):
             bucket = self._bucket_at(at)
-        v = bucket.values
-        held = abs(v["good"]) + abs(v["scrap"]) + v["produced"] + v["rework"]
-        if held + v["off_plan_produced"] + d > MAX_COUNTER_DELTA:
+        parts = bucket.parts + d
+        if parts > MAX_COUNTER_DELTA:
             # Many plausible jumps in one bucket add up to an implausible one; the bound
             # keeps every bucket and count event far inside the event model's bounds.
             self._report_counter(signal, "quarantined", previous, self.counters[signal], d)
             return
+        bucket.parts = parts
+        v = bucket.values
         produced, good, scrap, rework = self._effects[signal]
         produced *= d
         good *= d

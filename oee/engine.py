@@ -459,6 +459,8 @@ class EquipmentEngine:
         scan = data.get("scan")  # absent in checkpoints of earlier agents
         self._scan_ts = None if scan is None else int(scan[0])
         self._scan = [] if scan is None else [(str(sig), raw) for sig, raw in scan[1]]
+        if any(sig not in _SIGNAL_SET for sig, _ in self._scan):
+            raise ValueError("the open scan names an unknown signal")
         self._scan_sorted = False
         self._stale = set()
         self._state_raw = None
@@ -678,7 +680,8 @@ class EquipmentEngine:
             f"{self.spec.id}: performance {performance:.3f} > 1 in shift {bucket.shift}; "
             "the configured ideal cycle time is probably too long",
             {
-                "performance": performance,
+                # A shift of microseconds with many parts can exceed what an event holds.
+                "performance": performance if number_in_bounds(performance) else None,
                 "shift": bucket.shift,
                 "shift_start": None if shift_start is None else shift_start.isoformat(),
                 "configured_ideal_cycle_time_s": self.spec.cycle_time(self.product),

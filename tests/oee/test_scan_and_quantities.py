@@ -259,3 +259,21 @@ def test_an_open_scan_survives_a_checkpoint() -> None:
     assert [(e.state, e.reason) for e in of(events, StateEvent)] == [("fault", "no material")]
     version_2 = {k: v for k, v in snapshot.items() if k != "scan"}  # written by earlier agents
     engine().restore(version_2)
+    with pytest.raises(ValueError, match="unknown signal"):
+        engine().restore(snapshot | {"scan": [snapshot["scan"][0], [["colour", 1]]]})
+
+
+def test_a_performance_too_large_for_an_event_is_reported_without_its_number() -> None:
+    eng = engine(("total_count",), width=64, ideal_cycle_time=86_400)
+    eng.calendar = ShiftCalendar([ShiftSpec(name="early", start="06:00", end="07:00")], "UTC")  # type: ignore[arg-type]
+    samples: list[tuple[float, str, object]] = [
+        (0, "state", 2),
+        (0, "total_count", 0),
+        (10, "state", 1),
+        (10.000001, "state", 2),  # one microsecond of production
+        (20, "total_count", 2**32),
+    ]
+    events = run(eng, samples, 3600)
+    assert load_events(dump_events(events)) == events
+    flags = [e for e in of(events, AgentEvent) if e.code == "performance_above_one"]
+    assert [f.data["performance"] for f in flags] == [None]

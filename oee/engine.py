@@ -15,6 +15,12 @@ sample of the same signal is stale and ignored (so feeding a stream twice, or a 
 changes nothing); a sample newer than that but older than the time already accounted takes
 effect at the accounted time (closed buckets are never revised on the edge; late data is
 the cloud's business).
+
+Scans: the samples of one equipment that share a source timestamp (one poll, one
+subscription notification) are one snapshot. They are held until a sample with another
+timestamp arrives, or until tick() passes their time (finish() and mark_unknown() apply them
+at once), and then applied together in a fixed order (_RANK), so the result does not depend
+on the order of the signals in the YAML. An open scan is part of the checkpoint.
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ Server-Timing parts)."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
@@ -16,7 +15,6 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
-import psycopg
 from fastapi import HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from psycopg_pool import ConnectionPool
@@ -63,16 +61,7 @@ async def db(request: Request, fn: Callable[[Conn], T]) -> T:
 
     def call() -> T:
         with pool.connection() as conn:
-            # Reads in autocommit: under READ COMMITTED every statement takes its own snapshot
-            # whether or not a transaction surrounds it, so this sees the same data and saves
-            # the BEGIN and ROLLBACK round trips of each request.
-            conn.autocommit = True
-            try:
-                return fn(conn)
-            finally:
-                # A broken connection cannot switch back; the pool discards it anyway.
-                with contextlib.suppress(psycopg.Error):
-                    conn.autocommit = False
+            return fn(conn)
 
     started = time.perf_counter()
     try:

@@ -26,6 +26,11 @@ class DatabaseSettings(_Model):
     # saves planning on the hot read paths (ingest prepares nothing). PgBouncer in transaction
     # mode supports that from 1.21 on (max_prepared_statements > 0); null for an older one.
     prepare_threshold: int | None = Field(default=2, ge=0)
+    # The API's data-change listener (LISTEN) needs a session of its own, which a
+    # transaction-mode pooler does not keep (it would listen on a server connection it hands
+    # back at once and never hear a notification): behind PgBouncer, the direct PostgreSQL
+    # URL. Unset: `url`.
+    listen_url: str | None = Field(default=None, repr=False)
 
 
 class MqttSettings(_Model):
@@ -128,6 +133,7 @@ class CloudSettings(_Model):
 
 _ENV = {
     "CLOUD_DATABASE_URL": ("database", "url"),
+    "CLOUD_DATABASE_LISTEN_URL": ("database", "listen_url"),
     "CLOUD_MQTT_HOST": ("mqtt", "host"),
     "CLOUD_MQTT_PORT": ("mqtt", "port"),
     "CLOUD_MQTT_USERNAME": ("mqtt", "username"),

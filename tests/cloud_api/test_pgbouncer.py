@@ -20,17 +20,19 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg import errors, sql
 
-from cloud_api.auth import Principal
-from cloud_api.config import DatabaseSettings
+from cloud_api.app import create_app
+from cloud_api.auth import Principal, generate_token_key
+from cloud_api.config import CloudSettings, DatabaseSettings
 from cloud_api.db import make_pool
 from cloud_api.security import SitePool, database_scope
-from tests.cloud_api.securitykit import WINDOW, secured_api, seed_two_sites
+from tests.cloud_api.securitykit import T0, WINDOW, SecuredApi, secured_api, seed_two_sites
 from tests.conftest import PG_ADMIN, free_port
 
 PGBOUNCER = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
@@ -217,3 +219,49 @@ async def test_the_api_through_pgbouncer(bouncer: Bouncer, pg_url: str, tmp_path
             assert (status, produced) == (200, 10)
         else:
             assert status == 404, (site, equipment_site, status)
+
+
+async def test_a_data_change_reaches_the_answers_of_an_api_behind_pgbouncer(
+    bouncer: Bouncer, pg_url: str, tmp_path: Path
+) -> None:
+    """The app's own pool goes through PgBouncer, its data-change listener straight to
+    PostgreSQL (`database.listen_url`): a LISTEN through a transaction pooler hears nothing,
+    and the answers cache would serve the numbers from before a change for ever."""
+    seed_two_sites(pg_url)
+    keys_dir = tmp_path / "cloud-keys"
+    generate_token_key(keys_dir)
+    cloud = CloudSettings(database=settings(bouncer, 4), keys_dir=keys_dir)
+    cloud.database.listen_url = pg_url
+    api = SecuredApi(create_app(cloud), cloud, keys_dir)
+    headers = api.headers("viewer", ["site-a"])
+    async with api.app.router.lifespan_context(api.app), api.client() as client:
+        assert await asyncio.to_thread(api.app.state.data_marks.connected.wait, 20)
+
+        async def produced() -> int:
+            r = await client.get("/v1/oee", params=query, headers=headers)
+            assert r.status_code == 200, r.text
+            hits.append('cache;desc="hit"' in r.headers["server-timing"])
+            return int(r.json()["total"]["components"]["produced"])
+
+        query = {"scope": "equipment", "id": "press-a", **WINDOW}
+        hits: list[bool] = []
+        assert await produced() == await produced() == 10
+        assert hits == [False, True]  # the second answer was served again
+        with psycopg.connect(pg_url) as conn, conn.transaction():
+            conn.execute(
+                "INSERT INTO rollups.oee_1m(site_id, equipment_id, bucket, planned_busy_s, "
+                "production_s, produced, good, ideal_produced_s, ideal_good_s) "
+                "VALUES ('site-a', 'press-a', %s, 60, 50, 10, 9, 40, 36)",
+                (T0 + timedelta(minutes=1),),
+            )
+            conn.execute(
+                "INSERT INTO rollups.data_versions(site_id, equipment_id, day, version) "
+                "VALUES ('site-a', 'press-a', %s, nextval('rollups.data_version_seq')) "
+                "ON CONFLICT (site_id, equipment_id, day) DO UPDATE SET version = excluded.version",
+                (T0.date(),),
+            )
+        # The notification arrives just after the commit; the limit only ends a broken test.
+        deadline = time.monotonic() + 10
+        while (now := await produced()) != 20:
+            assert time.monotonic() < deadline, f"the API still answers {now} parts"
+            await asyncio.sleep(0.25)  # well inside the viewer tier's burst of 60

@@ -483,7 +483,7 @@ class OpcUaHub:
         ts = self._timestamp(dv, now)
         status = dv.StatusCode or ua.StatusCode()
         if not status.is_good():
-            self._problem(tag.key, f"status {status.name}")
+            self._problem(tag.key, f"node {tag.node}: status {status.name}")
             return Sample(tag.equipment_id, tag.signal, None, ts, "bad")
         try:
             value = plain_value(dv.Value.Value if dv.Value is not None else None)

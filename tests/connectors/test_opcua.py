@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -137,7 +138,7 @@ async def test_bad_status_gives_bad_quality_then_recovers(sim: OpcUaPressServer,
         await wait_until(lambda: got.quality("p1", "state") == "bad", "bad quality")
         bad = got.last("p1", "state")
         assert bad is not None and bad.value is None
-        assert "BadSensorFailure" in hub.problems["p1/state"]
+        assert hub.problems["p1/state"] == f"node {sim.nsu_id(1, 'State')}: status BadSensorFailure"
         sim.presses[0].set_state("fault")
         await wait_until(lambda: got.quality("p1", "state") == "good", "good again")
     assert got.value("p1", "state") == 2
@@ -372,3 +373,24 @@ def test_security_needs_certificate() -> None:
     options = "security_policy: Basic256Sha256\n    security_mode: Sign"
     with pytest.raises(ConfigError, match="needs certificate and private_key"):
         parse_config(CONFIG % (options, "i=1"))
+
+
+async def test_silent_server_names_the_timeout_actually_used() -> None:
+    # A server that accepts the TCP connection and never answers: the Hello request gives
+    # up after `timeout`, long before the whole handshake's limit of three times that.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    url = f"opc.tcp://127.0.0.1:{port}"
+    cfg = OpcUaConnection.model_validate({"id": "plc", "url": url, "timeout": "1s"})
+    hub = OpcUaHub(cfg, [OpcUaTag("p1", "state", "ns=2;s=Press1.State")])
+    try:
+        async with running(hub):
+            await wait_until(lambda: hub.last_error is not None, "the failed attempt")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert hub.last_error == f"no answer from {url} within 1s"

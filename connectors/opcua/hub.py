@@ -215,6 +215,16 @@ async def _builtin_type(client: Client, data_type: ua.NodeId) -> str | None:
     return _BUILTIN_TYPES[data_type.Identifier] if known(data_type) else None  # type: ignore[index]
 
 
+def _no_endpoint(cfg: OpcUaConnection, endpoints: Sequence[ua.EndpointDescription]) -> str:
+    offered = sorted(
+        {f"{e.SecurityPolicyUri.rsplit('#', 1)[-1]}/{e.SecurityMode.name}" for e in endpoints}
+    )
+    return (
+        f"the server offers no endpoint with {cfg.security_policy}/{cfg.security_mode}; "
+        f"it offers {', '.join(offered)} (set security_policy and security_mode to one of them)"
+    )
+
+
 class _Handler:
     """asyncua calls this for each notification; it only queues, the hub does the work."""
 
@@ -284,16 +294,7 @@ class OpcUaHub:
             e for e in endpoints if e.SecurityPolicyUri == policy.URI and e.SecurityMode == mode
         ]
         if not match:
-            offered = sorted(
-                {
-                    f"{e.SecurityPolicyUri.rsplit('#', 1)[-1]}/{e.SecurityMode.name}"
-                    for e in endpoints
-                }
-            )
-            raise OpcUaError(
-                f"the server offers no endpoint with {cfg.security_policy}/{cfg.security_mode}; "
-                f"it offers {', '.join(offered)}"
-            )
+            raise OpcUaError(_no_endpoint(cfg, endpoints))
         server_der = match[0].ServerCertificate
         if cfg.server_certificate is not None:
             trusted = await asyncio.to_thread(_load_der, cfg.server_certificate)
@@ -366,6 +367,8 @@ class OpcUaHub:
                 # others), so it surfaces as an AssertionError.
                 self._log.debug("secure handshake failed", error=repr(exc))
                 raise OpcUaTrustError(await self._untrusted(None)) from exc
+            if (no_endpoint := await self._no_insecure_endpoint()) is not None:
+                raise OpcUaError(no_endpoint) from exc
             raise OpcUaError(f"connect failed: {type(exc).__name__}: {exc}") from exc
         self._client = client
         self.problems.clear()  # what the last connection (or its failure) left is history
@@ -376,6 +379,21 @@ class OpcUaHub:
             await self._disconnect()
             raise
         return client
+
+    async def _no_insecure_endpoint(self) -> str | None:
+        """Why a connection without security failed, when the server offers none (asks the
+        server for its endpoints on this failure path only)."""
+        client = Client(self.config.url, timeout=self.config.timeout)
+        try:
+            async with asyncio.timeout(self.config.timeout * 3):
+                endpoints = await client.connect_and_get_server_endpoints()
+        except Exception:  # the first failure is the one to report
+            return None
+        finally:
+            await self._abandon(client)
+        if any(e.SecurityMode == ua.MessageSecurityMode.None_ for e in endpoints):
+            return None
+        return _no_endpoint(self.config, endpoints)
 
     async def _untrusted(self, status: int | None) -> str:
         """What to do when the server did not accept our certificate."""

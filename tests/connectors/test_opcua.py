@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from asyncua import ua
 
+from agent.cli import main
 from agent.config import ConfigError, parse_config
 from connectors.modbus.simulator import Press
 from connectors.opcua.certs import create_certificate
@@ -394,3 +395,45 @@ async def test_silent_server_names_the_timeout_actually_used() -> None:
         server.close()
         await server.wait_closed()
     assert hub.last_error == f"no answer from {url} within 1s"
+
+
+async def test_browse_a_server_with_only_secure_endpoints(
+    secure_sim: OpcUaPressServer,
+    pki: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    options = (
+        "security_policy: Basic256Sha256\n    security_mode: SignAndEncrypt\n"
+        f"    certificate: {pki['client.der']}\n    private_key: {pki['client.pem']}\n"
+        "    username: operator\n    password: ${OPCUA_TEST_PASSWORD}"
+    )
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        CONFIG.replace("opc.tcp://127.0.0.1:4840", secure_sim.url) % (options, "i=2258"),
+        encoding="utf-8",
+    )
+    flags = [
+        "--security-policy=Basic256Sha256",
+        "--security-mode=SignAndEncrypt",
+        f"--certificate={pki['client.der']}",
+        f"--private-key={pki['client.pem']}",
+        f"--server-certificate={pki['server.der']}",
+        "--username=operator",
+        "--password=s3cret-pw",
+    ]
+    monkeypatch.setenv("OPCUA_TEST_PASSWORD", "s3cret-pw")
+    # browse runs its own event loop: a thread keeps this one serving
+    for args in (
+        ["-c", str(config)],
+        ["-c", str(config), "--connection", "plc-ua", secure_sim.url],
+        [secure_sim.url, *flags],
+    ):
+        code = await asyncio.to_thread(main, ["browse", *args, "--path", "/Objects/Press1"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert "TotalCount" in out and "[UInt32]" in out
+    code = await asyncio.to_thread(main, ["browse", secure_sim.url])
+    assert code == 1
+    assert "offers no endpoint with None/None" in capsys.readouterr().err

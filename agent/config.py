@@ -297,6 +297,12 @@ def _substitute(node: Any, path: str, env: dict[str, str]) -> Any:
     return node
 
 
+def expand_env(node: Any, path: str) -> Any:
+    """`${ENV}` substitution of one part of the file (`path` is its YAML path), for a
+    command that needs only that part: other variables may stay unset."""
+    return _substitute(node, path, dict(os.environ))
+
+
 def _line_index(text: str) -> dict[tuple[str, ...], int]:
     """YAML path -> 1-based line, so errors can point into the file."""
     lines: dict[tuple[str, ...], int] = {}

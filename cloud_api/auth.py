@@ -3,8 +3,10 @@ verified by its JWKS), service API keys, and the `Principal` with its role, site
 
 Token signing keys live in the cloud key directory beside the HPKE and ack keys, one line each
 (see sync.keys): ``jwt-<kid>.key`` (0600), ``jwt-<kid>.pub``, ``jwt.current``. Every key stays
-valid for verification until its file is removed, so rotating (a new current key) does not
-invalidate tokens already handed out; the key id travels in the token header (`kid`).
+valid for verification until its file is removed or it is revoked (ops.revoked_token_keys), so
+rotating (a new current key) does not invalidate tokens already handed out; the key id travels
+in the token header (`kid`). Both take effect on a running process within two refresh periods
+(`Revocations`).
 
 Roles and what they may do (API keys are further limited to their scopes):
 
@@ -350,6 +352,8 @@ class VerifiedTokens:
     def __init__(self, leeway_s: float, max_entries: int = 10_000) -> None:
         self.leeway_s = leeway_s
         self._items: LruMap[str, Principal] = LruMap(max_entries)
+        self.generation = 0  # bumped by clear()
+        self._lock = threading.Lock()
 
     def get(self, token: str) -> Principal | None:
         principal = self._items.get(token)
@@ -361,11 +365,17 @@ class VerifiedTokens:
             return None
         return principal
 
-    def put(self, token: str, principal: Principal) -> None:
-        self._items.put(token, principal)
+    def put(self, token: str, principal: Principal, generation: int) -> None:
+        """Remember `principal` if no `clear()` came since `generation` was read (a token
+        verified against revocations that changed meanwhile must be verified again)."""
+        with self._lock:
+            if generation == self.generation:
+                self._items.put(token, principal)
 
     def clear(self) -> None:
-        self._items.clear()
+        with self._lock:
+            self.generation += 1
+            self._items.clear()
 
 
 class Authenticator:
@@ -479,6 +489,7 @@ class Authenticator:
 
     def _token(self, token: str) -> Principal:
         """Verify `token` against the keys and revocations in memory."""
+        generation = self.verified.generation
         known = self.verified.get(token)
         if known is not None:
             return self._still_valid(known)
@@ -537,7 +548,7 @@ class Authenticator:
             credential_id=jti,
             expires=datetime.fromtimestamp(int(claims["exp"]), UTC),
         )
-        self.verified.put(token, principal)
+        self.verified.put(token, principal, generation)
         return principal
 
     def _check_lifetime(self, claims: Mapping[str, Any]) -> None:

@@ -126,6 +126,21 @@ async def test_revoked_token_that_was_verified_before_is_refused_within_the_boun
     assert code == 401 and "revoked" in body, body
 
 
+async def test_a_view_that_cannot_be_read_again_is_not_served(api: SecuredApi, pg_url: str) -> None:
+    token = api.token("viewer", ["site-a"])
+    assert (await status(api, token))[0] == 200
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("REVOKE SELECT ON ops.credential_stamp FROM gateway_api")
+    wait_out_the_bound()
+    async with api.client() as client:
+        r = await client.get(OEE_A, params=WINDOW, headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 503, r.text
+    assert int(r.headers["Retry-After"]) >= 1
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("GRANT SELECT ON ops.credential_stamp TO gateway_api")
+    assert (await status(api, token))[0] == 200
+
+
 async def test_maximum_lifetime_holds_at_verification(api: SecuredApi) -> None:
     ring = TokenKeyring.load(api.keys_dir)
     kid, key = ring.current

@@ -523,6 +523,13 @@ class IngestWorker:
         reasons: list[ReasonCode],
         properties: Properties | None,
     ) -> None:
+        # A refused subscription (broker ACL) leaves the worker deaf: say so, never "ready".
+        if any(r.is_failure for r in reasons):
+            log.error("subscription refused", subscription=self.subscription, reason=str(reasons))
+            return
+        # Batches published before this SUBACK went to no subscriber and wait for the
+        # agents' resend; whoever starts ingest and agents together waits for this line.
+        log.info("subscribed", subscription=self.subscription)
         self.subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:

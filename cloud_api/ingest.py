@@ -77,8 +77,11 @@ PERMANENT: frozenset[str] = frozenset(
     {"invalid_schema", "invalid_content", "decompression", "conflict"}
 )
 # What PostgreSQL (or psycopg before sending) refuses in the data itself: out-of-range
-# numbers, NUL and untranslatable characters, malformed values, violated constraints.
-CONTENT_ERRORS = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
+# numbers, NUL and untranslatable characters, malformed values, a required value missing.
+# Not the other integrity errors: a unique violation can come from two workers creating the
+# same partition, a foreign key or partition-routing (check) violation from registry or
+# retention changes made meanwhile; those stay unanswered and the agent sends again.
+CONTENT_ERRORS = (psycopg.errors.DataError, psycopg.errors.NotNullViolation)
 
 
 @dataclass(frozen=True)

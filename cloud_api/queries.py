@@ -628,7 +628,8 @@ def equipment_list(
 def agents_list(
     conn: Conn, agent: str | None, site: str | None, sites: list[str] | None
 ) -> list[dict[str, Any]]:
-    """Fleet view: status as last reported, ingest lag, sequence gaps, rejects by reason."""
+    """Fleet view: status as last reported, ingest lag, sequence gaps, rejects by reason
+    (verified ones only), batches the agent declared lost by reason."""
     rows = run(
         conn,
         "agents",
@@ -644,7 +645,7 @@ def agents_list(
             "    SELECT epoch, seq, lead(seq) OVER (PARTITION BY epoch ORDER BY seq) AS nxt"
             "    FROM facts.batches b WHERE b.agent_id = a.agent_id) s"
             "   WHERE nxt > seq + 1) g) AS gaps,"
-            " ops.agent_rejects(a.agent_id) AS rejects"
+            " ops.agent_rejects(a.agent_id) AS rejects, ops.agent_losses(a.agent_id) AS losses"
             " FROM registry.agents a"
             " WHERE (%(sites)s::text[] IS NULL OR a.site_id = ANY(%(sites)s))"
             " AND (%(site)s::text IS NULL OR a.site_id = %(site)s)"
@@ -681,6 +682,7 @@ def agents_list(
                 "sequence_gaps": gaps,
                 "missing_batches": sum(int(g["to_seq"]) - int(g["from_seq"]) + 1 for g in gaps),
                 "rejected_batches": r["rejects"] or {},
+                "lost_batches": r["losses"] or {},
             }
         )
     return out

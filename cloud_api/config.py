@@ -26,6 +26,9 @@ class DatabaseSettings(_Model):
     # saves planning on the hot read paths (ingest prepares nothing). PgBouncer in transaction
     # mode supports that from 1.21 on (max_prepared_statements > 0); null for an older one.
     prepare_threshold: int | None = Field(default=2, ge=0)
+    # How long an API request waits for a pooled connection before it is answered 503 with
+    # Retry-After (the database is down, refuses connections or every connection is busy).
+    checkout_timeout_seconds: float = Field(default=1.5, gt=0, le=60)
 
 
 class MqttSettings(_Model):

@@ -24,7 +24,7 @@ from cloud_api.auth import SITE_ID, Principal
 from cloud_api.db import with_retry
 from cloud_api.pii import PiiError, PiiKeyring
 from cloud_api.problems import Problem
-from cloud_api.routes.common import EARLIEST, LATEST, window
+from cloud_api.routes.common import outside_calendar, window
 from cloud_api.security import CurrentPrincipal, require
 
 router = APIRouter(prefix="/v1/equipment", tags=["annotations"])
@@ -58,8 +58,9 @@ class AnnotationIn(_Text):
     @field_validator("ts", mode="after")
     @classmethod
     def _in_calendar(cls, value: datetime) -> datetime:
-        if not EARLIEST <= value <= LATEST:
-            raise ValueError(f"must lie between {EARLIEST.isoformat()} and {LATEST.isoformat()}")
+        reason = outside_calendar(value)
+        if reason is not None:
+            raise ValueError(reason)
         return value
 
 

@@ -1,6 +1,7 @@
 """The HTTP API's security perimeter, installed on the app by `install(app, settings)`.
 
-One ASGI middleware, outermost, wraps every request: trace span and id, body size limit,
+One ASGI middleware, outermost, wraps every request: the one parse of its headers (a repeated
+header the API reads is refused, cloud_api/headers.py), trace span and id, body size limit,
 authentication and rate limiting of every `/v1/...` path (health, readiness, metrics, OpenAPI
 and the dashboard's static page stay public), the default permission (GET/HEAD need `read`,
 any other method `write`), security headers, closed CORS unless origins are configured,
@@ -235,8 +236,7 @@ class SecurityMiddleware:
         started = time.perf_counter()
         path: str = scope.get("path", "")
         method: str = scope.get("method", "GET")
-        parsed = request_headers.of(scope)
-        headers = parsed.values
+        headers = request_headers.of(scope).values
         state: MutableMapping[str, Any] = scope.setdefault("state", {})
         status_box = {"status": 500, "cache_hit": False, "started": False, "too_large": False}
         with tracing.request_span(method, path, headers) as (span, trace_id):

@@ -39,26 +39,28 @@ def allowed_sites(request: Request) -> list[str] | None:
 
 # The instants a window may name: Python's calendar (years 1 to 9999) less a year on each
 # side, so that a bound can be shown in any time zone and the bucket holding it aligned to
-# its week or month without leaving the calendar (an OverflowError, a 500, before).
+# its week or month without leaving the calendar (beyond it, conversions raise OverflowError).
 EARLIEST = datetime(2, 1, 1, tzinfo=UTC)
 LATEST = datetime(9999, 1, 1, tzinfo=UTC)
 # The longest IANA zone names have about 30 characters.
 MAX_ZONE_NAME = 64
 
 
-def instant(name: str, value: datetime, *, place: str = "query") -> datetime:
+def outside_calendar(value: datetime) -> str | None:
+    """Why an aware `value` cannot be used as a bound, or None. Compared, not converted:
+    converting 0001-01-01T00:00+01:00 to UTC overflows."""
+    if EARLIEST <= value <= LATEST:
+        return None
+    return f"must lie between {EARLIEST.isoformat()} and {LATEST.isoformat()}"
+
+
+def instant(name: str, value: datetime) -> datetime:
     """`value` in UTC; 422 naming the parameter when it has no offset or is out of range."""
     if value.tzinfo is None or value.utcoffset() is None:
-        raise invalid_parameter(
-            name, "needs a time zone offset, e.g. 2026-01-05T06:00:00Z", place=place
-        )
-    # Compared before any conversion: converting 0001-01-01T00:00+01:00 overflows.
-    if not EARLIEST <= value <= LATEST:
-        raise invalid_parameter(
-            name,
-            f"must lie between {EARLIEST.isoformat()} and {LATEST.isoformat()}",
-            place=place,
-        )
+        raise invalid_parameter(name, "needs a time zone offset, e.g. 2026-01-05T06:00:00Z")
+    reason = outside_calendar(value)
+    if reason is not None:
+        raise invalid_parameter(name, reason)
     return value.astimezone(UTC)
 
 

@@ -33,6 +33,9 @@ class DatabaseSettings(_Model):
     # back at once and never hear a notification): behind PgBouncer, the direct PostgreSQL
     # URL. Unset: `url`.
     listen_url: str | None = Field(default=None, repr=False)
+    # How long an API request waits for a pooled connection before it is answered 503 with
+    # Retry-After (the database is down, refuses connections or every connection is busy).
+    checkout_timeout_seconds: float = Field(default=1.5, gt=0, le=60)
 
 
 class MqttSettings(_Model):

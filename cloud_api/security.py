@@ -1,6 +1,7 @@
 """The HTTP API's security perimeter, installed on the app by `install(app, settings)`.
 
-One ASGI middleware, outermost, wraps every request: trace span and id, body size limit,
+One ASGI middleware, outermost, wraps every request: the one parse of its headers (a repeated
+header the API reads is refused, cloud_api/headers.py), trace span and id, body size limit,
 authentication and rate limiting of every `/v1/...` path (health, readiness, metrics, OpenAPI
 and the dashboard's static page stay public), the default permission (GET/HEAD need `read`,
 any other method `write`), security headers, closed CORS unless origins are configured,
@@ -34,12 +35,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from psycopg_pool import ConnectionPool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cloud_api import headers as request_headers
 from cloud_api import tracing
 from cloud_api.auth import Authenticator, Permission, Principal
 from cloud_api.config import CloudSettings, RateTier, SecuritySettings
 from cloud_api.ops_stats import RequestStats
 from cloud_api.pii import PiiKeyring
-from cloud_api.problems import Problem, problem_response
+from cloud_api.problems import Problem, database_unavailable, problem_response
 from cloud_api.ratelimit import FailureThrottle, RateLimiter
 
 log = structlog.get_logger("cloud_api.security")
@@ -208,7 +210,7 @@ class SecurityMiddleware:
         started = time.perf_counter()
         path: str = scope.get("path", "")
         method: str = scope.get("method", "GET")
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = request_headers.of(scope).values
         state: MutableMapping[str, Any] = scope.setdefault("state", {})
         status_box = {"status": 500, "cache_hit": False, "started": False, "too_large": False}
         with tracing.request_span(method, path, headers) as (span, trace_id):
@@ -263,6 +265,11 @@ class SecurityMiddleware:
                 if status_box["started"]:
                     raise
                 await self._too_large(path, trace_id)(scope, receive, send_wrapped)
+            except psycopg.OperationalError:
+                # Met outside a route (authentication reads API keys and revocations).
+                if status_box["started"]:
+                    raise
+                await database_unavailable(path, trace_id)(scope, receive, send_wrapped)
             except Exception:
                 log.exception("unhandled error in a request", path=path[:200], method=method)
                 if status_box["started"]:
@@ -356,6 +363,15 @@ class SecurityMiddleware:
                 headers=problem.headers,
             )
 
+        duplicate = request_headers.of(scope).duplicate_of
+        if duplicate is not None:
+            return refuse(
+                Problem(
+                    400,
+                    f"the {duplicate!r} header is repeated; send it once",
+                    slug="duplicate-header",
+                )
+            )
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.state.settings.max_body_bytes:
             return self._too_large(path, trace_id)

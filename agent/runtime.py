@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, SignalConfig
 from agent.outbox_writer import OutboxWriter
 from agent.raw_samples import RawSamplePublisher
 from buffer.outbox import Outbox
@@ -29,7 +29,8 @@ from connectors.sample import Sample
 from oee.bounds import clean_text
 from oee.engine import PlantEngine
 from oee.events import AgentEvent, Event, dump_events
-from sync.envelope import EnvelopeHeader, envelope_digest, seal
+from oee.quantities import COUNTER_SIGNALS
+from sync.envelope import EnvelopeHeader, RejectionBody, envelope_digest, seal
 from sync.keys import AgentKeys
 from sync.uplink import BrokerSettings, Uplink
 
@@ -109,6 +110,15 @@ class AgentRuntime:
             bucket_seconds=config.agent.bucket_seconds,
         )
         self.pending: list[Event] = []
+        # Counters whose width follows the data type their PLC declares (no `type:`/`width:`),
+        # and the declared type last applied to each.
+        self._width_from_source: dict[tuple[str, str], SignalConfig] = {
+            (eq.id, name): sig
+            for eq in config.equipment
+            for name, sig in eq.signals.items()
+            if name in COUNTER_SIGNALS and sig.width_from_source
+        }
+        self._source_types: dict[tuple[str, str], str] = {}
         # Read by the service's watchdog and the local metrics (agent/service.py, health.py).
         self.tasks: list[asyncio.Task[None]] = []
         self.last_flush: float | None = None
@@ -133,6 +143,7 @@ class AgentRuntime:
             topic_prefix=mqtt.topic_prefix,
             ack_timeout=config.uplink.ack_timeout,
             max_in_flight=config.uplink.max_in_flight,
+            on_rejected=self.record_rejection,
         )
         self.log = log.bind(agent=config.agent.id, site=config.agent.site)
 
@@ -229,6 +240,32 @@ class AgentRuntime:
             data=data,
         )
 
+    def record_rejection(self, rejection: RejectionBody, events: int) -> bool:
+        """Commit the loss record of a batch the cloud refused for good (signed, it travels in
+        a later batch); True once it is in the outbox, so the uplink may remove the batch. A
+        crash in between sends the batch again and records the loss again: the cloud keys
+        losses by (epoch, seq)."""
+        now = self.clock()
+        event = self._agent_event(
+            now,
+            "batch_rejected",
+            f"the cloud refused batch {rejection.seq} of epoch {rejection.epoch} for good "
+            f"({rejection.reason}): its {events} event(s) are lost",
+            {
+                "epoch": rejection.epoch,
+                "seqs": [rejection.seq],
+                "events": events,
+                "reason": rejection.reason,
+                "detail": rejection.detail,
+                "loss": True,
+            },
+        )
+        result = self.writer.write([event], None, now)
+        # The outbox is full: fill alarms held with it go out with the next flush; the batch
+        # stays until a later rejection finds room for its loss record.
+        self.pending.extend(e for e in result.held if e is not event)
+        return not result.held
+
     # -- the pipeline ---------------------------------------------------------------------
 
     async def _emit(self, sample: Sample) -> None:
@@ -270,12 +307,35 @@ class AgentRuntime:
             self.uplink.notify()
         return len(result.seqs)
 
+    def _feed(self, sample: Sample) -> None:
+        if sample.source_type is not None and self._width_from_source:
+            self._follow_source_type(sample, sample.source_type)
+        self.pending.extend(self.engine.feed(sample))
+
+    def _follow_source_type(self, sample: Sample, declared: str) -> None:
+        """Count a counter at the width of the data type its PLC declares (before its value)."""
+        key = (sample.equipment_id, sample.signal)
+        signal = self._width_from_source.get(key)
+        if signal is None or self._source_types.get(key) == declared:
+            return
+        self._source_types[key] = declared
+        counter = signal.counter_spec(declared)
+        self.engine.set_counter(sample.equipment_id, sample.signal, counter)
+        self.log.info(
+            "counter width from the PLC",
+            equipment=sample.equipment_id,
+            signal=sample.signal,
+            data_type=declared,
+            width=counter.width,
+            signed=counter.signed,
+        )
+
     async def _engine_loop(self) -> None:
         while True:
             sample = await self.samples.get()
             self.samples_total += 1
             try:
-                self.pending.extend(self.engine.feed(sample))
+                self._feed(sample)
                 if self.raw_samples is not None and (raw := self.raw_samples.feed(sample)):
                     self.pending.append(raw)
             except (KeyError, ValueError) as exc:
@@ -298,7 +358,8 @@ class AgentRuntime:
         data keys: version, outbox_depth, outbox_events, outbox_bytes, outbox_quota_bytes,
         outbox_oldest_unacked_s, acked_seq_high_water, epoch, next_seq, connectors
         ({id: connected}), uplink ({connected, published, resent, acked_batches,
-        acks_rejected}), agent_time (the agent's clock, for the cloud's offset estimate).
+        acks_rejected, rejected_batches}), agent_time (the agent's clock, for the cloud's
+        offset estimate).
         """
         stats = self.outbox.stats()
         up = self.uplink.stats
@@ -324,6 +385,7 @@ class AgentRuntime:
                     "resent": up.resent,
                     "acked_batches": up.acked_batches,
                     "acks_rejected": up.acks_rejected,
+                    "rejected_batches": up.rejected_batches,
                 },
                 "agent_time": now.isoformat(),
             },
@@ -379,7 +441,7 @@ class AgentRuntime:
             # Graceful stop: whatever was sampled is committed with its checkpoint.
             while not self.samples.empty():
                 with contextlib.suppress(KeyError, ValueError):
-                    self.pending.extend(self.engine.feed(self.samples.get_nowait()))
+                    self._feed(self.samples.get_nowait())
             self.flush()
             for hub in self.hubs:
                 await hub.__aexit__()

@@ -110,6 +110,18 @@ class Agent:
         return events + plant.finish(end)
 
 
+def press_spec(equipment: str) -> EquipmentSpec:
+    """A press as the engine sees it: state 0 idle, 1 running, 2 fault, 3 setup; reason 1 jam,
+    2 no material; product 1 A (1 s), 2 B (2 s); total, scrap and rework counters."""
+    return EquipmentSpec.model_validate(
+        {"id": equipment, "ideal_cycle_time": 1.0,
+         "state_map": {0: "idle", 1: "running", 2: "fault", 3: "setup"},
+         "reason_map": {1: "jam", 2: "no material"}, "product_map": {1: "A", 2: "B"},
+         "products": {"A": {"ideal_cycle_time": 1.0}, "B": {"ideal_cycle_time": 2.0}},
+         "counters": {"total_count": {}, "scrap_count": {}, "rework_count": {}}}
+    )  # fmt: skip
+
+
 def enrolled_agent(
     pg_url: str,
     pool: ConnectionPool,

@@ -23,8 +23,10 @@ from psycopg_pool import ConnectionPool
 from cloud_api.auth import ROLES
 from cloud_api.config import RateTier
 from cloud_api.routes.common import EARLIEST, LATEST
+from connectors.sample import Sample
+from oee.events import CountEvent
 from sync.keys import CloudKeyring
-from tests.cloud_api.ingestion import enrolled_agent
+from tests.cloud_api.ingestion import enrolled_agent, press_spec
 from tests.cloud_api.securitykit import T0, WINDOW, SecuredApi, secured_api, seed_two_sites
 
 OEE_A = {"scope": "equipment", "id": "press-a", **WINDOW}
@@ -292,17 +294,18 @@ async def test_quantities_beyond_json_range_are_flagged_not_a_500(
         pg_url, pool, cloud_keys, tmp_path / "edge-a", agent_id="edge-a", site_id="site-a"
     )
     m = timedelta(minutes=1)
-    counts = [
-        agent.count("press-a", T0 + 1 * m, produced=10, good=9, scrap=1, product="A"),
-        agent.count("press-a", T0 + 2 * m, produced=1, good=1, product="A"),
-        agent.count("press-a", T0 + 3 * m, produced=1, good=1, product="A"),
-    ]
+    plc = [(0, "state", 1), (0, "product", 1), (0, "total_count", 0), (0, "scrap_count", 0),
+           (1, "total_count", 10), (1, "scrap_count", 1), (2, "total_count", 11),
+           (3, "total_count", 12)]  # fmt: skip
+    samples = [Sample("press-a", signal, value, T0 + minute * m) for minute, signal, value in plc]
+    made = agent.engine_events([press_spec("press-a")], samples, T0, T0 + 4 * m)
+    counts = [e for e in made if isinstance(e, CountEvent)]
     assert agent.send(counts) == "stored"
     # Ingest refuses such values now; until it did, a signed batch could carry them and they
     # were stored as sent. These rows stand for those: the events the engine made and ingest
     # stored, then given the values an old ingest let through.
     with psycopg.connect(pg_url) as conn:
-        for event, patch in ((counts[1], {"produced": 10**30}), (counts[2], {"scrap": 1.5})):
+        for event, patch in ((counts[2], {"produced": 10**30}), (counts[3], {"scrap": 1.5})):
             conn.execute(
                 "UPDATE facts.events SET body = body || %s::jsonb WHERE event_id = %s",
                 (json.dumps(patch), event.event_id),
@@ -321,10 +324,10 @@ async def test_quantities_beyond_json_range_are_flagged_not_a_500(
         r = await client.get("/v1/events", params=site, headers=headers)
         assert r.status_code == 200, r.text
         by_id = {e["event_id"]: e for e in r.json()["events"]}
-        huge = by_id[str(counts[1].event_id)]
+        huge = by_id[str(counts[2].event_id)]
         assert huge["body"]["produced"] == str(10**30)
         assert huge["out_of_range"] == ["produced"]
-        assert by_id[str(counts[2].event_id)]["body"]["scrap"] == 1.5
+        assert by_id[str(counts[3].event_id)]["body"]["scrap"] == 1.5
         assert "out_of_range" not in by_id[str(counts[0].event_id)]
         r = await client.get("/v1/events", params=site, headers={**headers, "Accept": "text/csv"})
         assert r.status_code == 200 and str(10**30) in r.text

@@ -26,9 +26,10 @@ from cloud_api.cli import main as cli_main
 from cloud_api.config import FailureLimit
 from cloud_api.ingest import IngestWorker
 from cloud_api.revocations import REFRESH_S
+from connectors.sample import Sample
 from sync.keys import CloudKeyring
 from sync.uplink import BrokerSettings, make_client
-from tests.cloud_api.ingestion import enrolled_agent
+from tests.cloud_api.ingestion import enrolled_agent, press_spec
 from tests.cloud_api.securitykit import T0, WINDOW, SecuredApi, secured_api, seed_two_sites
 from tests.conftest import MQTT_HOST, MQTT_PORT
 
@@ -238,13 +239,18 @@ def test_revoked_agent_key_is_refused_by_running_ingest(
         pg_url, pool, cloud_keys, tmp_path / "agent", agent_id="edge-1", site_id="plant-a",
         topic_prefix=topic_prefix,
     )  # fmt: skip
-    events = [agent.state("press-1", T0, "running", None, None)]
+    press = press_spec("press-1")
+    running = [Sample("press-1", "state", 1, T0)]
+    events = agent.engine_events([press], running, T0, T0 + timedelta(seconds=30))
     _published(agent.topic, agent.sealed(events))
     assert _outcome(pg_url, "edge-1", 1) == "stored"
     kid = agent.keys.signing_key_id
     assert cli(pg_url, tmp_path / "k", tmp_path, "agents", "revoke-key", "--agent", "edge-1",
                "--key-id", kid, "--last") == 0  # fmt: skip
     wait_out_the_bound(REFRESH_S, periods=1)
-    later = [agent.state("press-1", T0 + timedelta(minutes=1), "fault", "running", "jam")]
+    at = T0 + timedelta(minutes=1)
+    later = agent.engine_events(
+        [press], [Sample("press-1", "state", 2, at)], at, at + timedelta(seconds=30)
+    )
     _published(agent.topic, agent.sealed(later))
     assert _outcome(pg_url, "edge-1", 2) == "unknown_agent"

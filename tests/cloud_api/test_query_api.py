@@ -27,10 +27,9 @@ from cloud_api.config import CloudSettings, DatabaseSettings
 from cloud_api.marks import DataMarks
 from connectors.sample import Sample
 from oee.components import Components, ratios
-from oee.config import EquipmentSpec
 from oee.events import AgentEvent, CountEvent, OeeEvent
 from sync.keys import CloudKeyring
-from tests.cloud_api.ingestion import Agent, enrolled_agent
+from tests.cloud_api.ingestion import Agent, enrolled_agent, press_spec
 from tests.conftest import free_port
 
 T0 = datetime(2026, 1, 5, 6, 0, tzinfo=UTC)  # a Monday, closed window
@@ -341,14 +340,7 @@ def test_downtime_states_quality_events_hierarchy_and_fleet(
               "clock_offset_s": -0.25, "unrelated": 1},
     )  # fmt: skip
     m = timedelta(minutes=1)
-    press_1 = EquipmentSpec.model_validate(
-        {"id": "press-1", "ideal_cycle_time": 1.0,
-         "state_map": {0: "idle", 1: "running", 2: "fault", 3: "setup"},
-         "reason_map": {1: "jam", 2: "no material"}, "product_map": {1: "A", 2: "B"},
-         "products": {"A": {"ideal_cycle_time": 1.0}, "B": {"ideal_cycle_time": 2.0}},
-         "counters": {"total_count": {}, "scrap_count": {}, "rework_count": {}}}
-    )  # fmt: skip
-    press_2 = press_1.model_copy(update={"id": "press-2"})
+    press_1, press_2 = press_spec("press-1"), press_spec("press-2")
     plc = [  # (minute, equipment, signal, raw value), as a PLC reports them
         (0, "press-1", "state", 1), (0, "press-1", "product", 1), (0, "press-1", "reason", 0),
         (0, "press-1", "total_count", 0), (0, "press-1", "scrap_count", 0),

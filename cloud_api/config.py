@@ -9,6 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cloud_api.revocations import REFRESH_S
+
 
 class ConfigError(Exception):
     """The cloud configuration cannot be used; the message names the key and the reason."""
@@ -73,6 +75,9 @@ class JwksSettings(_Model):
     sites_claim: str = "sites"
     cache_seconds: int = Field(default=300, ge=0)
     timeout_seconds: float = Field(default=5.0, gt=0)
+    # A token naming a key id missing from the cached set fetches the set again at most this
+    # often (a provider's new key is accepted within it; made-up key ids cost nothing more).
+    unknown_kid_refresh_seconds: float = Field(default=30.0, ge=0)
 
 
 class RateTier(_Model):
@@ -80,6 +85,22 @@ class RateTier(_Model):
 
     per_hour: int = Field(ge=1_000, le=100_000)
     burst: int = Field(ge=1, le=10_000)
+
+
+class FailureLimit(_Model):
+    """Failed authentications per client address: a token bucket of `burst` failures that
+    refills by `per_minute`; an address with an empty bucket gets 429 before its credential is
+    read (no key lookup, no signature check)."""
+
+    per_minute: int = Field(default=10, ge=1, le=100_000)
+    burst: int = Field(default=30, ge=1, le=100_000)
+    # Refusals are logged once per address and period (its first one at once, the count at
+    # the end of the period).
+    log_every_seconds: float = Field(default=60.0, gt=0)
+
+    @property
+    def per_hour(self) -> int:
+        return self.per_minute * 60
 
 
 Role = Literal["viewer", "engineer", "admin", "service"]
@@ -99,7 +120,10 @@ class SecuritySettings(_Model):
     audience: str = "factory-edge-gateway-api"
     leeway_seconds: int = Field(default=30, ge=0, le=300)
     max_token_ttl_seconds: int = Field(default=90 * 86400, ge=60)
-    revocation_refresh_seconds: float = Field(default=10.0, ge=0)
+    # How often each process reads the credential stamp (cloud_api/revocations.py): a
+    # revocation takes effect within this, at most twice this, on every API process.
+    revocation_refresh_seconds: float = Field(default=REFRESH_S, ge=0, le=60)
+    auth_failures: FailureLimit = Field(default_factory=FailureLimit)
     jwks: JwksSettings | None = None
     rate_limits: dict[Role, RateTier] = Field(default_factory=_default_tiers)
     redis_url: str | None = Field(default=None, repr=False)

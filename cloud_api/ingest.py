@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 from cloud_api import derived, metrics, tracing
 from cloud_api.db import TRANSIENT, with_retry
+from cloud_api.revocations import CredentialStamp
 from cloud_api.sequence import record_batch_seq, record_declared_losses
 from oee.components import COMPONENT_FIELDS
 from oee.events import EVENT_LIST_ADAPTER, Event, OeeEvent, load_events
@@ -158,6 +159,7 @@ class AgentRegistry:
         self._keys: dict[tuple[str, str], Ed25519PublicKey] = {}
         self._loaded = 0.0
         self._lock = threading.Lock()
+        self.stamp = CredentialStamp()
 
     def _load(self) -> None:
         with self.pool.connection() as conn:
@@ -182,6 +184,9 @@ class AgentRegistry:
 
     def key(self, agent_id: str, key_id: str) -> Ed25519PublicKey | None:
         with self._lock:
+            # A revoked key stops verifying within the stamp's refresh (cloud_api.revocations).
+            if self.stamp.refresh(self.pool, self._load):
+                return self._keys.get((agent_id, key_id))
             if (agent_id, key_id) not in self._keys:
                 self._load()
             return self._keys.get((agent_id, key_id))

@@ -40,7 +40,7 @@ from cloud_api.config import CloudSettings, RateTier, SecuritySettings
 from cloud_api.ops_stats import RequestStats
 from cloud_api.pii import PiiKeyring
 from cloud_api.problems import Problem, problem_response
-from cloud_api.ratelimit import RateLimiter
+from cloud_api.ratelimit import FailureThrottle, RateLimiter
 
 log = structlog.get_logger("cloud_api.security")
 
@@ -179,6 +179,7 @@ class SecurityState:
         self.limiter = RateLimiter(
             redis_url=settings.security.redis_url, prefix=settings.security.redis_prefix
         )
+        self.failures = FailureThrottle(self.limiter, settings.security.auth_failures)
         self.stats = RequestStats()
         self.keys_dir = settings.keys_dir
         self._pii: PiiKeyring | None = None
@@ -364,9 +365,22 @@ class SecurityMiddleware:
             return refuse(Problem(400, "NUL characters are not allowed in the URL", slug="bad-url"))
         if not path.startswith(PROTECTED_PREFIX):
             return None
+        address = _client_address(scope)
+        wait = self.state.failures.blocked(address)
+        if wait:
+            return refuse(
+                Problem(
+                    429,
+                    f"too many failed authentications from this address; retry in {wait} s",
+                    slug="too-many-failures",
+                    headers={"Retry-After": str(wait)},
+                )
+            )
         try:
             principal = await self.state.auth.authenticate(Request(scope))
         except Problem as problem:
+            if problem.status == 401:
+                await self.state.failures.failed(address, _credential_kind(headers), problem.detail)
             return refuse(problem)
         decision = await self.state.limiter.check(principal.rate_key, self.state.tier(principal))
         extra_headers.update(decision.headers(principal.role))
@@ -395,6 +409,19 @@ class SecurityMiddleware:
         # Copied into the tasks and worker threads that serve this request.
         _SCOPE.set(principal.db_scope)
         return None
+
+
+def _client_address(scope: Scope) -> str:
+    """The peer's address as the server saw it (behind a proxy: as uvicorn's
+    `forwarded_allow_ips` lets it be rewritten)."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def _credential_kind(headers: dict[str, str]) -> str:
+    if "x-api-key" in headers or headers.get("authorization", "")[7:].lstrip().startswith("fgw_"):
+        return "api_key"
+    return "token" if headers.get("authorization") else "none"
 
 
 def _with_security_scheme(app: FastAPI) -> None:
@@ -480,4 +507,7 @@ def _flush_once(app: FastAPI, state: SecurityState) -> None:
 async def _flush_loop(app: FastAPI, state: SecurityState, every_s: float = 15.0) -> None:
     while True:
         await asyncio.sleep(every_s)
+        # On the event loop, where refusals are noted: the count of a quiet address is
+        # logged even when no further request comes.
+        state.failures.log.flush_due()
         await asyncio.to_thread(_flush_once, app, state)

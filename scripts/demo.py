@@ -286,6 +286,7 @@ def main() -> int:
     )
 
     # A read-only token for the demo plant, issued (and audited) like an operator would.
+    run([str(BIN / "cloud-api"), "tokens", "rotate-key"], env)
     token = run(
         [str(BIN / "cloud-api"), "tokens", "issue", "--role", "viewer", "--sites", "demo-plant",
          "--ttl", "7d", "--subject", "demo"],

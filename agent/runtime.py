@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import json
 import secrets
 import time
@@ -31,13 +30,11 @@ from oee.events import AgentEvent, Event, dump_events
 from sync.envelope import EnvelopeHeader, envelope_digest, seal
 from sync.keys import AgentKeys
 from sync.uplink import BrokerSettings, Uplink
+from sync.version import VERSION
 
 log = structlog.get_logger("agent")
 
-try:
-    AGENT_VERSION = importlib.metadata.version("factory-edge-gateway")
-except importlib.metadata.PackageNotFoundError:  # running from a source tree
-    AGENT_VERSION = "0+unknown"
+AGENT_VERSION = VERSION
 
 Clock = Callable[[], datetime]
 

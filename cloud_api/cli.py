@@ -25,6 +25,7 @@ from sync.keys import (
     parse_ed25519_public,
 )
 from sync.logs import configure_logging
+from sync.version import VERSION
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -280,6 +281,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cloud-api", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     parser.add_argument("--config", help="cloud YAML (CLOUD_* environment variables override)")
     parser.add_argument("--keys-dir", help="directory of the cloud's keys")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # The demo installs the project only; the tests add their tools (pytest, ruff, mypy, ...).
+# Editable in compat mode (a path entry): the default mode for a flat layout warns on every
+# install about folders shadowing the packages, which here are the packages themselves.
+EDITABLE := --config-settings editable_mode=compat
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
@@ -14,11 +17,11 @@ TEST_STAMP := $(VENV)/.installed-test
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q $(EDITABLE) -e .
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q $(EDITABLE) -e '.[test]'
 	touch $(TEST_STAMP)
 
 venv: $(STAMP)

@@ -18,14 +18,19 @@ EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
     ("old", "new", "where", "why"),
     [
         (
-            "ideal_cycle_time: 1s",
-            "ideal_cycle_tme: 1s",
+            "ideal_cycle_time: 2s",
+            "ideal_cycle_tme: 2s",
             "equipment[0].ideal_cycle_tme",
             "unknown key",
         ),
         ("port: 5020", "port: fivethousand", "connections[0].port", "valid integer"),
         ("2: fault", "2: faulty", "equipment[0]", "unknown state 'faulty'"),
-        ("timezone: UTC", "timezone: Mars/Olympus", "agent.timezone", "unknown IANA time zone"),
+        (
+            "timezone: Europe/Berlin",
+            "timezone: Mars/Olympus",
+            "agent.timezone",
+            "unknown IANA time zone",
+        ),
     ],
 )
 def test_a_typo_is_rejected_at_start_naming_the_yaml_path(
@@ -60,4 +65,10 @@ def test_environment_variables_fill_secrets_and_a_missing_one_is_named() -> None
 
 def test_the_demo_configuration_loads() -> None:
     config = load_config(DEMO)
-    assert [e.id for e in config.equipment] == ["press-1"]
+    assert [e.id for e in config.equipment] == [
+        "press-1", "press-2", "press-3", "welder-1", "welder-2", "packer-1"
+    ]  # fmt: skip
+    # The other machines share press-1's signals through a YAML anchor; press-3 overrides
+    # its counter with a 16-bit one.
+    assert config.equipment[4].signals == config.equipment[0].signals
+    assert config.equipment[2].signals["total_count"].width == 16

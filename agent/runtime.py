@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import json
 import secrets
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -33,13 +32,11 @@ from oee.quantities import COUNTER_SIGNALS
 from sync.envelope import EnvelopeHeader, RejectionBody, envelope_digest, seal
 from sync.keys import AgentKeys
 from sync.uplink import BrokerSettings, Uplink
+from sync.version import VERSION
 
 log = structlog.get_logger("agent")
 
-try:
-    AGENT_VERSION = importlib.metadata.version("factory-edge-gateway")
-except importlib.metadata.PackageNotFoundError:  # running from a source tree
-    AGENT_VERSION = "0+unknown"
+AGENT_VERSION = VERSION
 
 Clock = Callable[[], datetime]
 
@@ -390,6 +387,36 @@ class AgentRuntime:
                 "agent_time": now.isoformat(),
             },
         )
+
+    def record(self, samples: Iterable[Sample], end: datetime, *, flush_every_s: float) -> int:
+        """Commit recorded samples to the outbox as `run` would have, on the samples' clock.
+
+        The engine starts at the first sample and flushes every `flush_every_s` of sample
+        time and once at `end`; a later `run` resumes from the checkpoint and its uplink
+        ships the batches. Returns the number of batches committed."""
+        now = [end]
+        self.clock = lambda: now[0]
+        batches = 0
+        started = False
+        next_flush = end
+        for sample in samples:
+            if not started:
+                now[0] = sample.ts
+                self._resume()
+                next_flush = sample.ts + timedelta(seconds=flush_every_s)
+                started = True
+            while sample.ts >= next_flush:
+                now[0] = next_flush
+                batches += self.flush()
+                next_flush += timedelta(seconds=flush_every_s)
+            self.samples_total += 1
+            self.pending.extend(self.engine.feed(sample))
+        if not started:
+            self._resume()
+        now[0] = end
+        batches += self.flush()
+        self.outbox.close()
+        return batches
 
     async def _drain(self, uplink: asyncio.Task[None], limit_s: float) -> None:
         """On stop, give the uplink a bounded time to ship what is committed and get acks."""

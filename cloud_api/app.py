@@ -130,7 +130,9 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.pool = pool
-    app.state.data_marks = DataMarks(settings.database.listen_url or settings.database.url)
+    app.state.data_marks = DataMarks(
+        settings.database.listen_url or settings.database.require_url()
+    )
     app.state.answers = Answers(app.state.data_marks)
     install_routes(app)
     install_dashboard(app)

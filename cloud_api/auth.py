@@ -42,7 +42,7 @@ from starlette.requests import Request
 
 from cloud_api.cache import LruMap
 from cloud_api.config import JwksSettings, Role, SecuritySettings
-from cloud_api.problems import Problem
+from cloud_api.problems import DATABASE_RETRY_AFTER_S, Problem
 from cloud_api.revocations import CredentialStamp
 from sync.keys import (
     KeyFileError,
@@ -434,9 +434,10 @@ class Authenticator:
             log.warning("revoked credentials cannot be read", error=type(exc).__name__)
             raise Problem(
                 503,
-                "credentials cannot be checked right now; retry shortly",
-                slug="unavailable",
-                headers={"Retry-After": "2"},
+                "the database is unavailable, so credentials cannot be checked; retry after "
+                "the time in Retry-After",
+                slug="database-unavailable",
+                headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
             ) from None
 
     async def authenticate(self, request: Request) -> Principal:

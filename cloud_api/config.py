@@ -21,7 +21,8 @@ class _Model(BaseModel):
 
 
 class DatabaseSettings(_Model):
-    url: str = Field(default="postgresql://postgres@127.0.0.1:5432/postgres", repr=False)
+    # No default: a command run without CLOUD_DATABASE_URL must not quietly use some database.
+    url: str | None = Field(default=None, repr=False)
     pool_min: int = Field(default=1, ge=0, le=100)
     pool_max: int = Field(default=10, ge=1, le=500)
     # The API prepares a query on the server after this many runs of it on a connection, which
@@ -36,6 +37,23 @@ class DatabaseSettings(_Model):
     # How long an API request waits for a pooled connection before it is answered 503 with
     # Retry-After (the database is down, refuses connections or every connection is busy).
     checkout_timeout_seconds: float = Field(default=1.5, gt=0, le=60)
+
+    def require_url(self) -> str:
+        """The URL, or a ConfigError that says how to give one."""
+        if not self.url:
+            raise ConfigError(
+                "no database given: set CLOUD_DATABASE_URL (e.g. "
+                "postgresql://USER@HOST:5432/DBNAME) or database.url in the file of --config"
+            )
+        return self.url
+
+    def describe(self) -> str:
+        """Which database, for messages: name, host and port, never the password."""
+        from psycopg.conninfo import conninfo_to_dict
+
+        info = conninfo_to_dict(self.require_url())
+        name = info.get("dbname") or info.get("user") or ""
+        return f"database {name} on {info.get('host') or 'localhost'}:{info.get('port') or 5432}"
 
 
 class MqttSettings(_Model):

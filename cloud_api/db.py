@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -12,6 +13,7 @@ import psycopg
 import psycopg.sql
 import structlog
 from psycopg import errors
+from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from cloud_api.config import DatabaseSettings
@@ -33,6 +35,13 @@ def migrations() -> list[tuple[str, str]]:
         (f.name, f.read_text(encoding="utf-8")) for f in folder.iterdir() if f.name.endswith(".sql")
     )
     return items
+
+
+def command_connection(settings: DatabaseSettings) -> psycopg.Connection[TupleRow]:
+    """A connection for one `cloud-api` command. It names the database on stderr first, so
+    an operator sees which one a command reads or changes (never the password)."""
+    print(f"cloud-api: {settings.describe()}", file=sys.stderr)
+    return psycopg.connect(settings.require_url())
 
 
 def migrate(url: str) -> list[str]:
@@ -145,7 +154,7 @@ def make_pool(
         conn.commit()
 
     pool = CheckedPool(
-        settings.url,
+        settings.require_url(),
         min_size=settings.pool_min,
         max_size=settings.pool_max,
         kwargs={

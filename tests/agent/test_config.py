@@ -19,14 +19,19 @@ EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
     ("old", "new", "where", "why"),
     [
         (
-            "ideal_cycle_time: 1s",
-            "ideal_cycle_tme: 1s",
+            "ideal_cycle_time: 2s",
+            "ideal_cycle_tme: 2s",
             "equipment[0].ideal_cycle_tme",
             "unknown key",
         ),
         ("port: 5020", "port: fivethousand", "connections[0].port", "valid integer"),
         ("2: fault", "2: faulty", "equipment[0]", "unknown state 'faulty'"),
-        ("timezone: UTC", "timezone: Mars/Olympus", "agent.timezone", "unknown IANA time zone"),
+        (
+            "timezone: Europe/Berlin",
+            "timezone: Mars/Olympus",
+            "agent.timezone",
+            "unknown IANA time zone",
+        ),
     ],
 )
 def test_a_typo_is_rejected_at_start_naming_the_yaml_path(
@@ -67,16 +72,22 @@ def test_environment_variables_fill_secrets_and_a_missing_one_is_named() -> None
 
 def test_the_demo_configuration_loads() -> None:
     config = load_config(DEMO)
-    assert [e.id for e in config.equipment] == ["press-1"]
+    assert [e.id for e in config.equipment] == [
+        "press-1", "press-2", "press-3", "welder-1", "welder-2", "packer-1"
+    ]  # fmt: skip
+    # The other machines share press-1's signals through a YAML anchor; press-3 overrides
+    # its counter with a 16-bit one.
+    assert config.equipment[4].signals == config.equipment[0].signals
+    assert config.equipment[2].signals["total_count"].width == 16
 
 
 @pytest.mark.parametrize(
     ("old", "new", "where", "why"),
     [
         (
-            "bucket_seconds: 10 ",
-            "bucket_seconds: 7  ",
-            "agent.bucket_seconds (line 8)",
+            "bucket_seconds: 60",
+            "bucket_seconds: 7",
+            "agent.bucket_seconds (line 9)",
             "must divide an hour",
         ),
         (
@@ -86,14 +97,14 @@ def test_the_demo_configuration_loads() -> None:
             "produced parts cannot be derived",
         ),
         (
-            "timezone: UTC",
-            "timezone: UTC\n  tick_interval: 1s",
+            "timezone: Europe/Berlin",
+            "timezone: Europe/Berlin\n  tick_interval: 1s",
             "agent.tick_interval",
             "unknown key",
         ),
-        ("3: jam}", '3: "jam\\u0000"}', "equipment[0]", "holds control characters"),
+        ("3: jam,", '3: "jam\\u0000",', "equipment[0]", "holds control characters"),
         (
-            "ideal_cycle_time: 1s",
+            "ideal_cycle_time: 2s",
             "ideal_cycle_time: 25h",
             "equipment[0].ideal_cycle_time",
             "at most 24h",
@@ -115,7 +126,7 @@ def test_replay_ignores_connections_but_validate_does_not(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=r"equipment\[0\].connection: no connection"):
         load_config(config)
     replayed = load_config(config, replay=True)
-    assert [e.connection for e in replayed.equipment] == ["plc-1"]
+    assert {e.connection for e in replayed.equipment} == {"plc-1"}
     samples = tmp_path / "samples.jsonl"
     samples.write_text(
         '{"ts": "2026-01-05T06:00:00Z", "equipment": "press-1", "signal": "state", "value": 1}\n'

@@ -32,7 +32,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _install() -> None:
+def install_node_opcua() -> None:
+    """npm ci of the pinned node-opcua (the committed lock file), once per checkout."""
     if (HERE / "node_modules" / "node-opcua-server").is_dir():
         return
     subprocess.run(
@@ -45,7 +46,7 @@ def _install() -> None:
 
 @pytest.fixture(scope="module")
 def node_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    _install()
+    install_node_opcua()
     home = tmp_path_factory.mktemp("node-opcua")
     port = free_port()
     proc = subprocess.Popen(

@@ -26,6 +26,7 @@ from buffer.outbox import Outbox
 from connectors.connector import Hub
 from connectors.registry import build_hub
 from connectors.sample import Sample
+from oee.bounds import clean_text
 from oee.engine import PlantEngine
 from oee.events import AgentEvent, Event, dump_events
 from sync.envelope import EnvelopeHeader, envelope_digest, seal
@@ -161,9 +162,8 @@ class AgentRuntime:
                 saved = json.loads(raw)
             except ValueError:
                 saved = {}
-            for eq, problem in self.engine.restore(
-                saved if isinstance(saved, dict) else {}
-            ).items():
+            for eq, error in self.engine.restore(saved if isinstance(saved, dict) else {}).items():
+                problem = clean_text(error)  # an exception's text may quote the bad entry
                 # Starting afresh re-baselines the counters: parts made since the last
                 # checkpoint are not counted, so this is reported as a loss.
                 self.log.error(

@@ -492,7 +492,8 @@ def state_intervals(
 def quality(
     conn: Conn, members: Sequence[Member], start: datetime, end: datetime
 ) -> list[dict[str, Any]]:
-    """Produced/good/scrap/rework per equipment and product from count events."""
+    """Produced/good/scrap/rework per equipment and product from count events; each carries
+    what its increment changed in the buckets (oee/quantities.py, migration 0030)."""
     if not members:
         return []
     stmt = _SCOPE_CTE + sql.SQL(

@@ -23,16 +23,22 @@ import contextlib
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from oee.bounds import clean_text, int_or_text, number_in_bounds
 from oee.calendar import ShiftCalendar
 from oee.components import COMPONENT_FIELDS, QUANTITY_FIELDS, Components
 from oee.config import CounterSpec, EquipmentSpec
-from oee.counters import counter_delta
+from oee.counters import MAX_COUNTER_DELTA, counter_delta
 from oee.events import AgentEvent, CountEvent, Event, OeeEvent, StateEvent
+from oee.quantities import COUNTER_SIGNALS, counter_effects
 
 STOP_STATES = ("fault", "idle")
-COUNTER_SIGNALS = ("total_count", "good_count", "scrap_count", "rework_count")
 SIGNALS = ("state", "reason", "product", *COUNTER_SIGNALS)
 _SIGNAL_SET = frozenset(SIGNALS)  # membership tests on the hot path
+# The order in which the samples of one scan apply, whatever the order of the YAML: the reason
+# first, so a stop's state change carries the reason set in the same scan; counts after the
+# state (they are credited in the state the scan reports) and before the product (the parts
+# a reading counts were made since the previous reading, under the product in force then).
+_RANK = {"reason": 0, "state": 1} | dict.fromkeys(COUNTER_SIGNALS, 2) | {"product": 3}
 _COUNTER_SET = frozenset(COUNTER_SIGNALS)
 UNSPECIFIED = "unspecified"
 CHECKPOINT_VERSION = 2
@@ -87,6 +93,7 @@ class _Bucket:
 
     __slots__ = (
         "end",
+        "parts",
         "pending",
         "reasons",
         "shift",
@@ -110,6 +117,7 @@ class _Bucket:
         self.shift_start = shift_start
         self.shift_end = shift_end
         self.values = _new_values()
+        self.parts = 0  # counted by any counter: bounds every quantity of the bucket
         self.reasons: dict[str, int] = {}
         # Microseconds of the current, not yet judged stop, by (state, reason): the stop's
         # full length decides whether it is a micro-stop, so its time waits here until known.
@@ -123,6 +131,7 @@ class _Bucket:
             "shift_start": self.shift_start,
             "shift_end": self.shift_end,
             "values": self.values,
+            "parts": self.parts,
             "reasons": self.reasons,
             "pending": [[s, r, v] for (s, r), v in self.pending.items()],
         }
@@ -138,6 +147,7 @@ class _Bucket:
         )
         bucket.values.update({k: int(v) for k, v in data["values"].items()})
         bucket.reasons = {k: int(v) for k, v in data["reasons"].items()}
+        bucket.parts = int(data.get("parts", 0))  # absent in checkpoints of earlier agents
         bucket.pending = {(s, r): int(v) for s, r, v in data["pending"]}
         return bucket
 
@@ -192,10 +202,15 @@ class EquipmentEngine:
         self._unmapped: str | None = None
         self._state_raw: object = None  # raw value behind self.state (a repeat changes nothing)
         self._stale: set[str] = set()
-        self._by_good = "good_count" in spec.counters
+        self._effects = counter_effects(spec.counters)
         self._cur: _Bucket | None = None
         self._win: tuple[int, int, str | None, int | None, int | None] | None = None
         self._out: list[Event] = []
+        # The open scan: samples sharing the timestamp _scan_ts, not applied yet.
+        self._scan: list[tuple[str, object]] = []
+        self._scan_ts: int | None = None
+        self._scan_rank = 0
+        self._scan_sorted = True
 
     @property
     def cursor(self) -> datetime | None:
@@ -242,12 +257,16 @@ class EquipmentEngine:
                 self.product = self._map_product(raw)
         elif raw is not None and signal in self.spec.counters:
             counter = self.spec.counters[signal]
-            with contextlib.suppress(TypeError, ValueError):  # feed() reports bad values
+            with contextlib.suppress(TypeError, ValueError, OverflowError):  # feed() reports
                 current = int(raw)  # type: ignore[call-overload]
                 self.counters[signal] = counter_delta(counter, None, current).current
 
     def feed(self, sample: SampleLike) -> list[Event]:
-        """Apply one sample (see the module docstring for samples out of order)."""
+        """Take one sample (see the module docstring for scans and samples out of order).
+
+        The sample joins the open scan when it has the scan's timestamp; otherwise the open
+        scan is applied first, so the events of a scan come out with a later call.
+        """
         signal = sample.signal
         if signal not in _SIGNAL_SET:
             raise ValueError(f"unknown signal {signal!r}")
@@ -263,6 +282,51 @@ class EquipmentEngine:
         else:
             self._stale.discard(signal)
             self.seen[signal] = (ts, [raw])
+        scan = self._scan
+        if ts == self._scan_ts and scan:
+            # Another sample of the open scan (the common case: a poll's samples share one
+            # timestamp); the order is only noted here and restored when the scan applies.
+            rank = _RANK[signal]
+            if rank < self._scan_rank:
+                self._scan_sorted = False
+            else:
+                self._scan_rank = rank
+            scan.append((signal, raw))
+            return []
+        if scan:
+            self._apply_scan()
+        scan_ts = self._scan_ts
+        if scan_ts is not None and ts < scan_ts:
+            # Late: applied alone, at the time already accounted.
+            self._scan = [(signal, raw)]
+            self._apply_scan(ts)
+            self._scan_ts = None
+        else:
+            self._scan = [(signal, raw)]
+            self._scan_ts = ts
+            self._scan_rank = _RANK[signal]
+            self._scan_sorted = True
+        if self._out:
+            return self._drain()
+        return []
+
+    @property
+    def latest_us(self) -> int | None:
+        """The latest instant accounted or sampled (the open scan's time, if later)."""
+        cursor, scan = self.cursor_us, self._scan_ts
+        if scan is None or not self._scan:
+            return cursor
+        return scan if cursor is None or scan > cursor else cursor
+
+    def _apply_scan(self, ts: int | None = None) -> None:
+        """Apply the samples of the open scan together, in canonical order (_RANK)."""
+        scan = self._scan
+        self._scan = []
+        if ts is None:
+            assert self._scan_ts is not None
+            ts = self._scan_ts
+        if not self._scan_sorted:
+            scan.sort(key=lambda item: _RANK[item[0]])
         cursor = self.cursor_us
         if cursor is None:
             self._start(ts)
@@ -270,34 +334,40 @@ class EquipmentEngine:
         if ts > cursor:
             self._accrue(ts)
             cursor = ts
-        if signal == "state":
-            if raw is None or raw != self._state_raw:
-                self._state_raw = raw
-                self._on_state(raw, cursor)
-        elif signal in _COUNTER_SET:
-            if raw is not None:
-                self._on_counter(signal, raw, cursor)
-        elif raw is not None:
-            if signal == "reason":
-                self.reason = self._map_reason(raw)
-            else:
-                product = self._map_product(raw)
-                if product != self.product and product not in self.spec.products:
-                    self._agent(
-                        cursor,
-                        "unknown_product",
-                        f"{self.spec.id}: product {product!r} is not configured; "
-                        "the equipment's ideal cycle time applies",
-                        {"product": product},
-                    )
-                self.product = product
-        if self._out:
-            return self._drain()
-        return []
+        reason = self.reason
+        for signal, raw in scan:
+            if signal in _COUNTER_SET:
+                if raw is not None:
+                    self._on_counter(signal, raw, cursor)
+            elif signal == "state":
+                if raw is None or raw != self._state_raw:
+                    self._state_raw = raw
+                    self._on_state(raw, cursor)
+            elif raw is not None:
+                if signal == "reason":
+                    self.reason = self._map_reason(raw)
+                else:
+                    self._on_product(raw, cursor)
+        if (
+            self.reason != reason
+            and self.state in STOP_STATES
+            and self.state_since_us != cursor
+            and self.count_events
+        ):
+            # The stop goes on with another reason: recorded as a change of the same state,
+            # so the timeline splits where the Pareto's reason does.
+            self._state_event(self.state, cursor, raw=self._state_number(self._state_raw))
+
+    def _flush_scan(self, before: int | None = None) -> None:
+        """Apply the open scan (only when it is older than `before`, if given)."""
+        if self._scan and (before is None or (self._scan_ts or 0) < before):
+            self._apply_scan()
 
     def tick(self, now: datetime) -> list[Event]:
         """Account time up to `now` and close every finished bucket."""
         at = to_us(now)
+        # A scan at `now` may still be incomplete (replay ticks at a sample's own time).
+        self._flush_scan(before=at)
         if self.cursor_us is None:
             self._start(at)
         self._accrue(at)
@@ -313,6 +383,7 @@ class EquipmentEngine:
         other choice would make the result depend on where the window was cut.
         """
         end = to_us(at)
+        self._flush_scan()
         if self.cursor_us is None:
             self._start(end)
         self._accrue(end)
@@ -327,6 +398,7 @@ class EquipmentEngine:
     def mark_unknown(self, at: datetime, why: str) -> list[Event]:
         """From `at` on, the state is not known (communication lost, agent was down)."""
         t = to_us(at)
+        self._flush_scan()
         if self.cursor_us is None:
             self._start(t)
         self._accrue(t)
@@ -356,6 +428,9 @@ class EquipmentEngine:
             "shift_totals": self.shift_totals,
             "shift_key": self.shift_key,
             "unmapped": self._unmapped,
+            # Taken but not applied yet (a scan whose time the clock has not passed): kept,
+            # because `seen` already records these samples.
+            "scan": [self._scan_ts, [list(item) for item in self._scan]] if self._scan else None,
         }
 
     def restore(self, data: dict[str, Any]) -> None:
@@ -381,6 +456,12 @@ class EquipmentEngine:
         self.shift_totals.update({k: int(v) for k, v in data["shift_totals"].items()})
         self.shift_key = data["shift_key"]
         self._unmapped = data["unmapped"]
+        scan = data.get("scan")  # absent in checkpoints of earlier agents
+        self._scan_ts = None if scan is None else int(scan[0])
+        self._scan = [] if scan is None else [(str(sig), raw) for sig, raw in scan[1]]
+        if any(sig not in _SIGNAL_SET for sig, _ in self._scan):
+            raise ValueError("the open scan names an unknown signal")
+        self._scan_sorted = False
         self._stale = set()
         self._state_raw = None
         self._cur = None
@@ -599,7 +680,8 @@ class EquipmentEngine:
             f"{self.spec.id}: performance {performance:.3f} > 1 in shift {bucket.shift}; "
             "the configured ideal cycle time is probably too long",
             {
-                "performance": performance,
+                # A shift of microseconds with many parts can exceed what an event holds.
+                "performance": performance if number_in_bounds(performance) else None,
                 "shift": bucket.shift,
                 "shift_start": None if shift_start is None else shift_start.isoformat(),
                 "configured_ideal_cycle_time_s": self.spec.cycle_time(self.product),
@@ -613,11 +695,28 @@ class EquipmentEngine:
         code = self.spec.code(raw)
         if code in ("0", ""):
             return None  # PLCs write 0 for "no reason"
-        return self.spec.reason_map.get(code, f"code {code}")
+        mapped = self.spec.reason_map.get(code)
+        if mapped is not None:
+            return mapped
+        # A PLC that writes its reasons as text needs no map; a number without one stays a
+        # code, so the Pareto shows what it is.
+        return code if isinstance(raw, str) else clean_text(f"code {code}")
 
     def _map_product(self, raw: object) -> str | None:
         code = self.spec.code(raw)
         return self.spec.product_map.get(code, code or None)
+
+    def _on_product(self, raw: object, at: int) -> None:
+        product = self._map_product(raw)
+        if product != self.product and product not in self.spec.products:
+            self._agent(
+                at,
+                "unknown_product",
+                f"{self.spec.id}: product {product!r} is not configured; "
+                "the equipment's ideal cycle time applies",
+                {"product": product},
+            )
+        self.product = product
 
     def _on_state(self, raw: object, at: int) -> None:
         new = self.map_state(raw)
@@ -635,10 +734,14 @@ class EquipmentEngine:
         else:
             self._unmapped = None
         if new != self.state:
-            number: float | None = None
-            if isinstance(raw, int | float) and not isinstance(raw, bool):
-                number = raw
-            self._change_state(new, at, raw=number, reason=None)
+            self._change_state(new, at, raw=self._state_number(raw), reason=None)
+
+    @staticmethod
+    def _state_number(raw: object) -> float | None:
+        """The raw state value for the event, when it is a number the event can carry."""
+        if isinstance(raw, int | float) and not isinstance(raw, bool) and number_in_bounds(raw):
+            return raw
+        return None
 
     def _change_state(self, new: str, at: int, *, raw: float | None, reason: str | None) -> None:
         previous = self.state
@@ -650,21 +753,27 @@ class EquipmentEngine:
         self.state_since_us = at
         self.stop_judged = not (new in STOP_STATES and self._threshold_us is not None)
         if self.count_events:
-            self._out.append(
-                StateEvent(
-                    agent_id=self.agent_id,
-                    site_id=self.site_id,
-                    equipment_id=self.spec.id,
-                    ts=from_us(at),
-                    state=new,  # type: ignore[arg-type]
-                    previous=previous,  # type: ignore[arg-type]
-                    # The PLC's reason register keeps its last value while running.
-                    reason=reason
-                    if reason is not None
-                    else (self.reason if new in STOP_STATES else None),
-                    raw=raw,
-                )
+            self._state_event(previous, at, raw=raw, reason=reason)
+
+    def _state_event(
+        self, previous: str, at: int, *, raw: float | None, reason: str | None = None
+    ) -> None:
+        new = self.state
+        self._out.append(
+            StateEvent(
+                agent_id=self.agent_id,
+                site_id=self.site_id,
+                equipment_id=self.spec.id,
+                ts=from_us(at),
+                state=new,  # type: ignore[arg-type]
+                previous=previous,  # type: ignore[arg-type]
+                # The PLC's reason register keeps its last value while running.
+                reason=reason
+                if reason is not None
+                else (self.reason if new in STOP_STATES else None),
+                raw=raw,
             )
+        )
 
     def _cycle(self, product: str | None) -> int:
         cycle = self._cycle_us.get(product)
@@ -682,12 +791,13 @@ class EquipmentEngine:
         else:
             try:
                 raw = int(value)  # type: ignore[call-overload]
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
+                shown = clean_text(repr(value))
                 self._agent(
                     at,
                     "counter_invalid",
-                    f"{self.spec.id}: {signal} value {value!r} is not an integer; ignored",
-                    {"signal": signal, "value": repr(value)},
+                    f"{self.spec.id}: {signal} value {shown} is not an integer; ignored",
+                    {"signal": signal, "value": shown},
                 )
                 return
         previous = self.counters.get(signal)
@@ -695,7 +805,7 @@ class EquipmentEngine:
             d = raw - previous
             if d == 0:
                 return  # nothing counted since the last poll
-            if d < 0 or raw >= 1 << spec.width or (spec.max_delta and d > spec.max_delta):
+            if d < 0 or raw >= 1 << spec.width or d > (spec.max_delta or MAX_COUNTER_DELTA):
                 d = self._counter_event(signal, spec, previous, raw)
             else:
                 self.counters[signal] = raw  # a plain increment, the common case
@@ -706,38 +816,34 @@ class EquipmentEngine:
         bucket = self._cur
         if bucket is None or not (bucket.start <= at < bucket.end):
             bucket = self._bucket_at(at)
+        parts = bucket.parts + d
+        if parts > MAX_COUNTER_DELTA:
+            # Many plausible jumps in one bucket add up to an implausible one; the bound
+            # keeps every bucket and count event far inside the event model's bounds.
+            self._report_counter(signal, "quarantined", previous, self.counters[signal], d)
+            return
+        bucket.parts = parts
         v = bucket.values
-        cycle = self._cycle(self.product)
+        produced, good, scrap, rework = self._effects[signal]
+        produced *= d
+        good *= d
+        scrap *= d
+        rework *= d
         # Planned busy time excludes breaks, off-shift time and planned stops: parts
         # observed there are reported apart and stay out of OEE.
         in_plan = bucket.shift is not None and self.state != "planned_stop"
-        by_good_counter = self._by_good
-        # Each bucket keeps produced = good + scrap + rework. With a good counter, scrap is
-        # what is neither good nor rework; otherwise good is what is neither scrap nor rework.
-        if signal == "total_count":
-            if not in_plan:
-                v["off_plan_produced"] += d
-            else:
-                v["produced"] += d
-                v["ideal_produced_s"] += d * cycle
-                if by_good_counter:
-                    v["scrap"] += d
-                else:
-                    v["good"] += d
-                    v["ideal_good_s"] += d * cycle
-        elif in_plan:
-            if signal == "good_count":
-                v["good"] += d
-                v["scrap"] -= d
-                v["ideal_good_s"] += d * cycle
-            else:
-                v["scrap" if signal == "scrap_count" else "rework"] += d
-                if by_good_counter:
-                    v["scrap"] -= d
-                else:
-                    v["good"] -= d
-                    v["ideal_good_s"] -= d * cycle
+        if not in_plan:
+            v["off_plan_produced"] += produced
+        else:
+            cycle = self._cycle(self.product)
+            v["produced"] += produced
+            v["good"] += good
+            v["scrap"] += scrap
+            v["rework"] += rework
+            v["ideal_produced_s"] += produced * cycle
+            v["ideal_good_s"] += good * cycle
         if self.count_events:
+            # The event carries exactly what the bucket received (oee.quantities).
             self._out.append(
                 CountEvent(
                     agent_id=self.agent_id,
@@ -746,10 +852,10 @@ class EquipmentEngine:
                     ts=from_us(at),
                     product=self.product,
                     in_plan=in_plan,
-                    produced=d if signal == "total_count" else 0,
-                    good=d if signal == "good_count" else 0,
-                    scrap=d if signal == "scrap_count" else 0,
-                    rework=d if signal == "rework_count" else 0,
+                    produced=produced,
+                    good=good,
+                    scrap=scrap,
+                    rework=rework,
                 )
             )
 
@@ -758,18 +864,23 @@ class EquipmentEngine:
         result = counter_delta(spec, previous, raw)
         self.counters[signal] = result.current
         if result.kind in ("reset", "quarantined", "wrap"):
-            self._agent(
-                self.cursor_us or 0,
-                f"counter_{result.kind}",
-                f"{self.spec.id}: {signal} {result.kind} {result.previous} -> {result.current}",
-                {
-                    "signal": signal,
-                    "previous": result.previous,
-                    "current": result.current,
-                    "delta": result.delta,
-                },
-            )
+            self._report_counter(signal, result.kind, result.previous, result.current, result.delta)
         return result.delta
+
+    def _report_counter(
+        self, signal: str, kind: str, previous: int | None, current: int, delta: int
+    ) -> None:
+        self._agent(
+            self.cursor_us or 0,
+            f"counter_{kind}",
+            f"{self.spec.id}: {signal} {kind} {previous} -> {current}",
+            {
+                "signal": signal,
+                "previous": None if previous is None else int_or_text(previous),
+                "current": int_or_text(current),
+                "delta": int_or_text(delta),
+            },
+        )
 
     def _agent(self, at: int, code: str, message: str, data: dict[str, Any]) -> None:
         self._out.append(

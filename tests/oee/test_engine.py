@@ -251,11 +251,12 @@ def test_unusable_checkpoint_entry_starts_that_equipment_afresh() -> None:
     cal = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
     good = EquipmentEngine(spec(), cal, agent_id="a", site_id="s")
     good.feed(Sample("press-1", "total_count", 100, at(0)))
+    good.tick(at(1))  # the clock passed the scan: applied
     other = spec(id="press-2")
     plant = PlantEngine([spec(), other], cal, agent_id="a", site_id="s")
     problems = plant.restore({"press-1": good.checkpoint(), "press-2": {"version": 1}, "gone": {}})
     assert list(problems) == ["press-2"]
     assert plant.engines["press-1"].counters == {"total_count": 100}
     assert plant.engines["press-2"].counters == {}
-    events = plant.feed(Sample("press-2", "state", 1, at(1)))  # the fresh engine works
+    events = plant.feed(Sample("press-2", "state", 1, at(1))) + plant.tick(at(2))  # it works
     assert any(getattr(e, "state", None) == "running" for e in events)

@@ -37,6 +37,17 @@ from oee.config import (
     TimeZoneName,
 )
 
+# Counter widths by integer type; any other type (float32, ...) counts at 32 bits.
+INTEGER_WIDTHS = {
+    "int8": 8,
+    "uint8": 8,
+    "int16": 16,
+    "uint16": 16,
+    "int32": 32,
+    "uint32": 32,
+    "int64": 64,
+    "uint64": 64,
+}
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -96,6 +107,25 @@ class SignalConfig(_Model):
             raise ValueError(f"node: {problem}")
         return self
 
+    @property
+    def width_from_source(self) -> bool:
+        """As a counter, whether the data type the PLC declares decides width and sign."""
+        return "type" not in self.model_fields_set and self.width is None
+
+    def counter_spec(self, source_type: str | None = None) -> CounterSpec:
+        """How the engine reads this signal as a counter. Without `type:` and `width:`, the
+        integer type the PLC declares (`source_type`, e.g. an OPC UA node's DataType)
+        decides width and sign; otherwise `type:` does (default uint16)."""
+        declared: str = self.type
+        if self.width_from_source and source_type is not None and source_type in INTEGER_WIDTHS:
+            declared = source_type
+        width = self.width or INTEGER_WIDTHS.get(declared, 32)
+        return CounterSpec(
+            width=width,  # type: ignore[arg-type]
+            signed=self.signed if self.signed is not None else declared.startswith("int"),
+            max_delta=self.max_delta,
+        )
+
 
 SignalName = Literal[
     "state", "total_count", "good_count", "scrap_count", "rework_count", "reason", "product"
@@ -128,13 +158,7 @@ class EquipmentConfig(_Model):
 
     def oee_spec(self) -> EquipmentSpec:
         def counter(name: str) -> CounterSpec:
-            sig = self.signals[name]  # type: ignore[index]
-            default_width = {"int64": 64, "uint64": 64, "int16": 16, "uint16": 16}.get(sig.type, 32)
-            return CounterSpec(
-                width=sig.width or default_width,  # type: ignore[arg-type]
-                signed=sig.signed if sig.signed is not None else sig.type.startswith("int"),
-                max_delta=sig.max_delta,
-            )
+            return self.signals[name].counter_spec()  # type: ignore[index]
 
         state_map = self.signals["state"].map or {}
         reason = self.signals.get("reason")
@@ -290,6 +314,12 @@ def _substitute(node: Any, path: str, env: dict[str, str]) -> Any:
 
         return _ENV.sub(replace, node)
     return node
+
+
+def expand_env(node: Any, path: str) -> Any:
+    """`${ENV}` substitution of one part of the file (`path` is its YAML path), for a
+    command that needs only that part: other variables may stay unset."""
+    return _substitute(node, path, dict(os.environ))
 
 
 def _line_index(text: str) -> dict[tuple[str, ...], int]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, SignalConfig
 from agent.outbox_writer import OutboxWriter
 from agent.raw_samples import RawSamplePublisher
 from buffer.outbox import Outbox
@@ -29,6 +29,7 @@ from connectors.sample import Sample
 from oee.bounds import clean_text
 from oee.engine import PlantEngine
 from oee.events import AgentEvent, Event, dump_events
+from oee.quantities import COUNTER_SIGNALS
 from sync.envelope import EnvelopeHeader, envelope_digest, seal
 from sync.keys import AgentKeys
 from sync.uplink import BrokerSettings, Uplink
@@ -109,6 +110,15 @@ class AgentRuntime:
             bucket_seconds=config.agent.bucket_seconds,
         )
         self.pending: list[Event] = []
+        # Counters whose width follows the data type their PLC declares (no `type:`/`width:`),
+        # and the declared type last applied to each.
+        self._width_from_source: dict[tuple[str, str], SignalConfig] = {
+            (eq.id, name): sig
+            for eq in config.equipment
+            for name, sig in eq.signals.items()
+            if name in COUNTER_SIGNALS and sig.width_from_source
+        }
+        self._source_types: dict[tuple[str, str], str] = {}
         # Read by the service's watchdog and the local metrics (agent/service.py, health.py).
         self.tasks: list[asyncio.Task[None]] = []
         self.last_flush: float | None = None
@@ -270,12 +280,35 @@ class AgentRuntime:
             self.uplink.notify()
         return len(result.seqs)
 
+    def _feed(self, sample: Sample) -> None:
+        if sample.source_type is not None and self._width_from_source:
+            self._follow_source_type(sample, sample.source_type)
+        self.pending.extend(self.engine.feed(sample))
+
+    def _follow_source_type(self, sample: Sample, declared: str) -> None:
+        """Count a counter at the width of the data type its PLC declares (before its value)."""
+        key = (sample.equipment_id, sample.signal)
+        signal = self._width_from_source.get(key)
+        if signal is None or self._source_types.get(key) == declared:
+            return
+        self._source_types[key] = declared
+        counter = signal.counter_spec(declared)
+        self.engine.set_counter(sample.equipment_id, sample.signal, counter)
+        self.log.info(
+            "counter width from the PLC",
+            equipment=sample.equipment_id,
+            signal=sample.signal,
+            data_type=declared,
+            width=counter.width,
+            signed=counter.signed,
+        )
+
     async def _engine_loop(self) -> None:
         while True:
             sample = await self.samples.get()
             self.samples_total += 1
             try:
-                self.pending.extend(self.engine.feed(sample))
+                self._feed(sample)
                 if self.raw_samples is not None and (raw := self.raw_samples.feed(sample)):
                     self.pending.append(raw)
             except (KeyError, ValueError) as exc:
@@ -379,7 +412,7 @@ class AgentRuntime:
             # Graceful stop: whatever was sampled is committed with its checkpoint.
             while not self.samples.empty():
                 with contextlib.suppress(KeyError, ValueError):
-                    self.pending.extend(self.engine.feed(self.samples.get_nowait()))
+                    self._feed(self.samples.get_nowait())
             self.flush()
             for hub in self.hubs:
                 await hub.__aexit__()

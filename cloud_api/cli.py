@@ -38,15 +38,43 @@ def _settings(args: argparse.Namespace) -> CloudSettings:
     return settings
 
 
+def _database_exists(url: str, name: str) -> bool | None:
+    """Whether the server at `url` has database `name` (None: cannot tell), asked through
+    its maintenance database: a failed connect does not say why in a form to rely on."""
+    from psycopg.conninfo import make_conninfo
+
+    try:
+        with psycopg.connect(make_conninfo(url, dbname="postgres"), connect_timeout=10) as conn:
+            row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            return row.fetchone() is not None
+    except psycopg.Error:
+        return None
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from psycopg.conninfo import conninfo_to_dict
+
     from cloud_api.db import migrate
 
     settings = _settings(args)
-    applied = migrate(settings.database.url)
+    # the database's name and server, never the password
+    info = conninfo_to_dict(settings.database.url)
+    name = str(info.get("dbname") or info.get("user") or "")
+    where = f"database {name} on {info.get('host') or 'localhost'}:{info.get('port') or 5432}"
+    try:
+        applied = migrate(settings.database.url)
+    except psycopg.OperationalError:
+        if _database_exists(settings.database.url, name) is not False:
+            raise
+        return _fail(
+            f"{where} does not exist; migrate creates the tables, not the database. Create "
+            f"it first, as a PostgreSQL user allowed to: `createdb {name}` or, in psql, "
+            f'`CREATE DATABASE "{name}";`'
+        )
     print(
-        f"applied {len(applied)} migration(s): {', '.join(applied)}"
+        f"{where}: applied {len(applied)} migration(s): {', '.join(applied)}"
         if applied
-        else "database is up to date"
+        else f"{where} is up to date"
     )
     return 0
 

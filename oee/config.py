@@ -105,7 +105,7 @@ class CounterSpec(BaseModel):
     """How a cumulative PLC counter behaves: bit width, signedness, plausibility bound."""
 
     model_config = ConfigDict(extra="forbid")
-    width: Literal[16, 32, 64] = 32
+    width: Literal[8, 16, 32, 64] = 32
     signed: bool = False
     max_delta: int | None = Field(default=None, gt=0)
 

@@ -203,6 +203,9 @@ class EquipmentEngine:
         self._state_raw: object = None  # raw value behind self.state (a repeat changes nothing)
         self._stale: set[str] = set()
         self._effects = counter_effects(spec.counters)
+        # counter -> the width its stored reading was taken at, where that is not the width
+        # of its spec (the width changed since): the next reading is measured in it
+        self._rebase: dict[str, int] = {}
         self._cur: _Bucket | None = None
         self._win: tuple[int, int, str | None, int | None, int | None] | None = None
         self._out: list[Event] = []
@@ -260,6 +263,23 @@ class EquipmentEngine:
             with contextlib.suppress(TypeError, ValueError, OverflowError):  # feed() reports
                 current = int(raw)  # type: ignore[call-overload]
                 self.counters[signal] = counter_delta(counter, None, current).current
+
+    def set_counter(self, signal: str, counter: CounterSpec) -> None:
+        """Read `signal` as `counter` from now on (the PLC declared the counter's data type).
+
+        A stored reading keeps the width it was taken at until the next reading, which is
+        measured at that width (as it would have been) and stored at the new one.
+        """
+        old = self.spec.counters.get(signal)  # type: ignore[call-overload]
+        if old is None or old == counter:
+            return
+        self.spec = self.spec.model_copy(
+            update={"counters": {**self.spec.counters, signal: counter}}
+        )
+        if signal in self.counters:
+            stored = self._rebase.pop(signal, old.width)
+            if stored != counter.width:
+                self._rebase[signal] = stored
 
     def feed(self, sample: SampleLike) -> list[Event]:
         """Take one sample (see the module docstring for scans and samples out of order).
@@ -423,6 +443,11 @@ class EquipmentEngine:
             "product": self.product,
             "cursor": self.cursor_us,
             "counters": self.counters,
+            "counter_widths": {
+                k: self._rebase.get(k, self.spec.counters[k].width)
+                for k in self.counters
+                if k in self.spec.counters
+            },
             "seen": {k: [ts, list(raws)] for k, (ts, raws) in self.seen.items()},
             "buckets": [b.dump() for b in self.buckets.values()],
             "shift_totals": self.shift_totals,
@@ -447,6 +472,15 @@ class EquipmentEngine:
         self.product = data["product"]
         self.cursor_us = data["cursor"]
         self.counters = {k: int(v) for k, v in data["counters"].items()}
+        # Older checkpoints have no widths: their readings were taken at the configured ones.
+        widths = data.get("counter_widths") or {}
+        self._rebase = {
+            k: int(w)
+            for k, w in widths.items()
+            if k in self.counters
+            and k in self.spec.counters
+            and int(w) != self.spec.counters[k].width
+        }
         self.seen = {k: (int(ts), list(raws)) for k, (ts, raws) in data["seen"].items()}
         self.buckets = {}
         for raw_bucket in data["buckets"]:
@@ -801,7 +835,11 @@ class EquipmentEngine:
                 )
                 return
         previous = self.counters.get(signal)
-        if previous is not None:
+        if self._rebase and signal in self._rebase:
+            width = self._rebase.pop(signal)
+            d = self._counter_event(signal, spec.model_copy(update={"width": width}), previous, raw)
+            self.counters[signal] = raw % (1 << spec.width)
+        elif previous is not None:
             d = raw - previous
             if d == 0:
                 return  # nothing counted since the last poll
@@ -926,6 +964,10 @@ class PlantEngine:
             )
             for spec in specs
         }
+
+    def set_counter(self, equipment_id: str, signal: str, counter: CounterSpec) -> None:
+        """See EquipmentEngine.set_counter."""
+        self.engines[equipment_id].set_counter(signal, counter)
 
     def feed(self, sample: SampleLike) -> list[Event]:
         engine = self.engines.get(sample.equipment_id)

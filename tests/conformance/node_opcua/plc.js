@@ -68,12 +68,14 @@ function segmentAt(machine, tick) {
   return ["planned_stop", 0];
 }
 
-// The machine after `ticks` ticks of the schedule: parts made so far and its registers.
+// The machine in tick `ticks` of the schedule: its registers and the parts made so far. A
+// part made in a running tick is counted in that tick's scan, so a scan that stops the
+// press never counts one (the part belongs to the state before or after without doubt).
 function machineAt(machine, ticks) {
   let produced = 0;
   let scrap = 0;
   let phase = 0;
-  for (let k = 0; k < Math.min(ticks, END_TICK); k++) {
+  for (let k = 0; k < Math.min(ticks + 1, END_TICK); k++) {
     if (segmentAt(machine, k)[0] !== "running") continue;
     phase += 1;
     if (phase % 2 === 0) {

@@ -94,7 +94,12 @@ class Views:
     downtime: dict[str, dict[str, float]] = field(default_factory=dict)
     # the stops of the state timeline, consecutive repeats merged: (state, reason)
     stops: list[tuple[str, str | None]] = field(default_factory=list)
-    unknown_s: float = 0.0
+    # the intervals of unknown state in /states (communication lost, agent down)
+    unknown: list[tuple[datetime, datetime]] = field(default_factory=list)
+
+    @property
+    def unknown_s(self) -> float:
+        return sum((b - a).total_seconds() for a, b in self.unknown)
 
 
 class Mismatch(AssertionError):
@@ -542,9 +547,7 @@ def check_views(
             _check_timeline(name, part, timeline, perf_micro)
             _check_api_window(api, name, site, eq, lo, hi, part, timeline, perf_micro, views)
             timeline_all += timeline
-        for iv in timeline_all:
-            if iv.state == "unknown":
-                views.unknown_s += (iv.end - iv.start).total_seconds()
+        views.unknown = [(iv.start, iv.end) for iv in timeline_all if iv.state == "unknown"]
         views.stops = _stop_sequence(timeline_all)
         _check_reasons(name, timeline_all, views, truths.get(eq))
         out[eq] = views

@@ -17,7 +17,14 @@ import psycopg
 from sync.keys import CloudKeyring
 from tests.conftest import MQTT_PORT, enroll, make_agent_keys
 from tests.faults.harness import Agent, settle, wait_for
-from tests.invariants import Truth, api_client, check_views, compare_with_truth, report
+from tests.invariants import (
+    Truth,
+    Views,
+    api_client,
+    check_views,
+    compare_with_truth,
+    report,
+)
 
 SITE = "plant-conformance"
 AGENT_ID = "edge-conformance"
@@ -167,7 +174,7 @@ async def finish(
     after: datetime,
     *,
     tolerance_s: float,
-) -> None:
+) -> dict[str, Views]:
     """Let the agent close the buckets past `after` (the PLC's last change), stop it, let
     everything ship; then every view against the others and against the PLC."""
     machines = list(truths)
@@ -177,10 +184,24 @@ async def finish(
         "buckets closed past the end of the schedule",
     )
     await settle(agent)
-    with api_client(pg_url, tmp_path / "views-keys") as api:
-        views = await asyncio.to_thread(check_views, api, pg_url, truths=truths)
-    report(name, views, truths)
-    compare_with_truth(views, truths, tolerance_s=tolerance_s)
+    try:
+        with api_client(pg_url, tmp_path / "views-keys") as api:
+            views = await asyncio.to_thread(check_views, api, pg_url, truths=truths)
+        report(name, views, truths)
+        compare_with_truth(views, truths, tolerance_s=tolerance_s)
+    except AssertionError:
+        dump_events(pg_url, tmp_path / "events.jsonl")  # the database goes with the test
+        raise
+    return views
+
+
+def dump_events(pg_url: str, path: Path) -> None:
+    with psycopg.connect(pg_url) as conn, path.open("w", encoding="utf-8") as out:
+        for row in conn.execute(
+            "SELECT equipment_id, ts, kind, body FROM facts.events "
+            "WHERE kind IN ('state', 'count', 'agent') ORDER BY equipment_id, ts"
+        ):
+            out.write(json.dumps([row[0], row[1].isoformat(), row[2], row[3]]) + "\n")
 
 
 def utc_ms(ms: int) -> datetime:

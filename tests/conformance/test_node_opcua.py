@@ -5,8 +5,9 @@ The server is restarted in the middle of the schedule with its namespaces regist
 the other order (every press gets another namespace index; the agent addresses nodes by
 namespace URI), the part counters wrap at 32 bits, press-c counts total and good parts
 instead of total and scrap, and the equipment lists `state:` before `reason:` (press-a,
-press-c) and after it (press-b). Each mode (subscribe, poll) ends with the invariant
-checker and an exact comparison of every view with the server's ground truth.
+press-c) and after it (press-b). One agent reads the presses twice, through a subscription
+(`subscribe-press-x`) and by polling (`poll-press-x`); the test ends with the invariant
+checker and an exact comparison of every view of each with the server's ground truth.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from tests.connectors.test_node_opcua import HERE as NODE_OPCUA
 from tests.connectors.test_node_opcua import install_node_opcua
 
 SERVER = Path(__file__).parent / "node_opcua" / "plc.js"
-MACHINES = ("press-a", "press-b", "press-c")
+PRESSES = ("press-a", "press-b", "press-c")
+MODES = ("subscribe", "poll")
 # The schedule's tick; every press runs from tick 25 to 75: the server restarts in that
 # window, so no state change falls into the outage.
 TICK = timedelta(milliseconds=100)
@@ -71,7 +73,8 @@ def signal_yaml(eq: str, signal: str) -> str:
     return f"{signal}: {{{where}, type: uint32, width: 32}}"
 
 
-def equipment_yaml() -> str:
+def equipment_yaml(mode: str) -> str:
+    """The three presses, read through the connection of `mode` as `<mode>-press-x`."""
     blocks = []
     for eq, signals in (
         ("press-a", ("state", "reason", "total_count", "scrap_count")),
@@ -80,9 +83,18 @@ def equipment_yaml() -> str:
     ):
         lines = "".join(f"      {signal_yaml(eq, s)}\n" for s in signals)
         blocks.append(
-            f"  - id: {eq}\n    connection: plc\n    ideal_cycle_time: 200ms\n    signals:\n{lines}"
+            f"  - id: {mode}-{eq}\n    connection: {mode}\n    ideal_cycle_time: 200ms\n"
+            f"    signals:\n{lines}"
         )
-    return "equipment:\n" + "".join(blocks)
+    return "".join(blocks)
+
+
+def connection_yaml(mode: str, url: str) -> str:
+    return (
+        f"  - id: {mode}\n    type: opcua\n    url: {url}\n    mode: {mode}\n"
+        "    publishing_interval: 100ms\n    sampling_interval: 50ms\n    poll_interval: 100ms\n"
+        "    reconnect_min: 200ms\n    reconnect_max: 1s\n    timeout: 2s\n"
+    )
 
 
 class NodeServer:
@@ -192,9 +204,7 @@ async def sleep_until(t: datetime) -> None:
     await asyncio.sleep(max(0.0, (t - datetime.now(t.tzinfo)).total_seconds()))
 
 
-@pytest.mark.parametrize("mode", ["subscribe", "poll"])
 async def test_node_opcua_presses_every_view_tells_the_plc_truth(
-    mode: str,
     tmp_path: Path,
     pg_url: str,
     cloud_keys: CloudKeyring,
@@ -208,30 +218,32 @@ async def test_node_opcua_presses_every_view_tells_the_plc_truth(
     # The server to take over after the restart, its namespaces registered the other way
     # round (every namespace index changes); it listens only once the first one is gone.
     second = await asyncio.to_thread(plc.spawn, "cba")
-    connection = (
-        f"connections:\n  - id: plc\n    type: opcua\n    url: {plc.url}\n    mode: {mode}\n"
-        "    publishing_interval: 100ms\n    sampling_interval: 50ms\n    poll_interval: 100ms\n"
-        "    reconnect_min: 200ms\n    reconnect_max: 1s\n    timeout: 2s\n"
+    # One agent reads the presses twice: through a subscription and by polling.
+    body = (
+        "connections:\n"
+        + "".join(connection_yaml(mode, plc.url) for mode in MODES)
+        + "equipment:\n"
+        + "".join(equipment_yaml(mode) for mode in MODES)
     )
-    agent = new_agent(
-        tmp_path / "agent", cloud_keys, pg_url, topic_prefix, connection + equipment_yaml()
-    )
+    agent = new_agent(tmp_path / "agent", cloud_keys, pg_url, topic_prefix, body)
+    machines = [f"{mode}-{press}" for mode in MODES for press in PRESSES]
     try:
         agent.start()
         # The agent's counter baselines: every press reported, standing before the schedule.
-        await wait_for_states(pg_url, MACHINES, "planned_stop")
+        await wait_for_states(pg_url, machines, "planned_stop")
         await asyncio.sleep(1.0)
         epoch = await asyncio.to_thread(plc.go, first)
         await sleep_until(epoch + RESTART_AT * TICK)
         await asyncio.to_thread(first.kill)
         await asyncio.to_thread(plc.listen, second)
         await asyncio.to_thread(second.wait_for, "end")
-        await wait_for_states(pg_url, MACHINES, "planned_stop")
-        truths = plc.truth.truths()
-        assert set(truths) == set(MACHINES), truths
-        assert all(t.produced and t.scrap for t in truths.values()), truths
+        await wait_for_states(pg_url, machines, "planned_stop")
+        by_press = plc.truth.truths()
+        assert set(by_press) == set(PRESSES), by_press
+        assert all(t.produced and t.scrap for t in by_press.values()), by_press
+        truths = {f"{mode}-{press}": by_press[press] for mode in MODES for press in PRESSES}
         await finish(
-            f"node-opcua-{mode}",
+            "node-opcua",
             agent,
             pg_url,
             tmp_path,

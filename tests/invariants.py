@@ -598,6 +598,28 @@ def _check_site(
         v.quantities["/v1/oee (1h, site)"] = _qty(got)
 
 
+def closed_until(pg_url: str) -> dict[str, datetime]:
+    """The end of the last stored OEE bucket of each equipment: a test lets the agent close
+    the bucket holding the last parts it counted before it stops it (a stopped agent keeps
+    its open bucket for the next start), so that every count is in a closed bucket."""
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute(
+            "SELECT equipment_id, max(bucket_end) FROM facts.oee_buckets GROUP BY 1"
+        ).fetchall()
+    return {str(r[0]): r[1] for r in rows}
+
+
+def dump_events(pg_url: str, path: Path) -> None:
+    """State, count and agent events as JSON lines: what a failed check looked at, kept
+    after the test database is gone."""
+    with psycopg.connect(pg_url) as conn, path.open("w", encoding="utf-8") as out:
+        for row in conn.execute(
+            "SELECT equipment_id, ts, kind, body FROM facts.events "
+            "WHERE kind IN ('state', 'count', 'agent') ORDER BY equipment_id, ts"
+        ):
+            out.write(json.dumps([row[0], row[1].isoformat(), row[2], row[3]]) + "\n")
+
+
 # -- ground truth -----------------------------------------------------------------------------
 
 

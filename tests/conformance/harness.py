@@ -22,7 +22,9 @@ from tests.invariants import (
     Views,
     api_client,
     check_views,
+    closed_until,
     compare_with_truth,
+    dump_events,
     report,
 )
 
@@ -133,15 +135,6 @@ class GroundTruth:
         return out
 
 
-def stored_until(pg_url: str) -> dict[str, datetime]:
-    """The end of the last stored OEE bucket of each equipment."""
-    with psycopg.connect(pg_url) as conn:
-        rows = conn.execute(
-            "SELECT equipment_id, max(bucket_end) FROM facts.oee_buckets GROUP BY 1"
-        ).fetchall()
-    return {str(r[0]): r[1] for r in rows}
-
-
 def stored_states(pg_url: str) -> dict[str, int]:
     with psycopg.connect(pg_url) as conn:
         rows = conn.execute(
@@ -179,7 +172,7 @@ async def finish(
     everything ship; then every view against the others and against the PLC."""
     machines = list(truths)
     await wait_for(
-        lambda: all(stored_until(pg_url).get(m, after) > after for m in machines),
+        lambda: all(closed_until(pg_url).get(m, after) > after for m in machines),
         60,
         "buckets closed past the end of the schedule",
     )
@@ -193,15 +186,6 @@ async def finish(
         dump_events(pg_url, tmp_path / "events.jsonl")  # the database goes with the test
         raise
     return views
-
-
-def dump_events(pg_url: str, path: Path) -> None:
-    with psycopg.connect(pg_url) as conn, path.open("w", encoding="utf-8") as out:
-        for row in conn.execute(
-            "SELECT equipment_id, ts, kind, body FROM facts.events "
-            "WHERE kind IN ('state', 'count', 'agent') ORDER BY equipment_id, ts"
-        ):
-            out.write(json.dumps([row[0], row[1].isoformat(), row[2], row[3]]) + "\n")
 
 
 def utc_ms(ms: int) -> datetime:

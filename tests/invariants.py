@@ -329,9 +329,16 @@ def _timeline(api: httpx.Client, site: str, eq: str, lo: datetime, hi: datetime)
 
 
 def _check_timeline(
-    name: str, buckets: Sequence[_Bucket], timeline: Sequence[_Interval], perf_micro: bool
+    name: str,
+    buckets: Sequence[_Bucket],
+    timeline: Sequence[_Interval],
+    perf_micro: bool,
+    fresh_start: datetime | None = None,
 ) -> None:
-    """The timeline cut at the bucket edges gives each bucket's classes and reasons."""
+    """The timeline cut at the bucket edges gives each bucket's classes and reasons.
+
+    `fresh_start`: after a declared loss the agent started afresh there (state unknown until
+    its first sample); a state the timeline carries over the gap from before is not known."""
     j = 0
     for b in buckets:
         got = dict.fromkeys(TIMELINE_CLASSES, 0.0)
@@ -342,12 +349,15 @@ def _check_timeline(
         k = j
         while k < len(timeline) and timeline[k].start < b.end:
             iv = timeline[k]
+            state = iv.state
+            if fresh_start is not None and iv.start < fresh_start:
+                state = "unknown"
             seconds = (min(iv.end, b.end) - max(iv.start, b.start)).total_seconds()
             if seconds > 0:
                 covered += seconds
-                cls = "off_plan_s" if b.shift is None else STATE_CLASS[iv.state]
+                cls = "off_plan_s" if b.shift is None else STATE_CLASS[state]
                 got[cls] += seconds
-                if b.shift is not None and iv.state in STOP_STATES:
+                if b.shift is not None and state in STOP_STATES:
                     key = iv.reason or UNSPECIFIED
                     reasons[key] = reasons.get(key, 0.0) + seconds
             k += 1
@@ -544,7 +554,9 @@ def check_views(
         for first, last, lo, hi in _run_windows(runs, step):
             part = buckets[first:last]
             timeline = _timeline(api, site, eq, lo, hi)
-            _check_timeline(name, part, timeline, perf_micro)
+            after_gap = part[0].start == next(r[0].start for r in runs if part[0] in r)
+            fresh = part[0].start if after_gap and part[0] is not buckets[0] else None
+            _check_timeline(name, part, timeline, perf_micro, fresh)
             _check_api_window(api, name, site, eq, lo, hi, part, timeline, perf_micro, views)
             timeline_all += timeline
         views.unknown = [(iv.start, iv.end) for iv in timeline_all if iv.state == "unknown"]
@@ -610,12 +622,12 @@ def closed_until(pg_url: str) -> dict[str, datetime]:
 
 
 def dump_events(pg_url: str, path: Path) -> None:
-    """State, count and agent events as JSON lines: what a failed check looked at, kept
+    """State, count, agent and OEE events as JSON lines: what a failed check looked at, kept
     after the test database is gone."""
     with psycopg.connect(pg_url) as conn, path.open("w", encoding="utf-8") as out:
         for row in conn.execute(
             "SELECT equipment_id, ts, kind, body FROM facts.events "
-            "WHERE kind IN ('state', 'count', 'agent') ORDER BY equipment_id, ts"
+            "WHERE kind IN ('state', 'count', 'agent', 'oee') ORDER BY equipment_id, ts"
         ):
             out.write(json.dumps([row[0], row[1].isoformat(), row[2], row[3]]) + "\n")
 

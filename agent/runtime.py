@@ -30,7 +30,7 @@ from oee.bounds import clean_text
 from oee.engine import PlantEngine
 from oee.events import AgentEvent, Event, dump_events
 from oee.quantities import COUNTER_SIGNALS
-from sync.envelope import EnvelopeHeader, envelope_digest, seal
+from sync.envelope import EnvelopeHeader, RejectionBody, envelope_digest, seal
 from sync.keys import AgentKeys
 from sync.uplink import BrokerSettings, Uplink
 
@@ -143,6 +143,7 @@ class AgentRuntime:
             topic_prefix=mqtt.topic_prefix,
             ack_timeout=config.uplink.ack_timeout,
             max_in_flight=config.uplink.max_in_flight,
+            on_rejected=self.record_rejection,
         )
         self.log = log.bind(agent=config.agent.id, site=config.agent.site)
 
@@ -239,6 +240,32 @@ class AgentRuntime:
             data=data,
         )
 
+    def record_rejection(self, rejection: RejectionBody, events: int) -> bool:
+        """Commit the loss record of a batch the cloud refused for good (signed, it travels in
+        a later batch); True once it is in the outbox, so the uplink may remove the batch. A
+        crash in between sends the batch again and records the loss again: the cloud keys
+        losses by (epoch, seq)."""
+        now = self.clock()
+        event = self._agent_event(
+            now,
+            "batch_rejected",
+            f"the cloud refused batch {rejection.seq} of epoch {rejection.epoch} for good "
+            f"({rejection.reason}): its {events} event(s) are lost",
+            {
+                "epoch": rejection.epoch,
+                "seqs": [rejection.seq],
+                "events": events,
+                "reason": rejection.reason,
+                "detail": rejection.detail,
+                "loss": True,
+            },
+        )
+        result = self.writer.write([event], None, now)
+        # The outbox is full: fill alarms held with it go out with the next flush; the batch
+        # stays until a later rejection finds room for its loss record.
+        self.pending.extend(e for e in result.held if e is not event)
+        return not result.held
+
     # -- the pipeline ---------------------------------------------------------------------
 
     async def _emit(self, sample: Sample) -> None:
@@ -331,7 +358,8 @@ class AgentRuntime:
         data keys: version, outbox_depth, outbox_events, outbox_bytes, outbox_quota_bytes,
         outbox_oldest_unacked_s, acked_seq_high_water, epoch, next_seq, connectors
         ({id: connected}), uplink ({connected, published, resent, acked_batches,
-        acks_rejected}), agent_time (the agent's clock, for the cloud's offset estimate).
+        acks_rejected, rejected_batches}), agent_time (the agent's clock, for the cloud's
+        offset estimate).
         """
         stats = self.outbox.stats()
         up = self.uplink.stats
@@ -357,6 +385,7 @@ class AgentRuntime:
                     "resent": up.resent,
                     "acked_batches": up.acked_batches,
                     "acks_rejected": up.acks_rejected,
+                    "rejected_batches": up.rejected_batches,
                 },
                 "agent_time": now.isoformat(),
             },

@@ -9,6 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cloud_api.revocations import REFRESH_S
+
 
 class ConfigError(Exception):
     """The cloud configuration cannot be used; the message names the key and the reason."""
@@ -26,6 +28,14 @@ class DatabaseSettings(_Model):
     # saves planning on the hot read paths (ingest prepares nothing). PgBouncer in transaction
     # mode supports that from 1.21 on (max_prepared_statements > 0); null for an older one.
     prepare_threshold: int | None = Field(default=2, ge=0)
+    # The API's data-change listener (LISTEN) needs a session of its own, which a
+    # transaction-mode pooler does not keep (it would listen on a server connection it hands
+    # back at once and never hear a notification): behind PgBouncer, the direct PostgreSQL
+    # URL. Unset: `url`.
+    listen_url: str | None = Field(default=None, repr=False)
+    # How long an API request waits for a pooled connection before it is answered 503 with
+    # Retry-After (the database is down, refuses connections or every connection is busy).
+    checkout_timeout_seconds: float = Field(default=1.5, gt=0, le=60)
 
 
 class MqttSettings(_Model):
@@ -68,6 +78,9 @@ class JwksSettings(_Model):
     sites_claim: str = "sites"
     cache_seconds: int = Field(default=300, ge=0)
     timeout_seconds: float = Field(default=5.0, gt=0)
+    # A token naming a key id missing from the cached set fetches the set again at most this
+    # often (a provider's new key is accepted within it; made-up key ids cost nothing more).
+    unknown_kid_refresh_seconds: float = Field(default=30.0, ge=0)
 
 
 class RateTier(_Model):
@@ -75,6 +88,22 @@ class RateTier(_Model):
 
     per_hour: int = Field(ge=1_000, le=100_000)
     burst: int = Field(ge=1, le=10_000)
+
+
+class FailureLimit(_Model):
+    """Failed authentications per client address: a token bucket of `burst` failures that
+    refills by `per_minute`; an address with an empty bucket gets 429 before its credential is
+    read (no key lookup, no signature check)."""
+
+    per_minute: int = Field(default=10, ge=1, le=100_000)
+    burst: int = Field(default=30, ge=1, le=100_000)
+    # Refusals are logged once per address and period (its first one at once, the count at
+    # the end of the period).
+    log_every_seconds: float = Field(default=60.0, gt=0)
+
+    @property
+    def per_hour(self) -> int:
+        return self.per_minute * 60
 
 
 Role = Literal["viewer", "engineer", "admin", "service"]
@@ -94,7 +123,10 @@ class SecuritySettings(_Model):
     audience: str = "factory-edge-gateway-api"
     leeway_seconds: int = Field(default=30, ge=0, le=300)
     max_token_ttl_seconds: int = Field(default=90 * 86400, ge=60)
-    revocation_refresh_seconds: float = Field(default=10.0, ge=0)
+    # How often each process reads the credential stamp (cloud_api/revocations.py): a
+    # revocation takes effect within this, at most twice this, on every API process.
+    revocation_refresh_seconds: float = Field(default=REFRESH_S, ge=0, le=60)
+    auth_failures: FailureLimit = Field(default_factory=FailureLimit)
     jwks: JwksSettings | None = None
     rate_limits: dict[Role, RateTier] = Field(default_factory=_default_tiers)
     redis_url: str | None = Field(default=None, repr=False)
@@ -128,6 +160,7 @@ class CloudSettings(_Model):
 
 _ENV = {
     "CLOUD_DATABASE_URL": ("database", "url"),
+    "CLOUD_DATABASE_LISTEN_URL": ("database", "listen_url"),
     "CLOUD_MQTT_HOST": ("mqtt", "host"),
     "CLOUD_MQTT_PORT": ("mqtt", "port"),
     "CLOUD_MQTT_USERNAME": ("mqtt", "username"),

@@ -67,6 +67,13 @@ def cmd_tokens_issue(args: argparse.Namespace) -> int:
                 target=kid,
             )
             ring = TokenKeyring.load(settings.keys_dir)
+        if conn.execute(
+            "SELECT 1 FROM ops.revoked_token_keys WHERE kid = %s", (ring.current_id,)
+        ).fetchone():
+            return _fail(
+                f"the current signing key {ring.current_id} is revoked: "
+                "run `cloud-api tokens rotate-key`"
+            )
         try:
             token, claims = issue_token(
                 ring,
@@ -116,7 +123,37 @@ def cmd_tokens_rotate_key(args: argparse.Namespace) -> int:
     with psycopg.connect(settings.database.url) as conn, conn.transaction():
         kid = generate_token_key(settings.keys_dir)
         audit.record_cli(conn, "tokens.rotate_key", target=kid)
-    print(f"new token signing key {kid}; older keys keep verifying until their files are removed")
+    print(
+        f"new token signing key {kid}; older keys keep verifying until revoked "
+        "(`cloud-api tokens revoke-key KID`) or their files are removed"
+    )
+    return 0
+
+
+def cmd_tokens_revoke_key(args: argparse.Namespace) -> int:
+    """Refuse every token signed by a key, on every API process, and delete its files here."""
+    settings = _settings(args)
+    directory = settings.keys_dir
+    ring = TokenKeyring.load(directory) if directory.is_dir() else TokenKeyring({}, None)
+    if args.kid == ring.current_id:
+        return _fail(
+            f"{args.kid} is the current signing key: run `cloud-api tokens rotate-key` first"
+        )
+    with psycopg.connect(settings.database.url) as conn, conn.transaction():
+        conn.execute(
+            "INSERT INTO ops.revoked_token_keys(kid, reason) VALUES (%s, %s) "
+            "ON CONFLICT DO NOTHING",
+            (args.kid, args.reason),
+        )
+        audit.record_cli(conn, "tokens.revoke_key", target=args.kid, detail={"reason": args.reason})
+    # After the commit: API processes refuse the key from the database, whichever key files
+    # their hosts still hold; the files here go so nothing can sign with it again.
+    for name in (f"jwt-{args.kid}.key", f"jwt-{args.kid}.pub"):
+        (directory / name).unlink(missing_ok=True)
+    print(
+        f"revoked token signing key {args.kid}; every API process refuses its tokens within "
+        f"{2 * settings.security.revocation_refresh_seconds:g} s"
+    )
     return 0
 
 
@@ -254,6 +291,12 @@ def register(sub: Any) -> None:
     tokens.add_parser(
         "rotate-key", help="new current signing key (old keys keep verifying)"
     ).set_defaults(func=cmd_tokens_rotate_key)
+    p = tokens.add_parser(
+        "revoke-key", help="refuse every token signed by a key (not the current one)"
+    )
+    p.add_argument("kid", help="the key id (a token's `kid` header, the jwt-<kid>.key name)")
+    p.add_argument("--reason", default="")
+    p.set_defaults(func=cmd_tokens_revoke_key)
 
     keys = sub.add_parser("apikeys", help="service API keys").add_subparsers(
         dest="apikeys", required=True

@@ -15,6 +15,12 @@ sample of the same signal is stale and ignored (so feeding a stream twice, or a 
 changes nothing); a sample newer than that but older than the time already accounted takes
 effect at the accounted time (closed buckets are never revised on the edge; late data is
 the cloud's business).
+
+Scans: the samples of one equipment that share a source timestamp (one poll, one
+subscription notification) are one snapshot. They are held until a sample with another
+timestamp arrives, or until tick() passes their time (finish() and mark_unknown() apply them
+at once), and then applied together in a fixed order (_RANK), so the result does not depend
+on the order of the signals in the YAML. An open scan is part of the checkpoint.
 """
 
 from __future__ import annotations
@@ -39,6 +45,13 @@ _SIGNAL_SET = frozenset(SIGNALS)  # membership tests on the hot path
 # state (they are credited in the state the scan reports) and before the product (the parts
 # a reading counts were made since the previous reading, under the product in force then).
 _RANK = {"reason": 0, "state": 1} | dict.fromkeys(COUNTER_SIGNALS, 2) | {"product": 3}
+_UNSORTED = len(_RANK)  # above every rank
+
+
+def _rank_of(item: tuple[str, object]) -> int:
+    return _RANK[item[0]]
+
+
 _COUNTER_SET = frozenset(COUNTER_SIGNALS)
 UNSPECIFIED = "unspecified"
 CHECKPOINT_VERSION = 2
@@ -212,8 +225,7 @@ class EquipmentEngine:
         # The open scan: samples sharing the timestamp _scan_ts, not applied yet.
         self._scan: list[tuple[str, object]] = []
         self._scan_ts: int | None = None
-        self._scan_rank = 0
-        self._scan_sorted = True
+        self._scan_rank = 0  # the highest rank in the open scan, _UNSORTED when out of order
 
     @property
     def cursor(self) -> datetime | None:
@@ -303,29 +315,27 @@ class EquipmentEngine:
             self._stale.discard(signal)
             self.seen[signal] = (ts, [raw])
         scan = self._scan
-        if ts == self._scan_ts and scan:
-            # Another sample of the open scan (the common case: a poll's samples share one
-            # timestamp); the order is only noted here and restored when the scan applies.
-            rank = _RANK[signal]
-            if rank < self._scan_rank:
-                self._scan_sorted = False
-            else:
-                self._scan_rank = rank
-            scan.append((signal, raw))
-            return []
         if scan:
-            self._apply_scan()
+            if ts == self._scan_ts:
+                # Another sample of the open scan (the common case: a poll's samples share
+                # one timestamp); the order is only noted here, restored when it applies.
+                rank = _RANK[signal]
+                last = self._scan_rank
+                if rank < last:
+                    self._scan_rank = _UNSORTED
+                elif rank > last:
+                    self._scan_rank = rank
+                scan.append((signal, raw))
+                return []
+            self._apply_scan(self._scan_ts)  # type: ignore[arg-type]
+        scan.append((signal, raw))
         scan_ts = self._scan_ts
         if scan_ts is not None and ts < scan_ts:
-            # Late: applied alone, at the time already accounted.
-            self._scan = [(signal, raw)]
-            self._apply_scan(ts)
+            self._apply_scan(ts)  # late: applied alone, at the time already accounted
             self._scan_ts = None
         else:
-            self._scan = [(signal, raw)]
             self._scan_ts = ts
             self._scan_rank = _RANK[signal]
-            self._scan_sorted = True
         if self._out:
             return self._drain()
         return []
@@ -338,15 +348,11 @@ class EquipmentEngine:
             return cursor
         return scan if cursor is None or scan > cursor else cursor
 
-    def _apply_scan(self, ts: int | None = None) -> None:
-        """Apply the samples of the open scan together, in canonical order (_RANK)."""
+    def _apply_scan(self, ts: int) -> None:
+        """Apply the samples of the open scan together at `ts`, in canonical order (_RANK)."""
         scan = self._scan
-        self._scan = []
-        if ts is None:
-            assert self._scan_ts is not None
-            ts = self._scan_ts
-        if not self._scan_sorted:
-            scan.sort(key=lambda item: _RANK[item[0]])
+        if self._scan_rank == _UNSORTED:
+            scan.sort(key=_rank_of)
         cursor = self.cursor_us
         if cursor is None:
             self._start(ts)
@@ -377,11 +383,13 @@ class EquipmentEngine:
             # The stop goes on with another reason: recorded as a change of the same state,
             # so the timeline splits where the Pareto's reason does.
             self._state_event(self.state, cursor, raw=self._state_number(self._state_raw))
+        scan.clear()
 
     def _flush_scan(self, before: int | None = None) -> None:
         """Apply the open scan (only when it is older than `before`, if given)."""
-        if self._scan and (before is None or (self._scan_ts or 0) < before):
-            self._apply_scan()
+        scan_ts = self._scan_ts
+        if self._scan and scan_ts is not None and (before is None or scan_ts < before):
+            self._apply_scan(scan_ts)
 
     def tick(self, now: datetime) -> list[Event]:
         """Account time up to `now` and close every finished bucket."""
@@ -500,7 +508,7 @@ class EquipmentEngine:
         self._scan = [] if scan is None else [(str(sig), raw) for sig, raw in scan[1]]
         if any(sig not in _SIGNAL_SET for sig, _ in self._scan):
             raise ValueError("the open scan names an unknown signal")
-        self._scan_sorted = False
+        self._scan_rank = _UNSORTED
         self._stale = set()
         self._state_raw = None
         self._cur = None

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Tools some tests drive besides the browser: socat (a pty pair for the Modbus RTU test),
 # systemd-analyze (verifies the unit files), ss from iproute2 (which worker of
-# `cloud-api serve` holds a connection) and Node.js with npm (the node-opcua servers of the
-# interoperability and conformance tests). Installed with apt-get when missing and we are root
+# `cloud-api serve` holds a connection), pgbouncer (the API behind a transaction pooler) and
+# Node.js with npm (the node-opcua servers of the interoperability and conformance tests).
+# Installed with apt-get when missing and we are root
 # on Debian/Ubuntu, so those tests run instead of skipping; otherwise says what to install.
 # Then the pinned node-opcua (tests/connectors/node_opcua, its committed lock file) with npm ci.
 set -euo pipefail
@@ -21,6 +22,7 @@ missing=()
 command -v socat >/dev/null 2>&1 || missing+=(socat)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v ss >/dev/null 2>&1 || missing+=(iproute2)
+command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -eq 0 ]; then

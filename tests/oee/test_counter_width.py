@@ -32,7 +32,9 @@ def engine(width: int) -> EquipmentEngine:
 
 
 def count(eng: EquipmentEngine, events: list[Event], value: int, second: int) -> None:
-    events += eng.feed(Sample("press-1", "total_count", value, T0 + timedelta(seconds=second)))
+    at = T0 + timedelta(seconds=second)
+    events += eng.feed(Sample("press-1", "total_count", value, at))
+    events += eng.tick(at + timedelta(milliseconds=500))  # the agent's flush applies the scan
 
 
 def produced(events: list[Event]) -> int:

@@ -493,7 +493,12 @@ class EquipmentEngine:
         self.buckets = {}
         for raw_bucket in data["buckets"]:
             bucket = _Bucket.load(raw_bucket)
-            self.buckets[bucket.start] = bucket
+            # Under the key _bucket_at looks it up by: a bucket that began mid-bucket (where
+            # accounting started) is keyed by its aligned start, else time accounted after
+            # the restart would open a second, overlapping bucket.
+            floor = bucket.start - bucket.start % self._bucket_us
+            window = to_us(self.calendar.window_at(from_us(bucket.start)).start)
+            self.buckets[max(floor, window)] = bucket
         self.shift_totals = _new_values()
         self.shift_totals.update({k: int(v) for k, v in data["shift_totals"].items()})
         self.shift_key = data["shift_key"]

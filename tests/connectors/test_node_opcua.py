@@ -35,7 +35,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _install() -> None:
+def install_node_opcua() -> None:
+    """npm ci of the pinned node-opcua (the committed lock file), once per checkout."""
     if (HERE / "node_modules" / "node-opcua-server").is_dir():
         return
     subprocess.run(
@@ -49,7 +50,7 @@ def _install() -> None:
 @contextlib.contextmanager
 def _serve(script: str, home: Path) -> Iterator[str]:
     """Run tests/connectors/node_opcua/`script` until the block ends; yields its URL."""
-    _install()
+    install_node_opcua()
     port = free_port()
     proc = subprocess.Popen(
         ["node", script, str(port), str(home / "pki")],

@@ -40,11 +40,11 @@ from oee.quantities import COUNTER_SIGNALS, counter_effects
 STOP_STATES = ("fault", "idle")
 SIGNALS = ("state", "reason", "product", *COUNTER_SIGNALS)
 _SIGNAL_SET = frozenset(SIGNALS)  # membership tests on the hot path
-# The order in which the samples of one scan apply, whatever the order of the YAML: the reason
-# first, so a stop's state change carries the reason set in the same scan; counts after the
-# state (they are credited in the state the scan reports) and before the product (the parts
-# a reading counts were made since the previous reading, under the product in force then).
-_RANK = {"reason": 0, "state": 1} | dict.fromkeys(COUNTER_SIGNALS, 2) | {"product": 3}
+# The order in which the samples of one scan apply, whatever the order of the YAML. Counts
+# first: the parts a reading counts were made since the previous reading, under the state and
+# product in force then (the last part before a planned stop is in plan). Then the reason, so a
+# stop's state change carries the reason set in the same scan; then the state; the product last.
+_RANK = dict.fromkeys(COUNTER_SIGNALS, 0) | {"reason": 1, "state": 2, "product": 3}
 _UNSORTED = len(_RANK)  # above every rank
 
 

@@ -145,6 +145,23 @@ def test_a_stop_carries_the_reason_set_in_the_same_scan_whatever_the_order(
     assert stops == [("running", None), ("fault", "no material"), ("running", None)]
 
 
+@pytest.mark.parametrize("order", [("state", "total_count"), ("total_count", "state")])
+def test_the_last_part_before_a_planned_stop_read_in_the_stops_scan_is_in_plan(
+    order: tuple[str, str],
+) -> None:
+    # The PLC counts its last part and enters planned_stop between two polls: the part was made
+    # while running, so it is in plan whatever the YAML order of the two signals.
+    values = {"state": 4, "total_count": 11}
+    samples: list[tuple[float, str, object]] = [(0, "state", 1), (0, "total_count", 0)]
+    samples += [(30, "total_count", 10)]
+    samples += [(60, name, values[name]) for name in order]
+    events = run(engine(counters=("total_count",)), samples, 120)
+    buckets = of(events, OeeEvent)
+    assert sum(b.components.produced for b in buckets) == 11
+    assert sum(b.components.off_plan_produced for b in buckets) == 0
+    assert all(c.in_plan for c in of(events, CountEvent))
+
+
 def test_a_reason_that_changes_during_a_stop_is_a_change_of_the_timeline() -> None:
     samples: list[tuple[float, str, object]] = [
         (0, "state", 1),

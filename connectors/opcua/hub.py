@@ -84,6 +84,7 @@ _BUILTIN_TYPES = {
 }
 _READ_CHUNK = 1000  # nodes per Read / CreateMonitoredItems request (servers cap these)
 _SKEW_CHECK_EVERY = 60.0
+_AFTER = timedelta(microseconds=1)  # the smallest step the engine tells apart
 
 
 class _TranslatedFailures(logging.Filter):
@@ -255,6 +256,12 @@ class OpcUaHub:
         self.last_error: str | None = None
         self.resolved: dict[str, ua.NodeId] = {}
         self.source_types: dict[str, str] = {}  # tag key -> the node's declared data type
+        # tag key -> when the hub last declared it unreadable (stamped with the agent's clock).
+        # A value read after that is news from then on, even when the server stamps it with the
+        # older time the value last changed (a restarted server, a machine running for hours):
+        # stamped earlier, the engine would drop it as older than the loss and keep the machine
+        # unknown until its next change.
+        self._bad_since: dict[str, datetime] = {}
         self._client: Client | None = None
         self._skew_reported = False
         self._lost = asyncio.Event()
@@ -499,6 +506,9 @@ class OpcUaHub:
     def sample(self, tag: OpcUaTag, dv: ua.DataValue) -> Sample:
         now = datetime.now(UTC)
         ts = self._timestamp(dv, now)
+        lost_at = self._bad_since.get(tag.key)
+        if lost_at is not None and ts <= lost_at:
+            ts = lost_at + _AFTER
         status = dv.StatusCode or ua.StatusCode()
         if not status.is_good():
             self._problem(tag.key, f"node {tag.node}: status {status.name}")
@@ -518,16 +528,16 @@ class OpcUaHub:
         )
 
     def _unresolved(self) -> list[Sample]:
-        now = datetime.now(UTC)
-        return [
-            Sample(t.equipment_id, t.signal, None, now, "bad")
-            for t in self.tags
-            if t.key not in self.resolved
-        ]
+        return self._declare_bad([t for t in self.tags if t.key not in self.resolved])
 
     def _all_bad(self) -> list[Sample]:
+        return self._declare_bad(self.tags)
+
+    def _declare_bad(self, tags: Sequence[OpcUaTag]) -> list[Sample]:
         now = datetime.now(UTC)
-        return [Sample(t.equipment_id, t.signal, None, now, "bad") for t in self.tags]
+        for t in tags:
+            self._bad_since[t.key] = now
+        return [Sample(t.equipment_id, t.signal, None, now, "bad") for t in tags]
 
     async def read_once(self, client: Client) -> list[Sample]:
         """One batched Read of every resolved tag."""

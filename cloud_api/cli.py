@@ -282,7 +282,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cloud-api", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
-    parser.add_argument("--config", help="cloud YAML (CLOUD_* environment variables override)")
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("CLOUD_CONFIG") or None,
+        help="cloud YAML (default: $CLOUD_CONFIG, as the API's workers read it; CLOUD_* "
+        "environment variables override)",
+    )
     parser.add_argument("--keys-dir", help="directory of the cloud's keys")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -9,10 +9,11 @@ import contextlib
 import time
 from dataclasses import dataclass
 
-from agent.config import AgentConfig, load_config
+from agent.config import INTEGER_WIDTHS, AgentConfig, SignalConfig, load_config
 from connectors.connector import Hub
 from connectors.registry import CONNECTOR_TYPES, build_hub
 from connectors.sample import Sample
+from oee.quantities import COUNTER_SIGNALS
 
 
 @dataclass
@@ -26,6 +27,22 @@ class SignalResult:
     @property
     def ok(self) -> bool:
         return self.sample is not None and self.sample.quality == "good"
+
+
+def counter_width(signal: SignalConfig, sample: Sample | None) -> str:
+    """The width and sign a counter is counted at, and what decided them."""
+    declared = sample.source_type if sample is not None else None
+    counter = signal.counter_spec(declared)
+    if signal.width is not None:
+        why = f"width: {signal.width}"
+    elif not signal.width_from_source:
+        why = f"type: {signal.type}"
+    elif declared in INTEGER_WIDTHS:
+        why = f"the PLC declares {declared}"
+    else:
+        why = f"default type {signal.type}; the PLC declared no integer type"
+    sign = "signed" if counter.signed else "unsigned"
+    return f"counted as {counter.width}-bit {sign} ({why})"
 
 
 def _expected(config: AgentConfig, connection_id: str, field: str) -> list[tuple[str, str]]:
@@ -112,6 +129,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"  {r.signal:<14} ok    {r.sample.value!r}  at {r.sample.ts.isoformat()}")
             else:
                 print(f"  {r.signal:<14} FAIL  {r.reason}")
+            if r.signal in COUNTER_SIGNALS:
+                print(f"  {'':<14}       {counter_width(eq.signals[r.signal], r.sample)}")  # type: ignore[index]
     failed = sum(not r.ok for r in results)
     print(f"{len(results) - failed} of {len(results)} signal(s) read")
     return 0 if failed == 0 else 1

@@ -26,6 +26,7 @@ from sync.keys import (
     rotate_agent_signing_key,
 )
 from sync.logs import configure_logging
+from sync.version import VERSION
 
 if TYPE_CHECKING:
     from agent.service import AgentService
@@ -294,6 +295,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the agent")

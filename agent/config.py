@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from connectors.modbus.codec import DataType, Order
 from connectors.opcua.config import node_notation_error
@@ -21,6 +29,7 @@ from oee.calendar import ShiftCalendar
 from oee.config import (
     CodeMap,
     CounterSpec,
+    CycleTime,
     Duration,
     EquipmentSpec,
     ProductSpec,
@@ -28,6 +37,17 @@ from oee.config import (
     TimeZoneName,
 )
 
+# Counter widths by integer type; any other type (float32, ...) counts at 32 bits.
+INTEGER_WIDTHS = {
+    "int8": 8,
+    "uint8": 8,
+    "int16": 16,
+    "uint16": 16,
+    "int32": 32,
+    "uint32": 32,
+    "int64": 64,
+    "uint64": 64,
+}
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -45,11 +65,19 @@ class AgentSection(_Model):
     timezone: TimeZoneName = "UTC"
     state_dir: Path = Path("/var/lib/edge-agent")
     bucket_seconds: int = Field(default=60, ge=1, le=3600)
-    tick_interval: Duration = 1.0
     status_interval: Duration = Field(
         default=60.0, description="how often health goes to the cloud"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("bucket_seconds")
+    @classmethod
+    def _bucket_divides_an_hour(cls, value: int) -> int:
+        # Buckets are aligned to UTC hours and sum to shifts; the engine refuses others.
+        if 3600 % value:
+            divisors = ", ".join(str(d) for d in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900))
+            raise ValueError(f"must divide an hour (3600 seconds), e.g. {divisors}, 1800, 3600")
+        return value
 
 
 _CONNECTION_TYPES = tuple(CONNECTOR_TYPES)
@@ -79,6 +107,25 @@ class SignalConfig(_Model):
             raise ValueError(f"node: {problem}")
         return self
 
+    @property
+    def width_from_source(self) -> bool:
+        """As a counter, whether the data type the PLC declares decides width and sign."""
+        return "type" not in self.model_fields_set and self.width is None
+
+    def counter_spec(self, source_type: str | None = None) -> CounterSpec:
+        """How the engine reads this signal as a counter. Without `type:` and `width:`, the
+        integer type the PLC declares (`source_type`, e.g. an OPC UA node's DataType)
+        decides width and sign; otherwise `type:` does (default uint16)."""
+        declared: str = self.type
+        if self.width_from_source and source_type is not None and source_type in INTEGER_WIDTHS:
+            declared = source_type
+        width = self.width or INTEGER_WIDTHS.get(declared, 32)
+        return CounterSpec(
+            width=width,  # type: ignore[arg-type]
+            signed=self.signed if self.signed is not None else declared.startswith("int"),
+            max_delta=self.max_delta,
+        )
+
 
 SignalName = Literal[
     "state", "total_count", "good_count", "scrap_count", "rework_count", "reason", "product"
@@ -90,7 +137,7 @@ class EquipmentConfig(_Model):
     line: str | None = None
     connection: str | None = None
     unit: int = Field(default=1, ge=0, le=247)
-    ideal_cycle_time: Duration
+    ideal_cycle_time: CycleTime
     micro_stop_threshold: Duration | None = None
     micro_stops: Literal["performance", "availability"] = "performance"
     signals: dict[SignalName, SignalConfig]
@@ -111,13 +158,7 @@ class EquipmentConfig(_Model):
 
     def oee_spec(self) -> EquipmentSpec:
         def counter(name: str) -> CounterSpec:
-            sig = self.signals[name]  # type: ignore[index]
-            default_width = {"int64": 64, "uint64": 64, "int16": 16, "uint16": 16}.get(sig.type, 32)
-            return CounterSpec(
-                width=sig.width or default_width,  # type: ignore[arg-type]
-                signed=sig.signed if sig.signed is not None else sig.type.startswith("int"),
-                max_delta=sig.max_delta,
-            )
+            return self.signals[name].counter_spec()  # type: ignore[index]
 
         state_map = self.signals["state"].map or {}
         reason = self.signals.get("reason")
@@ -219,11 +260,13 @@ class AgentConfig(_Model):
     equipment: list[EquipmentConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> AgentConfig:
+    def _cross_checks(self, info: ValidationInfo) -> AgentConfig:
         ids = [e.id for e in self.equipment]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"equipment ids must be unique: {', '.join(dupes)}")
+        if info.context and info.context.get("replay"):
+            return self  # replay reads no PLC: connections and addresses do not matter
         conn_ids = {c.id for c in self.connections}
         for i, eq in enumerate(self.equipment):
             if eq.connection is not None and eq.connection not in conn_ids:
@@ -278,6 +321,12 @@ def _substitute(node: Any, path: str, env: dict[str, str]) -> Any:
 
         return _ENV.sub(replace, node)
     return node
+
+
+def expand_env(node: Any, path: str) -> Any:
+    """`${ENV}` substitution of one part of the file (`path` is its YAML path), for a
+    command that needs only that part: other variables may stay unset."""
+    return _substitute(node, path, dict(os.environ))
 
 
 def _line_index(text: str) -> dict[tuple[str, ...], int]:
@@ -342,8 +391,13 @@ def format_validation_error(exc: ValidationError, source: str, text: str) -> str
 
 
 def parse_config(
-    text: str, source: str = "<config>", env: dict[str, str] | None = None
+    text: str,
+    source: str = "<config>",
+    env: dict[str, str] | None = None,
+    *,
+    replay: bool = False,
 ) -> AgentConfig:
+    """The validated configuration; `replay=True` leaves connections and addresses unchecked."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -352,15 +406,15 @@ def parse_config(
         raise ConfigError(f"{source}: expected a mapping with agent, equipment, ... at the top")
     data = _substitute(data, "", dict(os.environ) if env is None else env)
     try:
-        return AgentConfig.model_validate(data)
+        return AgentConfig.model_validate(data, context={"replay": replay})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source, text)) from None
 
 
-def load_config(path: Path | str) -> AgentConfig:
+def load_config(path: Path | str, *, replay: bool = False) -> AgentConfig:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read the configuration: {exc.strerror}") from None
-    return parse_config(text, str(p))
+    return parse_config(text, str(p), replay=replay)

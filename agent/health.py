@@ -237,6 +237,11 @@ class AgentCollector(Collector):
             "Acks refused (bad signature, unknown key, foreign agent)",
             value=stats.acks_rejected,
         )
+        yield CounterMetricFamily(
+            "edge_agent_batches_rejected",
+            "Batches the cloud refused for good (signed rejection): loss recorded, removed",
+            value=stats.rejected_batches,
+        )
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -8,22 +8,56 @@ import asyncio
 import json
 import signal
 from pathlib import Path
+from typing import Any
 
-from agent.config import load_config
+import yaml
+
+from agent.config import AgentSection, ConfigError, expand_env
+
+
+def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _certificate_settings(path: str, connection_id: str | None) -> tuple[str, Path]:
+    """The application URI and the keys folder from the configuration file, read without
+    the rest of it: `${ENV}` values only `run` needs (passwords) may be unset here."""
+    from connectors.opcua.config import OpcUaConnection
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with agent, equipment, ... at the top")
+    connections = data.get("connections")
+    found = [
+        (i, c)
+        for i, c in enumerate(connections if isinstance(connections, list) else [])
+        if isinstance(c, dict) and c.get("type") == "opcua" and connection_id in (None, c.get("id"))
+    ]
+    if connection_id is not None and not found:
+        raise ConfigError(f"{path}: no OPC UA connection with id {connection_id!r}")
+    uri = OpcUaConnection.model_fields["application_uri"].default
+    if found:
+        i, conn = found[0]
+        uri = expand_env(conn.get("application_uri", uri), f"connections[{i}].application_uri")
+    if not isinstance(uri, str) or not uri:
+        raise ConfigError(f"{path}: application_uri must be a text such as urn:plant:edge-agent")
+    keys = _section(data, "keys")
+    if keys.get("dir") is not None:
+        return uri, Path(expand_env(keys["dir"], "keys.dir"))
+    state = _section(data, "agent").get("state_dir", AgentSection.model_fields["state_dir"].default)
+    return uri, Path(expand_env(state, "agent.state_dir")) / "keys"
 
 
 def cmd_keys_opcua_cert(args: argparse.Namespace) -> int:
     from connectors.opcua.certs import create_certificate
-    from connectors.opcua.config import OpcUaConnection
     from connectors.opcua.hub import thumbprint
 
-    config = load_config(args.config)
-    uri = OpcUaConnection.model_fields["application_uri"].default
-    for conn in config.connections:
-        if isinstance(conn, OpcUaConnection) and (args.connection in (None, conn.id)):
-            uri = conn.application_uri
-            break
-    out = Path(args.out) if args.out else config.keys_dir
+    uri, keys_dir = _certificate_settings(args.config, args.connection)
+    out = Path(args.out) if args.out else keys_dir
     cert_path, key_path = out / "opcua-client.der", out / "opcua-client.pem"
     try:
         cert = create_certificate(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from connectors.sample import Sample
+from oee.bounds import plc_value
 from oee.events import SampleEvent
 
 
@@ -72,6 +73,6 @@ class RawSamplePublisher:
             equipment_id=sample.equipment_id,
             ts=sample.ts,
             signal=sample.signal,
-            value=sample.value,
+            value=plc_value(sample.value),
             quality=sample.quality,
         )

@@ -9,7 +9,8 @@ with an optional `"quality": "bad"`. Samples before `--from` only set the starti
 (state and since when, reason, product, counter baselines); samples at or after `--to` are
 not accounted, but a stop still open at `--to` is judged on its full length, read ahead in
 the file (a stop whose end is not in the file is not a micro-stop). Lines are applied
-in file order; samples sharing a timestamp apply in file order.
+in file order, except that the samples of one equipment sharing a timestamp are one scan,
+applied together in the engine's order (reason, state, counters, product).
 
 Problems in the input never stop a replay: unparseable lines, unknown equipment or signals,
 and samples out of order (older than an earlier sample: ignored if older than the last sample
@@ -225,7 +226,7 @@ class ReplayRun:
         if ts >= self.end_us:
             self._after_window(engine, sample, ts)
             return
-        cursor = engine.cursor_us
+        cursor = engine.latest_us  # the open scan's time counts as taken
         if cursor is None and ts < self.start_us:
             engine.prime(sample)
             return
@@ -441,7 +442,7 @@ def summary(result: dict[str, Any]) -> str:
 def run_replay(args: argparse.Namespace) -> int:
     """`edge-agent replay`; returns the exit code."""
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, replay=True)
     except ConfigError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2

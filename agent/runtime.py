@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import secrets
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, SignalConfig
 from agent.engine_store import EngineStore
 from agent.outbox_writer import OutboxWriter
 from agent.raw_samples import RawSamplePublisher
@@ -26,18 +25,18 @@ from buffer.outbox import Outbox
 from connectors.connector import Hub
 from connectors.registry import build_hub
 from connectors.sample import Sample
+from oee.bounds import clean_text
 from oee.engine import PlantEngine, to_us
 from oee.events import AgentEvent, Event, dump_events
-from sync.envelope import EnvelopeHeader, envelope_digest, seal
+from oee.quantities import COUNTER_SIGNALS
+from sync.envelope import EnvelopeHeader, RejectionBody, envelope_digest, seal
 from sync.keys import AgentKeys
 from sync.uplink import BrokerSettings, Uplink
+from sync.version import VERSION
 
 log = structlog.get_logger("agent")
 
-try:
-    AGENT_VERSION = importlib.metadata.version("factory-edge-gateway")
-except importlib.metadata.PackageNotFoundError:  # running from a source tree
-    AGENT_VERSION = "0+unknown"
+AGENT_VERSION = VERSION
 
 Clock = Callable[[], datetime]
 
@@ -113,6 +112,15 @@ class AgentRuntime:
             bucket_seconds=config.agent.bucket_seconds,
         )
         self.pending: list[Event] = []
+        # Counters whose width follows the data type their PLC declares (no `type:`/`width:`),
+        # and the declared type last applied to each.
+        self._width_from_source: dict[tuple[str, str], SignalConfig] = {
+            (eq.id, name): sig
+            for eq in config.equipment
+            for name, sig in eq.signals.items()
+            if name in COUNTER_SIGNALS and sig.width_from_source
+        }
+        self._source_types: dict[tuple[str, str], str] = {}
         # Read by the service's watchdog and the local metrics (agent/service.py, health.py).
         self.tasks: list[asyncio.Task[None]] = []
         self.last_flush: float | None = None
@@ -137,6 +145,7 @@ class AgentRuntime:
             topic_prefix=mqtt.topic_prefix,
             ack_timeout=config.uplink.ack_timeout,
             max_in_flight=config.uplink.max_in_flight,
+            on_rejected=self.record_rejection,
         )
         self.log = log.bind(agent=config.agent.id, site=config.agent.site)
 
@@ -163,7 +172,8 @@ class AgentRuntime:
         resumed = self.state_store.resume(self.engine, now)
         if resumed is not None:
             events, problems = resumed
-            for eq, problem in problems.items():
+            for eq, error in problems.items():
+                problem = clean_text(error)  # an exception's text may quote the bad entry
                 # Starting afresh re-baselines the counters: parts made since the last
                 # checkpoint are not counted, so this is reported as a loss.
                 self.log.error(
@@ -226,6 +236,32 @@ class AgentRuntime:
             data=data,
         )
 
+    def record_rejection(self, rejection: RejectionBody, events: int) -> bool:
+        """Commit the loss record of a batch the cloud refused for good (signed, it travels in
+        a later batch); True once it is in the outbox, so the uplink may remove the batch. A
+        crash in between sends the batch again and records the loss again: the cloud keys
+        losses by (epoch, seq)."""
+        now = self.clock()
+        event = self._agent_event(
+            now,
+            "batch_rejected",
+            f"the cloud refused batch {rejection.seq} of epoch {rejection.epoch} for good "
+            f"({rejection.reason}): its {events} event(s) are lost",
+            {
+                "epoch": rejection.epoch,
+                "seqs": [rejection.seq],
+                "events": events,
+                "reason": rejection.reason,
+                "detail": rejection.detail,
+                "loss": True,
+            },
+        )
+        result = self.writer.write([event], None, now)
+        # The outbox is full: fill alarms held with it go out with the next flush; the batch
+        # stays until a later rejection finds room for its loss record.
+        self.pending.extend(e for e in result.held if e is not event)
+        return not result.held
+
     # -- the pipeline ---------------------------------------------------------------------
 
     async def _emit(self, sample: Sample) -> None:
@@ -271,12 +307,35 @@ class AgentRuntime:
             self.uplink.notify()
         return len(result.seqs)
 
+    def _feed(self, sample: Sample) -> None:
+        if sample.source_type is not None and self._width_from_source:
+            self._follow_source_type(sample, sample.source_type)
+        self.pending.extend(self.engine.feed(sample))
+
+    def _follow_source_type(self, sample: Sample, declared: str) -> None:
+        """Count a counter at the width of the data type its PLC declares (before its value)."""
+        key = (sample.equipment_id, sample.signal)
+        signal = self._width_from_source.get(key)
+        if signal is None or self._source_types.get(key) == declared:
+            return
+        self._source_types[key] = declared
+        counter = signal.counter_spec(declared)
+        self.engine.set_counter(sample.equipment_id, sample.signal, counter)
+        self.log.info(
+            "counter width from the PLC",
+            equipment=sample.equipment_id,
+            signal=sample.signal,
+            data_type=declared,
+            width=counter.width,
+            signed=counter.signed,
+        )
+
     async def _engine_loop(self) -> None:
         while True:
             sample = await self.samples.get()
             self.samples_total += 1
             try:
-                self.pending.extend(self.engine.feed(sample))
+                self._feed(sample)
                 if self.raw_samples is not None and (raw := self.raw_samples.feed(sample)):
                     self.pending.append(raw)
             except (KeyError, ValueError) as exc:
@@ -299,7 +358,8 @@ class AgentRuntime:
         data keys: version, outbox_depth, outbox_events, outbox_bytes, outbox_quota_bytes,
         outbox_oldest_unacked_s, acked_seq_high_water, epoch, next_seq, connectors
         ({id: connected}), uplink ({connected, published, resent, acked_batches,
-        acks_rejected}), agent_time (the agent's clock, for the cloud's offset estimate).
+        acks_rejected, rejected_batches}), agent_time (the agent's clock, for the cloud's
+        offset estimate).
         """
         stats = self.outbox.stats()
         up = self.uplink.stats
@@ -325,10 +385,41 @@ class AgentRuntime:
                     "resent": up.resent,
                     "acked_batches": up.acked_batches,
                     "acks_rejected": up.acks_rejected,
+                    "rejected_batches": up.rejected_batches,
                 },
                 "agent_time": now.isoformat(),
             },
         )
+
+    def record(self, samples: Iterable[Sample], end: datetime, *, flush_every_s: float) -> int:
+        """Commit recorded samples to the outbox as `run` would have, on the samples' clock.
+
+        The engine starts at the first sample and flushes every `flush_every_s` of sample
+        time and once at `end`; a later `run` resumes from the checkpoint and its uplink
+        ships the batches. Returns the number of batches committed."""
+        now = [end]
+        self.clock = lambda: now[0]
+        batches = 0
+        started = False
+        next_flush = end
+        for sample in samples:
+            if not started:
+                now[0] = sample.ts
+                self._resume()
+                next_flush = sample.ts + timedelta(seconds=flush_every_s)
+                started = True
+            while sample.ts >= next_flush:
+                now[0] = next_flush
+                batches += self.flush()
+                next_flush += timedelta(seconds=flush_every_s)
+            self.samples_total += 1
+            self.pending.extend(self.engine.feed(sample))
+        if not started:
+            self._resume()
+        now[0] = end
+        batches += self.flush()
+        self.outbox.close()
+        return batches
 
     async def _drain(self, uplink: asyncio.Task[None], limit_s: float) -> None:
         """On stop, give the uplink a bounded time to ship what is committed and get acks."""
@@ -380,7 +471,7 @@ class AgentRuntime:
             # Graceful stop: whatever was sampled is committed with its checkpoint.
             while not self.samples.empty():
                 with contextlib.suppress(KeyError, ValueError):
-                    self.pending.extend(self.engine.feed(self.samples.get_nowait()))
+                    self._feed(self.samples.get_nowait())
             self.flush()
             for hub in self.hubs:
                 await hub.__aexit__()

@@ -556,6 +556,16 @@ class Outbox:
                 pass
         return n
 
+    def remove_rejected(self, epoch: str, seq: int, digest: str) -> bool:
+        """Delete one batch the cloud refused for good (a verified rejection names it).
+
+        The caller records the loss first; only the batch with this exact digest goes."""
+        if epoch != self.epoch:
+            return False
+        with self._tx() as conn:
+            cur = conn.execute("DELETE FROM batches WHERE seq = ? AND digest = ?", (seq, digest))
+        return bool(cur.rowcount)
+
     def shed(self, min_bytes: int) -> ShedReport:
         """Delete the oldest sheddable batches, unsent or unacked, until `min_bytes` are freed.
 

@@ -4,7 +4,9 @@ An engineer (or a service key with the `write` scope) annotates a downtime or qu
 one equipment with a reason, an optional note and optionally the operator who reported it.
 The operator's identity is personal data: it is sealed (cloud_api.pii) before it reaches the
 database and opened only for callers with the `pii` permission; everyone else sees
-`operator_status: "redacted"`. Each annotation leaves an audit row (without the identity).
+`operator_status: "redacted"`. The author (`created_by`, the caller's subject, often an
+e-mail address) is personal data as well: shown under the same rule, null for everyone else.
+Each annotation leaves an audit row (without the operator's identity).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from cloud_api.auth import SITE_ID, Principal
 from cloud_api.db import with_retry
 from cloud_api.pii import PiiError, PiiKeyring
 from cloud_api.problems import Problem
+from cloud_api.routes.common import outside_calendar, window
 from cloud_api.security import CurrentPrincipal, require
 
 router = APIRouter(prefix="/v1/equipment", tags=["annotations"])
@@ -52,6 +55,14 @@ class AnnotationIn(_Text):
         default=None, min_length=1, max_length=200, description="personal data: stored sealed"
     )
 
+    @field_validator("ts", mode="after")
+    @classmethod
+    def _in_calendar(cls, value: datetime) -> datetime:
+        reason = outside_calendar(value)
+        if reason is not None:
+            raise ValueError(reason)
+        return value
+
 
 class AnnotationOut(BaseModel):
     annotation_id: uuid.UUID
@@ -65,7 +76,7 @@ class AnnotationOut(BaseModel):
     operator: str | None
     operator_status: Literal["none", "clear", "redacted", "unavailable"]
     created_at: datetime
-    created_by: str
+    created_by: str | None = Field(description="personal data: only for the pii permission")
     trace_id: str | None
 
 
@@ -105,7 +116,7 @@ def _render(row: dict[str, Any], principal: Principal, keyring: PiiKeyring) -> A
         operator=operator,
         operator_status=status,  # type: ignore[arg-type]
         created_at=row["created_at"],
-        created_by=row["created_by"],
+        created_by=row["created_by"] if principal.can("pii") else None,
         trace_id=row["trace_id"],
     )
 
@@ -204,8 +215,7 @@ async def list_annotations(
     site: Annotated[str | None, Query(max_length=64, pattern=SITE_ID.pattern)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> list[AnnotationOut]:
-    if to <= from_:
-        raise Problem(422, "`to` must be after `from`", slug="invalid-parameters")
+    start, end = window(from_, to)
     if site is not None and not principal.sees(site):
         return []
     keyring = _pii(request)
@@ -224,8 +234,8 @@ async def list_annotations(
                 "ORDER BY ts, annotation_id LIMIT %(limit)s",
                 {
                     "eq": equipment_id,
-                    "start": from_,
-                    "end": to,
+                    "start": start,
+                    "end": end,
                     "site": site,
                     "sites": sites,
                     "limit": limit,

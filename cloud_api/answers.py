@@ -4,11 +4,12 @@ A result-cache hit still cost the work around it: FastAPI's routing, the validat
 dozen query parameters, the route's own parsing and the rendering. For the same request
 (method GET, path, raw query string, JSON or CSV, the caller's visible sites) over a closed
 window, the answer can only change when the data watermark of its scope and window changes.
-So a route that answered such a request remembers the rendered response together with the
-key of its watermark in the memo of cloud_api/marks.py and the watermark itself; the
-middleware here answers the same request again as long as that memo still holds the same
-watermark, that is as long as no change notification touched the scope's equipment on the
-window's days.
+(The JSON-or-CSV choice, `no-cache` and `If-None-Match` come from the request's one header
+parse, cloud_api/headers.py, which the route reads too.) So a route that answered such a
+request remembers the rendered response together with the key of its watermark in the memo
+of cloud_api/marks.py and the watermark itself; the middleware here answers the same request
+again as long as that memo still holds the same watermark, that is as long as no change
+notification touched the scope's equipment on the window's days.
 
 It sits inside the security middleware (authentication, rate limits, security headers and
 request statistics apply as to any request) and inside the timing middleware (metrics and
@@ -27,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cloud_api import headers as request_headers
 from cloud_api import metrics
 from cloud_api.cache import LruMap
 from cloud_api.marks import DataMarks
@@ -47,16 +49,12 @@ class Answer:
 def _key(scope: Scope) -> Hashable | None:
     if scope["method"] != "GET":
         return None
-    accept = b""
-    for name, value in scope["headers"]:
-        if name == b"cache-control" and b"no-cache" in value.lower():
-            return None
-        if name == b"accept":
-            accept = value
-    csv = b"text/csv" in accept and b"application/json" not in accept
+    parsed = request_headers.of(scope)
+    if parsed.fresh:
+        return None
     sites = scope.get("state", {}).get("sites")
     visible = None if sites is None else tuple(sites)
-    return (scope["path"], scope.get("query_string", b""), csv, visible)
+    return (scope["path"], scope.get("query_string", b""), parsed.csv, visible)
 
 
 class Answers:
@@ -118,10 +116,7 @@ class AnswersMiddleware:
 
 
 def _matches(scope: Scope, etag: bytes) -> bool:
-    for name, value in scope["headers"]:
-        if name == b"if-none-match":
-            return etag_matches(value, etag)
-    return False
+    return etag_matches(request_headers.of(scope).if_none_match, etag)
 
 
 def etag_matches(if_none_match: bytes, etag: bytes) -> bool:

@@ -7,7 +7,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Query, Response
@@ -26,17 +26,12 @@ from cloud_api.dashboard import install_dashboard
 from cloud_api.db import make_pool, with_retry
 from cloud_api.marks import DataMarks
 from cloud_api.routes import install_routes
+from cloud_api.routes.common import window
 from oee.components import COMPONENT_FIELDS, Components
 
 SUMS = sql.SQL(", ").join(
     sql.SQL("COALESCE(sum({c}), 0) AS {c}").format(c=sql.Identifier(c)) for c in COMPONENT_FIELDS
 )
-
-
-def _utc(value: datetime) -> datetime:
-    if value.tzinfo is None:
-        raise HTTPException(422, "timestamps need a time zone, e.g. 2026-01-05T06:00:00Z")
-    return value.astimezone(UTC)
 
 
 def _broker_reachable(host: str, port: int) -> None:
@@ -104,7 +99,13 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if app.state.pool is None:
             app.state.pool = await run_in_threadpool(
-                functools.partial(make_pool, settings.database, name="api", prepare=True)
+                functools.partial(
+                    make_pool,
+                    settings.database,
+                    name="api",
+                    prepare=True,
+                    timeout=settings.database.checkout_timeout_seconds,
+                )
             )
         # Until it listens (and whenever it does not), routes read watermarks from the database.
         app.state.data_marks.start()
@@ -129,7 +130,9 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.pool = pool
-    app.state.data_marks = DataMarks(settings.database.url)
+    app.state.data_marks = DataMarks(
+        settings.database.listen_url or settings.database.require_url()
+    )
     app.state.answers = Answers(app.state.data_marks)
     install_routes(app)
     install_dashboard(app)
@@ -174,9 +177,7 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
         to: Annotated[datetime, Query(description="exclusive, ISO 8601")],
         site: Annotated[str | None, Query(description="site id, if ids repeat")] = None,
     ) -> dict[str, Any]:
-        start, end = _utc(from_), _utc(to)
-        if end <= start:
-            raise HTTPException(422, "`to` must be after `from`")
+        start, end = window(from_, to)
         stmt = sql.SQL(
             "SELECT count(*) AS buckets, array_agg(DISTINCT site_id) AS sites, {sums} "
             "FROM rollups.oee_1m WHERE equipment_id = %(eq)s AND bucket >= %(start)s "

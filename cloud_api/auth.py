@@ -3,8 +3,10 @@ verified by its JWKS), service API keys, and the `Principal` with its role, site
 
 Token signing keys live in the cloud key directory beside the HPKE and ack keys, one line each
 (see sync.keys): ``jwt-<kid>.key`` (0600), ``jwt-<kid>.pub``, ``jwt.current``. Every key stays
-valid for verification until its file is removed, so rotating (a new current key) does not
-invalidate tokens already handed out; the key id travels in the token header (`kid`).
+valid for verification until its file is removed or it is revoked (ops.revoked_token_keys), so
+rotating (a new current key) does not invalidate tokens already handed out; the key id travels
+in the token header (`kid`). Both take effect on a running process within two refresh periods
+(`Revocations`).
 
 Roles and what they may do (API keys are further limited to their scopes):
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import threading
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import jwt
+import psycopg
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from fastapi.concurrency import run_in_threadpool
@@ -38,7 +42,8 @@ from starlette.requests import Request
 
 from cloud_api.cache import LruMap
 from cloud_api.config import JwksSettings, Role, SecuritySettings
-from cloud_api.problems import Problem
+from cloud_api.problems import DATABASE_RETRY_AFTER_S, Problem
+from cloud_api.revocations import CredentialStamp
 from sync.keys import (
     KeyFileError,
     ed25519_key_id,
@@ -244,50 +249,77 @@ def new_api_key() -> tuple[str, str, str]:
     return f"fgw_{prefix}_{secret}", prefix, hash_secret(secret)
 
 
-# --- revoked token ids ----------------------------------------------------------------------
+# --- revoked tokens and signing keys --------------------------------------------------------
 
 
-class RevocationList:
-    """Revoked token ids, re-read from the database every `refresh_s` seconds.
+class Revocations:
+    """Revoked token ids and token signing key ids, as of a credential stamp read recently.
 
-    A request never waits for a re-read while the list is less than three periods old: the
-    first request after a period starts one in the background (one at a time) and everyone
-    goes on with the list in memory. Only an older list (no traffic for a while, or the
-    database unreachable) is re-read before the token is accepted. A revocation thus takes
-    effect within about one period under traffic, and at the latest after three.
+    `refresh()` (blocking) reads the stamp when `refresh_s` has passed and the lists only when
+    it moved (cloud_api.revocations), and looks at the key directory's token key files, so a
+    key file removed by hand counts as a retired key. Requests do not wait for that while the
+    view is younger than two periods: the first request after a period starts one refresh in
+    the background and everyone goes on with the view in memory. An older view (no traffic
+    for a while, or the database unreachable) is refreshed before a token is accepted. A
+    revocation or a removed key file thus takes effect within `refresh_s` under traffic, and
+    at the latest after twice that. `on_change` runs after every refresh that found a change.
     """
 
-    def __init__(self, refresh_s: float, pool: Callable[[], ConnectionPool]) -> None:
+    def __init__(
+        self,
+        refresh_s: float,
+        pool: Callable[[], ConnectionPool],
+        keys_dir: Path,
+        on_change: Callable[[], None],
+    ) -> None:
         self.refresh_s = refresh_s
         self.pool = pool
-        self._ids: frozenset[str] = frozenset()
-        self._loaded = float("-inf")
+        self.keys_dir = keys_dir
+        self.on_change = on_change
+        self.stamp = CredentialStamp(refresh_s)
+        self.jtis: frozenset[str] = frozenset()
+        self.kids: frozenset[str] = frozenset()
+        self._key_files: tuple[tuple[str, int, int], ...] | None = None
         self._lock = threading.Lock()
         self._refreshing: asyncio.Future[None] | None = None
 
     def usable(self) -> bool:
-        """Whether the list in memory may answer without waiting for the database."""
-        return time.monotonic() - self._loaded < 3 * self.refresh_s
+        """Whether the view in memory may answer without waiting for the database."""
+        return self.stamp.age() < 2 * self.refresh_s
 
-    def listed(self, jti: str) -> bool:
-        """Whether `jti` is in the list as last read; starts a background re-read (needs a
-        running event loop) when a period has passed."""
-        if time.monotonic() - self._loaded >= self.refresh_s and (
-            self._refreshing is None or self._refreshing.done()
-        ):
+    def kick(self) -> None:
+        """Start a background refresh when one is due (needs a running event loop)."""
+        if self.stamp.due() and (self._refreshing is None or self._refreshing.done()):
             self._refreshing = asyncio.ensure_future(self._refresh_in_background())
-        return jti in self._ids
 
     async def _refresh_in_background(self) -> None:
         try:
-            await run_in_threadpool(self._refresh_due)
-        except Exception as exc:  # the next request tries again; an old list stops serving
-            log.warning("revoked tokens not re-read", error=type(exc).__name__)
+            await run_in_threadpool(self.refresh)
+        except Exception as exc:  # the next request tries again; an old view stops serving
+            log.warning("revoked credentials not re-read", error=type(exc).__name__)
 
-    def _refresh_due(self) -> None:
+    def refresh(self) -> None:
         with self._lock:
-            if time.monotonic() - self._loaded >= self.refresh_s:
-                self._load()
+            if not self.stamp.due():
+                return
+            moved = self.stamp.refresh(self.pool(), self._load)
+            # After the stamp: if reading it fails, the files are looked at next time.
+            if self.key_files_changed() or moved:
+                self.on_change()
+
+    def key_files_changed(self) -> bool:
+        """Whether the token key files differ from the last look (name, size, mtime)."""
+        seen: list[tuple[str, int, int]] = []
+        try:
+            for path in self.keys_dir.glob("jwt*"):
+                st = path.stat()
+                seen.append((path.name, st.st_size, st.st_mtime_ns))
+        except OSError:  # removed while listed, or no directory: read again next time
+            seen = []
+        files = tuple(sorted(seen))
+        changed = files != self._key_files
+        self._key_files = files
+        return changed
 
     def _load(self) -> None:
         with self.pool().connection() as conn:
@@ -295,13 +327,9 @@ class RevocationList:
                 "SELECT jti FROM ops.revoked_tokens "
                 "WHERE expires_at IS NULL OR expires_at > now() - interval '1 day'"
             ).fetchall()
-        self._ids = frozenset(r[0] for r in rows)
-        self._loaded = time.monotonic()
-
-    def revoked(self, jti: str) -> bool:
-        """Whether `jti` is revoked, re-reading the list first when a period has passed."""
-        self._refresh_due()
-        return jti in self._ids
+            kids = conn.execute("SELECT kid FROM ops.revoked_token_keys").fetchall()
+        self.jtis = frozenset(r[0] for r in rows)
+        self.kids = frozenset(r[0] for r in kids)
 
 
 # --- verification ---------------------------------------------------------------------------
@@ -324,6 +352,8 @@ class VerifiedTokens:
     def __init__(self, leeway_s: float, max_entries: int = 10_000) -> None:
         self.leeway_s = leeway_s
         self._items: LruMap[str, Principal] = LruMap(max_entries)
+        self.generation = 0  # bumped by clear()
+        self._lock = threading.Lock()
 
     def get(self, token: str) -> Principal | None:
         principal = self._items.get(token)
@@ -335,8 +365,17 @@ class VerifiedTokens:
             return None
         return principal
 
-    def put(self, token: str, principal: Principal) -> None:
-        self._items.put(token, principal)
+    def put(self, token: str, principal: Principal, generation: int) -> None:
+        """Remember `principal` if no `clear()` came since `generation` was read (a token
+        verified against revocations that changed meanwhile must be verified again)."""
+        with self._lock:
+            if generation == self.generation:
+                self._items.put(token, principal)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.generation += 1
+            self._items.clear()
 
 
 class Authenticator:
@@ -351,21 +390,33 @@ class Authenticator:
         self.settings = settings
         self.keys_dir = keys_dir
         self.pool = pool
-        self.revocations = RevocationList(settings.revocation_refresh_seconds, pool)
+        self.revocations = Revocations(
+            settings.revocation_refresh_seconds, pool, keys_dir, self._credentials_changed
+        )
         self.verified = VerifiedTokens(settings.leeway_seconds)
         self._ring: TokenKeyring | None = None
+        self._ring_read = -math.inf  # monotonic time of the last read of the key directory
         self._jwks: jwt.PyJWKClient | None = None
+        self._jwks_forced = -math.inf  # monotonic time of the last fetch for an unknown kid
         if settings.jwks is not None:
+            # No per-kid cache: a key the provider dropped from its set stops verifying when
+            # the set is fetched again, not at our next restart.
             self._jwks = jwt.PyJWKClient(
                 settings.jwks.url,
-                cache_keys=True,
+                cache_keys=False,
                 lifespan=max(1, settings.jwks.cache_seconds),
                 timeout=int(max(1.0, settings.jwks.timeout_seconds)),
             )
 
+    def _credentials_changed(self) -> None:
+        # Every remembered token is verified again: its key or its id may be revoked now.
+        self._ring = None
+        self.verified.clear()
+
     def verify_keys(self) -> dict[str, Ed25519PublicKey]:
-        """Token verification keys, re-read when a token names a key id not yet known."""
+        """Token verification keys, read from the key directory when needed."""
         if self._ring is None:
+            self._ring_read = time.monotonic()
             self._ring = self._load_ring()
         return self._ring.public_keys
 
@@ -373,6 +424,21 @@ class Authenticator:
         if not self.keys_dir.is_dir():
             return TokenKeyring({}, None)
         return TokenKeyring.load(self.keys_dir)
+
+    def _refresh_view(self) -> None:
+        """Bring the revocations up to date before a token is accepted (blocking)."""
+        try:
+            self.revocations.refresh()
+        except psycopg.Error as exc:
+            # Fail closed: a token may have been revoked since the view in memory was read.
+            log.warning("revoked credentials cannot be read", error=type(exc).__name__)
+            raise Problem(
+                503,
+                "the database is unavailable, so credentials cannot be checked; retry after "
+                "the time in Retry-After",
+                slug="database-unavailable",
+                headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+            ) from None
 
     async def authenticate(self, request: Request) -> Principal:
         api_key = request.headers.get("x-api-key")
@@ -387,17 +453,21 @@ class Authenticator:
             raise _unauthorized("use the Bearer scheme: `Authorization: Bearer <token>`")
         if credential.startswith("fgw_"):
             return await run_in_threadpool(self._api_key, credential)
-        # A token verified before needs no worker thread while the revocation list in memory
-        # is usable (re-reading it is a database query).
+        if self.revocations.usable():
+            self.revocations.kick()
+        else:
+            await run_in_threadpool(self._refresh_view)
+        # A token verified before needs no worker thread: the view of revocations in memory
+        # is recent enough (above).
         known = self.verified.get(credential)
-        if known is not None and (known.kind != "token" or self.revocations.usable()):
-            return self._still_valid(known, self.revocations.listed)
-        if known is None and self.revocations.usable() and self._verifiable_here(credential):
+        if known is not None:
+            return self._still_valid(known)
+        if self._verifiable_here(credential):
             # Our own token signed with a key already loaded: verifying it is a little CPU
             # and no I/O, cheaper on the event loop than a hop to a worker thread (a burst of
             # new clients would otherwise queue behind the thread pool).
-            return self._token(credential, self.revocations.listed)
-        return await run_in_threadpool(self._token, credential, self.revocations.revoked)
+            return self._token(credential)
+        return await run_in_threadpool(self._token, credential)
 
     def _verifiable_here(self, token: str) -> bool:
         """Whether `token` claims to be ours and names a key id already loaded."""
@@ -412,18 +482,18 @@ class Authenticator:
 
     # -- JWT ----------------------------------------------------------------------------------
 
-    @staticmethod
-    def _still_valid(known: Principal, revoked: Callable[[str], bool]) -> Principal:
+    def _still_valid(self, known: Principal) -> Principal:
         """A remembered token's principal, unless the token has been revoked since."""
-        if known.kind == "token" and revoked(known.credential_id):
+        if known.kind == "token" and known.credential_id in self.revocations.jtis:
             raise _unauthorized("the token has been revoked")
         return known
 
-    def _token(self, token: str, revoked: Callable[[str], bool]) -> Principal:
-        """Verify `token`; `revoked` checks a token id (blocking re-read or list in memory)."""
+    def _token(self, token: str) -> Principal:
+        """Verify `token` against the keys and revocations in memory."""
+        generation = self.verified.generation
         known = self.verified.get(token)
         if known is not None:
-            return self._still_valid(known, revoked)
+            return self._still_valid(known)
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
@@ -457,6 +527,7 @@ class Authenticator:
             raise _unauthorized("no key of the identity provider verifies the token") from None
         except jwt.PyJWTError:
             raise _unauthorized("the bearer token is invalid") from None
+        self._check_lifetime(claims)
         try:
             role = parse_role(claims.get(role_claim))
             raw_sites = claims.get(sites_claim)
@@ -468,7 +539,7 @@ class Authenticator:
         except ValueError as exc:
             raise _unauthorized(f"the token's claims are unusable: {exc}") from None
         jti = str(claims.get("jti") or hashlib.sha256(token.encode()).hexdigest()[:32])
-        if kind == "token" and revoked(jti):
+        if kind == "token" and jti in self.revocations.jtis:
             raise _unauthorized("the token has been revoked")
         principal = Principal(
             subject=str(claims.get("sub")),
@@ -478,8 +549,20 @@ class Authenticator:
             credential_id=jti,
             expires=datetime.fromtimestamp(int(claims["exp"]), UTC),
         )
-        self.verified.put(token, principal)
+        self.verified.put(token, principal, generation)
         return principal
+
+    def _check_lifetime(self, claims: Mapping[str, Any]) -> None:
+        """Refuse a token that lives longer than `max_token_ttl_seconds` (from `iat`, or from
+        now when it has none), whoever signed it: a key that leaked must not mint tokens that
+        outlive every rotation."""
+        limit = self.settings.max_token_ttl_seconds
+        exp, iat = claims.get("exp"), claims.get("iat")
+        if not isinstance(exp, int | float) or isinstance(exp, bool):
+            raise _unauthorized("the token lacks the 'exp' claim")
+        start = iat if isinstance(iat, int | float) and not isinstance(iat, bool) else time.time()
+        if exp - start > limit:
+            raise _unauthorized(f"the token's lifetime exceeds the maximum of {limit} s")
 
     def _own_token(self, token: str, header: Mapping[str, Any]) -> dict[str, Any]:
         # The algorithm is pinned: `none`, HMAC with the public key as secret and every other
@@ -489,10 +572,14 @@ class Authenticator:
         kid = header.get("kid")
         if not isinstance(kid, str):
             raise _unauthorized("the token has no key id (kid)")
+        if kid in self.revocations.kids:
+            raise _unauthorized("the token's signing key has been revoked")
         keys = self.verify_keys()
-        if kid not in keys:
-            self._ring = self._load_ring()  # a key created after start (rotation)
-            keys = self._ring.public_keys
+        if kid not in keys and time.monotonic() - self._ring_read >= self.revocations.refresh_s:
+            # Perhaps a key created after the last read (rotation); unknown key ids read the
+            # directory at most once per refresh period, however many arrive.
+            self._ring = None
+            keys = self.verify_keys()
         if kid not in keys:
             raise _unauthorized("the token was signed with an unknown key")
         claims: dict[str, Any] = jwt.decode(
@@ -513,8 +600,21 @@ class Authenticator:
     ) -> dict[str, Any]:
         if header.get("alg") not in jwks.algorithms:
             raise _unauthorized("the token's algorithm is not accepted for this issuer")
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise _unauthorized("the token has no key id (kid)")
         assert self._jwks is not None
-        signing_key = self._jwks.get_signing_key_from_jwt(token)
+        # The set as cached (fetched again when `cache_seconds` ran out); an unknown key id
+        # fetches it before then at most once per `unknown_kid_refresh_seconds`, so tokens
+        # with made-up key ids cannot make us hammer the provider.
+        signing_key = self._jwks.match_kid(self._jwks.get_signing_keys(), kid)
+        if signing_key is None:
+            now = time.monotonic()
+            if now - self._jwks_forced >= jwks.unknown_kid_refresh_seconds:
+                self._jwks_forced = now
+                signing_key = self._jwks.match_kid(self._jwks.get_signing_keys(refresh=True), kid)
+        if signing_key is None:
+            raise _unauthorized("no key of the identity provider verifies the token")
         claims: dict[str, Any] = jwt.decode(
             token,
             signing_key.key,

@@ -14,6 +14,7 @@ import psycopg
 
 from cloud_api import audit, security_cli, tracing
 from cloud_api.config import CloudSettings, ConfigError, load_settings
+from cloud_api.db import command_connection
 from sync.keys import (
     SUITES,
     CloudKeyring,
@@ -24,6 +25,7 @@ from sync.keys import (
     parse_ed25519_public,
 )
 from sync.logs import configure_logging
+from sync.version import VERSION
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -38,15 +40,43 @@ def _settings(args: argparse.Namespace) -> CloudSettings:
     return settings
 
 
+def _database_exists(url: str, name: str) -> bool | None:
+    """Whether the server at `url` has database `name` (None: cannot tell), asked through
+    its maintenance database: a failed connect does not say why in a form to rely on."""
+    from psycopg.conninfo import make_conninfo
+
+    try:
+        with psycopg.connect(make_conninfo(url, dbname="postgres"), connect_timeout=10) as conn:
+            row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            return row.fetchone() is not None
+    except psycopg.Error:
+        return None
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from psycopg.conninfo import conninfo_to_dict
+
     from cloud_api.db import migrate
 
     settings = _settings(args)
-    applied = migrate(settings.database.url)
+    url = settings.database.require_url()
+    where = settings.database.describe()
+    info = conninfo_to_dict(url)
+    name = str(info.get("dbname") or info.get("user") or "")
+    try:
+        applied = migrate(url)
+    except psycopg.OperationalError:
+        if _database_exists(url, name) is not False:
+            raise
+        return _fail(
+            f"{where} does not exist; migrate creates the tables, not the database. Create "
+            f"it first, as a PostgreSQL user allowed to: `createdb {name}` or, in psql, "
+            f'`CREATE DATABASE "{name}";`'
+        )
     print(
-        f"applied {len(applied)} migration(s): {', '.join(applied)}"
+        f"{where}: applied {len(applied)} migration(s): {', '.join(applied)}"
         if applied
-        else "database is up to date"
+        else f"{where} is up to date"
     )
     return 0
 
@@ -56,7 +86,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
     months = args.keep_months or settings.retention_months
     if months is None:
         return _fail("no retention: pass --keep-months or set retention_months")
-    with psycopg.connect(settings.database.url) as conn, conn.transaction():
+    with command_connection(settings.database) as conn, conn.transaction():
         dropped = [
             r[0]
             for r in conn.execute(
@@ -112,7 +142,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     except KeyFileError as exc:
         return _fail(f"{args.public_key}: {exc}")
     kid = ed25519_key_id(key)
-    with psycopg.connect(settings.database.url) as conn, conn.transaction():
+    with command_connection(settings.database) as conn, conn.transaction():
         conn.execute(
             "INSERT INTO registry.sites(site_id) VALUES (%s) ON CONFLICT DO NOTHING", (args.site,)
         )
@@ -143,7 +173,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 def cmd_revoke_key(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    with psycopg.connect(settings.database.url) as conn, conn.transaction():
+    with command_connection(settings.database) as conn, conn.transaction():
         live = conn.execute(
             "SELECT key_id FROM registry.agent_keys WHERE agent_id = %s AND revoked_at IS NULL",
             (args.agent,),
@@ -178,6 +208,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     ring = CloudKeyring.load(settings.keys_dir)
     tracing.configure(settings.tracing)
+    print(f"cloud-api: {settings.database.describe()}", file=sys.stderr)
     pool = make_pool(settings.database, name="ingest", role=settings.security.ingest_db_role)
     store = BatchStore(
         pool,
@@ -216,6 +247,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(args.log_level)
+    print(f"cloud-api: {settings.database.describe()}", file=sys.stderr)
     http = settings.http
     workers = args.workers or http.workers
     options: dict[str, Any] = {
@@ -249,7 +281,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cloud-api", description=__doc__)
-    parser.add_argument("--config", help="cloud YAML (CLOUD_* environment variables override)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("CLOUD_CONFIG") or None,
+        help="cloud YAML (default: $CLOUD_CONFIG, as the API's workers read it; CLOUD_* "
+        "environment variables override)",
+    )
     parser.add_argument("--keys-dir", help="directory of the cloud's keys")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -9,6 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cloud_api.revocations import REFRESH_S
+
 
 class ConfigError(Exception):
     """The cloud configuration cannot be used; the message names the key and the reason."""
@@ -19,13 +21,39 @@ class _Model(BaseModel):
 
 
 class DatabaseSettings(_Model):
-    url: str = Field(default="postgresql://postgres@127.0.0.1:5432/postgres", repr=False)
+    # No default: a command run without CLOUD_DATABASE_URL must not quietly use some database.
+    url: str | None = Field(default=None, repr=False)
     pool_min: int = Field(default=1, ge=0, le=100)
     pool_max: int = Field(default=10, ge=1, le=500)
     # The API prepares a query on the server after this many runs of it on a connection, which
     # saves planning on the hot read paths (ingest prepares nothing). PgBouncer in transaction
     # mode supports that from 1.21 on (max_prepared_statements > 0); null for an older one.
     prepare_threshold: int | None = Field(default=2, ge=0)
+    # The API's data-change listener (LISTEN) needs a session of its own, which a
+    # transaction-mode pooler does not keep (it would listen on a server connection it hands
+    # back at once and never hear a notification): behind PgBouncer, the direct PostgreSQL
+    # URL. Unset: `url`.
+    listen_url: str | None = Field(default=None, repr=False)
+    # How long an API request waits for a pooled connection before it is answered 503 with
+    # Retry-After (the database is down, refuses connections or every connection is busy).
+    checkout_timeout_seconds: float = Field(default=1.5, gt=0, le=60)
+
+    def require_url(self) -> str:
+        """The URL, or a ConfigError that says how to give one."""
+        if not self.url:
+            raise ConfigError(
+                "no database given: set CLOUD_DATABASE_URL (e.g. "
+                "postgresql://USER@HOST:5432/DBNAME) or database.url in the file of --config"
+            )
+        return self.url
+
+    def describe(self) -> str:
+        """Which database, for messages: name, host and port, never the password."""
+        from psycopg.conninfo import conninfo_to_dict
+
+        info = conninfo_to_dict(self.require_url())
+        name = info.get("dbname") or info.get("user") or ""
+        return f"database {name} on {info.get('host') or 'localhost'}:{info.get('port') or 5432}"
 
 
 class MqttSettings(_Model):
@@ -68,6 +96,9 @@ class JwksSettings(_Model):
     sites_claim: str = "sites"
     cache_seconds: int = Field(default=300, ge=0)
     timeout_seconds: float = Field(default=5.0, gt=0)
+    # A token naming a key id missing from the cached set fetches the set again at most this
+    # often (a provider's new key is accepted within it; made-up key ids cost nothing more).
+    unknown_kid_refresh_seconds: float = Field(default=30.0, ge=0)
 
 
 class RateTier(_Model):
@@ -75,6 +106,22 @@ class RateTier(_Model):
 
     per_hour: int = Field(ge=1_000, le=100_000)
     burst: int = Field(ge=1, le=10_000)
+
+
+class FailureLimit(_Model):
+    """Failed authentications per client address: a token bucket of `burst` failures that
+    refills by `per_minute`; an address with an empty bucket gets 429 before its credential is
+    read (no key lookup, no signature check)."""
+
+    per_minute: int = Field(default=10, ge=1, le=100_000)
+    burst: int = Field(default=30, ge=1, le=100_000)
+    # Refusals are logged once per address and period (its first one at once, the count at
+    # the end of the period).
+    log_every_seconds: float = Field(default=60.0, gt=0)
+
+    @property
+    def per_hour(self) -> int:
+        return self.per_minute * 60
 
 
 Role = Literal["viewer", "engineer", "admin", "service"]
@@ -94,7 +141,10 @@ class SecuritySettings(_Model):
     audience: str = "factory-edge-gateway-api"
     leeway_seconds: int = Field(default=30, ge=0, le=300)
     max_token_ttl_seconds: int = Field(default=90 * 86400, ge=60)
-    revocation_refresh_seconds: float = Field(default=10.0, ge=0)
+    # How often each process reads the credential stamp (cloud_api/revocations.py): a
+    # revocation takes effect within this, at most twice this, on every API process.
+    revocation_refresh_seconds: float = Field(default=REFRESH_S, ge=0, le=60)
+    auth_failures: FailureLimit = Field(default_factory=FailureLimit)
     jwks: JwksSettings | None = None
     rate_limits: dict[Role, RateTier] = Field(default_factory=_default_tiers)
     redis_url: str | None = Field(default=None, repr=False)
@@ -128,6 +178,7 @@ class CloudSettings(_Model):
 
 _ENV = {
     "CLOUD_DATABASE_URL": ("database", "url"),
+    "CLOUD_DATABASE_LISTEN_URL": ("database", "listen_url"),
     "CLOUD_MQTT_HOST": ("mqtt", "host"),
     "CLOUD_MQTT_PORT": ("mqtt", "port"),
     "CLOUD_MQTT_USERNAME": ("mqtt", "username"),

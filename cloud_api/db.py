@@ -1,8 +1,9 @@
-"""PostgreSQL access: ordered plain-SQL migrations, the connection pool, retries."""
+"""PostgreSQL access: ordered plain-SQL migrations, the checked connection pool, retries."""
 
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -12,7 +13,8 @@ import psycopg
 import psycopg.sql
 import structlog
 from psycopg import errors
-from psycopg_pool import ConnectionPool
+from psycopg.rows import TupleRow
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from cloud_api.config import DatabaseSettings
 
@@ -33,6 +35,13 @@ def migrations() -> list[tuple[str, str]]:
         (f.name, f.read_text(encoding="utf-8")) for f in folder.iterdir() if f.name.endswith(".sql")
     )
     return items
+
+
+def command_connection(settings: DatabaseSettings) -> psycopg.Connection[TupleRow]:
+    """A connection for one `cloud-api` command. It names the database on stderr first, so
+    an operator sees which one a command reads or changes (never the password)."""
+    print(f"cloud-api: {settings.describe()}", file=sys.stderr)
+    return psycopg.connect(settings.require_url())
 
 
 def migrate(url: str) -> list[str]:
@@ -83,13 +92,60 @@ def migrate(url: str) -> list[str]:
     return applied
 
 
+# After the pool is open, a connection attempt that keeps failing gives up after this long;
+# the next checkout that finds no connection starts a new one at once. psycopg_pool's default
+# (five minutes of attempts backing off to a minute apart) left the first requests after a
+# database outage waiting for the next scheduled attempt, past their checkout timeout.
+RECONNECT_SECONDS = 1.0
+# Opening waits this long for the first connections (the database may still be starting).
+OPEN_SECONDS = 30.0
+
+
+class CheckedPool(ConnectionPool):
+    """A connection pool that checks each connection before handing it out.
+
+    A server restart or pg_terminate_backend kills every idle connection at once, and an
+    unchecked pool hands them out one by one, each failing its request. psycopg_pool's own
+    `check` callback finds them one per checkout too, sleeping a growing backoff (1 s, 2 s ...)
+    after each. Here the first dead connection found makes the pool check all its idle ones in
+    one pass (ConnectionPool.check, which replaces the dead), and the checkout goes on at once
+    with a live or fresh connection, within its timeout.
+    """
+
+    def getconn(self, timeout: float | None = None) -> psycopg.Connection[Any]:
+        budget = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        swept = False
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PoolTimeout(f"couldn't get a checked connection after {budget:.2f} sec")
+            conn: psycopg.Connection[Any] = super().getconn(remaining)
+            try:
+                self.check_connection(conn)
+            except psycopg.Error:
+                conn.close()  # returned closed, the pool replaces it
+                self.putconn(conn)
+                if not swept:
+                    swept = True
+                    self.check()
+                continue
+            return conn
+
+
 def make_pool(
-    settings: DatabaseSettings, *, name: str, role: str | None = None, prepare: bool = False
+    settings: DatabaseSettings,
+    *,
+    name: str,
+    role: str | None = None,
+    prepare: bool = False,
+    timeout: float = 30.0,
 ) -> ConnectionPool:
-    """A connection pool; with `role`, every connection runs as that database role.
+    """A checked connection pool; with `role`, every connection runs as that database role.
 
     With `prepare` (the API's read pool), queries run often are prepared on the server per
-    `settings.prepare_threshold`; otherwise nothing is prepared.
+    `settings.prepare_threshold`; otherwise nothing is prepared. `timeout` bounds each
+    checkout (PoolTimeout after it).
     """
 
     def configure(conn: psycopg.Connection[Any]) -> None:
@@ -97,8 +153,8 @@ def make_pool(
         conn.execute(psycopg.sql.SQL("SET ROLE {}").format(psycopg.sql.Identifier(str(role))))
         conn.commit()
 
-    pool = ConnectionPool(
-        settings.url,
+    pool = CheckedPool(
+        settings.require_url(),
         min_size=settings.pool_min,
         max_size=settings.pool_max,
         kwargs={
@@ -108,16 +164,21 @@ def make_pool(
         configure=configure if role else None,
         name=name,
         open=False,
+        timeout=timeout,
     )
-    pool.open(wait=True, timeout=30)
+    pool.open(wait=True, timeout=OPEN_SECONDS)
+    pool.reconnect_timeout = RECONNECT_SECONDS
     return pool
 
 
 def with_retry(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.2) -> T:
-    """Run fn again after transient database errors, with exponential backoff."""
+    """Run fn again after transient database errors, with exponential backoff (not after a
+    PoolTimeout: the checkout already waited as long as its caller allows)."""
     for attempt in range(1, attempts + 1):
         try:
             return fn()
+        except PoolTimeout:
+            raise  # the pool already waited its whole checkout timeout
         except TRANSIENT as exc:
             if attempt == attempts:
                 raise

@@ -1,12 +1,24 @@
 """Ingest: verify, decrypt, validate and store batches exactly once, then ack them.
 
-Order per batch: size -> header -> topic/agent/site -> signature (before decryption) ->
-decrypt -> schema -> one PostgreSQL transaction (batch key, events, OEE buckets, rollups)
+Order per batch: size -> header -> agent -> signature (before decryption) -> decrypt ->
+topic/site -> schema -> one PostgreSQL transaction (batch key, events, OEE buckets, rollups)
 -> commit -> signed ack. Anything refused is counted by reason and kept in ops.quarantine;
-no message can stop the worker. A resent batch that is already stored is re-acked (its first
-ack may have been lost) and counted as `replay`. Sequence gaps per (agent, epoch) are tracked
-in the same transaction (cloud_api.sequence). The worker coalesces the acks of the batches it
-handled together into one signed ack per (agent, epoch) naming seq ranges.
+no message can stop the worker. A refusal is charged to the agent its header names only once
+the agent's signature has verified that header; before that it is counted under the topic it
+arrived on, marked unverified (a forged frame cannot raise another agent's counts).
+
+Permanent versus transient: a signed batch that can never be stored (content the event model
+refuses, values or characters PostgreSQL refuses, a key reused with other content) is kept
+whole in quarantine and answered, after that commit, with a rejection signed like an ack and
+naming (agent, epoch, seq, digest) and the reason; the agent then records the loss and drops
+the batch. Database outages, serialization failures and deadlocks are retried and never
+answered; an unexpected error is kept in quarantine as `internal_error`, unanswered (the
+agent resends it).
+
+A resent batch that is already stored is re-acked (its first ack may have been lost) and
+counted as `replay`. Sequence gaps per (agent, epoch) are tracked in the same transaction
+(cloud_api.sequence). The worker coalesces the acks of the batches it handled together into
+one signed ack per (agent, epoch) naming seq ranges.
 """
 
 from __future__ import annotations
@@ -34,16 +46,22 @@ from pydantic import ValidationError
 
 from cloud_api import derived, metrics, tracing
 from cloud_api.db import TRANSIENT, with_retry
+from cloud_api.revocations import CredentialStamp
 from cloud_api.sequence import record_batch_seq, record_declared_losses
 from oee.components import COMPONENT_FIELDS
 from oee.events import EVENT_LIST_ADAPTER, Event, OeeEvent, load_events
 from sync.envelope import (
+    AFTER_SIGNATURE,
     AckBody,
     EnvelopeError,
     EnvelopeHeader,
+    RejectionBody,
+    clean_detail,
+    envelope_digest,
     open_envelope,
     parse_header,
     sign_ack,
+    sign_rejection,
 )
 from sync.keys import CloudKeyring, parse_ed25519_public
 from sync.uplink import BrokerSettings, ack_topic, batch_topic, make_client
@@ -51,8 +69,20 @@ from sync.uplink import BrokerSettings, ack_topic, batch_topic, make_client
 log = structlog.get_logger("cloud_api.ingest")
 
 Status = Literal["stored", "duplicate", "rejected"]
-QUARANTINE_PAYLOAD_MAX = 64 * 1024
+QUARANTINE_PAYLOAD_MAX = 64 * 1024  # of unverified or unanswered messages; answered: whole
 ACK_MAX_BATCHES = 512  # keeps one ack far below the agents' 1 MiB ack limit
+# Refusals of a verified batch that a resend can never change: answered with a rejection.
+# Not `undecryptable` or `unknown_key`: a cloud key missing or mixed up on one ingest process
+# is fixed by the operator, and the batch must still be there then.
+PERMANENT: frozenset[str] = frozenset(
+    {"invalid_schema", "invalid_content", "decompression", "conflict"}
+)
+# What PostgreSQL (or psycopg before sending) refuses in the data itself: out-of-range
+# numbers, NUL and untranslatable characters, malformed values, a required value missing.
+# Not the other integrity errors: a unique violation can come from two workers creating the
+# same partition, a foreign key or partition-routing (check) violation from registry or
+# retention changes made meanwhile; those stay unanswered and the agent sends again.
+CONTENT_ERRORS = (psycopg.errors.DataError, psycopg.errors.NotNullViolation)
 
 
 @dataclass(frozen=True)
@@ -62,16 +92,31 @@ class Outcome:
     header: EnvelopeHeader | None = None
     ack: bytes | None = None
     ack_topic: str | None = None
+    rejection: bytes | None = None  # the signed answer to a permanent refusal
     events: int = 0
     digest: str | None = None
 
 
 class Rejected(Exception):
-    def __init__(self, reason: str, detail: str = "", header: EnvelopeHeader | None = None) -> None:
+    """A refused message; `verified`: the agent's signature vouches for `header`."""
+
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        header: EnvelopeHeader | None = None,
+        *,
+        verified: bool = False,
+    ) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
         self.header = header
+        self.verified = verified and header is not None
+
+    @property
+    def permanent(self) -> bool:
+        return self.verified and self.reason in PERMANENT
 
 
 _ROLLUP_COLS = sql.SQL(", ").join(sql.Identifier(c) for c in COMPONENT_FIELDS)
@@ -158,6 +203,7 @@ class AgentRegistry:
         self._keys: dict[tuple[str, str], Ed25519PublicKey] = {}
         self._loaded = 0.0
         self._lock = threading.Lock()
+        self.stamp = CredentialStamp()
 
     def _load(self) -> None:
         with self.pool.connection() as conn:
@@ -182,6 +228,9 @@ class AgentRegistry:
 
     def key(self, agent_id: str, key_id: str) -> Ed25519PublicKey | None:
         with self._lock:
+            # A revoked key stops verifying within the stamp's refresh (cloud_api.revocations).
+            if self.stamp.refresh(self.pool, self._load):
+                return self._keys.get((agent_id, key_id))
             if (agent_id, key_id) not in self._keys:
                 self._load()
             return self._keys.get((agent_id, key_id))
@@ -214,14 +263,8 @@ class BatchStore:
             header = parse_header(payload)
         except EnvelopeError as exc:
             raise Rejected(exc.reason, exc.detail) from None
-        expected = batch_topic(self.topic_prefix, header.site_id, header.agent_id)
-        if topic != expected:
-            raise Rejected("wrong_topic", f"{topic} carries a batch of {header.agent_id}", header)
-        site = self.registry.site_of(header.agent_id)
-        if site is None:
+        if self.registry.site_of(header.agent_id) is None:
             raise Rejected("unknown_agent", header.agent_id, header)
-        if site != header.site_id:
-            raise Rejected("wrong_site", f"agent is enrolled at {site}", header)
         try:
             opened = open_envelope(
                 payload,
@@ -230,16 +273,29 @@ class BatchStore:
                 max_size=self.max_envelope_bytes,
             )
         except EnvelopeError as exc:
-            raise Rejected(exc.reason, exc.detail, header) from None
+            verified = exc.reason in AFTER_SIGNATURE
+            raise Rejected(exc.reason, exc.detail, header, verified=verified) from None
+        # From here on the header is the agent's own (its signature verified it).
+        expected = batch_topic(self.topic_prefix, header.site_id, header.agent_id)
+        if topic != expected:
+            detail = f"{topic} carries a batch of {header.agent_id}"
+            raise Rejected("wrong_topic", detail, header, verified=True)
+        site = self.registry.site_of(header.agent_id)
+        if site != header.site_id:
+            raise Rejected("wrong_site", f"agent is enrolled at {site}", header, verified=True)
         try:
             events = load_events(opened.plaintext)
         except ValidationError as exc:
-            raise Rejected("invalid_schema", str(exc.errors()[:3]), header) from None
+            # Locations and messages only: the refused input may hold anything (NUL, huge).
+            errors = exc.errors(include_url=False, include_input=False, include_context=False)
+            raise Rejected("invalid_schema", str(errors[:3]), header, verified=True) from None
         if len(events) != header.count:
-            raise Rejected("invalid_schema", "event count differs from the header", header)
+            detail = "event count differs from the header"
+            raise Rejected("invalid_schema", detail, header, verified=True)
         for event in events:
             if event.agent_id != header.agent_id or event.site_id != header.site_id:
-                raise Rejected("invalid_schema", "an event names another agent or site", header)
+                detail = "an event names another agent or site"
+                raise Rejected("invalid_schema", detail, header, verified=True)
         return header, payload, opened.digest, events
 
     # -- storing --------------------------------------------------------------------------
@@ -366,8 +422,17 @@ class BatchStore:
             )
 
     def _quarantine(self, topic: str, payload: bytes | None, rejected: Rejected) -> None:
-        """Count a refused message by reason and keep it (payload None: not worth keeping)."""
+        """Count a refused message by reason and keep it (payload None: not worth keeping).
+
+        A permanent refusal keeps the whole envelope: it is the only copy once the agent has
+        dropped it, and it can be stored after a fix by publishing it again."""
         h = rejected.header
+        kept = (
+            payload if payload is None or rejected.permanent else payload[:QUARANTINE_PAYLOAD_MAX]
+        )
+        # Charged to an agent only when its signature vouches for the header naming it; an
+        # unverified refusal goes under the topic it arrived on.
+        agent, where = (h.agent_id, "") if h and rejected.verified else ("", topic[:500])
 
         def write() -> None:
             with self.pool.connection() as conn, conn.transaction():
@@ -376,20 +441,21 @@ class BatchStore:
                     "seq, payload) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                     (
                         rejected.reason,
-                        rejected.detail[:2000],
-                        topic[:500],
+                        clean_detail(rejected.detail[:2000]),
+                        clean_detail(topic[:500]),
                         h.site_id if h else None,
                         h.agent_id if h else None,
                         h.epoch if h else None,
                         h.seq if h else None,
-                        None if payload is None else payload[:QUARANTINE_PAYLOAD_MAX],
+                        kept,
                     ),
                 )
                 conn.execute(
-                    "INSERT INTO ops.reject_counts(reason, agent_id, count) VALUES (%s, %s, 1) "
-                    "ON CONFLICT (reason, agent_id) DO UPDATE "
+                    "INSERT INTO ops.reject_counts(reason, agent_id, topic, verified, count) "
+                    "VALUES (%s, %s, %s, %s, 1) "
+                    "ON CONFLICT (reason, agent_id, topic, verified) DO UPDATE "
                     "SET count = ops.reject_counts.count + 1, last_at = now()",
-                    (rejected.reason, h.agent_id if h else ""),
+                    (rejected.reason, agent, clean_detail(where), rejected.verified),
                 )
 
         with_retry(write)
@@ -409,29 +475,77 @@ class BatchStore:
         )
         return sign_ack(body, key)
 
+    def _reject(self, topic: str, payload: bytes, rejected: Rejected) -> Outcome:
+        """Count and keep a refused message; answer a permanent refusal after that commit."""
+        metrics.INGEST_REJECTS.labels(rejected.reason).inc()
+        h = rejected.header
+        log.warning(
+            "batch rejected for good" if rejected.permanent else "batch rejected",
+            reason=rejected.reason,
+            detail=clean_detail(rejected.detail[:200]),
+            topic=clean_detail(topic[:200]),
+            verified=rejected.verified,
+            trace_id=h.trace_id if h else None,
+        )
+        self._quarantine(topic, payload, rejected)
+        if h is None or not rejected.permanent:
+            return Outcome("rejected", rejected.reason, h)
+        return Outcome(
+            "rejected",
+            rejected.reason,
+            h,
+            ack_topic=ack_topic(self.topic_prefix, h.site_id, h.agent_id),
+            rejection=self.make_rejection(h, envelope_digest(payload), rejected),
+        )
+
+    def keep_failed(self, topic: str, payload: bytes, exc: Exception) -> Outcome:
+        """Count and keep a batch that failed in an unexpected way; no answer: the failure is
+        not known to be permanent, so the agent keeps the batch and sends it again."""
+        failed = Rejected("internal_error", f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(EnvelopeError):
+            failed.header = parse_header(payload)
+        metrics.INGEST_REJECTS.labels(failed.reason).inc()
+        try:
+            self._quarantine(topic, payload, failed)
+        except Exception:  # the database is gone too: the caller's log line is what is left
+            log.exception("could not keep the failed batch in quarantine")
+        return Outcome("rejected", failed.reason, failed.header)
+
+    def make_rejection(self, header: EnvelopeHeader, digest: str, rejected: Rejected) -> bytes:
+        """The signed answer naming one refused envelope, by the key that signs acks."""
+        key_id, key = self.keyring.current_ack
+        body = RejectionBody(
+            agent_id=header.agent_id,
+            epoch=header.epoch,
+            seq=header.seq,
+            digest=digest,
+            reason=rejected.reason,
+            detail=clean_detail(rejected.detail),
+            key_id=key_id,
+        )
+        return sign_rejection(body, key)
+
     def process(self, topic: str, payload: bytes) -> Outcome:
         """Handle one MQTT message; never raises for bad input (database outages do raise)."""
         try:
             header, _, digest, events = self._check(topic, payload)
         except Rejected as rejected:
-            metrics.INGEST_REJECTS.labels(rejected.reason).inc()
-            log.warning(
-                "batch rejected",
-                reason=rejected.reason,
-                detail=rejected.detail[:200],
-                topic=topic[:200],
-                trace_id=rejected.header.trace_id if rejected.header else None,
-            )
-            self._quarantine(topic, payload, rejected)
-            return Outcome("rejected", rejected.reason, rejected.header)
+            return self._reject(topic, payload, rejected)
         # The agent's trace id joins the span, the stored batch and events, and the log lines.
         with tracing.batch_span(
             header.trace_id, {"agent": header.agent_id, "site": header.site_id, "seq": header.seq}
         ):
-            result = with_retry(lambda: self._store(header, digest, events))
+            try:
+                result = with_retry(lambda: self._store(header, digest, events))
+            except CONTENT_ERRORS as exc:
+                # The transaction rolled back whole; this content fails the same way each time.
+                detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                content = Rejected("invalid_content", detail, header, verified=True)
+                return self._reject(topic, payload, content)
         if result == "conflict":
-            conflict = Rejected("conflict", "same (agent, epoch, seq), different content", header)
-            metrics.INGEST_REJECTS.labels("conflict").inc()
+            conflict = Rejected(
+                "conflict", "same (agent, epoch, seq), different content", header, verified=True
+            )
             log.error(
                 "batch key reused with different content",
                 trace_id=header.trace_id,
@@ -439,14 +553,15 @@ class BatchStore:
                 epoch=header.epoch,
                 seq=header.seq,
             )
-            self._quarantine(topic, payload, conflict)
-            return Outcome("rejected", "conflict", header)
+            return self._reject(topic, payload, conflict)
         metrics.INGEST_BATCHES.labels(result).inc()
         if result == "duplicate":
             # Stored before: re-ack (the first ack may have been lost), count it, keep a trace
             # without the payload (the identical bytes are stored already).
             metrics.INGEST_REJECTS.labels("replay").inc()
-            replay = Rejected("replay", "identical to a stored batch; re-acked", header)
+            replay = Rejected(
+                "replay", "identical to a stored batch; re-acked", header, verified=True
+            )
             self._quarantine(topic, None, replay)
         if result == "stored":
             metrics.INGEST_EVENTS.inc(len(events))
@@ -523,6 +638,13 @@ class IngestWorker:
         reasons: list[ReasonCode],
         properties: Properties | None,
     ) -> None:
+        # A refused subscription (broker ACL) leaves the worker deaf: say so, never "ready".
+        if any(r.is_failure for r in reasons):
+            log.error("subscription refused", subscription=self.subscription, reason=str(reasons))
+            return
+        # Batches published before this SUBACK went to no subscriber and wait for the
+        # agents' resend; whoever starts ingest and agents together waits for this line.
+        log.info("subscribed", subscription=self.subscription)
         self.subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -544,15 +666,18 @@ class IngestWorker:
             except TRANSIENT as exc:
                 log.warning("database unavailable, holding the batch", error=str(exc)[:200])
                 self.stop_event.wait(2.0)
-            except Exception:  # a bug must not kill the worker; the agent will resend
+            except Exception as exc:  # a bug must not kill the worker; the agent will resend
                 log.exception("unexpected error while processing a batch")
-                return Outcome("rejected", "internal_error")
+                return self.store.keep_failed(topic, payload, exc)
         return None
 
     def _publish_acks(self, outcomes: list[Outcome]) -> None:
         """One signed ack per (agent, epoch) naming every batch stored in this round."""
         groups: dict[tuple[str, str, str], dict[int, str]] = {}
         for o in outcomes:
+            if o.rejection is not None and o.ack_topic is not None:
+                self.client.publish(o.ack_topic, o.rejection, qos=1)
+                continue
             if o.ack_topic is None or o.header is None or o.digest is None:
                 continue
             key = (o.ack_topic, o.header.agent_id, o.header.epoch)

@@ -17,3 +17,10 @@ HTTP_LATENCY = Histogram("http_request_duration_seconds", "HTTP latency", ["rout
 DB_LATENCY = Histogram("db_query_duration_seconds", "Database query latency", ["query"])
 CACHE_REQUESTS = Counter("api_result_cache_total", "Result cache lookups by outcome", ["outcome"])
 DB_POOL = Gauge("db_pool_connections", "API connection pool use", ["state"])
+AUTH_FAILURES = Counter(
+    "api_auth_failures_total", "Refused credentials by kind (token, api_key, none)", ["credential"]
+)
+AUTH_THROTTLED = Counter(
+    "api_auth_throttled_total",
+    "Requests refused unread: their client address failed to authenticate too often",
+)

@@ -1,9 +1,11 @@
 """RFC 9457 problem details: the one error shape of the HTTP API.
 
 `Problem` is the exception routes and dependencies raise; `install(app)` turns it, FastAPI's
-`HTTPException`, request validation errors and any other exception into
-`application/problem+json`. Validation problems list each offending parameter by name and
-place; internal errors carry only the request's trace id, never a stack trace, SQL or a path.
+`HTTPException`, request validation errors, an unreachable database (503 with Retry-After)
+and any other exception into `application/problem+json`. Validation problems list each
+offending parameter by name and place (`invalid_parameter` makes one for a route's own
+checks); internal errors carry only the request's trace id, never a stack trace, SQL or a
+path.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
+import psycopg
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +24,9 @@ from starlette.responses import Response
 
 MEDIA_TYPE = "application/problem+json"
 TYPE_BASE = "/problems/"
+# What a caller is told to wait while the database is unreachable: the pool tries a new
+# connection on the next request, so a short wait is enough once the server is back.
+DATABASE_RETRY_AFTER_S = 5
 
 log = structlog.get_logger("cloud_api.problems")
 
@@ -45,6 +51,17 @@ class Problem(Exception):
         self.title = title or _phrase(status)
         self.headers = dict(headers or {})
         self.extra = dict(extra or {})
+
+
+def invalid_parameter(name: str, reason: str, *, place: str = "query") -> Problem:
+    """A 422 naming one bad parameter, shaped like FastAPI's validation problems (below)."""
+    return Problem(
+        422,
+        f"`{name}`: {reason}",
+        slug="invalid-parameters",
+        title="Invalid request parameters",
+        extra={"invalid_params": [{"name": name, "in": place, "reason": reason}]},
+    )
 
 
 def _phrase(status: int) -> str:
@@ -103,6 +120,19 @@ def problem_response(
         status_code=status,
         media_type=MEDIA_TYPE,
         headers=dict(headers or {}),
+    )
+
+
+def database_unavailable(instance: str | None, trace_id: str | None) -> Response:
+    """503 for a request that met an unreachable database (no connection within the pool's
+    checkout timeout, or the connection failed): retryable, unlike a 500."""
+    return problem_response(
+        503,
+        "the database is unavailable; retry after the time in Retry-After",
+        slug="database-unavailable",
+        instance=instance,
+        trace_id=trace_id,
+        headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
     )
 
 
@@ -166,6 +196,12 @@ def install(app: FastAPI) -> None:
             extra={"invalid_params": params},
         )
 
+    async def on_database(request: Request, exc: Exception) -> Response:
+        return database_unavailable(request.url.path, _trace_id(request))
+
     app.add_exception_handler(Problem, on_problem)
+    # PoolTimeout is an OperationalError too, as are a lost connection and a server that
+    # refuses connections or shuts down.
+    app.add_exception_handler(psycopg.OperationalError, on_database)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -17,6 +17,7 @@ import base64
 import functools
 import json
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -489,10 +490,42 @@ def state_intervals(
     return rows
 
 
+# Integers a JSON consumer holds exactly (I-JSON, RFC 7493). Ingest refuses larger ones, but
+# events stored before it did may hold any JSON number (10**30 once made /v1/quality and
+# /v1/events answer 500). A count event with a quantity out of this range (or not an integer)
+# is left out of the sums and counted instead; nothing is cast that cannot be.
+SAFE_INTEGER = 2**53 - 1
+COUNT_QUANTITIES: tuple[str, ...] = ("produced", "good", "scrap", "rework")
+_COUNTS_IN_RANGE = " AND ".join(
+    f"CASE jsonb_typeof(e.body->'{q}') WHEN 'number' THEN "
+    f"abs((e.body->'{q}')::numeric) <= {SAFE_INTEGER} AND scale((e.body->'{q}')::numeric) = 0 "
+    f"WHEN 'null' THEN true ELSE e.body->'{q}' IS NULL END"
+    for q in COUNT_QUANTITIES
+)
+
+
+def counts_out_of_range(
+    conn: Conn, members: Sequence[Member], start: datetime, end: datetime
+) -> int:
+    """Count events in [start, end) that `quality` leaves out (a quantity out of range)."""
+    if not members:
+        return 0
+    stmt = _SCOPE_CTE + sql.SQL(
+        "SELECT count(*) AS n FROM facts.events e JOIN scope s USING (site_id, equipment_id)"
+        " WHERE e.kind = 'count' AND e.ts >= %(start)s AND e.ts < %(end)s"
+        " AND NOT (" + _COUNTS_IN_RANGE + ")"
+    )
+    rows = run(
+        conn, "quality_out_of_range", stmt, {**_scope_params(members), "start": start, "end": end}
+    )
+    return int(rows[0]["n"])
+
+
 def quality(
     conn: Conn, members: Sequence[Member], start: datetime, end: datetime
 ) -> list[dict[str, Any]]:
-    """Produced/good/scrap/rework per equipment and product from count events."""
+    """Produced/good/scrap/rework per equipment and product from count events; each carries
+    what its increment changed in the buckets (oee/quantities.py, migration 0030)."""
     if not members:
         return []
     stmt = _SCOPE_CTE + sql.SQL(
@@ -501,8 +534,9 @@ def quality(
         " sum((e.body->>'scrap')::bigint) AS scrap, sum((e.body->>'rework')::bigint) AS rework"
         " FROM facts.events e JOIN scope s USING (site_id, equipment_id)"
         " WHERE e.kind = 'count' AND e.ts >= %(start)s AND e.ts < %(end)s"
-        " AND COALESCE((e.body->>'in_plan')::boolean, true)"
-        " GROUP BY 1, 2, 3 ORDER BY sum((e.body->>'scrap')::bigint) DESC, 1, 2, 3"
+        " AND COALESCE((e.body->>'in_plan')::boolean, true) AND "
+        + _COUNTS_IN_RANGE
+        + " GROUP BY 1, 2, 3 ORDER BY sum((e.body->>'scrap')::bigint) DESC, 1, 2, 3"
     )
     rows = run(conn, "quality", stmt, {**_scope_params(members), "start": start, "end": end})
     for r in rows:
@@ -514,18 +548,28 @@ def quality(
 # -- events -------------------------------------------------------------------------------
 
 
+# A cursor this API returns has about 110 characters.
+MAX_CURSOR = 256
+
+
 def encode_cursor(ts: datetime, event_id: str) -> str:
     raw = json.dumps([ts.isoformat(), str(event_id)]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """Raises ValueError for anything that is not a cursor this API returned."""
+    """Raises ValueError for anything that is not a cursor this API returned: the shape is
+    checked here, so that no value of it reaches PostgreSQL as a cast that fails there."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         ts, event_id = json.loads(raw)
-        return datetime.fromisoformat(ts), str(event_id)
-    except (ValueError, TypeError) as exc:
+        if not isinstance(ts, str) or not isinstance(event_id, str):
+            raise TypeError("a cursor holds two strings")
+        at = datetime.fromisoformat(ts)
+        if at.utcoffset() is None:
+            raise ValueError("a cursor's time has an offset")
+        return at.astimezone(UTC), str(uuid.UUID(event_id))
+    except (ValueError, TypeError, OverflowError) as exc:
         raise ValueError("not a cursor returned by this API") from exc
 
 
@@ -628,7 +672,8 @@ def equipment_list(
 def agents_list(
     conn: Conn, agent: str | None, site: str | None, sites: list[str] | None
 ) -> list[dict[str, Any]]:
-    """Fleet view: status as last reported, ingest lag, sequence gaps, rejects by reason."""
+    """Fleet view: status as last reported, ingest lag, sequence gaps, rejects by reason
+    (verified ones only), batches the agent declared lost by reason."""
     rows = run(
         conn,
         "agents",
@@ -644,7 +689,7 @@ def agents_list(
             "    SELECT epoch, seq, lead(seq) OVER (PARTITION BY epoch ORDER BY seq) AS nxt"
             "    FROM facts.batches b WHERE b.agent_id = a.agent_id) s"
             "   WHERE nxt > seq + 1) g) AS gaps,"
-            " ops.agent_rejects(a.agent_id) AS rejects"
+            " ops.agent_rejects(a.agent_id) AS rejects, ops.agent_losses(a.agent_id) AS losses"
             " FROM registry.agents a"
             " WHERE (%(sites)s::text[] IS NULL OR a.site_id = ANY(%(sites)s))"
             " AND (%(site)s::text IS NULL OR a.site_id = %(site)s)"
@@ -681,6 +726,7 @@ def agents_list(
                 "sequence_gaps": gaps,
                 "missing_batches": sum(int(g["to_seq"]) - int(g["from_seq"]) + 1 for g in gaps),
                 "rejected_batches": r["rejects"] or {},
+                "lost_batches": r["losses"] or {},
             }
         )
     return out

@@ -1,4 +1,5 @@
-"""Rate limits per token or API key: a token bucket per credential, sized by the caller's role.
+"""Rate limits per token or API key: a token bucket per credential, sized by the caller's role;
+and `FailureThrottle`, a token bucket of failed authentications per client address.
 
 A bucket holds up to `burst` requests and refills at `per_hour / 3600` per second, so a
 dashboard may fire its panel queries at once and then settles at the hourly rate. Buckets live
@@ -16,10 +17,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
-from cloud_api.config import RateTier
+from cloud_api import metrics
+from cloud_api.cache import LruMap
+from cloud_api.config import FailureLimit
 
 log = structlog.get_logger("cloud_api.ratelimit")
 
@@ -56,13 +60,22 @@ return {allowed, tostring(tokens)}
 """
 
 
+class Tier(Protocol):
+    """A bucket's size: `burst` requests at once, refilled by `per_hour`."""
+
+    @property
+    def per_hour(self) -> int: ...
+    @property
+    def burst(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class Decision:
     allowed: bool
     limit: int  # requests per hour
     burst: int
     remaining: int
-    retry_after: int  # seconds until one request is allowed again (0 when allowed)
+    retry_after: int  # seconds until the bucket holds one request again (0: it does now)
     reset: int  # seconds until the bucket is full again
     store: str
 
@@ -77,14 +90,14 @@ class Decision:
         return out
 
 
-def _decide(allowed: bool, tokens: float, tier: RateTier, store: str) -> Decision:
+def _decide(allowed: bool, tokens: float, tier: Tier, store: str) -> Decision:
     rate = tier.per_hour / 3600.0
     return Decision(
         allowed=allowed,
         limit=tier.per_hour,
         burst=tier.burst,
         remaining=max(0, math.floor(tokens)),
-        retry_after=0 if allowed else max(1, math.ceil((1.0 - tokens) / rate)),
+        retry_after=0 if tokens >= 1.0 else max(1, math.ceil((1.0 - tokens) / rate)),
         reset=max(0, math.ceil((tier.burst - tokens) / rate)),
         store=store,
     )
@@ -96,7 +109,7 @@ class LocalBuckets:
     def __init__(self) -> None:
         self._buckets: dict[str, tuple[float, float]] = {}
 
-    def take(self, key: str, tier: RateTier, now: float) -> Decision:
+    def take(self, key: str, tier: Tier, now: float) -> Decision:
         rate = tier.per_hour / 3600.0
         tokens, ts = self._buckets.get(key, (float(tier.burst), now))
         if now > ts:
@@ -147,7 +160,7 @@ class RateLimiter:
     def using_redis(self) -> bool:
         return self._redis is not None and not self._redis_down
 
-    async def check(self, key: str, tier: RateTier) -> Decision:
+    async def check(self, key: str, tier: Tier) -> Decision:
         now = self.clock()
         if self._script is not None and time.monotonic() >= self._redis_down_until:
             from redis.exceptions import RedisError
@@ -175,3 +188,100 @@ class RateLimiter:
     async def close(self) -> None:
         if self._redis is not None:
             await self._redis.aclose()
+
+
+class RefusalLog:
+    """Refused authentications, logged in a bounded way.
+
+    Per client address and period: the first refusal at once (with its reason), and at the end
+    of the period one line with the count when there were more. Beyond `max_addresses` in one
+    period the rest are only counted, in one line. A flood thus costs at most about
+    2 x `max_addresses` + 1 lines per period, however many requests it sends.
+    """
+
+    def __init__(
+        self, every_s: float, max_addresses: int = 1000, clock: Clock = time.monotonic
+    ) -> None:
+        self.every_s = every_s
+        self.max_addresses = max_addresses
+        self.clock = clock
+        self._counts: dict[str, tuple[int, str]] = {}
+        self._others = 0
+        self._since = clock()
+
+    def note(self, address: str, reason: str) -> None:
+        self.flush_due()
+        count, _ = self._counts.get(address, (0, ""))
+        if count == 0:
+            if len(self._counts) >= self.max_addresses:
+                self._others += 1
+                return
+            log.warning("authentication refused", client=address, reason=reason)
+        self._counts[address] = (count + 1, reason)
+
+    def flush_due(self) -> None:
+        if self.clock() - self._since >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        period = round(self.clock() - self._since)
+        for address, (count, reason) in self._counts.items():
+            if count > 1:
+                log.warning(
+                    "authentication refusals",
+                    client=address,
+                    count=count,
+                    last_reason=reason,
+                    period_s=period,
+                )
+        if self._others:
+            log.warning(
+                "authentication refusals from further addresses",
+                count=self._others,
+                period_s=period,
+            )
+        self._counts.clear()
+        self._others = 0
+        self._since = self.clock()
+
+
+class FailureThrottle:
+    """Failed authentications per client address: counted, logged, and limited.
+
+    Each failure takes one from the address's bucket (`FailureLimit`), which lives where the
+    rate limiter keeps its buckets: in Redis when configured, so every worker charges the same
+    bucket. Whether an address may try at all is answered from memory: an address whose
+    bucket ran empty is remembered as blocked until it holds one failure again, so a blocked
+    address costs no key lookup, no signature check and no Redis round trip. Another worker
+    learns of the block on its own next failure from that address, so N workers let at most
+    N - 1 attempts more through per refill than one process would.
+    """
+
+    PREFIX = "authfail:"
+
+    def __init__(self, limiter: RateLimiter, limit: FailureLimit) -> None:
+        self.limiter = limiter
+        self.limit = limit
+        self.log = RefusalLog(limit.log_every_seconds)
+        self._blocked: LruMap[str, float] = LruMap(_MAX_LOCAL_BUCKETS)
+
+    def blocked(self, address: str) -> int:
+        """Seconds until `address` may try again (0: it may now); counts a refusal if not."""
+        until = self._blocked.get(address)
+        if until is None:
+            return 0
+        left = until - time.monotonic()
+        if left <= 0:
+            self._blocked.pop(address)
+            return 0
+        metrics.AUTH_THROTTLED.inc()
+        self.log.note(address, "throttled after repeated failures")
+        return max(1, math.ceil(left))
+
+    async def failed(self, address: str, credential: str, reason: str) -> None:
+        """Charge one failed authentication of `credential` kind to `address`."""
+        metrics.AUTH_FAILURES.labels(credential).inc()
+        self.log.note(address, reason)
+        decision = await self.limiter.check(self.PREFIX + address, self.limit)
+        if decision.retry_after:
+            self._blocked.put(address, time.monotonic() + decision.retry_after)

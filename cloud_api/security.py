@@ -1,14 +1,16 @@
 """The HTTP API's security perimeter, installed on the app by `install(app, settings)`.
 
-One ASGI middleware, outermost, wraps every request: trace span and id, body size limit,
+One ASGI middleware, outermost, wraps every request: the one parse of its headers (a repeated
+header the API reads is refused, cloud_api/headers.py), trace span and id, body size limit,
 authentication and rate limiting of every `/v1/...` path (health, readiness, metrics, OpenAPI
 and the dashboard's static page stay public), the default permission (GET/HEAD need `read`,
 any other method `write`), security headers, closed CORS unless origins are configured,
 problem+json for anything that escapes a route, and request statistics.
 
 The caller's scope reaches PostgreSQL too: `SitePool` wraps the app's pool so each checkout
-runs as the API's database role with `app.sites` set to the caller's sites, and the row-level
-security policies of 0010_security.sql filter every table with a site_id column by it.
+is a transaction that runs as the API's database role with `app.sites` set to the caller's
+sites, and the row-level security policies of 0010_security.sql filter every table with a
+site_id column by it.
 
 Routes read the caller with `CurrentPrincipal` (or `request.state.principal`; the visible
 sites are also in `request.state.sites`) and ask for more than the default with
@@ -20,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
@@ -34,13 +35,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from psycopg_pool import ConnectionPool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cloud_api import headers as request_headers
 from cloud_api import tracing
 from cloud_api.auth import Authenticator, Permission, Principal
 from cloud_api.config import CloudSettings, RateTier, SecuritySettings
 from cloud_api.ops_stats import RequestStats
 from cloud_api.pii import PiiKeyring
-from cloud_api.problems import Problem, problem_response
-from cloud_api.ratelimit import RateLimiter
+from cloud_api.problems import Problem, database_unavailable, problem_response
+from cloud_api.ratelimit import FailureThrottle, RateLimiter
 
 log = structlog.get_logger("cloud_api.security")
 
@@ -57,84 +59,59 @@ DASHBOARD_CSP = (
 )
 
 
+class ScopeLost(RuntimeError):
+    """A block ended the transaction its checkout opened, so what ran after it ran unscoped."""
+
+
 class SitePool:
-    """The app's connection pool, scoped: each checkout runs as `role` with the caller's sites.
+    """The app's connection pool, scoped: each checkout is one transaction that runs as `role`
+    with the caller's sites, and nothing of the caller outlives it.
 
-    Settings are session-level (so a commit or rollback inside the block keeps them; a
-    transaction-local setting would fall back to the pool's login role after a commit, which
-    fails open). Both go in one autocommit statement (a session-level set_config in
-    autocommit is committed by itself, so no BEGIN/COMMIT around it).
+    The statement that opens the transaction sets both, local to it (`BEGIN; SELECT
+    set_config(..., true), ...` in one round trip); the checkout ends with COMMIT (ROLLBACK
+    on an error). No setting is left on the server connection, so the next transaction on it
+    may be anyone's: that is what makes the scope safe behind a transaction-mode pooler
+    (PgBouncer hands each transaction the next free server connection) and what spares a
+    reset when the connection goes back to the pool. Reads run inside that transaction too
+    (under READ COMMITTED each statement still takes its own snapshot).
 
-    A pool shared with other users (ingest in tests) gets its connections back reset (one
-    simple-protocol call holding both RESETs), so they are unaffected. A pool only this
-    wrapper hands out (`exclusive`, the API's own) keeps each connection's role and sites and
-    remembers them: a checkout whose caller has the same scope as the connection's last one
-    needs no round trip at all, and a different scope one. Every checkout sets its own scope
-    before any query, so a connection never serves one caller with another's sites.
+    A block must not commit or roll back itself: what it ran afterwards ran as the login
+    role without the caller's sites, so the checkout raises ScopeLost instead of letting the
+    block's result out (deployed, the login role has no grants of its own, so such
+    statements fail as well).
     """
 
-    def __init__(self, pool: ConnectionPool, role: str, *, exclusive: bool = False) -> None:
+    def __init__(self, pool: ConnectionPool, role: str) -> None:
         self.pool = pool
         self.role = role
-        self.exclusive = exclusive
-        self._scopes: weakref.WeakKeyDictionary[psycopg.Connection[Any], str] = (
-            weakref.WeakKeyDictionary()
-        )
 
     @contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[psycopg.Connection[Any]]:
-        scope = _SCOPE.get()
+        begin = psycopg.sql.SQL(
+            "BEGIN; SELECT set_config('role', {}, true), set_config('app.sites', {}, true)"
+        ).format(psycopg.sql.Literal(self.role), psycopg.sql.Literal(_SCOPE.get()))
         with tracing.db_span(self.role), self.pool.connection(timeout) as conn:
-            if self._scopes.get(conn) != scope:
-                self._scopes.pop(conn, None)
-                autocommit = conn.autocommit
-                try:
-                    conn.autocommit = True
-                    conn.execute(
-                        "SELECT set_config('role', %s, false), set_config('app.sites', %s, false)",
-                        (self.role, scope),
-                    )
-                finally:
-                    conn.autocommit = autocommit
-                if self.exclusive:
-                    self._scopes[conn] = scope
-            try:
-                yield conn
-            except BaseException:
-                with contextlib.suppress(psycopg.Error):
-                    conn.rollback()
-                self._release(conn)
-                raise
-            try:
-                conn.commit()
-            finally:
-                # Reset even when the commit fails, else the connection would go back to
-                # the pool still carrying this caller's role and sites.
-                self._release(conn)
-
-    def _release(self, conn: psycopg.Connection[Any]) -> None:
-        if not self.exclusive:
-            self._reset(conn)
-        elif conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            # Unknown state: the next checkout sets the scope again (or the pool discards it).
-            self._scopes.pop(conn, None)
-            with contextlib.suppress(psycopg.Error):
-                conn.rollback()
-
-    @staticmethod
-    def _reset(conn: psycopg.Connection[Any]) -> None:
-        try:
-            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                conn.rollback()
             autocommit = conn.autocommit
+            # The transaction is opened and closed here by hand: psycopg must not add its own.
             conn.autocommit = True
             try:
-                conn.execute("RESET ROLE; RESET app.sites", prepare=False)
+                conn.execute(begin, prepare=False)
+                try:
+                    yield conn
+                except BaseException:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.execute("ROLLBACK", prepare=False)
+                    raise
+                status = conn.info.transaction_status
+                if status == psycopg.pq.TransactionStatus.IDLE:
+                    raise ScopeLost("a scoped checkout committed or rolled back by itself")
+                conn.execute(
+                    "COMMIT" if status == psycopg.pq.TransactionStatus.INTRANS else "ROLLBACK",
+                    prepare=False,
+                )
             finally:
-                conn.autocommit = autocommit
-        except psycopg.Error:
-            # A connection whose role cannot be reset must not be reused by anyone.
-            conn.close()
+                if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                    conn.autocommit = autocommit
 
     def close(self) -> None:
         self.pool.close()
@@ -143,12 +120,10 @@ class SitePool:
         return getattr(self.pool, name)
 
 
-def scoped_pool(
-    pool: ConnectionPool | SitePool, settings: SecuritySettings, *, exclusive: bool = False
-) -> SitePool:
+def scoped_pool(pool: ConnectionPool | SitePool, settings: SecuritySettings) -> SitePool:
     if isinstance(pool, SitePool):
         return pool
-    return SitePool(pool, settings.api_db_role, exclusive=exclusive)
+    return SitePool(pool, settings.api_db_role)
 
 
 @contextmanager
@@ -206,6 +181,7 @@ class SecurityState:
         self.limiter = RateLimiter(
             redis_url=settings.security.redis_url, prefix=settings.security.redis_prefix
         )
+        self.failures = FailureThrottle(self.limiter, settings.security.auth_failures)
         self.stats = RequestStats()
         self.keys_dir = settings.keys_dir
         self._pii: PiiKeyring | None = None
@@ -234,7 +210,7 @@ class SecurityMiddleware:
         started = time.perf_counter()
         path: str = scope.get("path", "")
         method: str = scope.get("method", "GET")
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = request_headers.of(scope).values
         state: MutableMapping[str, Any] = scope.setdefault("state", {})
         status_box = {"status": 500, "cache_hit": False, "started": False, "too_large": False}
         with tracing.request_span(method, path, headers) as (span, trace_id):
@@ -289,6 +265,11 @@ class SecurityMiddleware:
                 if status_box["started"]:
                     raise
                 await self._too_large(path, trace_id)(scope, receive, send_wrapped)
+            except psycopg.OperationalError:
+                # Met outside a route (authentication reads API keys and revocations).
+                if status_box["started"]:
+                    raise
+                await database_unavailable(path, trace_id)(scope, receive, send_wrapped)
             except Exception:
                 log.exception("unhandled error in a request", path=path[:200], method=method)
                 if status_box["started"]:
@@ -382,6 +363,15 @@ class SecurityMiddleware:
                 headers=problem.headers,
             )
 
+        duplicate = request_headers.of(scope).duplicate_of
+        if duplicate is not None:
+            return refuse(
+                Problem(
+                    400,
+                    f"the {duplicate!r} header is repeated; send it once",
+                    slug="duplicate-header",
+                )
+            )
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.state.settings.max_body_bytes:
             return self._too_large(path, trace_id)
@@ -391,9 +381,22 @@ class SecurityMiddleware:
             return refuse(Problem(400, "NUL characters are not allowed in the URL", slug="bad-url"))
         if not path.startswith(PROTECTED_PREFIX):
             return None
+        address = _client_address(scope)
+        wait = self.state.failures.blocked(address)
+        if wait:
+            return refuse(
+                Problem(
+                    429,
+                    f"too many failed authentications from this address; retry in {wait} s",
+                    slug="too-many-failures",
+                    headers={"Retry-After": str(wait)},
+                )
+            )
         try:
             principal = await self.state.auth.authenticate(Request(scope))
         except Problem as problem:
+            if problem.status == 401:
+                await self.state.failures.failed(address, _credential_kind(headers), problem.detail)
             return refuse(problem)
         decision = await self.state.limiter.check(principal.rate_key, self.state.tier(principal))
         extra_headers.update(decision.headers(principal.role))
@@ -422,6 +425,19 @@ class SecurityMiddleware:
         # Copied into the tasks and worker threads that serve this request.
         _SCOPE.set(principal.db_scope)
         return None
+
+
+def _client_address(scope: Scope) -> str:
+    """The peer's address as the server saw it (behind a proxy: as uvicorn's
+    `forwarded_allow_ips` lets it be rewritten)."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def _credential_kind(headers: dict[str, str]) -> str:
+    if "x-api-key" in headers or headers.get("authorization", "")[7:].lstrip().startswith("fgw_"):
+        return "api_key"
+    return "token" if headers.get("authorization") else "none"
 
 
 def _with_security_scheme(app: FastAPI) -> None:
@@ -457,8 +473,7 @@ def install(app: FastAPI, settings: CloudSettings) -> SecurityState:
     tracing.configure(settings.tracing)
     state = SecurityState(app, settings)
     app.state.security = state
-    shared_pool = app.state.pool is not None
-    if shared_pool:
+    if app.state.pool is not None:
         app.state.pool = scoped_pool(app.state.pool, settings.security)
     problems.install(app)
     app.include_router(ops_stats.router(require("ops")))
@@ -481,12 +496,9 @@ def install(app: FastAPI, settings: CloudSettings) -> SecurityState:
     @asynccontextmanager
     async def lifespan(app_: Any) -> AsyncIterator[Any]:
         async with inner(app_) as value:
-            # The app may create its pool in its own lifespan: scope it before serving. Such a
-            # pool is the API's alone (a pool passed in at install time may be shared).
+            # The app may create its pool in its own lifespan: scope it before serving.
             if app.state.pool is not None:
-                app.state.pool = scoped_pool(
-                    app.state.pool, settings.security, exclusive=not shared_pool
-                )
+                app.state.pool = scoped_pool(app.state.pool, settings.security)
             flusher = asyncio.create_task(_flush_loop(app, state))
             try:
                 yield value
@@ -511,4 +523,7 @@ def _flush_once(app: FastAPI, state: SecurityState) -> None:
 async def _flush_loop(app: FastAPI, state: SecurityState, every_s: float = 15.0) -> None:
     while True:
         await asyncio.sleep(every_s)
+        # On the event loop, where refusals are noted: the count of a quiet address is
+        # logged even when no further request comes.
+        state.failures.log.flush_due()
         await asyncio.to_thread(_flush_once, app, state)

@@ -14,8 +14,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
 from cloud_api import audit
 from cloud_api.auth import (
     ROLES,
@@ -30,6 +28,7 @@ from cloud_api.auth import (
     parse_sites,
 )
 from cloud_api.config import CloudSettings, load_settings
+from cloud_api.db import command_connection
 from cloud_api.pii import generate_pii_key
 
 
@@ -57,16 +56,25 @@ def cmd_tokens_issue(args: argparse.Namespace) -> int:
         ttl = parse_duration(args.ttl)
     except ValueError as exc:
         return _fail(str(exc))
-    with psycopg.connect(settings.database.url) as conn, conn.transaction():
-        ring = TokenKeyring.load(settings.keys_dir) if settings.keys_dir.is_dir() else None
-        if ring is None or ring.current_id is None:
-            kid = generate_token_key(settings.keys_dir)
-            audit.record_cli(
-                conn,
-                "tokens.key_created",
-                target=kid,
+    directory = settings.keys_dir
+    ring = TokenKeyring.load(directory) if directory.is_dir() else None
+    if ring is None or ring.current_id is None:
+        # A key made here would sign tokens that no running API knows: creating keys is
+        # an explicit command, and the message says where this one looked.
+        return _fail(
+            f"no current token signing key in {directory} "
+            f"({'the folder does not exist' if ring is None else 'no jwt-*.key there'}); "
+            "point --keys-dir or CLOUD_KEYS_DIR at the API's keys folder, or create a key "
+            "there with `cloud-api tokens rotate-key`"
+        )
+    with command_connection(settings.database) as conn, conn.transaction():
+        if conn.execute(
+            "SELECT 1 FROM ops.revoked_token_keys WHERE kid = %s", (ring.current_id,)
+        ).fetchone():
+            return _fail(
+                f"the current signing key {ring.current_id} is revoked: "
+                "run `cloud-api tokens rotate-key`"
             )
-            ring = TokenKeyring.load(settings.keys_dir)
         try:
             token, claims = issue_token(
                 ring,
@@ -96,7 +104,7 @@ def cmd_tokens_issue(args: argparse.Namespace) -> int:
 
 def cmd_tokens_revoke(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    with psycopg.connect(settings.database.url) as conn, conn.transaction():
+    with command_connection(settings.database) as conn, conn.transaction():
         conn.execute(
             "INSERT INTO ops.revoked_tokens(jti, reason) VALUES (%s, %s) ON CONFLICT DO NOTHING",
             (args.jti, args.reason),
@@ -113,16 +121,47 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
 
 def cmd_tokens_rotate_key(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    with psycopg.connect(settings.database.url) as conn, conn.transaction():
+    with command_connection(settings.database) as conn, conn.transaction():
         kid = generate_token_key(settings.keys_dir)
         audit.record_cli(conn, "tokens.rotate_key", target=kid)
-    print(f"new token signing key {kid}; older keys keep verifying until their files are removed")
+    print(
+        f"new token signing key {kid} in {settings.keys_dir}; older keys keep verifying "
+        "until revoked "
+        "(`cloud-api tokens revoke-key KID`) or their files are removed"
+    )
+    return 0
+
+
+def cmd_tokens_revoke_key(args: argparse.Namespace) -> int:
+    """Refuse every token signed by a key, on every API process, and delete its files here."""
+    settings = _settings(args)
+    directory = settings.keys_dir
+    ring = TokenKeyring.load(directory) if directory.is_dir() else TokenKeyring({}, None)
+    if args.kid == ring.current_id:
+        return _fail(
+            f"{args.kid} is the current signing key: run `cloud-api tokens rotate-key` first"
+        )
+    with command_connection(settings.database) as conn, conn.transaction():
+        conn.execute(
+            "INSERT INTO ops.revoked_token_keys(kid, reason) VALUES (%s, %s) "
+            "ON CONFLICT DO NOTHING",
+            (args.kid, args.reason),
+        )
+        audit.record_cli(conn, "tokens.revoke_key", target=args.kid, detail={"reason": args.reason})
+    # After the commit: API processes refuse the key from the database, whichever key files
+    # their hosts still hold; the files here go so nothing can sign with it again.
+    for name in (f"jwt-{args.kid}.key", f"jwt-{args.kid}.pub"):
+        (directory / name).unlink(missing_ok=True)
+    print(
+        f"revoked token signing key {args.kid}; every API process refuses its tokens within "
+        f"{2 * settings.security.revocation_refresh_seconds:g} s"
+    )
     return 0
 
 
 def cmd_pii_rotate_key(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    with psycopg.connect(settings.database.url) as conn, conn.transaction():
+    with command_connection(settings.database) as conn, conn.transaction():
         kid = generate_pii_key(settings.keys_dir)
         audit.record_cli(conn, "pii.rotate_key", target=kid)
     print(f"new personal-data key {kid}; keep the older keys to read what they sealed")
@@ -142,7 +181,7 @@ def cmd_apikeys_create(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     key, prefix, secret_hash = new_api_key()
-    with psycopg.connect(settings.database.url) as conn, conn.transaction():
+    with command_connection(settings.database) as conn, conn.transaction():
         conn.execute(
             "INSERT INTO ops.api_keys(prefix, secret_hash, name, role, scopes, sites, created_by, "
             "expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
@@ -176,7 +215,7 @@ def cmd_apikeys_create(args: argparse.Namespace) -> int:
 
 def cmd_apikeys_revoke(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    with psycopg.connect(settings.database.url) as conn, conn.transaction():
+    with command_connection(settings.database) as conn, conn.transaction():
         row = conn.execute(
             "UPDATE ops.api_keys SET revoked_at = now() WHERE prefix = %s AND revoked_at IS NULL "
             "RETURNING name",
@@ -196,7 +235,7 @@ def cmd_apikeys_revoke(args: argparse.Namespace) -> int:
 
 def cmd_apikeys_list(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    with psycopg.connect(settings.database.url) as conn:
+    with command_connection(settings.database) as conn:
         rows = conn.execute(
             "SELECT prefix, name, role, scopes, sites, created_at, expires_at, revoked_at, "
             "last_used_at FROM ops.api_keys ORDER BY created_at"
@@ -213,7 +252,7 @@ def cmd_apikeys_list(args: argparse.Namespace) -> int:
 
 def cmd_audit_list(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    with psycopg.connect(settings.database.url) as conn:
+    with command_connection(settings.database) as conn:
         rows = conn.execute(
             "SELECT id, at, actor, actor_kind, action, target, site_id, detail, trace_id "
             "FROM audit.records WHERE (%(trace)s::text IS NULL OR trace_id = %(trace)s) "
@@ -254,6 +293,12 @@ def register(sub: Any) -> None:
     tokens.add_parser(
         "rotate-key", help="new current signing key (old keys keep verifying)"
     ).set_defaults(func=cmd_tokens_rotate_key)
+    p = tokens.add_parser(
+        "revoke-key", help="refuse every token signed by a key (not the current one)"
+    )
+    p.add_argument("kid", help="the key id (a token's `kid` header, the jwt-<kid>.key name)")
+    p.add_argument("--reason", default="")
+    p.set_defaults(func=cmd_tokens_revoke_key)
 
     keys = sub.add_parser("apikeys", help="service API keys").add_subparsers(
         dest="apikeys", required=True

@@ -2,9 +2,13 @@
 
 A batch whose seq jumps past the highest seen opens a gap (ops.seq_gaps); a batch arriving
 later inside a gap fills that seq (the gap row is resolved and what remains reopened, so the
-detection time survives); a `data_shed` loss record declares the seqs it names
-(ops.declared_losses). With several workers and an in-flight window, short-lived gaps are
-normal; a gap that stays open beyond the agents' resend period means batches are missing.
+detection time survives); a loss record declares the seqs it names (ops.declared_losses):
+`data_shed` (raw samples shed under the drop policy, reason = their kind) and
+`batch_rejected` (a batch ingest refused for good and the agent dropped, reason =
+"rejected: <ingest's reason>"). A loss recorded twice (the agent crashed between recording
+it and dropping the batch) is declared once. With several workers and an in-flight window,
+short-lived gaps are normal; a gap that stays open beyond the agents' resend period means
+batches are missing.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ GAPS_OPENED = Counter("ingest_seq_gaps_opened_total", "Sequence gaps opened (may
 LOSSES_DECLARED = Counter("ingest_declared_lost_batches_total", "Batches declared shed by agents")
 
 LOSS_CODE = "data_shed"
+REJECTED_CODE = "batch_rejected"
 
 
 def record_batch_seq(
@@ -100,11 +105,15 @@ def record_declared_losses(
     """Apply the loss records of a batch: the seqs they name are declared, not missing."""
     declared = 0
     for event in events:
-        if not isinstance(event, AgentEvent) or event.code != LOSS_CODE:
+        if not isinstance(event, AgentEvent) or event.code not in (LOSS_CODE, REJECTED_CODE):
             continue
         epoch, seqs = event.data.get("epoch"), event.data.get("seqs")
         if not isinstance(epoch, str) or not isinstance(seqs, list):
             continue
+        if event.code == REJECTED_CODE:
+            reason = f"rejected: {event.data.get('reason')}"
+        else:
+            reason = str(event.data.get("kind", "sample"))
         for seq in seqs:
             if type(seq) is not int or seq < 1:
                 continue
@@ -117,7 +126,7 @@ def record_declared_losses(
             conn.execute(
                 "INSERT INTO ops.declared_losses(agent_id, epoch, seq, site_id, reason) "
                 "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                (agent_id, epoch, seq, site_id, str(event.data.get("kind", "sample"))),
+                (agent_id, epoch, seq, site_id, reason[:200]),
             )
             _resolve(conn, agent_id, epoch, seq, "declared")
             declared += 1

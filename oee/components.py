@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from oee.bounds import BoundedFloat, BoundedInt
+
 TIME_FIELDS: tuple[str, ...] = (
     "planned_busy_s",
     "production_s",
@@ -37,23 +39,23 @@ class Components(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    planned_busy_s: float = 0.0
-    production_s: float = 0.0
-    setup_s: float = 0.0
-    downtime_s: float = 0.0
-    fault_s: float = 0.0
-    idle_s: float = 0.0
-    micro_stop_s: float = 0.0
-    unknown_s: float = 0.0
-    planned_down_s: float = 0.0
-    off_plan_s: float = 0.0
-    produced: int = 0
-    good: int = 0
-    scrap: int = 0
-    rework: int = 0
-    off_plan_produced: int = 0
-    ideal_produced_s: float = 0.0
-    ideal_good_s: float = 0.0
+    planned_busy_s: BoundedFloat = 0.0
+    production_s: BoundedFloat = 0.0
+    setup_s: BoundedFloat = 0.0
+    downtime_s: BoundedFloat = 0.0
+    fault_s: BoundedFloat = 0.0
+    idle_s: BoundedFloat = 0.0
+    micro_stop_s: BoundedFloat = 0.0
+    unknown_s: BoundedFloat = 0.0
+    planned_down_s: BoundedFloat = 0.0
+    off_plan_s: BoundedFloat = 0.0
+    produced: BoundedInt = 0
+    good: BoundedInt = 0
+    scrap: BoundedInt = 0
+    rework: BoundedInt = 0
+    off_plan_produced: BoundedInt = 0
+    ideal_produced_s: BoundedFloat = 0.0
+    ideal_good_s: BoundedFloat = 0.0
 
     def __add__(self, other: Components) -> Components:
         return Components(

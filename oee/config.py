@@ -10,12 +10,24 @@ from datetime import time
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
+from oee.bounds import MAX_ID_CHARS, MAX_TEXT_CHARS, clean_text
 from oee.events import STATES
+from oee.quantities import counter_model_error
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, None: 1.0}
+# Longer ideal cycle times are typing errors; the bound keeps ideal times of counted parts finite.
+MAX_CYCLE_SECONDS = 86_400.0
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
@@ -71,7 +83,7 @@ class ShiftSpec(BaseModel):
     """A shift in the plant's local time; `end` <= `start` means it ends the next day."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1)
+    name: EventText = Field(min_length=1)
     start: ClockTime
     end: ClockTime
     days: list[Weekday] = Field(default_factory=lambda: list(WEEKDAYS))
@@ -93,23 +105,32 @@ class CounterSpec(BaseModel):
     """How a cumulative PLC counter behaves: bit width, signedness, plausibility bound."""
 
     model_config = ConfigDict(extra="forbid")
-    width: Literal[16, 32, 64] = 32
+    width: Literal[8, 16, 32, 64] = 32
     signed: bool = False
     max_delta: int | None = Field(default=None, gt=0)
 
 
+def _cycle_time(value: float) -> float:
+    if value <= 0:
+        raise ValueError("ideal_cycle_time must be greater than zero")
+    if value > MAX_CYCLE_SECONDS:
+        raise ValueError("ideal_cycle_time must be at most 24h")
+    return value
+
+
+CycleTime = Annotated[Duration, AfterValidator(_cycle_time)]
+
+
 class ProductSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    ideal_cycle_time: Duration
+    ideal_cycle_time: CycleTime
 
 
 def _code_key(raw: object) -> str:
-    """PLC codes as map keys: 1, 1.0 and "1" are the same code."""
-    if isinstance(raw, float) and raw.is_integer():
-        return str(int(raw))
-    if isinstance(raw, bool):
-        return str(int(raw))
-    return str(raw).strip()
+    """PLC codes as map keys: 1, 1.0 and "1" are the same code; text is cleaned (clean_text)."""
+    if isinstance(raw, bool) or (isinstance(raw, float) and raw.is_integer()):
+        return clean_text(str(int(raw)))
+    return clean_text(str(raw)).strip()
 
 
 def _code_map(value: object) -> object:
@@ -118,30 +139,33 @@ def _code_map(value: object) -> object:
     return value
 
 
-CodeMap = Annotated[dict[str, str], BeforeValidator(_code_map)]
+def _event_text(value: str) -> str:
+    """A configured name that events carry (reason, product, shift) fits them as it is."""
+    if len(value) > MAX_TEXT_CHARS:
+        raise ValueError(f"{value[:20]!r}... is longer than {MAX_TEXT_CHARS} characters")
+    if clean_text(value) != value:
+        raise ValueError(f"{value!r} holds control characters")
+    return value
+
+
+EventText = Annotated[str, AfterValidator(_event_text)]
+CodeMap = Annotated[dict[str, EventText], BeforeValidator(_code_map)]
 
 
 class EquipmentSpec(BaseModel):
     """What the OEE engine needs to know about one piece of equipment."""
 
     model_config = ConfigDict(extra="forbid")
-    id: str = Field(min_length=1)
+    id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
     line: str | None = None
-    ideal_cycle_time: Duration
+    ideal_cycle_time: CycleTime
     micro_stop_threshold: Duration | None = None
     micro_stops: Literal["performance", "availability"] = "performance"
     state_map: CodeMap
     reason_map: CodeMap = Field(default_factory=dict)
     product_map: CodeMap = Field(default_factory=dict)
-    products: dict[str, ProductSpec] = Field(default_factory=dict)
+    products: dict[EventText, ProductSpec] = Field(default_factory=dict)
     counters: dict[Literal["total_count", "good_count", "scrap_count", "rework_count"], CounterSpec]
-
-    @field_validator("ideal_cycle_time")
-    @classmethod
-    def _positive_cycle(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("ideal_cycle_time must be greater than zero")
-        return value
 
     @field_validator("state_map")
     @classmethod
@@ -154,10 +178,9 @@ class EquipmentSpec(BaseModel):
 
     @model_validator(mode="after")
     def _counters_make_sense(self) -> EquipmentSpec:
-        if "total_count" not in self.counters:
-            raise ValueError("a total_count signal is required to count produced parts")
-        if "good_count" in self.counters and "scrap_count" in self.counters:
-            raise ValueError("configure either good_count or scrap_count, not both")
+        problem = counter_model_error(self.counters)
+        if problem is not None:
+            raise ValueError(problem)
         for code, product in self.product_map.items():
             if product not in self.products:
                 raise ValueError(f"product {product!r} (value {code}) has no entry under products")

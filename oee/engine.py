@@ -15,6 +15,12 @@ sample of the same signal is stale and ignored (so feeding a stream twice, or a 
 changes nothing); a sample newer than that but older than the time already accounted takes
 effect at the accounted time (closed buckets are never revised on the edge; late data is
 the cloud's business).
+
+Scans: the samples of one equipment that share a source timestamp (one poll, one
+subscription notification) are one snapshot. They are held until a sample with another
+timestamp arrives, or until tick() passes their time (finish() and mark_unknown() apply them
+at once), and then applied together in a fixed order (_RANK), so the result does not depend
+on the order of the signals in the YAML. An open scan is part of the checkpoint.
 """
 
 from __future__ import annotations
@@ -23,16 +29,29 @@ import contextlib
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from oee.bounds import clean_text, int_or_text, number_in_bounds
 from oee.calendar import ShiftCalendar
 from oee.components import COMPONENT_FIELDS, QUANTITY_FIELDS, Components
 from oee.config import CounterSpec, EquipmentSpec
-from oee.counters import counter_delta
+from oee.counters import MAX_COUNTER_DELTA, counter_delta
 from oee.events import AgentEvent, CountEvent, Event, OeeEvent, StateEvent
+from oee.quantities import COUNTER_SIGNALS, counter_effects
 
 STOP_STATES = ("fault", "idle")
-COUNTER_SIGNALS = ("total_count", "good_count", "scrap_count", "rework_count")
 SIGNALS = ("state", "reason", "product", *COUNTER_SIGNALS)
 _SIGNAL_SET = frozenset(SIGNALS)  # membership tests on the hot path
+# The order in which the samples of one scan apply, whatever the order of the YAML. Counts
+# first: the parts a reading counts were made since the previous reading, under the state and
+# product in force then (the last part before a planned stop is in plan). Then the reason, so a
+# stop's state change carries the reason set in the same scan; then the state; the product last.
+_RANK = dict.fromkeys(COUNTER_SIGNALS, 0) | {"reason": 1, "state": 2, "product": 3}
+_UNSORTED = len(_RANK)  # above every rank
+
+
+def _rank_of(item: tuple[str, object]) -> int:
+    return _RANK[item[0]]
+
+
 _COUNTER_SET = frozenset(COUNTER_SIGNALS)
 UNSPECIFIED = "unspecified"
 CHECKPOINT_VERSION = 2
@@ -91,6 +110,7 @@ class _Bucket:
 
     __slots__ = (
         "end",
+        "parts",
         "pending",
         "reasons",
         "shift",
@@ -114,6 +134,7 @@ class _Bucket:
         self.shift_start = shift_start
         self.shift_end = shift_end
         self.values = _new_values()
+        self.parts = 0  # counted by any counter: bounds every quantity of the bucket
         self.reasons: dict[str, int] = {}
         # Microseconds of the current, not yet judged stop, by (state, reason): the stop's
         # full length decides whether it is a micro-stop, so its time waits here until known.
@@ -127,6 +148,8 @@ class _Bucket:
             "end": self.end,
             "values": _nonzero(self.values),
         }
+        if self.parts:
+            out["parts"] = self.parts
         if self.shift is not None:
             out.update(shift=self.shift, shift_start=self.shift_start, shift_end=self.shift_end)
         if self.reasons:
@@ -146,6 +169,7 @@ class _Bucket:
         )
         bucket.values.update({k: int(v) for k, v in data["values"].items()})
         bucket.reasons = {k: int(v) for k, v in data.get("reasons", {}).items()}
+        bucket.parts = int(data.get("parts", 0))  # absent in checkpoints of earlier agents
         bucket.pending = {(s, r): int(v) for s, r, v in data.get("pending", [])}
         return bucket
 
@@ -200,10 +224,17 @@ class EquipmentEngine:
         self._unmapped: str | None = None
         self._state_raw: object = None  # raw value behind self.state (a repeat changes nothing)
         self._stale: set[str] = set()
-        self._by_good = "good_count" in spec.counters
+        self._effects = counter_effects(spec.counters)
+        # counter -> the width its stored reading was taken at, where that is not the width
+        # of its spec (the width changed since): the next reading is measured in it
+        self._rebase: dict[str, int] = {}
         self._cur: _Bucket | None = None
         self._win: tuple[int, int, str | None, int | None, int | None] | None = None
         self._out: list[Event] = []
+        # The open scan: samples sharing the timestamp _scan_ts, not applied yet.
+        self._scan: list[tuple[str, object]] = []
+        self._scan_ts: int | None = None
+        self._scan_rank = 0  # the highest rank in the open scan, _UNSORTED when out of order
 
     @property
     def cursor(self) -> datetime | None:
@@ -250,12 +281,33 @@ class EquipmentEngine:
                 self.product = self._map_product(raw)
         elif raw is not None and signal in self.spec.counters:
             counter = self.spec.counters[signal]
-            with contextlib.suppress(TypeError, ValueError):  # feed() reports bad values
+            with contextlib.suppress(TypeError, ValueError, OverflowError):  # feed() reports
                 current = int(raw)  # type: ignore[call-overload]
                 self.counters[signal] = counter_delta(counter, None, current).current
 
+    def set_counter(self, signal: str, counter: CounterSpec) -> None:
+        """Read `signal` as `counter` from now on (the PLC declared the counter's data type).
+
+        A stored reading keeps the width it was taken at until the next reading, which is
+        measured at that width (as it would have been) and stored at the new one.
+        """
+        old = self.spec.counters.get(signal)  # type: ignore[call-overload]
+        if old is None or old == counter:
+            return
+        self.spec = self.spec.model_copy(
+            update={"counters": {**self.spec.counters, signal: counter}}
+        )
+        if signal in self.counters:
+            stored = self._rebase.pop(signal, old.width)
+            if stored != counter.width:
+                self._rebase[signal] = stored
+
     def feed(self, sample: SampleLike) -> list[Event]:
-        """Apply one sample (see the module docstring for samples out of order)."""
+        """Take one sample (see the module docstring for scans and samples out of order).
+
+        The sample joins the open scan when it has the scan's timestamp; otherwise the open
+        scan is applied first, so the events of a scan come out with a later call.
+        """
         signal = sample.signal
         if signal not in _SIGNAL_SET:
             raise ValueError(f"unknown signal {signal!r}")
@@ -271,6 +323,45 @@ class EquipmentEngine:
         else:
             self._stale.discard(signal)
             self.seen[signal] = (ts, [raw])
+        scan = self._scan
+        if scan:
+            if ts == self._scan_ts:
+                # Another sample of the open scan (the common case: a poll's samples share
+                # one timestamp); the order is only noted here, restored when it applies.
+                rank = _RANK[signal]
+                last = self._scan_rank
+                if rank < last:
+                    self._scan_rank = _UNSORTED
+                elif rank > last:
+                    self._scan_rank = rank
+                scan.append((signal, raw))
+                return []
+            self._apply_scan(self._scan_ts)  # type: ignore[arg-type]
+        scan.append((signal, raw))
+        scan_ts = self._scan_ts
+        if scan_ts is not None and ts < scan_ts:
+            self._apply_scan(ts)  # late: applied alone, at the time already accounted
+            self._scan_ts = None
+        else:
+            self._scan_ts = ts
+            self._scan_rank = _RANK[signal]
+        if self._out:
+            return self._drain()
+        return []
+
+    @property
+    def latest_us(self) -> int | None:
+        """The latest instant accounted or sampled (the open scan's time, if later)."""
+        cursor, scan = self.cursor_us, self._scan_ts
+        if scan is None or not self._scan:
+            return cursor
+        return scan if cursor is None or scan > cursor else cursor
+
+    def _apply_scan(self, ts: int) -> None:
+        """Apply the samples of the open scan together at `ts`, in canonical order (_RANK)."""
+        scan = self._scan
+        if self._scan_rank == _UNSORTED:
+            scan.sort(key=_rank_of)
         cursor = self.cursor_us
         if cursor is None:
             self._start(ts)
@@ -278,34 +369,42 @@ class EquipmentEngine:
         if ts > cursor:
             self._accrue(ts)
             cursor = ts
-        if signal == "state":
-            if raw is None or raw != self._state_raw:
-                self._state_raw = raw
-                self._on_state(raw, cursor)
-        elif signal in _COUNTER_SET:
-            if raw is not None:
-                self._on_counter(signal, raw, cursor)
-        elif raw is not None:
-            if signal == "reason":
-                self.reason = self._map_reason(raw)
-            else:
-                product = self._map_product(raw)
-                if product != self.product and product not in self.spec.products:
-                    self._agent(
-                        cursor,
-                        "unknown_product",
-                        f"{self.spec.id}: product {product!r} is not configured; "
-                        "the equipment's ideal cycle time applies",
-                        {"product": product},
-                    )
-                self.product = product
-        if self._out:
-            return self._drain()
-        return []
+        reason = self.reason
+        for signal, raw in scan:
+            if signal in _COUNTER_SET:
+                if raw is not None:
+                    self._on_counter(signal, raw, cursor)
+            elif signal == "state":
+                if raw is None or raw != self._state_raw:
+                    self._state_raw = raw
+                    self._on_state(raw, cursor)
+            elif raw is not None:
+                if signal == "reason":
+                    self.reason = self._map_reason(raw)
+                else:
+                    self._on_product(raw, cursor)
+        if (
+            self.reason != reason
+            and self.state in STOP_STATES
+            and self.state_since_us != cursor
+            and self.count_events
+        ):
+            # The stop goes on with another reason: recorded as a change of the same state,
+            # so the timeline splits where the Pareto's reason does.
+            self._state_event(self.state, cursor, raw=self._state_number(self._state_raw))
+        scan.clear()
+
+    def _flush_scan(self, before: int | None = None) -> None:
+        """Apply the open scan (only when it is older than `before`, if given)."""
+        scan_ts = self._scan_ts
+        if self._scan and scan_ts is not None and (before is None or scan_ts < before):
+            self._apply_scan(scan_ts)
 
     def tick(self, now: datetime) -> list[Event]:
         """Account time up to `now` and close every finished bucket."""
         at = to_us(now)
+        # A scan at `now` may still be incomplete (replay ticks at a sample's own time).
+        self._flush_scan(before=at)
         if self.cursor_us is None:
             self._start(at)
         self._accrue(at)
@@ -321,6 +420,7 @@ class EquipmentEngine:
         other choice would make the result depend on where the window was cut.
         """
         end = to_us(at)
+        self._flush_scan()
         if self.cursor_us is None:
             self._start(end)
         self._accrue(end)
@@ -335,6 +435,7 @@ class EquipmentEngine:
     def mark_unknown(self, at: datetime, why: str) -> list[Event]:
         """From `at` on, the state is not known (communication lost, agent was down)."""
         t = to_us(at)
+        self._flush_scan()
         if self.cursor_us is None:
             self._start(t)
         self._accrue(t)
@@ -361,11 +462,19 @@ class EquipmentEngine:
             "product": self.product,
             "cursor": self.cursor_us,
             "counters": self.counters,
+            "counter_widths": {
+                k: self._rebase.get(k, self.spec.counters[k].width)
+                for k in self.counters
+                if k in self.spec.counters
+            },
             "seen": {k: [ts, list(raws)] for k, (ts, raws) in self.seen.items()},
             "buckets": [b.dump() for b in self.buckets.values()],
             "shift_totals": _nonzero(self.shift_totals),
             "shift_key": self.shift_key,
             "unmapped": self._unmapped,
+            # Taken but not applied yet (a scan whose time the clock has not passed): kept,
+            # because `seen` already records these samples.
+            "scan": [self._scan_ts, [list(item) for item in self._scan]] if self._scan else None,
         }
         return {k: v for k, v in out.items() if v is not None and v not in ({}, [])}
 
@@ -383,15 +492,35 @@ class EquipmentEngine:
         self.product = data.get("product")
         self.cursor_us = data.get("cursor")
         self.counters = {k: int(v) for k, v in data.get("counters", {}).items()}
+        # Older checkpoints have no widths: their readings were taken at the configured ones.
+        widths = data.get("counter_widths") or {}
+        self._rebase = {
+            k: int(w)
+            for k, w in widths.items()
+            if k in self.counters
+            and k in self.spec.counters
+            and int(w) != self.spec.counters[k].width
+        }
         self.seen = {k: (int(ts), list(raws)) for k, (ts, raws) in data.get("seen", {}).items()}
         self.buckets = {}
         for raw_bucket in data.get("buckets", []):
             bucket = _Bucket.load(raw_bucket)
-            self.buckets[bucket.start] = bucket
+            # Under the key _bucket_at looks it up by: a bucket that began mid-bucket (where
+            # accounting started) is keyed by its aligned start, else time accounted after
+            # the restart would open a second, overlapping bucket.
+            floor = bucket.start - bucket.start % self._bucket_us
+            window = to_us(self.calendar.window_at(from_us(bucket.start)).start)
+            self.buckets[max(floor, window)] = bucket
         self.shift_totals = _new_values()
         self.shift_totals.update({k: int(v) for k, v in data.get("shift_totals", {}).items()})
         self.shift_key = data.get("shift_key")
         self._unmapped = data.get("unmapped")
+        scan = data.get("scan")  # absent in checkpoints of earlier agents
+        self._scan_ts = None if scan is None else int(scan[0])
+        self._scan = [] if scan is None else [(str(sig), raw) for sig, raw in scan[1]]
+        if any(sig not in _SIGNAL_SET for sig, _ in self._scan):
+            raise ValueError("the open scan names an unknown signal")
+        self._scan_rank = _UNSORTED
         self._stale = set()
         self._state_raw = None
         self._cur = None
@@ -610,7 +739,8 @@ class EquipmentEngine:
             f"{self.spec.id}: performance {performance:.3f} > 1 in shift {bucket.shift}; "
             "the configured ideal cycle time is probably too long",
             {
-                "performance": performance,
+                # A shift of microseconds with many parts can exceed what an event holds.
+                "performance": performance if number_in_bounds(performance) else None,
                 "shift": bucket.shift,
                 "shift_start": None if shift_start is None else shift_start.isoformat(),
                 "configured_ideal_cycle_time_s": self.spec.cycle_time(self.product),
@@ -624,11 +754,28 @@ class EquipmentEngine:
         code = self.spec.code(raw)
         if code in ("0", ""):
             return None  # PLCs write 0 for "no reason"
-        return self.spec.reason_map.get(code, f"code {code}")
+        mapped = self.spec.reason_map.get(code)
+        if mapped is not None:
+            return mapped
+        # A PLC that writes its reasons as text needs no map; a number without one stays a
+        # code, so the Pareto shows what it is.
+        return code if isinstance(raw, str) else clean_text(f"code {code}")
 
     def _map_product(self, raw: object) -> str | None:
         code = self.spec.code(raw)
         return self.spec.product_map.get(code, code or None)
+
+    def _on_product(self, raw: object, at: int) -> None:
+        product = self._map_product(raw)
+        if product != self.product and product not in self.spec.products:
+            self._agent(
+                at,
+                "unknown_product",
+                f"{self.spec.id}: product {product!r} is not configured; "
+                "the equipment's ideal cycle time applies",
+                {"product": product},
+            )
+        self.product = product
 
     def _on_state(self, raw: object, at: int) -> None:
         new = self.map_state(raw)
@@ -646,10 +793,14 @@ class EquipmentEngine:
         else:
             self._unmapped = None
         if new != self.state:
-            number: float | None = None
-            if isinstance(raw, int | float) and not isinstance(raw, bool):
-                number = raw
-            self._change_state(new, at, raw=number, reason=None)
+            self._change_state(new, at, raw=self._state_number(raw), reason=None)
+
+    @staticmethod
+    def _state_number(raw: object) -> float | None:
+        """The raw state value for the event, when it is a number the event can carry."""
+        if isinstance(raw, int | float) and not isinstance(raw, bool) and number_in_bounds(raw):
+            return raw
+        return None
 
     def _change_state(self, new: str, at: int, *, raw: float | None, reason: str | None) -> None:
         previous = self.state
@@ -661,21 +812,27 @@ class EquipmentEngine:
         self.state_since_us = at
         self.stop_judged = not (new in STOP_STATES and self._threshold_us is not None)
         if self.count_events:
-            self._out.append(
-                StateEvent(
-                    agent_id=self.agent_id,
-                    site_id=self.site_id,
-                    equipment_id=self.spec.id,
-                    ts=from_us(at),
-                    state=new,  # type: ignore[arg-type]
-                    previous=previous,  # type: ignore[arg-type]
-                    # The PLC's reason register keeps its last value while running.
-                    reason=reason
-                    if reason is not None
-                    else (self.reason if new in STOP_STATES else None),
-                    raw=raw,
-                )
+            self._state_event(previous, at, raw=raw, reason=reason)
+
+    def _state_event(
+        self, previous: str, at: int, *, raw: float | None, reason: str | None = None
+    ) -> None:
+        new = self.state
+        self._out.append(
+            StateEvent(
+                agent_id=self.agent_id,
+                site_id=self.site_id,
+                equipment_id=self.spec.id,
+                ts=from_us(at),
+                state=new,  # type: ignore[arg-type]
+                previous=previous,  # type: ignore[arg-type]
+                # The PLC's reason register keeps its last value while running.
+                reason=reason
+                if reason is not None
+                else (self.reason if new in STOP_STATES else None),
+                raw=raw,
             )
+        )
 
     def _cycle(self, product: str | None) -> int:
         cycle = self._cycle_us.get(product)
@@ -693,20 +850,25 @@ class EquipmentEngine:
         else:
             try:
                 raw = int(value)  # type: ignore[call-overload]
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
+                shown = clean_text(repr(value))
                 self._agent(
                     at,
                     "counter_invalid",
-                    f"{self.spec.id}: {signal} value {value!r} is not an integer; ignored",
-                    {"signal": signal, "value": repr(value)},
+                    f"{self.spec.id}: {signal} value {shown} is not an integer; ignored",
+                    {"signal": signal, "value": shown},
                 )
                 return
         previous = self.counters.get(signal)
-        if previous is not None:
+        if self._rebase and signal in self._rebase:
+            width = self._rebase.pop(signal)
+            d = self._counter_event(signal, spec.model_copy(update={"width": width}), previous, raw)
+            self.counters[signal] = raw % (1 << spec.width)
+        elif previous is not None:
             d = raw - previous
             if d == 0:
                 return  # nothing counted since the last poll
-            if d < 0 or raw >= 1 << spec.width or (spec.max_delta and d > spec.max_delta):
+            if d < 0 or raw >= 1 << spec.width or d > (spec.max_delta or MAX_COUNTER_DELTA):
                 d = self._counter_event(signal, spec, previous, raw)
             else:
                 self.counters[signal] = raw  # a plain increment, the common case
@@ -717,38 +879,34 @@ class EquipmentEngine:
         bucket = self._cur
         if bucket is None or not (bucket.start <= at < bucket.end):
             bucket = self._bucket_at(at)
+        parts = bucket.parts + d
+        if parts > MAX_COUNTER_DELTA:
+            # Many plausible jumps in one bucket add up to an implausible one; the bound
+            # keeps every bucket and count event far inside the event model's bounds.
+            self._report_counter(signal, "quarantined", previous, self.counters[signal], d)
+            return
+        bucket.parts = parts
         v = bucket.values
-        cycle = self._cycle(self.product)
+        produced, good, scrap, rework = self._effects[signal]
+        produced *= d
+        good *= d
+        scrap *= d
+        rework *= d
         # Planned busy time excludes breaks, off-shift time and planned stops: parts
         # observed there are reported apart and stay out of OEE.
         in_plan = bucket.shift is not None and self.state != "planned_stop"
-        by_good_counter = self._by_good
-        # Each bucket keeps produced = good + scrap + rework. With a good counter, scrap is
-        # what is neither good nor rework; otherwise good is what is neither scrap nor rework.
-        if signal == "total_count":
-            if not in_plan:
-                v["off_plan_produced"] += d
-            else:
-                v["produced"] += d
-                v["ideal_produced_s"] += d * cycle
-                if by_good_counter:
-                    v["scrap"] += d
-                else:
-                    v["good"] += d
-                    v["ideal_good_s"] += d * cycle
-        elif in_plan:
-            if signal == "good_count":
-                v["good"] += d
-                v["scrap"] -= d
-                v["ideal_good_s"] += d * cycle
-            else:
-                v["scrap" if signal == "scrap_count" else "rework"] += d
-                if by_good_counter:
-                    v["scrap"] -= d
-                else:
-                    v["good"] -= d
-                    v["ideal_good_s"] -= d * cycle
+        if not in_plan:
+            v["off_plan_produced"] += produced
+        else:
+            cycle = self._cycle(self.product)
+            v["produced"] += produced
+            v["good"] += good
+            v["scrap"] += scrap
+            v["rework"] += rework
+            v["ideal_produced_s"] += produced * cycle
+            v["ideal_good_s"] += good * cycle
         if self.count_events:
+            # The event carries exactly what the bucket received (oee.quantities).
             self._out.append(
                 CountEvent(
                     agent_id=self.agent_id,
@@ -757,10 +915,10 @@ class EquipmentEngine:
                     ts=from_us(at),
                     product=self.product,
                     in_plan=in_plan,
-                    produced=d if signal == "total_count" else 0,
-                    good=d if signal == "good_count" else 0,
-                    scrap=d if signal == "scrap_count" else 0,
-                    rework=d if signal == "rework_count" else 0,
+                    produced=produced,
+                    good=good,
+                    scrap=scrap,
+                    rework=rework,
                 )
             )
 
@@ -769,18 +927,23 @@ class EquipmentEngine:
         result = counter_delta(spec, previous, raw)
         self.counters[signal] = result.current
         if result.kind in ("reset", "quarantined", "wrap"):
-            self._agent(
-                self.cursor_us or 0,
-                f"counter_{result.kind}",
-                f"{self.spec.id}: {signal} {result.kind} {result.previous} -> {result.current}",
-                {
-                    "signal": signal,
-                    "previous": result.previous,
-                    "current": result.current,
-                    "delta": result.delta,
-                },
-            )
+            self._report_counter(signal, result.kind, result.previous, result.current, result.delta)
         return result.delta
+
+    def _report_counter(
+        self, signal: str, kind: str, previous: int | None, current: int, delta: int
+    ) -> None:
+        self._agent(
+            self.cursor_us or 0,
+            f"counter_{kind}",
+            f"{self.spec.id}: {signal} {kind} {previous} -> {current}",
+            {
+                "signal": signal,
+                "previous": None if previous is None else int_or_text(previous),
+                "current": int_or_text(current),
+                "delta": int_or_text(delta),
+            },
+        )
 
     def _agent(self, at: int, code: str, message: str, data: dict[str, Any]) -> None:
         self._out.append(
@@ -826,6 +989,10 @@ class PlantEngine:
             )
             for spec in specs
         }
+
+    def set_counter(self, equipment_id: str, signal: str, counter: CounterSpec) -> None:
+        """See EquipmentEngine.set_counter."""
+        self.engines[equipment_id].set_counter(signal, counter)
 
     def feed(self, sample: SampleLike) -> list[Event]:
         engine = self.engines.get(sample.equipment_id)

@@ -2,6 +2,10 @@
 
 A batch of events travels sealed under the key (agent_id, epoch, seq); the events
 themselves carry their own ids (UUIDv7) so the cloud can also deduplicate per event.
+
+Every field is bounded (oee.bounds): the agent builds its events through these models and
+ingest validates batches with `load_events`, so an event the cloud could not store or serve
+is refused where it is made, not where it is stored.
 """
 
 from __future__ import annotations
@@ -12,8 +16,26 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+)
 
+from oee.bounds import (
+    MAX_CODE_CHARS,
+    MAX_ID_CHARS,
+    MAX_MESSAGE_CHARS,
+    MAX_TEXT_CHARS,
+    BoundedFloat,
+    BoundedInt,
+    Text,
+    check_data,
+)
 from oee.components import Components
 
 STATES: tuple[str, ...] = ("running", "idle", "fault", "setup", "planned_stop", "unknown")
@@ -36,13 +58,18 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
+_UUID = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+Id = Annotated[Text, Field(min_length=1, max_length=MAX_ID_CHARS)]
+PlcText = Annotated[Text, Field(max_length=MAX_TEXT_CHARS)]
+
+
 class _EventBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    event_id: str = Field(default_factory=uuid7)
-    agent_id: str
-    site_id: str
-    equipment_id: str | None = None
+    event_id: str = Field(default_factory=uuid7, pattern=_UUID)
+    agent_id: Id
+    site_id: Id
+    equipment_id: Id | None = None
     ts: AwareDatetime
 
     @field_validator("ts", mode="after")
@@ -57,19 +84,25 @@ class StateEvent(_EventBase):
     kind: Literal["state"] = "state"
     state: State
     previous: State | None = None
-    reason: str | None = None
-    raw: float | int | None = None
+    reason: PlcText | None = None
+    raw: BoundedFloat | BoundedInt | None = None
 
 
 class CountEvent(_EventBase):
-    """Part-count increments observed at `ts`, credited to the active bucket and product."""
+    """Part counts observed at `ts`, credited to the active bucket and product.
+
+    The quantities are signed: they are what one counter increment changed in the bucket
+    (oee.quantities), e.g. a scrap increment of a total+scrap machine is scrap +n, good -n.
+    Summed over any window they equal the buckets' quantities (`in_plan` ones) or their
+    `off_plan_produced` (the others).
+    """
 
     kind: Literal["count"] = "count"
-    produced: int = 0
-    good: int = 0
-    scrap: int = 0
-    rework: int = 0
-    product: str | None = None
+    produced: BoundedInt = 0
+    good: BoundedInt = 0
+    scrap: BoundedInt = 0
+    rework: BoundedInt = 0
+    product: PlcText | None = None
     in_plan: bool = True
 
 
@@ -79,10 +112,10 @@ class OeeEvent(_EventBase):
     kind: Literal["oee"] = "oee"
     bucket_start: AwareDatetime
     bucket_end: AwareDatetime
-    shift: str | None = None
+    shift: PlcText | None = None
     shift_start: AwareDatetime | None = None
     components: Components
-    downtime_by_reason: dict[str, float] = Field(default_factory=dict)
+    downtime_by_reason: dict[PlcText, BoundedFloat] = Field(default_factory=dict)
 
     @field_validator("bucket_start", "bucket_end", "shift_start", mode="after")
     @classmethod
@@ -94,8 +127,8 @@ class SampleEvent(_EventBase):
     """A raw signal value as read from the PLC (optional, may be shed under disk pressure)."""
 
     kind: Literal["sample"] = "sample"
-    signal: str
-    value: float | int | str | bool | None
+    signal: Annotated[Text, Field(max_length=MAX_CODE_CHARS)]
+    value: BoundedFloat | BoundedInt | PlcText | bool | None
     quality: Literal["good", "bad"] = "good"
 
 
@@ -103,9 +136,9 @@ class AgentEvent(_EventBase):
     """Agent health and bookkeeping: counter resets, quarantined readings, loss records, flags."""
 
     kind: Literal["agent"] = "agent"
-    code: str
-    message: str
-    data: dict[str, Any] = Field(default_factory=dict)
+    code: Annotated[Text, Field(min_length=1, max_length=MAX_CODE_CHARS)]
+    message: Annotated[Text, Field(max_length=MAX_MESSAGE_CHARS)]
+    data: Annotated[dict[str, Any], AfterValidator(check_data)] = Field(default_factory=dict)
 
 
 Event = Annotated[

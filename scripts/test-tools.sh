@@ -1,17 +1,36 @@
 #!/usr/bin/env bash
 # Tools some tests drive besides the browser: socat (a pty pair for the Modbus RTU test),
 # systemd-analyze (verifies the unit files), ss from iproute2 (which worker of
-# `cloud-api serve` holds a connection) and fuse3 (fusermount and libfuse for the power-loss
-# file system of the fault suite). Installed with apt-get when missing and we are root
+# `cloud-api serve` holds a connection), pgbouncer (the API behind a transaction pooler),
+# Node.js with npm (the node-opcua servers of the interoperability and conformance tests) and
+# fuse3 (fusermount and libfuse for the power-loss file system of the fault suite).
+# Installed with apt-get when missing and we are root
 # on Debian/Ubuntu, so those tests run instead of skipping; otherwise says what to install.
+# Then the pinned node-opcua (tests/connectors/node_opcua, its committed lock file) with npm ci.
 set -euo pipefail
+
+node_opcua() {
+  local folder
+  folder="$(dirname "$0")/../tests/connectors/node_opcua"
+  [ -d "$folder/node_modules/node-opcua-server" ] && return 0
+  command -v npm >/dev/null 2>&1 || return 0
+  echo "installing node-opcua (npm ci) for the tests" >&2
+  (cd "$folder" && npm ci --no-audit --no-fund --loglevel=error) ||
+    echo "could not install node-opcua (npm ci in $folder)" >&2
+}
 
 missing=()
 command -v socat >/dev/null 2>&1 || missing+=(socat)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v ss >/dev/null 2>&1 || missing+=(iproute2)
 command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
-[ ${#missing[@]} -eq 0 ] && exit 0
+command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+if [ ${#missing[@]} -eq 0 ]; then
+  node_opcua
+  exit 0
+fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing ${missing[*]} (apt-get) for the tests" >&2
   # Not fatal: without these tools their tests skip, the rest of the suite still runs.
@@ -21,3 +40,4 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
 else
   echo "optional test tools missing (their tests will skip): install ${missing[*]}" >&2
 fi
+node_opcua

@@ -12,6 +12,10 @@ exactly, so one batch has exactly one valid encoding.
 
 Ack: JSON ``{"body": {...}, "sig": base64}``; the signature covers ``ACK_CONTEXT`` + the
 canonical body, so an ack signature can never be confused with any other signed message.
+Rejection: JSON ``{"rejection": {...}, "sig": base64}`` on the same ack topic, signed by the
+same cloud key over ``REJECTION_CONTEXT`` + the canonical body: the cloud will never store
+the batch it names (agent, epoch, seq and the digest of the refused envelope), for a reason.
+Both are checked by ``verify_cloud_message``; an agent acts only on what it returns.
 
 Pure code: no I/O; keys come in as objects or lookup callables.
 """
@@ -52,6 +56,7 @@ MAGIC = b"EGW1"
 # smaller envelopes; zlib stays accepted so batches sealed by older agents still open.
 COMPRESSIONS: tuple[str, ...] = ("zstd", "zlib")
 ACK_CONTEXT = b"EGW1 ack\n"
+REJECTION_CONTEXT = b"EGW1 rejection\n"
 SIG_LEN = 64
 MAX_ENVELOPE = 16 * 1024 * 1024
 MAX_PLAINTEXT = 64 * 1024 * 1024
@@ -81,6 +86,13 @@ EnvelopeReason = Literal[
     "unknown_key", "bad_signature", "undecryptable", "decompression",
 ]  # fmt: skip
 AckReason = Literal["malformed", "unknown_key", "bad_signature", "wrong_agent"]
+# Refusals that open_envelope raises only after the agent's signature has verified: the
+# header that names the agent is then the agent's own.
+AFTER_SIGNATURE: frozenset[EnvelopeReason] = frozenset(
+    {"unknown_key", "undecryptable", "decompression"}
+)
+_REASON = re.compile(r"[a-z_]{1,64}")
+_DETAIL_MAX = 500
 
 
 class EnvelopeError(Exception):
@@ -93,7 +105,8 @@ class EnvelopeError(Exception):
 
 
 class AckError(Exception):
-    """An ack was rejected; ``reason`` is one of malformed/unknown_key/bad_signature/wrong_agent."""
+    """An ack or a rejection from the cloud was refused; ``reason`` is one of
+    malformed/unknown_key/bad_signature/wrong_agent."""
 
     def __init__(self, reason: AckReason, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -284,8 +297,11 @@ def _unzstd(data: bytes, max_plaintext: int) -> bytes:
     if size > max_plaintext:
         raise EnvelopeError("decompression", "plaintext exceeds max_plaintext")
     try:
-        # A fresh decompressor per call: ingest opens envelopes on several threads.
-        out: bytes = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+        # A fresh decompressor per call: ingest opens envelopes on several threads. Exactly
+        # one frame: a second frame or any byte after the first is refused, not ignored.
+        out: bytes = zstandard.ZstdDecompressor().decompress(
+            data, max_output_size=size, read_across_frames=False, allow_extra_data=False
+        )
     except zstandard.ZstdError as exc:
         raise EnvelopeError("decompression", str(exc)) from exc
     if len(out) != size:
@@ -406,32 +422,92 @@ class AckBody:
 _ACK_FIELDS = frozenset(f.name for f in fields(AckBody))
 
 
-def sign_ack(body: AckBody, key: Ed25519PrivateKey) -> bytes:
-    if ed25519_key_id(key.public_key()) != body.key_id:
+def clean_detail(text: str) -> str:
+    """A refusal's detail as it may travel and be stored: printable ASCII, bounded. What was
+    refused may hold NUL or other bytes the agent could not send back in its loss event."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:_DETAIL_MAX])
+
+
+@dataclass(frozen=True)
+class RejectionBody:
+    """A batch the cloud refuses for good: its key, the digest of the envelope, the reason.
+
+    Only the envelope with that digest is named, so a rejection can never delete another
+    batch (another epoch, or a batch sealed again under the same seq)."""
+
+    agent_id: str
+    epoch: str
+    seq: int
+    digest: str  # sha256 hex of the refused envelope
+    reason: str  # a stable label, as counted and kept in quarantine
+    detail: str
+    key_id: str
+    rejection_id: str = field(default_factory=lambda: secrets.token_hex(16))
+    issued: str = field(default_factory=utc_now_iso)
+
+    def __post_init__(self) -> None:
+        for name in ("agent_id", "epoch", "key_id", "rejection_id"):
+            _check_id(name, getattr(self, name))
+        _check_utc("issued", self.issued)
+        _check_int("seq", self.seq, _MAX_SEQ)
+        if not isinstance(self.digest, str) or not _HEX64.fullmatch(self.digest):
+            raise ValueError("digest must be sha256 hex")
+        if not isinstance(self.reason, str) or not _REASON.fullmatch(self.reason):
+            raise ValueError(f"reason must match {_REASON.pattern}")
+        if not isinstance(self.detail, str) or clean_detail(self.detail) != self.detail:
+            raise ValueError(f"detail must be printable ASCII of at most {_DETAIL_MAX} chars")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _REJECTION_FIELDS}
+
+
+_REJECTION_FIELDS = frozenset(f.name for f in fields(RejectionBody))
+# The outer key says which message it is; each has its own signing context.
+_CLOUD_MESSAGES: dict[str, tuple[bytes, frozenset[str], type[AckBody] | type[RejectionBody]]] = {
+    "body": (ACK_CONTEXT, _ACK_FIELDS, AckBody),
+    "rejection": (REJECTION_CONTEXT, _REJECTION_FIELDS, RejectionBody),
+}
+
+
+def _sign(outer: str, context: bytes, body: dict[str, Any], key: Ed25519PrivateKey) -> bytes:
+    if ed25519_key_id(key.public_key()) != body["key_id"]:
         raise ValueError("body.key_id does not match the ack-signing key")
-    sig = key.sign(ACK_CONTEXT + _canonical(body.to_dict()))
-    return _canonical({"body": body.to_dict(), "sig": base64.b64encode(sig).decode("ascii")})
+    sig = key.sign(context + _canonical(body))
+    return _canonical({outer: body, "sig": base64.b64encode(sig).decode("ascii")})
 
 
-def verify_ack(
+def sign_ack(body: AckBody, key: Ed25519PrivateKey) -> bytes:
+    return _sign("body", ACK_CONTEXT, body.to_dict(), key)
+
+
+def sign_rejection(body: RejectionBody, key: Ed25519PrivateKey) -> bytes:
+    return _sign("rejection", REJECTION_CONTEXT, body.to_dict(), key)
+
+
+def verify_cloud_message(
     raw: bytes,
     *,
     verify_keys: Mapping[str, Ed25519PublicKey],
     agent_id: str,
     max_size: int = MAX_ACK,
-) -> AckBody:
-    """Verify a signed ack for ``agent_id``; only a returned AckBody may delete anything."""
+) -> AckBody | RejectionBody:
+    """Verify a signed ack or rejection for ``agent_id``; only what this returns may delete
+    anything from the outbox. Raises AckError."""
     if not isinstance(raw, bytes) or len(raw) > max_size:
         raise AckError("malformed", "not bytes or too large")
     try:
         outer = json.loads(raw)
-        if not isinstance(outer, dict) or outer.keys() != {"body", "sig"}:
-            raise AckError("malformed", "expected {body, sig}")
-        body, sig_b64 = outer["body"], outer["sig"]
+        if not isinstance(outer, dict) or len(outer) != 2 or "sig" not in outer:
+            raise AckError("malformed", "expected {body, sig} or {rejection, sig}")
+        (name,) = outer.keys() - {"sig"}
+        if name not in _CLOUD_MESSAGES:
+            raise AckError("malformed", "expected {body, sig} or {rejection, sig}")
+        context, names, model = _CLOUD_MESSAGES[name]
+        body, sig_b64 = outer[name], outer["sig"]
         if not isinstance(body, dict) or not isinstance(sig_b64, str):
             raise AckError("malformed", "body must be an object, sig a string")
         sig = base64.b64decode(sig_b64, validate=True)
-        signed = ACK_CONTEXT + _canonical(body)
+        signed = context + _canonical(body)
     except (ValueError, RecursionError) as exc:  # JSON, UTF-8, base64 (binascii.Error), NaN
         raise AckError("malformed", str(exc)[:200]) from exc
     kid = body.get("key_id")
@@ -442,12 +518,28 @@ def verify_ack(
         verify_key.verify(sig, signed)
     except InvalidSignature as exc:
         raise AckError("bad_signature") from exc
-    if body.keys() != _ACK_FIELDS:
-        raise AckError("malformed", "ack body fields")
+    if body.keys() != names:
+        raise AckError("malformed", f"{name} fields")
     try:
-        ack = AckBody(**body)
+        message = model(**body)
     except (ValueError, TypeError) as exc:
         raise AckError("malformed", str(exc)[:200]) from exc
-    if ack.agent_id != agent_id:
-        raise AckError("wrong_agent", ack.agent_id)
-    return ack
+    if message.agent_id != agent_id:
+        raise AckError("wrong_agent", message.agent_id)
+    return message
+
+
+def verify_ack(
+    raw: bytes,
+    *,
+    verify_keys: Mapping[str, Ed25519PublicKey],
+    agent_id: str,
+    max_size: int = MAX_ACK,
+) -> AckBody:
+    """Verify a signed ack for ``agent_id``; only a returned AckBody may delete anything."""
+    message = verify_cloud_message(
+        raw, verify_keys=verify_keys, agent_id=agent_id, max_size=max_size
+    )
+    if not isinstance(message, AckBody):
+        raise AckError("malformed", "a rejection, not an ack")
+    return message

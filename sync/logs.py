@@ -16,6 +16,12 @@ _LEVELS = {
 }
 
 
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    # sys.stderr is looked up when a logger is made, not when logging is configured: a stream
+    # replaced since (a redirect, a test's capture that has been closed) is never written to.
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure_logging(level: str = "info", *, json: bool = True) -> None:
     numeric = _LEVELS.get(level, logging.INFO)
     logging.basicConfig(
@@ -36,6 +42,6 @@ def configure_logging(level: str = "info", *, json: bool = True) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )

@@ -1,7 +1,9 @@
 """The MQTT uplink: publish sealed batches (QoS 1), receive signed acks, drive deletion.
 
 A broker PUBACK only means the broker has the message; a batch leaves the outbox only when
-a cloud ack, verified against the cloud's ack keys, names its (epoch, seq) and digest.
+a cloud ack, verified against the cloud's ack keys, names its (epoch, seq) and digest, or when
+a verified cloud rejection names them (the cloud will never store that batch) and the owner
+of the uplink has durably recorded the loss (`on_rejected`).
 Unacked batches are resent after `ack_timeout` (brokers drop queued QoS 1 messages for
 slow subscribers), with at most `max_in_flight` unacked batches on the wire.
 
@@ -15,7 +17,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,7 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from sync.envelope import AckError, verify_ack
+from sync.envelope import AckBody, AckError, RejectionBody, verify_cloud_message
 
 
 def batch_topic(prefix: str, site: str, agent: str) -> str:
@@ -44,6 +46,8 @@ class PendingLike(Protocol):
     def digest(self) -> str: ...
     @property
     def envelope(self) -> bytes: ...
+    @property
+    def count(self) -> int: ...
 
 
 class BatchStore(Protocol):
@@ -56,6 +60,13 @@ class BatchStore(Protocol):
     def tidy(self) -> int:
         """Delete acked batches whose deletion is due (the outbox deletes them together)."""
         ...
+
+    def remove_rejected(self, epoch: str, seq: int, digest: str) -> bool: ...
+
+
+RejectionHandler = Callable[[RejectionBody, int], bool]
+"""(verified rejection, events in the batch) -> whether the loss is durably recorded; only
+then does the batch leave the outbox (otherwise it is sent again and refused again)."""
 
 
 @dataclass
@@ -76,6 +87,7 @@ class UplinkStats:
     resent: int = 0
     acked_batches: int = 0
     acks_rejected: int = 0
+    rejected_batches: int = 0  # refused for good by the cloud, loss recorded, removed
     connected: bool = False
 
 
@@ -110,6 +122,7 @@ class Uplink:
         ack_timeout: float = 15.0,
         max_in_flight: int = 16,
         poll_interval: float = 0.5,
+        on_rejected: RejectionHandler | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -121,6 +134,7 @@ class Uplink:
         self.ack_timeout = ack_timeout
         self.max_in_flight = max_in_flight
         self.poll_interval = poll_interval
+        self.on_rejected = on_rejected
         self.stats = UplinkStats()
         self._in_flight: dict[int, float] = {}  # seq -> monotonic time sent
         self._wake = asyncio.Event()
@@ -187,15 +201,20 @@ class Uplink:
         self._wake.set()
 
     def apply_ack(self, payload: bytes) -> list[int]:
-        """Verify an ack and delete what it names; a bad ack deletes nothing."""
+        """Verify an ack (or rejection) and delete what it names; a bad one deletes nothing."""
         try:
-            body = verify_ack(payload, verify_keys=self.ack_keys, agent_id=self.agent)
+            body = verify_cloud_message(payload, verify_keys=self.ack_keys, agent_id=self.agent)
         except AckError as exc:
             self.stats.acks_rejected += 1
             self._log.warning("ack rejected", reason=exc.reason)
             return []
         if body.epoch != self.store.epoch:
             return []
+        if isinstance(body, RejectionBody):
+            return self._apply_rejection(body)
+        return self._apply_ack(body)
+
+    def _apply_ack(self, body: AckBody) -> list[int]:
         named = {int(seq): digest for seq, digest in body.digests.items() if body.covers(int(seq))}
         deleted = self.store.ack(body.epoch, named)
         for seq in named:
@@ -205,14 +224,40 @@ class Uplink:
             self._wake.set()
         return deleted
 
+    def _apply_rejection(self, body: RejectionBody) -> list[int]:
+        found = self.store.pending(1, after_seq=body.seq - 1)
+        if not found or found[0].seq != body.seq or found[0].digest != body.digest:
+            return []  # gone already (a replayed rejection) or never ours: nothing to do
+        log = self._log.bind(epoch=body.epoch, seq=body.seq, reason=body.reason)
+        if self.on_rejected is None or not self.on_rejected(body, found[0].count):
+            # Without a recorded loss the batch stays: it goes out again, is refused again.
+            log.error("batch refused by the cloud; its loss cannot be recorded now, kept")
+            return []
+        if not self.store.remove_rejected(body.epoch, body.seq, body.digest):
+            return []
+        self._in_flight.pop(body.seq, None)
+        self.stats.rejected_batches += 1
+        log.error("batch refused by the cloud for good; loss recorded, batch removed")
+        self._wake.set()
+        return [body.seq]
+
     def _publish_due(self) -> None:
         if not self.stats.connected:
             return
         now = time.monotonic()
-        for seq, sent in list(self._in_flight.items()):
-            if now - sent > self.ack_timeout:
-                del self._in_flight[seq]  # presumed lost on the way: send again
-                self.stats.resent += 1
+        overdue = [seq for seq, sent in self._in_flight.items() if now - sent > self.ack_timeout]
+        for seq in overdue:
+            del self._in_flight[seq]  # presumed lost on the way: send again
+        if overdue:
+            # Each resend means a batch or its ack went missing (or ingest is slower than
+            # ack_timeout): worth one line per round, with where to look.
+            self.stats.resent += len(overdue)
+            self._log.warning(
+                "no ack within ack_timeout, sending again",
+                batches=len(overdue),
+                first_seq=min(overdue),
+                ack_timeout=self.ack_timeout,
+            )
         free = self.max_in_flight - len(self._in_flight)
         if free <= 0:
             return

@@ -25,6 +25,7 @@ from cloud_api.ingest import IngestWorker
 from connectors.modbus.simulator import Press, PressLine
 from sync.keys import CloudKeyring
 from tests.conftest import MQTT_HOST, MQTT_PORT, bearer, enroll, free_port, make_agent_keys
+from tests.invariants import Truth, api_client, check_views, compare_with_truth
 
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
 
@@ -208,3 +209,16 @@ async def test_press_to_api_with_agent_killed(
     assert body["quality"] == pytest.approx(c["good"] / c["produced"])
     assert body["oee"] == pytest.approx(c["ideal_good_s"] / c["planned_busy_s"])
     assert c["ideal_produced_s"] == pytest.approx(0.25 * truth.produced)
+
+    # Every view agrees with the others and with the press (the simulator's program sets
+    # "jam" with every fault, "no material" with its idle steps, none when frozen idle).
+    truths = {
+        "press-1": Truth(
+            produced=truth.produced,
+            scrap=truth.scrap,
+            reasons={"fault": frozenset({"jam"}), "idle": frozenset({"no material", None})},
+        )
+    }
+    with api_client(pg_url, tmp_path / "views-keys") as api:
+        views = await asyncio.to_thread(check_views, api, pg_url, truths=truths)
+    compare_with_truth(views, truths)

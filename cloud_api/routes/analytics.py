@@ -7,12 +7,14 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
+from cloud_api import headers as request_headers
 from cloud_api import queries
 from cloud_api.answers import Answers
 from cloud_api.cache import ResultCache
 from cloud_api.marks import DataMarks
+from cloud_api.problems import invalid_parameter
 from cloud_api.queries import (
     INTERVAL_SECONDS,
     MAX_POINTS,
@@ -23,7 +25,17 @@ from cloud_api.queries import (
     Interval,
     ScopeKind,
 )
-from cloud_api.routes.common import allowed_sites, db, respond, wants_csv, window, zone
+from cloud_api.routes.common import (
+    EARLIEST,
+    LATEST,
+    MAX_ZONE_NAME,
+    allowed_sites,
+    db,
+    respond,
+    wants_csv,
+    window,
+    zone,
+)
 from oee.components import QUANTITY_FIELDS, Components
 
 router = APIRouter(prefix="/v1", tags=["oee"])
@@ -33,7 +45,9 @@ To = Annotated[datetime, Query(description="exclusive, ISO 8601 with offset")]
 Scope = Annotated[ScopeKind, Query(description="what `id` names")]
 Ident = Annotated[str, Query(min_length=1, max_length=200, description="site, line or equipment")]
 Site = Annotated[str | None, Query(description="site id, when line/equipment ids repeat")]
-Tz = Annotated[str, Query(description="IANA time zone buckets are aligned to")]
+Tz = Annotated[
+    str, Query(max_length=MAX_ZONE_NAME, description="IANA time zone buckets are aligned to")
+]
 IntervalQ = Annotated[Interval | None, Query(description="omitted: chosen from max_points")]
 MaxPoints = Annotated[int, Query(ge=1, le=MAX_POINTS, description="bucket budget")]
 GroupQ = Annotated[GroupBy, Query(description="one series per site, line or equipment")]
@@ -52,8 +66,8 @@ def ratios_of(c: Components) -> dict[str, float | None]:
 def _interval(start: datetime, end: datetime, interval: Interval | None, max_points: int) -> Any:
     chosen = interval or queries.choose_interval(start, end, max_points)
     if chosen != "shift" and (end - start).total_seconds() / INTERVAL_SECONDS[chosen] > MAX_POINTS:
-        raise HTTPException(
-            422, f"`interval` {chosen} gives more than {MAX_POINTS} buckets for this window"
+        raise invalid_parameter(
+            "interval", f"{chosen} gives more than {MAX_POINTS} buckets for this window"
         )
     return chosen
 
@@ -143,7 +157,7 @@ async def _series(
     closed = end <= datetime.now(UTC)
     # A client asking for a fresh computation (Cache-Control: no-cache) skips the lookup;
     # the fresh result still refreshes the cache.
-    fresh = "no-cache" in request.headers.get("cache-control", "").lower()
+    fresh = request_headers.of(request.scope).fresh
 
     visible = tuple(sites) if sites is not None else None
 
@@ -302,7 +316,9 @@ async def downtime_events(
     from_: From,
     to: To,
     site: Site = None,
-    min_duration_s: Annotated[float, Query(ge=0)] = 0.0,
+    min_duration_s: Annotated[
+        float, Query(ge=0, le=(LATEST - EARLIEST).total_seconds(), allow_inf_nan=False)
+    ] = 0.0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> Response:
     start, end = window(from_, to)
@@ -362,11 +378,20 @@ async def quality(
     start, end = window(from_, to)
     sites = allowed_sites(request)
 
-    def load(conn: Conn) -> list[dict[str, Any]]:
+    def load(conn: Conn) -> tuple[list[dict[str, Any]], int]:
         members = queries.resolve_scope(conn, scope, id, site, sites)
-        return queries.quality(conn, members, start, end)
+        left_out = queries.counts_out_of_range(conn, members, start, end)
+        return queries.quality(conn, members, start, end), left_out
 
-    rows = await db(request, load)
+    rows, left_out = await db(request, load)
     totals = {k: sum(r[k] for r in rows) for k in ("produced", "good", "scrap", "rework")}
-    payload = {"from": start, "to": end, "total": totals, "by_product": rows}
+    payload = {
+        "from": start,
+        "to": end,
+        "total": totals,
+        "by_product": rows,
+        # Count events stored before ingest bounded quantities, holding one no JSON consumer
+        # can read exactly: not in the sums above.
+        "out_of_range_events": left_out,
+    }
     return respond(request, payload, rows, closed=end <= datetime.now(UTC))

@@ -4,7 +4,6 @@ Server-Timing parts)."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
@@ -16,18 +15,18 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
-import psycopg
 from fastapi import HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from psycopg_pool import ConnectionPool
 
+from cloud_api import headers as request_headers
 from cloud_api import metrics
 from cloud_api.answers import etag_matches
 from cloud_api.db import with_retry
+from cloud_api.problems import invalid_parameter
 from cloud_api.queries import Ambiguous, Conn, NotFound
 
 T = TypeVar("T")
-CSV = "text/csv"
 
 
 def allowed_sites(request: Request) -> list[str] | None:
@@ -36,24 +35,48 @@ def allowed_sites(request: Request) -> list[str] | None:
     return None if sites is None else list(sites)
 
 
+# The instants a window may name: Python's calendar (years 1 to 9999) less a year on each
+# side, so that a bound can be shown in any time zone and the bucket holding it aligned to
+# its week or month without leaving the calendar (beyond it, conversions raise OverflowError).
+EARLIEST = datetime(2, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 1, 1, tzinfo=UTC)
+# The longest IANA zone names have about 30 characters.
+MAX_ZONE_NAME = 64
+
+
+def outside_calendar(value: datetime) -> str | None:
+    """Why an aware `value` cannot be used as a bound, or None. Compared, not converted:
+    converting 0001-01-01T00:00+01:00 to UTC overflows."""
+    if EARLIEST <= value <= LATEST:
+        return None
+    return f"must lie between {EARLIEST.isoformat()} and {LATEST.isoformat()}"
+
+
+def instant(name: str, value: datetime) -> datetime:
+    """`value` in UTC; 422 naming the parameter when it has no offset or is out of range."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise invalid_parameter(name, "needs a time zone offset, e.g. 2026-01-05T06:00:00Z")
+    reason = outside_calendar(value)
+    if reason is not None:
+        raise invalid_parameter(name, reason)
+    return value.astimezone(UTC)
+
+
 def window(from_: datetime, to: datetime) -> tuple[datetime, datetime]:
     """The half-open UTC window [from, to); 422 naming the parameter when unusable."""
-    for name, value in (("from", from_), ("to", to)):
-        if value.tzinfo is None:
-            raise HTTPException(
-                422, f"`{name}` needs a time zone offset, e.g. 2026-01-05T06:00:00Z"
-            )
-    start, end = from_.astimezone(UTC), to.astimezone(UTC)
+    start, end = instant("from", from_), instant("to", to)
     if end <= start:
-        raise HTTPException(422, "`to` must be after `from`")
+        raise invalid_parameter("to", "must be after `from`")
     return start, end
 
 
 def zone(name: str) -> ZoneInfo:
+    if len(name) > MAX_ZONE_NAME:
+        raise invalid_parameter("tz", f"longer than {MAX_ZONE_NAME} characters")
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise HTTPException(422, f"`tz`: unknown IANA time zone {name!r}") from None
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise invalid_parameter("tz", f"unknown IANA time zone {name!r}") from None
 
 
 async def db(request: Request, fn: Callable[[Conn], T]) -> T:
@@ -63,16 +86,7 @@ async def db(request: Request, fn: Callable[[Conn], T]) -> T:
 
     def call() -> T:
         with pool.connection() as conn:
-            # Reads in autocommit: under READ COMMITTED every statement takes its own snapshot
-            # whether or not a transaction surrounds it, so this sees the same data and saves
-            # the BEGIN and ROLLBACK round trips of each request.
-            conn.autocommit = True
-            try:
-                return fn(conn)
-            finally:
-                # A broken connection cannot switch back; the pool discards it anyway.
-                with contextlib.suppress(psycopg.Error):
-                    conn.autocommit = False
+            return fn(conn)
 
     started = time.perf_counter()
     try:
@@ -97,8 +111,7 @@ def _default(value: object) -> object:
 
 
 def wants_csv(request: Request) -> bool:
-    accept = request.headers.get("accept", "")
-    return CSV in accept and "application/json" not in accept
+    return request_headers.of(request.scope).csv
 
 
 def _csv_body(rows: Sequence[dict[str, Any]]) -> bytes:
@@ -133,7 +146,7 @@ def respond(
     Closed windows may be reused briefly and revalidated; open ones always revalidate.
     """
     if table is not None and wants_csv(request):
-        body, media = _csv_body(table), f"{CSV}; charset=utf-8"
+        body, media = _csv_body(table), f"{request_headers.CSV}; charset=utf-8"
     else:
         body = orjson.dumps(payload, default=_default)
         media = "application/json"
@@ -149,6 +162,6 @@ def respond(
         parts.append(f'cache;desc="{cache}"')
     if parts:
         headers["Server-Timing"] = ", ".join(parts)
-    if etag_matches(request.headers.get("if-none-match", "").encode("latin-1"), etag.encode()):
+    if etag_matches(request_headers.of(request.scope).if_none_match, etag.encode()):
         return Response(status_code=304, headers=headers)
     return Response(body, media_type=media, headers=headers)

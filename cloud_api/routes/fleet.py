@@ -9,11 +9,38 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from cloud_api import queries
+from cloud_api.problems import invalid_parameter
 from cloud_api.queries import Conn, ScopeKind
 from cloud_api.routes.common import allowed_sites, db, respond, window
 
 router = APIRouter(prefix="/v1", tags=["fleet"])
 EVENT_KINDS = ("state", "count", "oee", "sample", "agent")
+
+
+def _unsafe_integers(value: Any, path: str) -> list[str]:
+    """Replace, in place, each integer of an event body beyond queries.SAFE_INTEGER by its
+    decimal text; returns their paths (`produced`, `data.counters.0`).
+
+    Ingest refuses such values now; events stored before may hold them, and a number no JSON
+    consumer reads exactly (or that orjson cannot write at all, beyond 64 bits) is better
+    shown as text and flagged than answered with a 500 or a rounded value.
+    """
+    found: list[str] = []
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return found
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(item, int) and not isinstance(item, bool):
+            if abs(item) > queries.SAFE_INTEGER:
+                value[key] = str(item)
+                found.append(where)
+        else:
+            found.extend(_unsafe_integers(item, where))
+    return found
 
 
 @router.get("/sites", summary="Sites with their counts of lines, equipment and agents")
@@ -82,16 +109,19 @@ async def events(
     site: Annotated[str | None, Query()] = None,
     kind: Annotated[list[str] | None, Query(description=f"any of {', '.join(EVENT_KINDS)}")] = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
-    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
+    cursor: Annotated[
+        str | None,
+        Query(max_length=queries.MAX_CURSOR, description="`next_cursor` of the previous page"),
+    ] = None,
 ) -> Response:
     start, end = window(from_, to)
     for k in kind or []:
         if k not in EVENT_KINDS:
-            raise HTTPException(422, f"`kind`: {k!r} is not one of {', '.join(EVENT_KINDS)}")
+            raise invalid_parameter("kind", f"{k[:40]!r} is not one of {', '.join(EVENT_KINDS)}")
     try:
         after = queries.decode_cursor(cursor) if cursor else None
     except ValueError as exc:
-        raise HTTPException(422, f"`cursor`: {exc}") from None
+        raise invalid_parameter("cursor", str(exc)) from None
     visible = allowed_sites(request)
 
     def load(conn: Conn) -> list[dict[str, Any]]:
@@ -107,6 +137,10 @@ async def events(
     rows = await db(request, load)
     more = len(rows) > limit
     rows = rows[:limit]
+    for row in rows:
+        unsafe = _unsafe_integers(row["body"], "")
+        if unsafe:
+            row["out_of_range"] = unsafe
     next_cursor = queries.encode_cursor(rows[-1]["ts"], rows[-1]["event_id"]) if more else None
     payload = {"events": rows, "next_cursor": next_cursor}
     return respond(request, payload, rows, closed=end <= datetime.now(UTC))

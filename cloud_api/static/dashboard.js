@@ -366,6 +366,13 @@
     $("equipment").addEventListener("change", onPick("equipment", []));
     $("range").addEventListener("change", onPick("range", []));
     $("interval").addEventListener("change", onPick("interval", []));
+    // A link with #token=... (the one `make demo` prints) signs the tab in; the token leaves
+    // the address bar at once so it is not bookmarked or shared with the page's address.
+    const linked = new URLSearchParams(window.location.hash.slice(1)).get("token");
+    if (linked) {
+      sessionStorage.setItem(TOKEN_KEY, linked);
+      history.replaceState(null, "", window.location.pathname + window.location.search);
+    }
     $("token").value = token();
     $("token-form").addEventListener("submit", (event) => {
       event.preventDefault();

@@ -49,6 +49,7 @@ class Press:
         seed: int = 1,
         time_scale: float = 1.0,
         start_count: int = 0,
+        start_scrap: int = 0,
         width: int = 32,
     ) -> None:
         self.rng = random.Random(seed)
@@ -61,7 +62,7 @@ class Press:
         self.requests = 0
         self.truth = PressTruth()
         self.total_raw = start_count
-        self.scrap_raw = 0
+        self.scrap_raw = start_scrap
         self.step_index = -1
         self.state = "idle"
         self.remaining = 0.0

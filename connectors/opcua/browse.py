@@ -3,15 +3,13 @@ data types and current values, so a plant engineer can write the `node:` of each
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from dataclasses import dataclass
 
 from asyncua import ua
-from asyncua.client.client import Client
 from asyncua.common.node import Node
 
-from connectors.opcua.hub import plain_value, resolve_node
+from connectors.opcua.config import OpcUaConnection
+from connectors.opcua.hub import OpcUaHub, plain_value, resolve_node
 
 
 @dataclass(frozen=True)
@@ -34,27 +32,22 @@ def _nsu(node_id: ua.NodeId, namespaces: list[str]) -> str:
 
 
 async def browse(
-    url: str,
+    connection: OpcUaConnection | str,
     path: str | None = None,
     *,
     depth: int = 4,
     max_nodes: int = 5000,
-    request_timeout: float = 5.0,
-    username: str | None = None,
-    password: str | None = None,
 ) -> tuple[list[str], list[BrowseRow]]:
     """(namespace table, rows) below `path` (a node id or browse path; default /Objects).
 
-    Standard nodes (namespace 0) are listed but not descended into, except at the start,
-    so the server's own diagnostics do not drown the machine's variables."""
-    logging.getLogger("asyncua").setLevel(logging.ERROR)
-    client = Client(url, timeout=request_timeout)
-    if username is not None:
-        client.set_user(username)
-        client.set_password(password or "")
-    async with asyncio.timeout(request_timeout * 3):
-        await client.connect()
-    try:
+    `connection` is a configured connection (security, user, timeout: the session is the
+    one the hub opens) or a URL (anonymous, without security). Standard nodes (namespace
+    0) are listed but not descended into, except at the start, so the server's own
+    diagnostics do not drown the machine's variables."""
+    if isinstance(connection, str):
+        connection = OpcUaConnection(id="browse", url=connection)
+    async with OpcUaHub(connection, []) as hub:
+        client = await hub.connect()
         namespaces = list(await client.get_namespace_array())
         start: Node = client.nodes.objects
         if path:
@@ -103,9 +96,3 @@ async def browse(
 
         await visit(start, 0)
         return namespaces, rows
-    finally:
-        try:
-            async with asyncio.timeout(2.0):
-                await client.disconnect()
-        except Exception:  # the walk's result matters more than a clean goodbye
-            client.uaclient.disconnect_socket()

@@ -15,6 +15,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
+def _private_folder(folder: Path) -> None:
+    """Create `folder` and any missing parent as 0700 (whatever the umask); an existing
+    folder is left as it is."""
+    for missing in reversed([p for p in (folder, *folder.parents) if not p.exists()]):
+        missing.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(missing, 0o700)
+
+
 def create_certificate(
     cert_path: Path,
     key_path: Path,
@@ -26,7 +34,8 @@ def create_certificate(
     key_size: int = 2048,
     overwrite: bool = False,
 ) -> x509.Certificate:
-    """Write `cert_path` (DER) and `key_path` (PEM, mode 0600); returns the certificate."""
+    """Write `cert_path` (DER) and `key_path` (PEM, mode 0600), creating their folders 0700;
+    returns the certificate."""
     for path in (cert_path, key_path):
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists")
@@ -72,8 +81,8 @@ def create_certificate(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    cert_path.parent.mkdir(parents=True, exist_ok=True)
-    key_path.parent.mkdir(parents=True, exist_ok=True)
+    for folder in (cert_path.parent, key_path.parent):
+        _private_folder(folder)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:

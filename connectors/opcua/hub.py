@@ -32,9 +32,11 @@ from typing import Any
 import structlog
 from asyncua import ua
 from asyncua.client.client import Client
+from asyncua.common.ua_utils import get_base_data_type
 from asyncua.crypto import security_policies as sp
 from asyncua.crypto import uacrypto
 from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 
@@ -52,10 +54,10 @@ _MODES = {
     "Sign": ua.MessageSecurityMode.Sign,
     "SignAndEncrypt": ua.MessageSecurityMode.SignAndEncrypt,
 }
+# What servers answer when they do not trust the client certificate (most say only
+# BadSecurityChecksFailed, so as not to tell an attacker why).
+_UNTRUSTED = frozenset({StatusCodes.BadSecurityChecksFailed, StatusCodes.BadCertificateUntrusted})
 _REJECTED = {
-    StatusCodes.BadSecurityChecksFailed: "the server did not accept the client certificate "
-    "(trust it on the server, e.g. copy it into the server's trusted certificates)",
-    StatusCodes.BadCertificateUntrusted: "the server does not trust the client certificate",
     StatusCodes.BadCertificateInvalid: "the server says the client certificate is invalid",
     StatusCodes.BadCertificateUriInvalid: "the client certificate's application URI does not "
     "match application_uri",
@@ -63,8 +65,46 @@ _REJECTED = {
     StatusCodes.BadIdentityTokenInvalid: "the server rejected the user name or password",
     StatusCodes.BadUserAccessDenied: "the server rejected the user name or password",
 }
+# The built-in data types (namespace 0) a node's DataType resolves to, in the names the
+# Modbus codec uses, so a counter reads the same way whichever protocol delivers it.
+_BUILTIN_TYPES = {
+    ObjectIds.Boolean: "bool",
+    ObjectIds.SByte: "int8",
+    ObjectIds.Byte: "uint8",
+    ObjectIds.Int16: "int16",
+    ObjectIds.UInt16: "uint16",
+    ObjectIds.Int32: "int32",
+    ObjectIds.UInt32: "uint32",
+    ObjectIds.Int64: "int64",
+    ObjectIds.UInt64: "uint64",
+    ObjectIds.Float: "float32",
+    ObjectIds.Double: "float64",
+    ObjectIds.String: "string",
+    ObjectIds.Enumeration: "int32",  # enumerations travel as Int32
+}
 _READ_CHUNK = 1000  # nodes per Read / CreateMonitoredItems request (servers cap these)
 _SKEW_CHECK_EVERY = 60.0
+_AFTER = timedelta(microseconds=1)  # the smallest step the engine tells apart
+
+
+class _TranslatedFailures(logging.Filter):
+    """Drops asyncua's own report of a connection failure that the hub turns into one
+    message saying what to do, logged once: asyncua logs it with a traceback, every retry."""
+
+    MESSAGES = frozenset(
+        {
+            "Exception raised while parsing message from server",
+            "Got error status from server: %s",
+            "Received an error: %r",
+            "create_session fault response: %s (%s)",
+        }
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self.MESSAGES
+
+
+_TRANSLATED = _TranslatedFailures()
 
 
 class OpcUaError(Exception):
@@ -161,6 +201,31 @@ async def resolve_node(client: Client, text: str, namespaces: list[str]) -> ua.N
     return ua.NodeId.from_string(text)
 
 
+async def _builtin_type(client: Client, data_type: ua.NodeId) -> str | None:
+    """The built-in type a DataType is or derives from (UInt32 for Counter), or None for a
+    structure, an abstract type (Number) or a type the server cannot trace back."""
+
+    def known(node_id: ua.NodeId) -> bool:
+        return node_id.NamespaceIndex == 0 and node_id.Identifier in _BUILTIN_TYPES
+
+    if not known(data_type):
+        try:
+            data_type = (await get_base_data_type(client.get_node(data_type))).nodeid
+        except (UaError, ValueError):
+            return None
+    return _BUILTIN_TYPES[data_type.Identifier] if known(data_type) else None  # type: ignore[index]
+
+
+def _no_endpoint(cfg: OpcUaConnection, endpoints: Sequence[ua.EndpointDescription]) -> str:
+    offered = sorted(
+        {f"{e.SecurityPolicyUri.rsplit('#', 1)[-1]}/{e.SecurityMode.name}" for e in endpoints}
+    )
+    return (
+        f"the server offers no endpoint with {cfg.security_policy}/{cfg.security_mode}; "
+        f"it offers {', '.join(offered)} (set security_policy and security_mode to one of them)"
+    )
+
+
 class _Handler:
     """asyncua calls this for each notification; it only queues, the hub does the work."""
 
@@ -190,6 +255,13 @@ class OpcUaHub:
         self.problems: dict[str, str] = {}
         self.last_error: str | None = None
         self.resolved: dict[str, ua.NodeId] = {}
+        self.source_types: dict[str, str] = {}  # tag key -> the node's declared data type
+        # tag key -> when the hub last declared it unreadable (stamped with the agent's clock).
+        # A value read after that is news from then on, even when the server stamps it with the
+        # older time the value last changed (a restarted server, a machine running for hours):
+        # stamped earlier, the engine would drop it as older than the loss and keep the machine
+        # unknown until its next change.
+        self._bad_since: dict[str, datetime] = {}
         self._client: Client | None = None
         self._skew_reported = False
         self._lost = asyncio.Event()
@@ -197,6 +269,8 @@ class OpcUaHub:
         # The hub logs connection state changes itself; asyncua would add a warning for every
         # closed socket on every failed reconnect attempt.
         logging.getLogger("asyncua").setLevel(logging.ERROR)
+        for name in ("asyncua.client.ua_client.UASocketProtocol", "asyncua.client.client"):
+            logging.getLogger(name).addFilter(_TRANSLATED)  # once: addFilter skips a repeat
 
     async def __aenter__(self) -> OpcUaHub:
         return self
@@ -227,16 +301,7 @@ class OpcUaHub:
             e for e in endpoints if e.SecurityPolicyUri == policy.URI and e.SecurityMode == mode
         ]
         if not match:
-            offered = sorted(
-                {
-                    f"{e.SecurityPolicyUri.rsplit('#', 1)[-1]}/{e.SecurityMode.name}"
-                    for e in endpoints
-                }
-            )
-            raise OpcUaError(
-                f"the server offers no endpoint with {cfg.security_policy}/{cfg.security_mode}; "
-                f"it offers {', '.join(offered)}"
-            )
+            raise OpcUaError(_no_endpoint(cfg, endpoints))
         server_der = match[0].ServerCertificate
         if cfg.server_certificate is not None:
             trusted = await asyncio.to_thread(_load_der, cfg.server_certificate)
@@ -277,19 +342,24 @@ class OpcUaHub:
 
         client.connection_lost_callback = on_lost
         self._lost = lost
+        secure = cfg.security_policy != "None"
         try:
-            async with asyncio.timeout(cfg.timeout * 3):
-                if cfg.security_policy != "None":
+            async with asyncio.timeout(cfg.timeout * 3) as whole:
+                if secure:
                     await self._secure(client)
                 await client.connect()
         except UaStatusCodeError as exc:
             await self._abandon(client)
+            if exc.code in _UNTRUSTED and secure:
+                raise OpcUaTrustError(await self._untrusted(exc.code)) from exc
             if exc.code in _REJECTED:
                 raise OpcUaTrustError(f"{_REJECTED[exc.code]} ({exc})") from exc
             raise OpcUaError(f"connect failed: {exc}") from exc
         except TimeoutError as exc:
             await self._abandon(client)
-            raise OpcUaError(f"no answer from {cfg.url} within {cfg.timeout * 3:g}s") from exc
+            # either one request went unanswered or the whole handshake took too long
+            limit = cfg.timeout * 3 if whole.expired() else cfg.timeout
+            raise OpcUaError(f"no answer from {cfg.url} within {limit:g}s") from exc
         except (OSError, ConnectionError) as exc:
             await self._abandon(client)
             raise OpcUaError(f"cannot connect to {cfg.url}: {exc}") from exc
@@ -297,11 +367,18 @@ class OpcUaHub:
             await self._abandon(client)
             raise
         except Exception as exc:
-            # asyncua raises plain exceptions for some handshake failures (e.g. a bad
-            # certificate chain); they end this attempt, not the hub.
             await self._abandon(client)
+            if secure:
+                # A server that does not trust the certificate answers the request to open
+                # the secure channel with a fault that asyncua cannot parse (node-opcua and
+                # others), so it surfaces as an AssertionError.
+                self._log.debug("secure handshake failed", error=repr(exc))
+                raise OpcUaTrustError(await self._untrusted(None)) from exc
+            if (no_endpoint := await self._no_insecure_endpoint()) is not None:
+                raise OpcUaError(no_endpoint) from exc
             raise OpcUaError(f"connect failed: {type(exc).__name__}: {exc}") from exc
         self._client = client
+        self.problems.clear()  # what the last connection (or its failure) left is history
         try:
             await self._resolve(client)
             await self._check_clock(client)
@@ -309,6 +386,36 @@ class OpcUaHub:
             await self._disconnect()
             raise
         return client
+
+    async def _no_insecure_endpoint(self) -> str | None:
+        """Why a connection without security failed, when the server offers none (asks the
+        server for its endpoints on this failure path only)."""
+        client = Client(self.config.url, timeout=self.config.timeout)
+        try:
+            async with asyncio.timeout(self.config.timeout * 3):
+                endpoints = await client.connect_and_get_server_endpoints()
+        except Exception:  # the first failure is the one to report
+            return None
+        finally:
+            await self._abandon(client)
+        if any(e.SecurityMode == ua.MessageSecurityMode.None_ for e in endpoints):
+            return None
+        return _no_endpoint(self.config, endpoints)
+
+    async def _untrusted(self, status: int | None) -> str:
+        """What to do when the server did not accept our certificate."""
+        cert = self.config.certificate
+        assert cert is not None  # a secure connection has one (see OpcUaConnection)
+        try:
+            ours = f"SHA-1 {thumbprint(await asyncio.to_thread(_load_der, cert))}"
+        except (OSError, ValueError) as exc:
+            ours = f"unreadable: {exc}"
+        answer = f" ({ua.StatusCode(ua.UInt32(status)).name})" if status else ""
+        return (
+            f"the server rejected our certificate {cert} ({ours}){answer}: trust it on the "
+            "server; for most servers, move it from the server's rejected certificates folder "
+            "to its trusted folder (the agent retries by itself)"
+        )
 
     async def _abandon(self, client: Client) -> None:
         with contextlib.suppress(Exception):
@@ -319,12 +426,34 @@ class OpcUaHub:
 
     async def _resolve(self, client: Client) -> None:
         self.resolved.clear()
+        self.source_types.clear()
         namespaces = list(await client.get_namespace_array())
         for tag in self.tags:
             try:
                 self.resolved[tag.key] = await resolve_node(client, tag.node, namespaces)
             except (UaStatusCodeError, UaError, ValueError) as exc:
                 self._problem(tag.key, f"node {tag.node} not found: {exc}")
+        await self._read_source_types(client)
+
+    async def _read_source_types(self, client: Client) -> None:
+        """The DataType each resolved node declares, before any of its values is emitted, so
+        a counter without `type:` counts at the width the PLC declares (see Sample)."""
+        keys = list(self.resolved)
+        builtin: dict[ua.NodeId, str | None] = {}
+        for i in range(0, len(keys), _READ_CHUNK):
+            chunk = keys[i : i + _READ_CHUNK]
+            self.requests += 1
+            values = await client.uaclient.read_attributes(
+                [self.resolved[k] for k in chunk], AttributeIds.DataType
+            )
+            for key, dv in zip(chunk, values, strict=True):
+                data_type = dv.Value.Value if dv.Value is not None else None
+                if not isinstance(data_type, ua.NodeId):
+                    continue  # unreadable: the configured type applies
+                if data_type not in builtin:
+                    builtin[data_type] = await _builtin_type(client, data_type)
+                if (name := builtin[data_type]) is not None:
+                    self.source_types[key] = name
 
     async def _check_clock(self, client: Client) -> None:
         before = datetime.now(UTC)
@@ -377,9 +506,12 @@ class OpcUaHub:
     def sample(self, tag: OpcUaTag, dv: ua.DataValue) -> Sample:
         now = datetime.now(UTC)
         ts = self._timestamp(dv, now)
+        lost_at = self._bad_since.get(tag.key)
+        if lost_at is not None and ts <= lost_at:
+            ts = lost_at + _AFTER
         status = dv.StatusCode or ua.StatusCode()
         if not status.is_good():
-            self._problem(tag.key, f"status {status.name}")
+            self._problem(tag.key, f"node {tag.node}: status {status.name}")
             return Sample(tag.equipment_id, tag.signal, None, ts, "bad")
         try:
             value = plain_value(dv.Value.Value if dv.Value is not None else None)
@@ -391,19 +523,21 @@ class OpcUaHub:
             return Sample(tag.equipment_id, tag.signal, None, ts, "bad")
         if self.problems.pop(tag.key, None) is not None:
             self._log.info("signal readable again", tag=tag.key)
-        return Sample(tag.equipment_id, tag.signal, value, ts)
+        return Sample(
+            tag.equipment_id, tag.signal, value, ts, source_type=self.source_types.get(tag.key)
+        )
 
     def _unresolved(self) -> list[Sample]:
-        now = datetime.now(UTC)
-        return [
-            Sample(t.equipment_id, t.signal, None, now, "bad")
-            for t in self.tags
-            if t.key not in self.resolved
-        ]
+        return self._declare_bad([t for t in self.tags if t.key not in self.resolved])
 
     def _all_bad(self) -> list[Sample]:
+        return self._declare_bad(self.tags)
+
+    def _declare_bad(self, tags: Sequence[OpcUaTag]) -> list[Sample]:
         now = datetime.now(UTC)
-        return [Sample(t.equipment_id, t.signal, None, now, "bad") for t in self.tags]
+        for t in tags:
+            self._bad_since[t.key] = now
+        return [Sample(t.equipment_id, t.signal, None, now, "bad") for t in tags]
 
     async def read_once(self, client: Client) -> list[Sample]:
         """One batched Read of every resolved tag."""
@@ -544,8 +678,12 @@ class OpcUaHub:
             except Exception as exc:
                 raise_if_cancelled(exc)
                 message = str(exc) or type(exc).__name__
+                if isinstance(exc, TimeoutError):  # a request asyncua gave up on
+                    message = f"no answer from {self.config.url} within {self.config.timeout:g}s"
                 was_connected = self.connected
                 await self._disconnect()
+                # every signal is unreadable for the same reason, logged once for the hub
+                self.problems = dict.fromkeys((t.key for t in self.tags), message)
                 if was_connected or message != self.last_error:
                     self._log.warning("lost" if was_connected else "cannot connect", error=message)
                     for sample in self._all_bad():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.cli import main
 from agent.config import ConfigError, load_config, parse_config
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo-agent.yaml"
@@ -18,31 +19,42 @@ EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
     ("old", "new", "where", "why"),
     [
         (
-            "ideal_cycle_time: 1s",
-            "ideal_cycle_tme: 1s",
+            "ideal_cycle_time: 2s",
+            "ideal_cycle_tme: 2s",
             "equipment[0].ideal_cycle_tme",
             "unknown key",
         ),
         ("port: 5020", "port: fivethousand", "connections[0].port", "valid integer"),
         ("2: fault", "2: faulty", "equipment[0]", "unknown state 'faulty'"),
-        ("timezone: UTC", "timezone: Mars/Olympus", "agent.timezone", "unknown IANA time zone"),
+        (
+            "timezone: Europe/Berlin",
+            "timezone: Mars/Olympus",
+            "agent.timezone",
+            "unknown IANA time zone",
+        ),
     ],
 )
 def test_a_typo_is_rejected_at_start_naming_the_yaml_path(
     tmp_path: Path, old: str, new: str, where: str, why: str
 ) -> None:
+    refused(tmp_path, "run", old, new, where, why)
+
+
+def refused(tmp_path: Path, command: str, old: str, new: str, where: str, why: str) -> None:
+    """`edge-agent COMMAND` on the demo configuration with one change exits 2, naming the
+    YAML path and line and the reason, without a traceback."""
     text = DEMO.read_text(encoding="utf-8")
     assert old in text
     bad = tmp_path / "agent.yaml"
     bad.write_text(text.replace(old, new, 1), encoding="utf-8")
     result = subprocess.run(
-        [EDGE_AGENT, "run", "-c", str(bad)],
+        [EDGE_AGENT, command, "-c", str(bad)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    assert result.returncode == 2
+    assert result.returncode == 2, result.stdout
     assert where in result.stderr and why in result.stderr, result.stderr
     assert "(line " in result.stderr
     assert "Traceback" not in result.stderr
@@ -60,4 +72,64 @@ def test_environment_variables_fill_secrets_and_a_missing_one_is_named() -> None
 
 def test_the_demo_configuration_loads() -> None:
     config = load_config(DEMO)
-    assert [e.id for e in config.equipment] == ["press-1"]
+    assert [e.id for e in config.equipment] == [
+        "press-1", "press-2", "press-3", "welder-1", "welder-2", "packer-1"
+    ]  # fmt: skip
+    # The other machines share press-1's signals through a YAML anchor; press-3 overrides
+    # its counter with a 16-bit one.
+    assert config.equipment[4].signals == config.equipment[0].signals
+    assert config.equipment[2].signals["total_count"].width == 16
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "where", "why"),
+    [
+        (
+            "bucket_seconds: 60",
+            "bucket_seconds: 7",
+            "agent.bucket_seconds (line 9)",
+            "must divide an hour",
+        ),
+        (
+            '      total_count: {address: "holding:1", type: uint32, width: 32}\n',
+            "",
+            "equipment[0]",
+            "produced parts cannot be derived",
+        ),
+        (
+            "timezone: Europe/Berlin",
+            "timezone: Europe/Berlin\n  tick_interval: 1s",
+            "agent.tick_interval",
+            "unknown key",
+        ),
+        ("3: jam,", '3: "jam\\u0000",', "equipment[0]", "holds control characters"),
+        (
+            "ideal_cycle_time: 2s",
+            "ideal_cycle_time: 25h",
+            "equipment[0].ideal_cycle_time",
+            "at most 24h",
+        ),
+    ],
+)
+def test_validate_refuses_what_run_would_refuse(
+    tmp_path: Path, old: str, new: str, where: str, why: str
+) -> None:
+    refused(tmp_path, "validate", old, new, where, why)
+
+
+def test_replay_ignores_connections_but_validate_does_not(tmp_path: Path) -> None:
+    text = DEMO.read_text(encoding="utf-8")
+    start = text.index("connections:")
+    without = text[:start] + text[text.index("mqtt:") :]
+    config = tmp_path / "agent.yaml"
+    config.write_text(without, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"equipment\[0\].connection: no connection"):
+        load_config(config)
+    replayed = load_config(config, replay=True)
+    assert {e.connection for e in replayed.equipment} == {"plc-1"}
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(
+        '{"ts": "2026-01-05T06:00:00Z", "equipment": "press-1", "signal": "state", "value": 1}\n'
+    )
+    window = ["--from", "2026-01-05T06:00:00Z", "--to", "2026-01-05T07:00:00Z", "--json"]
+    assert main(["replay", "--config", str(config), "--samples", str(samples), *window]) == 0

@@ -12,8 +12,12 @@ from pathlib import Path
 from psycopg_pool import ConnectionPool
 
 from cloud_api.ingest import BatchStore
+from connectors.sample import Sample
+from oee.calendar import ShiftCalendar
 from oee.components import Components
-from oee.events import CountEvent, Event, OeeEvent, StateEvent, dump_events
+from oee.config import EquipmentSpec, ShiftSpec
+from oee.engine import PlantEngine
+from oee.events import Event, OeeEvent, dump_events
 from sync.envelope import EnvelopeHeader, seal
 from sync.keys import AgentKeys, CloudKeyring
 from sync.uplink import batch_topic
@@ -87,27 +91,35 @@ class Agent:
             downtime_by_reason=reasons or {},
         )
 
-    def state(
-        self, equipment: str, at: datetime, state: str, previous: str | None, reason: str | None
-    ) -> StateEvent:
-        return StateEvent(
-            agent_id=self.agent_id,
-            site_id=self.site_id,
-            equipment_id=equipment,
-            ts=at,
-            state=state,  # type: ignore[arg-type]
-            previous=previous,  # type: ignore[arg-type]
-            reason=reason,
+    def engine_events(
+        self,
+        specs: Sequence[EquipmentSpec],
+        samples: Sequence[Sample],
+        start: datetime,
+        end: datetime,
+    ) -> list[Event]:
+        """What the live engine ships for `samples` over [start, end) (state, count, agent and
+        1-minute oee events), with one shift "early" around the clock."""
+        calendar = ShiftCalendar([ShiftSpec(name="early", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+        plant = PlantEngine(
+            list(specs), calendar, agent_id=self.agent_id, site_id=self.site_id, bucket_seconds=60
         )
+        events = plant.start(start)
+        for sample in samples:
+            events += plant.feed(sample)
+        return events + plant.finish(end)
 
-    def count(self, equipment: str, at: datetime, **quantities: int | str) -> CountEvent:
-        return CountEvent(
-            agent_id=self.agent_id,
-            site_id=self.site_id,
-            equipment_id=equipment,
-            ts=at,
-            **quantities,  # type: ignore[arg-type]
-        )
+
+def press_spec(equipment: str) -> EquipmentSpec:
+    """A press as the engine sees it: state 0 idle, 1 running, 2 fault, 3 setup; reason 1 jam,
+    2 no material; product 1 A (1 s), 2 B (2 s); total, scrap and rework counters."""
+    return EquipmentSpec.model_validate(
+        {"id": equipment, "ideal_cycle_time": 1.0,
+         "state_map": {0: "idle", 1: "running", 2: "fault", 3: "setup"},
+         "reason_map": {1: "jam", 2: "no material"}, "product_map": {1: "A", 2: "B"},
+         "products": {"A": {"ideal_cycle_time": 1.0}, "B": {"ideal_cycle_time": 2.0}},
+         "counters": {"total_count": {}, "scrap_count": {}, "rework_count": {}}}
+    )  # fmt: skip
 
 
 def enrolled_agent(

@@ -25,10 +25,11 @@ from cloud_api.app import create_app
 from cloud_api.auth import TokenKeyring, generate_token_key, issue_token
 from cloud_api.config import CloudSettings, DatabaseSettings
 from cloud_api.marks import DataMarks
+from connectors.sample import Sample
 from oee.components import Components, ratios
-from oee.events import AgentEvent
+from oee.events import AgentEvent, CountEvent, OeeEvent
 from sync.keys import CloudKeyring
-from tests.cloud_api.ingestion import Agent, enrolled_agent
+from tests.cloud_api.ingestion import Agent, enrolled_agent, press_spec
 from tests.conftest import free_port
 
 T0 = datetime(2026, 1, 5, 6, 0, tzinfo=UTC)  # a Monday, closed window
@@ -339,27 +340,28 @@ def test_downtime_states_quality_events_hierarchy_and_fleet(
               "clock_offset_s": -0.25, "unrelated": 1},
     )  # fmt: skip
     m = timedelta(minutes=1)
-    states = [
-        a.state("press-1", T0, "running", None, None),
-        a.state("press-1", T0 + 10 * m, "fault", "running", "jam"),
-        a.state("press-1", T0 + 15 * m, "running", "fault", None),
-        a.state("press-1", T0 + 20 * m, "idle", "running", "no material"),
-        a.state("press-1", T0 + 22 * m, "running", "idle", None),
-    ]
-    counts = [
-        a.count("press-1", T0 + 1 * m, produced=10, good=9, scrap=1, product="A"),
-        a.count("press-1", T0 + 2 * m, produced=10, good=8, scrap=1, rework=1, product="B"),
-        a.count("press-1", T0 + 3 * m, produced=5, good=5, product="A"),
-    ]
-    buckets = [
-        a.bucket("press-1", T0 + 10 * m, seconds=300, planned_busy_s=300, downtime_s=300,
-                 fault_s=300, reasons={"jam": 300}),
-        a.bucket("press-1", T0 + 20 * m, seconds=120, planned_busy_s=120, downtime_s=120,
-                 idle_s=120, reasons={"no material": 120}),
-        a.bucket("press-2", T0 + 20 * m, seconds=60, planned_busy_s=60, setup_s=60),
+    press_1, press_2 = press_spec("press-1"), press_spec("press-2")
+    plc = [  # (minute, equipment, signal, raw value), as a PLC reports them
+        (0, "press-1", "state", 1), (0, "press-1", "product", 1), (0, "press-1", "reason", 0),
+        (0, "press-1", "total_count", 0), (0, "press-1", "scrap_count", 0),
+        (0, "press-1", "rework_count", 0), (0, "press-2", "state", 1),
+        (1, "press-1", "total_count", 10), (1, "press-1", "scrap_count", 1),
+        (1.5, "press-1", "product", 2),
+        (2, "press-1", "total_count", 20), (2, "press-1", "scrap_count", 2),
+        (2, "press-1", "rework_count", 1), (2.5, "press-1", "product", 1),
+        (3, "press-1", "total_count", 25),
+        (10, "press-1", "state", 2), (10, "press-1", "reason", 1),  # state first, as shipped
+        (15, "press-1", "state", 1), (15, "press-1", "reason", 0),
+        (20, "press-1", "state", 0), (20, "press-1", "reason", 2), (20, "press-2", "state", 3),
+        (21, "press-2", "state", 1), (22, "press-1", "state", 1), (22, "press-1", "reason", 0),
     ]  # fmt: skip
+    samples = [Sample(eq, signal, value, T0 + minute * m) for minute, eq, signal, value in plc]
+    made = a.engine_events([press_1, press_2], samples, T0, T0 + 30 * m)
+    buckets = [e for e in made if isinstance(e, OeeEvent)]
+    live = [e for e in made if not isinstance(e, OeeEvent)]  # states, counts, flags
+    counts = [e for e in live if isinstance(e, CountEvent)]
     assert a.send([config, status]) == "stored"
-    assert a.send(states + counts) == "stored"
+    assert a.send(live) == "stored"
     sealed = a.sealed(buckets, seq=5)  # seqs 3 and 4 never arrive
     assert a.store.process(a.topic, sealed).status == "stored"
     assert a.store.process(a.topic, sealed).status == "duplicate"  # resent: stored once
@@ -398,6 +400,8 @@ def test_downtime_states_quality_events_hierarchy_and_fleet(
 
     quality = api.get("/v1/quality", params=site).json()
     assert quality["total"] == {"produced": 25, "good": 22, "scrap": 2, "rework": 1}
+    in_buckets = Components.pool(b.components for b in buckets)
+    assert quality["total"] == {k: getattr(in_buckets, k) for k in quality["total"]}
     assert {(r["product"], r["scrap"]) for r in quality["by_product"]} == {("A", 1), ("B", 1)}
 
     page1 = api.get("/v1/events", params={**site, "limit": 4}).json()
@@ -408,9 +412,9 @@ def test_downtime_states_quality_events_hierarchy_and_fleet(
         page = api.get("/v1/events", params={**site, "limit": 4, "cursor": cursor}).json()
         seen += [e["event_id"] for e in page["events"]]
         cursor = page["next_cursor"]
-    assert len(seen) == len(set(seen)) == 2 + len(states) + len(counts) + len(buckets)
+    assert len(seen) == len(set(seen)) == 2 + len(live) + len(buckets)
     only_counts = api.get("/v1/events", params={**site, "kind": "count"}).json()["events"]
-    assert len(only_counts) == 3
+    assert len(only_counts) == len(counts)
 
     sites = api.get("/v1/sites").json()["sites"]
     assert sites == [{"site_id": "plant-d", "name": None, "timezone": "Europe/Berlin",
@@ -438,7 +442,9 @@ def test_downtime_states_quality_events_hierarchy_and_fleet(
     assert agent["last_seen"] is not None
     shared = api.get("/v1/agents", headers={"Accept": "text/csv"}).text.splitlines()
     assert shared[0].startswith("agent_id,site_id,")
-    assert agent["rejected_batches"]["bad_signature"] == 1
+    # The tampered batch proves nothing about who sent it: it is not charged to the agent it
+    # names; the resent duplicate, signed by the agent, is.
+    assert agent["rejected_batches"] == {"replay": 1}
     assert api.get("/metrics").text.count("api_result_cache_total") >= 1
 
 

@@ -22,7 +22,7 @@ from psycopg_pool import ConnectionPool
 
 from cloud_api.auth import TokenKeyring, generate_token_key
 from cloud_api.cli import main as cli_main
-from cloud_api.config import JwksSettings
+from cloud_api.config import FailureLimit, JwksSettings
 from tests.cloud_api.securitykit import WINDOW, SecuredApi, secured_api, seed_two_sites
 
 OEE_A = "/v1/equipment/press-a/oee"
@@ -309,14 +309,17 @@ async def test_cli_token_issue_is_audited(
 
 
 @pytest.fixture
-def idp() -> Iterator[tuple[str, ec.EllipticCurvePrivateKey]]:
-    """A JWKS document served by a local HTTP server (the identity provider's key endpoint)."""
+def idp() -> Iterator[tuple[str, ec.EllipticCurvePrivateKey, list[str]]]:
+    """A JWKS document served by a local HTTP server (the identity provider's key endpoint),
+    with the paths of the fetches it served."""
     key = ec.generate_private_key(ec.SECP256R1())
     jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
     document = json.dumps({"keys": [{**jwk, "kid": "idp-1", "use": "sig", "alg": "ES256"}]})
+    fetches: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            fetches.append(self.path)
             body = document.encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -330,7 +333,7 @@ def idp() -> Iterator[tuple[str, ec.EllipticCurvePrivateKey]]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json", key
+    yield f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json", key, fetches
     server.shutdown()
     server.server_close()
 
@@ -339,9 +342,9 @@ async def test_external_idp_via_jwks(
     pg_url: str,
     pool: ConnectionPool,
     tmp_path: Path,
-    idp: tuple[str, ec.EllipticCurvePrivateKey],
+    idp: tuple[str, ec.EllipticCurvePrivateKey, list[str]],
 ) -> None:
-    url, key = idp
+    url, key, _ = idp
     seed_two_sites(pg_url)
     jwks = JwksSettings(
         url=url, issuer="https://idp.example", audience="gateway", role_claim="gw_role"
@@ -377,6 +380,42 @@ async def test_external_idp_via_jwks(
     no_role = {k: v for k, v in good.items() if k != "gw_role"}
     bare = jwt.encode(no_role, key, algorithm="ES256", headers={"kid": "idp-1"})
     assert_problem(await get(api, OEE_A, {"Authorization": f"Bearer {bare}"}), 401)
+
+
+async def test_unknown_key_ids_fetch_the_providers_keys_once_per_period(
+    pg_url: str,
+    pool: ConnectionPool,
+    tmp_path: Path,
+    idp: tuple[str, ec.EllipticCurvePrivateKey, list[str]],
+) -> None:
+    url, key, fetches = idp
+    seed_two_sites(pg_url)
+    jwks = JwksSettings(url=url, issuer="https://idp.example", audience="gateway")
+    api = secured_api(
+        pg_url,
+        pool,
+        tmp_path,
+        jwks=jwks,
+        auth_failures=FailureLimit(per_minute=10_000, burst=10_000),
+    )
+    now = int(datetime.now(UTC).timestamp())
+    good: dict[str, Any] = {
+        "iss": "https://idp.example", "aud": "gateway", "sub": "a", "role": "viewer",
+        "sites": ["site-a"], "iat": now, "exp": now + 600,
+    }  # fmt: skip
+    ok = jwt.encode(good, key, algorithm="ES256", headers={"kid": "idp-1"})
+    assert (await get(api, OEE_A, {"Authorization": f"Bearer {ok}"})).status_code == 200
+    before = len(fetches)
+    for i in range(100):
+        made_up = jwt.encode(good, key, algorithm="ES256", headers={"kid": f"made-up-{i}"})
+        assert_problem(await get(api, OEE_A, {"Authorization": f"Bearer {made_up}"}), 401)
+    assert len(fetches) - before <= 1, len(fetches) - before
+    # A provider's token living longer than the maximum is refused like our own.
+    long_lived = jwt.encode(
+        {**good, "exp": now + 400 * 86400}, key, algorithm="ES256", headers={"kid": "idp-1"}
+    )
+    body = assert_problem(await get(api, OEE_A, {"Authorization": f"Bearer {long_lived}"}), 401)
+    assert "lifetime exceeds" in body["detail"]
 
 
 async def test_answers_served_again_stay_within_the_callers_sites(api: SecuredApi) -> None:

@@ -15,7 +15,7 @@ from psycopg_pool import ConnectionPool
 from cloud_api.auth import Principal
 from cloud_api.config import DatabaseSettings
 from cloud_api.db import make_pool, migrate
-from cloud_api.security import SitePool, database_scope
+from cloud_api.security import ScopeLost, SitePool, database_scope
 from oee.events import dump_events
 from sync.envelope import EnvelopeHeader, seal
 from sync.keys import AgentKeys, CloudKeyring
@@ -229,11 +229,12 @@ def test_ingest_role_stores_batches_of_every_site(
 
 
 def test_the_apis_own_pool_switches_scope_per_caller(pg_url: str) -> None:
-    """An exclusive SitePool keeps a connection's role and sites between checkouts, and a
-    caller with other sites (or none) never sees the previous caller's."""
+    """Each checkout of a SitePool is one transaction with the caller's role and sites; a
+    caller with other sites (or none) never sees the previous caller's, and nothing of a
+    caller stays on the connection afterwards."""
     seed_two_sites(pg_url)
     settings = DatabaseSettings(url=pg_url, pool_min=1, pool_max=1)
-    pool = SitePool(make_pool(settings, name="scoped"), "gateway_api", exclusive=True)
+    pool = SitePool(make_pool(settings, name="scoped"), "gateway_api")
 
     def visible(principal: Principal | None) -> list[tuple[object, ...]]:
         with database_scope(principal), pool.connection() as conn:
@@ -243,9 +244,16 @@ def test_the_apis_own_pool_switches_scope_per_caller(pg_url: str) -> None:
     def caller(*sites: str) -> Principal:
         return Principal("t", "viewer", sites or None, "token", secrets.token_hex(4))
 
+    def left_on_the_connection() -> tuple[object, ...] | None:
+        with pool.pool.connection() as conn:
+            return conn.execute(
+                "SELECT current_user, current_setting('app.sites', true)"
+            ).fetchone()
+
     try:
         assert visible(caller("site-a")) == [("site-a",)]
-        assert visible(caller("site-a")) == [("site-a",)]  # same scope: kept as it was
+        assert left_on_the_connection() in {("postgres", None), ("postgres", "")}
+        assert visible(caller("site-a")) == [("site-a",)]
         assert visible(caller("site-b")) == [("site-b",)]
         assert visible(caller()) == [("site-a",), ("site-b",)]  # every site
         assert visible(None) == []  # no caller: nothing
@@ -257,5 +265,11 @@ def test_the_apis_own_pool_switches_scope_per_caller(pg_url: str) -> None:
         ):
             conn.execute("SELECT * FROM no_such_table")
         assert visible(caller("site-b")) == [("site-b",)]
+        # A block that ends the transaction itself would go on unscoped: refused.
+        with pytest.raises(ScopeLost), database_scope(caller("site-a")), pool.connection() as conn:
+            conn.commit()
+            conn.execute("SELECT site_id FROM registry.sites").fetchall()
+        assert left_on_the_connection() in {("postgres", None), ("postgres", "")}
+        assert visible(caller("site-a")) == [("site-a",)]
     finally:
         pool.close()

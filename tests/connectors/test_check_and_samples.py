@@ -4,6 +4,7 @@ simulator's restart on demand, and `edge-agent keys opcua-cert` / `browse`."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,42 @@ def test_keys_opcua_cert_command(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert (keys / "opcua-client.pem").stat().st_mode & 0o077 == 0
     assert "SHA-1" in capsys.readouterr().out
     assert main(["keys", "opcua-cert", "-c", str(cfg)]) == 2  # kept unless --force
+
+
+def test_keys_opcua_cert_needs_only_the_application_uri(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cryptography import x509
+
+    # Passwords that only `run` needs are not set where the certificate is made.
+    monkeypatch.delenv("OPCUA_PASSWORD", raising=False)
+    monkeypatch.delenv("MQTT_PASSWORD", raising=False)
+    text = (
+        SAMPLES[0]
+        .read_text()
+        .replace("var/opcua/agent", str(tmp_path / "state"))
+        .replace(
+            "    # username: edge\n    # password: ${OPCUA_PASSWORD}",
+            "    username: edge\n    password: ${OPCUA_PASSWORD}\n"
+            "    application_uri: urn:plant-7:edge",
+        )
+        .replace("connections:", 'mqtt: {password: "${MQTT_PASSWORD}"}\nconnections:')
+    )
+    assert "${OPCUA_PASSWORD}" in text and "urn:plant-7:edge" in text
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(text, encoding="utf-8")
+    assert main(["validate", "-c", str(cfg)]) == 2  # the whole file does need them
+    old = os.umask(0o022)  # the usual umask: the folders are 0700 whatever it is
+    try:
+        assert main(["keys", "opcua-cert", "-c", str(cfg), "--connection", "press-server"]) == 0
+    finally:
+        os.umask(old)
+    keys = tmp_path / "state" / "keys"
+    for folder in (keys, keys.parent):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
+    cert = x509.load_der_x509_certificate((keys / "opcua-client.der").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:plant-7:edge"]
+    assert "application URI urn:plant-7:edge" in capsys.readouterr().out
+    assert main(["keys", "opcua-cert", "-c", str(cfg), "--connection", "nope"]) == 2
+    assert "no OPC UA connection with id 'nope'" in capsys.readouterr().err

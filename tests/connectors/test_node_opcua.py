@@ -7,6 +7,8 @@ test is skipped only when Node.js or npm is not installed.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import queue
 import shutil
@@ -16,10 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from connectors.opcua.certs import create_certificate
 from connectors.opcua.config import OpcUaConnection
-from connectors.opcua.hub import OpcUaHub, OpcUaTag
+from connectors.opcua.hub import OpcUaHub, OpcUaTag, thumbprint
 from tests.conftest import free_port
 from tests.connectors.harness import running, wait_until
 
@@ -32,7 +35,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _install() -> None:
+def install_node_opcua() -> None:
+    """npm ci of the pinned node-opcua (the committed lock file), once per checkout."""
     if (HERE / "node_modules" / "node-opcua-server").is_dir():
         return
     subprocess.run(
@@ -43,13 +47,13 @@ def _install() -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def node_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    _install()
-    home = tmp_path_factory.mktemp("node-opcua")
+@contextlib.contextmanager
+def _serve(script: str, home: Path) -> Iterator[str]:
+    """Run tests/connectors/node_opcua/`script` until the block ends; yields its URL."""
+    install_node_opcua()
     port = free_port()
     proc = subprocess.Popen(
-        ["node", "server.js", str(port), str(home / "pki")],
+        ["node", script, str(port), str(home / "pki")],
         cwd=HERE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -86,6 +90,12 @@ def node_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pumper.join(10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def node_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with _serve("server.js", tmp_path_factory.mktemp("node-opcua")) as url:
+        yield url
 
 
 TAGS = [
@@ -137,3 +147,42 @@ async def test_node_opcua_server_signed_and_encrypted(node_server: str, tmp_path
         private_key=str(key),
     )
     await _reads_the_press(OpcUaHub(cfg, TAGS))
+
+
+async def test_server_that_does_not_trust_our_certificate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One clear message with the thumbprint and what to do, logged once however often the
+    agent retries; no traceback from asyncua."""
+    cert, key = tmp_path / "client.der", tmp_path / "client.pem"
+    create_certificate(cert, key, application_uri="urn:factory-edge-gateway:edge-agent")
+    sha1 = thumbprint(cert.read_bytes())
+    cfg = _conn(
+        "opc.tcp://127.0.0.1:1/UA/Press",
+        security_policy="Basic256Sha256",
+        security_mode="SignAndEncrypt",
+        certificate=str(cert),
+        private_key=str(key),
+        reconnect_max="200ms",
+    )
+    with _serve("untrusting_server.js", tmp_path / "server") as url:
+        hub = OpcUaHub(cfg.model_copy(update={"url": url}), TAGS)
+        with structlog.testing.capture_logs() as logged:
+            caplog.set_level(logging.INFO, logger="asyncua.client.client")
+            async with running(hub) as got:
+                # asyncua logs each attempt at INFO: wait for three of them
+                await wait_until(
+                    lambda: sum(r.msg.startswith("connect (") for r in caplog.records) >= 3,
+                    "three attempts",
+                )
+        rejected = list((tmp_path / "server" / "pki" / "rejected").iterdir())
+    assert [p.name for p in rejected] == [f"edge-agent[{sha1}].pem"]
+    message = hub.last_error or ""
+    assert f"rejected our certificate {cert} (SHA-1 {sha1})" in message
+    assert "move it from the server's rejected certificates folder to its trusted" in message
+    assert [e for e in logged if e["event"] == "cannot connect"] == [
+        {"event": "cannot connect", "connection": "node", "error": message, "log_level": "warning"}
+    ]
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert got.quality("p1", "state") == "bad"
+    assert set(hub.problems.values()) == {message}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from asyncua import ua
 
+from agent.cli import main
 from agent.config import ConfigError, parse_config
 from connectors.modbus.simulator import Press
 from connectors.opcua.certs import create_certificate
@@ -137,7 +139,7 @@ async def test_bad_status_gives_bad_quality_then_recovers(sim: OpcUaPressServer,
         await wait_until(lambda: got.quality("p1", "state") == "bad", "bad quality")
         bad = got.last("p1", "state")
         assert bad is not None and bad.value is None
-        assert "BadSensorFailure" in hub.problems["p1/state"]
+        assert hub.problems["p1/state"] == f"node {sim.nsu_id(1, 'State')}: status BadSensorFailure"
         sim.presses[0].set_state("fault")
         await wait_until(lambda: got.quality("p1", "state") == "good", "good again")
     assert got.value("p1", "state") == 2
@@ -372,3 +374,66 @@ def test_security_needs_certificate() -> None:
     options = "security_policy: Basic256Sha256\n    security_mode: Sign"
     with pytest.raises(ConfigError, match="needs certificate and private_key"):
         parse_config(CONFIG % (options, "i=1"))
+
+
+async def test_silent_server_names_the_timeout_actually_used() -> None:
+    # A server that accepts the TCP connection and never answers: the Hello request gives
+    # up after `timeout`, long before the whole handshake's limit of three times that.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    url = f"opc.tcp://127.0.0.1:{port}"
+    cfg = OpcUaConnection.model_validate({"id": "plc", "url": url, "timeout": "1s"})
+    hub = OpcUaHub(cfg, [OpcUaTag("p1", "state", "ns=2;s=Press1.State")])
+    try:
+        async with running(hub):
+            await wait_until(lambda: hub.last_error is not None, "the failed attempt")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert hub.last_error == f"no answer from {url} within 1s"
+
+
+async def test_browse_a_server_with_only_secure_endpoints(
+    secure_sim: OpcUaPressServer,
+    pki: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    options = (
+        "security_policy: Basic256Sha256\n    security_mode: SignAndEncrypt\n"
+        f"    certificate: {pki['client.der']}\n    private_key: {pki['client.pem']}\n"
+        "    username: operator\n    password: ${OPCUA_TEST_PASSWORD}"
+    )
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        CONFIG.replace("opc.tcp://127.0.0.1:4840", secure_sim.url) % (options, "i=2258"),
+        encoding="utf-8",
+    )
+    flags = [
+        "--security-policy=Basic256Sha256",
+        "--security-mode=SignAndEncrypt",
+        f"--certificate={pki['client.der']}",
+        f"--private-key={pki['client.pem']}",
+        f"--server-certificate={pki['server.der']}",
+        "--username=operator",
+        "--password=s3cret-pw",
+    ]
+    monkeypatch.setenv("OPCUA_TEST_PASSWORD", "s3cret-pw")
+    # browse runs its own event loop: a thread keeps this one serving
+    for args in (
+        ["-c", str(config)],
+        ["-c", str(config), "--connection", "plc-ua", secure_sim.url],
+        [secure_sim.url, *flags],
+    ):
+        code = await asyncio.to_thread(main, ["browse", *args, "--path", "/Objects/Press1"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert "TotalCount" in out and "[UInt32]" in out
+    code = await asyncio.to_thread(main, ["browse", secure_sim.url])
+    assert code == 1
+    assert "offers no endpoint with None/None" in capsys.readouterr().err

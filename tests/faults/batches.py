@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from buffer.outbox import Outbox, Sealer
+from connectors.sample import Sample
+from oee.calendar import ShiftCalendar
+from oee.config import CounterSpec, EquipmentSpec, ShiftSpec
+from oee.engine import EquipmentEngine
 from oee.events import AgentEvent, Event, dump_events
 from sync.envelope import EnvelopeHeader, envelope_digest, seal
 from sync.keys import CloudPublicKey, ed25519_key_id
@@ -20,6 +24,50 @@ def agent_events(agent_id: str, site_id: str, n: int) -> list[Event]:
         AgentEvent(agent_id=agent_id, site_id=site_id, ts=now, code="test", message=f"event {i}")
         for i in range(n)
     ]
+
+
+T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
+
+
+def engine_events(agent_id: str, site_id: str) -> list[Event]:
+    """A fault with a reason, parts and closed buckets, as the engine reports them."""
+    spec = EquipmentSpec.model_validate(
+        {
+            "id": "press-1",
+            "ideal_cycle_time": 1.0,
+            "state_map": {0: "idle", 1: "running", 2: "fault"},
+            "reason_map": {3: "jam"},
+            "counters": {"total_count": CounterSpec(width=32)},
+        }
+    )
+    calendar = ShiftCalendar(
+        [ShiftSpec(name="day", start="00:00", end="00:00")],  # type: ignore[arg-type]
+        "UTC",
+    )
+    engine = EquipmentEngine(spec, calendar, agent_id=agent_id, site_id=site_id)
+    events: list[Event] = [*engine.start(T0)]
+    events += engine.feed(Sample("press-1", "total_count", 100, T0))
+    events += engine.feed(Sample("press-1", "state", 1, T0))
+    events += engine.feed(Sample("press-1", "total_count", 160, T0 + timedelta(seconds=70)))
+    events += engine.feed(Sample("press-1", "reason", 3, T0 + timedelta(seconds=80)))
+    events += engine.feed(Sample("press-1", "state", 2, T0 + timedelta(seconds=80)))
+    events += engine.finish(T0 + timedelta(seconds=150))
+    return events
+
+
+def first(events: list[Event], kind: type[Event]) -> Event:
+    return next(e for e in events if isinstance(e, kind))
+
+
+def poisoned(events: list[Event], kind: type[Event], **update: object) -> list[Event]:
+    """The engine's events with one field set to what the engine does not produce.
+
+    model_copy(update=) skips validation on purpose: these values come from a PLC, an older
+    or a buggy agent; the engine cleans them (and the event model refuses them where it has
+    bounds), so a poison batch can only be built this way. The batch is sealed and signed by
+    the agent's own key like any other."""
+    target = first(events, kind)
+    return [e.model_copy(update=update) if e is target else e for e in events]
 
 
 def sealer(

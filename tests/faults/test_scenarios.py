@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -25,6 +26,14 @@ from tests.faults.harness import (
     TcpProxy,
     settle,
     wait_for,
+)
+from tests.invariants import (
+    Truth,
+    api_client,
+    check_views,
+    closed_until,
+    compare_with_truth,
+    dump_events,
 )
 
 
@@ -56,6 +65,7 @@ async def finish(
     """Stop production, let everything ship, then compare outbox commits with PostgreSQL."""
     plant.freeze()
     await asyncio.sleep(1.0)  # the agent reads the final counters
+    await buckets_closed(pg_url, len(plant.presses))
     await settle(agent)
     report = await asyncio.to_thread(checker.report, pg_url)
     assert report.committed_batches > 5, str(report)
@@ -64,6 +74,43 @@ async def finish(
     assert not report.missing_batches, str(report)
     if truth:
         assert await asyncio.to_thread(produced_in, pg_url, agent.agent_id) == plant.produced
+    await views_agree(agent, plant, pg_url, truth=truth)
+
+
+async def buckets_closed(pg_url: str, presses: int) -> None:
+    """Until every press has a closed bucket past now (its last counts are in one)."""
+    now = datetime.now(UTC)
+
+    def closed() -> bool:
+        ends = closed_until(pg_url)
+        return len(ends) == presses and all(end > now for end in ends.values())
+
+    await wait_for(closed, 60, "buckets closed past the last counts")
+
+
+async def views_agree(
+    agent: Agent, plant: Plant, pg_url: str, *, truth: bool = True, allow_gaps: bool = False
+) -> None:
+    """The cross-view invariants hold over everything stored, and every view has each press's
+    parts and scrap (its program sets "jam" with a fault, "no material" or none when idle)."""
+    reasons = {"fault": frozenset({"jam"}), "idle": frozenset({"no material", None})}
+    truths = {
+        f"press-{unit}": Truth(
+            produced=press.truth.produced if truth else None,
+            scrap=press.truth.scrap if truth else None,
+            reasons=reasons,
+        )
+        for unit, press in enumerate(plant.presses, start=1)
+    }
+    try:
+        with api_client(pg_url, agent.folder / "views-keys") as api:
+            views = await asyncio.to_thread(
+                check_views, api, pg_url, truths=truths, allow_gaps=allow_gaps
+            )
+        compare_with_truth(views, truths)
+    except AssertionError:
+        dump_events(pg_url, agent.folder / "events.jsonl")
+        raise
 
 
 # 1 -------------------------------------------------------------------------------------------
@@ -423,6 +470,9 @@ async def test_corrupted_outbox_is_moved_aside_and_a_new_epoch_starts(
         # corrupt file's unsent batches is declared to the cloud.
         assert seqs == list(range(1, int(next_seq))), (seqs, next_seq)
         assert replaced is not None and replaced[0] == 1
+        # The views agree on what arrived; the corrupt file's unsent batches left a declared
+        # gap, and the presses' parts made before it are not all in the cloud.
+        await views_agree(agent, plant, pg_url, truth=False, allow_gaps=True)
     finally:
         agent.kill()
         ingest.stop()

@@ -251,11 +251,42 @@ def test_unusable_checkpoint_entry_starts_that_equipment_afresh() -> None:
     cal = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
     good = EquipmentEngine(spec(), cal, agent_id="a", site_id="s")
     good.feed(Sample("press-1", "total_count", 100, at(0)))
+    good.tick(at(1))  # the clock passed the scan: applied
     other = spec(id="press-2")
     plant = PlantEngine([spec(), other], cal, agent_id="a", site_id="s")
     problems = plant.restore({"press-1": good.checkpoint(), "press-2": {"version": 1}, "gone": {}})
     assert list(problems) == ["press-2"]
     assert plant.engines["press-1"].counters == {"total_count": 100}
     assert plant.engines["press-2"].counters == {}
-    events = plant.feed(Sample("press-2", "state", 1, at(1)))  # the fresh engine works
+    events = plant.feed(Sample("press-2", "state", 1, at(1))) + plant.tick(at(2))  # it works
     assert any(getattr(e, "state", None) == "running" for e in events)
+
+
+def test_restart_inside_a_bucket_that_began_mid_bucket_continues_that_bucket() -> None:
+    # An agent started at 00:00:20 (its first bucket is [00:00:20, 00:01:00)) and killed at
+    # 00:00:40 restarts at 00:02:00: the bucket it had open goes on, and the buckets tile
+    # the timeline, each with its whole length in its time classes.
+    cal = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+    start = T0 + timedelta(seconds=20)
+    engine = EquipmentEngine(spec(), cal, agent_id="a", site_id="s")
+    events: list[object] = list(engine.start(start))
+    events += engine.feed(Sample("press-1", "state", 1, start))
+    events += engine.tick(start + timedelta(seconds=20))
+    restarted = EquipmentEngine(spec(), cal, agent_id="a", site_id="s")
+    restarted.restore(json.loads(json.dumps(engine.checkpoint())))
+    assert restarted.cursor is not None
+    events += restarted.mark_unknown(restarted.cursor, "agent restarted")
+    events += restarted.start(T0 + timedelta(minutes=2))
+    events += restarted.feed(Sample("press-1", "state", 1, T0 + timedelta(minutes=2)))
+    events += restarted.tick(T0 + timedelta(minutes=3))
+    buckets = sorted((e for e in events if isinstance(e, OeeEvent)), key=lambda e: e.bucket_start)
+    assert [(b.bucket_start, b.bucket_end) for b in buckets] == [
+        (start, T0 + timedelta(minutes=1)),
+        (T0 + timedelta(minutes=1), T0 + timedelta(minutes=2)),
+        (T0 + timedelta(minutes=2), T0 + timedelta(minutes=3)),
+    ]
+    for b in buckets:
+        c = b.components
+        length = (b.bucket_end - b.bucket_start).total_seconds()
+        assert c.planned_busy_s + c.planned_down_s + c.off_plan_s == pytest.approx(length)
+    assert (buckets[0].components.production_s, buckets[0].components.unknown_s) == (20.0, 20.0)

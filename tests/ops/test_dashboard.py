@@ -217,10 +217,16 @@ async def test_interactive_api_docs_render_from_the_package(
             "document.querySelectorAll('.opblock-summary-path').length > 10 && "
             "[...document.querySelectorAll('.opblock-summary-path')].map(e => e.textContent)"
         )
+        # It opens with how to get a token and how windows and time zones work.
+        intro = await page.wait_for(
+            "document.querySelector('#intro h2') && "
+            "[...document.querySelectorAll('#intro h2')].map(e => e.textContent)"
+        )
         await page.screenshot(tmp_path / "docs.png")
         errors = list(page.errors)
     assert errors == [], errors
     assert any("/v1/oee" in p for p in paths), paths
+    assert intro == ["Getting a token", "Windows and time zones"]
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
         page_response = await client.get("/docs")
     csp = page_response.headers["content-security-policy"]

@@ -21,17 +21,22 @@ from hypothesis import strategies as st
 from sync.envelope import (
     ACK_CONTEXT,
     MAGIC,
+    REJECTION_CONTEXT,
     AckBody,
     AckError,
     EnvelopeError,
     EnvelopeHeader,
     OpenedEnvelope,
+    RejectionBody,
+    clean_detail,
     envelope_digest,
     open_envelope,
     parse_header,
     seal,
     sign_ack,
+    sign_rejection,
     verify_ack,
+    verify_cloud_message,
 )
 from sync.keys import (
     SUITE_MLKEM768X25519,
@@ -242,6 +247,9 @@ _ZSTD = zstandard.ZstdCompressor(level=1)
         ("zstd", _ZSTD.compress(b"x" * 100)[:-3]),
         # A frame that does not state its size (streaming) is refused: the size bounds memory.
         ("zstd", zstandard.ZstdCompressor(write_content_size=False).compress(b"x" * 100)),
+        # One valid encoding: a second frame, or any byte after the first, is refused.
+        ("zstd", _ZSTD.compress(b"x" * 100) + _ZSTD.compress(b"y" * 100)),
+        ("zstd", _ZSTD.compress(b"x" * 100) + b"\0"),
     ],
 )
 def test_bad_compression_from_a_signed_sender(compression: str, compressed: bytes) -> None:
@@ -494,3 +502,78 @@ def test_both_compressions_round_trip_and_zstd_is_the_default(compression: str) 
     opened = open_(raw)
     assert opened.plaintext == PLAINTEXT
     assert opened.header.compression == compression
+
+
+# --- rejections -----------------------------------------------------------------------------
+
+
+def rejection_body(**over: Any) -> RejectionBody:
+    fields: dict[str, Any] = {
+        "agent_id": "agent-1",
+        "epoch": "0190f1e2",
+        "seq": 7,
+        "digest": "a" * 64,
+        "reason": "invalid_schema",
+        "detail": "an event names another agent or site",
+        "key_id": ACK_KEY_ID,
+    }
+    fields.update(over)
+    return RejectionBody(**fields)
+
+
+def cloud_message(raw: bytes, agent_id: str = "agent-1") -> AckBody | RejectionBody:
+    return verify_cloud_message(
+        raw, verify_keys={ACK_KEY_ID: ACK_KEY.public_key()}, agent_id=agent_id
+    )
+
+
+def cloud_reason(raw: bytes, agent_id: str = "agent-1") -> str:
+    with pytest.raises(AckError) as info:
+        cloud_message(raw, agent_id)
+    return info.value.reason
+
+
+def test_rejection_round_trip_and_acks_still_verify() -> None:
+    body = rejection_body()
+    assert cloud_message(sign_rejection(body, ACK_KEY)) == body
+    ack = ack_body()
+    assert cloud_message(sign_ack(ack, ACK_KEY)) == ack
+    # verify_ack stays an ack-only door: a genuine rejection is not an ack
+    assert ack_reason(sign_rejection(body, ACK_KEY)) == "malformed"
+
+
+def test_forged_or_confused_rejections_are_refused() -> None:
+    raw = sign_rejection(rejection_body(), ACK_KEY)
+    assert cloud_reason(raw, agent_id="agent-2") == "wrong_agent"
+    assert cloud_reason(raw.replace(b'"seq":7', b'"seq":8')) == "bad_signature"
+    stranger = Ed25519PrivateKey.generate()
+    own = rejection_body(key_id=ed25519_key_id(stranger.public_key()))
+    assert cloud_reason(sign_rejection(own, stranger)) == "unknown_key"
+    # an ack signature cannot be replayed as a rejection (or the reverse): own contexts
+    body = rejection_body().to_dict()
+    as_ack = base64.b64encode(ACK_KEY.sign(ACK_CONTEXT + canon(body))).decode()
+    assert cloud_reason(canon({"rejection": body, "sig": as_ack})) == "bad_signature"
+    ack = ack_body().to_dict()
+    as_rejection = base64.b64encode(ACK_KEY.sign(REJECTION_CONTEXT + canon(ack))).decode()
+    assert cloud_reason(canon({"body": ack, "sig": as_rejection})) == "bad_signature"
+    # both bodies at once, or an unknown kind of message
+    assert cloud_reason(canon({"body": ack, "rejection": body, "sig": as_ack})) == "malformed"
+    assert cloud_reason(canon({"verdict": body, "sig": as_ack})) == "malformed"
+
+
+@pytest.mark.parametrize(
+    "override",
+    [{"seq": -1}, {"seq": True}, {"digest": "z" * 64}, {"reason": "Bad Reason"},
+     {"detail": "nul\0inside"}, {"detail": "x" * 501}, {"agent_id": "a/b"}],
+)  # fmt: skip
+def test_rejection_bodies_are_bounded(override: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        rejection_body(**override)
+    # and a body the cloud signed anyway is still refused by the agent
+    d = rejection_body().to_dict() | override
+    sig = base64.b64encode(ACK_KEY.sign(REJECTION_CONTEXT + canon(d))).decode()
+    assert cloud_reason(json.dumps({"rejection": d, "sig": sig}).encode()) == "malformed"
+
+
+def test_clean_detail_keeps_printable_ascii_only() -> None:
+    assert clean_detail("a\0b\x1b[31m\u00e9" + "x" * 600) == "a?b?[31m?" + "x" * 491

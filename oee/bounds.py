@@ -1,0 +1,110 @@
+"""Bounds of every value an event may carry, and the cleaning of strings read from PLCs.
+
+Integers stay within +-(2**53 - 1): exact in PostgreSQL's bigint and in every JSON consumer
+(a JavaScript number). Floats are finite and within +-1e18. Strings hold no NUL and no lone
+surrogate (PostgreSQL's jsonb refuses both) and have a bounded length. A string read from a
+PLC is cleaned at the edge before it becomes an event field (`clean_text`): control and other
+non-printing characters (Unicode category C*) are removed and it is cut to MAX_TEXT_CHARS.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, Field
+
+MAX_INT = 2**53 - 1
+MAX_FLOAT = 1e18
+MAX_ID_CHARS = 128  # agent, site and equipment ids
+MAX_TEXT_CHARS = 200  # PLC strings: reasons, products, raw values; shift names
+MAX_CODE_CHARS = 64  # agent event codes, signal names
+MAX_MESSAGE_CHARS = 4000
+MAX_DATA_KEY_CHARS = 200
+MAX_DATA_STRING_CHARS = 4000
+MAX_DATA_VALUES = 100_000  # values of one agent event's data, nested ones included
+MAX_DATA_DEPTH = 8
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(value: str) -> str:
+    if _UNSTORABLE.search(value):
+        raise ValueError("text holds a NUL character or a lone surrogate")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_storable)]
+BoundedInt = Annotated[int, Field(ge=-MAX_INT, le=MAX_INT)]
+BoundedFloat = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_FLOAT, le=MAX_FLOAT)]
+
+
+def number_in_bounds(value: float) -> bool:
+    """Whether an int or float can be an event field as it is."""
+    if isinstance(value, int):
+        return -MAX_INT <= value <= MAX_INT
+    return math.isfinite(value) and -MAX_FLOAT <= value <= MAX_FLOAT
+
+
+def int_or_text(value: int) -> int | str:
+    """An integer for event data: as a number when in bounds, else its decimal text (a
+    64-bit counter reading is exact either way)."""
+    return value if -MAX_INT <= value <= MAX_INT else str(value)
+
+
+def clean_text(value: str) -> str:
+    """A PLC string as an event may carry it: without C* characters, at most MAX_TEXT_CHARS."""
+    if len(value) <= MAX_TEXT_CHARS and value.isprintable():
+        return value  # the common case, without a look at each character
+    kept = "".join(c for c in value if not unicodedata.category(c).startswith("C"))
+    return kept[:MAX_TEXT_CHARS]
+
+
+def plc_value(value: bool | int | float | str | None) -> bool | int | float | str | None:
+    """A raw PLC value as an event carries it: text cleaned, a number out of bounds (a 64-bit
+    counter, NaN, infinity) as its text."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value if number_in_bounds(value) else clean_text(str(value))
+    return value
+
+
+def check_data(data: dict[str, Any]) -> dict[str, Any]:
+    """An agent event's data: JSON values within the bounds above."""
+    budget = [MAX_DATA_VALUES]
+    _check_value(data, 0, budget)
+    return data
+
+
+def _check_value(value: object, depth: int, budget: list[int]) -> None:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError(f"data holds more than {MAX_DATA_VALUES} values")
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        if not number_in_bounds(value):
+            raise ValueError(f"data number {value!r} is out of bounds")
+    elif isinstance(value, str):
+        _storable(value)
+        if len(value) > MAX_DATA_STRING_CHARS:
+            raise ValueError(f"data string longer than {MAX_DATA_STRING_CHARS} characters")
+    elif isinstance(value, dict | list | tuple):
+        if depth >= MAX_DATA_DEPTH:
+            raise ValueError(f"data nested deeper than {MAX_DATA_DEPTH} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise ValueError("data keys must be strings")
+                _storable(key)
+                if len(key) > MAX_DATA_KEY_CHARS:
+                    raise ValueError(f"data key longer than {MAX_DATA_KEY_CHARS} characters")
+                _check_value(item, depth + 1, budget)
+        else:
+            for item in value:
+                _check_value(item, depth + 1, budget)
+    else:
+        raise ValueError(f"data value of type {type(value).__name__} is not JSON")

@@ -31,6 +31,7 @@ _TIME = frozenset(TIME_FIELDS)
 _COUNTED = frozenset(QUANTITY_FIELDS) | frozenset(IDEAL_FIELDS)
 _CLOCKED_KEYS = ("cursor", "seen")
 _BUCKET_CLOCKED = ("reasons", "pending")
+_BUCKET_COUNTED = "parts"  # parts counted in the bucket by any counter (beside its values)
 
 
 def _without_time(checkpoint: dict[str, Any], *, counted: bool) -> dict[str, Any]:
@@ -43,7 +44,11 @@ def _without_time(checkpoint: dict[str, Any], *, counted: bool) -> dict[str, Any
     buckets = []
     for bucket in checkpoint.get("buckets", []):
         skip = _TIME | _COUNTED if counted else _TIME
-        b = {k: v for k, v in bucket.items() if k not in _BUCKET_CLOCKED and k != "values"}
+        b = {
+            k: v
+            for k, v in bucket.items()
+            if k not in _BUCKET_CLOCKED and k != "values" and not (counted and k == _BUCKET_COUNTED)
+        }
         b["values"] = {k: v for k, v in bucket.get("values", {}).items() if k not in skip}
         buckets.append(b)
     if buckets:
@@ -68,12 +73,15 @@ def plan(stored: dict[str, Any] | None, current: dict[str, Any]) -> tuple[WriteK
     if changed:
         patch["counters"] = changed
         patch["seen"] = {k: seen[k] for k in changed if k in seen}
-    old_buckets = {b["start"]: b.get("values", {}) for b in stored.get("buckets", [])}
+    old_buckets = {b["start"]: b for b in stored.get("buckets", [])}
     values: dict[str, dict[str, int]] = {}
     for bucket in current.get("buckets", []):
-        old = old_buckets.get(bucket["start"], {})
-        new = bucket.get("values", {})
-        diff = {k: new.get(k, 0) for k in _COUNTED if new.get(k, 0) != old.get(k, 0)}
+        old_bucket = old_buckets.get(bucket["start"], {})
+        old = {**old_bucket.get("values", {}), _BUCKET_COUNTED: old_bucket.get(_BUCKET_COUNTED, 0)}
+        new = {**bucket.get("values", {}), _BUCKET_COUNTED: bucket.get(_BUCKET_COUNTED, 0)}
+        diff = {
+            k: new.get(k, 0) for k in (*_COUNTED, _BUCKET_COUNTED) if new.get(k, 0) != old.get(k, 0)
+        }
         if diff:
             values[str(bucket["start"])] = diff
     if values:
@@ -94,10 +102,14 @@ def apply(stored: dict[str, Any], kind: WriteKind, payload: Any) -> dict[str, An
     if values:
         buckets = []
         for bucket in stored.get("buckets", []):
-            diff = values.get(str(bucket["start"]))
+            diff = dict(values.get(str(bucket["start"]), {}))
             if diff:
+                out_bucket = dict(bucket)
+                if _BUCKET_COUNTED in diff:
+                    out_bucket[_BUCKET_COUNTED] = diff.pop(_BUCKET_COUNTED)
                 merged = {**bucket.get("values", {}), **diff}
-                buckets.append({**bucket, "values": {k: v for k, v in merged.items() if v}})
+                out_bucket["values"] = {k: v for k, v in merged.items() if v}
+                buckets.append(out_bucket)
             else:
                 buckets.append(bucket)
         out["buckets"] = buckets

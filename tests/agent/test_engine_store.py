@@ -266,9 +266,10 @@ def test_an_idle_line_writes_nothing_but_heartbeats_and_a_counted_part_only_a_pa
     writes: list[Any] = []
     for t in range(0, 19):  # inside one bucket: nothing closes
         now = START + timedelta(seconds=t)
+        read = now - timedelta(milliseconds=100)  # polled before the flush, as in the agent
         for eq in PRESSES:
-            engine.feed(Sample(eq, "state", 0, now, "good"))
-            engine.feed(Sample(eq, "total_count", 100, now, "good"))
+            engine.feed(Sample(eq, "state", 0, read, "good"))
+            engine.feed(Sample(eq, "total_count", 100, read, "good"))
         engine.tick(now)
         state = store.prepare(engine.checkpoint(), to_us(now))
         if state is not None:
@@ -282,10 +283,13 @@ def test_an_idle_line_writes_nothing_but_heartbeats_and_a_counted_part_only_a_pa
     assert [w.entry is None for w in written] == [False, False, False, True]
     # A part counted: a patch with the counter, not the whole state.
     now = START + timedelta(seconds=19)
-    engine.feed(Sample("press-1", "state", 1, now - timedelta(seconds=1), "good"))
+    engine.feed(Sample("press-1", "state", 1, now - timedelta(milliseconds=900), "good"))
+    engine.tick(now)
     store.committed(store.prepare(engine.checkpoint(), to_us(now)))  # type: ignore[arg-type]
-    engine.feed(Sample("press-1", "total_count", 101, now, "good"))
-    state = store.prepare(engine.checkpoint(), to_us(now))
+    later = now + timedelta(milliseconds=500)  # the same bucket, [0 s, 20 s)
+    engine.feed(Sample("press-1", "total_count", 101, now + timedelta(milliseconds=200), "good"))
+    engine.tick(later)
+    state = store.prepare(engine.checkpoint(), to_us(later))
     assert state is not None and state.entry is not None
     from agent.engine_store import decode
 

@@ -247,10 +247,19 @@ class EquipmentEngine:
 
     # -- public interface -------------------------------------------------------------
 
-    def start(self, at: datetime) -> list[Event]:
-        """Begin accounting at `at` (state unknown until the first state sample)."""
+    def start(self, at: datetime, *, announce: bool = False) -> list[Event]:
+        """Begin accounting at `at` (state unknown until the first state sample).
+
+        `announce`: also emit a state event `unknown` at `at`. The agent does so when it starts
+        an equipment without saved state (first start, replaced outbox, discarded checkpoint):
+        events of an earlier run may have reached the cloud, and the cloud's state timeline
+        must not carry their last state across the loss into this run.
+        """
         if self.cursor_us is None:
-            self._start(to_us(at))
+            t = to_us(at)
+            self._start(t)
+            if announce and self.count_events:
+                self._state_event(self.state, t, raw=None, reason="started without saved state")
         return self._drain()
 
     def prime(self, sample: SampleLike) -> None:

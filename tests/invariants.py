@@ -555,11 +555,7 @@ def check_views(
             part = buckets[first:last]
             timeline = _timeline(api, site, eq, lo, hi)
             after_gap = part[0].start == next(r[0].start for r in runs if part[0] in r)
-            # With declared losses even the first stored bucket may follow lost ones (a
-            # replaced outbox lost every bucket of the run before), while state events sent
-            # earlier arrived: the timeline then carries their state up to this fresh start.
-            first_run = part[0] is buckets[0]
-            fresh = part[0].start if after_gap and (allow_gaps or not first_run) else None
+            fresh = part[0].start if after_gap and part[0] is not buckets[0] else None
             _check_timeline(name, part, timeline, perf_micro, fresh)
             _check_api_window(api, name, site, eq, lo, hi, part, timeline, perf_micro, views)
             timeline_all += timeline

@@ -9,7 +9,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 
-from agent.config import INTEGER_WIDTHS, AgentConfig, SignalConfig, load_config
+from agent.config import CONFIG_OPTION_HELP, INTEGER_WIDTHS, AgentConfig, SignalConfig, load_config
 from connectors.connector import Hub
 from connectors.registry import CONNECTOR_TYPES, build_hub
 from connectors.sample import Sample
@@ -138,6 +138,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("check", help="validate the config and read every signal once")
-    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
     p.add_argument("--timeout", type=float, help="seconds per connection (default from config)")
     p.set_defaults(func=cmd_check)

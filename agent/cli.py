@@ -16,7 +16,13 @@ import structlog
 from agent import opcua_cli
 from agent.browse import add_parser as browse_parser
 from agent.check import add_parser as check_parser
-from agent.config import AgentConfig, ConfigError, load_config
+from agent.config import (
+    CONFIG_OPTION_HELP,
+    AgentConfig,
+    ConfigError,
+    default_config_path,
+    load_config,
+)
 from sync.keys import (
     AgentKeys,
     KeyFileError,
@@ -299,22 +305,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the agent")
-    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="the running agent's health and metrics as tables")
-    p.add_argument("-c", "--config", required=True, help="for the health port")
+    p.add_argument("-c", "--config", help=f"{CONFIG_OPTION_HELP}; for the health port")
     p.add_argument("--prometheus", action="store_true", help="print the raw /metrics text")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("validate", help="check a configuration file and exit")
-    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
     p.set_defaults(func=cmd_validate)
     check_parser(sub)
     browse_parser(sub)
 
     p = sub.add_parser("replay", help="run the OEE engine on recorded samples (JSON Lines)")
-    p.add_argument("-c", "--config", required=True, help="the same file as for `run`")
+    p.add_argument("-c", "--config", help=f"{CONFIG_OPTION_HELP}; the same as for `run`")
     p.add_argument("--samples", required=True, help="JSON Lines file of samples")
     p.add_argument("--from", dest="from_", required=True, help="window start, ISO 8601")
     p.add_argument("--to", required=True, help="window end (exclusive), ISO 8601")
@@ -324,27 +330,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="key management").add_subparsers(dest="keys", required=True)
     p = keys.add_parser("init", help="create the agent's signing key; prints its public key")
-    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
     p.add_argument("--force", action="store_true", help="replace an existing key")
     p.set_defaults(func=cmd_keys_init)
     p = keys.add_parser("install-cloud", help="install the cloud's public keys")
-    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
     p.add_argument("file", help="output of `cloud-api keys export`")
     p.set_defaults(func=cmd_keys_install_cloud)
     p = keys.add_parser(
         "rotate", help="replace the signing key; prints the new public key to enroll"
     )
-    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
     p.set_defaults(func=cmd_keys_rotate)
     p = keys.add_parser("status", help="key ids in use and unacked batches per key")
-    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_keys_status)
     opcua_cli.add_keys_parser(keys)
 
     buf = sub.add_parser("buffer", help="outbox").add_subparsers(dest="buffer", required=True)
     p = buf.add_parser("stats", help="depth, bytes, oldest unacked age, acked high-water mark")
-    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_buffer_stats)
 
@@ -370,9 +376,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    chosen = None
+    # `browse` reads a file only when given one; every other command needs the agent's file.
+    if getattr(args, "config", "") is None and args.command != "browse":
+        path, chosen = default_config_path()
+        args.config = str(path)
     try:
         result: int = args.func(args)
     except ConfigError as exc:
+        if chosen is not None and not Path(args.config).exists():
+            return _fail(
+                f"no configuration file at {args.config} ({chosen}); "
+                "give one with -c FILE or set EDGE_AGENT_CONFIG"
+            )
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 130

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from agent.config import AgentSection, ConfigError, expand_env
+from agent.config import CONFIG_OPTION_HELP, AgentSection, ConfigError, expand_env
 
 
 def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
@@ -117,7 +117,7 @@ def cmd_simulate_opcua(args: argparse.Namespace) -> int:
 
 def add_keys_parser(keys: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = keys.add_parser("opcua-cert", help="create the OPC UA client certificate and key")
-    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
     p.add_argument("--connection", help="take the application URI from this connection")
     p.add_argument("--out", help="directory (default: the keys directory)")
     p.add_argument("--hostname", action="append", help="host name or IP in the certificate")

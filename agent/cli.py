@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from agent.config import (
     default_config_path,
     load_config,
 )
+from agent.status import SUMMARY_ABOVE
 from sync.keys import (
     AgentKeys,
     KeyFileError,
@@ -99,16 +101,32 @@ async def _run(service: AgentService) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.status import AgentUnreachable, fetch, parse_metrics, render
+    import time
+
+    from agent.status import AgentUnreachable, Rates, as_json, fetch, parse_metrics, render
 
     config = _config(args.config)
     if not config.health.enabled:
         return _fail(f"{args.config}: health.enabled is false; there is nothing to ask")
     try:
+        first = fetch(config.health.port)
+        if args.prometheus:
+            print(first)
+            return 0
+        # Rates come from two readings a moment apart, measured here: the agent's own
+        # per-second gauge needs a scrape a few seconds earlier, which nothing may have done.
+        started = time.monotonic()
+        time.sleep(args.window)
         text = fetch(config.health.port)
+        elapsed = time.monotonic() - started
     except AgentUnreachable as exc:
         return _fail(f"{exc}\n  is the agent running? (systemctl status edge-agent)", 1)
-    print(text if args.prometheus else render(parse_metrics(text)))
+    before, after = parse_metrics(first), parse_metrics(text)
+    rates = Rates.between(before, after, elapsed)
+    if args.json:
+        print(json.dumps(as_json(after, rates)))
+    else:
+        print(render(after, rates, all_equipment=args.all))
     return 0
 
 
@@ -217,6 +235,12 @@ def cmd_buffer_stats(args: argparse.Namespace) -> int:
     from buffer.outbox import Outbox
 
     config = _config(args.config)
+    if not config.outbox_path.exists():
+        return _fail(
+            f"no outbox at {config.outbox_path} yet (the agent has not run with this "
+            "configuration)",
+            1,
+        )
     outbox = Outbox(
         config.outbox_path,
         max_bytes=config.outbox.max_bytes,
@@ -246,9 +270,46 @@ def cmd_buffer_stats(args: argparse.Namespace) -> int:
     }
     if args.json:
         print(json.dumps(data))
-    else:
-        for key, value in data.items():
-            print(f"{key:<24} {value}")
+        return 0
+    from agent import readable
+    from agent.status import table
+
+    oldest = stats.oldest_unacked_age_s
+    rows = [
+        ["file", f"{config.outbox_path} (epoch {stats.epoch})"],
+        [
+            "waiting to be acked",
+            f"{readable.count(stats.depth)} batches, {readable.count(stats.events)} events, "
+            f"{readable.size(stats.bytes)}",
+        ],
+        [
+            "oldest unacked",
+            readable.age(oldest, none="none (all acked)") if stats.depth else "none (all acked)",
+        ],
+        [
+            "room",
+            f"{readable.percent(stats.fill_ratio)} of {readable.size(stats.capacity_bytes)} "
+            f"used ({data['fill_level']}); when full: {config.outbox.when_full}",
+        ],
+        ["quota", readable.size(stats.max_bytes)],
+        [
+            "disk free",
+            f"{readable.size(stats.disk_free_bytes)} "
+            f"(the outbox leaves {readable.size(stats.min_free_bytes)} free)",
+        ],
+        [
+            "acked",
+            f"{readable.count(stats.acked_batches_total)} batches in all, up to seq "
+            f"{stats.acked_seq_high_water}; next seq {stats.next_seq}",
+        ],
+        [
+            "raw samples shed",
+            f"{readable.count(stats.shed_batches_total)} batches "
+            f"({readable.count(stats.shed_events_total)} events); "
+            f"{readable.count(stats.sheddable_batches)} could be shed now",
+        ],
+    ]
+    print(table("Outbox", None, rows))
     return 0
 
 
@@ -299,6 +360,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return run_replay(args)
 
 
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number of seconds within [low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g} seconds")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
@@ -311,6 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="the running agent's health and metrics as tables")
     p.add_argument("-c", "--config", help=f"{CONFIG_OPTION_HELP}; for the health port")
     p.add_argument("--prometheus", action="store_true", help="print the raw /metrics text")
+    p.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help=f"list every machine (above {SUMMARY_ABOVE}, only those not running are listed)",
+    )
+    p.add_argument(
+        "--window",
+        type=_seconds(0.1, 60),
+        default=1.0,
+        help="seconds between the two readings rates are measured over (default: 1)",
+    )
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("validate", help="check a configuration file and exit")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from agent import opcua_cli
+from agent import arguments, opcua_cli
 from agent.browse import add_parser as browse_parser
 from agent.check import add_parser as check_parser
 from agent.config import (
@@ -432,31 +432,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keys_rotate)
     p = keys.add_parser("status", help="key ids in use and unacked batches per key")
     p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one line of JSON")
     p.set_defaults(func=cmd_keys_status)
     opcua_cli.add_keys_parser(keys)
 
     buf = sub.add_parser("buffer", help="outbox").add_subparsers(dest="buffer", required=True)
     p = buf.add_parser("stats", help="depth, bytes, oldest unacked age, acked high-water mark")
     p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object, sizes in bytes (for scripts)"
+    )
     p.set_defaults(func=cmd_buffer_stats)
 
     sim = sub.add_parser("simulate", help="simulated PLCs").add_subparsers(
         dest="sim", required=True
     )
-    p = sim.add_parser("modbus", help="serve simulated presses over Modbus TCP")
-    p.add_argument("--machines", type=int, default=1)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5020)
-    p.add_argument("--cycle-time", type=float, default=1.0)
+    p = sim.add_parser(
+        "modbus",
+        help="serve simulated presses over Modbus TCP",
+        description="Serve simulated presses over Modbus TCP as units 1..N of one server "
+        "(holding registers: 0 state, 1-2 total count, 3-4 scrap count, 5 reason code; "
+        "see configs/demo-agent.yaml). Stops on Ctrl-C or SIGTERM.",
+    )
+    p.add_argument(
+        "--machines",
+        type=arguments.whole_number(1, arguments.MAX_UNIT_ID, "the number of machines"),
+        default=1,
+        help="presses to simulate, served as unit ids 1..N "
+        f"(at most {arguments.MAX_UNIT_ID}, the highest Modbus unit id; default 1)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument(
+        "--port", type=arguments.port, default=5020, help="TCP port, 1..65535 (default 5020)"
+    )
+    p.add_argument(
+        "--cycle-time",
+        type=arguments.cycle_time,
+        default=1.0,
+        help="seconds per part at full speed, e.g. 2s or 500ms (default 1s; at most 24h)",
+    )
     p.add_argument(
         "--time-scale",
-        type=float,
+        type=arguments.time_scale,
         default=1.0,
-        help="scales the duration of each machine state (0.2 = five times faster)",
+        help="scales the duration of each machine state (0.2 = five times faster; default 1)",
     )
-    p.add_argument("--truth", help="write what the presses did to this JSON file on exit")
+    p.add_argument(
+        "--truth",
+        metavar="FILE",
+        help="write what the presses did (parts, scrap, seconds per state) to this JSON file "
+        "on exit",
+    )
     p.set_defaults(func=cmd_simulate)
     opcua_cli.add_simulate_parser(sim)
     return parser

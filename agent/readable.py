@@ -53,6 +53,8 @@ def rate(per_second: float | None, unit: str = "") -> str:
     if per_second is None:
         return "-"
     suffix = f" {unit}/s" if unit else "/s"
+    if per_second == 0:
+        return f"0{suffix}"
     if per_second >= 100:
         return f"{per_second:.0f}{suffix}"
     if per_second >= 1:

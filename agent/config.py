@@ -428,12 +428,18 @@ def expand_env(node: Any, path: str) -> Any:
     return _substitute(node, (path,), dict(os.environ))
 
 
-def _line_index(text: str) -> dict[tuple[str, ...], int]:
-    """YAML path -> 1-based line, so errors can point into the file."""
-    lines: dict[tuple[str, ...], int] = {}
+Position = tuple[int, int]  # 1-based line, 0-based column
+
+
+def _line_index(text: str) -> dict[tuple[str, ...], Position]:
+    """YAML path -> where it is written, so errors can point into the file."""
+    lines: dict[tuple[str, ...], Position] = {}
+
+    def at(mark: yaml.Mark) -> Position:
+        return mark.line + 1, mark.column
 
     def walk(node: yaml.Node, path: tuple[str, ...], merged: bool = False) -> None:
-        lines.setdefault(path, node.start_mark.line + 1)
+        lines.setdefault(path, at(node.start_mark))
         if isinstance(node, yaml.MappingNode):
             merges: list[yaml.Node] = []
             for key, value in node.value:
@@ -442,9 +448,9 @@ def _line_index(text: str) -> dict[tuple[str, ...], int]:
                     continue
                 sub = (*path, str(key.value))
                 if merged:
-                    lines.setdefault(sub, key.start_mark.line + 1)
+                    lines.setdefault(sub, at(key.start_mark))
                 else:
-                    lines[sub] = key.start_mark.line + 1
+                    lines[sub] = at(key.start_mark)
                 walk(value, sub, merged)
             # `<<: *anchor`: the keys it brings are where the anchor wrote them, unless the
             # mapping itself sets them.
@@ -523,15 +529,16 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f"; did you mean `{close[0]}`?" if close else ""
 
 
-def _raw_problems(
-    exc: ValidationError, lines: dict[tuple[str, ...], int]
-) -> list[tuple[Loc, str, int | None]]:
-    def line_of(loc: Loc) -> int | None:
+Found = tuple[Loc, str, Position | None]  # a problem before merging: path, reason, position
+
+
+def _raw_problems(exc: ValidationError, lines: dict[tuple[str, ...], Position]) -> list[Found]:
+    def line_of(loc: Loc) -> Position | None:
         return _line_of(lines, loc)
 
     errors = exc.errors()
     missing = {_yaml_loc(e["loc"]) for e in errors if e["type"] == "missing"}
-    out: list[tuple[Loc, str, int | None]] = []
+    out: list[Found] = []
     for err in errors:
         loc = _yaml_loc(err["loc"])
         cause = (err.get("ctx") or {}).get("error")
@@ -561,22 +568,19 @@ def _raw_problems(
     return [p for p in out if not (p[1] == "Field required" and p[0] in explained)]
 
 
-def _merge(problems: list[tuple[Loc, str, int | None]]) -> list[Problem]:
+def _merge(problems: list[Found]) -> list[Problem]:
     """One line per problem. A YAML anchor used by several equipment puts one mistake at
-    several paths: it is reported once, at its line, naming the others that share it."""
-    groups: dict[tuple[object, ...], list[Loc]] = {}
-    for loc, reason, line in problems:
-        key: tuple[object, ...] = (line, reason, loc[-1:]) if line else (loc, reason)
-        groups.setdefault(key, []).append(loc)
+    several paths: it is reported once, where it is written, naming the others it reaches."""
+    groups: dict[tuple[object, ...], tuple[Position | None, str, list[Loc]]] = {}
+    for loc, reason, pos in problems:
+        key: tuple[object, ...] = (pos, reason, loc[-1:]) if pos else (loc, reason)
+        groups.setdefault(key, (pos, reason, []))[2].append(loc)
     out = []
-    for key, locs in groups.items():
+    for pos, reason, locs in groups.values():
         first = dotted(locs[0])
-        reason = str(key[1])
-        line = key[0] if isinstance(key[0], int) else None
-        if len(locs) > 1:
-            others = [_differing_head(dotted(loc), first) for loc in locs[1:]]
-            reason += f" (the same line serves {', '.join(others)})"
-        out.append(Problem(first, line, reason))
+        others = [_differing_head(dotted(loc), first) for loc in locs[1:]]
+        shared = f" (the same line serves {', '.join(others)})" if others else ""
+        out.append(Problem(first, pos[0] if pos else None, reason + shared))
     out.sort(key=lambda p: (p.line or 0, p.path))
     return out
 
@@ -622,7 +626,7 @@ def parse_config(
     unset: list[tuple[Loc, str]] = []
     data = _substitute(data, (), dict(os.environ) if env is None else env, unset)
     lines = _line_index(text)
-    found: list[tuple[Loc, str, int | None]] = []
+    found: list[Found] = []
     config: AgentConfig | None = None
     try:
         config = AgentConfig.model_validate(data, context={"replay": replay})
@@ -663,7 +667,7 @@ def _overlaps(a: Loc, b: Loc) -> bool:
     return a[:n] == b[:n]
 
 
-def _line_of(lines: dict[tuple[str, ...], int], loc: Loc) -> int | None:
+def _line_of(lines: dict[tuple[str, ...], Position], loc: Loc) -> Position | None:
     keys = tuple(str(k) for k in loc)
     for n in range(len(keys), -1, -1):
         if (found := lines.get(keys[:n])) is not None:

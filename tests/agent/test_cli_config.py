@@ -178,3 +178,20 @@ def test_unit_zero_is_refused_on_a_serial_line() -> None:
         "equipment[0].unit (line 54): unit 0 is the broadcast address on a serial line: "
         "no device answers a read there; use the device's id, 1..247"
     ]
+
+
+def test_two_mistakes_on_one_line_stay_two() -> None:
+    """Only one mistake written once (in an anchor) is merged; the same typo written twice
+    on one line (flow style) is two problems."""
+    signals = "{state: {map: {0: idle, 1: running}}, total_count: {}}"
+    text = (
+        "agent: {id: a, site: s}\n"
+        f"equipment: [{{id: p1, colour: red, ideal_cycle_time: 1s, signals: {signals}}}, "
+        f"{{id: p2, colour: red, ideal_cycle_time: 1s, signals: {signals}}}]\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "flow.yaml", env={})
+    assert [str(p) for p in caught.value.problems] == [
+        "equipment[0].colour (line 2): unknown key `colour` (check the spelling)",
+        "equipment[1].colour (line 2): unknown key `colour` (check the spelling)",
+    ]

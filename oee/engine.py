@@ -588,8 +588,7 @@ class EquipmentEngine:
             # its first second of planned busy time is: before `at` when it had one, so a
             # replay window counts exactly the stops whose first such second it holds.
             self.stop_counted = any(
-                w.planned
-                for w in self.calendar.windows(from_us(self.state_since_us), from_us(at))
+                w.planned for w in self.calendar.windows(from_us(self.state_since_us), from_us(at))
             )
 
     def _bucket_at(self, t: int) -> _Bucket:

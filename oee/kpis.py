@@ -47,14 +47,10 @@ class KpiDefinition:
 
 KPI_DEFINITIONS: tuple[KpiDefinition, ...] = (
     KpiDefinition("availability", "production_s / planned_busy_s", "Availability (A)", "ratio"),
-    KpiDefinition(
-        "performance", "ideal_produced_s / production_s", "Effectiveness (E)", "ratio"
-    ),
+    KpiDefinition("performance", "ideal_produced_s / production_s", "Effectiveness (E)", "ratio"),
     KpiDefinition("quality", "ideal_good_s / ideal_produced_s", "Quality ratio (QR)", "ratio"),
     KpiDefinition("oee", "ideal_good_s / planned_busy_s (= A x P x Q)", "OEE index", "ratio"),
-    KpiDefinition(
-        "nee", "(production_s + setup_s) / planned_busy_s x P x Q", "NEE index", "ratio"
-    ),
+    KpiDefinition("nee", "(production_s + setup_s) / planned_busy_s x P x Q", "NEE index", "ratio"),
     KpiDefinition(
         "technical_efficiency",
         "production_s / (production_s + downtime_s)",

@@ -4,6 +4,7 @@ the parts' KPIs is not)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from datetime import timedelta
 from typing import Any
@@ -173,7 +174,7 @@ def bucket_components(draw: st.DrawFn) -> tuple[Components, float]:
     planned_us = draw(st.integers(0, length_us))
     cuts = sorted(draw(st.integers(0, planned_us)) for _ in range(3))
     edges = [0, *cuts, planned_us]
-    production, setup, fault, idle = ((hi - lo) / 1e6 for lo, hi in zip(edges, edges[1:]))
+    production, setup, fault, idle = ((hi - lo) / 1e6 for lo, hi in itertools.pairwise(edges))
     length, planned = length_us / 1e6, planned_us / 1e6
     produced = draw(st.integers(0, 120))
     scrap = draw(st.integers(0, produced))
@@ -203,13 +204,11 @@ def same_kpis(a: dict[str, Any], b: dict[str, Any]) -> None:
 def test_pooling_any_split_gives_the_whole_window(
     buckets: list[tuple[Components, float]], data: st.DataObject
 ) -> None:
-    whole = kpis(
-        Components.pool(c for c, _ in buckets), math.fsum(length for _, length in buckets)
-    )
+    whole = kpis(Components.pool(c for c, _ in buckets), math.fsum(length for _, length in buckets))
     # Any split into consecutive parts (shifts, days) and any regrouping (machines).
     cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(buckets) - 1)), max_size=5)))
     bounds = [0, *[c for c in cuts if c < len(buckets)], len(buckets)]
-    parts = [buckets[i:j] for i, j in zip(bounds, bounds[1:], strict=False) if i < j]
+    parts = [buckets[i:j] for i, j in itertools.pairwise(bounds) if i < j]
     part_totals = [
         (Components.pool(c for c, _ in part), math.fsum(length for _, length in part))
         for part in parts

@@ -858,12 +858,17 @@ class EquipmentEngine:
         self.state_since_us = at
         self.stop_judged = not (new in STOP_STATES and self._threshold_us is not None)
         self.stop_counted = False
-        if new in STOP_STATES:
-            # Counted now, with the state change, when it starts in planned busy time (so
-            # counting costs no checkpoint write of its own); else at its first such second.
-            bucket = self._bucket_at(at)
-            if bucket.shift is not None:
-                self._count_stop(bucket)
+        # A stop is counted with its state change when its bucket is open and planned (so
+        # that counting costs no checkpoint write of its own), else where time first accrues
+        # in planned busy time, which opens that bucket anyway (_credit_time).
+        bucket = self._cur
+        if (
+            new in STOP_STATES
+            and bucket is not None
+            and bucket.start <= at < bucket.end
+            and bucket.shift is not None
+        ):
+            self._count_stop(bucket)
         if self.count_events:
             self._state_event(previous, at, raw=raw, reason=reason)
 

@@ -134,5 +134,7 @@ def select(names: Iterable[str] | None) -> tuple[str, ...]:
     wanted = {n.strip() for n in names if n.strip()}
     unknown = sorted(wanted - set(KPI_NAMES))
     if unknown:
-        raise ValueError(f"unknown KPI {', '.join(unknown)}; known: {', '.join(KPI_NAMES)}")
+        # Shown escaped and cut: the names come from a request.
+        shown = ", ".join(repr(n[:40]) for n in unknown[:3])
+        raise ValueError(f"unknown KPI {shown}; known: {', '.join(KPI_NAMES)}")
     return tuple(n for n in KPI_NAMES if n in wanted) if wanted else KPI_NAMES

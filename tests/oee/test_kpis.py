@@ -156,7 +156,7 @@ def test_select_names_in_catalogue_order() -> None:
     assert select(None) == KPI_NAMES
     assert select(["mttr_s", "oee", " "]) == ("oee", "mttr_s")
     assert select([]) == KPI_NAMES
-    with pytest.raises(ValueError, match="unknown KPI mtbf"):
+    with pytest.raises(ValueError, match="unknown KPI 'mtbf'"):
         select(["mtbf", "oee"])
     assert [d.name for d in KPI_DEFINITIONS] == list(KPI_NAMES)
     assert len(set(KPI_NAMES)) == len(KPI_NAMES)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import structlog
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
@@ -30,6 +31,16 @@ from sync.uplink import BrokerSettings
 PG_ADMIN = os.environ.get("TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 MQTT_HOST = os.environ.get("TEST_MQTT_HOST", "127.0.0.1")
 MQTT_PORT = int(os.environ.get("TEST_MQTT_PORT", "1883"))
+
+
+@pytest.fixture(autouse=True)
+def _structlog_configuration() -> Iterator[None]:
+    """A test that runs a CLI in the test process configures structlog for the whole process
+    (`edge-agent check` filters below errors); the next test starts from the configuration
+    before it, or a test that captures warnings sees none."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cloud_api.revocations import REFRESH_S
+from cloud_api.access.revocations import REFRESH_S
 
 
 class ConfigError(Exception):

@@ -16,7 +16,7 @@ from psycopg_pool import ConnectionPool
 
 from cloud_api.config import DatabaseSettings
 from cloud_api.db import make_pool, migrate
-from cloud_api.ingest import BatchStore, IngestWorker
+from cloud_api.ingest.worker import BatchStore, IngestWorker
 from sync.keys import (
     CloudKeyring,
     ed25519_line,
@@ -110,7 +110,7 @@ def bearer(
     by the cloud's token key in `keys_dir` (created there if missing)."""
     from datetime import timedelta
 
-    from cloud_api.auth import TokenKeyring, generate_token_key, issue_token, parse_role
+    from cloud_api.access.auth import TokenKeyring, generate_token_key, issue_token, parse_role
     from cloud_api.config import SecuritySettings
 
     ring = TokenKeyring.load(keys_dir) if keys_dir.is_dir() else None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from psycopg_pool import ConnectionPool
 
-from cloud_api.ingest import BatchStore
+from cloud_api.ingest.worker import BatchStore
 from connectors.sample import Sample
 from oee.calendar import ShiftCalendar
 from oee.components import Components

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cloud_api.cache import LruMap
+from cloud_api.api.cache import LruMap
 
 
 def test_entries_are_bounded_least_recently_used_first() -> None:

@@ -21,10 +21,10 @@ import uvicorn
 from psycopg_pool import ConnectionPool
 
 from cloud_api import cli
-from cloud_api.app import create_app
-from cloud_api.auth import TokenKeyring, generate_token_key, issue_token
+from cloud_api.access.auth import TokenKeyring, generate_token_key, issue_token
+from cloud_api.api.app import create_app
+from cloud_api.api.marks import DataMarks
 from cloud_api.config import CloudSettings, DatabaseSettings
-from cloud_api.marks import DataMarks
 from connectors.sample import Sample
 from oee.components import Components, ratios
 from oee.events import AgentEvent, CountEvent, OeeEvent

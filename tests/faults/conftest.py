@@ -14,7 +14,7 @@ from psycopg_pool import ConnectionPool
 
 from cloud_api.config import DatabaseSettings
 from cloud_api.db import make_pool
-from cloud_api.ingest import BatchStore, IngestWorker
+from cloud_api.ingest.worker import BatchStore, IngestWorker
 from connectors.modbus.simulator import Press, PressLine
 from sync.keys import (
     SUITES,

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from psycopg_pool import ConnectionPool
 
 from buffer.outbox import Outbox
-from cloud_api.ingest import BatchStore, IngestWorker
+from cloud_api.ingest.worker import BatchStore, IngestWorker
 from sync.keys import (
     SUITE_X25519,
     AgentKeys,

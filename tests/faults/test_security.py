@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 from psycopg_pool import ConnectionPool
 
-from cloud_api.ingest import BatchStore
+from cloud_api.ingest.worker import BatchStore
 from oee.events import dump_events
 from sync.envelope import AckBody, EnvelopeHeader, parse_header, seal, sign_ack
 from sync.keys import CloudKeyring, CloudPrivateKey, ed25519_key_id, ed25519_line

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from cloud_api.cache import ResultCache
-from cloud_api.routes import analytics, fleet
+from cloud_api.api.cache import ResultCache
+from cloud_api.api.routes import analytics, fleet
 
 __all__ = ["install_routes"]
 

@@ -28,10 +28,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cloud_api import headers as request_headers
 from cloud_api import metrics
-from cloud_api.cache import LruMap
-from cloud_api.marks import DataMarks
+from cloud_api.access import headers as request_headers
+from cloud_api.api.cache import LruMap
+from cloud_api.api.marks import DataMarks
 
 _DROPPED = frozenset({b"server-timing", b"content-length"})
 

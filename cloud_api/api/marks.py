@@ -43,8 +43,8 @@ from datetime import date, timedelta
 import psycopg
 import structlog
 
-from cloud_api.cache import LruMap
-from cloud_api.queries import Member
+from cloud_api.api.cache import LruMap
+from cloud_api.api.queries import Member
 
 log = structlog.get_logger("cloud_api.marks")
 

@@ -9,13 +9,12 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import APIRouter, Query, Request, Response
 
-from cloud_api import headers as request_headers
-from cloud_api import queries
-from cloud_api.answers import Answers
-from cloud_api.cache import ResultCache
-from cloud_api.marks import DataMarks
-from cloud_api.problems import invalid_parameter
-from cloud_api.queries import (
+from cloud_api.access import headers as request_headers
+from cloud_api.api import queries
+from cloud_api.api.answers import Answers
+from cloud_api.api.cache import ResultCache
+from cloud_api.api.marks import DataMarks
+from cloud_api.api.queries import (
     INTERVAL_SECONDS,
     MAX_POINTS,
     STOP_STATES,
@@ -25,7 +24,7 @@ from cloud_api.queries import (
     Interval,
     ScopeKind,
 )
-from cloud_api.routes.common import (
+from cloud_api.api.routes.common import (
     EARLIEST,
     LATEST,
     MAX_ZONE_NAME,
@@ -36,6 +35,7 @@ from cloud_api.routes.common import (
     window,
     zone,
 )
+from cloud_api.problems import invalid_parameter
 from oee.components import QUANTITY_FIELDS, Components
 
 router = APIRouter(prefix="/v1", tags=["oee"])

@@ -22,7 +22,7 @@ from typing import Protocol
 import structlog
 
 from cloud_api import metrics
-from cloud_api.cache import LruMap
+from cloud_api.api.cache import LruMap
 from cloud_api.config import FailureLimit
 
 log = structlog.get_logger("cloud_api.ratelimit")

@@ -19,14 +19,15 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cloud_api import metrics, security
-from cloud_api.answers import Answers, AnswersMiddleware
+from cloud_api import metrics
+from cloud_api.access import security
+from cloud_api.api.answers import Answers, AnswersMiddleware
+from cloud_api.api.dashboard import install_dashboard
+from cloud_api.api.marks import DataMarks
+from cloud_api.api.routes import install_routes
+from cloud_api.api.routes.common import window
 from cloud_api.config import CloudSettings
-from cloud_api.dashboard import install_dashboard
 from cloud_api.db import make_pool, with_retry
-from cloud_api.marks import DataMarks
-from cloud_api.routes import install_routes
-from cloud_api.routes.common import window
 from oee.components import COMPONENT_FIELDS, Components
 
 SUMS = sql.SQL(", ").join(

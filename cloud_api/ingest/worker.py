@@ -44,10 +44,11 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
 
-from cloud_api import derived, metrics, tracing
+from cloud_api import metrics, tracing
+from cloud_api.access.revocations import CredentialStamp
 from cloud_api.db import TRANSIENT, with_retry
-from cloud_api.revocations import CredentialStamp
-from cloud_api.sequence import record_batch_seq, record_declared_losses
+from cloud_api.ingest import derived
+from cloud_api.ingest.sequence import record_batch_seq, record_declared_losses
 from oee.components import COMPONENT_FIELDS
 from oee.events import EVENT_LIST_ADAPTER, Event, OeeEvent, load_events
 from sync.envelope import (

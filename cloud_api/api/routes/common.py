@@ -19,12 +19,12 @@ from fastapi import HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from psycopg_pool import ConnectionPool
 
-from cloud_api import headers as request_headers
 from cloud_api import metrics
-from cloud_api.answers import etag_matches
+from cloud_api.access import headers as request_headers
+from cloud_api.api.answers import etag_matches
+from cloud_api.api.queries import Ambiguous, Conn, NotFound
 from cloud_api.db import with_retry
 from cloud_api.problems import invalid_parameter
-from cloud_api.queries import Ambiguous, Conn, NotFound
 
 T = TypeVar("T")
 

@@ -8,10 +8,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
-from cloud_api import queries
+from cloud_api.api import queries
+from cloud_api.api.queries import Conn, ScopeKind
+from cloud_api.api.routes.common import allowed_sites, db, respond, window
 from cloud_api.problems import invalid_parameter
-from cloud_api.queries import Conn, ScopeKind
-from cloud_api.routes.common import allowed_sites, db, respond, window
 
 router = APIRouter(prefix="/v1", tags=["fleet"])
 EVENT_KINDS = ("state", "count", "oee", "sample", "agent")

@@ -35,14 +35,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from psycopg_pool import ConnectionPool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cloud_api import headers as request_headers
 from cloud_api import tracing
-from cloud_api.auth import Authenticator, Permission, Principal
+from cloud_api.access import headers as request_headers
+from cloud_api.access.auth import Authenticator, Permission, Principal
+from cloud_api.access.pii import PiiKeyring
+from cloud_api.access.ratelimit import FailureThrottle, RateLimiter
+from cloud_api.api.ops_stats import RequestStats
 from cloud_api.config import CloudSettings, RateTier, SecuritySettings
-from cloud_api.ops_stats import RequestStats
-from cloud_api.pii import PiiKeyring
 from cloud_api.problems import Problem, database_unavailable, problem_response
-from cloud_api.ratelimit import FailureThrottle, RateLimiter
 
 log = structlog.get_logger("cloud_api.security")
 
@@ -468,7 +468,9 @@ def _with_security_scheme(app: FastAPI) -> None:
 
 def install(app: FastAPI, settings: CloudSettings) -> SecurityState:
     """Put the perimeter around `app` (call after the routes and other middleware exist)."""
-    from cloud_api import annotations, ops_stats, problems
+    from cloud_api import problems
+    from cloud_api.api import ops_stats
+    from cloud_api.api.routes.annotations import router as annotations_router
 
     tracing.configure(settings.tracing)
     state = SecurityState(app, settings)
@@ -477,7 +479,7 @@ def install(app: FastAPI, settings: CloudSettings) -> SecurityState:
         app.state.pool = scoped_pool(app.state.pool, settings.security)
     problems.install(app)
     app.include_router(ops_stats.router(require("ops")))
-    app.include_router(annotations.router)
+    app.include_router(annotations_router)
     _with_security_scheme(app)
     app.add_middleware(SecurityMiddleware, state=state)
     # Outermost: a preflight carries no credentials, so it is answered before authentication.

@@ -40,10 +40,10 @@ from fastapi.concurrency import run_in_threadpool
 from psycopg_pool import ConnectionPool
 from starlette.requests import Request
 
-from cloud_api.cache import LruMap
+from cloud_api.access.revocations import CredentialStamp
+from cloud_api.api.cache import LruMap
 from cloud_api.config import JwksSettings, Role, SecuritySettings
 from cloud_api.problems import DATABASE_RETRY_AFTER_S, Problem
-from cloud_api.revocations import CredentialStamp
 from sync.keys import (
     KeyFileError,
     ed25519_key_id,

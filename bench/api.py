@@ -103,7 +103,7 @@ def register(url: str) -> None:
                 (agent, site),
             )
             equipment = [
-                {"id": eq, "line": line, "reasons": dict(enumerate(REASONS, 1))}
+                {"id": eq, "line": line, "reasons": {str(c): r for c, r in enumerate(REASONS, 1)}}
                 for s, line, eq in machines()
                 if s == site
             ]

@@ -1,11 +1,12 @@
-"""The HTTP API's security perimeter, installed on the app by `install(app, settings)`.
+"""The HTTP API's security perimeter: who the caller is, what it may do, and what it sees.
 
-One ASGI middleware, outermost, wraps every request: the one parse of its headers (a repeated
-header the API reads is refused, cloud_api/headers.py), trace span and id, body size limit,
-authentication and rate limiting of every `/v1/...` path (health, readiness, metrics, OpenAPI
-and the dashboard's static page stay public), the default permission (GET/HEAD need `read`,
-any other method `write`), security headers, closed CORS unless origins are configured,
-problem+json for anything that escapes a route, and request statistics.
+- `AuthMiddleware` authenticates every `/v1/...` request (health, readiness, metrics, OpenAPI
+  and the dashboard's static page stay public), counts it against its role's rate limit and
+  checks the default permission (GET/HEAD need `read`, any other method `write`);
+- `SecurityHeadersMiddleware` puts the security headers on every answer;
+- `add_security_schemes` declares the credentials in the OpenAPI document.
+`create_app` (cloud_api/api/app.py) stacks them with the other middlewares; closed CORS unless
+origins are configured.
 
 The caller's scope reaches PostgreSQL too: `SitePool` wraps the app's pool so each checkout
 is a transaction that runs as the API's database role with `app.sites` set to the caller's
@@ -19,19 +20,14 @@ sites are also in `request.state.sites`) and ask for more than the default with
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Annotated, Any
-from urllib.parse import unquote
 
 import psycopg
-import structlog
-from fastapi import Depends, FastAPI, Request
-from fastapi.middleware.cors import CORSMiddleware
+from fastapi import Depends, Request
 from psycopg_pool import ConnectionPool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,11 +36,8 @@ from cloud_api.access import headers as request_headers
 from cloud_api.access.auth import Authenticator, Permission, Principal
 from cloud_api.access.pii import PiiKeyring
 from cloud_api.access.ratelimit import FailureThrottle, RateLimiter
-from cloud_api.api.ops_stats import RequestStats
 from cloud_api.config import CloudSettings, RateTier, SecuritySettings
-from cloud_api.problems import Problem, database_unavailable, problem_response
-
-log = structlog.get_logger("cloud_api.security")
+from cloud_api.problems import Problem, problem_response
 
 _SCOPE: ContextVar[str] = ContextVar("db_site_scope", default="")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -165,24 +158,20 @@ def require(permission: Permission) -> Callable[[Principal], Awaitable[Principal
     return check
 
 
-# --- the middleware -------------------------------------------------------------------------
-
-
-class BodyTooLarge(Exception):
-    pass
+# --- the middlewares -------------------------------------------------------------------------
 
 
 class SecurityState:
-    """What the middleware needs, kept on `app.state.security` (tests adjust the clock)."""
+    """What the security middlewares need, kept on `app.state.security` (tests adjust the
+    limiter's clock)."""
 
-    def __init__(self, app: FastAPI, settings: CloudSettings) -> None:
+    def __init__(self, settings: CloudSettings, pool: Callable[[], Any]) -> None:
         self.settings = settings.security
-        self.auth = Authenticator(settings.security, settings.keys_dir, lambda: app.state.pool)
+        self.auth = Authenticator(settings.security, settings.keys_dir, pool)
         self.limiter = RateLimiter(
             redis_url=settings.security.redis_url, prefix=settings.security.redis_prefix
         )
         self.failures = FailureThrottle(self.limiter, settings.security.auth_failures)
-        self.stats = RequestStats()
         self.keys_dir = settings.keys_dir
         self._pii: PiiKeyring | None = None
 
@@ -196,162 +185,109 @@ class SecurityState:
         return self.settings.rate_limits[principal.role]
 
 
-class SecurityMiddleware:
-    def __init__(self, app: ASGIApp, state: SecurityState) -> None:
+class SecurityHeadersMiddleware:
+    """The security headers every answer gets (those a route set itself are kept): a strict
+    Content-Security-Policy for the API, one that lets the dashboard load its own files for
+    HTML and the public pages, nosniff, no framing, no referrer, and HSTS unless disabled."""
+
+    def __init__(self, app: ASGIApp, settings: SecuritySettings) -> None:
         self.app = app
-        self.state = state
-        self._api_headers = self._build_headers(API_CSP)
-        self._dashboard_headers = self._build_headers(DASHBOARD_CSP)
+        self._api_headers = _build_headers(API_CSP, settings.hsts_seconds)
+        self._dashboard_headers = _build_headers(DASHBOARD_CSP, settings.hsts_seconds)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
         path: str = scope.get("path", "")
-        method: str = scope.get("method", "GET")
-        headers = request_headers.of(scope).values
-        state: MutableMapping[str, Any] = scope.setdefault("state", {})
-        status_box = {"status": 500, "cache_hit": False, "started": False, "too_large": False}
-        with tracing.request_span(method, path, headers) as (span, trace_id):
-            state["trace_id"] = trace_id
-            extra_headers: dict[str, str] = {"X-Trace-Id": trace_id}
 
-            async def send_wrapped(message: Message) -> None:
-                if status_box["too_large"]:
-                    # The body outgrew the limit while a route read it; whatever the route made
-                    # of that (FastAPI answers 400), the answer is 413.
-                    if message["type"] == "http.response.start" and not status_box["started"]:
-                        status_box["started"] = True
-                        await self._too_large(path, trace_id)(scope, receive, send_inner)
-                    return
-                await send_inner(message)
+        async def send_secured(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                raw = list(message.get("headers", []))
+                present = set()
+                content_type = b""
+                for k, v in raw:
+                    name = k.lower()
+                    present.add(name)
+                    if name == b"content-type":
+                        content_type = v
+                html = content_type.startswith(b"text/html")
+                for name, value in self._fixed_headers(path, html):
+                    if name not in present:
+                        raw.append((name, value))
+                message = {**message, "headers": raw}
+            await send(message)
 
-            async def send_inner(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    status_box["started"] = True
-                    status_box["status"] = message["status"]
-                    raw = list(message.get("headers", []))
-                    present = set()
-                    content_type = b""
-                    for k, v in raw:
-                        name = k.lower()
-                        present.add(name)
-                        if name == b"content-type":
-                            content_type = v
-                        elif name == b"server-timing" and b'desc="hit"' in v:
-                            status_box["cache_hit"] = True
-                    if message["status"] == 304:
-                        status_box["cache_hit"] = True
-                    html = content_type.startswith(b"text/html")
-                    for name, value in self._fixed_headers(path, html):
-                        if name not in present:
-                            raw.append((name, value))
-                    for name_s, value_s in extra_headers.items():
-                        name = name_s.lower().encode()
-                        if name not in present:
-                            raw.append((name, value_s.encode("latin-1")))
-                    message = {**message, "headers": raw}
-                await send(message)
-
-            scope_token = _SCOPE.set("")
-            try:
-                refusal = await self._admit(scope, path, method, headers, state, extra_headers)
-                if refusal is not None:
-                    await refusal(scope, receive, send_wrapped)
-                else:
-                    await self.app(scope, self._limited(receive, status_box), send_wrapped)
-            except BodyTooLarge:
-                if status_box["started"]:
-                    raise
-                await self._too_large(path, trace_id)(scope, receive, send_wrapped)
-            except psycopg.OperationalError:
-                # Met outside a route (authentication reads API keys and revocations).
-                if status_box["started"]:
-                    raise
-                await database_unavailable(path, trace_id)(scope, receive, send_wrapped)
-            except Exception:
-                log.exception("unhandled error in a request", path=path[:200], method=method)
-                if status_box["started"]:
-                    raise
-                response = problem_response(
-                    500,
-                    "the server failed to answer this request; quote the trace id to support",
-                    slug="internal-error",
-                    instance=path,
-                    trace_id=trace_id,
-                )
-                await response(scope, receive, send_wrapped)
-            finally:
-                _SCOPE.reset(scope_token)
-                status = int(status_box["status"])
-                span.set_attribute("http.response.status_code", status)
-                route = scope.get("route")
-                self.state.stats.record(
-                    getattr(route, "path", "unmatched"),
-                    method,
-                    status,
-                    (time.perf_counter() - started) * 1000,
-                    cache_hit=bool(status_box["cache_hit"]),
-                )
+        await self.app(scope, receive, send_secured)
 
     def _fixed_headers(self, path: str, html: bool) -> tuple[tuple[bytes, bytes], ...]:
-        """The security headers every response gets (built once per kind of response)."""
         dashboard = html or not (path.startswith(PROTECTED_PREFIX) or path.startswith("/openapi"))
         return self._dashboard_headers if dashboard else self._api_headers
 
-    def _build_headers(self, csp: str) -> tuple[tuple[bytes, bytes], ...]:
-        out = {
-            "X-Content-Type-Options": "nosniff",
-            "X-Frame-Options": "DENY",
-            "Referrer-Policy": "no-referrer",
-            "Cross-Origin-Opener-Policy": "same-origin",
-            "Cross-Origin-Resource-Policy": "same-origin",
-            "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
-            "Content-Security-Policy": csp,
-        }
-        if self.state.settings.hsts_seconds:
-            out["Strict-Transport-Security"] = (
-                f"max-age={self.state.settings.hsts_seconds}; includeSubDomains"
-            )
-        return tuple((k.lower().encode(), v.encode("latin-1")) for k, v in out.items())
 
-    def _too_large(self, path: str, trace_id: str) -> ASGIApp:
-        return problem_response(
-            413,
-            f"the request body exceeds {self.state.settings.max_body_bytes} bytes",
-            slug="body-too-large",
-            instance=path,
-            trace_id=trace_id,
-        )
+def _build_headers(csp: str, hsts_seconds: int) -> tuple[tuple[bytes, bytes], ...]:
+    out = {
+        "X-Content-Type-Options": "nosniff",
+        "X-Frame-Options": "DENY",
+        "Referrer-Policy": "no-referrer",
+        "Cross-Origin-Opener-Policy": "same-origin",
+        "Cross-Origin-Resource-Policy": "same-origin",
+        "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+        "Content-Security-Policy": csp,
+    }
+    if hsts_seconds:
+        out["Strict-Transport-Security"] = f"max-age={hsts_seconds}; includeSubDomains"
+    return tuple((k.lower().encode(), v.encode("latin-1")) for k, v in out.items())
 
-    def _limited(self, receive: Receive, box: dict[str, Any]) -> Receive:
-        limit = self.state.settings.max_body_bytes
-        seen = 0
 
-        async def wrapped() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    box["too_large"] = True
-                    raise BodyTooLarge
-            return message
+class AuthMiddleware:
+    """Every `/v1/...` request is authenticated (bearer token or API key), counted against its
+    role's rate limit and checked for the default permission (GET/HEAD need `read`, any other
+    method `write`); health, readiness, metrics, OpenAPI and the dashboard stay public.
 
-        return wrapped
+    An address with too many failed authentications is refused (429) before its credential is
+    read. The caller's principal and sites go into the request's state, and its database
+    scope into a context variable that the scoped pool reads (`SitePool`).
+    """
+
+    def __init__(self, app: ASGIApp, state: SecurityState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        extra_headers: list[tuple[bytes, bytes]] = []
+
+        async def send_with_limits(message: Message) -> None:
+            if extra_headers and message["type"] == "http.response.start":
+                raw = list(message.get("headers", []))
+                present = {k.lower() for k, _ in raw}
+                raw.extend((k, v) for k, v in extra_headers if k not in present)
+                message = {**message, "headers": raw}
+            await send(message)
+
+        scope_token = _SCOPE.set("")
+        try:
+            refusal = None
+            if path.startswith(PROTECTED_PREFIX):
+                refusal = await self._admit(scope, path, extra_headers)
+            if refusal is not None:
+                await refusal(scope, receive, send_with_limits)
+            else:
+                await self.app(scope, receive, send_with_limits)
+        finally:
+            _SCOPE.reset(scope_token)
 
     async def _admit(
-        self,
-        scope: Scope,
-        path: str,
-        method: str,
-        headers: dict[str, str],
-        state: MutableMapping[str, Any],
-        extra_headers: dict[str, str],
+        self, scope: Scope, path: str, extra_headers: list[tuple[bytes, bytes]]
     ) -> ASGIApp | None:
         """None to let the request through, else the response that refuses it."""
-        trace_id = state["trace_id"]
+        state: MutableMapping[str, Any] = scope.setdefault("state", {})
+        headers = request_headers.of(scope).values
+        method: str = scope.get("method", "GET")
 
         def refuse(problem: Problem) -> ASGIApp:
             return problem_response(
@@ -359,28 +295,10 @@ class SecurityMiddleware:
                 problem.detail,
                 slug=problem.slug,
                 instance=path,
-                trace_id=trace_id,
+                trace_id=state.get("trace_id"),
                 headers=problem.headers,
             )
 
-        duplicate = request_headers.of(scope).duplicate_of
-        if duplicate is not None:
-            return refuse(
-                Problem(
-                    400,
-                    f"the {duplicate!r} header is repeated; send it once",
-                    slug="duplicate-header",
-                )
-            )
-        length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.state.settings.max_body_bytes:
-            return self._too_large(path, trace_id)
-        # PostgreSQL text cannot hold NUL; refuse it here instead of failing in a query.
-        raw_query = scope.get("query_string", b"").decode("latin-1")
-        if "\x00" in path or "%00" in raw_query or "\x00" in unquote(raw_query):
-            return refuse(Problem(400, "NUL characters are not allowed in the URL", slug="bad-url"))
-        if not path.startswith(PROTECTED_PREFIX):
-            return None
         address = _client_address(scope)
         wait = self.state.failures.blocked(address)
         if wait:
@@ -399,7 +317,10 @@ class SecurityMiddleware:
                 await self.state.failures.failed(address, _credential_kind(headers), problem.detail)
             return refuse(problem)
         decision = await self.state.limiter.check(principal.rate_key, self.state.tier(principal))
-        extra_headers.update(decision.headers(principal.role))
+        extra_headers.extend(
+            (k.lower().encode(), v.encode("latin-1"))
+            for k, v in decision.headers(principal.role).items()
+        )
         if not decision.allowed:
             return refuse(
                 Problem(
@@ -440,92 +361,20 @@ def _credential_kind(headers: dict[str, str]) -> str:
     return "token" if headers.get("authorization") else "none"
 
 
-def _with_security_scheme(app: FastAPI) -> None:
-    original = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = original()
-        components = schema.setdefault("components", {})
-        components.setdefault("securitySchemes", {}).update(
-            {
-                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
-                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-            }
-        )
-        for path, operations in schema.get("paths", {}).items():
-            if not path.startswith(PROTECTED_PREFIX):
-                continue
-            for operation in operations.values():
-                if isinstance(operation, dict):
-                    operation.setdefault("security", [{"bearer": []}, {"apiKey": []}])
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
-def install(app: FastAPI, settings: CloudSettings) -> SecurityState:
-    """Put the perimeter around `app` (call after the routes and other middleware exist)."""
-    from cloud_api import problems
-    from cloud_api.api import ops_stats
-    from cloud_api.api.routes.annotations import router as annotations_router
-
-    tracing.configure(settings.tracing)
-    state = SecurityState(app, settings)
-    app.state.security = state
-    if app.state.pool is not None:
-        app.state.pool = scoped_pool(app.state.pool, settings.security)
-    problems.install(app)
-    app.include_router(ops_stats.router(require("ops")))
-    app.include_router(annotations_router)
-    _with_security_scheme(app)
-    app.add_middleware(SecurityMiddleware, state=state)
-    # Outermost: a preflight carries no credentials, so it is answered before authentication.
-    if settings.security.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.security.cors_origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "X-API-Key", "If-None-Match"],
-            expose_headers=["ETag", "RateLimit", "RateLimit-Policy", "Retry-After", "X-Trace-Id"],
-            max_age=600,
-        )
-
-    inner = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(app_: Any) -> AsyncIterator[Any]:
-        async with inner(app_) as value:
-            # The app may create its pool in its own lifespan: scope it before serving.
-            if app.state.pool is not None:
-                app.state.pool = scoped_pool(app.state.pool, settings.security)
-            flusher = asyncio.create_task(_flush_loop(app, state))
-            try:
-                yield value
-            finally:
-                flusher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await flusher
-                await asyncio.to_thread(_flush_once, app, state)
-                await state.limiter.close()
-
-    app.router.lifespan_context = lifespan
-    return state
-
-
-def _flush_once(app: FastAPI, state: SecurityState) -> None:
-    try:
-        state.stats.flush(app.state.pool)
-    except psycopg.Error as exc:
-        log.warning("request statistics not stored", error=type(exc).__name__)
-
-
-async def _flush_loop(app: FastAPI, state: SecurityState, every_s: float = 15.0) -> None:
-    while True:
-        await asyncio.sleep(every_s)
-        # On the event loop, where refusals are noted: the count of a quiet address is
-        # logged even when no further request comes.
-        state.failures.log.flush_due()
-        await asyncio.to_thread(_flush_once, app, state)
+def add_security_schemes(schema: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI document with the two credentials (bearer token, API key) declared and
+    required on every `/v1/...` operation."""
+    components = schema.setdefault("components", {})
+    components.setdefault("securitySchemes", {}).update(
+        {
+            "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        }
+    )
+    for path, operations in schema.get("paths", {}).items():
+        if not path.startswith(PROTECTED_PREFIX):
+            continue
+        for operation in operations.values():
+            if isinstance(operation, dict):
+                operation.setdefault("security", [{"bearer": []}, {"apiKey": []}])
+    return schema

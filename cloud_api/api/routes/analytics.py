@@ -244,6 +244,40 @@ async def oee(
     )
 
 
+@router.get(
+    "/equipment/{equipment_id}/oee",
+    summary="OEE of one equipment over the whole window (the total of /v1/oee)",
+)
+async def equipment_oee(
+    request: Request,
+    equipment_id: str,
+    from_: Annotated[datetime, Query(alias="from", description="inclusive, ISO 8601")],
+    to: Annotated[datetime, Query(description="exclusive, ISO 8601")],
+    site: Annotated[str | None, Query(description="site id, if ids repeat")] = None,
+) -> dict[str, Any]:
+    start, end = window(from_, to)
+    sites = allowed_sites(request)
+    # The interval /v1/oee chooses by default: its total and this one are the same sums.
+    interval = queries.choose_interval(start, end, 1000)
+
+    def load(conn: Conn) -> tuple[list[Bucket], list[queries.Member]]:
+        members = queries.resolve_scope(conn, "equipment", equipment_id, site, sites)
+        buckets, _, _ = queries.oee_series(conn, members, start, end, interval, zone("UTC"), "none")
+        return buckets, members
+
+    buckets, members = await db(request, load)
+    total = queries.pooled(b.components for b in buckets)
+    return {
+        "equipment": equipment_id,
+        # The site the data came from; with none, the one asked for (if any).
+        "site": members[0].site_id if buckets else site,
+        "from": start.isoformat(),
+        "to": end.isoformat(),
+        **ratios_of(total),
+        "components": total.model_dump(),
+    }
+
+
 @router.get("/counts", summary="Produced, good, scrap and rework per interval")
 async def counts(
     request: Request,

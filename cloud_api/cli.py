@@ -203,7 +203,7 @@ def cmd_revoke_key(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from cloud_api.db import make_pool
-    from cloud_api.ingest.worker import BatchStore, IngestWorker
+    from cloud_api.ingest.worker import BatchWriter, IngestWorker
     from sync.uplink import BrokerSettings
 
     settings = _settings(args)
@@ -212,7 +212,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     tracing.configure(settings.tracing)
     print(f"cloud-api: {settings.database.describe()}", file=sys.stderr)
     pool = make_pool(settings.database, name="ingest", role=settings.security.ingest_db_role)
-    store = BatchStore(
+    store = BatchWriter(
         pool,
         ring,
         topic_prefix=settings.mqtt.topic_prefix,

@@ -16,7 +16,7 @@ from psycopg_pool import ConnectionPool
 
 from cloud_api.config import DatabaseSettings
 from cloud_api.db import make_pool, migrate
-from cloud_api.ingest.worker import BatchStore, IngestWorker
+from cloud_api.ingest.worker import BatchWriter, IngestWorker
 from sync.keys import (
     CloudKeyring,
     ed25519_line,
@@ -132,7 +132,7 @@ def bearer(
 def ingest(
     pool: ConnectionPool, cloud_keys: CloudKeyring, topic_prefix: str
 ) -> Iterator[IngestWorker]:
-    store = BatchStore(pool, cloud_keys, topic_prefix=topic_prefix)
+    store = BatchWriter(pool, cloud_keys, topic_prefix=topic_prefix)
     worker = IngestWorker(
         store,
         BrokerSettings(host=MQTT_HOST, port=MQTT_PORT),

@@ -32,9 +32,8 @@ from cloud_api.access.security import (
     scoped_pool,
 )
 from cloud_api.api import ops_stats
-from cloud_api.api.answers import Answers, AnswersMiddleware
+from cloud_api.api.cache import Answers, AnswersMiddleware, DataMarks
 from cloud_api.api.dashboard import install_dashboard
-from cloud_api.api.marks import DataMarks
 from cloud_api.api.middleware import (
     RequestLimitsMiddleware,
     RequestStatsMiddleware,

@@ -237,8 +237,10 @@ class AgentRegistry:
             return self._keys.get((agent_id, key_id))
 
 
-class BatchStore:
-    """The database half of ingest; usable without MQTT (tests, benchmarks)."""
+class BatchWriter:
+    """The database half of ingest: verifies, opens and writes one sealed batch to PostgreSQL
+    exactly once; usable without MQTT (tests, benchmarks). (The agent's outbox protocol is
+    sync.uplink.BatchStore; this is its counterpart on the cloud side.)"""
 
     def __init__(
         self,
@@ -585,7 +587,7 @@ class IngestWorker:
 
     def __init__(
         self,
-        store: BatchStore,
+        store: BatchWriter,
         broker: BrokerSettings,
         *,
         share_group: str = "ingest",

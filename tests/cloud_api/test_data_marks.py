@@ -13,7 +13,7 @@ from datetime import date
 import psycopg
 import pytest
 
-from cloud_api.api.marks import APPLICATION, DataMarks
+from cloud_api.api.cache import APPLICATION, DataMarks
 from cloud_api.api.queries import Member
 
 A1 = Member("site-a", "m1", "line-1")

@@ -11,9 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from cloud_api.access import headers as request_headers
 from cloud_api.api import queries
-from cloud_api.api.answers import Answers
-from cloud_api.api.cache import ResultCache
-from cloud_api.api.marks import DataMarks
+from cloud_api.api.cache import Answers, DataMarks, ResultCache
 from cloud_api.api.queries import (
     INTERVAL_SECONDS,
     MAX_POINTS,
@@ -165,7 +163,7 @@ async def _series(
         return (route, scope, ident, site, start, end, chosen, tz, group_by, visible, mark)
 
     # Scope members and watermark of a closed window, remembered while no change notification
-    # touched them (cloud_api/marks.py): a result-cache hit then needs no database at all.
+    # touched them (cloud_api/api/cache.py): a result-cache hit then needs no database at all.
     marks: DataMarks | None = getattr(request.app.state, "data_marks", None)
     span = queries.day_span(start, end)
     scope_key = (scope, ident, site, visible)

@@ -21,7 +21,7 @@ from psycopg_pool import ConnectionPool
 
 from cloud_api import metrics
 from cloud_api.access import headers as request_headers
-from cloud_api.api.answers import etag_matches
+from cloud_api.api.cache import etag_matches
 from cloud_api.api.queries import Ambiguous, Conn, NotFound
 from cloud_api.db import with_retry
 from cloud_api.problems import Problem, invalid_parameter

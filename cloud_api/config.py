@@ -142,7 +142,7 @@ class SecuritySettings(_Model):
     audience: str = "factory-edge-gateway-api"
     leeway_seconds: int = Field(default=30, ge=0, le=300)
     max_token_ttl_seconds: int = Field(default=90 * 86400, ge=60)
-    # How often each process reads the credential stamp (cloud_api/revocations.py): a
+    # How often each process reads the credential stamp (cloud_api/access/revocations.py): a
     # revocation takes effect within this, at most twice this, on every API process.
     revocation_refresh_seconds: float = Field(default=REVOCATION_REFRESH_S, ge=0, le=60)
     auth_failures: FailureLimit = Field(default_factory=FailureLimit)

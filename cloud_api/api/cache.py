@@ -19,11 +19,13 @@ true, and each is bounded (least recently used out, counted in entries and bytes
    vouched for (every lookup goes to the database), and after it reconnects everything is
    forgotten.
 
-A request with `Cache-Control: no-cache` skips every lookup (its fresh result still refreshes
-the caches). The bounded map is cachetools' LRUCache (sized by bytes where a value has a size)
-behind a lock. The access package keeps its own small memos (verified tokens, blocked
-addresses) with cachetools directly; those are keyed by the credential or address and cleared
-when the credential stamp moves (cloud_api/access/revocations.py).
+`create_app` makes one of each per process; the series routes meet all three through
+`SeriesCaching`. A request with `Cache-Control: no-cache` skips every lookup (its fresh
+result still refreshes the caches). The bounded map is cachetools' LRUCache (sized by bytes
+where a value has a size) behind a lock. The access package keeps its own small memos
+(verified tokens, blocked addresses) with cachetools directly: verified tokens are keyed by
+the token and forgotten when the revocations change (cloud_api/access/auth.py), a blocked
+address is kept until its block runs out (cloud_api/access/ratelimit.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any, Generic, TypeVar
 
+import orjson
 import psycopg
 import structlog
 from cachetools import LRUCache
@@ -494,3 +497,74 @@ def _matches(scope: Scope, etag: bytes) -> bool:
 def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
     """Whether an If-None-Match header value names `etag` (a list, comma-separated)."""
     return bool(etag) and etag in {t.strip() for t in if_none_match.split(b",")}
+
+
+# --- the series routes' use of the three layers ---------------------------------------------
+
+
+class SeriesCaching:
+    """The caching of one series request (/v1/oee, /v1/counts): the three layers above as
+    the route meets them.
+
+    `key` is the route and normalized query without the watermark (the result cache's key is
+    `key` + watermark); `scope_key` is (scope kind, id, site, visible sites). Call `cached()`
+    first: a closed window's result the memo vouches for, with no database at all, or None
+    (then the stamp for the fresh read is taken). In the database read, `members()` and, for a
+    closed window, `computed()`; after rendering, `remember()`.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        key: tuple[Hashable, ...],
+        scope_key: tuple[Hashable, ...],
+        span: tuple[date, date],
+        *,
+        closed: bool,
+    ) -> None:
+        state = request.app.state
+        self.request = request
+        self.results: ResultCache = state.result_cache
+        self.answers: Answers = state.answers
+        self.marks: DataMarks | None = getattr(state, "data_marks", None)
+        self.key = key
+        self.scope_key = scope_key
+        self.span = span
+        self.memo = (*scope_key, *span)
+        self.closed = closed
+        self.stamp: int | None = None
+
+    def cached(self) -> tuple[dict[str, Any], int] | None:
+        """(result, watermark) of a closed window, or None and the stamp for a fresh read."""
+        # A client asking for a fresh computation (Cache-Control: no-cache) skips the lookup;
+        # the fresh result still refreshes the caches.
+        fresh = request_headers.of(self.request.scope).fresh
+        if self.closed and not fresh and self.marks is not None:
+            known = self.marks.get(self.memo)
+            if known is not None:
+                stored = self.results.get((*self.key, known[1]))
+                if stored is not None:
+                    return orjson.loads(stored), known[1]
+        self.stamp = self.marks.stamp() if self.marks is not None else None
+        return None
+
+    def members(self, resolve: Callable[[], list[Member]]) -> list[Member]:
+        """The scope's members, remembered, or from `resolve()` (then remembered)."""
+        members = self.marks.get_members(self.scope_key) if self.marks is not None else None
+        if members is None:
+            members = resolve()
+            if self.marks is not None:
+                self.marks.put_members(self.scope_key, members, self.stamp)
+        return members
+
+    def computed(self, members: list[Member], mark: int, result: dict[str, Any]) -> None:
+        """A closed window's fresh result and the watermark it was computed at."""
+        if self.marks is not None:
+            self.marks.put(self.memo, members, mark, self.stamp, self.span)
+        # As JSON: thousands of cached results as Python objects would make every full
+        # garbage collection of the worker walk millions of them.
+        self.results.put((*self.key, mark), orjson.dumps(result))
+
+    def remember(self, mark: int, response: Response) -> None:
+        """The rendered answer, served again by AnswersMiddleware while `mark` holds."""
+        self.answers.remember(self.request, self.memo, mark, response)

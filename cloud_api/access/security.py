@@ -40,6 +40,8 @@ from cloud_api.config import CloudSettings, RateTier, SecuritySettings
 from cloud_api.problems import Problem, problem_response
 
 _SCOPE: ContextVar[str] = ContextVar("db_site_scope", default="")
+# Where AuthMiddleware leaves the rate-limit headers in the request's state.
+RATE_LIMIT_HEADERS = "rate_limit_headers"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PROTECTED_PREFIX = "/v1/"
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
@@ -188,7 +190,10 @@ class SecurityState:
 class SecurityHeadersMiddleware:
     """The security headers every answer gets (those a route set itself are kept): a strict
     Content-Security-Policy for the API, one that lets the dashboard load its own files for
-    HTML and the public pages, nosniff, no framing, no referrer, and HSTS unless disabled."""
+    HTML and the public pages, nosniff, no framing, no referrer, and HSTS unless disabled;
+    and the caller's rate limit (RateLimit, RateLimit-Policy, Retry-After when refused) once
+    `AuthMiddleware` counted the request. It sits outside the request limits and the error
+    handler, so their answers (413, 500, 503) carry these headers too."""
 
     def __init__(self, app: ASGIApp, settings: SecuritySettings) -> None:
         self.app = app
@@ -213,6 +218,10 @@ class SecurityHeadersMiddleware:
                         content_type = v
                 html = content_type.startswith(b"text/html")
                 for name, value in self._fixed_headers(path, html):
+                    if name not in present:
+                        raw.append((name, value))
+                # The caller's rate limit, once AuthMiddleware counted the request.
+                for name, value in scope.get("state", {}).get(RATE_LIMIT_HEADERS, ()):
                     if name not in present:
                         raw.append((name, value))
                 message = {**message, "headers": raw}
@@ -259,31 +268,19 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
-        extra_headers: list[tuple[bytes, bytes]] = []
-
-        async def send_with_limits(message: Message) -> None:
-            if extra_headers and message["type"] == "http.response.start":
-                raw = list(message.get("headers", []))
-                present = {k.lower() for k, _ in raw}
-                raw.extend((k, v) for k, v in extra_headers if k not in present)
-                message = {**message, "headers": raw}
-            await send(message)
-
         scope_token = _SCOPE.set("")
         try:
             refusal = None
             if path.startswith(PROTECTED_PREFIX):
-                refusal = await self._admit(scope, path, extra_headers)
+                refusal = await self._admit(scope, path)
             if refusal is not None:
-                await refusal(scope, receive, send_with_limits)
+                await refusal(scope, receive, send)
             else:
-                await self.app(scope, receive, send_with_limits)
+                await self.app(scope, receive, send)
         finally:
             _SCOPE.reset(scope_token)
 
-    async def _admit(
-        self, scope: Scope, path: str, extra_headers: list[tuple[bytes, bytes]]
-    ) -> ASGIApp | None:
+    async def _admit(self, scope: Scope, path: str) -> ASGIApp | None:
         """None to let the request through, else the response that refuses it."""
         state: MutableMapping[str, Any] = scope.setdefault("state", {})
         headers = request_headers.of(scope).values
@@ -317,7 +314,8 @@ class AuthMiddleware:
                 await self.state.failures.failed(address, _credential_kind(headers), problem.detail)
             return refuse(problem)
         decision = await self.state.limiter.check(principal.rate_key, self.state.tier(principal))
-        extra_headers.extend(
+        # Put on whatever answers this request, by SecurityHeadersMiddleware.
+        state[RATE_LIMIT_HEADERS] = tuple(
             (k.lower().encode(), v.encode("latin-1"))
             for k, v in decision.headers(principal.role).items()
         )

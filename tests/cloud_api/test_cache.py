@@ -1,4 +1,4 @@
-"""The bounded LRU map behind the result cache, the answers memo and the token memo."""
+"""The bounded LRU map behind the result cache and the answers memo (cachetools underneath)."""
 
 from __future__ import annotations
 

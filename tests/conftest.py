@@ -17,7 +17,7 @@ from psycopg_pool import ConnectionPool
 
 from cloud_api.config import DatabaseSettings
 from cloud_api.db import make_pool, migrate
-from cloud_api.ingest import BatchStore, IngestWorker
+from cloud_api.ingest.worker import BatchWriter, IngestWorker
 from sync.keys import (
     CloudKeyring,
     ed25519_line,
@@ -121,7 +121,7 @@ def bearer(
     by the cloud's token key in `keys_dir` (created there if missing)."""
     from datetime import timedelta
 
-    from cloud_api.auth import TokenKeyring, generate_token_key, issue_token, parse_role
+    from cloud_api.access.auth import TokenKeyring, generate_token_key, issue_token, parse_role
     from cloud_api.config import SecuritySettings
 
     ring = TokenKeyring.load(keys_dir) if keys_dir.is_dir() else None
@@ -143,7 +143,7 @@ def bearer(
 def ingest(
     pool: ConnectionPool, cloud_keys: CloudKeyring, topic_prefix: str
 ) -> Iterator[IngestWorker]:
-    store = BatchStore(pool, cloud_keys, topic_prefix=topic_prefix)
+    store = BatchWriter(pool, cloud_keys, topic_prefix=topic_prefix)
     worker = IngestWorker(
         store,
         BrokerSettings(host=MQTT_HOST, port=MQTT_PORT),

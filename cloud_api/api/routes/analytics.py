@@ -6,16 +6,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-import orjson
 from fastapi import APIRouter, Query, Request, Response
 
-from cloud_api import headers as request_headers
-from cloud_api import queries
-from cloud_api.answers import Answers
-from cloud_api.cache import ResultCache
-from cloud_api.marks import DataMarks
-from cloud_api.problems import invalid_parameter
-from cloud_api.queries import (
+from cloud_api.api import queries
+from cloud_api.api.cache import SeriesCaching
+from cloud_api.api.queries import (
     INTERVAL_SECONDS,
     MAX_POINTS,
     STOP_STATES,
@@ -25,7 +20,7 @@ from cloud_api.queries import (
     Interval,
     ScopeKind,
 )
-from cloud_api.routes.common import (
+from cloud_api.api.routes.common import (
     EARLIEST,
     LATEST,
     MAX_ZONE_NAME,
@@ -36,6 +31,7 @@ from cloud_api.routes.common import (
     window,
     zone,
 )
+from cloud_api.problems import invalid_parameter
 from oee.components import QUANTITY_FIELDS, Components
 
 router = APIRouter(prefix="/v1", tags=["oee"])
@@ -152,52 +148,32 @@ async def _series(
     tzinfo = zone(tz)
     chosen = _interval(start, end, interval, max_points)
     sites = allowed_sites(request)
-    cache: ResultCache = request.app.state.result_cache
-    answers: Answers = request.app.state.answers
     closed = end <= datetime.now(UTC)
-    # A client asking for a fresh computation (Cache-Control: no-cache) skips the lookup;
-    # the fresh result still refreshes the cache.
-    fresh = request_headers.of(request.scope).fresh
-
     visible = tuple(sites) if sites is not None else None
-
-    def result_key(mark: int) -> tuple[Any, ...]:
-        return (route, scope, ident, site, start, end, chosen, tz, group_by, visible, mark)
-
-    # Scope members and watermark of a closed window, remembered while no change notification
-    # touched them (cloud_api/marks.py): a result-cache hit then needs no database at all.
-    marks: DataMarks | None = getattr(request.app.state, "data_marks", None)
-    span = queries.day_span(start, end)
-    scope_key = (scope, ident, site, visible)
-    memo = (*scope_key, *span)
-    if closed and not fresh and marks is not None:
-        known = marks.get(memo)
-        if known is not None:
-            stored = cache.get(result_key(known[1]))
-            if stored is not None:
-                hit = orjson.loads(stored)
-                table = _series_table(hit) if wants_csv(request) else None
-                response = respond(request, hit, table, closed=closed, cache="hit")
-                answers.remember(request, memo, known[1], response)
-                return response
-    stamp = marks.stamp() if marks is not None else None
+    caching = SeriesCaching(
+        request,
+        (route, scope, ident, site, start, end, chosen, tz, group_by, visible),
+        (scope, ident, site, visible),
+        queries.day_span(start, end),
+        closed=closed,
+    )
+    hit = caching.cached()
+    if hit is not None:
+        result, known = hit
+        table = _series_table(result) if wants_csv(request) else None
+        response = respond(request, result, table, closed=closed, cache="hit")
+        caching.remember(known, response)
+        return response
 
     def load(conn: Conn) -> tuple[str, dict[str, Any], int | None]:
-        members = marks.get_members(scope_key) if marks is not None else None
-        if members is None:
-            members = queries.resolve_scope(conn, scope, ident, site, sites)
-            if marks is not None:
-                marks.put_members(scope_key, members, stamp)
-        key = mark = None
+        members = caching.members(lambda: queries.resolve_scope(conn, scope, ident, site, sites))
+        mark = None
         if closed:
             # The series and its watermark in one statement: a miss costs one round trip.
             buckets, source, mark = queries.oee_series(
                 conn, members, start, end, chosen, tzinfo, group_by, marked=True
             )
             assert mark is not None
-            if marks is not None:
-                marks.put(memo, members, mark, stamp, span)
-            key = result_key(mark)
         else:
             buckets, source, _ = queries.oee_series(
                 conn, members, start, end, chosen, tzinfo, group_by
@@ -212,17 +188,15 @@ async def _series(
             "source": source,
             **_series_payload(buckets, start, end, tz, group_by, fields),
         }
-        if key is not None:
-            # As JSON: thousands of cached results as Python objects would make every full
-            # garbage collection of the worker walk millions of them.
-            cache.put(key, orjson.dumps(payload))
+        if mark is not None:
+            caching.computed(members, mark, payload)
         return ("miss" if closed else "open"), payload, mark
 
     outcome, payload, mark = await db(request, load)
     table = _series_table(payload) if wants_csv(request) else None
     response = respond(request, payload, table, closed=closed, cache=outcome)
     if mark is not None:
-        answers.remember(request, memo, mark, response)
+        caching.remember(mark, response)
     return response
 
 
@@ -242,6 +216,40 @@ async def oee(
     return await _series(
         request, "oee", scope, id, site, from_, to, interval, max_points, tz, group_by, "oee"
     )
+
+
+@router.get(
+    "/equipment/{equipment_id}/oee",
+    summary="OEE of one equipment over the whole window (the total of /v1/oee)",
+)
+async def equipment_oee(
+    request: Request,
+    equipment_id: str,
+    from_: Annotated[datetime, Query(alias="from", description="inclusive, ISO 8601")],
+    to: Annotated[datetime, Query(description="exclusive, ISO 8601")],
+    site: Annotated[str | None, Query(description="site id, if ids repeat")] = None,
+) -> dict[str, Any]:
+    start, end = window(from_, to)
+    sites = allowed_sites(request)
+    # The interval /v1/oee chooses by default: its total and this one are the same sums.
+    interval = queries.choose_interval(start, end, 1000)
+
+    def load(conn: Conn) -> tuple[list[Bucket], list[queries.Member]]:
+        members = queries.resolve_scope(conn, "equipment", equipment_id, site, sites)
+        buckets, _, _ = queries.oee_series(conn, members, start, end, interval, zone("UTC"), "none")
+        return buckets, members
+
+    buckets, members = await db(request, load)
+    total = queries.pooled(b.components for b in buckets)
+    return {
+        "equipment": equipment_id,
+        # The site the data came from; with none, the one asked for (if any).
+        "site": members[0].site_id if buckets else site,
+        "from": start.isoformat(),
+        "to": end.isoformat(),
+        **ratios_of(total),
+        "components": total.model_dump(),
+    }
 
 
 @router.get("/counts", summary="Produced, good, scrap and rework per interval")

@@ -19,13 +19,13 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
-from cloud_api import audit
-from cloud_api.auth import SITE_ID, Principal
+from cloud_api.access import audit
+from cloud_api.access.auth import SITE_ID, Principal
+from cloud_api.access.pii import PiiError, PiiKeyring
+from cloud_api.access.security import CurrentPrincipal, require
+from cloud_api.api.routes.common import outside_calendar, window
 from cloud_api.db import with_retry
-from cloud_api.pii import PiiError, PiiKeyring
 from cloud_api.problems import Problem
-from cloud_api.routes.common import outside_calendar, window
-from cloud_api.security import CurrentPrincipal, require
 
 router = APIRouter(prefix="/v1/equipment", tags=["annotations"])
 

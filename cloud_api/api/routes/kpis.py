@@ -9,10 +9,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
-from cloud_api import queries
-from cloud_api.problems import invalid_parameter
-from cloud_api.queries import INTERVAL_SECONDS, MAX_POINTS, Bucket, Conn, GroupBy, Member
-from cloud_api.routes.analytics import (
+from cloud_api.api import queries
+from cloud_api.api.queries import INTERVAL_SECONDS, MAX_POINTS, Bucket, Conn, GroupBy, Member
+from cloud_api.api.routes.analytics import (
     From,
     GroupQ,
     Ident,
@@ -23,7 +22,8 @@ from cloud_api.routes.analytics import (
     To,
     Tz,
 )
-from cloud_api.routes.common import allowed_sites, db, respond, window, zone
+from cloud_api.api.routes.common import allowed_sites, db, respond, window, zone
+from cloud_api.problems import invalid_parameter
 from oee.components import Components
 from oee.kpis import KPI_DEFINITIONS, KPI_NAMES, kpis, select
 

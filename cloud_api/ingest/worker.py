@@ -44,10 +44,11 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
 
-from cloud_api import derived, metrics, tracing
+from cloud_api import metrics, tracing
+from cloud_api.access.revocations import CredentialStamp
 from cloud_api.db import TRANSIENT, with_retry
-from cloud_api.revocations import CredentialStamp
-from cloud_api.sequence import record_batch_seq, record_declared_losses
+from cloud_api.ingest import derived
+from cloud_api.ingest.sequence import record_batch_seq, record_declared_losses
 from oee.components import COMPONENT_FIELDS
 from oee.events import EVENT_LIST_ADAPTER, Event, OeeEvent, load_events
 from sync.envelope import (
@@ -236,8 +237,10 @@ class AgentRegistry:
             return self._keys.get((agent_id, key_id))
 
 
-class BatchStore:
-    """The database half of ingest; usable without MQTT (tests, benchmarks)."""
+class BatchWriter:
+    """The database half of ingest: verifies, opens and writes one sealed batch to PostgreSQL
+    exactly once; usable without MQTT (tests, benchmarks). (The agent's outbox protocol is
+    sync.uplink.BatchStore; this is its counterpart on the cloud side.)"""
 
     def __init__(
         self,
@@ -584,7 +587,7 @@ class IngestWorker:
 
     def __init__(
         self,
-        store: BatchStore,
+        store: BatchWriter,
         broker: BrokerSettings,
         *,
         share_group: str = "ingest",

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
+from cachetools import LRUCache
 
 from cloud_api import metrics
-from cloud_api.cache import LruMap
 from cloud_api.config import FailureLimit
 
 log = structlog.get_logger("cloud_api.ratelimit")
@@ -263,7 +263,7 @@ class FailureThrottle:
         self.limiter = limiter
         self.limit = limit
         self.log = RefusalLog(limit.log_every_seconds)
-        self._blocked: LruMap[str, float] = LruMap(_MAX_LOCAL_BUCKETS)
+        self._blocked: LRUCache[str, float] = LRUCache(_MAX_LOCAL_BUCKETS)
 
     def blocked(self, address: str) -> int:
         """Seconds until `address` may try again (0: it may now); counts a refusal if not."""
@@ -272,7 +272,7 @@ class FailureThrottle:
             return 0
         left = until - time.monotonic()
         if left <= 0:
-            self._blocked.pop(address)
+            self._blocked.pop(address, None)
             return 0
         metrics.AUTH_THROTTLED.inc()
         self.log.note(address, "throttled after repeated failures")
@@ -284,4 +284,4 @@ class FailureThrottle:
         self.log.note(address, reason)
         decision = await self.limiter.check(self.PREFIX + address, self.limit)
         if decision.retry_after:
-            self._blocked.put(address, time.monotonic() + decision.retry_after)
+            self._blocked[address] = time.monotonic() + decision.retry_after

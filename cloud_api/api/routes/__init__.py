@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from cloud_api.cache import ResultCache
-from cloud_api.routes import analytics, fleet, kpis
+from cloud_api.api.cache import ResultCache
+from cloud_api.api.routes import analytics, fleet, kpis
 
 __all__ = ["install_routes"]
 

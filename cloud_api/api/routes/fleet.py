@@ -6,12 +6,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
-from cloud_api import queries
-from cloud_api.problems import invalid_parameter
-from cloud_api.queries import Conn, ScopeKind
-from cloud_api.routes.common import allowed_sites, db, respond, window
+from cloud_api.api import queries
+from cloud_api.api.queries import Conn, ScopeKind
+from cloud_api.api.routes.common import allowed_sites, db, respond, window
+from cloud_api.problems import Problem, invalid_parameter
 
 router = APIRouter(prefix="/v1", tags=["fleet"])
 EVENT_KINDS = ("state", "count", "oee", "sample", "agent")
@@ -77,9 +77,9 @@ async def equipment_one(
         request, lambda conn: queries.equipment_list(conn, site, None, equipment_id, visible)
     )
     if not rows:
-        raise HTTPException(404, f"no equipment {equipment_id!r}")
+        raise Problem(404, f"no equipment {equipment_id!r}")
     if len(rows) > 1:
-        raise HTTPException(409, f"equipment {equipment_id!r} exists at several sites: pass site=")
+        raise Problem(409, f"equipment {equipment_id!r} exists at several sites: pass site=")
     return respond(request, rows[0])
 
 
@@ -95,7 +95,7 @@ async def agent(request: Request, agent_id: str) -> Response:
     visible = allowed_sites(request)
     rows = await db(request, lambda conn: queries.agents_list(conn, agent_id, None, visible))
     if not rows:
-        raise HTTPException(404, f"no agent {agent_id!r}")
+        raise Problem(404, f"no agent {agent_id!r}")
     return respond(request, rows[0])
 
 

@@ -197,7 +197,7 @@ def router(require_ops: Callable[..., Any]) -> APIRouter:
         minutes: Annotated[int, Query(ge=1, le=10080, description="window, minutes")] = 60,
     ) -> dict[str, Any]:
         pool = request.app.state.pool
-        stats: RequestStats = request.app.state.security.stats
+        stats: RequestStats = request.app.state.request_stats
         # Include what this replica collected so far.
         await run_in_threadpool(stats.flush, pool)
         end = datetime.fromtimestamp(stats.clock() // 60 * 60, UTC) + timedelta(minutes=1)

@@ -35,15 +35,15 @@ from typing import Any, Literal, get_args
 import jwt
 import psycopg
 import structlog
+from cachetools import LRUCache
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from fastapi.concurrency import run_in_threadpool
 from psycopg_pool import ConnectionPool
 from starlette.requests import Request
 
-from cloud_api.cache import LruMap
+from cloud_api.access.revocations import CredentialStamp
 from cloud_api.config import JwksSettings, Role, SecuritySettings
 from cloud_api.problems import DATABASE_RETRY_AFTER_S, Problem
-from cloud_api.revocations import CredentialStamp
 from sync.keys import (
     KeyFileError,
     ed25519_key_id,
@@ -351,17 +351,19 @@ class VerifiedTokens:
 
     def __init__(self, leeway_s: float, max_entries: int = 10_000) -> None:
         self.leeway_s = leeway_s
-        self._items: LruMap[str, Principal] = LruMap(max_entries)
+        self._items: LRUCache[str, Principal] = LRUCache(max_entries)
         self.generation = 0  # bumped by clear()
         self._lock = threading.Lock()
 
     def get(self, token: str) -> Principal | None:
-        principal = self._items.get(token)
+        with self._lock:
+            principal = self._items.get(token)
         if principal is None:
             return None
         expires = principal.expires
         if expires is not None and expires.timestamp() + self.leeway_s <= time.time():
-            self._items.pop(token)
+            with self._lock:
+                self._items.pop(token, None)
             return None
         return principal
 
@@ -370,7 +372,7 @@ class VerifiedTokens:
         verified against revocations that changed meanwhile must be verified again)."""
         with self._lock:
             if generation == self.generation:
-                self._items.put(token, principal)
+                self._items[token] = principal
 
     def clear(self) -> None:
         with self._lock:

@@ -1,6 +1,6 @@
 """The request headers the HTTP API reads, parsed once per request.
 
-The security middleware parses them when a request arrives and keeps the result in the
+The first middleware (tracing) parses them when a request arrives and keeps the result in the
 request's state (`of(scope)`); tracing, routing, content negotiation, conditional requests
 and both answer caches read that one parse (authentication reads Starlette's view of the same
 headers, which agrees with it because a request repeating one never gets that far). Two
@@ -8,10 +8,11 @@ readings of one request poison a cache: a key that took the last of two `Accept`
 (JSON) and a route that took the first (CSV) served the CSV to later JSON callers.
 
 The rule for repeats: a request that carries one of the headers in `READ` more than once is
-refused with 400 (`duplicate_of` names it; see SecurityMiddleware). RFC 9110 lets a recipient
-join repeated list headers with commas, but refusing is the one reading that cannot differ
-between a cache key and a route, and no client we serve repeats these headers. Headers the API
-does not read may repeat; the first one counts, as with Starlette's `request.headers.get`.
+refused with 400 (`duplicate_of` names it; RequestLimitsMiddleware in
+cloud_api/api/middleware.py refuses it). RFC 9110 lets a recipient join repeated list headers
+with commas, but refusing is the one reading that cannot differ between a cache key and a
+route, and no client we serve repeats these headers. Headers the API does not read may
+repeat; the first one counts, as with Starlette's `request.headers.get`.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from cloud_api.auth import Principal
+from cloud_api.access.auth import Principal
 
 
 def record(

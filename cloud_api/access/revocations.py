@@ -20,8 +20,10 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from cloud_api.config import REVOCATION_REFRESH_S
+
 # Default of `security.revocation_refresh_seconds`, and ingest's refresh.
-REFRESH_S = 1.0
+REFRESH_S = REVOCATION_REFRESH_S
 
 
 class _Pool(Protocol):

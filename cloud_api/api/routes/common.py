@@ -15,16 +15,16 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
-from fastapi import HTTPException, Request, Response
+from fastapi import Request, Response
 from fastapi.concurrency import run_in_threadpool
 from psycopg_pool import ConnectionPool
 
-from cloud_api import headers as request_headers
 from cloud_api import metrics
-from cloud_api.answers import etag_matches
+from cloud_api.access import headers as request_headers
+from cloud_api.api.cache import etag_matches
+from cloud_api.api.queries import Ambiguous, Conn, NotFound
 from cloud_api.db import with_retry
-from cloud_api.problems import invalid_parameter
-from cloud_api.queries import Ambiguous, Conn, NotFound
+from cloud_api.problems import Problem, invalid_parameter
 
 T = TypeVar("T")
 
@@ -92,9 +92,9 @@ async def db(request: Request, fn: Callable[[Conn], T]) -> T:
     try:
         return await run_in_threadpool(with_retry, call, attempts=3)
     except NotFound as exc:
-        raise HTTPException(404, str(exc)) from None
+        raise Problem(404, str(exc)) from None
     except Ambiguous as exc:
-        raise HTTPException(409, str(exc)) from None
+        raise Problem(409, str(exc)) from None
     finally:
         timings = request.state.__dict__.setdefault("timings", {})
         timings["db"] = timings.get("db", 0.0) + (time.perf_counter() - started) * 1000

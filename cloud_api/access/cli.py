@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cloud_api import audit
-from cloud_api.auth import (
+from cloud_api.access import audit
+from cloud_api.access.auth import (
     ROLES,
     SCOPES,
     AuthError,
@@ -27,9 +27,9 @@ from cloud_api.auth import (
     parse_role,
     parse_sites,
 )
+from cloud_api.access.pii import generate_pii_key
 from cloud_api.config import CloudSettings, load_settings
 from cloud_api.db import command_connection
-from cloud_api.pii import generate_pii_key
 
 
 def _settings(args: argparse.Namespace) -> CloudSettings:

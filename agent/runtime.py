@@ -64,6 +64,28 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class StatusCadence:
+    """When the agent's status event is due: at the first flush, then at the first flush of
+    each `interval` slot of the wall clock, aligned like the OEE buckets (to the epoch, so to
+    UTC minutes and hours). With the default 60 s the status goes in the flush that closes
+    the minute's buckets and shares its commit: an idle line commits once a minute, not twice
+    (README "Storage"). A wall clock that stands still or jumps still gives one at least
+    every two intervals of monotonic time."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: tuple[int, float] | None = None  # (slot, monotonic time) of the last one
+
+    def due(self, now: datetime, mono: float) -> bool:
+        """True (and noted as sent) when a status goes with the flush at `now`."""
+        slot = int(now.timestamp() // self.interval)
+        last = self._last
+        if last is None or slot != last[0] or mono - last[1] >= 2 * self.interval:
+            self._last = (slot, mono)
+            return True
+        return False
+
+
 class AgentRuntime:
     """Wires the pipeline for one configuration; `await runtime.run(stop)`."""
 
@@ -289,10 +311,11 @@ class AgentRuntime:
 
         return sealer
 
-    def flush(self) -> int:
+    def flush(self, now: datetime | None = None) -> int:
         """Close due buckets and commit pending events with the checkpoint; returns batches."""
         self.last_flush = time.monotonic()
-        now = self.clock()
+        if now is None:
+            now = self.clock()
         self.pending.extend(self.engine.tick(now))
         state = self.state_store.prepare(
             self.engine.checkpoint(), to_us(now), riding=bool(self.pending)
@@ -343,16 +366,15 @@ class AgentRuntime:
                 self.log.warning("sample ignored", error=str(exc))
 
     async def _flush_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_status = loop.time()
+        cadence = StatusCadence(self.config.agent.status_interval)
         while True:
             await asyncio.sleep(self.config.uplink.flush_interval)
-            if loop.time() >= next_status:
-                self.pending.append(self.status_event())
-                next_status = loop.time() + self.config.agent.status_interval
-            self.flush()
+            now = self.clock()
+            if cadence.due(now, time.monotonic()):
+                self.pending.append(self.status_event(now))
+            self.flush(now)
 
-    def status_event(self) -> Event:
+    def status_event(self, now: datetime | None = None) -> Event:
         """The agent's health as the cloud's fleet view reads it (AgentEvent code "status").
 
         data keys: version, outbox_depth, outbox_events, outbox_bytes, outbox_quota_bytes,
@@ -363,7 +385,8 @@ class AgentRuntime:
         """
         stats = self.outbox.stats()
         up = self.uplink.stats
-        now = self.clock()
+        if now is None:
+            now = self.clock()
         return self._agent_event(
             now,
             "status",

@@ -403,3 +403,98 @@ async def test_a_hundred_machines_and_a_late_agent(
 
     with api_client(pg_url, tmp_path / "views-keys") as api:
         await asyncio.to_thread(check_views, api, pg_url)
+
+
+async def test_a_plant_that_just_started_time_zones_and_a_custom_period(
+    tmp_path: Path, pg_url: str, pool: ConnectionPool, cloud_keys: CloudKeyring
+) -> None:
+    # Three minutes of data: the page must not look broken (one giant bar, a one-pixel
+    # timeline, "running 0.0 h of 0.1 h").
+    text = HUNDRED.replace("STATE", str(tmp_path / "agent")).replace(
+        "id: edge-big-01, site: big-plant, timezone: UTC",
+        "id: edge-new-01, site: new-plant, timezone: America/New_York",
+    ) + "".join(
+        f"  - {{id: press-{n}, line: line-1, connection: plc-1, unit: 1, "
+        "ideal_cycle_time: 2s, signals: {state: {address: 'holding:0', type: uint16, "
+        "map: {0: idle, 1: running, 2: fault, 3: setup}}, "
+        "total_count: {address: 'holding:1', type: uint32}}}\n"
+        for n in (1, 2, 10)
+    )
+    config = parse_config(text, "new.yaml", env={})
+    end = datetime.now(UTC).replace(second=0, microsecond=0)
+    start = end - timedelta(minutes=3)
+    await asyncio.to_thread(seed, pg_url, pool, cloud_keys, config, start, end, end)
+    site = config.agent.site
+    keys_dir = tmp_path / "api-keys"
+    token = bearer(keys_dir, role="viewer", sites=[site])["Authorization"].split()[1]
+    ready = "document.body && document.body.dataset.state === 'ready'"
+    read = (
+        "({interval: document.getElementById('trend-interval').textContent, "
+        "bars: Chart.getChart('trend').data.labels.length, "
+        "details: [...document.querySelectorAll('#tiles .detail')].map(d => d.textContent), "
+        "timeline: Chart.getChart('timeline').data.labels, "
+        "x: [Chart.getChart('timeline').scales.x.min, Chart.getChart('timeline').scales.x.max], "
+        "note: document.getElementById('timeline-note').textContent, "
+        "tz: document.getElementById('tz').textContent, "
+        "pick: document.getElementById('tz-pick').value, "
+        "scope: document.getElementById('scope-label').textContent, "
+        "address: location.search})"
+    )
+
+    with serve(pg_url, pool, keys_dir) as base:
+        async with open_page(tmp_path / "chromium", width=1400, height=1600) as page:
+            await page.call(
+                "Page.addScriptToEvaluateOnNewDocument",
+                source=f"sessionStorage.setItem('edge-gateway-token', {token!r});",
+            )
+            await page.call("Page.navigate", url=f"{base}/?site={site}")
+            await page.wait_for(ready)
+            fresh: dict[str, Any] = await page.evaluate(read)
+            await page.screenshot(tmp_path / "fresh.png")
+            # Another time zone, kept for the next visit.
+            await page.evaluate(
+                "(() => { const s = document.getElementById('tz-pick'); s.value = 'UTC'; "
+                "s.dispatchEvent(new Event('change')); })()"
+            )
+            await page.wait_for(f"{ready} && document.getElementById('tz').textContent === 'UTC'")
+            await page.call("Page.navigate", url=f"{base}/?site={site}")
+            await page.wait_for(ready)
+            again: dict[str, Any] = await page.evaluate(read)
+            # A custom period, typed as wall-clock times of the shown zone (UTC now).
+            lo = (start - timedelta(minutes=2)).strftime("%Y-%m-%dT%H:%M")
+            hi = (end + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M")
+            await page.evaluate(
+                "(() => { const r = document.getElementById('range'); r.value = 'custom'; "
+                "r.dispatchEvent(new Event('change')); "
+                f"document.getElementById('from').value = {lo!r}; "
+                f"document.getElementById('to').value = {hi!r}; "
+                "document.getElementById('apply-range').click(); })()"
+            )
+            await page.wait_for(f"{ready} && location.search.includes('from=')")
+            custom: dict[str, Any] = await page.evaluate(read)
+            errors = list(page.errors)
+        assert errors == [], errors
+
+    first_state = min(
+        s.ts for s in plant_history(config, start, end)[0] if s.signal == "state"
+    ).timestamp()
+    assert fresh["tz"] == "America/New_York" and fresh["pick"] == "plant"
+    assert fresh["interval"] == "per minute" and 1 <= fresh["bars"] <= 3, fresh
+    assert fresh["timeline"] == ["press-1", "press-2", "press-10"]
+    # The timeline's axis starts with the data, not hours before it.
+    assert abs(fresh["x"][0] / 1000 - first_state) < 1, (fresh["x"], first_state)
+    assert "data from" in fresh["note"]
+    availability = fresh["details"][1]
+    assert re.fullmatch(
+        r"running \d+(\.\d)? (s|min) of \d+(\.\d)? (s|min) planned .*", availability
+    )
+    assert again["tz"] == "UTC" and again["pick"] == "UTC"
+    wanted = (start - timedelta(minutes=2), end + timedelta(minutes=1))
+    for name, at in zip(("from", "to"), wanted, strict=True):
+        assert f"{name}={at.strftime('%Y-%m-%dT%H%%3A%M%%3A00.000Z')}" in custom["address"]
+    assert custom["interval"] == "per minute"
+    assert custom["x"][0] == wanted[0].timestamp() * 1000
+    assert custom["x"][1] <= wanted[1].timestamp() * 1000
+
+    with api_client(pg_url, tmp_path / "views-keys") as api:
+        await asyncio.to_thread(check_views, api, pg_url)

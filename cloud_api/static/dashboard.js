@@ -189,6 +189,17 @@
     return guess;
   }
 
+  // Ticks at round times of the shown zone (every 10 s up to every week), at most `most`.
+  const TICK_STEPS = [10e3, 15e3, 30e3, MIN, 2 * MIN, 5 * MIN, 10 * MIN, 15 * MIN, 30 * MIN, HOUR,
+    2 * HOUR, 3 * HOUR, 6 * HOUR, 12 * HOUR, DAY, 2 * DAY, 7 * DAY];
+  function timeTicks(from, to, most) {
+    const step = TICK_STEPS.find((s) => (to - from) / s <= most) || 7 * DAY;
+    const offset = Date.parse(`${wallClock(from)}:00Z`) - Math.floor(from / MIN) * MIN;
+    const ticks = [];
+    for (let t = Math.ceil((from + offset) / step) * step - offset; t <= to; t += step) ticks.push({ value: t });
+    return ticks;
+  }
+
   function grade(value) {
     if (value === null || value === undefined) return "none";
     if (value >= view.target) return "good";
@@ -485,6 +496,9 @@
       return null;
     } catch (error) {
       $("live-note").textContent = `Live view: ${explain(error)}`;
+      // Without a valid token, polling would only feed the API's failure throttle: wait for
+      // a new token (refresh() starts polling again).
+      if (error instanceof ApiError && (error.status === 401 || error.status === 403)) return -1;
       return error instanceof ApiError && error.retryAfter ? error.retryAfter : null;
     }
   }
@@ -493,7 +507,7 @@
     clearTimeout(page.liveTimer);
     page.liveTimer = setTimeout(async () => {
       const retry = await loadLive();
-      scheduleLive(retry || liveEvery);
+      if (retry !== -1) scheduleLive(retry || liveEvery);
     }, delay * 1000);
   }
 
@@ -658,7 +672,7 @@
     const fitted = !p.fixed && first > from && first < to;
     if (fitted) from = first;
     const span = to - from;
-    const tickFormat = span <= 15 * MIN ? fmt("seconds") : span <= 2 * DAY ? fmt("clock") : fmt("time");
+    const tickFormat = span <= 8 * MIN ? fmt("seconds") : span <= 2 * DAY ? fmt("clock") : fmt("time");
     $("timeline-chart").style.height = `${Math.max(140, ids.length * 22 + 60)}px`;
     chart("timeline", {
       type: "bar",
@@ -672,7 +686,11 @@
       options: {
         indexAxis: "y",
         scales: {
-          x: { type: "linear", min: from, max: to, ticks: { maxTicksLimit: 8, callback: (v) => tickFormat.format(new Date(v)) } },
+          x: {
+            type: "linear", min: from, max: to,
+            afterBuildTicks: (axis) => { axis.ticks = timeTicks(from, to, 8); },
+            ticks: { autoSkip: false, maxRotation: 0, callback: (v) => tickFormat.format(new Date(v)) },
+          },
           y: { stacked: true, ticks: { autoSkip: false } },
         },
         plugins: {
@@ -736,8 +754,30 @@
     }
   }
 
+  // One load of the panels at a time; a request during one (a zoom during the periodic
+  // reload) runs once it is done, so the newest period is the one drawn last.
   async function loadPanels() {
+    if (page.panelsRunning) {
+      page.panelsAgain = true;
+      return page.panelsRunning;
+    }
     document.body.dataset.panels = "loading";
+    page.panelsRunning = (async () => {
+      do {
+        page.panelsAgain = false;
+        await loadPanelsOnce();
+      } while (page.panelsAgain);
+    })();
+    try {
+      await page.panelsRunning;
+    } finally {
+      page.panelsRunning = null;
+      document.body.dataset.panels = "ready";
+    }
+    return null;
+  }
+
+  async function loadPanelsOnce() {
     const s = scope();
     const p = period();
     page.lastPeriod = p;
@@ -750,7 +790,6 @@
       await Promise.all([loadOee(s, p), loadPareto(s, p), loadRanked(s, p), loadTimeline(p)]);
     }
     await loadFleet();
-    document.body.dataset.panels = "ready";
   }
 
   function schedulePanels() {
@@ -925,6 +964,7 @@
       window.Chart = function () { return { destroy() {} }; };
     }
     wireZoom();
+    tick();
     setInterval(tick, 1000);
     refresh();
   }

@@ -12,6 +12,8 @@ mode surviving a browser restart. It writes the README's screenshots (docs/scree
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -283,6 +285,13 @@ async def test_live_plant_view_zoom_and_kiosk_in_chromium(
             )
             await page.screenshot(SCREENSHOTS / "kiosk.png")
             errors = list(page.errors)
+            # The screen is switched off: the browser closes (and writes its storage).
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(page.call("Browser.close"), 20)
+            for _ in range(200):
+                if not await asyncio.to_thread(os.path.lexists, profile / "SingletonLock"):
+                    break
+                await asyncio.sleep(0.1)
         assert errors == [], errors
         assert kiosk == {
             "controls": "none",

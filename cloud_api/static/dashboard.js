@@ -572,7 +572,16 @@
             y: { min: 0, suggestedMax: 100, title: { display: true, text: "%" } },
             x: { ticks: { autoSkip: true, maxRotation: 0 } },
           },
-          plugins: { targetLine: { value: view.target * 100 } },
+          plugins: {
+            targetLine: { value: view.target * 100 },
+            // The bars' colours grade each bucket; the legend shows OEE in a neutral colour.
+            legend: {
+              labels: {
+                generateLabels: (c) => window.Chart.defaults.plugins.legend.labels.generateLabels(c)
+                  .map((l) => (l.datasetIndex === 0 ? { ...l, fillStyle: "#5d6b7a", strokeStyle: "#5d6b7a" } : l)),
+              },
+            },
+          },
         },
         plugins: [targetLine],
       });

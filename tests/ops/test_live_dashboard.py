@@ -365,6 +365,19 @@ async def test_a_hundred_machines_and_a_late_agent(
                     headers={"Authorization": f"Bearer {token}"},
                 )
             ).json()
+            # The same scoping as every /v1 route: another site's token sees nothing, no
+            # token gets 401.
+            other = bearer(keys_dir, role="viewer", sites=["elsewhere"])
+            for path, extra in (
+                ("/v1/plant/live", {}),
+                (
+                    "/v1/plant/states",
+                    {"from": end.isoformat(), "to": datetime.now(UTC).isoformat()},
+                ),
+            ):
+                params = {"site": site, **extra}
+                assert (await client.get(path, params=params, headers=other)).status_code == 404
+                assert (await client.get(path, params=params)).status_code == 401
         [agent] = live["agents"]
         assert agent["status_interval_s"] == 10.0
         assert datetime.fromisoformat(agent["late_at"]) == status_at + timedelta(seconds=30)

@@ -59,6 +59,18 @@ def _shift_of(calendar: ShiftCalendar, now: datetime) -> tuple[str, datetime, da
     return found
 
 
+def _hh_mm(node: Any) -> Any:
+    """The agent reports clock times as pydantic writes them ("06:00:00"); the shift model
+    reads "HH:MM" (its YAML form). Whole minutes are cut back; anything else stays."""
+    if isinstance(node, dict):
+        return {k: _hh_mm(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_hh_mm(v) for v in node]
+    if isinstance(node, str) and len(node) == 8 and node[2] == ":" and node.endswith(":00"):
+        return node[:5]
+    return node
+
+
 def _calendars(conn: Conn, site: str) -> tuple[dict[str, ShiftCalendar], str | None]:
     """Each reporting agent's shift calendar, and the newest reported time zone."""
     rows = queries.run(
@@ -75,7 +87,7 @@ def _calendars(conn: Conn, site: str) -> tuple[dict[str, ShiftCalendar], str | N
     for r in rows:
         zone = r["timezone"] or zone
         try:
-            shifts = [ShiftSpec.model_validate(s) for s in r["shifts"] or []]
+            shifts = [ShiftSpec.model_validate(_hh_mm(s)) for s in r["shifts"] or []]
             if shifts:
                 calendars[r["agent_id"]] = ShiftCalendar(shifts, r["timezone"] or "UTC")
         except (ValidationError, ValueError, KeyError):

@@ -188,6 +188,9 @@ async def test_live_plant_view_zoom_and_kiosk_in_chromium(
         for eq, m in machines.items():
             assert m["state"] in {"running", "idle", "fault", "setup", "planned_stop"}, m
             assert m["since"] is not None and m["shift"]["name"] in {"early", "late", "night"}
+            # The shift comes from the calendar the agent reported (it knows the shift's end).
+            shift_end = datetime.fromisoformat(m["shift"]["end"])
+            assert shift_end - datetime.fromisoformat(m["shift"]["start"]) == timedelta(hours=8)
             assert m["shift"]["oee"] == by_equipment[eq]["oee"], (eq, m, by_equipment[eq])
             if m["shift"]["planned_busy_s"]:
                 cycle = next(e.ideal_cycle_time for e in config.equipment if e.id == eq)

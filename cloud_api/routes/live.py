@@ -49,7 +49,7 @@ _SUMS = sql.SQL(", ").join(
 )
 
 
-def _shift_of(calendar: ShiftCalendar, now: datetime) -> tuple[str, datetime, datetime] | None:
+def shift_of(calendar: ShiftCalendar, now: datetime) -> tuple[str, datetime, datetime] | None:
     """The newest shift occurrence that started at or before `now` (it may be in a break, or
     over), as (name, start, end); None if none started in the last week."""
     found = None
@@ -59,13 +59,13 @@ def _shift_of(calendar: ShiftCalendar, now: datetime) -> tuple[str, datetime, da
     return found
 
 
-def _hh_mm(node: Any) -> Any:
+def hh_mm(node: Any) -> Any:
     """The agent reports clock times as pydantic writes them ("06:00:00"); the shift model
     reads "HH:MM" (its YAML form). Whole minutes are cut back; anything else stays."""
     if isinstance(node, dict):
-        return {k: _hh_mm(v) for k, v in node.items()}
+        return {k: hh_mm(v) for k, v in node.items()}
     if isinstance(node, list):
-        return [_hh_mm(v) for v in node]
+        return [hh_mm(v) for v in node]
     if isinstance(node, str) and len(node) == 8 and node[2] == ":" and node.endswith(":00"):
         return node[:5]
     return node
@@ -87,7 +87,7 @@ def _calendars(conn: Conn, site: str) -> tuple[dict[str, ShiftCalendar], str | N
     for r in rows:
         zone = r["timezone"] or zone
         try:
-            shifts = [ShiftSpec.model_validate(_hh_mm(s)) for s in r["shifts"] or []]
+            shifts = [ShiftSpec.model_validate(hh_mm(s)) for s in r["shifts"] or []]
             if shifts:
                 calendars[r["agent_id"]] = ShiftCalendar(shifts, r["timezone"] or "UTC")
         except (ValidationError, ValueError, KeyError):
@@ -159,6 +159,18 @@ def _shift_sums(
     return {r["equipment_id"]: r for r in rows}
 
 
+def status_interval(reported: Any, reports: list[datetime]) -> tuple[float, str]:
+    """How often an agent reports its status, and where that figure comes from: the value
+    the agent reports (`status_interval_s`), else the median gap between its last reports
+    (newest first), else the agent's default."""
+    if isinstance(reported, int | float) and not isinstance(reported, bool) and reported > 0:
+        return float(reported), "reported"
+    if len(reports) >= 2:
+        gaps = [(a - b).total_seconds() for a, b in itertools.pairwise(reports)]
+        return max(1.0, statistics.median(gaps)), "observed"
+    return DEFAULT_STATUS_INTERVAL_S, "default"
+
+
 def _agents(conn: Conn, site: str) -> list[dict[str, Any]]:
     rows = queries.run(
         conn,
@@ -177,15 +189,7 @@ def _agents(conn: Conn, site: str) -> list[dict[str, Any]]:
     )
     out = []
     for r in rows:
-        reported = r["reported"]
-        reports: list[datetime] = r["reports"] or []
-        if isinstance(reported, int | float) and not isinstance(reported, bool) and reported > 0:
-            interval, source = float(reported), "reported"
-        elif len(reports) >= 2:
-            gaps = [(a - b).total_seconds() for a, b in itertools.pairwise(reports)]
-            interval, source = max(1.0, statistics.median(gaps)), "observed"
-        else:
-            interval, source = DEFAULT_STATUS_INTERVAL_S, "default"
+        interval, source = status_interval(r["reported"], r["reports"] or [])
         last = r["status_reported_at"] or r["last_seen"]
         out.append(
             {
@@ -206,7 +210,7 @@ def _agents(conn: Conn, site: str) -> list[dict[str, Any]]:
     return out
 
 
-def _ideal_count(config: Any, planned_busy_s: float) -> int | None:
+def ideal_count(config: Any, planned_busy_s: float) -> int | None:
     """The parts the planned time so far allows at the ideal cycle time (single product)."""
     if not isinstance(config, dict) or config.get("products"):
         return None
@@ -248,7 +252,7 @@ async def plant_live(request: Request, site: SiteQ, line: LineQ = None) -> Respo
         shifts: dict[str, tuple[str, datetime, datetime | None]] = {}
         for e in equipment:
             calendar = calendars.get(e["agent_id"] or "")
-            found = _shift_of(calendar, now) if calendar is not None else None
+            found = shift_of(calendar, now) if calendar is not None else None
             if found is not None:
                 shifts[e["equipment_id"]] = found
         missing = [e["equipment_id"] for e in equipment if e["equipment_id"] not in shifts]
@@ -271,7 +275,7 @@ async def plant_live(request: Request, site: SiteQ, line: LineQ = None) -> Respo
                     "scrap": c.scrap,
                     "planned_busy_s": c.planned_busy_s,
                     "production_s": c.production_s,
-                    "ideal_count": _ideal_count(e["config"], c.planned_busy_s),
+                    "ideal_count": ideal_count(e["config"], c.planned_busy_s),
                 }
             machines.append(
                 {

@@ -148,9 +148,8 @@ async def test_live_plant_view_zoom_and_kiosk_in_chromium(
     config = plant_config(tmp_path / "agent", DEMO.read_text(encoding="utf-8"), "2m")
     end = datetime.now(UTC).replace(microsecond=0)
     status_at = end
-    await asyncio.to_thread(
-        seed, pg_url, pool, cloud_keys, config, end - timedelta(hours=10), end, status_at
-    )
+    history_start = end - timedelta(hours=10)
+    await asyncio.to_thread(seed, pg_url, pool, cloud_keys, config, history_start, end, status_at)
     site = config.agent.site
     keys_dir = tmp_path / "api-keys"
     headers = bearer(keys_dir, role="viewer", sites=[site])
@@ -167,6 +166,20 @@ async def test_live_plant_view_zoom_and_kiosk_in_chromium(
             )
             assert again.status_code == 304
             live = first.json()
+            # A second into the history every machine is in the state it was first read in,
+            # not in the `unknown` its engine announced at the same instant.
+            states = await client.get(
+                "/v1/plant/states",
+                params={
+                    "site": site,
+                    "from": (history_start + timedelta(seconds=1)).isoformat(),
+                    "to": (history_start + timedelta(minutes=1)).isoformat(),
+                },
+            )
+            assert states.status_code == 200, states.text
+            opening = {i["equipment_id"]: i["state"] for i in reversed(states.json()["intervals"])}
+            assert len(opening) == len(config.equipment)
+            assert "unknown" not in opening.values(), opening
             ranked = (
                 await client.get(
                     "/v1/oee",

@@ -378,7 +378,8 @@ class AgentRuntime:
         """The agent's health as the cloud's fleet view reads it (AgentEvent code "status").
 
         data keys: version, outbox_depth, outbox_events, outbox_bytes, outbox_quota_bytes,
-        outbox_oldest_unacked_s, acked_seq_high_water, epoch, next_seq, connectors
+        outbox_oldest_unacked_s, acked_seq_high_water, epoch, next_seq, status_interval_s (how
+        often this report comes, so the cloud can tell a late agent), connectors
         ({id: connected}), uplink ({connected, published, resent, acked_batches,
         acks_rejected, rejected_batches}), agent_time (the agent's clock, for the cloud's
         offset estimate).
@@ -401,6 +402,7 @@ class AgentRuntime:
                 "acked_seq_high_water": stats.acked_seq_high_water,
                 "epoch": stats.epoch,
                 "next_seq": stats.next_seq,
+                "status_interval_s": self.config.agent.status_interval,
                 "connectors": {hub.config.id: hub.connected for hub in self.hubs},
                 "uplink": {
                     "connected": up.connected,

@@ -2,7 +2,8 @@
 and the interactive API documentation at `/docs` (vendored Swagger UI).
 
 The page is a client of the public /v1 API like any other (same bearer token, entered once
-and kept for the browser session), so it shows exactly what the API returns. Everything is
+and kept for the tab, or for the screen in kiosk mode), so it shows exactly what the API
+returns; its live view polls `/v1/plant/live` with ETags. Everything is
 served from the package: no CDN, no inline script or style, so a strict Content-Security-Policy
 (`default-src 'self'`) holds.
 """

@@ -462,7 +462,7 @@ def state_intervals(
         " CROSS JOIN LATERAL ("
         "  (SELECT e.site_id, e.equipment_id, e.ts, e.event_id, e.body FROM facts.events e"
         "   WHERE e.site_id = s.site_id AND e.equipment_id = s.equipment_id"
-        "   AND e.kind = 'state' AND e.ts < %(start)s ORDER BY e.ts DESC LIMIT 1)"
+        "   AND e.kind = 'state' AND e.ts < %(start)s ORDER BY e.ts DESC, e.event_id DESC LIMIT 1)"
         "  UNION ALL"
         "  (SELECT e.site_id, e.equipment_id, e.ts, e.event_id, e.body FROM facts.events e"
         "   WHERE e.site_id = s.site_id AND e.equipment_id = s.equipment_id"

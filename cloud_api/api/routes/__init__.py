@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from cloud_api.api.cache import ResultCache
-from cloud_api.api.routes import analytics, fleet, kpis
+from cloud_api.api.routes import analytics, fleet, kpis, live
 
 __all__ = ["install_routes"]
 
@@ -16,3 +16,4 @@ def install_routes(app: FastAPI, *, cache_entries: int = 10_000) -> None:
     app.include_router(analytics.router)
     app.include_router(fleet.router)
     app.include_router(kpis.router)
+    app.include_router(live.router)

@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from agent.floor.config import OpcUaServerConfig, PlantMqttConfig
 from connectors.modbus.codec import DataType, Order
 from connectors.opcua.config import node_notation_error
 from connectors.registry import CONNECTOR_TYPES, Connection
@@ -256,6 +257,9 @@ class AgentConfig(_Model):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     raw_samples: RawSamplesConfig = Field(default_factory=RawSamplesConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    # Plant-floor outputs (agent/floor): off unless configured.
+    plant_mqtt: PlantMqttConfig | None = None
+    opcua_server: OpcUaServerConfig | None = None
     shifts: list[ShiftSpec] = Field(default_factory=list)
     equipment: list[EquipmentConfig] = Field(min_length=1)
 
@@ -265,6 +269,17 @@ class AgentConfig(_Model):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"equipment ids must be unique: {', '.join(dupes)}")
+        known = set(ids)
+        for where, listed in (
+            ("plant_mqtt.publish", list(self.plant_mqtt.publish) if self.plant_mqtt else []),
+            (
+                "opcua_server.equipment",
+                (self.opcua_server.equipment or []) if self.opcua_server else [],
+            ),
+        ):
+            unknown = [eq for eq in listed if eq not in known]
+            if unknown:
+                raise ValueError(f"{where}: no equipment with id {', '.join(map(repr, unknown))}")
         if info.context and info.context.get("replay"):
             return self  # replay reads no PLC: connections and addresses do not matter
         conn_ids = {c.id for c in self.connections}

@@ -38,7 +38,7 @@ from connectors.opcua.certs import create_certificate
 from sync.keys import CloudKeyring
 from tests.conformance.harness import finish, new_agent
 from tests.conftest import free_port
-from tests.faults.harness import Mosquitto, port_open, wait_for
+from tests.faults.harness import EDGE_AGENT, Mosquitto, port_open, wait_for
 from tests.invariants import Truth, api_client, closed_until
 
 NODE = Path(__file__).parent / "node"
@@ -288,8 +288,8 @@ async def test_plant_floor_outputs_match_the_api(
     line = PressLine([press], port=plc_port)
     await line.start()
 
-    # Certificates: the server's (as `edge-agent keys opcua-server-cert` makes it) and the
-    # HMI's, which the server trusts through its trusted_clients folder.
+    # Certificates: the server's (`edge-agent keys opcua-server-cert`) and the HMI's, which
+    # the server trusts through its trusted_clients folder.
     trusted = tmp_path / "trusted"
     trusted.mkdir()
     hmi = tmp_path / "hmi"
@@ -316,12 +316,24 @@ async def test_plant_floor_outputs_match_the_api(
             password=PASSWORD,
         ),
     )
-    create_certificate(
-        agent.keys_dir / "opcua-server.der",
-        agent.keys_dir / "opcua-server.pem",
-        application_uri="urn:factory-edge-gateway:edge-agent:server",
-        hostnames=["127.0.0.1"],
+    agent.write_config()
+    made = await asyncio.to_thread(
+        subprocess.run,
+        [
+            EDGE_AGENT,
+            "keys",
+            "opcua-server-cert",
+            "-c",
+            str(agent.config_path),
+            "--hostname",
+            "127.0.0.1",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert (agent.keys_dir / "opcua-server.der").exists()
     agent.start()
     try:
         # The primary host is not online yet: the edge node must not be born.

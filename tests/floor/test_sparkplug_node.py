@@ -150,6 +150,9 @@ async def test_seq_wraps_at_255_without_a_gap(broker: Mosquitto) -> None:
                     lambda n=i + 1: recorder.kinds().count("DDATA") >= n,  # type: ignore[misc]
                     f"DDATA {i + 1}",
                 )
+        # A graceful stop publishes the NDEATH of the session (its will is not sent then).
+        await until(lambda: "NDEATH" in recorder.kinds(), "NDEATH on stop")
+        assert recorder.decoded("NDEATH")[0].metrics[0].long_value == 0
     finally:
         recorder.close()
     assert [p.seq for p in recorder.decoded("NBIRTH")] == [0]

@@ -9,8 +9,8 @@ Address space (namespace `opcua_server.namespace`, node ids `nsu=...;s=<equipmen
 (`line` is `_` for equipment without one.) Every value has its data type (String, DateTime,
 Boolean, UInt64, Double) and counts, times and ratios an `EngineeringUnits` property (UNECE
 codes: parts H87, seconds SEC, ratio C62). A value that is undefined (a ratio without
-planned busy time, a shift not begun) is a null Variant, as the cloud API's null. Nothing is
-writable. Values are refreshed every `update_interval` from the engine's live state.
+planned busy time, a shift not begun) is null with status BadNoData, as the cloud API's null.
+Nothing is writable. Values are refreshed every `update_interval` from the engine's live state.
 
 Security: the endpoints listed in `security` (None only when listed), user name and password
 (`users:`), anonymous only with `anonymous: true`, and with `trusted_clients:` only client
@@ -29,12 +29,14 @@ from typing import Any
 
 import structlog
 from asyncua import ua
+from asyncua.common.utils import ServiceError
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.crypto.truststore import TrustStore
 from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 from asyncua.server.server import Server
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
+from asyncua.ua.status_codes import StatusCodes
 
 from agent.floor.config import OpcUaServerConfig
 from agent.floor.live import METRICS, OUTBOX_DEPTH, LiveSource, Metric, Value
@@ -87,14 +89,23 @@ def unit_id(code: str) -> int:
     return value
 
 
-def _variant(metric: Metric, value: Value) -> ua.Variant:
+# An undefined value (a ratio without planned busy time, a shift without a closed bucket) is
+# a null value with this status: HMIs show "no value", never 0. (A Good null cannot be
+# written to a typed node in asyncua; with a Bad status the server stores null.)
+UNDEFINED = ua.StatusCode(StatusCodes.BadNoData)  # type: ignore[arg-type]
+
+
+def _data_value(metric: Metric, value: Value) -> ua.DataValue:
+    now = datetime.now(UTC)
     if value is None:
-        return ua.Variant(None, ua.VariantType.Null)
+        return ua.DataValue(StatusCode=UNDEFINED, SourceTimestamp=now)  # type: ignore[arg-type]
     if metric.kind == "count":
-        return ua.Variant(int(value), ua.VariantType.UInt64)  # type: ignore[arg-type]
-    if metric.kind in ("seconds", "ratio"):
-        return ua.Variant(float(value), ua.VariantType.Double)  # type: ignore[arg-type]
-    return ua.Variant(value, _VARIANTS[metric.kind])
+        variant = ua.Variant(int(value), ua.VariantType.UInt64)  # type: ignore[arg-type]
+    elif metric.kind in ("seconds", "ratio"):
+        variant = ua.Variant(float(value), ua.VariantType.Double)  # type: ignore[arg-type]
+    else:
+        variant = ua.Variant(value, _VARIANTS[metric.kind])
+    return ua.DataValue(variant, SourceTimestamp=now)  # type: ignore[arg-type]
 
 
 class _Users:
@@ -183,20 +194,36 @@ class PlantOpcUaServer:
             await server.load_certificate(str(self.certificate))
             await server.load_private_key(str(self.private_key))
         if cfg.trusted_clients is not None:
-            store = TrustStore([cfg.trusted_clients], [])
-            await store.load()
-            server.set_certificate_validator(
-                CertificateValidator(
-                    CertificateValidatorOptions.TIME_RANGE
-                    | CertificateValidatorOptions.URI
-                    | CertificateValidatorOptions.TRUSTED
-                    | CertificateValidatorOptions.PEER_CLIENT,
-                    store,
-                )
-            )
+            server.set_certificate_validator(await self._validator(cfg.trusted_clients))
         self.ns = await server.register_namespace(cfg.namespace)
         await self._address_space(server)
         return server
+
+    async def _validator(self, folder: Path) -> Any:
+        """Accepts the client certificates in `folder` (read at start); an empty or missing
+        folder refuses every secure channel instead of stopping the server."""
+        found = await asyncio.to_thread(
+            lambda: [p for p in folder.glob("*") if p.suffix.lower() in (".der", ".pem")]
+        )
+        if not found:
+            self.log.error(
+                "trusted_clients holds no certificate (.der or .pem): no client can connect",
+                folder=str(folder),
+            )
+
+            async def refuse_all(cert: Any, app_description: Any) -> None:
+                raise ServiceError(StatusCodes.BadCertificateUntrusted)
+
+            return refuse_all
+        store = TrustStore([folder], [])
+        await store.load()
+        return CertificateValidator(
+            CertificateValidatorOptions.TIME_RANGE
+            | CertificateValidatorOptions.URI
+            | CertificateValidatorOptions.TRUSTED
+            | CertificateValidatorOptions.PEER_CLIENT,
+            store,
+        )
 
     async def _variable(self, parent: Any, key: tuple[str, str], name: str, metric: Metric) -> None:
         nodeid = _nid(name, self.ns)
@@ -226,9 +253,12 @@ class PlantOpcUaServer:
             )
         self._nodes[key] = nodeid
 
+    def _qn(self, name: str) -> ua.QualifiedName:
+        return ua.QualifiedName(name, self.ns)
+
     async def _address_space(self, server: Server) -> None:
-        plant = await server.nodes.objects.add_folder(_nid("Plant", self.ns), "Plant")
-        site = await plant.add_folder(_nid(self.site, self.ns), self.site)
+        plant = await server.nodes.objects.add_folder(_nid("Plant", self.ns), self._qn("Plant"))
+        site = await plant.add_folder(_nid(f"Plant.{self.site}", self.ns), self._qn(self.site))
         lines: dict[str, Any] = {}
         served = self.cfg.equipment
         live = self.source.read()
@@ -238,9 +268,9 @@ class PlantOpcUaServer:
             line_name = item.line or "_"
             if line_name not in lines:
                 lines[line_name] = await site.add_folder(
-                    _nid(f"{self.site}.{line_name}", self.ns), line_name
+                    _nid(f"Plant.{self.site}.{line_name}", self.ns), self._qn(line_name)
                 )
-            obj = await lines[line_name].add_object(_nid(eq, self.ns), eq)
+            obj = await lines[line_name].add_object(_nid(eq, self.ns), self._qn(eq))
             folders: dict[str, Any] = {}
             for metric in METRICS:
                 path = browse_path(metric.name)
@@ -248,18 +278,20 @@ class PlantOpcUaServer:
                 if len(path) > 1:
                     if path[0] not in folders:
                         folders[path[0]] = await obj.add_folder(
-                            _nid(f"{eq}.{path[0]}", self.ns), path[0]
+                            _nid(f"{eq}.{path[0]}", self.ns), self._qn(path[0])
                         )
                     parent = folders[path[0]]
                 await self._variable(parent, (eq, metric.name), node_name(eq, metric.name), metric)
-        agent = await site.add_object(_nid(f"{self.site}.Agent", self.ns), "Agent")
+        agent = await site.add_object(_nid(f"{self.site}.Agent", self.ns), self._qn("Agent"))
         await self._variable(
             agent, ("", OUTBOX_DEPTH.name), f"{self.site}.Agent.OutboxDepth", OUTBOX_DEPTH
         )
-        links = await agent.add_folder(_nid(f"{self.site}.Agent.Links", self.ns), "Links")
+        links = await agent.add_folder(_nid(f"{self.site}.Agent.Links", self.ns), self._qn("Links"))
         link = Metric("Connected", "boolean", "whether the PLC connection is up")
         for conn in self.connections:
-            folder = await links.add_folder(_nid(f"{self.site}.Agent.Links.{conn}", self.ns), conn)
+            folder = await links.add_folder(
+                _nid(f"{self.site}.Agent.Links.{conn}", self.ns), self._qn(conn)
+            )
             await self._variable(
                 folder,
                 (f"link:{conn}", "Connected"),
@@ -284,10 +316,7 @@ class PlantOpcUaServer:
             nodeid = self._nodes.get(key)
             if nodeid is None or (key in self._written and self._written[key] == value):
                 continue
-            await self.server.write_attribute_value(
-                nodeid,
-                ua.DataValue(_variant(metric, value), SourceTimestamp=_now()),  # type: ignore[arg-type]
-            )
+            await self.server.write_attribute_value(nodeid, _data_value(metric, value))
             self._written[key] = value
 
     async def run(self) -> None:
@@ -314,7 +343,3 @@ class PlantOpcUaServer:
                         await self.server.stop()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)

@@ -100,11 +100,17 @@ async def serving(server: PlantOpcUaServer) -> AsyncIterator[asyncio.Task[None]]
 
 
 async def secure_client(
-    url: str, cert: Path, key: Path, *, user: str | None, password: str | None
+    url: str,
+    cert: Path,
+    key: Path,
+    *,
+    user: str | None,
+    password: str | None,
+    policy: str = "Basic256Sha256",
 ) -> Client:
     client = Client(url, timeout=10)
     client.application_uri = CLIENT_URI
-    await client.set_security_string(f"Basic256Sha256,SignAndEncrypt,{cert},{key}")
+    await client.set_security_string(f"{policy},SignAndEncrypt,{cert},{key}")
     if user is not None:
         client.set_user(user)
     if password is not None:
@@ -208,3 +214,23 @@ async def test_a_server_that_cannot_listen_is_retried_not_raised(tmp_path: Path)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_the_newer_policies(tmp_path: Path) -> None:
+    port = free_port()
+    server = make_server(
+        tmp_path,
+        port,
+        security="[Aes128Sha256RsaOaep_SignAndEncrypt, Aes256Sha256RsaPss_SignAndEncrypt]",
+    )
+    cert, key = client_cert(tmp_path, "hmi", trusted=True)
+    async with serving(server):
+        url = f"opc.tcp://127.0.0.1:{port}"
+        for policy in ("Aes128Sha256RsaOaep", "Aes256Sha256RsaPss"):
+            client = await secure_client(
+                url, cert, key, user="hmi", password="right-password", policy=policy
+            )
+            async with client:
+                ns = await client.get_namespace_index(NS)
+                state = client.get_node(ua.NodeId("press-1.State", ns))  # type: ignore[arg-type]
+                assert await state.read_value() == "fault"

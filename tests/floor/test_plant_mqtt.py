@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +27,8 @@ from agent.floor.sparkplug import PlantPublisher, build_publisher
 from connectors.sample import Sample
 from oee.engine import PlantEngine
 from tests.faults.harness import Mosquitto, TcpProxy
+
+pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
 
 HEAD = """
 agent: {{id: edge-pm, site: plant-pm, timezone: UTC, bucket_seconds: 1}}
@@ -202,3 +205,131 @@ def reason_of(raw: bytes) -> str | None:
     payload.ParseFromString(raw)
     reasons = [m.string_value for m in payload.metrics if m.alias == 1000 * 7 + 2]
     return reasons[-1] if reasons else None
+
+
+def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "plant test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    import ipaddress
+
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = (folder / "ca.pem", folder / "server.pem", folder / "server.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="needs mosquitto_passwd")
+async def test_the_plant_broker_over_tls_with_a_user_name(tmp_path: Path) -> None:
+    import subprocess
+
+    folder = tmp_path / "tls-broker"
+    ca, cert, key = _tls_files(folder)
+    passwords = folder / "passwords"
+    await asyncio.to_thread(
+        subprocess.run,
+        ["mosquitto_passwd", "-c", "-b", str(passwords), "edge-01", "plant-secret"],
+        check=True,
+    )
+    extra = "\n".join(
+        [
+            f"cafile {ca}",
+            f"certfile {cert}",
+            f"keyfile {key}",
+            f"password_file {passwords}",
+            "allow_anonymous false",
+        ]
+    )
+    plant = Mosquitto(folder, extra=extra, persistence=False)
+    plant.start()
+    publisher = build(
+        plant.port,
+        f"  tls: true\n  ca_file: {ca}\n  username: edge-01\n  password: plant-secret\n"
+        "  publish_interval: 50ms\n  publish:\n    press-1: [State]",
+    )
+    host = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+    host.tls_set(ca_certs=str(ca))
+    host.username_pw_set("edge-01", "plant-secret")
+    births: list[str] = []
+    host.on_connect = lambda c, *_: c.subscribe("spBv1.0/#", qos=1)
+    host.on_message = lambda c, u, m: births.append(m.topic)
+    host.connect("127.0.0.1", plant.port)
+    host.loop_start()
+    try:
+        async with running(publisher):
+            await until(
+                lambda: "spBv1.0/plant-pm/DBIRTH/edge-pm/press-1" in births, "DBIRTH over TLS"
+            )
+        wrong = build(
+            plant.port,
+            f"  tls: true\n  ca_file: {ca}\n  username: edge-01\n  password: wrong-secret\n"
+            "  publish:\n    press-1: [State]",
+        )
+        async with running(wrong) as task:
+            await asyncio.sleep(1.5)
+            assert wrong.stats.connects == 0 and not task.done()
+    finally:
+        host.disconnect()
+        host.loop_stop()
+        plant.kill()

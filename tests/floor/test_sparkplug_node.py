@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,8 @@ from connectors.sample import Sample
 from oee.engine import PlantEngine
 from tests.conftest import free_port
 from tests.faults.harness import Mosquitto, wait_for
+
+pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
 
 CONFIG = """
 agent: {{id: edge-sp, site: plant-sp, timezone: UTC, bucket_seconds: 1}}

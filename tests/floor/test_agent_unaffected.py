@@ -11,6 +11,7 @@ import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cloud_api.ingest import IngestWorker
@@ -24,6 +25,8 @@ from tests.invariants import Truth
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
 
 BODY = """
+health:
+  port: {health_port}
 connections:
   - id: plc
     type: modbus
@@ -67,6 +70,7 @@ async def test_broken_outputs_do_not_touch_counting_or_shipping(
     plant = Mosquitto(tmp_path / "plant-broker", persistence=False)
     plant.start()
     opcua_port = free_port()
+    health_port = free_port()
     squatter = socket.socket()  # another program holds the OPC UA server's port
     squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     squatter.bind(("127.0.0.1", opcua_port))
@@ -82,7 +86,12 @@ async def test_broken_outputs_do_not_touch_counting_or_shipping(
         cloud_keys,
         pg_url,
         topic_prefix,
-        BODY.format(plc_port=plc_port, plant_port=plant.port, opcua_port=opcua_port),
+        BODY.format(
+            plc_port=plc_port,
+            plant_port=plant.port,
+            opcua_port=opcua_port,
+            health_port=health_port,
+        ),
     )
     agent.start()
     try:
@@ -100,6 +109,17 @@ async def test_broken_outputs_do_not_touch_counting_or_shipping(
         assert agent.running(), log[-3000:]
         assert "plant broker lost" in log
         assert "OPC UA server failed; restarting" in log
+        # The local metrics say so too.
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"http://127.0.0.1:{health_port}/metrics")).text
+        metrics = {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in text.splitlines()
+            if line.startswith("edge_agent_plant_")
+        }
+        assert metrics["edge_agent_plant_broker_connected"] == 0
+        assert metrics["edge_agent_plant_messages_published_total"] > 0
+        assert metrics["edge_agent_plant_updates_dropped_total"] >= 0
         truth = press.truth
         assert truth.produced > 0
         truths = {

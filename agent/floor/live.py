@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from oee.components import QUANTITY_FIELDS, Components, Ratios, ratios
-from oee.engine import EquipmentEngine, PlantEngine
+from oee.engine import PlantEngine
 from oee.events import Event, OeeEvent
 
 Value = str | int | float | bool | datetime | None
@@ -113,25 +113,28 @@ class EngineReading:
     shift_totals: Components
 
 
-def read_engine(engine: EquipmentEngine) -> EngineReading:
+def read_engine(plant: PlantEngine) -> dict[str, EngineReading]:
     """Reads engine state; to be switched to the engine's snapshot API
     (`EquipmentEngine.snapshot()`) once it exists. The only place that reads the engine."""
-    shift: str | None = None
-    shift_start: datetime | None = None
-    if engine.shift_key is not None:
-        name, _, start_us = engine.shift_key.rpartition("@")
-        shift = name
-        if start_us.lstrip("-").isdigit():
-            shift_start = datetime.fromtimestamp(int(start_us) / _US, UTC)
-    return EngineReading(
-        state=engine.state,
-        state_since=engine.state_since,
-        reason=engine.reason,
-        product=engine.product,
-        shift=shift,
-        shift_start=shift_start,
-        shift_totals=_components(engine.shift_totals),
-    )
+    out: dict[str, EngineReading] = {}
+    for eq, engine in plant.engines.items():
+        shift: str | None = None
+        shift_start: datetime | None = None
+        if engine.shift_key is not None:
+            name, _, start_us = engine.shift_key.rpartition("@")
+            shift = name
+            if start_us.lstrip("-").isdigit():
+                shift_start = datetime.fromtimestamp(int(start_us) / _US, UTC)
+        out[eq] = EngineReading(
+            state=engine.state,
+            state_since=engine.state_since,
+            reason=engine.reason,
+            product=engine.product,
+            shift=shift,
+            shift_start=shift_start,
+            shift_totals=_components(engine.shift_totals),
+        )
+    return out
 
 
 def _window_values(folder: str, c: Components | None) -> dict[str, Value]:
@@ -187,8 +190,7 @@ class LiveSource:
     def read(self) -> dict[str, EquipmentLive]:
         links = self.links()
         out: dict[str, EquipmentLive] = {}
-        for eq, engine in self.engine.engines.items():
-            reading = read_engine(engine)
+        for eq, reading in read_engine(self.engine).items():
             last = self.last_bucket.get(eq)
             through: datetime | None = None
             if (

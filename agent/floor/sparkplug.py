@@ -23,6 +23,7 @@ the newest values (a live value is replaced, never queued), so memory stays boun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import time
@@ -234,27 +235,28 @@ class PlantPublisher:
         while True:
             session = _Session(self.cfg, self.client_id(), loop)
             self.configure(session)
+            error: str | None = None
             try:
                 session.start()
                 connected = await self._session(session)
             except asyncio.CancelledError:
-                with _suppress_all():
+                with contextlib.suppress(Exception):
                     self.on_stop(session)
-                with _suppress_all():
+                with contextlib.suppress(Exception):
                     await asyncio.wait_for(session.close(), 5)
                 raise
             except Exception as exc:  # a broken plant broker must never stop the agent
                 connected = False
-                self.log.error("plant broker session failed", error=repr(exc))
+                error = repr(exc)
             self.stats.connected = False
-            with _suppress_all():
+            with contextlib.suppress(Exception):
                 await asyncio.wait_for(session.close(), 5)
             if connected:
                 delay = self.cfg.reconnect_min
                 if not failing:
                     self.log.warning("plant broker lost")
             elif not failing:
-                self.log.warning("plant broker unreachable; retrying with backoff")
+                self.log.warning("plant broker unreachable; retrying with backoff", error=error)
             failing = not connected
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.cfg.reconnect_max)
@@ -285,14 +287,6 @@ class PlantPublisher:
                 topic, payload = detail
                 if not self.on_message(session, topic, payload):
                     return True
-
-
-class _suppress_all:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return exc[0] is not None and not issubclass(exc[0], asyncio.CancelledError)  # type: ignore[arg-type]
 
 
 class SparkplugEdgeNode(PlantPublisher):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
-from oee.components import QUANTITY_FIELDS, Components, Ratios, ratios
+from oee.components import INTEGER_FIELDS, Components, Ratios, ratios
 from oee.engine import PlantEngine
 from oee.events import Event, OeeEvent
 
@@ -96,7 +96,7 @@ OUTBOX_DEPTH = Metric("Outbox/Depth", "count", "sealed batches not yet acknowled
 
 def _components(values: Mapping[str, int]) -> Components:
     return Components.model_validate(
-        {k: v if k in QUANTITY_FIELDS else v / _US for k, v in values.items()}
+        {k: v if k in INTEGER_FIELDS else v / _US for k, v in values.items()}
     )
 
 

@@ -327,8 +327,21 @@ class PlantOpcUaServer:
                 async with self.server:
                     self.log.info("OPC UA server listening", policies=self.cfg.security)
                     delay = 1.0
+                    failing = False
                     while True:
-                        await self.update()
+                        try:
+                            await self.update()
+                        except Exception as exc:  # keep serving the last values
+                            if not failing:
+                                self.log.error(
+                                    "live values unreadable; serving the last ones",
+                                    error=repr(exc),
+                                )
+                            failing = True
+                        else:
+                            if failing:
+                                self.log.info("live values readable again")
+                            failing = False
                         self.ready.set()
                         await asyncio.sleep(self.cfg.update_interval)
             except asyncio.CancelledError:

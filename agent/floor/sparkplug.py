@@ -203,6 +203,7 @@ class PlantPublisher:
             eq: [BY_NAME[name] for name in selected(sel)] for eq, sel in cfg.publish.items()
         }
         self._rebirth = asyncio.Event()
+        self._cycle_failing = False
 
     # -- subclass hooks ---------------------------------------------------------------------
 
@@ -261,6 +262,20 @@ class PlantPublisher:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.cfg.reconnect_max)
 
+    def _cycle(self, session: _Session) -> None:
+        """One publishing cycle; a failure to read or encode is logged once and the session
+        goes on (the next cycle sends what changed since the last values sent)."""
+        try:
+            self.cycle(session, self.source.read())
+        except Exception as exc:
+            if not self._cycle_failing:
+                self.log.error("live values unreadable; nothing published", error=repr(exc))
+            self._cycle_failing = True
+        else:
+            if self._cycle_failing:
+                self.log.info("live values readable again")
+            self._cycle_failing = False
+
     async def _session(self, session: _Session) -> bool:
         """Runs one connection; True if it was ever connected."""
         kind, detail = await asyncio.wait_for(session.inbox.get(), self.cfg.keepalive + 10)
@@ -279,7 +294,7 @@ class PlantPublisher:
                 kind, detail = await asyncio.wait_for(session.inbox.get(), wait)
             except TimeoutError:
                 next_cycle = loop.time() + self.cfg.publish_interval
-                self.cycle(session, self.source.read())
+                self._cycle(session)
                 continue
             if kind == "lost":
                 return True

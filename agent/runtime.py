@@ -19,6 +19,7 @@ import structlog
 
 from agent.config import AgentConfig, SignalConfig
 from agent.engine_store import EngineStore
+from agent.floor.outputs import PlantFloor
 from agent.outbox_writer import OutboxWriter
 from agent.raw_samples import RawSamplePublisher
 from buffer.outbox import Outbox
@@ -170,6 +171,24 @@ class AgentRuntime:
             on_rejected=self.record_rejection,
         )
         self.log = log.bind(agent=config.agent.id, site=config.agent.site)
+        # Plant-floor outputs (OPC UA server, Sparkplug B): read-only, off unless configured.
+        self.floor = (
+            PlantFloor(
+                engine=self.engine,
+                agent=config.agent.id,
+                site=config.agent.site,
+                lines={eq.id: eq.line for eq in config.equipment},
+                connections={eq.id: eq.connection for eq in config.equipment},
+                connection_ids=[c.id for c in config.connections],
+                links=lambda: {hub.config.id: hub.connected for hub in self.hubs},
+                outbox_depth=lambda: self.outbox.stats().depth,
+                keys_dir=config.keys_dir,
+                plant_mqtt=config.plant_mqtt,
+                opcua_server=config.opcua_server,
+            )
+            if config.plant_mqtt is not None or config.opcua_server is not None
+            else None
+        )
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -317,6 +336,8 @@ class AgentRuntime:
         if now is None:
             now = self.clock()
         self.pending.extend(self.engine.tick(now))
+        if self.floor is not None:
+            self.floor.observe(self.pending)  # the last closed bucket, for the floor outputs
         state = self.state_store.prepare(
             self.engine.checkpoint(), to_us(now), riding=bool(self.pending)
         )
@@ -475,6 +496,8 @@ class AgentRuntime:
         ]
         tasks += [asyncio.create_task(hub.run(self._emit), name=hub.config.id) for hub in self.hubs]
         self.tasks = [uplink, *tasks]
+        # Not among the stages: a plant-floor output that fails never stops the agent.
+        floor = self.floor.start() if self.floor is not None else []
         stopper = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait(
@@ -485,6 +508,8 @@ class AgentRuntime:
                     raise task.exception()  # type: ignore[misc]
         finally:
             stopper.cancel()
+            if floor and self.floor is not None:
+                await self.floor.stop()
             # A stage that does not end (a driver that loses its cancellation) is named and
             # left behind, so the graceful stop still commits what was sampled instead of
             # waiting for it until systemd kills the agent.

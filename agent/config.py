@@ -255,6 +255,16 @@ class HealthConfig(_Model):
     port: int = Field(default=9650, ge=1, le=65535)
 
 
+class ConfigSourceConfig(_Model):
+    """Where the running configuration comes from (agent/remote_config.py, README "Manage a
+    fleet"): `local`, this file (pushes from the cloud are ignored); `cloud`, this file until
+    the cloud publishes a signed version, then the last version applied."""
+
+    source: Literal["local", "cloud"] = "local"
+    # After applying a pushed version, how long the agent watches its health before keeping it.
+    settle: Duration = Field(default=30.0, gt=0, le=3600)
+
+
 Loc = tuple[str | int, ...]
 
 
@@ -339,6 +349,7 @@ class AgentConfig(_Model):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     raw_samples: RawSamplesConfig = Field(default_factory=RawSamplesConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    config: ConfigSourceConfig = Field(default_factory=ConfigSourceConfig)
     shifts: list[ShiftSpec] = Field(default_factory=list)
     equipment: list[EquipmentConfig] = Field(min_length=1)
 

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from cloud_api import queries
+from cloud_api.fleetconfig import store as config_store
 from cloud_api.problems import invalid_parameter
 from cloud_api.queries import Conn, ScopeKind
 from cloud_api.routes.common import allowed_sites, db, respond, window
@@ -93,7 +94,13 @@ async def agents(request: Request, site: Annotated[str | None, Query()] = None) 
 @router.get("/agents/{agent_id}", summary="Fleet health of one agent")
 async def agent(request: Request, agent_id: str) -> Response:
     visible = allowed_sites(request)
-    rows = await db(request, lambda conn: queries.agents_list(conn, agent_id, None, visible))
+    def load(conn: Conn) -> list[dict[str, Any]]:
+        rows = queries.agents_list(conn, agent_id, None, visible)
+        for row in rows:  # running and desired configuration versions, the last result
+            row["config"] = config_store.status(conn, agent_id, row["site_id"])
+        return rows
+
+    rows = await db(request, load)
     if not rows:
         raise HTTPException(404, f"no agent {agent_id!r}")
     return respond(request, rows[0])

@@ -141,7 +141,9 @@ class RemoteConfig:
         self._candidate: Candidate | None = None
         self._reports: list[Event] = []
         self._runtime: ReportingRuntime | None = None
-        self._seen: set[str] = set()  # payload digests handled since start (redeliveries)
+        # The last payload handled: the broker delivers the retained message again on every
+        # reconnect and to every new pipeline; an older one sent again is still reported.
+        self._last_payload = ""
         self._ignored_logged = False
         self.log = log.bind(agent=local.agent.id, site=local.agent.site)
 
@@ -314,9 +316,9 @@ class RemoteConfig:
                 self._ignored_logged = True
             return
         fingerprint = hashlib.sha256(payload).hexdigest()
-        if fingerprint in self._seen:
-            return  # the retained message again (every reconnect and every new pipeline)
-        self._seen.add(fingerprint)
+        if fingerprint == self._last_payload:
+            return
+        self._last_payload = fingerprint
         try:
             body = verify_config(payload, **self._verify_args())
         except ConfigMessageError as exc:

@@ -94,6 +94,7 @@ async def agents(request: Request, site: Annotated[str | None, Query()] = None) 
 @router.get("/agents/{agent_id}", summary="Fleet health of one agent")
 async def agent(request: Request, agent_id: str) -> Response:
     visible = allowed_sites(request)
+
     def load(conn: Conn) -> list[dict[str, Any]]:
         rows = queries.agents_list(conn, agent_id, None, visible)
         for row in rows:  # running and desired configuration versions, the last result

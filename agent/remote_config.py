@@ -258,7 +258,8 @@ class RemoteConfig:
 
     def effective(self, config: AgentConfig, keys: AgentKeys) -> tuple[AgentConfig, AgentKeys]:
         """On SIGHUP: with source cloud, the version the cloud pushed keeps running."""
-        if config.config.source != "cloud":
+        self.enabled = config.config.source == "cloud"
+        if not self.enabled:
             self.running_version = 0
             return config, keys
         applied = self._load_applied()
@@ -281,7 +282,8 @@ class RemoteConfig:
             self._runtime.pending.extend(self._reports)
             self._reports = []
 
-    def _report(self, result: str, *, reason: str = "", **data: Any) -> None:
+    def _report(self, result: str, *, reason: str = "", later: bool = False, **data: Any) -> None:
+        """Queue an outcome for the running pipeline (`later`: for the next one to start)."""
         self.log.info("remote configuration " + result.replace("_", " "), reason=reason, **data)
         self._reports.append(
             AgentEvent(
@@ -299,7 +301,8 @@ class RemoteConfig:
                 },
             )
         )
-        self._deliver()
+        if not later:
+            self._deliver()
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -324,7 +327,11 @@ class RemoteConfig:
         except ConfigMessageError as exc:
             self._report("refused", reason=f"{exc.reason}: {exc.detail}".rstrip(": "))
             return
-        ids = {"version": body.version, "serial": body.serial, "digest": body.digest}
+        ids: dict[str, Any] = {
+            "version": body.version,
+            "serial": body.serial,
+            "digest": body.digest,
+        }
         attempt = self._read_attempt()
         if attempt is not None and (attempt.get("serial"), attempt.get("digest")) == (
             body.serial,
@@ -387,17 +394,19 @@ class RemoteConfig:
 
     async def settle(
         self,
+        candidate: Candidate,
         runtime: object,
         task: asyncio.Task[None],
         pipeline_problem: Callable[[], str | None],
         stop: asyncio.Event,
     ) -> str | None:
-        """Watch the new pipeline for `config.settle` seconds; why it is not healthy, or None.
+        """Watch the new pipeline for the candidate's `config.settle`; why it is not healthy,
+        or None.
 
         Healthy: every stage alive, and at the end every connection to a PLC up and the
         uplink connected to the broker. Returns None early only on a stop request."""
         loop = asyncio.get_running_loop()
-        settle_s = self.local.config.settle
+        settle_s = candidate.config.config.settle
         deadline = loop.time() + settle_s
         while loop.time() < deadline:
             if stop.is_set():
@@ -418,12 +427,18 @@ class RemoteConfig:
             return f"not connected to the MQTT broker after {settle_s:g} s"
         return None
 
-    def _finish_attempt(self, body: ConfigBody, result: str, reason: str) -> None:
+    def _finish_attempt(
+        self, body: ConfigBody, result: str, reason: str, *, later: bool = False
+    ) -> None:
         self._write_attempt(body, result)
-        ids = {"version": body.version, "serial": body.serial, "digest": body.digest}
+        ids: dict[str, Any] = {
+            "version": body.version,
+            "serial": body.serial,
+            "digest": body.digest,
+        }
         if body.rollback is not None:
             ids["rollback"] = body.rollback
-        self._report(result, reason=reason, **ids)
+        self._report(result, reason=reason, later=later, **ids)
 
     def applied(self, candidate: Candidate) -> None:
         # applied.json first: a crash before attempt.json is updated is recognised at start.
@@ -432,5 +447,6 @@ class RemoteConfig:
         self._finish_attempt(candidate.body, "applied", "")
 
     def rolled_back(self, candidate: Candidate, why: str) -> None:
-        """The previous configuration runs again (its pipeline reports this)."""
-        self._finish_attempt(candidate.body, "rolled_back", why)
+        """The previous configuration is started again; its pipeline commits the report (the
+        failed one may have ended already)."""
+        self._finish_attempt(candidate.body, "rolled_back", why, later=True)

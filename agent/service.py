@@ -356,7 +356,7 @@ class AgentService:
             candidate: tuple[AgentConfig, AgentKeys] | None = None
             rolling_back = False
             if settling is not None and last_good is not None:
-                why = await self.remote.settle(runtime, task, self.problem, self._stop)
+                why = await self.remote.settle(settling, runtime, task, self.problem, self._stop)
                 if why is None and not self._stop.is_set():
                     self.remote.applied(settling)
                 elif why is not None:

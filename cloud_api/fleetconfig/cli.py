@@ -113,7 +113,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         with command_connection(settings.database) as conn, conn.transaction():
             site = store.agent_site(conn, args.agent)
             rows = store.versions(conn, args.agent)
-            status = store.status(conn, args.agent, site)
+            status = store.status(conn, args.agent)
     except store.UnknownAgent as exc:
         return _fail(str(exc))
     last = status["last_result"] or {}

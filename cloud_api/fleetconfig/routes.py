@@ -185,7 +185,7 @@ async def list_configs(
             return {
                 "agent_id": agent_id,
                 "site_id": site,
-                "status": store.status(conn, agent_id, site),
+                "status": store.status(conn, agent_id),
                 "versions": store.versions(conn, agent_id),
             }
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import psycopg
 import yaml
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
+from oee.events import AgentEvent
 from sync.config_message import MAX_CONFIG_TEXT, config_digest
 
 RESULT_CODE = "config_result"  # the agent event that reports an outcome (agent/remote_config.py)
@@ -232,37 +233,56 @@ def diff(conn: psycopg.Connection[Any], agent_id: str, old: int, new: int) -> st
     )
 
 
-def status(conn: psycopg.Connection[Any], agent_id: str, site_id: str) -> dict[str, Any]:
-    """Running version, desired version and last result of one agent: the desired one from
-    the registry, the others from the newest `config_result` event the agent sent."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        desired = cur.execute(
-            "SELECT version, serial, rollback, changed_at, published_at "
-            "FROM registry.agent_config_current WHERE agent_id = %s",
-            (agent_id,),
-        ).fetchone()
-        event = cur.execute(
-            "SELECT ts, body FROM facts.events WHERE site_id = %s AND equipment_id IS NULL"
-            " AND kind = 'agent' AND agent_id = %s AND body->>'code' = %s"
-            " ORDER BY ts DESC LIMIT 1",
-            (site_id, agent_id, RESULT_CODE),
-        ).fetchone()
-    data: dict[str, Any] = (event["body"].get("data") or {}) if event else {}
-    last: dict[str, Any] | None = None
-    if event is not None:
-        last = {
-            "result": data.get("result"),
-            "version": data.get("version"),
-            "reason": data.get("reason"),
-            "problems": data.get("problems", []),
-            "at": event["ts"],
-        }
-    reported_at: datetime | None = event["ts"] if event else None
-    return {
-        "desired_version": desired["version"] if desired else None,
-        "desired_serial": desired["serial"] if desired else None,
-        "published_at": desired["published_at"] if desired else None,
-        "running_version": data.get("running_version"),
-        "reported_at": reported_at,
-        "last_result": last,
+def record_result(conn: psycopg.Connection[Any], event: AgentEvent) -> None:
+    """Keep the newest `config_result` of an agent (ingest, in the batch's transaction)."""
+    data = event.data
+    running = data.get("running_version")
+    last = {
+        "result": data.get("result"),
+        "version": data.get("version"),
+        "serial": data.get("serial"),
+        "reason": data.get("reason"),
+        "problems": data.get("problems") or [],
+        "at": event.ts.isoformat(),
     }
+    conn.execute(
+        "INSERT INTO registry.agent_config_reported AS r(site_id, agent_id, running_version,"
+        " last_result, reported_at) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (agent_id) DO UPDATE"
+        " SET running_version = excluded.running_version, last_result = excluded.last_result,"
+        " reported_at = excluded.reported_at WHERE r.reported_at <= excluded.reported_at",
+        (
+            event.site_id,
+            event.agent_id,
+            running if isinstance(running, int) else None,
+            Jsonb(last),
+            event.ts,
+        ),
+    )
+
+
+def statuses(conn: psycopg.Connection[Any], agent_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Per agent: the desired version (the cloud's), the running version and the last result
+    (as the agent last reported them)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            "SELECT a.agent_id, c.version, c.serial, c.published_at, r.running_version,"
+            " r.last_result, r.reported_at FROM unnest(%s::text[]) AS a(agent_id)"
+            " LEFT JOIN registry.agent_config_current c ON c.agent_id = a.agent_id"
+            " LEFT JOIN registry.agent_config_reported r ON r.agent_id = a.agent_id",
+            (agent_ids,),
+        ).fetchall()
+    return {
+        r["agent_id"]: {
+            "desired_version": r["version"],
+            "desired_serial": r["serial"],
+            "published_at": r["published_at"],
+            "running_version": r["running_version"],
+            "reported_at": r["reported_at"],
+            "last_result": r["last_result"],
+        }
+        for r in rows
+    }
+
+
+def status(conn: psycopg.Connection[Any], agent_id: str) -> dict[str, Any]:
+    return statuses(conn, [agent_id])[agent_id]

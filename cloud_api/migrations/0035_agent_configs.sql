@@ -45,3 +45,14 @@ CREATE TABLE registry.agent_config_current (
 -- The API writes versions as the caller (site policies apply, see 0010); ingest never does.
 GRANT INSERT ON registry.agent_configs TO gateway_api;
 GRANT INSERT, UPDATE ON registry.agent_config_current TO gateway_api;
+
+-- What each agent last reported about its configuration (agent events with code
+-- config_result, kept by ingest in the transaction that stores them): the version it runs
+-- and the outcome of the last publication it handled.
+CREATE TABLE registry.agent_config_reported (
+    site_id text NOT NULL,
+    agent_id text PRIMARY KEY REFERENCES registry.agents (agent_id),
+    running_version integer,
+    last_result jsonb NOT NULL,
+    reported_at timestamptz NOT NULL
+);

@@ -84,10 +84,20 @@ async def equipment_one(
     return respond(request, rows[0])
 
 
+def with_config(conn: Conn, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each agent's configuration: desired and running versions, the last result."""
+    found = config_store.statuses(conn, [r["agent_id"] for r in rows])
+    for row in rows:
+        row["config"] = found.get(row["agent_id"])
+    return rows
+
+
 @router.get("/agents", summary="Fleet health of every agent")
 async def agents(request: Request, site: Annotated[str | None, Query()] = None) -> Response:
     visible = allowed_sites(request)
-    rows = await db(request, lambda conn: queries.agents_list(conn, None, site, visible))
+    rows = await db(
+        request, lambda conn: with_config(conn, queries.agents_list(conn, None, site, visible))
+    )
     return respond(request, {"agents": rows}, rows)
 
 
@@ -95,13 +105,9 @@ async def agents(request: Request, site: Annotated[str | None, Query()] = None) 
 async def agent(request: Request, agent_id: str) -> Response:
     visible = allowed_sites(request)
 
-    def load(conn: Conn) -> list[dict[str, Any]]:
-        rows = queries.agents_list(conn, agent_id, None, visible)
-        for row in rows:  # running and desired configuration versions, the last result
-            row["config"] = config_store.status(conn, agent_id, row["site_id"])
-        return rows
-
-    rows = await db(request, load)
+    rows = await db(
+        request, lambda conn: with_config(conn, queries.agents_list(conn, agent_id, None, visible))
+    )
     if not rows:
         raise HTTPException(404, f"no agent {agent_id!r}")
     return respond(request, rows[0])

@@ -173,14 +173,31 @@ async def rollback_config(
     return await _write_and_publish(request, agent_id, write, "rollback")
 
 
-@router.get("/{agent_id}/config", summary="Configuration versions of an agent, and its status")
-async def list_configs(
-    request: Request, agent_id: AgentId, principal: CurrentPrincipal
+Version = Annotated[int | None, Query(ge=1, le=2**31 - 1)]
+
+
+@router.get(
+    "/{agent_id}/config",
+    summary="Configuration versions of an agent and its status, or one version (and a diff)",
+)
+async def read_configs(
+    request: Request,
+    agent_id: AgentId,
+    principal: CurrentPrincipal,
+    version: Annotated[Version, Query(description="show this version with its text")] = None,
+    diff_from: Annotated[
+        Version, Query(description="with `version`: a unified diff from this version")
+    ] = None,
 ) -> dict[str, Any]:
     pool = request.app.state.pool
 
     def read() -> dict[str, Any]:
         with pool.connection() as conn:
+            if version is not None:
+                row = store.show(conn, agent_id, version)
+                if diff_from is not None:
+                    row["diff"] = store.diff(conn, agent_id, diff_from, version)
+                return row
             site = store.agent_site(conn, agent_id)
             return {
                 "agent_id": agent_id,
@@ -188,31 +205,6 @@ async def list_configs(
                 "status": store.status(conn, agent_id),
                 "versions": store.versions(conn, agent_id),
             }
-
-    try:
-        return await run_in_threadpool(with_retry, read, attempts=3)
-    except store.UnknownAgent as exc:
-        raise _refused(exc) from None
-
-
-@router.get("/{agent_id}/config/{version}", summary="One configuration version (or a diff)")
-async def show_config(
-    request: Request,
-    agent_id: AgentId,
-    version: Annotated[int, Path(ge=1)],
-    principal: CurrentPrincipal,
-    diff_from: Annotated[
-        int | None, Query(ge=1, description="unified diff from this version")
-    ] = None,
-) -> dict[str, Any]:
-    pool = request.app.state.pool
-
-    def read() -> dict[str, Any]:
-        with pool.connection() as conn:
-            row = store.show(conn, agent_id, version)
-            if diff_from is not None:
-                row["diff"] = store.diff(conn, agent_id, diff_from, version)
-            return row
 
     try:
         return await run_in_threadpool(with_retry, read, attempts=3)

@@ -125,7 +125,7 @@ async def test_push_list_show_rollback_with_roles_audit_and_signed_publication(
         ]
         assert listing["status"]["desired_version"] == 2
         assert listing["versions"][0]["author"] == "test-admin"
-        response = await client.get(f"{url}/2", params={"diff_from": 1}, headers=engineer_a)
+        response = await client.get(url, params={"version": 2, "diff_from": 1}, headers=engineer_a)
         assert "-  - id: press-1\n+  - id: press-2" in response.json()["diff"]
         hidden = bearer(keys_dir, role="viewer", sites=["site-b"])
         assert (await client.get(url, headers=hidden)).status_code == 404

@@ -256,6 +256,16 @@ class HealthConfig(_Model):
     port: int = Field(default=9650, ge=1, le=65535)
 
 
+class ConfigSourceConfig(_Model):
+    """Where the running configuration comes from (agent/remote_config.py, README "Manage a
+    fleet"): `local`, this file (pushes from the cloud are ignored); `cloud`, this file until
+    the cloud publishes a signed version, then the last version applied."""
+
+    source: Literal["local", "cloud"] = "local"
+    # After applying a pushed version, how long the agent watches its health before keeping it.
+    settle: Duration = Field(default=30.0, gt=0, le=3600)
+
+
 Loc = tuple[str | int, ...]
 
 
@@ -343,6 +353,7 @@ class AgentConfig(_Model):
     # Plant-floor outputs (agent/floor): off unless configured.
     plant_mqtt: PlantMqttConfig | None = None
     opcua_server: OpcUaServerConfig | None = None
+    config: ConfigSourceConfig = Field(default_factory=ConfigSourceConfig)
     shifts: list[ShiftSpec] = Field(default_factory=list)
     equipment: list[EquipmentConfig] = Field(min_length=1)
 

@@ -17,6 +17,7 @@ from cloud_api.access import audit
 from cloud_api.access import cli as security_cli
 from cloud_api.config import CloudSettings, ConfigError, load_settings
 from cloud_api.db import command_connection
+from cloud_api.fleetconfig import cli as fleetconfig_cli
 from sync.keys import (
     SUITES,
     CloudKeyring,
@@ -343,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-id", required=True)
     p.add_argument("--last", action="store_true", help="allow revoking the agent's last key")
     p.set_defaults(func=cmd_revoke_key)
+    fleetconfig_cli.register(agents)
     security_cli.register(sub)
     return parser
 

@@ -46,6 +46,7 @@ from cloud_api.api.routes import install_routes
 from cloud_api.api.routes.annotations import router as annotations_router
 from cloud_api.config import CloudSettings
 from cloud_api.db import make_pool, with_retry
+from cloud_api.fleetconfig.routes import router as fleetconfig_router
 
 log = structlog.get_logger("cloud_api.security")
 
@@ -113,6 +114,9 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
     app.state.answers = Answers(app.state.data_marks)
 
     install_routes(app)
+    # Configuration pushes publish with the app's MQTT settings and keys.
+    app.state.fleetconfig_settings = settings
+    app.include_router(fleetconfig_router)
     install_dashboard(app)
     _health_routes(app, settings)
     problems.install(app)

@@ -13,6 +13,8 @@
   ``timezone`` (IANA name), ``shifts`` (list, as in the agent's YAML), ``equipment`` (list of
   objects with ``id``, optional ``line``, optional ``reasons`` mapping code -> reason text,
   anything else is kept as the equipment's configuration).
+- Configuration outcome, from `agent` events with code ``config_result`` (agent/remote_config.py):
+  the running version and the last result, newest report wins (cloud_api/fleetconfig/).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import psycopg
 
+from cloud_api.fleetconfig import store as config_store
 from oee.events import AgentEvent, Event
 
 STATUS_CODE = "status"
@@ -66,6 +69,9 @@ def record_batch(
     config = _latest(events, CONFIG_CODE)
     if config is not None:
         _record_config(conn, config)
+    result = _latest(events, config_store.RESULT_CODE)
+    if result is not None:
+        config_store.record_result(conn, result)
 
 
 def _latest(events: Sequence[Event], code: str) -> AgentEvent | None:

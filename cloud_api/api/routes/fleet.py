@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 from cloud_api.api import queries
 from cloud_api.api.queries import Conn, ScopeKind
 from cloud_api.api.routes.common import allowed_sites, db, respond, window
+from cloud_api.fleetconfig import store as config_store
 from cloud_api.problems import Problem, invalid_parameter
 
 router = APIRouter(prefix="/v1", tags=["fleet"])
@@ -83,17 +84,30 @@ async def equipment_one(
     return respond(request, rows[0])
 
 
+def with_config(conn: Conn, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each agent's configuration: desired and running versions, the last result."""
+    found = config_store.statuses(conn, [r["agent_id"] for r in rows])
+    for row in rows:
+        row["config"] = found.get(row["agent_id"])
+    return rows
+
+
 @router.get("/agents", summary="Fleet health of every agent")
 async def agents(request: Request, site: Annotated[str | None, Query()] = None) -> Response:
     visible = allowed_sites(request)
-    rows = await db(request, lambda conn: queries.agents_list(conn, None, site, visible))
+    rows = await db(
+        request, lambda conn: with_config(conn, queries.agents_list(conn, None, site, visible))
+    )
     return respond(request, {"agents": rows}, rows)
 
 
 @router.get("/agents/{agent_id}", summary="Fleet health of one agent")
 async def agent(request: Request, agent_id: str) -> Response:
     visible = allowed_sites(request)
-    rows = await db(request, lambda conn: queries.agents_list(conn, agent_id, None, visible))
+
+    rows = await db(
+        request, lambda conn: with_config(conn, queries.agents_list(conn, agent_id, None, visible))
+    )
     if not rows:
         raise Problem(404, f"no agent {agent_id!r}")
     return respond(request, rows[0])

@@ -25,11 +25,11 @@ from typing import Any
 import httpx
 import paho.mqtt.client as mqtt
 import psycopg
-from cloud_api.api.app import create_app
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 from psycopg_pool import ConnectionPool
 
+from cloud_api.api.app import create_app
 from cloud_api.config import CloudSettings, DatabaseSettings, MqttSettings
 from cloud_api.fleetconfig import store
 from cloud_api.fleetconfig.publish import signed_message

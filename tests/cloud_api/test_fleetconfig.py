@@ -11,10 +11,10 @@ import httpx
 import paho.mqtt.client as mqtt
 import psycopg
 import pytest
-from cloud_api.api.app import create_app
 from paho.mqtt.enums import CallbackAPIVersion
 from psycopg_pool import ConnectionPool
 
+from cloud_api.api.app import create_app
 from cloud_api.cli import main as cloud_main
 from cloud_api.config import CloudSettings, DatabaseSettings, MqttSettings
 from sync.config_message import ConfigBody, config_topic, verify_config

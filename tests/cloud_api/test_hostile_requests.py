@@ -140,7 +140,7 @@ def operations(api: SecuredApi) -> Iterator[tuple[str, str, list[dict[str, Any]]
 
 def valid_query(params: list[dict[str, Any]]) -> dict[str, str]:
     """Values for the required query parameters that make a valid request."""
-    known = {"scope": "site", "id": "site-a", **WINDOW}
+    known = {"scope": "site", "id": "site-a", "site": "site-a", **WINDOW}
     return {p["name"]: known[p["name"]] for p in params if p["in"] == "query" and p["required"]}
 
 

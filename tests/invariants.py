@@ -15,7 +15,9 @@ every equipment it checks, from the stored facts and through the HTTP API:
 - `/v1/oee` (1m, 1h and shift intervals, by equipment and for the site), `/v1/kpis` (its
   components, calendar and every KPI of oee.kpis), `/v1/counts`,
   `/v1/quality` and `/v1/equipment/{id}/oee` report the buckets' sums; the Pareto by reason
-  and by class, the sum of `/v1/downtime/events` (also by reason) and downtime seconds agree;
+  and by class, the sum of `/v1/downtime/events` (also by reason) and downtime seconds agree,
+  and each listed stop is a stop of the timeline with its planned seconds (those in buckets of
+  a shift) as `duration_s`;
 - every fault interval carries the reason the PLC set: the truth's sequence of stops when
   given, else a reason allowed for that state, else any reason at all.
 
@@ -449,15 +451,41 @@ def _check_api_window(
     for s in stops:
         key = s["reason"] or UNSPECIFIED
         from_events[key] = from_events.get(key, 0.0) + float(s["duration_s"])
-    timeline_stops = [iv for iv in timeline if iv.state in STOP_STATES]
+    # A stop's downtime is its planned time: the seconds of it in buckets of a shift. A stop
+    # with none (inside a break, off shift) is not listed.
+    timeline_stops = [
+        (iv, planned)
+        for iv in timeline
+        if iv.state in STOP_STATES and (planned := _planned_s(buckets, iv.start, iv.end)) > 0
+    ]
     if len(stops) != len(timeline_stops):
         raise Mismatch(f"{name}: {len(stops)} /v1/downtime/events, {len(timeline_stops)} stops")
+    for s, (iv, planned) in zip(stops, timeline_stops, strict=True):
+        what = f"{name}: /v1/downtime/events {s} vs /states {iv}"
+        if (_ts(s["start"]), _ts(s["end"]), s["state"], s["reason"]) != (
+            iv.start,
+            iv.end,
+            iv.state,
+            iv.reason,
+        ):
+            raise Mismatch(what)
+        _close(float(s["duration_s"]), planned, f"{what}: planned seconds")
+        _close(float(s["wall_s"]), (iv.end - iv.start).total_seconds(), f"{what}: wall_s")
     if not perf_micro:
         _close(sum(from_events.values()), want["downtime_s"], f"{name}: stops vs downtime_s")
         _same(from_events, by_reason, f"{name}: /v1/downtime/events by reason vs Pareto")
     _merge(views, "/v1/downtime/pareto", by_reason)
     _merge(views, "/v1/downtime/events", from_events)
     _merge(views, "facts.oee_buckets", _reasons(buckets))
+
+
+def _planned_s(buckets: Sequence[_Bucket], start: datetime, end: datetime) -> float:
+    """Seconds of [start, end) in buckets of a shift."""
+    return sum(
+        (min(end, b.end) - max(start, b.start)).total_seconds()
+        for b in buckets
+        if b.shift is not None and b.start < end and b.end > start
+    )
 
 
 def _check_kpis(

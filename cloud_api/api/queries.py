@@ -27,8 +27,10 @@ from zoneinfo import ZoneInfo
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
+from pydantic import ValidationError
 
 from cloud_api import metrics
+from oee.calendar import ShiftCalendar
 from oee.components import (
     COMPONENT_FIELDS,
     INTEGER_FIELDS,
@@ -36,6 +38,7 @@ from oee.components import (
     TIME_FIELDS,
     Components,
 )
+from oee.config import ShiftSpec
 
 Interval = Literal["1m", "15m", "1h", "shift", "1d", "1w", "1mo"]
 ScopeKind = Literal["site", "line", "equipment"]
@@ -435,25 +438,10 @@ def pareto(
     return sorted((i for i in items if i[1] > 0), key=lambda i: (-i[1], i[0]))
 
 
-def state_intervals(
-    conn: Conn,
-    members: Sequence[Member],
-    start: datetime,
-    end: datetime,
-    *,
-    states: Sequence[str] | None = None,
-    min_duration_s: float = 0.0,
-    limit: int = 10_000,
-) -> list[dict[str, Any]]:
-    """State intervals from state events, clipped to [start, end) and to now.
-
-    The state at `start` is the last state event before it; an interval ends at the next
-    state event of the same equipment (which may lie after `end`).
-    """
-    if not members:
-        return []
-    stmt = _SCOPE_CTE + sql.SQL(
-        "SELECT * FROM ("
+def _intervals_sql(select: str) -> sql.Composed:
+    """`select` over `intervals`: the state intervals clipped to [start, end) and to `stop`."""
+    return _SCOPE_CTE + sql.SQL(
+        ", intervals AS (SELECT * FROM ("
         " SELECT x.site_id, x.equipment_id, x.body->>'state' AS state,"
         " x.body->>'previous' AS previous, x.body->>'reason' AS reason,"
         " greatest(x.ts, %(start)s) AS start,"
@@ -473,8 +461,29 @@ def state_intervals(
         "  ORDER BY e.ts LIMIT 1) nxt ON true"
         " WINDOW w AS (PARTITION BY x.site_id, x.equipment_id ORDER BY x.ts, x.event_id)"
         ") i WHERE i.end > i.start"
-        " AND (%(states)s::text[] IS NULL OR i.state = ANY(%(states)s))"
-        " AND extract(epoch FROM i.end - i.start) >= %(min)s"
+        " AND (%(states)s::text[] IS NULL OR i.state = ANY(%(states)s))) " + select
+    )
+
+
+def state_intervals(
+    conn: Conn,
+    members: Sequence[Member],
+    start: datetime,
+    end: datetime,
+    *,
+    states: Sequence[str] | None = None,
+    min_duration_s: float = 0.0,
+    limit: int = 10_000,
+) -> list[dict[str, Any]]:
+    """State intervals from state events, clipped to [start, end) and to now.
+
+    The state at `start` is the last state event before it; an interval ends at the next
+    state event of the same equipment (which may lie after `end`).
+    """
+    if not members:
+        return []
+    stmt = _intervals_sql(
+        "SELECT * FROM intervals i WHERE extract(epoch FROM i.end - i.start) >= %(min)s"
         " ORDER BY i.start, i.site_id, i.equipment_id LIMIT %(limit)s"
     )
     rows = run(
@@ -494,6 +503,150 @@ def state_intervals(
     for r in rows:
         r["duration_s"] = (r["end"] - r["start"]).total_seconds()
     return rows
+
+
+def hh_mm(node: Any) -> Any:
+    """Agents report clock times as pydantic writes them ("06:00:00"); the shift model reads
+    "HH:MM" (its YAML form). Whole minutes are cut back; anything else stays."""
+    if isinstance(node, dict):
+        return {k: hh_mm(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [hh_mm(v) for v in node]
+    if isinstance(node, str) and len(node) == 8 and node[2] == ":" and node.endswith(":00"):
+        return node[:5]
+    return node
+
+
+def shift_calendars(
+    conn: Conn, site_ids: Sequence[str]
+) -> tuple[dict[tuple[str, str], ShiftCalendar], dict[str, str | None]]:
+    """The shift calendar each agent of the sites last reported, by (site, agent), as the
+    engine's own ShiftCalendar; and per site the newest reported time zone. A calendar the
+    engine would not accept is left out."""
+    rows = run(
+        conn,
+        "shift_calendars",
+        sql.SQL(
+            "SELECT site_id, agent_id, timezone, shifts FROM registry.shift_calendars "
+            "WHERE site_id = ANY(%(sites)s) ORDER BY reported_at"
+        ),
+        {"sites": list(site_ids)},
+    )
+    calendars: dict[tuple[str, str], ShiftCalendar] = {}
+    zones: dict[str, str | None] = {}
+    for r in rows:
+        zones[r["site_id"]] = r["timezone"] or zones.get(r["site_id"])
+        try:
+            shifts = [ShiftSpec.model_validate(hh_mm(s)) for s in r["shifts"] or []]
+            if shifts:
+                calendars[r["site_id"], r["agent_id"]] = ShiftCalendar(
+                    shifts, r["timezone"] or "UTC"
+                )
+        except (ValidationError, ValueError, KeyError):
+            continue
+    return calendars, zones
+
+
+def stops(
+    conn: Conn,
+    members: Sequence[Member],
+    start: datetime,
+    end: datetime,
+    *,
+    min_duration_s: float = 0.0,
+    limit: int = 10_000,
+) -> list[dict[str, Any]]:
+    """Stops (fault and idle intervals) clipped to [start, end) and to now, each with its
+    downtime: the planned seconds within it (`duration_s`), beside its wall-clock length
+    (`wall_s`). A stop with no planned second is left out; `min_duration_s` applies to the
+    planned seconds.
+
+    Planned time is read from the equipment's stored OEE buckets (those in a shift), which are
+    the engine's own classification of every instant, exact to the microsecond and the very
+    rows the Pareto and `downtime_s` sum, whatever calendar was in force then. Past the end of
+    the last stored bucket (the bucket still open on the agent) the shift calendar its agent
+    last reported decides, through the engine's ShiftCalendar; with no calendar reported, that
+    part counts in full.
+    """
+    if not members:
+        return []
+    stmt = _intervals_sql(
+        "SELECT i.*, k.known_until, p.planned FROM intervals i"
+        " LEFT JOIN LATERAL (SELECT b.bucket_end AS known_until FROM facts.oee_buckets b"
+        "  WHERE b.site_id = i.site_id AND b.equipment_id = i.equipment_id"
+        "  ORDER BY b.bucket_start DESC LIMIT 1) k ON true"
+        " CROSS JOIN LATERAL (SELECT COALESCE(sum(extract(epoch FROM"
+        "  least(i.end, b.bucket_end) - greatest(i.start, b.bucket_start))), 0) AS planned"
+        "  FROM facts.oee_buckets b WHERE b.site_id = i.site_id"
+        "  AND b.equipment_id = i.equipment_id AND b.shift IS NOT NULL"
+        "  AND b.bucket_start < i.end AND b.bucket_end > i.start) p"
+        # An upper bound of the planned seconds (the part after the last bucket in full):
+        # the exact figure is the calendar's, below.
+        " CROSS JOIN LATERAL (SELECT p.planned + greatest(0, extract(epoch FROM i.end"
+        "  - greatest(i.start, COALESCE(k.known_until, i.start)))) AS most) u"
+        " WHERE u.most > 0 AND u.most >= %(min)s"
+        " ORDER BY i.start, i.site_id, i.equipment_id LIMIT %(limit)s"
+    )
+    params = {
+        **_scope_params(members),
+        "start": start,
+        "end": end,
+        "stop": min(end, datetime.now(UTC)),
+        "states": list(STOP_STATES),
+        "min": min_duration_s,
+    }
+    calendars: dict[tuple[str, str], ShiftCalendar] | None = None
+    agents: dict[tuple[str, str], str | None] = {}
+    fetch = limit
+    while True:
+        raw = run(conn, "stops", stmt, {**params, "limit": fetch})
+        out = []
+        for r in raw:
+            known_until = r.pop("known_until")
+            planned = float(r.pop("planned"))
+            tail_from = r["start"] if known_until is None else max(r["start"], known_until)
+            if tail_from < r["end"]:
+                if calendars is None:
+                    calendars, _ = shift_calendars(conn, sorted({m.site_id for m in members}))
+                    agents = _agents_of(conn, members)
+                agent = agents.get((r["site_id"], r["equipment_id"]))
+                calendar = calendars.get((r["site_id"], agent or ""))
+                planned += _planned_s(calendar, tail_from, r["end"])
+            if planned <= 0 or planned < min_duration_s:
+                continue
+            r["duration_s"] = planned
+            r["wall_s"] = (r["end"] - r["start"]).total_seconds()
+            out.append(r)
+        # Rows judged in Python only (their part after the last bucket) may drop out: fetch
+        # more until `limit` stops are found or the rows are exhausted.
+        if len(out) >= limit or len(raw) < fetch:
+            return out[:limit]
+        fetch += limit - len(out)
+
+
+def _planned_s(calendar: ShiftCalendar | None, start: datetime, end: datetime) -> float:
+    """Planned seconds of [start, end) by a shift calendar; all of them with none."""
+    if calendar is None:
+        return (end - start).total_seconds()
+    total = timedelta(0)
+    for w in calendar.windows(start, end):
+        if w.planned:
+            total += w.end - w.start
+    return total.total_seconds()
+
+
+def _agents_of(conn: Conn, members: Sequence[Member]) -> dict[tuple[str, str], str | None]:
+    rows = run(
+        conn,
+        "equipment_agents",
+        _SCOPE_CTE
+        + sql.SQL(
+            "SELECT e.site_id, e.equipment_id, e.agent_id FROM registry.equipment e"
+            " JOIN scope s USING (site_id, equipment_id)"
+        ),
+        _scope_params(members),
+    )
+    return {(r["site_id"], r["equipment_id"]): r["agent_id"] for r in rows}
 
 
 # Integers a JSON consumer holds exactly (I-JSON, RFC 7493). Ingest refuses larger ones, but

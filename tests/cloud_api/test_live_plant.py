@@ -7,9 +7,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from cloud_api.api.queries import hh_mm
 from cloud_api.api.routes.live import (
     DEFAULT_STATUS_INTERVAL_S,
-    hh_mm,
     ideal_count,
     shift_of,
     status_interval,

@@ -13,7 +13,6 @@ from cloud_api.api.cache import SeriesCaching
 from cloud_api.api.queries import (
     INTERVAL_SECONDS,
     MAX_POINTS,
-    STOP_STATES,
     Bucket,
     Conn,
     GroupBy,
@@ -316,7 +315,17 @@ async def downtime_pareto(
     return respond(request, payload, rows, closed=end <= datetime.now(UTC))
 
 
-@router.get("/downtime/events", summary="Stops (fault and idle intervals) from state events")
+@router.get(
+    "/downtime/events",
+    summary="Stops (fault and idle intervals) with their planned seconds",
+    description=(
+        "Each stop keeps its `start` and `end` as the PLC set them (clipped to [from, to) and "
+        "to now); `duration_s` is its downtime, the planned seconds within it (breaks and time "
+        "outside every shift are off plan, as in /v1/oee and the Pareto), and `wall_s` its "
+        "wall-clock length. A stop with no planned second is left out; `min_duration_s` "
+        "applies to `duration_s`."
+    ),
+)
 async def downtime_events(
     request: Request,
     scope: Scope,
@@ -334,10 +343,7 @@ async def downtime_events(
 
     def load(conn: Conn) -> list[dict[str, Any]]:
         members = queries.resolve_scope(conn, scope, id, site, sites)
-        return queries.state_intervals(
-            conn, members, start, end, states=STOP_STATES, min_duration_s=min_duration_s,
-            limit=limit,
-        )  # fmt: skip
+        return queries.stops(conn, members, start, end, min_duration_s=min_duration_s, limit=limit)
 
     rows = await db(request, load)
     payload = {"from": start, "to": end, "stops": rows}

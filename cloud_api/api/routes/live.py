@@ -19,7 +19,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from psycopg import sql
-from pydantic import ValidationError
 
 from cloud_api.api import queries
 from cloud_api.api.queries import Conn, Member
@@ -27,7 +26,6 @@ from cloud_api.api.routes.analytics import ratios_of
 from cloud_api.api.routes.common import allowed_sites, db, respond, window
 from oee.calendar import ShiftCalendar
 from oee.components import COMPONENT_FIELDS
-from oee.config import ShiftSpec
 
 router = APIRouter(prefix="/v1", tags=["live"])
 
@@ -59,40 +57,10 @@ def shift_of(calendar: ShiftCalendar, now: datetime) -> tuple[str, datetime, dat
     return found
 
 
-def hh_mm(node: Any) -> Any:
-    """The agent reports clock times as pydantic writes them ("06:00:00"); the shift model
-    reads "HH:MM" (its YAML form). Whole minutes are cut back; anything else stays."""
-    if isinstance(node, dict):
-        return {k: hh_mm(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [hh_mm(v) for v in node]
-    if isinstance(node, str) and len(node) == 8 and node[2] == ":" and node.endswith(":00"):
-        return node[:5]
-    return node
-
-
 def _calendars(conn: Conn, site: str) -> tuple[dict[str, ShiftCalendar], str | None]:
     """Each reporting agent's shift calendar, and the newest reported time zone."""
-    rows = queries.run(
-        conn,
-        "live_calendars",
-        sql.SQL(
-            "SELECT agent_id, timezone, shifts FROM registry.shift_calendars "
-            "WHERE site_id = %(site)s ORDER BY reported_at"
-        ),
-        {"site": site},
-    )
-    calendars: dict[str, ShiftCalendar] = {}
-    zone: str | None = None
-    for r in rows:
-        zone = r["timezone"] or zone
-        try:
-            shifts = [ShiftSpec.model_validate(hh_mm(s)) for s in r["shifts"] or []]
-            if shifts:
-                calendars[r["agent_id"]] = ShiftCalendar(shifts, r["timezone"] or "UTC")
-        except (ValidationError, ValueError, KeyError):
-            continue  # a calendar the engine would not accept: fall back to the buckets
-    return calendars, zone
+    calendars, zones = queries.shift_calendars(conn, [site])
+    return {agent: c for (_, agent), c in calendars.items()}, zones.get(site)
 
 
 def _current_states(conn: Conn, members: list[Member]) -> dict[str, dict[str, Any]]:

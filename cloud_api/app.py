@@ -20,6 +20,7 @@ from psycopg_pool import ConnectionPool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloud_api import metrics, security
+from cloud_api.alerts import routes as alert_routes
 from cloud_api.answers import Answers, AnswersMiddleware
 from cloud_api.config import CloudSettings
 from cloud_api.dashboard import install_dashboard
@@ -135,6 +136,8 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
     )
     app.state.answers = Answers(app.state.data_marks)
     install_routes(app)
+    app.state.alert_receivers = frozenset(settings.alerts.receivers)
+    app.include_router(alert_routes.router)
     install_dashboard(app)
 
     # Inner to the timing middleware, so answers served again are timed and counted too.

@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 
 from cloud_api import audit, security_cli, tracing
+from cloud_api.alerts import cli as alerts_cli
 from cloud_api.config import CloudSettings, ConfigError, load_settings
 from cloud_api.db import command_connection
 from sync.keys import (
@@ -342,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last", action="store_true", help="allow revoking the agent's last key")
     p.set_defaults(func=cmd_revoke_key)
     security_cli.register(sub)
+    alerts_cli.register(sub)
     return parser
 
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cloud_api.alerts.settings import AlertsSettings
 from cloud_api.revocations import REFRESH_S
 
 
@@ -174,6 +175,7 @@ class CloudSettings(_Model):
     retention_months: int | None = Field(default=None, ge=1, le=1200)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    alerts: AlertsSettings = Field(default_factory=AlertsSettings)
 
 
 _ENV = {

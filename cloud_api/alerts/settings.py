@@ -29,7 +29,8 @@ class SecretError(Exception):
 
 class WebhookReceiver(_Model):
     type: Literal["webhook"] = "webhook"
-    url: Annotated[str, Field(pattern=r"^https?://", max_length=2000)]
+    # Slack's and Teams' webhook URLs are secrets themselves: kept out of reprs and errors.
+    url: Annotated[str, Field(pattern=r"^https?://", max_length=2000, repr=False)]
     # json: our payload, signed (see cloud_api/alerts/signature.py); slack and teams: the
     # shapes their incoming webhooks accept (signed as well, they ignore the headers).
     format: WebhookFormat = "json"

@@ -24,7 +24,7 @@ to idle is still stopped; its alert stays open).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import psycopg
@@ -136,6 +136,14 @@ class Finding:
 class Evaluation:
     firing: dict[str, Finding]
     holding: set[str]
+    # The earliest moment a subject that holds now crosses the rule's `for`: the rule is
+    # evaluated again then (if before its regular next evaluation), so a machine stopped
+    # for N minutes is reported after N minutes, not up to `evaluate_every` later.
+    wake_at: datetime | None = None
+
+    def wake(self, at: datetime) -> None:
+        if self.wake_at is None or at < self.wake_at:
+            self.wake_at = at
 
 
 def _scope(rule: RuleSpec) -> dict[str, Any]:
@@ -196,6 +204,7 @@ def _machine_stopped(conn: psycopg.Connection[Any], rule: RuleSpec) -> Evaluatio
         subject = f"{r['site_id']}/{r['equipment_id']}"
         out.holding.add(subject)
         if r["age_s"] < (rule.for_ or 0.0):
+            out.wake(r["ts"] + timedelta(seconds=rule.for_ or 0.0))
             continue
         why = f"{r['state']}: {r['reason']}" if r["reason"] else r["state"]
         out.firing[subject] = Finding(
@@ -262,16 +271,19 @@ def _agent_silent(conn: psycopg.Connection[Any], rule: RuleSpec) -> Evaluation:
     rows = _rows(
         conn,
         "SELECT a.agent_id, a.site_id, a.last_seen, "
+        "COALESCE(a.last_seen, a.enrolled_at) AS heard, "
         "extract(epoch FROM now() - COALESCE(a.last_seen, a.enrolled_at))::float8 AS age_s "
         f"FROM registry.agents a WHERE {_AGENT_SCOPE} "
         "AND EXISTS (SELECT 1 FROM registry.agent_keys k WHERE k.agent_id = a.agent_id "
-        "AND k.revoked_at IS NULL) "
-        "AND COALESCE(a.last_seen, a.enrolled_at) <= now() - make_interval(secs => %(for)s)",
-        {**_scope(rule), "for": rule.for_ or 0.0},
+        "AND k.revoked_at IS NULL)",
+        _scope(rule),
     )
     out = Evaluation({}, set())
     for r in rows:
         subject = r["agent_id"]
+        if r["age_s"] < (rule.for_ or 0.0):
+            out.wake(r["heard"] + timedelta(seconds=rule.for_ or 0.0))
+            continue
         out.holding.add(subject)
         seen = "never sent a batch" if r["last_seen"] is None else "sent no batch"
         out.firing[subject] = Finding(
@@ -320,16 +332,19 @@ def _outbox_age(conn: psycopg.Connection[Any], rule: RuleSpec) -> Evaluation:
 def _sequence_gap(conn: psycopg.Connection[Any], rule: RuleSpec) -> Evaluation:
     rows = _rows(
         conn,
-        "SELECT g.id, g.site_id, g.agent_id, g.epoch, g.first_seq, g.last_seq, g.detected_at "
+        "SELECT g.id, g.site_id, g.agent_id, g.epoch, g.first_seq, g.last_seq, g.detected_at, "
+        "extract(epoch FROM now() - g.detected_at)::float8 AS age_s "
         "FROM ops.seq_gaps g JOIN registry.agents a ON a.agent_id = g.agent_id "
-        f"WHERE g.resolved_at IS NULL AND {_AGENT_SCOPE} "
-        "AND g.detected_at <= now() - make_interval(secs => %(for)s)",
-        {**_scope(rule), "for": rule.for_ or 0.0},
+        f"WHERE g.resolved_at IS NULL AND {_AGENT_SCOPE}",
+        _scope(rule),
     )
     out = Evaluation({}, set())
     for r in rows:
         subject = f"{r['agent_id']}/{r['epoch']}/{r['first_seq']}-{r['last_seq']}"
         out.holding.add(subject)
+        if r["age_s"] < (rule.for_ or 0.0):
+            out.wake(r["detected_at"] + timedelta(seconds=rule.for_ or 0.0))
+            continue
         count = r["last_seq"] - r["first_seq"] + 1
         out.firing[subject] = Finding(
             subject=subject,

@@ -199,9 +199,9 @@ def evaluate_due_rule(
         # A disabled or deleted rule has nothing more to do once its alerts are resolved.
         conn.execute(
             "UPDATE alerts.rules SET evaluated_at = now(), last_error = NULL, next_eval_at = "
-            "CASE WHEN %s THEN now() + make_interval(secs => %s) ELSE 'infinity' END "
-            "WHERE rule_id = %s",
-            (rule is not None, every_s, name),
+            "CASE WHEN %(live)s THEN LEAST(now() + make_interval(secs => %(every)s), "
+            "%(wake)s::timestamptz) ELSE 'infinity' END WHERE rule_id = %(name)s",
+            {"live": rule is not None, "every": every_s, "wake": found.wake_at, "name": name},
         )
     if opened or resolved:
         log.info("alerts changed", rule=name, opened=opened, resolved=resolved)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import psycopg
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
@@ -122,7 +123,11 @@ async def put_rule(request: Request, name: RuleName, body: RuleSpec, principal: 
             )
         return refused
 
-    refused = await _write(request, write)
+    try:
+        refused = await _write(request, write)
+    except psycopg.errors.InsufficientPrivilege:
+        # Row-level security: the name belongs to a rule of a site the caller cannot see.
+        refused = f"rule {name!r} exists at a site outside the caller's sites"
     if refused is not None:
         raise Problem(409, refused, slug="conflict")
     return respond(request, {"rule": body.public(), "source": "api"})

@@ -188,6 +188,10 @@ def test_a_stopped_machine_gets_one_signed_notification_and_one_resolution(
             (alert["id"], True)
         ]
         assert api.get("/v1/alerts").json()["alerts"] == []  # none open
+        for sites, seen in ((["plant-z"], 0), (["plant-a"], 1)):
+            viewer = bearer(keys, role="viewer", sites=sites)
+            r = api.get("/v1/alerts", params={"state": "all"}, headers=viewer)
+            assert r.status_code == 200 and len(r.json()["alerts"]) == seen
         check_views(api, pg_url)
 
 
@@ -452,6 +456,9 @@ def test_rules_api_is_for_admins_audited_and_scoped(
         site_admin = bearer(keys, role="admin", sites=["plant-f"])
         r = api.put("/v1/alerts/rules/p-down", json=rule, headers=site_admin)
         assert r.status_code == 403
+        # The name is taken at a site this admin cannot see: refused, the rule unchanged.
+        r = api.put("/v1/alerts/rules/p-down", json={**rule, "site": "plant-f"}, headers=site_admin)
+        assert r.status_code == 409 and "outside the caller's sites" in r.text
         r = api.put(
             "/v1/alerts/rules/everywhere",
             json={**rule, "name": "everywhere", "site": None},
@@ -462,8 +469,10 @@ def test_rules_api_is_for_admins_audited_and_scoped(
         r = api.put("/v1/alerts/rules/from-file", json=file_rule, headers=admin)
         assert r.status_code == 409
         assert api.delete("/v1/alerts/rules/from-file", headers=admin).status_code == 409
-        names = [x["name"] for x in api.get("/v1/alerts/rules", headers=admin).json()["rules"]]
-        assert names == ["from-file", "p-down"]
+        listed = api.get("/v1/alerts/rules", headers=admin).json()["rules"]
+        assert [(x["name"], x["site"], x["source"]) for x in listed] == [
+            ("from-file", None, "file"), ("p-down", "plant-e", "api")
+        ]  # fmt: skip
         viewer_f = bearer(keys, role="viewer", sites=["plant-f"])
         assert api.get("/v1/alerts/rules", headers=viewer_f).json()["rules"] == []
         assert api.get("/v1/alerts/dead-letters", headers=viewer_f).status_code == 403

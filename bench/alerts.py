@@ -9,12 +9,15 @@ agent's clock, here the same host); `beyond_threshold` subtracts the rule's `for
 and restart comes after a random pause of up to `evaluate_every`, so that they fall at random
 phases of the evaluation cycle.
 
-With `for: 0s` the wait for the rule's next evaluation dominates (on average half of
-`evaluate_every`). With a `for` longer than `evaluate_every`, an evaluation that sees the stop
-schedules the next one for the moment the threshold is crossed, and the notification follows
-that moment by about one `poll`.
+The worker listens for stored batches as `cloud-api alerts` does (`--no-listen`: the timer
+alone). Listening, a stop with `for: 0s` is evaluated within about a `poll` of its batch's
+commit. On the timer alone the wait for the rule's next evaluation dominates (on average half
+of `evaluate_every`); with a `for` longer than `evaluate_every`, an evaluation that sees the
+stop schedules the next one for the moment the threshold is crossed, and the notification
+follows that moment by about one `poll`.
 Uses the machine's PostgreSQL (a fresh database, dropped afterwards).
-Run: `python -m bench.alerts [--runs 10] [--evaluate-every 15s] [--poll 1s] [--for 0s]`.
+Run: `python -m bench.alerts [--runs 10] [--evaluate-every 15s] [--poll 1s] [--for 0s]
+[--no-listen]`.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluate-every", default="15s")
     parser.add_argument("--poll", default="1s")
     parser.add_argument("--for", dest="for_", default="0s", help="the rule's threshold")
+    parser.add_argument("--no-listen", action="store_true", help="evaluate on the timer only")
     args = parser.parse_args(argv)
 
     os.environ["BENCH_ALERTS_SECRET"] = SECRET
@@ -96,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             press = LivePress(agent, ["press-1"])
             press.set_state(RUNNING)
-            worker = AlertWorker(worker_pool, settings, actor="bench")
+            worker = AlertWorker(
+                worker_pool, settings, actor="bench", listen_url=None if args.no_listen else url
+            )
             worker.start()
             opened: list[float] = []
             resolved: list[float] = []
@@ -134,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs,
         "evaluate_every": args.evaluate_every,
         "poll": args.poll,
+        "listen": not args.no_listen,
         "for_s": threshold,
         "stop_to_webhook": summary(opened),
         "beyond_threshold": summary([v - threshold for v in opened]),

@@ -23,7 +23,13 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     size = settings.alerts.delivery.concurrency + 2
     database = settings.database.model_copy(update={"pool_max": max(size, 2)})
     pool = make_pool(database, name="alerts")
-    worker = AlertWorker(pool, settings.alerts, origin=str(args.config or "environment"))
+    worker = AlertWorker(
+        pool,
+        settings.alerts,
+        origin=str(args.config or "environment"),
+        # LISTEN needs a session of its own: behind PgBouncer, the direct URL.
+        listen_url=settings.database.listen_url or settings.database.require_url(),
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -148,6 +148,16 @@ def list_rules(conn: psycopg.Connection[Any], sites: list[str] | None) -> list[d
 # --- evaluation -----------------------------------------------------------------------------
 
 
+def make_due(conn: psycopg.Connection[Any], sites: set[str]) -> None:
+    """Make the live rules of `sites` (all of them if it holds '') and those of every site
+    due now; in its own statement (autocommit)."""
+    conn.execute(
+        "UPDATE alerts.rules SET next_eval_at = now() WHERE deleted_at IS NULL AND enabled "
+        "AND next_eval_at > now() AND (site_id IS NULL OR site_id = ANY(%s) OR %s)",
+        (sorted(sites), "" in sites),
+    )
+
+
 @dataclass(frozen=True)
 class Outcome:
     rule: str

@@ -3,6 +3,10 @@
 Two loops on threads of their own, each with its own database connections:
 - evaluation: takes one due rule at a time (row lock, SKIP LOCKED) until none is due, then
   sleeps `poll`; several workers share the rules without evaluating one twice at once;
+- listening (when given a listen URL): facts that changed (a stored batch, a verified
+  refusal; 0034_alerts.sql notifies `gateway_alerts` with the site) make the rules of that
+  site and of every site due at once, so a stop is seen within about a `poll`, not only at
+  the rule's next timed evaluation;
 - delivery: finds receivers whose oldest pending notification is due and hands each to a
   bounded thread pool; one receiver is served by one thread of one worker at a time (an
   advisory lock), so a slow or failing receiver holds only its own thread and its own queue.
@@ -43,8 +47,11 @@ class AlertWorker:
         *,
         actor: str | None = None,
         origin: str = "cloud.yaml",
+        listen_url: str | None = None,
     ) -> None:
         self.pool = pool
+        self.listen_url = listen_url
+        self._due = threading.Event()
         self.settings = settings
         self.actor = actor or worker_actor()
         self.origin = origin
@@ -61,8 +68,10 @@ class AlertWorker:
         with self.pool.connection() as conn:
             changed = store.sync_file_rules(conn, self.settings.rules, self.origin)
         log.info("alerts worker started", rules_changed=changed, actor=self.actor)
-        for target, name in ((self._evaluate_loop, "alerts-evaluate"),
-                             (self._deliver_loop, "alerts-deliver")):  # fmt: skip
+        loops = [(self._evaluate_loop, "alerts-evaluate"), (self._deliver_loop, "alerts-deliver")]
+        if self.listen_url is not None:
+            loops.append((self._listen_loop, "alerts-listen"))
+        for target, name in loops:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -70,6 +79,7 @@ class AlertWorker:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        self._due.set()
         for thread in self._threads:
             thread.join(30)
         self._executor.shutdown(wait=True)
@@ -91,7 +101,33 @@ class AlertWorker:
                 log.warning("rule evaluation interrupted", error=type(exc).__name__)
             except Exception:
                 log.exception("rule evaluation failed")
-            self._stop.wait(self.settings.poll)
+            self._due.wait(self.settings.poll)
+            self._due.clear()
+
+    def _listen_loop(self) -> None:
+        """Make rules due when the facts of their site change (see the module docstring)."""
+        assert self.listen_url is not None
+        lost = False
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.listen_url, autocommit=True) as conn:
+                    conn.execute("LISTEN gateway_alerts")
+                    if lost:
+                        log.info("alerts listener recovered")
+                        lost = False
+                    while not self._stop.is_set():
+                        sites = {
+                            n.payload
+                            for n in conn.notifies(timeout=self.settings.poll, stop_after=10_000)
+                        }
+                        if sites:
+                            store.make_due(conn, sites)
+                            self._due.set()
+            except psycopg.Error as exc:
+                if not lost:
+                    log.warning("alerts listener lost; rules run on their timer", error=str(exc))
+                    lost = True
+                self._stop.wait(self.settings.poll)
 
     def _deliver_loop(self) -> None:
         while not self._stop.is_set():

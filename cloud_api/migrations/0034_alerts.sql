@@ -90,3 +90,32 @@ CREATE POLICY site_scope ON alerts.rules
            OR site_id = ANY (string_to_array(current_setting('app.sites', true), ',')))
     WITH CHECK (current_setting('app.sites', true) = '*'
            OR site_id = ANY (string_to_array(current_setting('app.sites', true), ',')));
+
+-- Workers evaluate rules on a timer (`alerts.evaluate_every`) and also as soon as facts they
+-- read change: every stored batch (which may also move an agent's last contact and status)
+-- and every verified refusal notify `gateway_alerts` with the site, and a listening worker
+-- makes that site's rules (and those of every site) due at once. One message per batch
+-- transaction (identical payloads fold), none for unverified refusals (anyone can send
+-- those; they must not make workers busy).
+CREATE FUNCTION alerts.notify_site() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('gateway_alerts', COALESCE(NEW.site_id, ''));
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER batches_alerts_notify AFTER INSERT ON facts.batches
+    FOR EACH ROW EXECUTE FUNCTION alerts.notify_site();
+
+-- SECURITY DEFINER: it reads the agent's site whatever role stores the refusal.
+CREATE FUNCTION alerts.notify_refusal() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pg_notify('gateway_alerts',
+        COALESCE((SELECT site_id FROM registry.agents WHERE agent_id = NEW.agent_id), ''));
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER reject_counts_alerts_notify AFTER INSERT OR UPDATE ON ops.reject_counts
+    FOR EACH ROW WHEN (NEW.verified AND NEW.agent_id <> '')
+    EXECUTE FUNCTION alerts.notify_refusal();

@@ -74,7 +74,7 @@ def settings_for(
     receivers.update(extra.pop("receivers", {}))
     return AlertsSettings.model_validate(
         {
-            "evaluate_every": "200ms",
+            "evaluate_every": extra.pop("evaluate_every", "200ms"),
             "poll": "100ms",
             "receivers": receivers,
             "delivery": {"backoff_first": "100ms", "backoff_max": "500ms", "max_attempts": 1000},
@@ -108,6 +108,11 @@ def evaluations_after(pg_url: str, rule: str, rounds: int = 3) -> None:
             return len(seen) > rounds
 
         wait_for(advanced, f"{rounds} more evaluations of {rule}")
+
+
+def evaluated(pg_url: str) -> dict[str, Any]:
+    with psycopg.connect(pg_url) as conn:
+        return dict(conn.execute("SELECT rule_id, evaluated_at FROM alerts.rules").fetchall())
 
 
 def audit_actions(pg_url: str) -> Counter[str]:
@@ -488,3 +493,44 @@ def test_rules_api_is_for_admins_audited_and_scoped(
         ("test-admin", "token:admin", "alert_rule.put", "p-down"),
         ("test-admin", "token:admin", "alert_rule.delete", "p-down"),
     ]
+
+
+def test_a_stored_batch_makes_its_rules_due_at_once(
+    pg_url: str,
+    pool: ConnectionPool,
+    worker_pool: ConnectionPool,
+    cloud_keys: CloudKeyring,
+    tmp_path: Path,
+) -> None:
+    """With an hour between timed evaluations, only the worker's listener can make the rule
+    due when the stop is stored; the rule of another site stays on its timer."""
+    hook = WebhookReceiver(free_port())
+    hook.up()
+    rules = [
+        {"name": "here", "kind": "machine_stopped", "site": "plant-g", "for": "0s",
+         "receivers": ["ops"]},
+        {"name": "elsewhere", "kind": "machine_stopped", "site": "plant-h", "for": "0s",
+         "receivers": ["ops"]},
+    ]  # fmt: skip
+    settings = settings_for({"ops": hook}, rules, evaluate_every="1h")
+    agent = enrolled_agent(pg_url, pool, cloud_keys, tmp_path, agent_id="edge-g", site_id="plant-g")
+    press = LivePress(agent, ["press-1"])
+    press.set_state(RUNNING)
+    worker = AlertWorker(worker_pool, settings, listen_url=pg_url)
+    worker.start()
+    try:
+        wait_for(lambda: None not in evaluated(pg_url).values(), "the evaluations at start")
+        first = evaluated(pg_url)
+        press.set_state(FAULT, JAM)
+        wait_for(lambda: hook.events() != [], "the opened notification")
+        press.set_state(RUNNING)
+        wait_for(lambda: len(hook.events()) == 2, "the resolution")
+    finally:
+        worker.stop()
+        hook.down()
+    assert [e for e, _ in hook.events()] == ["opened", "resolved"]
+    last = evaluated(pg_url)
+    assert last["elsewhere"] == first["elsewhere"] and last["here"] > first["here"]
+    press.finish()
+    with api_client(pg_url, tmp_path / "api-keys") as api:
+        check_views(api, pg_url)

@@ -534,3 +534,55 @@ def test_a_stored_batch_makes_its_rules_due_at_once(
     press.finish()
     with api_client(pg_url, tmp_path / "api-keys") as api:
         check_views(api, pg_url)
+
+
+def test_a_notification_is_dead_lettered_after_the_attempt_bound(
+    pg_url: str,
+    pool: ConnectionPool,
+    worker_pool: ConnectionPool,
+    cloud_keys: CloudKeyring,
+    tmp_path: Path,
+) -> None:
+    gone, steady = WebhookReceiver(free_port()), WebhookReceiver(free_port())
+    steady.up()  # `gone` never listens
+    rule = {"name": "press-down", "kind": "machine_stopped", "for": "0s",
+            "receivers": ["gone", "steady"]}  # fmt: skip
+    settings = settings_for({"gone": gone, "steady": steady}, [rule])
+    settings.delivery.max_attempts = 3
+    agent = enrolled_agent(pg_url, pool, cloud_keys, tmp_path, agent_id="edge-k", site_id="plant-k")
+    press = LivePress(agent, ["press-1"])
+    press.set_state(RUNNING)
+    worker = AlertWorker(worker_pool, settings)
+    worker.start()
+
+    def statuses() -> list[tuple[str, str, int]]:
+        with psycopg.connect(pg_url) as conn:
+            return [
+                (r[0], r[1], r[2])
+                for r in conn.execute(
+                    "SELECT event, status, attempts FROM alerts.deliveries "
+                    "WHERE receiver = 'gone' ORDER BY delivery_id"
+                ).fetchall()
+            ]
+
+    try:
+        press.set_state(FAULT, JAM)
+        wait_for(lambda: statuses() == [("opened", "dead", 3)], "the opened one dead-lettered")
+        press.set_state(RUNNING)
+        wait_for(lambda: len(steady.events()) == 2, "both at the steady receiver")
+        wait_for(lambda: len(statuses()) == 2 and statuses()[1][1] == "dead", "the resolution")
+    finally:
+        worker.stop()
+        steady.down()
+    assert statuses() == [("opened", "dead", 3), ("resolved", "dead", 3)]
+    keys = tmp_path / "api-keys"
+    with api_client(pg_url, keys) as api:
+        r = api.get("/v1/alerts/dead-letters", headers=bearer(keys, role="admin"))
+        assert r.status_code == 200, r.text
+        dead = r.json()["deliveries"]
+        assert [(d["receiver"], d["event"], d["attempts"]) for d in dead] == [
+            ("gone", "resolved", 3), ("gone", "opened", 3)
+        ]  # fmt: skip
+        assert all(d["last_error"] == "the request failed (ConnectError)" for d in dead)
+        press.finish()
+        check_views(api, pg_url)

@@ -242,6 +242,25 @@ class AgentCollector(Collector):
             "Batches the cloud refused for good (signed rejection): loss recorded, removed",
             value=stats.rejected_batches,
         )
+        floor = getattr(runtime, "floor", None)
+        publisher = None if floor is None else floor.publisher
+        if publisher is not None:
+            plant = publisher.stats
+            yield _gauge(
+                "edge_agent_plant_broker_connected",
+                "1 while connected to the plant broker (plant_mqtt)",
+                plant.connected,
+            )
+            yield CounterMetricFamily(
+                "edge_agent_plant_messages_published",
+                "Messages published to the plant broker (Sparkplug B or UNS JSON)",
+                value=plant.published,
+            )
+            yield CounterMetricFamily(
+                "edge_agent_plant_updates_dropped",
+                "Live values not sent to the plant broker (its queue was full); newer ones follow",
+                value=plant.dropped,
+            )
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

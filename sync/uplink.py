@@ -28,6 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from sync.config_message import config_topic
 from sync.envelope import AckBody, AckError, RejectionBody, verify_cloud_message
 
 
@@ -136,6 +137,10 @@ class Uplink:
         self.poll_interval = poll_interval
         self.on_rejected = on_rejected
         self.stats = UplinkStats()
+        # Set by the owner before `run` to receive the signed configuration the cloud publishes
+        # (retained) on this topic; called on the event loop with the raw payload.
+        self.config_topic = config_topic(topic_prefix, site, agent)
+        self.on_config: Callable[[bytes], None] | None = None
         self._in_flight: dict[int, float] = {}  # seq -> monotonic time sent
         self._wake = asyncio.Event()
         self._acks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10_000)
@@ -160,6 +165,8 @@ class Uplink:
             self._log.warning("broker refused connection", reason=str(reason))
             return
         client.subscribe(self.ack_topic, qos=1)
+        if self.on_config is not None:
+            client.subscribe(self.config_topic, qos=1)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._connected, True)
 
@@ -175,8 +182,12 @@ class Uplink:
             self._loop.call_soon_threadsafe(self._connected, False)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._enqueue_ack, bytes(message.payload))
+        if self._loop is None:
+            return
+        if message.topic == self.config_topic and self.on_config is not None:
+            self._loop.call_soon_threadsafe(self.on_config, bytes(message.payload))
+            return
+        self._loop.call_soon_threadsafe(self._enqueue_ack, bytes(message.payload))
 
     # -- asyncio side ---------------------------------------------------------------------
 

@@ -15,13 +15,13 @@ import psycopg
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from cloud_api import audit
+from cloud_api.access import audit
+from cloud_api.access.auth import Principal
+from cloud_api.access.security import require
 from cloud_api.alerts import store
 from cloud_api.alerts.rules import NAME_PATTERN, RuleSpec
-from cloud_api.auth import Principal
+from cloud_api.api.routes.common import allowed_sites, db, instant, respond
 from cloud_api.problems import Problem
-from cloud_api.routes.common import allowed_sites, db, instant, respond
-from cloud_api.security import require
 
 router = APIRouter(prefix="/v1/alerts", tags=["alerts"])
 RuleName = Annotated[str, Path(pattern=NAME_PATTERN, description="rule name")]

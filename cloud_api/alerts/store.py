@@ -25,7 +25,7 @@ import structlog
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from cloud_api import audit
+from cloud_api.access import audit
 from cloud_api.alerts.rules import Evaluation, Finding, RuleSpec, evaluate
 from cloud_api.alerts.settings import DeliverySettings
 

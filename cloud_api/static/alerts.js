@@ -1,6 +1,6 @@
 /* The dashboard's alerts panel: the newest alerts (open first) from GET /v1/alerts, with the
- * same token as the rest of the page (sessionStorage), refreshed every 30 s. Kept apart from
- * dashboard.js: it needs nothing of it but the panel's table in index.html.
+ * same token as the rest of the page (sessionStorage or localStorage), refreshed every 30 s.
+ * Kept apart from dashboard.js: it needs nothing of it but the panel's table in index.html.
  */
 (function () {
   "use strict";
@@ -22,7 +22,7 @@
     const table = $("alerts");
     const note = $("alerts-note");
     if (!table || !note) return;
-    const token = sessionStorage.getItem(TOKEN_KEY) || "";
+    const token = sessionStorage.getItem(TOKEN_KEY) || localStorage.getItem(TOKEN_KEY) || "";
     if (!token) { note.textContent = "Paste an API token to see alerts."; return; }
     try {
       const url = new URL("/v1/alerts", window.location.origin);

@@ -30,7 +30,7 @@ from cloud_api.alerts.settings import AlertsSettings
 from cloud_api.alerts.worker import AlertWorker
 from cloud_api.config import DatabaseSettings
 from cloud_api.db import make_pool
-from cloud_api.ingest import BatchStore
+from cloud_api.ingest.worker import BatchWriter
 from sync.keys import AgentKeys, CloudKeyring
 from sync.uplink import batch_topic
 from tests.cloud_api.alerting import SECRET, LivePress, WebhookReceiver, wait_for
@@ -618,7 +618,7 @@ def test_an_undrained_outbox_opens_an_alert_until_its_batches_are_acked(
     samples = [x for x in samples if not (x.ts == samples[0].ts and x.signal == "state")]
     assert AgentRuntime(config, keys).record(samples, end, flush_every_s=600) > 0
     runtime = AgentRuntime(config, keys)  # started again, its batches not shipped yet
-    batches = BatchStore(pool, cloud_keys, topic_prefix="test/")
+    batches = BatchWriter(pool, cloud_keys, topic_prefix="test/")
     status = Agent(agent_id, site, keys, batches)  # the status travels on ahead
     rule = {"name": "outbox", "kind": "outbox_age", "oldest_over": "1s", "receivers": ["x"]}
     with psycopg.connect(pg_url) as conn:

@@ -6,10 +6,14 @@ Three subpackages, one job each, and the shared modules they use:
     access/   who may call the API and see what: tokens, API keys, roles, rate limits,
               personal data, audit, revocations, the security middlewares
     api/      the HTTP query API: create_app, routes, queries, caches, serving, dashboard
+    alerts/   alert rules over the stored facts, the `cloud-api alerts` worker, notifications,
+              `/v1/alerts`
 
     config.py, db.py (and migrations/), problems.py, metrics.py, tracing.py: shared;
     cli.py and asgi.py: the entry points.
 
 Imports point one way: api -> access, ingest -> shared modules; access and ingest never
-import api, and the shared modules import no subpackage (tests/test_import_layout.py).
+import api, and the shared modules import no subpackage (tests/test_import_layout.py), but
+for one model: config.py validates the `alerts:` section with alerts/settings.py, whose
+modules (settings, rules) import nothing of cloud_api.
 """

@@ -15,6 +15,7 @@ import psycopg
 from cloud_api import tracing
 from cloud_api.access import audit
 from cloud_api.access import cli as security_cli
+from cloud_api.alerts import cli as alerts_cli
 from cloud_api.config import CloudSettings, ConfigError, load_settings
 from cloud_api.db import command_connection
 from cloud_api.fleetconfig import cli as fleetconfig_cli
@@ -346,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_revoke_key)
     fleetconfig_cli.register(agents)
     security_cli.register(sub)
+    alerts_cli.register(sub)
     return parser
 
 

@@ -9,6 +9,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cloud_api.alerts.settings import AlertsSettings
+
 # How often a process reads the credential stamp by default (cloud_api/access/revocations.py).
 REVOCATION_REFRESH_S = 1.0
 
@@ -175,6 +177,7 @@ class CloudSettings(_Model):
     retention_months: int | None = Field(default=None, ge=1, le=1200)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    alerts: AlertsSettings = Field(default_factory=AlertsSettings)
 
 
 class CloudEnvironment(BaseSettings):

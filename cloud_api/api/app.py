@@ -31,6 +31,7 @@ from cloud_api.access.security import (
     require,
     scoped_pool,
 )
+from cloud_api.alerts.routes import router as alerts_router
 from cloud_api.api import ops_stats
 from cloud_api.api.cache import Answers, AnswersMiddleware, DataMarks
 from cloud_api.api.dashboard import install_dashboard
@@ -117,6 +118,9 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
     # Configuration pushes publish with the app's MQTT settings and keys.
     app.state.fleetconfig_settings = settings
     app.include_router(fleetconfig_router)
+    # Rule writes check receiver names against the alerts section of the settings.
+    app.state.alert_receivers = frozenset(settings.alerts.receivers)
+    app.include_router(alerts_router)
     install_dashboard(app)
     _health_routes(app, settings)
     problems.install(app)

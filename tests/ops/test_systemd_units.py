@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
-NAMES = ["edge-agent.service", "cloud-api.service", "cloud-ingest.service"]
+NAMES = ["edge-agent.service", "cloud-api.service", "cloud-ingest.service", "cloud-alerts.service"]
 HARDENING = {
     "NoNewPrivileges": "yes",
     "ProtectSystem": "strict",

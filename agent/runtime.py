@@ -183,6 +183,7 @@ class AgentRuntime:
                 links=lambda: {hub.config.id: hub.connected for hub in self.hubs},
                 outbox_depth=lambda: self.outbox.stats().depth,
                 keys_dir=config.keys_dir,
+                state_dir=config.agent.state_dir,
                 plant_mqtt=config.plant_mqtt,
                 opcua_server=config.opcua_server,
             )

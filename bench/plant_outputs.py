@@ -120,6 +120,7 @@ async def _child(args: argparse.Namespace) -> dict[str, Any]:
             links=dict,
             outbox_depth=lambda: 0,
             keys_dir=keys,
+            state_dir=keys.parent,
             plant_mqtt=config.plant_mqtt,
             opcua_server=config.opcua_server,
         )

@@ -38,6 +38,7 @@ from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
 
+from agent.floor.aspace import ensure_shelf
 from agent.floor.config import OpcUaServerConfig
 from agent.floor.live import METRICS, OUTBOX_DEPTH, LiveSource, Metric, Value
 
@@ -143,8 +144,12 @@ class PlantOpcUaServer:
         site: str,
         keys_dir: Path,
         connections: list[str],
+        state_dir: Path | None = None,
     ) -> None:
         self.cfg = cfg
+        # Where the standard address space is kept on disk (agent/floor/aspace.py); None
+        # builds it in memory, as asyncua does by default (about 50 MB more).
+        self.state_dir = state_dir
         self.source = source
         self.site = site
         self.keys_dir = keys_dir
@@ -168,7 +173,16 @@ class PlantOpcUaServer:
         cfg = self.cfg
         users = {u.username: u.password for u in cfg.users}
         server = Server(user_manager=_Users(users, cfg.anonymous))  # type: ignore[arg-type]
-        await server.init()
+        shelf: Path | None = None
+        if self.state_dir is not None:
+            try:
+                shelf = await ensure_shelf(self.state_dir)
+            except (OSError, RuntimeError) as exc:
+                self.log.warning(
+                    "standard address space kept in memory: its file could not be made",
+                    error=str(exc),
+                )
+        await server.init(shelf_file=shelf)
         server.set_endpoint(cfg.endpoint)
         server.set_server_name("factory edge gateway: plant floor")
         await server.set_application_uri(cfg.application_uri)

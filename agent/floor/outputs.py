@@ -36,6 +36,7 @@ class PlantFloor:
         keys_dir: Path,
         plant_mqtt: PlantMqttConfig | None,
         opcua_server: OpcUaServerConfig | None,
+        state_dir: Path | None = None,
     ) -> None:
         self.source = LiveSource(engine, lines, connections, links, outbox_depth)
         self.publisher: PlantPublisher | None = (
@@ -50,6 +51,7 @@ class PlantFloor:
                 site=site,
                 keys_dir=keys_dir,
                 connections=connection_ids,
+                state_dir=state_dir,
             )
             if opcua_server is not None
             else None

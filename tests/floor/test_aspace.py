@@ -1,0 +1,36 @@
+"""The standard address space on disk: built once in a child process, read by later starts,
+built again when an earlier build left no marker (a crash half way)."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from asyncua import ua
+from asyncua.server.server import Server
+
+from agent.floor.aspace import ensure_shelf, shelf_path
+
+
+async def test_shelf_is_built_once_and_serves_the_standard_nodes(tmp_path: Path) -> None:
+    path = await ensure_shelf(tmp_path)
+    assert path == shelf_path(tmp_path) and path.is_file()
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    built = {p.name: p.stat().st_mtime_ns for p in path.parent.iterdir()}
+    assert len(built) > 1, built  # the marker and the shelf's own files
+    # A later start finds the shelf and writes nothing.
+    assert await ensure_shelf(tmp_path) == path
+    assert {p.name: p.stat().st_mtime_ns for p in path.parent.iterdir()} == built
+    server = Server()
+    await server.init(shelf_file=path)
+    node = server.get_node(ua.NodeId(ua.ObjectIds.Server_ServerStatus_State))
+    assert await node.read_browse_name() == ua.QualifiedName("State", 0)
+
+
+async def test_a_build_without_its_marker_is_made_again(tmp_path: Path) -> None:
+    path = shelf_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    half = path.parent / (path.name + ".dat")
+    half.write_bytes(b"half a shelf")  # what a build killed half way leaves, without marker
+    assert await ensure_shelf(tmp_path) == path
+    assert path.is_file() and half.stat().st_size > len(b"half a shelf")

@@ -17,6 +17,7 @@ from agent import opcua_cli
 from agent.browse import add_parser as browse_parser
 from agent.check import add_parser as check_parser
 from agent.config import AgentConfig, ConfigError, load_config
+from common.logs import configure_logging
 from sync.keys import (
     AgentKeys,
     KeyFileError,
@@ -25,7 +26,6 @@ from sync.keys import (
     retired_signing_keys,
     rotate_agent_signing_key,
 )
-from sync.logs import configure_logging
 from sync.version import VERSION
 
 if TYPE_CHECKING:

@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from common.duration import Duration
 from connectors.modbus.codec import DataType, Order
 from connectors.opcua.config import node_notation_error
 from connectors.registry import CONNECTOR_TYPES, Connection
@@ -30,7 +31,6 @@ from oee.config import (
     CodeMap,
     CounterSpec,
     CycleTime,
-    Duration,
     EquipmentSpec,
     ProductSpec,
     ShiftSpec,

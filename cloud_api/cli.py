@@ -15,6 +15,7 @@ import psycopg
 from cloud_api import audit, security_cli, tracing
 from cloud_api.config import CloudSettings, ConfigError, load_settings
 from cloud_api.db import command_connection
+from common.logs import configure_logging
 from sync.keys import (
     SUITES,
     CloudKeyring,
@@ -24,7 +25,6 @@ from sync.keys import (
     generate_cloud_hpke_keys,
     parse_ed25519_public,
 )
-from sync.logs import configure_logging
 from sync.version import VERSION
 
 

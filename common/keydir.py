@@ -9,8 +9,9 @@ A key ring is a directory of `<kind>-<kid>.key` files with a `<kind>.current` po
 the key for new work; older keys stay for what they sealed or signed (rotation). The kinds
 in use: `hpke`, `ack` (sync.keys, the cloud's envelope and ack keys), `jwt` (cloud_api.auth,
 token signing), `pii` (cloud_api.pii, personal data at rest). The agent's own directory
-holds fixed names (`signing.key`, `cloud-*.pub`; sync.keys). Errors are KeyFileError and name
-the file or directory that was looked at.
+holds fixed names (`signing.key`, `cloud-*.pub`; sync.keys) and the OPC UA client key
+(connectors.opcua.certs). Errors are KeyFileError and name the file or directory that was
+looked at.
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ with `call_soon_threadsafe`, ingest to its bounded queue):
     on_subscribed()              the broker acknowledged the subscription (SUBACK)
 
 Publishing (`publish`) is QoS 1 and returns paho's message info at once.
+
+Why paho's thread and not aiomqtt (paho driven from the event loop): ingest is threaded (its
+workers block in psycopg, and a full queue blocks paho's thread as back-pressure on the
+broker), so only the uplink could move to aiomqtt, and the two sides would again hold two
+clients. One client module with plain callbacks serves both.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ timestamp arrives, or until tick() passes their time (finish() and mark_unknown(
 at once), and then applied together in a fixed order (_RANK), so the result does not depend
 on the order of the signals in the YAML. An open scan is part of the checkpoint.
 
-Read API (for health, metrics, replay and plant-floor outputs; nothing outside this module
-reads the engine's fields): `EquipmentEngine.snapshot()` returns an `EquipmentSnapshot`, a
+Read API (health, metrics and replay read the engine only through it, and so should
+plant-floor outputs): `EquipmentEngine.snapshot()` returns an `EquipmentSnapshot`, a
 frozen copy of what the engine knows at that instant: the state, since when and why, the
 product, the instant accounted up to (`cursor`), the last counter readings, the running
 shift (name, start, components over its closed buckets and, `live`, with the open buckets

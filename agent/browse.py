@@ -99,14 +99,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("-c", "--config", help="take the connection from this agent configuration")
     p.add_argument("--connection", help="the id of the OPC UA connection in -c FILE")
     p.add_argument("--path", help="start here: a node id or browse path (default /Objects)")
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--max-nodes", type=int, default=5000)
+    p.add_argument("--depth", type=int, default=4, help="levels below the start (default 4)")
+    p.add_argument(
+        "--max-nodes", type=int, default=5000, help="stop after this many nodes (default 5000)"
+    )
     p.add_argument("--timeout", help="per request, e.g. 5s (default: the connection's, 5s)")
-    p.add_argument("--security-policy", choices=get_args(SecurityPolicy))
-    p.add_argument("--security-mode", choices=get_args(SecurityMode))
+    p.add_argument(
+        "--security-policy", choices=get_args(SecurityPolicy), help="default: the connection's"
+    )
+    p.add_argument(
+        "--security-mode", choices=get_args(SecurityMode), help="default: the connection's"
+    )
     p.add_argument("--certificate", help="client certificate (edge-agent keys opcua-cert)")
     p.add_argument("--private-key", help="its private key")
     p.add_argument("--server-certificate", help="trust only this server certificate")
-    p.add_argument("--username")
+    p.add_argument("--username", help="user name (default: the connection's, or anonymous)")
     p.add_argument("--password", help="better: leave out and set OPCUA_PASSWORD")
     p.set_defaults(func=cmd_browse)

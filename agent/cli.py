@@ -8,15 +8,23 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
 
-from agent import opcua_cli
+from agent import arguments, opcua_cli
 from agent.browse import add_parser as browse_parser
 from agent.check import add_parser as check_parser
-from agent.config import AgentConfig, ConfigError, load_config
+from agent.config import (
+    CONFIG_OPTION_HELP,
+    AgentConfig,
+    ConfigError,
+    default_config_path,
+    load_config,
+)
+from agent.status import SUMMARY_ABOVE
 from common.logs import configure_logging
 from sync.keys import (
     AgentKeys,
@@ -93,16 +101,32 @@ async def _run(service: AgentService) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.status import AgentUnreachable, fetch, parse_metrics, render
+    import time
+
+    from agent.status import AgentUnreachable, Rates, as_json, fetch, parse_metrics, render
 
     config = _config(args.config)
     if not config.health.enabled:
         return _fail(f"{args.config}: health.enabled is false; there is nothing to ask")
     try:
+        first = fetch(config.health.port)
+        if args.prometheus:
+            print(first)
+            return 0
+        # Rates come from two readings a moment apart, measured here: the agent's own
+        # per-second gauge needs a scrape a few seconds earlier, which nothing may have done.
+        started = time.monotonic()
+        time.sleep(args.window)
         text = fetch(config.health.port)
+        elapsed = time.monotonic() - started
     except AgentUnreachable as exc:
         return _fail(f"{exc}\n  is the agent running? (systemctl status edge-agent)", 1)
-    print(text if args.prometheus else render(parse_metrics(text)))
+    before, after = parse_metrics(first), parse_metrics(text)
+    rates = Rates.between(before, after, elapsed)
+    if args.json:
+        print(json.dumps(as_json(after, rates)))
+    else:
+        print(render(after, rates, all_equipment=args.all))
     return 0
 
 
@@ -211,6 +235,12 @@ def cmd_buffer_stats(args: argparse.Namespace) -> int:
     from buffer.outbox import Outbox
 
     config = _config(args.config)
+    if not config.outbox_path.exists():
+        return _fail(
+            f"no outbox at {config.outbox_path} yet (the agent has not run with this "
+            "configuration)",
+            1,
+        )
     outbox = Outbox(
         config.outbox_path,
         max_bytes=config.outbox.max_bytes,
@@ -240,9 +270,46 @@ def cmd_buffer_stats(args: argparse.Namespace) -> int:
     }
     if args.json:
         print(json.dumps(data))
-    else:
-        for key, value in data.items():
-            print(f"{key:<24} {value}")
+        return 0
+    from agent import readable
+    from agent.status import table
+
+    oldest = stats.oldest_unacked_age_s
+    rows = [
+        ["file", f"{config.outbox_path} (epoch {stats.epoch})"],
+        [
+            "waiting to be acked",
+            f"{readable.count(stats.depth)} batches, {readable.count(stats.events)} events, "
+            f"{readable.size(stats.bytes)}",
+        ],
+        [
+            "oldest unacked",
+            readable.age(oldest, none="none (all acked)") if stats.depth else "none (all acked)",
+        ],
+        [
+            "room",
+            f"{readable.percent(stats.fill_ratio)} of {readable.size(stats.capacity_bytes)} "
+            f"used ({data['fill_level']}); when full: {config.outbox.when_full}",
+        ],
+        ["quota", readable.size(stats.max_bytes)],
+        [
+            "disk free",
+            f"{readable.size(stats.disk_free_bytes)} "
+            f"(the outbox leaves {readable.size(stats.min_free_bytes)} free)",
+        ],
+        [
+            "acked",
+            f"{readable.count(stats.acked_batches_total)} batches in all, up to seq "
+            f"{stats.acked_seq_high_water}; next seq {stats.next_seq}",
+        ],
+        [
+            "raw samples shed",
+            f"{readable.count(stats.shed_batches_total)} batches "
+            f"({readable.count(stats.shed_events_total)} events); "
+            f"{readable.count(stats.sheddable_batches)} could be shed now",
+        ],
+    ]
+    print(table("Outbox", None, rows))
     return 0
 
 
@@ -293,28 +360,55 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return run_replay(args)
 
 
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number of seconds within [low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g} seconds")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the agent")
-    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="the running agent's health and metrics as tables")
-    p.add_argument("-c", "--config", required=True, help="for the health port")
+    p.add_argument("-c", "--config", help=f"{CONFIG_OPTION_HELP}; for the health port")
     p.add_argument("--prometheus", action="store_true", help="print the raw /metrics text")
+    p.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help=f"list every machine (above {SUMMARY_ABOVE}, only those not running are listed)",
+    )
+    p.add_argument(
+        "--window",
+        type=_seconds(0.1, 60),
+        default=1.0,
+        help="seconds between the two readings rates are measured over (default: 1)",
+    )
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("validate", help="check a configuration file and exit")
-    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
     p.set_defaults(func=cmd_validate)
     check_parser(sub)
     browse_parser(sub)
 
     p = sub.add_parser("replay", help="run the OEE engine on recorded samples (JSON Lines)")
-    p.add_argument("-c", "--config", required=True, help="the same file as for `run`")
+    p.add_argument("-c", "--config", help=f"{CONFIG_OPTION_HELP}; the same as for `run`")
     p.add_argument("--samples", required=True, help="JSON Lines file of samples")
     p.add_argument("--from", dest="from_", required=True, help="window start, ISO 8601")
     p.add_argument("--to", required=True, help="window end (exclusive), ISO 8601")
@@ -324,45 +418,71 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="key management").add_subparsers(dest="keys", required=True)
     p = keys.add_parser("init", help="create the agent's signing key; prints its public key")
-    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
     p.add_argument("--force", action="store_true", help="replace an existing key")
     p.set_defaults(func=cmd_keys_init)
     p = keys.add_parser("install-cloud", help="install the cloud's public keys")
-    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
     p.add_argument("file", help="output of `cloud-api keys export`")
     p.set_defaults(func=cmd_keys_install_cloud)
     p = keys.add_parser(
         "rotate", help="replace the signing key; prints the new public key to enroll"
     )
-    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
     p.set_defaults(func=cmd_keys_rotate)
     p = keys.add_parser("status", help="key ids in use and unacked batches per key")
-    p.add_argument("-c", "--config", required=True)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
+    p.add_argument("--json", action="store_true", help="print one line of JSON")
     p.set_defaults(func=cmd_keys_status)
     opcua_cli.add_keys_parser(keys)
 
     buf = sub.add_parser("buffer", help="outbox").add_subparsers(dest="buffer", required=True)
     p = buf.add_parser("stats", help="depth, bytes, oldest unacked age, acked high-water mark")
-    p.add_argument("-c", "--config", required=True)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object, sizes in bytes (for scripts)"
+    )
     p.set_defaults(func=cmd_buffer_stats)
 
     sim = sub.add_parser("simulate", help="simulated PLCs").add_subparsers(
         dest="sim", required=True
     )
-    p = sim.add_parser("modbus", help="serve simulated presses over Modbus TCP")
-    p.add_argument("--machines", type=int, default=1)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5020)
-    p.add_argument("--cycle-time", type=float, default=1.0)
+    p = sim.add_parser(
+        "modbus",
+        help="serve simulated presses over Modbus TCP",
+        description="Serve simulated presses over Modbus TCP as units 1..N of one server "
+        "(holding registers: 0 state, 1-2 total count, 3-4 scrap count, 5 reason code; "
+        "see configs/demo-agent.yaml). Stops on Ctrl-C or SIGTERM.",
+    )
+    p.add_argument(
+        "--machines",
+        type=arguments.whole_number(1, arguments.MAX_UNIT_ID, "the number of machines"),
+        default=1,
+        help="presses to simulate, served as unit ids 1..N "
+        f"(at most {arguments.MAX_UNIT_ID}, the highest Modbus unit id; default 1)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument(
+        "--port", type=arguments.port, default=5020, help="TCP port, 1..65535 (default 5020)"
+    )
+    p.add_argument(
+        "--cycle-time",
+        type=arguments.cycle_time,
+        default=1.0,
+        help="seconds per part at full speed, e.g. 2s or 500ms (default 1s; at most 24h)",
+    )
     p.add_argument(
         "--time-scale",
-        type=float,
+        type=arguments.time_scale,
         default=1.0,
-        help="scales the duration of each machine state (0.2 = five times faster)",
+        help="scales the duration of each machine state (0.2 = five times faster; default 1)",
     )
-    p.add_argument("--truth", help="write what the presses did to this JSON file on exit")
+    p.add_argument(
+        "--truth",
+        metavar="FILE",
+        help="write what the presses did (parts, scrap, seconds per state) to this JSON file "
+        "on exit",
+    )
     p.set_defaults(func=cmd_simulate)
     opcua_cli.add_simulate_parser(sim)
     return parser
@@ -370,9 +490,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    chosen = None
+    # `browse` reads a file only when given one; every other command needs the agent's file.
+    if getattr(args, "config", "") is None and args.command != "browse":
+        path, chosen = default_config_path()
+        args.config = str(path)
     try:
         result: int = args.func(args)
     except ConfigError as exc:
+        if chosen is not None and not Path(args.config).exists():
+            return _fail(
+                f"no configuration file at {args.config} ({chosen}); "
+                "give one with -c FILE or set EDGE_AGENT_CONFIG"
+            )
         return _fail(str(exc))
     except KeyboardInterrupt:
         return 130

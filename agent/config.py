@@ -6,10 +6,13 @@ message names each offending YAML path (and its line) with the reason.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -52,7 +55,12 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 class ConfigError(Exception):
-    """The configuration file cannot be used; the message is meant for the plant engineer."""
+    """The configuration file cannot be used; the message is meant for the plant engineer.
+    `problems` lists each one (with its YAML path and line) when the file was read."""
+
+    def __init__(self, message: str, problems: list[Problem] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
 
 
 class _Model(BaseModel):
@@ -247,6 +255,81 @@ class HealthConfig(_Model):
     port: int = Field(default=9650, ge=1, le=65535)
 
 
+Loc = tuple[str | int, ...]
+
+
+class CrossCheckFailed(ValueError):
+    """Problems that span sections (ids, references between them), each with its YAML path."""
+
+    def __init__(self, problems: list[tuple[Loc, str]]) -> None:
+        super().__init__("; ".join(f"{dotted(loc)}: {reason}" for loc, reason in problems))
+        self.problems = problems
+
+
+def _get(node: object, name: str) -> Any:
+    """A field of a validated model or of the raw YAML mapping alike."""
+    if isinstance(node, dict):
+        return node.get(name)
+    return getattr(node, name, None)
+
+
+def cross_check(equipment: Any, connections: Any, *, replay: bool = False) -> list[tuple[Loc, str]]:
+    """Problems between equipment and connections, every one of them. Works on the validated
+    models and on the raw YAML (to report them beside field problems, in one pass)."""
+    problems: list[tuple[Loc, str]] = []
+    items = (
+        [e for e in equipment if isinstance(e, dict | BaseModel)]
+        if isinstance(equipment, list)
+        else []
+    )
+    ids = [_get(e, "id") for e in items]
+    for i, eq_id in enumerate(ids):
+        if isinstance(eq_id, str) and ids.index(eq_id) != i:
+            problems.append(
+                (("equipment", i, "id"), f"{eq_id!r} is used by equipment[{ids.index(eq_id)}] too")
+            )
+    if replay:
+        return problems  # replay reads no PLC: connections and addresses do not matter
+    kinds: dict[str, str] = {}
+    for conn in connections if isinstance(connections, list) else []:
+        conn_id, kind = _get(conn, "id"), _get(conn, "type")
+        if isinstance(conn_id, str) and isinstance(kind, str) and kind in CONNECTOR_TYPES:
+            kinds[conn_id] = kind
+    for i, eq in enumerate(items):
+        conn_id = _get(eq, "connection")
+        if conn_id is None:
+            continue
+        if conn_id not in kinds:
+            known = ", ".join(sorted(kinds)) or "none configured"
+            problems.append(
+                (
+                    ("equipment", i, "connection"),
+                    f"no connection with id {conn_id!r} (known: {known})",
+                )
+            )
+            continue
+        kind = kinds[conn_id]
+        if kind == "modbus-rtu" and _get(eq, "unit") == 0:
+            problems.append(
+                (
+                    ("equipment", i, "unit"),
+                    "unit 0 is the broadcast address on a serial line: no device answers a "
+                    "read there; use the device's id, 1..247",
+                )
+            )
+        where = CONNECTOR_TYPES[kind].signal_field
+        signals = _get(eq, "signals")
+        for name, sig in signals.items() if isinstance(signals, dict) else ():
+            if isinstance(sig, dict | BaseModel) and _get(sig, where) is None:
+                problems.append(
+                    (
+                        ("equipment", i, "signals", str(name)),
+                        f"needs `{where}:` (connection {conn_id!r} is {kind})",
+                    )
+                )
+    return problems
+
+
 class AgentConfig(_Model):
     agent: AgentSection
     connections: list[Connection] = Field(default_factory=list)
@@ -261,29 +344,10 @@ class AgentConfig(_Model):
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> AgentConfig:
-        ids = [e.id for e in self.equipment]
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
-        if dupes:
-            raise ValueError(f"equipment ids must be unique: {', '.join(dupes)}")
-        if info.context and info.context.get("replay"):
-            return self  # replay reads no PLC: connections and addresses do not matter
-        conn_ids = {c.id for c in self.connections}
-        for i, eq in enumerate(self.equipment):
-            if eq.connection is not None and eq.connection not in conn_ids:
-                raise ValueError(
-                    f"equipment[{i}].connection: no connection with id {eq.connection!r}"
-                )
-        kinds = {c.id: c.type for c in self.connections}
-        for i, eq in enumerate(self.equipment):
-            if eq.connection is None:
-                continue
-            where = CONNECTOR_TYPES[kinds[eq.connection]].signal_field
-            for name, sig in eq.signals.items():
-                if getattr(sig, where) is None:
-                    raise ValueError(
-                        f"equipment[{i}].signals.{name}: needs `{where}:` "
-                        f"(connection {eq.connection!r} is {kinds[eq.connection]})"
-                    )
+        replay = bool(info.context and info.context.get("replay"))
+        problems = cross_check(self.equipment, self.connections, replay=replay)
+        if problems:
+            raise CrossCheckFailed(problems)
         return self
 
     @property
@@ -304,11 +368,43 @@ class AgentConfig(_Model):
 # -- loading ------------------------------------------------------------------------------
 
 
-def _substitute(node: Any, path: str, env: dict[str, str]) -> Any:
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in the file: where (YAML path, line) and why."""
+
+    path: str
+    line: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.path} (line {self.line}): {self.reason}"
+            if self.line
+            else (f"{self.path}: {self.reason}")
+        )
+
+
+def dotted(loc: Loc) -> str:
+    """('equipment', 0, 'signals', 'state') -> 'equipment[0].signals.state'."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else part
+    return text or "(top level)"
+
+
+def _substitute(
+    node: Any, loc: Loc, env: dict[str, str], unset: list[tuple[Loc, str]] | None = None
+) -> Any:
+    """`${NAME}` and `${NAME:-default}` replaced from `env`. An unset variable without a
+    default raises ConfigError, or, with `unset` given, is recorded there (and left empty) so
+    that the rest of the file is still checked."""
     if isinstance(node, dict):
-        return {k: _substitute(v, f"{path}.{k}" if path else str(k), env) for k, v in node.items()}
+        return {k: _substitute(v, (*loc, str(k)), env, unset) for k, v in node.items()}
     if isinstance(node, list):
-        return [_substitute(v, f"{path}[{i}]", env) for i, v in enumerate(node)]
+        return [_substitute(v, (*loc, i), env, unset) for i, v in enumerate(node)]
     if isinstance(node, str) and "${" in node:
 
         def replace(match: re.Match[str]) -> str:
@@ -317,7 +413,10 @@ def _substitute(node: Any, path: str, env: dict[str, str]) -> Any:
                 return env[name]
             if default is not None:
                 return default
-            raise ConfigError(f"{path}: environment variable {name} is not set")
+            if unset is None:
+                raise ConfigError(f"{dotted(loc)}: environment variable {name} is not set")
+            unset.append((loc, name))
+            return ""
 
         return _ENV.sub(replace, node)
     return node
@@ -326,23 +425,40 @@ def _substitute(node: Any, path: str, env: dict[str, str]) -> Any:
 def expand_env(node: Any, path: str) -> Any:
     """`${ENV}` substitution of one part of the file (`path` is its YAML path), for a
     command that needs only that part: other variables may stay unset."""
-    return _substitute(node, path, dict(os.environ))
+    return _substitute(node, (path,), dict(os.environ))
 
 
-def _line_index(text: str) -> dict[tuple[str, ...], int]:
-    """YAML path -> 1-based line, so errors can point into the file."""
-    lines: dict[tuple[str, ...], int] = {}
+Position = tuple[int, int]  # 1-based line, 0-based column
 
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
-        lines.setdefault(path, node.start_mark.line + 1)
+
+def _line_index(text: str) -> dict[tuple[str, ...], Position]:
+    """YAML path -> where it is written, so errors can point into the file."""
+    lines: dict[tuple[str, ...], Position] = {}
+
+    def at(mark: yaml.Mark) -> Position:
+        return mark.line + 1, mark.column
+
+    def walk(node: yaml.Node, path: tuple[str, ...], merged: bool = False) -> None:
+        lines.setdefault(path, at(node.start_mark))
         if isinstance(node, yaml.MappingNode):
+            merges: list[yaml.Node] = []
             for key, value in node.value:
+                if key.tag == "tag:yaml.org,2002:merge":
+                    merges.extend(value.value if isinstance(value, yaml.SequenceNode) else [value])
+                    continue
                 sub = (*path, str(key.value))
-                lines[sub] = key.start_mark.line + 1
-                walk(value, sub)
+                if merged:
+                    lines.setdefault(sub, at(key.start_mark))
+                else:
+                    lines[sub] = at(key.start_mark)
+                walk(value, sub, merged)
+            # `<<: *anchor`: the keys it brings are where the anchor wrote them, unless the
+            # mapping itself sets them.
+            for source in merges:
+                walk(source, path, merged=True)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
-                walk(item, (*path, str(i)))
+                walk(item, (*path, str(i)), merged)
 
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -353,41 +469,141 @@ def _line_index(text: str) -> dict[tuple[str, ...], int]:
     return lines
 
 
-def _format_loc(loc: tuple[int | str, ...]) -> tuple[str, tuple[str, ...]]:
-    text = ""
-    keys: list[str] = []
+def _validator_name(part: int | str) -> bool:
+    return isinstance(part, str) and (
+        part in ("function-after", "function-before", "function-plain") or "[" in part
+    )
+
+
+def _yaml_loc(loc: tuple[int | str, ...]) -> Loc:
+    """pydantic's error location as a YAML path (without tags and validator names)."""
+    keys: list[str | int] = []
     for i, part in enumerate(loc):
         if i == 2 and loc[0] == "connections" and part in _CONNECTION_TYPES:
             continue  # the discriminator tag pydantic puts in the location
-        if isinstance(part, int):
-            text += f"[{part}]"
-            keys.append(str(part))
-        elif part in ("function-after", "function-before", "function-plain") or "[" in part:
+        if _validator_name(part):
             continue  # pydantic's internal validator names are not YAML keys
+        keys.append(part)
+    return tuple(keys)
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The type under Annotated[...] and `X | None`."""
+    while True:
+        if get_origin(annotation) is Annotated:
+            annotation = get_args(annotation)[0]
+            continue
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
+            annotation = args[0]
+            continue
+        return annotation
+
+
+def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the model accepts in the mapping at pydantic's `loc` (for "did you mean")."""
+    current: Any = AgentConfig
+    for part in loc:
+        current = _unwrap(current)
+        origin = get_origin(current)
+        if isinstance(part, int) and origin is list:
+            current = get_args(current)[0]
+        elif origin is dict:
+            current = get_args(current)[1]
+        elif origin in (Union, UnionType) and isinstance(part, str) and part in CONNECTOR_TYPES:
+            current = CONNECTOR_TYPES[part].config_model  # the tag of a connection's type
+        elif isinstance(current, type) and issubclass(current, BaseModel):
+            if not isinstance(part, str) or part not in current.model_fields:
+                return []
+            current = current.model_fields[part].annotation
         else:
-            text += f".{part}" if text else part
-            keys.append(part)
-    return text or "(top level)", tuple(keys)
+            return []
+    current = _unwrap(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+Found = tuple[Loc, str, Position | None]  # a problem before merging: path, reason, position
+
+
+def _raw_problems(exc: ValidationError, lines: dict[tuple[str, ...], Position]) -> list[Found]:
+    def line_of(loc: Loc) -> Position | None:
+        return _line_of(lines, loc)
+
+    errors = exc.errors()
+    missing = {_yaml_loc(e["loc"]) for e in errors if e["type"] == "missing"}
+    out: list[Found] = []
+    for err in errors:
+        loc = _yaml_loc(err["loc"])
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, CrossCheckFailed):
+            out.extend((where, why, line_of(where)) for where, why in cause.problems)
+            continue
+        reason = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden" and loc:
+            key, parent = str(loc[-1]), loc[:-1]
+            # A misspelled required key is also a missing one: say it once, as the typo.
+            absent = [str(m[-1]) for m in missing if m[:-1] == parent and m]
+            raw_parent = tuple(p for p in err["loc"][:-1] if not _validator_name(p))
+            hint = _did_you_mean(key, absent) or _did_you_mean(key, _keys_at(raw_parent))
+            reason = f"unknown key `{key}`{hint or ' (check the spelling)'}"
+        elif err["type"] == "literal_error":
+            expected = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+            got = err.get("input")
+            hint = _did_you_mean(str(got), expected) if isinstance(got, str) else ""
+            reason = f"{err['msg']}, got {got!r}{hint}"
+        out.append((loc, reason, line_of(loc)))
+    # The missing keys a typo explained above are not reported a second time.
+    explained = {
+        (*loc[:-1], m.group(1))
+        for loc, reason, _ in out
+        if (m := re.search(r"unknown key `[^`]*`; did you mean `([^`]*)`", reason))
+    }
+    return [p for p in out if not (p[1] == "Field required" and p[0] in explained)]
+
+
+def _merge(problems: list[Found]) -> list[Problem]:
+    """One line per problem. A YAML anchor used by several equipment puts one mistake at
+    several paths: it is reported once, where it is written, naming the others it reaches."""
+    groups: dict[tuple[object, ...], tuple[Position | None, str, list[Loc]]] = {}
+    for loc, reason, pos in problems:
+        key: tuple[object, ...] = (pos, reason, loc[-1:]) if pos else (loc, reason)
+        groups.setdefault(key, (pos, reason, []))[2].append(loc)
+    out = []
+    for pos, reason, locs in groups.values():
+        first = dotted(locs[0])
+        others = [_differing_head(dotted(loc), first) for loc in locs[1:]]
+        shared = f" (the same line serves {', '.join(others)})" if others else ""
+        out.append(Problem(first, pos[0] if pos else None, reason + shared))
+    out.sort(key=lambda p: (p.line or 0, p.path))
+    return out
+
+
+def _differing_head(path: str, first: str) -> str:
+    """'equipment[3].signals.state.mapp' beside 'equipment[0].signals.state.mapp' ->
+    'equipment[3]' (the common tail is dropped)."""
+    n = 0
+    while n < min(len(path), len(first)) and path[-1 - n] == first[-1 - n]:
+        n += 1
+    head = path[: len(path) - n]
+    cut = path.find(".", len(head))
+    return path[:cut] if cut > 0 else path
+
+
+def format_problems(source: str, problems: list[Problem]) -> str:
+    count = len(problems)
+    head = f"{source}: invalid configuration ({count} problem{'s' if count != 1 else ''}):"
+    return "\n".join([head, *(f"  {p}" for p in problems)])
 
 
 def format_validation_error(exc: ValidationError, source: str, text: str) -> str:
-    lines = _line_index(text)
-    out = [f"{source}: invalid configuration ({exc.error_count()} problem(s)):"]
-    for err in exc.errors():
-        where, keys = _format_loc(err["loc"])
-        line = None
-        for n in range(len(keys), -1, -1):
-            line = lines.get(keys[:n])
-            if line is not None:
-                break
-        reason = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            reason = "unknown key (check the spelling)"
-        elif err["type"] == "literal_error":
-            reason = f"{err['msg']}, got {err.get('input')!r}"
-        suffix = f" (line {line})" if line else ""
-        out.append(f"  {where}{suffix}: {reason}")
-    return "\n".join(out)
+    return format_problems(source, _merge(_raw_problems(exc, _line_index(text))))
 
 
 def parse_config(
@@ -397,24 +613,88 @@ def parse_config(
     *,
     replay: bool = False,
 ) -> AgentConfig:
-    """The validated configuration; `replay=True` leaves connections and addresses unchecked."""
+    """The validated configuration; `replay=True` leaves connections and addresses unchecked.
+
+    Every problem is reported at once (ConfigError.problems): unset variables, unknown or
+    misspelled keys, bad values and references between sections."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with agent, equipment, ... at the top")
-    data = _substitute(data, "", dict(os.environ) if env is None else env)
+    unset: list[tuple[Loc, str]] = []
+    data = _substitute(data, (), dict(os.environ) if env is None else env, unset)
+    lines = _line_index(text)
+    found: list[Found] = []
+    config: AgentConfig | None = None
     try:
-        return AgentConfig.model_validate(data, context={"replay": replay})
+        config = AgentConfig.model_validate(data, context={"replay": replay})
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source, text)) from None
+        found = _raw_problems(exc, lines)
+        if not any(_is_cross_check(e) for e in exc.errors()):
+            # The cross-section checks run only on a model whose fields are valid: run them on
+            # the file as written, beside the field problems (skipping what those explain).
+            shown = [loc for loc, _, _ in found]
+            for loc, why in cross_check(
+                data.get("equipment"), data.get("connections"), replay=replay
+            ):
+                if not any(_overlaps(loc, other) for other in shown):
+                    found.append((loc, why, _line_of(lines, loc)))
+    # A value left empty by an unset variable is not reported as a second problem.
+    found = [p for p in found if not any(p[0][: len(loc)] == loc for loc, _ in unset)]
+    found += [
+        (
+            loc,
+            f"environment variable {name} is not set (and the file gives no ${{{name}:-default}})",
+            _line_of(lines, loc),
+        )
+        for loc, name in unset
+    ]
+    if found:
+        problems = _merge(found)
+        raise ConfigError(format_problems(source, problems), problems)
+    assert config is not None
+    return config
+
+
+def _is_cross_check(err: Any) -> bool:
+    return isinstance((err.get("ctx") or {}).get("error"), CrossCheckFailed)
+
+
+def _overlaps(a: Loc, b: Loc) -> bool:
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
+
+
+def _line_of(lines: dict[tuple[str, ...], Position], loc: Loc) -> Position | None:
+    keys = tuple(str(k) for k in loc)
+    for n in range(len(keys), -1, -1):
+        if (found := lines.get(keys[:n])) is not None:
+            return found
+    return None
+
+
+# Where the agent's file is when no -c is given: the installed service's file (see deploy/).
+DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.yaml")
+CONFIG_PATH_ENV = "EDGE_AGENT_CONFIG"
+CONFIG_OPTION_HELP = f"the agent's YAML file (default: ${CONFIG_PATH_ENV} or {DEFAULT_CONFIG_PATH})"
+
+
+def default_config_path(env: dict[str, str] | None = None) -> tuple[Path, str]:
+    """The file to use without -c, and where that choice came from (for error messages)."""
+    environ = os.environ if env is None else env
+    if environ.get(CONFIG_PATH_ENV):
+        return Path(environ[CONFIG_PATH_ENV]), f"from ${CONFIG_PATH_ENV}"
+    return DEFAULT_CONFIG_PATH, "the default"
 
 
 def load_config(path: Path | str, *, replay: bool = False) -> AgentConfig:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read the configuration: {exc.strerror}") from None
     return parse_config(text, str(p), replay=replay)

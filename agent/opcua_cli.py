@@ -12,7 +12,12 @@ from typing import Any
 
 import yaml
 
-from agent.config import AgentSection, ConfigError, expand_env
+from agent import arguments
+from agent.config import CONFIG_OPTION_HELP, AgentSection, ConfigError, expand_env
+
+# Not a protocol limit: each press is a few nodes and a task; a bound keeps a typo from
+# starting a server with millions of them.
+MAX_MACHINES = 10_000
 
 
 def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
@@ -117,28 +122,68 @@ def cmd_simulate_opcua(args: argparse.Namespace) -> int:
 
 def add_keys_parser(keys: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = keys.add_parser("opcua-cert", help="create the OPC UA client certificate and key")
-    p.add_argument("-c", "--config", required=True)
+    p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
     p.add_argument("--connection", help="take the application URI from this connection")
     p.add_argument("--out", help="directory (default: the keys directory)")
     p.add_argument("--hostname", action="append", help="host name or IP in the certificate")
-    p.add_argument("--days", type=int, default=3650)
+    p.add_argument(
+        "--days",
+        type=arguments.whole_number(1, 36500, "the validity"),
+        default=3650,
+        help="validity in days (default 3650)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing certificate")
     p.set_defaults(func=cmd_keys_opcua_cert)
 
 
 def add_simulate_parser(sim: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sim.add_parser("opcua", help="serve simulated presses over OPC UA")
-    p.add_argument("--machines", type=int, default=1)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=4840)
-    p.add_argument("--cycle-time", type=float, default=1.0)
-    p.add_argument("--time-scale", type=float, default=1.0)
-    p.add_argument("--counter-width", type=int, choices=(16, 32, 64), default=32)
+    p = sim.add_parser(
+        "opcua",
+        help="serve simulated presses over OPC UA",
+        description="Serve simulated presses on an asyncua server: objects Press1..PressN with "
+        "State, TotalCount, ScrapCount and Reason in namespace "
+        "urn:factory-edge-gateway:press-sim. Stops on Ctrl-C or SIGTERM; SIGUSR1 restarts "
+        "the server.",
+    )
+    p.add_argument(
+        "--machines",
+        type=arguments.whole_number(1, MAX_MACHINES, "the number of machines"),
+        default=1,
+        help=f"presses to simulate, Press1..PressN (at most {MAX_MACHINES}; default 1)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument(
+        "--port", type=arguments.port, default=4840, help="TCP port, 1..65535 (default 4840)"
+    )
+    p.add_argument(
+        "--cycle-time",
+        type=arguments.cycle_time,
+        default=1.0,
+        help="seconds per part at full speed, e.g. 2s or 500ms (default 1s; at most 24h)",
+    )
+    p.add_argument(
+        "--time-scale",
+        type=arguments.time_scale,
+        default=1.0,
+        help="scales the duration of each machine state (0.2 = five times faster; default 1)",
+    )
+    p.add_argument(
+        "--counter-width",
+        type=int,
+        choices=(16, 32, 64),
+        default=32,
+        help="bits of the part counters (UInt16, UInt32 or UInt64 nodes; they wrap; default 32)",
+    )
     p.add_argument(
         "--restart-every",
-        type=float,
-        help="restart the server every this many seconds (also on SIGUSR1); each restart "
+        type=arguments.duration(0.0, 86400.0, "the restart interval"),
+        metavar="DURATION",
+        help="restart the server this often, e.g. 30s (also on SIGUSR1); each restart "
         "shifts the namespace index",
     )
-    p.add_argument("--truth", help="write what the presses did to this JSON file on exit")
+    p.add_argument(
+        "--truth",
+        metavar="FILE",
+        help="write what the presses did (parts, scrap) to this JSON file on exit",
+    )
     p.set_defaults(func=cmd_simulate_opcua)

@@ -26,11 +26,13 @@ JSON output (`--json`), one object:
                      ratios from the pooled components (numbers, or null when undefined)
     components       additive components (oee.components.COMPONENT_FIELDS), summed over the
                      window (and over all equipment when several)
+    kpis             the KPI catalogue (oee.kpis.KPI_NAMES: the names `GET /v1/kpis` uses)
+                     from those components, with calendar_s = window length x equipment
     downtime_by_reason  seconds of downtime by reason, summed likewise
     buckets          per-bucket records in time order: {equipment, start, end, shift,
                      shift_start, components, downtime_by_reason}
     by_equipment     only with several equipment: {id: {availability, performance, quality,
-                     oee, components, downtime_by_reason}}
+                     oee, components, kpis, downtime_by_reason}}
     flags            what the engine reported (agent events: performance above 1, counter
                      wraps/resets/quarantines, production outside planned time, unmapped
                      states, ...): {equipment, ts, code, message, data}
@@ -55,6 +57,7 @@ from connectors.sample import Sample
 from oee.components import Components, performance_excess, ratios
 from oee.engine import SIGNALS, EquipmentEngine, FeedDiagnostic, PlantEngine, from_us, to_us
 from oee.events import AgentEvent, Event, OeeEvent
+from oee.kpis import kpis
 
 _SIGNAL_SET = frozenset(SIGNALS)
 MAX_WARNINGS_KEPT = 1000
@@ -313,6 +316,7 @@ class ReplayRun:
 
     def result(self) -> dict[str, Any]:
         pooled = Components.pool(t.components for t in self.tally.values())
+        window_s = (self.end - self.start).total_seconds()
         reasons: dict[str, float] = {}
         for tally in self.tally.values():
             for reason, seconds in tally.reasons.items():
@@ -323,6 +327,7 @@ class ReplayRun:
             "to": iso(self.end),
             **ratios(pooled).model_dump(),
             "components": pooled.model_dump(),
+            "kpis": kpis(pooled, window_s * len(self.tally)),
             "downtime_by_reason": reasons,
             "buckets": [
                 {
@@ -342,6 +347,7 @@ class ReplayRun:
                 eq: {
                     **ratios(t.components).model_dump(),
                     "components": t.components.model_dump(),
+                    "kpis": kpis(t.components, window_s),
                     "downtime_by_reason": t.reasons,
                 }
                 for eq, t in self.tally.items()
@@ -394,9 +400,14 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 100:6.2f} %"
 
 
+def _minutes(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds / 60:.1f} min"
+
+
 def summary(result: dict[str, Any]) -> str:
     """A readable report of a replay result (rounded for display only)."""
     c = result["components"]
+    k = result["kpis"]
     eq = result["equipment"]
     name = eq if isinstance(eq, str) else ", ".join(eq)
     lines = [
@@ -407,7 +418,9 @@ def summary(result: dict[str, Any]) -> str:
         " min of production time",
         f"  Quality      {_pct(result['quality'])}   {c['good']} good of {c['produced']} produced"
         f" (scrap {c['scrap']}, rework {c['rework']})",
-        f"  OEE          {_pct(result['oee'])}",
+        f"  OEE          {_pct(result['oee'])}   TEEP {_pct(k['teep'])}",
+        f"  failures {k['failures']} (MTBF {_minutes(k['mtbf_s'])}, MTTR {_minutes(k['mttr_s'])}),"
+        f" micro-stops {k['micro_stops']}",
         "  time (min): "
         + ", ".join(
             f"{label} {c[key] / 60:.1f}"

@@ -191,7 +191,7 @@ class AgentRuntime:
             self.pending.extend(events)
             self.log.info("resumed from checkpoint")
         for engine in self.engine.engines.values():
-            self.pending.extend(engine.start(now))
+            self.pending.extend(engine.start(now, announce=True))
         self.pending.append(self._agent_event(now, "agent_started", "agent started", {}))
         self.pending.append(self.config_event(now))
 

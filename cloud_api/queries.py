@@ -29,7 +29,13 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from cloud_api import metrics
-from oee.components import COMPONENT_FIELDS, QUANTITY_FIELDS, TIME_FIELDS, Components
+from oee.components import (
+    COMPONENT_FIELDS,
+    INTEGER_FIELDS,
+    QUANTITY_FIELDS,
+    TIME_FIELDS,
+    Components,
+)
 
 Interval = Literal["1m", "15m", "1h", "shift", "1d", "1w", "1mo"]
 ScopeKind = Literal["site", "line", "equipment"]
@@ -72,7 +78,7 @@ class Bucket:
 def components_of(row: Mapping[str, Any]) -> Components:
     """Components from a row of sums (NULL counts as zero; numeric sums become int)."""
     values: dict[str, Any] = {
-        c: int(row[c] or 0) if c in QUANTITY_FIELDS else float(row[c] or 0.0)
+        c: int(row[c] or 0) if c in INTEGER_FIELDS else float(row[c] or 0.0)
         for c in COMPONENT_FIELDS
     }
     return Components(**values)

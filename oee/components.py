@@ -28,7 +28,10 @@ TIME_FIELDS: tuple[str, ...] = (
 )
 QUANTITY_FIELDS: tuple[str, ...] = ("produced", "good", "scrap", "rework", "off_plan_produced")
 IDEAL_FIELDS: tuple[str, ...] = ("ideal_produced_s", "ideal_good_s")
-COMPONENT_FIELDS: tuple[str, ...] = TIME_FIELDS + QUANTITY_FIELDS + IDEAL_FIELDS
+# Stops counted in the bucket where they start (oee.engine): failures and micro-stops.
+STOP_FIELDS: tuple[str, ...] = ("fault_stops", "micro_stops")
+INTEGER_FIELDS: tuple[str, ...] = QUANTITY_FIELDS + STOP_FIELDS
+COMPONENT_FIELDS: tuple[str, ...] = TIME_FIELDS + QUANTITY_FIELDS + IDEAL_FIELDS + STOP_FIELDS
 
 
 class Components(BaseModel):
@@ -36,6 +39,9 @@ class Components(BaseModel):
 
     `downtime_s` = `fault_s` + `idle_s` (micro-stops counted as downtime included);
     `micro_stop_s` is the part of the stops judged micro-stops, whichever class they went to.
+    `fault_stops` counts the fault stops whose time is fault downtime (failures), `micro_stops`
+    the stops judged micro-stops (whichever class their time went to); each stop is counted
+    once, in the bucket where it starts. Events of earlier agents have neither: zero.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -57,6 +63,8 @@ class Components(BaseModel):
     off_plan_produced: BoundedInt = 0
     ideal_produced_s: BoundedFloat = 0.0
     ideal_good_s: BoundedFloat = 0.0
+    fault_stops: BoundedInt = 0
+    micro_stops: BoundedInt = 0
 
     def __add__(self, other: Components) -> Components:
         return Components(
@@ -78,7 +86,7 @@ class Components(BaseModel):
             raw = row.get(name)
             if raw is None:
                 continue
-            values[name] = int(raw) if name in QUANTITY_FIELDS else float(raw)
+            values[name] = int(raw) if name in INTEGER_FIELDS else float(raw)
         return cls(**values)
 
     def ratios(self) -> Ratios:

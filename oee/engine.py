@@ -51,7 +51,7 @@ from oee.bounds import clean_text, int_or_text, number_in_bounds
 from oee.calendar import ShiftCalendar
 from oee.components import (
     COMPONENT_FIELDS,
-    QUANTITY_FIELDS,
+    INTEGER_FIELDS,
     Components,
     Ratios,
     performance_excess,
@@ -82,7 +82,7 @@ CHECKPOINT_VERSION = 2
 
 US = 1_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_SCALED = frozenset(COMPONENT_FIELDS) - frozenset(QUANTITY_FIELDS)  # held in microseconds
+_SCALED = frozenset(COMPONENT_FIELDS) - frozenset(INTEGER_FIELDS)  # held in microseconds
 _ts_memo: tuple[datetime | None, int] = (None, 0)
 
 
@@ -234,6 +234,7 @@ class _Bucket:
         "shift_end",
         "shift_start",
         "start",
+        "stop_start",
         "values",
     )
 
@@ -256,6 +257,8 @@ class _Bucket:
         # Microseconds of the current, not yet judged stop, by (state, reason): the stop's
         # full length decides whether it is a micro-stop, so its time waits here until known.
         self.pending: dict[tuple[str, str], int] = {}
+        # The current, not yet judged stop started here: it is counted here once judged.
+        self.stop_start = False
 
     def dump(self) -> dict[str, Any]:
         # Compact: zero components and empty maps are left out (load restores them as zero),
@@ -273,6 +276,8 @@ class _Bucket:
             out["reasons"] = self.reasons
         if self.pending:
             out["pending"] = [[s, r, v] for (s, r), v in self.pending.items()]
+        if self.stop_start:
+            out["stop_start"] = True
         return out
 
     @classmethod
@@ -288,6 +293,7 @@ class _Bucket:
         bucket.reasons = {k: int(v) for k, v in data.get("reasons", {}).items()}
         bucket.parts = int(data.get("parts", 0))  # absent in checkpoints of earlier agents
         bucket.pending = {(s, r): int(v) for s, r, v in data.get("pending", [])}
+        bucket.stop_start = bool(data.get("stop_start", False))
         return bucket
 
     def components(self) -> Components:
@@ -341,6 +347,8 @@ class EquipmentEngine:
         self.state = "unknown"
         self.state_since_us: int | None = None
         self.stop_judged = True
+        # The current stop has been counted (or its bucket marked, until it is judged).
+        self.stop_counted = False
         self.reason: str | None = None
         self.product: str | None = None
         self.cursor_us: int | None = None
@@ -460,10 +468,19 @@ class EquipmentEngine:
 
     # -- public interface -------------------------------------------------------------
 
-    def start(self, at: datetime) -> list[Event]:
-        """Begin accounting at `at` (state unknown until the first state sample)."""
+    def start(self, at: datetime, *, announce: bool = False) -> list[Event]:
+        """Begin accounting at `at` (state unknown until the first state sample).
+
+        `announce`: also emit a state event `unknown` at `at`. The agent does so when it starts
+        an equipment without saved state (first start, replaced outbox, discarded checkpoint):
+        events of an earlier run may have reached the cloud, and the cloud's state timeline
+        must not carry their last state across the loss into this run.
+        """
         if self.cursor_us is None:
-            self._start(to_us(at))
+            t = to_us(at)
+            self._start(t)
+            if announce and self.count_events:
+                self._state_event(self.state, t, raw=None, reason="started without saved state")
         return self._drain()
 
     def prime(self, sample: SampleLike) -> None:
@@ -486,6 +503,7 @@ class EquipmentEngine:
                 self.state = new
                 self.state_since_us = ts
                 self.stop_judged = not (new in STOP_STATES and self._threshold_us is not None)
+                self.stop_counted = False
         elif signal == "reason":
             if raw is not None:
                 self.reason = self._map_reason(raw)
@@ -671,6 +689,7 @@ class EquipmentEngine:
             "state": self.state,
             "state_since": self.state_since_us,
             "stop_judged": self.stop_judged,
+            "stop_counted": self.stop_counted or None,
             "reason": self.reason,
             "product": self.product,
             "cursor": self.cursor_us,
@@ -701,6 +720,8 @@ class EquipmentEngine:
         self.state = data["state"]
         self.state_since_us = data.get("state_since")
         self.stop_judged = bool(data["stop_judged"])
+        # Absent in checkpoints of earlier agents, which counted no stops.
+        self.stop_counted = bool(data.get("stop_counted", False))
         self.reason = data.get("reason")
         self.product = data.get("product")
         self.cursor_us = data.get("cursor")
@@ -777,6 +798,13 @@ class EquipmentEngine:
         self.cursor_us = at
         if self.state_since_us is None:
             self.state_since_us = at
+        elif self.state in STOP_STATES and self.state_since_us < at:
+            # A stop in progress when accounting starts (replay primed it) is counted where
+            # its first second of planned busy time is: before `at` when it had one, so a
+            # replay window counts exactly the stops whose first such second it holds.
+            self.stop_counted = any(
+                w.planned for w in self.calendar.windows(from_us(self.state_since_us), from_us(at))
+            )
 
     def _bucket_at(self, t: int) -> _Bucket:
         """The bucket holding instant t (t >= the accounted time), created when first needed."""
@@ -842,12 +870,24 @@ class EquipmentEngine:
         elif state == "unknown":
             v["unknown_s"] += us
         else:
+            if not self.stop_counted:
+                self._count_stop(bucket)
             reason = self.reason or UNSPECIFIED
             if self.stop_judged:
                 self._credit_downtime(bucket, state, reason, us, micro=False)
             else:
                 key = (state, reason)
                 bucket.pending[key] = bucket.pending.get(key, 0) + us
+
+    def _count_stop(self, bucket: _Bucket) -> None:
+        """Count the current stop in `bucket`, where it starts: a fault whose time is fault
+        downtime is a failure (`fault_stops`); a stop still to be judged (micro-stop or
+        not) marks the bucket, which stays open until it is judged (it holds pending time)."""
+        self.stop_counted = True
+        if not self.stop_judged:
+            bucket.stop_start = True
+        elif self.state == "fault":
+            bucket.values["fault_stops"] += 1
 
     @staticmethod
     def _credit_downtime(bucket: _Bucket, state: str, reason: str, us: int, *, micro: bool) -> None:
@@ -867,6 +907,12 @@ class EquipmentEngine:
         micro = threshold is not None and length <= threshold and not open_ended
         to_production = micro and self.spec.micro_stops == "performance"
         for bucket in self.buckets.values():
+            if bucket.stop_start:
+                bucket.stop_start = False
+                if micro:
+                    bucket.values["micro_stops"] += 1
+                if self.state == "fault" and not to_production:
+                    bucket.values["fault_stops"] += 1
             if not bucket.pending:
                 continue
             for (state, reason), us in bucket.pending.items():
@@ -1026,6 +1072,18 @@ class EquipmentEngine:
         self.state = new
         self.state_since_us = at
         self.stop_judged = not (new in STOP_STATES and self._threshold_us is not None)
+        self.stop_counted = False
+        # A stop is counted with its state change when its bucket is open and planned (so
+        # that counting costs no checkpoint write of its own), else where time first accrues
+        # in planned busy time, which opens that bucket anyway (_credit_time).
+        bucket = self._cur
+        if (
+            new in STOP_STATES
+            and bucket is not None
+            and bucket.start <= at < bucket.end
+            and bucket.shift is not None
+        ):
+            self._count_stop(bucket)
         if self.count_events:
             self._state_event(previous, at, raw=raw, reason=reason)
 

@@ -12,7 +12,8 @@ every equipment it checks, from the stored facts and through the HTTP API:
   count events summed per bucket equal each bucket's quantities;
 - the state timeline (`/v1/equipment/{id}/states`) cut at the bucket edges gives each
   bucket's time classes and its downtime by reason;
-- `/v1/oee` (1m, 1h and shift intervals, by equipment and for the site), `/v1/counts`,
+- `/v1/oee` (1m, 1h and shift intervals, by equipment and for the site), `/v1/kpis` (its
+  components, calendar and every KPI of oee.kpis), `/v1/counts`,
   `/v1/quality` and `/v1/equipment/{id}/oee` report the buckets' sums; the Pareto by reason
   and by class, the sum of `/v1/downtime/events` (also by reason) and downtime seconds agree;
 - every fault interval carries the reason the PLC set: the truth's sequence of stops when
@@ -41,8 +42,9 @@ from psycopg_pool import ConnectionPool
 
 from cloud_api.config import CloudSettings, DatabaseSettings
 from cloud_api.db import make_pool
-from oee.components import COMPONENT_FIELDS, QUANTITY_FIELDS
+from oee.components import COMPONENT_FIELDS, QUANTITY_FIELDS, Components
 from oee.engine import STOP_STATES, UNSPECIFIED
+from oee.kpis import kpis
 from tests.cloud_api.test_query_api import served
 
 # Bucket components are microseconds / 1e6 summed in floating point.
@@ -422,6 +424,7 @@ def _check_api_window(
             if c["planned_busy_s"] > 0:
                 _close(ratios["availability"], c["production_s"] / c["planned_busy_s"], name)
                 _close(ratios["oee"], c["ideal_good_s"] / c["planned_busy_s"], name)
+    _check_kpis(api, name, scope, want, (hi - lo).total_seconds())
     counts = _get(api, "/v1/counts", interval="1m", **scope)["total"]
     _same(counts, {k: want[k] for k in QUANTITY_FIELDS}, f"{name}: /v1/counts")
     _add(views, "/v1/counts", _qty(counts))
@@ -455,6 +458,21 @@ def _check_api_window(
     _merge(views, "/v1/downtime/pareto", by_reason)
     _merge(views, "/v1/downtime/events", from_events)
     _merge(views, "facts.oee_buckets", _reasons(buckets))
+
+
+def _check_kpis(
+    api: httpx.Client, name: str, scope: Mapping[str, Any], want: Mapping[str, float], span: float
+) -> None:
+    """`/v1/kpis` sums the components `/v1/oee` sums, and its KPIs are oee.kpis of them."""
+    body = _get(api, "/v1/kpis", interval="1m", **scope)["total"]
+    _same(body["components"], want, f"{name}: /v1/kpis components vs buckets")
+    _close(body["calendar_s"], span, f"{name}: /v1/kpis calendar_s vs window")
+    expected = kpis(Components.from_mapping(body["components"]), span)
+    for kpi, value in expected.items():
+        if (value is None) != (body[kpi] is None):
+            raise Mismatch(f"{name}: /v1/kpis {kpi} = {body[kpi]}, oee.kpis says {value}")
+        if value is not None:
+            _close(body[kpi], value, f"{name}: /v1/kpis {kpi}", tol=1e-9 * max(1.0, abs(value)))
 
 
 def _add(views: Views, view: str, q: tuple[int, int, int]) -> None:
@@ -555,11 +573,7 @@ def check_views(
             part = buckets[first:last]
             timeline = _timeline(api, site, eq, lo, hi)
             after_gap = part[0].start == next(r[0].start for r in runs if part[0] in r)
-            # With declared losses even the first stored bucket may follow lost ones (a
-            # replaced outbox lost every bucket of the run before), while state events sent
-            # earlier arrived: the timeline then carries their state up to this fresh start.
-            first_run = part[0] is buckets[0]
-            fresh = part[0].start if after_gap and (allow_gaps or not first_run) else None
+            fresh = part[0].start if after_gap and part[0] is not buckets[0] else None
             _check_timeline(name, part, timeline, perf_micro, fresh)
             _check_api_window(api, name, site, eq, lo, hi, part, timeline, perf_micro, views)
             timeline_all += timeline

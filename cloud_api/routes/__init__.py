@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from cloud_api.cache import ResultCache
-from cloud_api.routes import analytics, fleet
+from cloud_api.routes import analytics, fleet, kpis
 
 __all__ = ["install_routes"]
 
@@ -15,3 +15,4 @@ def install_routes(app: FastAPI, *, cache_entries: int = 10_000) -> None:
     app.state.result_cache = ResultCache(cache_entries)
     app.include_router(analytics.router)
     app.include_router(fleet.router)
+    app.include_router(kpis.router)

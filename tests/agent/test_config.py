@@ -66,7 +66,9 @@ def test_environment_variables_fill_secrets_and_a_missing_one_is_named() -> None
     assert config.mqtt.password == "s3cret"
     assert "s3cret" not in repr(config.mqtt)
     strict = text.replace("${MQTT_PASSWORD:-}", "${MQTT_PASSWORD}")
-    with pytest.raises(ConfigError, match=r"mqtt.password: environment variable MQTT_PASSWORD"):
+    with pytest.raises(
+        ConfigError, match=r"mqtt\.password \(line 23\): environment variable MQTT_PASSWORD"
+    ):
         parse_config(strict, "demo.yaml", env={})
 
 
@@ -123,7 +125,9 @@ def test_replay_ignores_connections_but_validate_does_not(tmp_path: Path) -> Non
     without = text[:start] + text[text.index("mqtt:") :]
     config = tmp_path / "agent.yaml"
     config.write_text(without, encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"equipment\[0\].connection: no connection"):
+    with pytest.raises(
+        ConfigError, match=r"equipment\[0\]\.connection \(line \d+\): no connection"
+    ):
         load_config(config)
     replayed = load_config(config, replay=True)
     assert {e.connection for e in replayed.equipment} == {"plc-1"}

@@ -9,7 +9,7 @@ callbacks that run in paho's thread and must only hand work on (the uplink to it
 with `call_soon_threadsafe`, ingest to its bounded queue):
 
     on_message(topic, payload)   a message of the subscription
-    on_connection(up)            connected and subscribing (True) or connection lost (False)
+    on_connection(up)            connected, subscription sent (True), or connection lost (False)
     on_subscribed()              the broker acknowledged the subscription (SUBACK)
 
 Publishing (`publish`) is QoS 1 and returns paho's message info at once.
@@ -107,9 +107,11 @@ class MqttLink:
         if reason.is_failure:
             self._log.warning("broker refused connection", reason=str(reason))
             return
+        # Subscribed before the owner hears of the connection: the uplink publishes as soon
+        # as it does, and an ack must not come back before the subscription that receives it.
+        client.subscribe(self.subscription, qos=1)
         if self._on_connection_cb is not None:
             self._on_connection_cb(True)
-        client.subscribe(self.subscription, qos=1)
 
     def _on_disconnect(
         self,

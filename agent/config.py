@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from agent.floor.config import OpcUaServerConfig, PlantMqttConfig
 from common.duration import Duration
 from connectors.modbus.codec import DataType, Order
 from connectors.opcua.config import node_notation_error
@@ -255,6 +256,16 @@ class HealthConfig(_Model):
     port: int = Field(default=9650, ge=1, le=65535)
 
 
+class ConfigSourceConfig(_Model):
+    """Where the running configuration comes from (agent/remote_config.py, README "Manage a
+    fleet"): `local`, this file (pushes from the cloud are ignored); `cloud`, this file until
+    the cloud publishes a signed version, then the last version applied."""
+
+    source: Literal["local", "cloud"] = "local"
+    # After applying a pushed version, how long the agent watches its health before keeping it.
+    settle: Duration = Field(default=30.0, gt=0, le=3600)
+
+
 Loc = tuple[str | int, ...]
 
 
@@ -339,6 +350,10 @@ class AgentConfig(_Model):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     raw_samples: RawSamplesConfig = Field(default_factory=RawSamplesConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    # Plant-floor outputs (agent/floor): off unless configured.
+    plant_mqtt: PlantMqttConfig | None = None
+    opcua_server: OpcUaServerConfig | None = None
+    config: ConfigSourceConfig = Field(default_factory=ConfigSourceConfig)
     shifts: list[ShiftSpec] = Field(default_factory=list)
     equipment: list[EquipmentConfig] = Field(min_length=1)
 
@@ -346,9 +361,26 @@ class AgentConfig(_Model):
     def _cross_checks(self, info: ValidationInfo) -> AgentConfig:
         replay = bool(info.context and info.context.get("replay"))
         problems = cross_check(self.equipment, self.connections, replay=replay)
+        problems += self._plant_floor_references()
         if problems:
             raise CrossCheckFailed(problems)
         return self
+
+    def _plant_floor_references(self) -> list[tuple[Loc, str]]:
+        """Equipment the plant-floor outputs name must be configured equipment."""
+        known = {e.id for e in self.equipment}
+        problems: list[tuple[Loc, str]] = []
+        if self.plant_mqtt is not None:
+            for eq in self.plant_mqtt.publish:
+                if eq not in known:
+                    problems.append((("plant_mqtt", "publish", eq), f"no equipment with id {eq!r}"))
+        if self.opcua_server is not None:
+            for i, eq in enumerate(self.opcua_server.equipment or []):
+                if eq not in known:
+                    problems.append(
+                        (("opcua_server", "equipment", i), f"no equipment with id {eq!r}")
+                    )
+        return problems
 
     @property
     def outbox_path(self) -> Path:

@@ -2,7 +2,8 @@
 
 At each flush every equipment's checkpoint is compared with what is stored for it
 (oee.checkpoint.plan): unchanged but for the clock, it costs nothing; a part counted writes a
-small patch; any other change writes the equipment's whole (compact) checkpoint. The entries
+small patch; any other change writes the keys of the equipment's (compact) checkpoint that
+changed (the whole of it when none is stored yet). The entries
 of one flush form one journal row (JSON, zlib-compressed), committed in the transaction that
 stores the flush's batches, so the events and the state that produced them stay together.
 Every journal row also records the instant up to which the agent had accounted time.
@@ -10,7 +11,9 @@ Every journal row also records the instant up to which the agent had accounted t
 When nothing changed, a bare row (a heartbeat) is committed every `heartbeat_s` seconds
 (earlier when a flush commits events anyway). Every `snapshot_s` seconds the journal is
 folded into a snapshot: one row holding every equipment's state, compressed together (about
-70 bytes an equipment; 100 rows of their own would take about 50 KB of pages).
+70 bytes an equipment; 100 rows of their own would take about 50 KB of pages). The fold
+waits for a flush that commits anyway (at most another `snapshot_s`), so an idle line does
+not pay a commit of its own for it.
 
 Crash bound: a restart resumes every equipment from its stored state, accounts time with
 that state up to the last committed row's instant (exactly what the agent accounted before
@@ -37,6 +40,8 @@ from oee.events import Event
 
 US = 1_000_000
 SNAPSHOT_KEY = "plant"
+# The journal row's sections: whole checkpoints, changed top-level keys, counter patches.
+_TAGS: dict[WriteKind, str] = {"full": "f", "keys": "k", "counts": "c"}
 
 
 def encode(value: Any) -> bytes:
@@ -98,9 +103,11 @@ class EngineStore:
                 continue
             for eq, checkpoint in body.get("f", {}).items():
                 stored[eq] = checkpoint
-            for eq, patch in body.get("c", {}).items():
-                if eq in stored:
-                    stored[eq] = apply(stored[eq], "counts", patch)
+            patched: tuple[WriteKind, ...] = ("keys", "counts")
+            for kind in patched:
+                for eq, patch in body.get(_TAGS[kind], {}).items():
+                    if eq in stored:
+                        stored[eq] = apply(stored[eq], kind, patch)
         self._stored = stored
         self._last_at = at
         # What was there is folded at the first flush (that flush changes every equipment to
@@ -136,29 +143,21 @@ class EngineStore:
         the flush commits events anyway, so a heartbeat half due goes with them rather than
         in a commit of its own later."""
         stored = dict(self._stored)
-        full: dict[str, Any] = {}
-        counts: dict[str, Any] = {}
+        entries: dict[WriteKind, dict[str, Any]] = {"full": {}, "keys": {}, "counts": {}}
         for eq, current in checkpoints.items():
             step = plan(stored.get(eq), current)
             if step is None:
                 continue
             kind: WriteKind = step[0]
-            (full if kind == "full" else counts)[eq] = step[1]
+            entries[kind][eq] = step[1]
             stored[eq] = apply(stored.get(eq, {}), kind, step[1])
         for eq in set(stored) - set(checkpoints):
             del stored[eq]  # no longer configured
         if self._snapshot_at is None:
             self._snapshot_at = now_us
-        if self._fold or now_us - self._snapshot_at >= self.snapshot_us:
-            snapshot: dict[str, bytes | None] = dict.fromkeys(self._on_disk)
-            snapshot[SNAPSHOT_KEY] = encode(stored)
-            write = StateWrite(at=now_us, snapshot=snapshot)
-        elif full or counts:
-            body: dict[str, Any] = {}
-            if full:
-                body["f"] = full
-            if counts:
-                body["c"] = counts
+        write: StateWrite | None = None
+        body = {_TAGS[kind]: found for kind, found in entries.items() if found}
+        if body:
             write = StateWrite(at=now_us, entry=encode(body))
         elif (
             self._last_at is None
@@ -166,7 +165,18 @@ class EngineStore:
             or (riding and 2 * (now_us - self._last_at) >= self.heartbeat_us)
         ):
             write = StateWrite(at=now_us)
-        else:
+        # A fold that is due goes with a commit made anyway (a journal row, a heartbeat or
+        # events), not in a commit of its own; only once twice overdue does it go alone.
+        since = now_us - self._snapshot_at
+        if (
+            self._fold
+            or (since >= self.snapshot_us and (write is not None or riding))
+            or since >= 2 * self.snapshot_us
+        ):
+            snapshot: dict[str, bytes | None] = dict.fromkeys(self._on_disk)
+            snapshot[SNAPSHOT_KEY] = encode(stored)
+            write = StateWrite(at=now_us, snapshot=snapshot)
+        if write is None:
             return None
         self._prepared = _Prepared(write, stored)
         return write

@@ -173,8 +173,8 @@ class AgentCollector(Collector):
             if snap.state_since is not None:
                 started_us = to_us(snap.state_since)
                 since.add_metric([equipment_id], max(0.0, (now_us - started_us) / 1_000_000))
-            shift = snap.shift
-            if shift is not None:  # ratios of a shift with no closed bucket yet are all None
+            shift = snap.closed_shift  # the shift the cloud has buckets of, as it reports
+            if shift is not None:
                 ratios = shift.ratios
                 for name in ("availability", "performance", "quality", "oee"):
                     value = getattr(ratios, name)
@@ -240,6 +240,25 @@ class AgentCollector(Collector):
             "Batches the cloud refused for good (signed rejection): loss recorded, removed",
             value=stats.rejected_batches,
         )
+        floor = getattr(runtime, "floor", None)
+        publisher = None if floor is None else floor.publisher
+        if publisher is not None:
+            plant = publisher.stats
+            yield _gauge(
+                "edge_agent_plant_broker_connected",
+                "1 while connected to the plant broker (plant_mqtt)",
+                plant.connected,
+            )
+            yield CounterMetricFamily(
+                "edge_agent_plant_messages_published",
+                "Messages published to the plant broker (Sparkplug B or UNS JSON)",
+                value=plant.published,
+            )
+            yield CounterMetricFamily(
+                "edge_agent_plant_updates_dropped",
+                "Live values not sent to the plant broker (its queue was full); newer ones follow",
+                value=plant.dropped,
+            )
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

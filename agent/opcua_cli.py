@@ -1,5 +1,6 @@
 """The OPC UA parts of `edge-agent`: `keys opcua-cert` (a client certificate for secure
-connections) and `simulate opcua` (simulated presses on an asyncua server)."""
+connections), `keys opcua-server-cert` (the certificate of the agent's own OPC UA server) and
+`simulate opcua` (simulated presses on an asyncua server)."""
 
 from __future__ import annotations
 
@@ -85,6 +86,47 @@ def cmd_keys_opcua_cert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_opcua_server_cert(args: argparse.Namespace) -> int:
+    """The certificate of the plant-floor OPC UA server (`opcua_server:`), in the keys
+    folder where the server looks for it unless `certificate:` says otherwise."""
+    from agent.floor.config import OpcUaServerConfig
+    from agent.floor.opcua_server import SERVER_CERT, SERVER_KEY
+    from connectors.opcua.certs import create_certificate
+    from connectors.opcua.hub import thumbprint
+
+    _, keys_dir = _certificate_settings(args.config, None)
+    try:
+        data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{args.config}: cannot read the configuration: {exc}") from None
+    server = _section(data if isinstance(data, dict) else {}, "opcua_server")
+    uri = OpcUaServerConfig.model_fields["application_uri"].default
+    uri = expand_env(server.get("application_uri", uri), "opcua_server.application_uri")
+    if not isinstance(uri, str) or not uri:
+        raise ConfigError(f"{args.config}: opcua_server.application_uri must be a text")
+    out = Path(args.out) if args.out else keys_dir
+    cert_path, key_path = out / SERVER_CERT, out / SERVER_KEY
+    try:
+        cert = create_certificate(
+            cert_path,
+            key_path,
+            application_uri=uri,
+            common_name="edge-agent plant-floor server",
+            hostnames=args.hostname or None,
+            days=args.days,
+            overwrite=args.force,
+        )
+    except FileExistsError as exc:
+        print(f"edge-agent: {exc}; keeping it (use --force to replace)")
+        return 2
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    print(f"certificate {cert_path} (SHA-1 {thumbprint(cert.public_bytes(Encoding.DER))})")
+    print(f"private key {key_path} (mode 0600)")
+    print(f"application URI {uri}: clients (HMI, SCADA) trust this certificate")
+    return 0
+
+
 def cmd_simulate_opcua(args: argparse.Namespace) -> int:
     from common.logs import configure_logging
     from connectors.opcua.simulator import serve
@@ -134,6 +176,24 @@ def add_keys_parser(keys: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     p.add_argument("--force", action="store_true", help="replace an existing certificate")
     p.set_defaults(func=cmd_keys_opcua_cert)
+    p = keys.add_parser(
+        "opcua-server-cert", help="create the certificate of the agent's own OPC UA server"
+    )
+    p.add_argument("-c", "--config", help=CONFIG_OPTION_HELP)
+    p.add_argument("--out", help="directory (default: the keys directory)")
+    p.add_argument(
+        "--hostname",
+        action="append",
+        help="host name or IP the HMIs connect to (repeat; default: this host's name)",
+    )
+    p.add_argument(
+        "--days",
+        type=arguments.whole_number(1, 36500, "the validity"),
+        default=3650,
+        help="validity in days (default 3650)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing certificate")
+    p.set_defaults(func=cmd_keys_opcua_server_cert)
 
 
 def add_simulate_parser(sim: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

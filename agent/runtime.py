@@ -19,6 +19,7 @@ import structlog
 
 from agent.config import AgentConfig, SignalConfig
 from agent.engine_store import EngineStore
+from agent.floor.outputs import PlantFloor
 from agent.outbox_writer import OutboxWriter
 from agent.raw_samples import RawSamplePublisher
 from buffer.outbox import Outbox
@@ -62,6 +63,28 @@ async def cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> list[asyncio.Task[A
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class StatusCadence:
+    """When the agent's status event is due: at the first flush, then at the first flush of
+    each `interval` slot of the wall clock, aligned like the OEE buckets (to the epoch, so to
+    UTC minutes and hours). With the default 60 s the status goes in the flush that closes
+    the minute's buckets and shares its commit: an idle line commits once a minute, not twice
+    (README "Storage"). A wall clock that stands still or jumps still gives one at least
+    every two intervals of monotonic time."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: tuple[int, float] | None = None  # (slot, monotonic time) of the last one
+
+    def due(self, now: datetime, mono: float) -> bool:
+        """True (and noted as sent) when a status goes with the flush at `now`."""
+        slot = int(now.timestamp() // self.interval)
+        last = self._last
+        if last is None or slot != last[0] or mono - last[1] >= 2 * self.interval:
+            self._last = (slot, mono)
+            return True
+        return False
 
 
 class AgentRuntime:
@@ -148,6 +171,24 @@ class AgentRuntime:
             on_rejected=self.record_rejection,
         )
         self.log = log.bind(agent=config.agent.id, site=config.agent.site)
+        # Plant-floor outputs (OPC UA server, Sparkplug B): read-only, off unless configured.
+        self.floor = (
+            PlantFloor(
+                engine=self.engine,
+                agent=config.agent.id,
+                site=config.agent.site,
+                lines={eq.id: eq.line for eq in config.equipment},
+                connections={eq.id: eq.connection for eq in config.equipment},
+                connection_ids=[c.id for c in config.connections],
+                links=lambda: {hub.config.id: hub.connected for hub in self.hubs},
+                outbox_depth=lambda: self.outbox.stats().depth,
+                keys_dir=config.keys_dir,
+                plant_mqtt=config.plant_mqtt,
+                opcua_server=config.opcua_server,
+            )
+            if config.plant_mqtt is not None or config.opcua_server is not None
+            else None
+        )
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -289,11 +330,14 @@ class AgentRuntime:
 
         return sealer
 
-    def flush(self) -> int:
+    def flush(self, now: datetime | None = None) -> int:
         """Close due buckets and commit pending events with the checkpoint; returns batches."""
         self.last_flush = time.monotonic()
-        now = self.clock()
+        if now is None:
+            now = self.clock()
         self.pending.extend(self.engine.tick(now))
+        if self.floor is not None:
+            self.floor.observe(self.pending)  # the last closed bucket, for the floor outputs
         state = self.state_store.prepare(
             self.engine.checkpoint(), to_us(now), riding=bool(self.pending)
         )
@@ -343,27 +387,28 @@ class AgentRuntime:
                 self.log.warning("sample ignored", error=str(exc))
 
     async def _flush_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_status = loop.time()
+        cadence = StatusCadence(self.config.agent.status_interval)
         while True:
             await asyncio.sleep(self.config.uplink.flush_interval)
-            if loop.time() >= next_status:
-                self.pending.append(self.status_event())
-                next_status = loop.time() + self.config.agent.status_interval
-            self.flush()
+            now = self.clock()
+            if cadence.due(now, time.monotonic()):
+                self.pending.append(self.status_event(now))
+            self.flush(now)
 
-    def status_event(self) -> Event:
+    def status_event(self, now: datetime | None = None) -> Event:
         """The agent's health as the cloud's fleet view reads it (AgentEvent code "status").
 
         data keys: version, outbox_depth, outbox_events, outbox_bytes, outbox_quota_bytes,
-        outbox_oldest_unacked_s, acked_seq_high_water, epoch, next_seq, connectors
+        outbox_oldest_unacked_s, acked_seq_high_water, epoch, next_seq, status_interval_s (how
+        often this report comes, so the cloud can tell a late agent), connectors
         ({id: connected}), uplink ({connected, published, resent, acked_batches,
         acks_rejected, rejected_batches}), agent_time (the agent's clock, for the cloud's
         offset estimate).
         """
         stats = self.outbox.stats()
         up = self.uplink.stats
-        now = self.clock()
+        if now is None:
+            now = self.clock()
         return self._agent_event(
             now,
             "status",
@@ -378,6 +423,7 @@ class AgentRuntime:
                 "acked_seq_high_water": stats.acked_seq_high_water,
                 "epoch": stats.epoch,
                 "next_seq": stats.next_seq,
+                "status_interval_s": self.config.agent.status_interval,
                 "connectors": {hub.config.id: hub.connected for hub in self.hubs},
                 "uplink": {
                     "connected": up.connected,
@@ -450,6 +496,8 @@ class AgentRuntime:
         ]
         tasks += [asyncio.create_task(hub.run(self._emit), name=hub.config.id) for hub in self.hubs]
         self.tasks = [uplink, *tasks]
+        # Not among the stages: a plant-floor output that fails never stops the agent.
+        floor = self.floor.start() if self.floor is not None else []
         stopper = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait(
@@ -460,6 +508,8 @@ class AgentRuntime:
                     raise task.exception()  # type: ignore[misc]
         finally:
             stopper.cancel()
+            if floor and self.floor is not None:
+                await self.floor.stop()
             # A stage that does not end (a driver that loses its cancellation) is named and
             # left behind, so the graceful stop still commits what was sampled instead of
             # waiting for it until systemd kills the agent.

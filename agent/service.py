@@ -24,6 +24,7 @@ from typing import Protocol
 import structlog
 
 from agent.config import AgentConfig, ConfigError, load_config
+from agent.remote_config import Candidate, RemoteConfig
 from oee.engine import PlantEngine
 from sync.keys import AgentKeys, KeyFileError
 
@@ -165,6 +166,13 @@ def check_candidate(path: Path) -> tuple[AgentConfig, AgentKeys]:
     Raises ConfigError with a message for the plant engineer.
     """
     config = load_config(path)
+    return config, check_config(config, str(path))
+
+
+def check_config(config: AgentConfig, source: str) -> AgentKeys:
+    """The checks of a reload beyond the file itself: its keys load and the OEE engine takes
+    it. Returns the keys; raises ConfigError."""
+    path = source
     try:
         keys = AgentKeys.load(config.keys_dir)
     except (KeyFileError, OSError) as exc:
@@ -179,7 +187,7 @@ def check_candidate(path: Path) -> tuple[AgentConfig, AgentKeys]:
         )
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"{path}: the OEE engine refuses this configuration: {exc}") from None
-    return config, keys
+    return keys
 
 
 class AgentService:
@@ -211,6 +219,11 @@ class AgentService:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._watchdog_problem: str | None = None
+        # Pushed configurations (config.source: cloud); the stored version replaces the file.
+        self.remote = RemoteConfig(config, keys, check=check_config)
+        stored = self.remote.startup()
+        if stored is not None:
+            self.config, self.keys = stored
 
     # -- signals --------------------------------------------------------------------------
 
@@ -278,7 +291,7 @@ class AgentService:
             )
             self.notifier.status(f"reload rejected, running generation {self.reloads.generation}")
             return None
-        return config, keys
+        return self.remote.effective(config, keys)
 
     # -- main loop ------------------------------------------------------------------------
 
@@ -325,9 +338,13 @@ class AgentService:
             self.notifier.close()
 
     async def _supervise(self, health: HealthServerLike | None) -> None:
+        # A pushed configuration being watched, and the configuration to go back to.
+        settling: Candidate | None = None
+        last_good: tuple[AgentConfig, AgentKeys] | None = None
         while True:
             runtime = self._factory(self.config, self.keys)
             self.runtime = runtime
+            self.remote.attach(runtime)
             run_stop = asyncio.Event()
             task = asyncio.create_task(runtime.run(run_stop), name="pipeline")
             await self._wait_started(runtime, task)
@@ -337,13 +354,40 @@ class AgentService:
                     f"configuration generation {self.reloads.generation}"
                 )
             candidate: tuple[AgentConfig, AgentKeys] | None = None
+            rolling_back = False
+            if settling is not None and last_good is not None:
+                why = await self.remote.settle(settling, runtime, task, self.problem, self._stop)
+                if why is None and not self._stop.is_set():
+                    self.remote.applied(settling)
+                elif why is not None:
+                    # Back to the last good configuration, whose pipeline reports this.
+                    self.remote.rolled_back(settling, why)
+                    candidate, rolling_back = last_good, True
+                    if health is not None:
+                        await health.rebind(last_good[0].health)
+                settling = last_good = None
             while candidate is None:
                 stop = asyncio.create_task(self._stop.wait())
                 reload = asyncio.create_task(self._reload.wait())
-                await asyncio.wait([task, stop, reload], return_when=asyncio.FIRST_COMPLETED)
+                pushed = asyncio.create_task(self.remote.wake.wait())
+                await asyncio.wait(
+                    [task, stop, reload, pushed], return_when=asyncio.FIRST_COMPLETED
+                )
                 stop.cancel()
                 reload.cancel()
+                pushed.cancel()
                 if task.done() or self._stop.is_set():
+                    break
+                if self.remote.wake.is_set():
+                    remote = self.remote.take()
+                    if remote is None:
+                        continue
+                    if health is not None and not await health.rebind(remote.config.health):
+                        self.remote.refuse_candidate(remote, "the new health port cannot be bound")
+                        continue
+                    self.remote.begin(remote)
+                    settling, last_good = remote, (self.config, self.keys)
+                    candidate = (remote.config, remote.keys)
                     break
                 self._reload.clear()
                 candidate = self._try_reload()
@@ -355,7 +399,7 @@ class AgentService:
                     self.reloads.rejected += 1
                     self.reloads.last_error = "the new health port cannot be bound"
                     candidate = None
-            if task.done():
+            if task.done() and not rolling_back:
                 # A stage failed (or the runtime ended on its own): let systemd restart us.
                 await task
                 raise RuntimeError("the pipeline ended without a stop request")
@@ -367,7 +411,13 @@ class AgentService:
             self.notifier.reloading()
             log.info("reloading the configuration", path=str(self.config_path))
             run_stop.set()
-            await task
+            if rolling_back:
+                # A pipeline of the pushed configuration that failed in its settle period:
+                # its error is the reported reason of the roll-back.
+                with contextlib.suppress(Exception):
+                    await task
+            else:
+                await task
             self.config, self.keys = candidate
             self.reloads.generation += 1
             self.reloads.applied += 1

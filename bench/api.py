@@ -45,11 +45,11 @@ import httpx
 import psycopg
 from psycopg import sql
 
-from cloud_api import derived
-from cloud_api.auth import TokenKeyring, generate_token_key, issue_token
+from cloud_api.access.auth import TokenKeyring, generate_token_key, issue_token
 from cloud_api.config import SecuritySettings
 from cloud_api.db import migrate
-from cloud_api.ingest import BUCKET_COLS, STORE_BUCKETS
+from cloud_api.ingest import derived
+from cloud_api.ingest.worker import BUCKET_COLS, STORE_BUCKETS
 from oee.events import AgentEvent
 
 ADMIN = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
@@ -103,7 +103,7 @@ def register(url: str) -> None:
                 (agent, site),
             )
             equipment = [
-                {"id": eq, "line": line, "reasons": dict(enumerate(REASONS, 1))}
+                {"id": eq, "line": line, "reasons": {str(c): r for c, r in enumerate(REASONS, 1)}}
                 for s, line, eq in machines()
                 if s == site
             ]

@@ -8,7 +8,9 @@ a child process, units 1..100: state, 32-bit part total, 32-bit scrap, reason; p
   fresh PostgreSQL database, so batches are acked and deleted;
 - `idle`: every press stopped (idle, nothing counted), cloud unreachable.
 
-For each mode, after a warm-up: bytes written per minute by the agent process
+For each mode, after a warm-up (45 s: longer than the presses' 30 s micro-stop threshold,
+so the stops that began when the agent started are judged, and committed, before the
+window): bytes written per minute by the agent process
 (/proc/PID/io write_bytes, which counts the 4 KiB pages it dirtied in the page cache, i.e.
 what the kernel must write to the device), fsyncs per minute (strace -f -c on the process
 when strace can attach; the agent's own counter otherwise), sealed event bytes per minute
@@ -16,7 +18,7 @@ when strace can attach; the agent's own counter otherwise), sealed event bytes p
 measured in the same run: a plain sqlite3 table (WAL, synchronous=FULL, nothing else)
 committing batches of the same sizes once a second in a child process, its write_bytes.
 
-Run: `python -m bench.flash [--seconds 180] [--warmup 30] [--modes unreachable,acknowledging,idle]`.
+Run: `python -m bench.flash [--seconds 180] [--warmup 45] [--modes unreachable,acknowledging,idle]`.
 Uses the machine's Mosquitto and PostgreSQL for `acknowledging` (a fresh database, dropped
 afterwards). The last line printed is one JSON object.
 """
@@ -432,7 +434,7 @@ def run_mode(mode: str, seconds: float, warmup: float, folder: Path) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=180.0, help="measured, per mode")
-    parser.add_argument("--warmup", type=float, default=30.0, help="before measuring, per mode")
+    parser.add_argument("--warmup", type=float, default=45.0, help="before measuring, per mode")
     parser.add_argument("--modes", default="unreachable,acknowledging,idle")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

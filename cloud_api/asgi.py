@@ -10,7 +10,7 @@ import os
 
 from fastapi import FastAPI
 
-from cloud_api.app import create_app
+from cloud_api.api.app import create_app
 from cloud_api.config import load_settings
 
 

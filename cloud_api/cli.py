@@ -12,9 +12,12 @@ from typing import Any
 
 import psycopg
 
-from cloud_api import audit, security_cli, tracing
+from cloud_api import tracing
+from cloud_api.access import audit
+from cloud_api.access import cli as security_cli
 from cloud_api.config import CloudSettings, ConfigError, load_settings
 from cloud_api.db import command_connection
+from cloud_api.fleetconfig import cli as fleetconfig_cli
 from common.logs import configure_logging
 from sync.keys import (
     SUITES,
@@ -201,7 +204,7 @@ def cmd_revoke_key(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from cloud_api.db import make_pool
-    from cloud_api.ingest import BatchStore, IngestWorker
+    from cloud_api.ingest.worker import BatchWriter, IngestWorker
     from sync.uplink import BrokerSettings
 
     settings = _settings(args)
@@ -210,7 +213,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     tracing.configure(settings.tracing)
     print(f"cloud-api: {settings.database.describe()}", file=sys.stderr)
     pool = make_pool(settings.database, name="ingest", role=settings.security.ingest_db_role)
-    store = BatchStore(
+    store = BatchWriter(
         pool,
         ring,
         topic_prefix=settings.mqtt.topic_prefix,
@@ -243,7 +246,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from cloud_api.app import create_app
+    from cloud_api.api.app import create_app
 
     settings = _settings(args)
     configure_logging(args.log_level)
@@ -266,7 +269,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["CLOUD_CONFIG"] = str(Path(args.config).resolve())
     if getattr(args, "keys_dir", None):
         os.environ["CLOUD_KEYS_DIR"] = str(Path(args.keys_dir).resolve())
-    from cloud_api.serving import Supervisor
+    from cloud_api.api.serving import Supervisor
 
     config = uvicorn.Config("cloud_api.asgi:app", factory=True, **options)
     supervisor = Supervisor(config, workers)
@@ -341,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-id", required=True)
     p.add_argument("--last", action="store_true", help="allow revoking the agent's last key")
     p.set_defaults(func=cmd_revoke_key)
+    fleetconfig_cli.register(agents)
     security_cli.register(sub)
     return parser
 

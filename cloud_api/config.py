@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cloud_api.revocations import REFRESH_S
+# How often a process reads the credential stamp by default (cloud_api/access/revocations.py).
+REVOCATION_REFRESH_S = 1.0
 
 
 class ConfigError(Exception):
@@ -141,9 +142,9 @@ class SecuritySettings(_Model):
     audience: str = "factory-edge-gateway-api"
     leeway_seconds: int = Field(default=30, ge=0, le=300)
     max_token_ttl_seconds: int = Field(default=90 * 86400, ge=60)
-    # How often each process reads the credential stamp (cloud_api/revocations.py): a
+    # How often each process reads the credential stamp (cloud_api/access/revocations.py): a
     # revocation takes effect within this, at most twice this, on every API process.
-    revocation_refresh_seconds: float = Field(default=REFRESH_S, ge=0, le=60)
+    revocation_refresh_seconds: float = Field(default=REVOCATION_REFRESH_S, ge=0, le=60)
     auth_failures: FailureLimit = Field(default_factory=FailureLimit)
     jwks: JwksSettings | None = None
     rate_limits: dict[Role, RateTier] = Field(default_factory=_default_tiers)
@@ -176,18 +177,41 @@ class CloudSettings(_Model):
     tracing: TracingSettings = Field(default_factory=TracingSettings)
 
 
+class CloudEnvironment(BaseSettings):
+    """The CLOUD_* environment variables that override the file; each names one setting.
+
+    Read as text: the settings model validates the values, so an invalid one is reported by
+    the setting it names (`mqtt.port: ...`), as a value from the file would be.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CLOUD_", case_sensitive=True, extra="ignore")
+
+    DATABASE_URL: str | None = None
+    DATABASE_LISTEN_URL: str | None = None
+    MQTT_HOST: str | None = None
+    MQTT_PORT: str | None = None
+    MQTT_USERNAME: str | None = None
+    MQTT_PASSWORD: str | None = None
+    TOPIC_PREFIX: str | None = None
+    KEYS_DIR: str | None = None
+    HTTP_PORT: str | None = None
+    REDIS_URL: str | None = None
+    OTLP_ENDPOINT: str | None = None
+
+
+# Where each variable goes in the settings.
 _ENV = {
-    "CLOUD_DATABASE_URL": ("database", "url"),
-    "CLOUD_DATABASE_LISTEN_URL": ("database", "listen_url"),
-    "CLOUD_MQTT_HOST": ("mqtt", "host"),
-    "CLOUD_MQTT_PORT": ("mqtt", "port"),
-    "CLOUD_MQTT_USERNAME": ("mqtt", "username"),
-    "CLOUD_MQTT_PASSWORD": ("mqtt", "password"),
-    "CLOUD_TOPIC_PREFIX": ("mqtt", "topic_prefix"),
-    "CLOUD_KEYS_DIR": ("keys_dir",),
-    "CLOUD_HTTP_PORT": ("http", "port"),
-    "CLOUD_REDIS_URL": ("security", "redis_url"),
-    "CLOUD_OTLP_ENDPOINT": ("tracing", "otlp_endpoint"),
+    "DATABASE_URL": ("database", "url"),
+    "DATABASE_LISTEN_URL": ("database", "listen_url"),
+    "MQTT_HOST": ("mqtt", "host"),
+    "MQTT_PORT": ("mqtt", "port"),
+    "MQTT_USERNAME": ("mqtt", "username"),
+    "MQTT_PASSWORD": ("mqtt", "password"),
+    "TOPIC_PREFIX": ("mqtt", "topic_prefix"),
+    "KEYS_DIR": ("keys_dir",),
+    "HTTP_PORT": ("http", "port"),
+    "REDIS_URL": ("security", "redis_url"),
+    "OTLP_ENDPOINT": ("tracing", "otlp_endpoint"),
 }
 
 
@@ -203,8 +227,15 @@ def load_settings(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top")
         data = loaded or {}
+    environment = (
+        CloudEnvironment()
+        if env is None
+        else CloudEnvironment.model_validate(
+            {k.removeprefix("CLOUD_"): v for k, v in env.items() if k.startswith("CLOUD_")}
+        )
+    )
     for name, keys in _ENV.items():
-        value = (os.environ if env is None else env).get(name)
+        value = getattr(environment, name)
         if value is None:
             continue
         node = data

@@ -2,7 +2,8 @@
 
 One paho 2.x MQTT 5 client per `MqttLink`, its network loop in paho's own thread (started by
 `start()`, ended by `stop()`), reconnecting by itself (1 s up to 30 s). On every connect the
-link subscribes again to its one subscription (QoS 1): the sessions are clean, so after a
+link subscribes again to its subscriptions (QoS 1; a list, or a callable asked at each
+connect for owners that add a topic after construction): the sessions are clean, so after a
 reconnect the broker knows nothing of earlier subscriptions. A refused connection or
 subscription is logged here, once per event; the owner is told of the rest through plain
 callbacks that run in paho's thread and must only hand work on (the uplink to its event loop
@@ -23,7 +24,7 @@ clients. One client module with plain callbacks serves both.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,13 +70,13 @@ MessageHandler = Callable[[str, bytes], None]
 
 
 class MqttLink:
-    """One client with one QoS 1 subscription, renewed on every connect."""
+    """One client with its QoS 1 subscriptions, renewed on every connect."""
 
     def __init__(
         self,
         settings: BrokerSettings,
         client_id: str,
-        subscription: str,
+        subscriptions: Sequence[str] | Callable[[], Sequence[str]],
         *,
         on_message: MessageHandler,
         on_connection: Callable[[bool], None] | None = None,
@@ -83,7 +84,7 @@ class MqttLink:
         log: Any = None,
     ) -> None:
         self.settings = settings
-        self.subscription = subscription
+        self._subscriptions = subscriptions
         self._on_message_cb = on_message
         self._on_connection_cb = on_connection
         self._on_subscribed_cb = on_subscribed
@@ -109,7 +110,8 @@ class MqttLink:
             return
         # Subscribed before the owner hears of the connection: the uplink publishes as soon
         # as it does, and an ack must not come back before the subscription that receives it.
-        client.subscribe(self.subscription, qos=1)
+        for topic in self.subscriptions:
+            client.subscribe(topic, qos=1)
         if self._on_connection_cb is not None:
             self._on_connection_cb(True)
 
@@ -135,7 +137,7 @@ class MqttLink:
         # A refused subscription (broker ACL) leaves the owner deaf: say so, never "ready".
         if any(r.is_failure for r in reasons):
             self._log.error(
-                "subscription refused", subscription=self.subscription, reason=str(reasons)
+                "subscription refused", subscription=self.subscriptions, reason=str(reasons)
             )
             return
         if self._on_subscribed_cb is not None:
@@ -145,6 +147,11 @@ class MqttLink:
         self._on_message_cb(message.topic, bytes(message.payload))
 
     # -- owner ------------------------------------------------------------------------------
+
+    @property
+    def subscriptions(self) -> list[str]:
+        topics = self._subscriptions
+        return list(topics() if callable(topics) else topics)
 
     def start(self) -> None:
         """Connect in the background (and keep reconnecting) from paho's network thread."""

@@ -13,10 +13,15 @@ restart). So a checkpoint only has to be stored again when something else change
   counted): a small `counts` patch with those values and the timestamps of the counter
   samples that set them;
 - anything else (a state change, a bucket opened or closed, a reason or product change, a
-  stop judged): the whole checkpoint (`full`).
+  stop judged): the top-level keys that differ from what is stored, and those no longer
+  there (`keys`); the whole checkpoint (`full`) only when nothing is stored yet. Of `seen`,
+  a `keys` write carries only the signals whose values changed (a timestamp that moved alone
+  is clock, as in the first case), all of them while a scan is held. An idle machine whose
+  bucket closes writes its cursor, its new bucket and its shift totals, about a third of its
+  whole state.
 
-Every event the engine emits comes with one of the last two, so a stored checkpoint and the
-events committed with it always agree.
+Every event the engine emits comes with one of the last three, so a stored checkpoint and
+the events committed with it always agree.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any, Literal
 
 from oee.components import IDEAL_FIELDS, QUANTITY_FIELDS, TIME_FIELDS
 
-WriteKind = Literal["full", "counts"]
+WriteKind = Literal["full", "keys", "counts"]
 _TIME = frozenset(TIME_FIELDS)
 _COUNTED = frozenset(QUANTITY_FIELDS) | frozenset(IDEAL_FIELDS)
 _CLOCKED_KEYS = ("cursor", "seen")
@@ -56,15 +61,38 @@ def _without_time(checkpoint: dict[str, Any], *, counted: bool) -> dict[str, Any
     return out
 
 
+def _keys_patch(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """{"set": keys of `current` that differ from `stored`, "drop": keys it no longer has}."""
+    changed: dict[str, Any] = {}
+    for key, value in current.items():
+        if key == "seen":
+            old = stored.get("seen", {})
+            held = "scan" in current  # a held scan's samples must stay recorded with their time
+            seen = {
+                sig: entry
+                for sig, entry in value.items()
+                if sig not in old or old[sig][1] != entry[1] or (held and old[sig] != entry)
+            }
+            if seen:
+                changed["seen"] = seen
+        elif stored.get(key) != value:
+            changed[key] = value
+    patch: dict[str, Any] = {"set": changed}
+    dropped = [key for key in stored if key not in current]
+    if dropped:
+        patch["drop"] = dropped
+    return patch
+
+
 def plan(stored: dict[str, Any] | None, current: dict[str, Any]) -> tuple[WriteKind, Any] | None:
     """What to write so that the stored checkpoint stands for `current`: None (nothing),
-    ("counts", patch) or ("full", current)."""
+    ("counts", patch), ("keys", patch) or ("full", current)."""
     if stored is None:
         return "full", current
     if _without_time(stored, counted=False) == _without_time(current, counted=False):
         return None
     if _without_time(stored, counted=True) != _without_time(current, counted=True):
-        return "full", current
+        return "keys", _keys_patch(stored, current)
     counters = current.get("counters", {})
     old_counters = stored.get("counters", {})
     changed = {k: v for k, v in counters.items() if old_counters.get(k) != v}
@@ -94,6 +122,12 @@ def apply(stored: dict[str, Any], kind: WriteKind, payload: Any) -> dict[str, An
     if kind == "full":
         # A copy: the engine's checkpoint shares some of its live containers.
         return copy.deepcopy(payload)
+    if kind == "keys":
+        dropped = set(payload.get("drop", ()))
+        out = {k: v for k, v in stored.items() if k not in dropped}
+        for key, value in copy.deepcopy(payload["set"]).items():
+            out[key] = {**stored.get("seen", {}), **value} if key == "seen" else value
+        return out
     out = dict(stored)
     if "counters" in payload:
         out["counters"] = {**stored.get("counters", {}), **payload["counters"]}

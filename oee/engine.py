@@ -27,7 +27,8 @@ plant-floor outputs): `EquipmentEngine.snapshot()` returns an `EquipmentSnapshot
 frozen copy of what the engine knows at that instant: the state, since when and why, the
 product, the instant accounted up to (`cursor`), the last counter readings, the running
 shift (name, start, components over its closed buckets and, `live`, with the open buckets
-added; its A/P/Q/OEE from the closed buckets), the open bucket and the last bucket closed
+added; its A/P/Q/OEE from the closed buckets) and the shift of the last closed bucket
+(`closed_shift`, what the cloud has so far), the open bucket and the last bucket closed
 since the engine started, whether a stop waits for its end to be classified, and how many
 samples were refused as stale or duplicate. `PlantEngine.snapshots()` returns them all by
 equipment id. `EquipmentEngine.diagnose(sample)`, asked before `feed(sample)`, says what
@@ -186,6 +187,9 @@ class EquipmentSnapshot:
     cursor: datetime | None  # time is accounted up to here (None: not started)
     counters: Mapping[str, int]  # the last reading of each counter signal
     shift: ShiftSnapshot | None  # None before a bucket in a shift is accounted
+    # The shift of the last bucket closed in a shift (what the cloud has of it so far); the
+    # same as `shift` except from a shift's start until its first bucket closes.
+    closed_shift: ShiftSnapshot | None
     open_bucket: BucketSnapshot | None  # the bucket time is being accounted in
     last_closed: BucketSnapshot | None  # the latest bucket closed since the engine started
     stop_pending: bool  # a stop goes on whose class (micro-stop or not) waits for its end
@@ -402,26 +406,27 @@ class EquipmentEngine:
             product=self.product,
             cursor=self.cursor,
             counters=MappingProxyType(dict(self.counters)),
-            shift=self._shift_snapshot(),
+            shift=self._shift_snapshot(self._running_shift_key()),
+            closed_shift=self._shift_snapshot(self.shift_key),
             open_bucket=None if open_bucket is None else open_bucket.snapshot(),
             last_closed=self._last_closed,
             stop_pending=not self.stop_judged,
             refused=MappingProxyType(dict(self._refused)),
         )
 
-    def _shift_snapshot(self) -> ShiftSnapshot | None:
+    def _running_shift_key(self) -> str | None:
         # The running shift is the one of the latest bucket accounted in a shift; its closed
         # buckets are summed in shift_totals (under shift_key) as they close.
         latest: _Bucket | None = None
         for bucket in self.buckets.values():
             if bucket.shift is not None:
                 latest = bucket
-        if latest is not None:
-            assert latest.shift is not None
-            key = _shift_key(latest.shift, latest.shift_start)
-        elif self.shift_key is not None:
-            key = self.shift_key
-        else:
+        if latest is None or latest.shift is None:
+            return self.shift_key
+        return _shift_key(latest.shift, latest.shift_start)
+
+    def _shift_snapshot(self, key: str | None) -> ShiftSnapshot | None:
+        if key is None:
             return None
         closed = self.shift_totals if key == self.shift_key else _new_values()
         live = dict(closed)

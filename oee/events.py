@@ -11,6 +11,7 @@ is refused where it is made, not where it is stored.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -42,13 +43,35 @@ STATES: tuple[str, ...] = ("running", "idle", "fault", "setup", "planned_stop", 
 State = Literal["running", "idle", "fault", "setup", "planned_stop", "unknown"]
 
 
+_COUNTER_MAX = 0xFFF
+# The newest (milliseconds, counter) this process handed out, for uuid7 without `now_ms`.
+_last = [0, 0]
+_last_lock = threading.Lock()
+
+
 def uuid7(now_ms: int | None = None) -> str:
-    """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then random bits; sorts by time."""
-    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds, a 12-bit counter, then random bits;
+    sorts by time.
+
+    Without `now_ms`, ids made by one process sort in the order they were made (RFC 9562
+    6.2, method 1: the counter counts up within a millisecond, and the time never goes back):
+    events of one instant, such as the `unknown` state an engine announces at its start and
+    the first state it reads at the same instant, keep their order wherever events are
+    ordered by (ts, event_id). With `now_ms` the counter is random.
+    """
     rand = int.from_bytes(os.urandom(10), "big")
+    if now_ms is None:
+        with _last_lock:
+            ms = max(int(time.time() * 1000), _last[0])
+            counter = _last[1] + 1 if ms == _last[0] else 0
+            if counter > _COUNTER_MAX:
+                ms, counter = ms + 1, 0
+            _last[0], _last[1] = ms, counter
+    else:
+        ms, counter = now_ms, (rand >> 62) & _COUNTER_MAX
     value = (ms & ((1 << 48) - 1)) << 80
     value |= 0x7 << 76
-    value |= ((rand >> 62) & 0xFFF) << 64
+    value |= counter << 64
     value |= 0b10 << 62
     value |= rand & ((1 << 62) - 1)
     return str(uuid.UUID(int=value))

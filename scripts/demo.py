@@ -336,6 +336,7 @@ def main() -> int:
         dashboard = f"http://127.0.0.1:{http_port}/#token={token}"
         print()
         print(f"  Dashboard:  {dashboard}")
+        print(f"  Kiosk:      http://127.0.0.1:{http_port}/?kiosk=1#token={token}")
         print(f"  API docs:   http://127.0.0.1:{http_port}/docs")
         print(f"  Token (viewer, site demo-plant, 7 days): {token}")
         print()

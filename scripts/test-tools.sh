@@ -6,17 +6,24 @@
 # fuse3 (fusermount and libfuse for the power-loss file system of the fault suite).
 # Installed with apt-get when missing and we are root
 # on Debian/Ubuntu, so those tests run instead of skipping; otherwise says what to install.
-# Then the pinned node-opcua (tests/connectors/node_opcua, its committed lock file) with npm ci.
+# Then the pinned node-opcua (tests/connectors/node_opcua, its committed lock file) and the
+# plant-floor clients (tests/floor/node: sparkplug-payload, node-opcua-client) with npm ci.
 set -euo pipefail
 
-node_opcua() {
-  local folder
-  folder="$(dirname "$0")/../tests/connectors/node_opcua"
-  [ -d "$folder/node_modules/node-opcua-server" ] && return 0
+npm_folder() {
+  local folder="$1" marker="$2"
+  [ -d "$folder/node_modules/$marker" ] && return 0
   command -v npm >/dev/null 2>&1 || return 0
-  echo "installing node-opcua (npm ci) for the tests" >&2
+  echo "installing $marker (npm ci) for the tests" >&2
   (cd "$folder" && npm ci --no-audit --no-fund --loglevel=error) ||
-    echo "could not install node-opcua (npm ci in $folder)" >&2
+    echo "could not install $marker (npm ci in $folder)" >&2
+}
+
+node_opcua() {
+  local here
+  here="$(dirname "$0")/../tests"
+  npm_folder "$here/connectors/node_opcua" node-opcua-server
+  npm_folder "$here/floor/node" sparkplug-payload
 }
 
 missing=()

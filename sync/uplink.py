@@ -26,6 +26,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from common import mqtt as mqtt_link
+from sync.config_message import config_topic
 from sync.envelope import AckBody, AckError, RejectionBody, verify_cloud_message
 
 
@@ -111,6 +112,10 @@ class Uplink:
         self.poll_interval = poll_interval
         self.on_rejected = on_rejected
         self.stats = UplinkStats()
+        # Set by the owner before `run` to receive the signed configuration the cloud publishes
+        # (retained) on this topic; called on the event loop with the raw payload.
+        self.config_topic = config_topic(topic_prefix, site, agent)
+        self.on_config: Callable[[bytes], None] | None = None
         self._in_flight: dict[int, float] = {}  # seq -> monotonic time sent
         self._wake = asyncio.Event()
         self._acks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10_000)
@@ -119,7 +124,7 @@ class Uplink:
         self._link = mqtt_link.MqttLink(
             settings,
             settings.client_id or f"edge-{site}-{agent}",
-            self.ack_topic,
+            self._subscriptions,
             on_message=self._on_message,
             on_connection=self._on_connection,
             log=self._log,
@@ -127,13 +132,21 @@ class Uplink:
 
     # -- paho thread ------------------------------------------------------------------------
 
+    def _subscriptions(self) -> list[str]:
+        """Asked at each connect: the config topic only once an owner takes configurations."""
+        return [self.ack_topic] + ([self.config_topic] if self.on_config is not None else [])
+
     def _on_connection(self, up: bool) -> None:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._connected, up)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._enqueue_ack, payload)
+        if self._loop is None:
+            return
+        if topic == self.config_topic and self.on_config is not None:
+            self._loop.call_soon_threadsafe(self.on_config, payload)
+            return
+        self._loop.call_soon_threadsafe(self._enqueue_ack, payload)
 
     # -- asyncio side ---------------------------------------------------------------------
 

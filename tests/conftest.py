@@ -11,12 +11,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import structlog
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from cloud_api.config import DatabaseSettings
 from cloud_api.db import make_pool, migrate
-from cloud_api.ingest import BatchStore, IngestWorker
+from cloud_api.ingest.worker import BatchWriter, IngestWorker
 from sync.keys import (
     CloudKeyring,
     ed25519_line,
@@ -30,6 +31,16 @@ from sync.uplink import BrokerSettings
 PG_ADMIN = os.environ.get("TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 MQTT_HOST = os.environ.get("TEST_MQTT_HOST", "127.0.0.1")
 MQTT_PORT = int(os.environ.get("TEST_MQTT_PORT", "1883"))
+
+
+@pytest.fixture(autouse=True)
+def _structlog_configuration() -> Iterator[None]:
+    """A test that runs a CLI in the test process configures structlog for the whole process
+    (`edge-agent check` filters below errors); the next test starts from the configuration
+    before it, or a test that captures warnings sees none."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 def free_port() -> int:
@@ -110,7 +121,7 @@ def bearer(
     by the cloud's token key in `keys_dir` (created there if missing)."""
     from datetime import timedelta
 
-    from cloud_api.auth import TokenKeyring, generate_token_key, issue_token, parse_role
+    from cloud_api.access.auth import TokenKeyring, generate_token_key, issue_token, parse_role
     from cloud_api.config import SecuritySettings
 
     ring = TokenKeyring.load(keys_dir) if keys_dir.is_dir() else None
@@ -132,7 +143,7 @@ def bearer(
 def ingest(
     pool: ConnectionPool, cloud_keys: CloudKeyring, topic_prefix: str
 ) -> Iterator[IngestWorker]:
-    store = BatchStore(pool, cloud_keys, topic_prefix=topic_prefix)
+    store = BatchWriter(pool, cloud_keys, topic_prefix=topic_prefix)
     worker = IngestWorker(
         store,
         BrokerSettings(host=MQTT_HOST, port=MQTT_PORT),

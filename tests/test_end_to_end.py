@@ -19,9 +19,9 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from cloud_api.app import create_app
+from cloud_api.api.app import create_app
 from cloud_api.config import CloudSettings, DatabaseSettings
-from cloud_api.ingest import IngestWorker
+from cloud_api.ingest.worker import IngestWorker
 from connectors.modbus.simulator import Press, PressLine
 from sync.keys import CloudKeyring
 from tests.conftest import MQTT_HOST, MQTT_PORT, bearer, enroll, free_port, make_agent_keys

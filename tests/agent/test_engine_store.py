@@ -333,3 +333,72 @@ def test_the_single_checkpoint_row_of_an_older_agent_is_resumed_and_folded(
     saved, at = EngineStore(box, heartbeat_s=60, snapshot_s=300).load()
     assert set(saved) == set(PRESSES) and at == to_us(START + timedelta(seconds=9))
     box.close()
+
+
+def test_an_idle_bucket_close_writes_only_the_keys_that_changed_and_a_restart_reads_them(
+    tmp_path: Path,
+) -> None:
+    from agent.engine_store import decode
+    from oee.checkpoint import plan
+
+    path = tmp_path / "outbox.db"
+    box = Outbox(path)
+    store = EngineStore(box, heartbeat_s=60, snapshot_s=1000)
+    engine = plant()
+    engine.start(START)
+    bodies: dict[int, Any] = {}
+    for t in range(0, 45):  # idle presses across the bucket ends at 20 s and 40 s
+        now = START + timedelta(seconds=t, milliseconds=500)  # flushes between the polls
+        read = now - timedelta(milliseconds=100)
+        for eq in PRESSES:
+            engine.feed(Sample(eq, "state", 0, read, "good"))
+            engine.feed(Sample(eq, "total_count", 100, read, "good"))
+            engine.feed(Sample(eq, "scrap_count", 3, read, "good"))
+        events = engine.tick(now)
+        state = store.prepare(engine.checkpoint(), to_us(now), riding=bool(events))
+        if state is not None:
+            box.append([NewBatch(len(events), sealer(events))] if events else [], state)
+            store.committed(state)
+            bodies[t] = None if state.entry is None else decode(state.entry)
+    # The close at 40 s: per press its cursor, its buckets and its shift totals, nothing of
+    # what stayed (state, counters, widths, reason) and no sample times that moved alone.
+    close = bodies[40]
+    assert set(close) == {"k"} and set(close["k"]) == set(PRESSES)
+    for patch in close["k"].values():
+        assert set(patch["set"]) == {"cursor", "buckets", "shift_totals"}, patch
+        assert "drop" not in patch
+    # The start, the stop judged (4 s), the two closes: nothing else in between.
+    assert list(bodies) == [0, 4, 20, 40]
+    box.close()
+    # A restart reads back what the journal holds: the engine's state but for the clock.
+    saved, at = EngineStore(Outbox(path), heartbeat_s=60, snapshot_s=1000).load()
+    assert at == to_us(START + timedelta(seconds=40, milliseconds=500))
+    current = engine.checkpoint()
+    for eq in PRESSES:
+        assert saved[eq]["cursor"] == at
+        assert plan(saved[eq], current[eq]) is None, eq  # differs only by the clock
+
+
+def test_a_due_fold_waits_for_a_commit_made_anyway(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "outbox.db")
+    store = EngineStore(box, heartbeat_s=1000, snapshot_s=10)
+    engine = plant()
+    engine.start(START)
+    for eq in PRESSES:
+        engine.feed(Sample(eq, "state", 0, START, "good"))
+    engine.tick(START + timedelta(seconds=6))  # the stop judged: nothing changes after
+    first = store.prepare(engine.checkpoint(), to_us(START + timedelta(seconds=6)))
+    assert first is not None
+    box.append([], first)
+    store.committed(first)
+    at = START + timedelta(seconds=17)  # the fold is due (10 s) but nothing else is written
+    engine.tick(at)
+    assert store.prepare(engine.checkpoint(), to_us(at)) is None
+    riding = store.prepare(engine.checkpoint(), to_us(at), riding=True)  # events go anyway
+    assert riding is not None and riding.snapshot is not None
+    # Alone only once twice overdue.
+    late = START + timedelta(seconds=27)
+    engine.tick(late)
+    alone = store.prepare(engine.checkpoint(), to_us(late))
+    assert alone is not None and alone.snapshot is not None
+    box.close()

@@ -18,9 +18,9 @@ from agent.config import parse_config
 from agent.plant_history import plant_history
 from agent.runtime import AgentRuntime
 from buffer.outbox import Outbox
-from cloud_api.app import create_app
+from cloud_api.api.app import create_app
 from cloud_api.config import CloudSettings, DatabaseSettings
-from cloud_api.ingest import IngestWorker
+from cloud_api.ingest.worker import IngestWorker
 from sync.keys import AgentKeys, CloudKeyring
 from sync.uplink import BrokerSettings, Uplink
 from tests.conftest import MQTT_HOST, MQTT_PORT, bearer, enroll, make_agent_keys

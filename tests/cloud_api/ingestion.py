@@ -1,5 +1,5 @@
 """Feeding the real ingest path in tests: events of an enrolled agent, sealed with
-sync.envelope.seal and handed to BatchStore.process (the MQTT hop is covered end to end)."""
+sync.envelope.seal and handed to BatchWriter.process (the MQTT hop is covered end to end)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from psycopg_pool import ConnectionPool
 
-from cloud_api.ingest import BatchStore
+from cloud_api.ingest.worker import BatchWriter
 from connectors.sample import Sample
 from oee.calendar import ShiftCalendar
 from oee.components import Components
@@ -26,12 +26,12 @@ from tests.conftest import enroll, make_agent_keys
 
 @dataclass
 class Agent:
-    """An enrolled agent that seals batches and sends them through BatchStore.process."""
+    """An enrolled agent that seals batches and sends them through BatchWriter.process."""
 
     agent_id: str
     site_id: str
     keys: AgentKeys
-    store: BatchStore
+    store: BatchWriter
     epoch: str = field(default_factory=lambda: secrets.token_hex(8))
     seq: int = 0
 
@@ -132,8 +132,8 @@ def enrolled_agent(
     site_id: str,
     topic_prefix: str = "test/",
 ) -> Agent:
-    """Create keys for an agent, enroll it at `site_id` and give it a BatchStore."""
+    """Create keys for an agent, enroll it at `site_id` and give it a BatchWriter."""
     public_line = make_agent_keys(directory, ring)
     enroll(pg_url, agent_id, site_id, public_line)
-    store = BatchStore(pool, ring, topic_prefix=topic_prefix)
+    store = BatchWriter(pool, ring, topic_prefix=topic_prefix)
     return Agent(agent_id, site_id, AgentKeys.load(directory), store)

@@ -13,10 +13,10 @@ import psycopg
 from fastapi import FastAPI
 from psycopg_pool import ConnectionPool
 
-from cloud_api.app import create_app
-from cloud_api.auth import TokenKeyring, generate_token_key, issue_token, parse_role
+from cloud_api.access.auth import TokenKeyring, generate_token_key, issue_token, parse_role
+from cloud_api.access.pii import generate_pii_key
+from cloud_api.api.app import create_app
 from cloud_api.config import CloudSettings, DatabaseSettings, SecuritySettings
-from cloud_api.pii import generate_pii_key
 
 T0 = datetime(2026, 1, 5, 6, 0, tzinfo=UTC)
 WINDOW = {"from": "2026-01-05T06:00:00Z", "to": "2026-01-05T07:00:00Z"}

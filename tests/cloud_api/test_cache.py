@@ -1,8 +1,8 @@
-"""The bounded LRU map behind the result cache, the answers memo and the token memo."""
+"""The bounded LRU map behind the result cache and the answers memo (cachetools underneath)."""
 
 from __future__ import annotations
 
-from cloud_api.cache import LruMap
+from cloud_api.api.cache import LruMap
 
 
 def test_entries_are_bounded_least_recently_used_first() -> None:

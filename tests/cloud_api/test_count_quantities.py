@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from cloud_api import queries
+from cloud_api.api import queries
 from cloud_api.db import migrations
 from connectors.sample import Sample
 from oee.components import Components

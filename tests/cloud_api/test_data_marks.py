@@ -13,8 +13,8 @@ from datetime import date
 import psycopg
 import pytest
 
-from cloud_api.marks import APPLICATION, DataMarks
-from cloud_api.queries import Member
+from cloud_api.api.cache import APPLICATION, DataMarks
+from cloud_api.api.queries import Member
 
 A1 = Member("site-a", "m1", "line-1")
 A2 = Member("site-a", "m2", "line-1")

@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from cloud_api.app import create_app
-from cloud_api.auth import generate_token_key
+from cloud_api.access.auth import generate_token_key
+from cloud_api.api.app import create_app
 from cloud_api.config import CloudSettings, DatabaseSettings, SecuritySettings
 from tests.cloud_api.securitykit import WINDOW, SecuredApi, seed_two_sites
 from tests.conftest import PG_ADMIN

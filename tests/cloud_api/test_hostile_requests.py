@@ -20,9 +20,9 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from cloud_api.auth import ROLES
+from cloud_api.access.auth import ROLES
+from cloud_api.api.routes.common import EARLIEST, LATEST
 from cloud_api.config import RateTier
-from cloud_api.routes.common import EARLIEST, LATEST
 from connectors.sample import Sample
 from oee.events import CountEvent
 from sync.keys import CloudKeyring

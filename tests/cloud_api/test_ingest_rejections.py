@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from cloud_api.ingest import PERMANENT, Outcome
+from cloud_api.ingest.worker import PERMANENT, Outcome
 from oee.components import Components
 from oee.events import CountEvent, Event, OeeEvent, StateEvent
 from sync.envelope import RejectionBody, envelope_digest, parse_header, verify_cloud_message

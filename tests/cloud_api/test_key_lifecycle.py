@@ -20,12 +20,12 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from cloud_api import auth
-from cloud_api.auth import TokenKeyring, generate_token_key
+from cloud_api.access import auth
+from cloud_api.access.auth import TokenKeyring, generate_token_key
+from cloud_api.access.revocations import REFRESH_S
 from cloud_api.cli import main as cli_main
 from cloud_api.config import FailureLimit
-from cloud_api.ingest import IngestWorker
-from cloud_api.revocations import REFRESH_S
+from cloud_api.ingest.worker import IngestWorker
 from connectors.sample import Sample
 from sync.keys import CloudKeyring
 from sync.uplink import BrokerSettings, make_client

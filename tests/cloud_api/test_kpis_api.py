@@ -15,7 +15,7 @@ import httpx
 import pytest
 from psycopg_pool import ConnectionPool
 
-from cloud_api.auth import TokenKeyring, issue_token
+from cloud_api.access.auth import TokenKeyring, issue_token
 from cloud_api.config import CloudSettings, DatabaseSettings
 from connectors.sample import Sample
 from oee.components import Components

@@ -27,11 +27,11 @@ import psycopg
 import pytest
 from psycopg import errors, sql
 
-from cloud_api.app import create_app
-from cloud_api.auth import Principal, generate_token_key
+from cloud_api.access.auth import Principal, generate_token_key
+from cloud_api.access.security import SitePool, database_scope
+from cloud_api.api.app import create_app
 from cloud_api.config import CloudSettings, DatabaseSettings
 from cloud_api.db import make_pool
-from cloud_api.security import SitePool, database_scope
 from tests.cloud_api.securitykit import T0, WINDOW, SecuredApi, secured_api, seed_two_sites
 from tests.conftest import PG_ADMIN, free_port
 

@@ -1,5 +1,5 @@
 """The /v1 read API against a real PostgreSQL, with data sealed and stored by the real ingest
-path (BatchStore.process): pooled OEE, time zones and DST, shifts, cache and late data,
+path (BatchWriter.process): pooled OEE, time zones and DST, shifts, cache and late data,
 CSV, downtime, states, quality, events, hierarchy and fleet health."""
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import uvicorn
 from psycopg_pool import ConnectionPool
 
 from cloud_api import cli
-from cloud_api.app import create_app
-from cloud_api.auth import TokenKeyring, generate_token_key, issue_token
+from cloud_api.access.auth import TokenKeyring, generate_token_key, issue_token
+from cloud_api.api.app import create_app
+from cloud_api.api.cache import DataMarks
 from cloud_api.config import CloudSettings, DatabaseSettings
-from cloud_api.marks import DataMarks
 from connectors.sample import Sample
 from oee.components import Components, ratios
 from oee.events import AgentEvent, CountEvent, OeeEvent

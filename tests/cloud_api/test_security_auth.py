@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from psycopg_pool import ConnectionPool
 
-from cloud_api.auth import TokenKeyring, generate_token_key
+from cloud_api.access.auth import TokenKeyring, generate_token_key
 from cloud_api.cli import main as cli_main
 from cloud_api.config import FailureLimit, JwksSettings
 from tests.cloud_api.securitykit import WINDOW, SecuredApi, secured_api, seed_two_sites

@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from psycopg_pool import ConnectionPool
 
-from cloud_api.pii import PiiKeyring, generate_pii_key
+from cloud_api.access.pii import PiiKeyring, generate_pii_key
 from tests.cloud_api.securitykit import WINDOW, SecuredApi, secured_api, seed_two_sites
 
 NOTE = {"site": "site-a", "ts": "2026-01-05T06:10:00Z", "kind": "downtime", "reason": "jam"}

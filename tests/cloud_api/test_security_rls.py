@@ -12,10 +12,10 @@ import pytest
 from psycopg import errors
 from psycopg_pool import ConnectionPool
 
-from cloud_api.auth import Principal
+from cloud_api.access.auth import Principal
+from cloud_api.access.security import ScopeLost, SitePool, database_scope
 from cloud_api.config import DatabaseSettings
 from cloud_api.db import make_pool, migrate
-from cloud_api.security import ScopeLost, SitePool, database_scope
 from oee.events import dump_events
 from sync.envelope import EnvelopeHeader, seal
 from sync.keys import AgentKeys, CloudKeyring

@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cloud_api.auth import TokenKeyring, generate_token_key, issue_token
+from cloud_api.access.auth import TokenKeyring, generate_token_key, issue_token
+from cloud_api.api.serving import worker_socket
 from cloud_api.config import SecuritySettings
-from cloud_api.serving import worker_socket
 from tests.conftest import free_port
 
 

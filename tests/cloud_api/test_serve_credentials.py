@@ -23,7 +23,7 @@ import jwt
 import pytest
 import redis
 
-from cloud_api.auth import TokenKeyring, generate_token_key, issue_token
+from cloud_api.access.auth import TokenKeyring, generate_token_key, issue_token
 from cloud_api.cli import main as cli_main
 from cloud_api.config import SecuritySettings
 from tests.cloud_api.test_serve import _argv, _end_group, _sockets, _wait_until_up

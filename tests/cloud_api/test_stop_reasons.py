@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from psycopg_pool import ConnectionPool
 
-from cloud_api import queries
+from cloud_api.api import queries
 from connectors.sample import Sample
 from oee.config import EquipmentSpec
 from sync.keys import CloudKeyring

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigError, parse_config
-from cloud_api.auth import parse_duration as token_lifetime
+from cloud_api.access.auth import parse_duration as token_lifetime
 from common.duration import parse_duration, parse_timedelta
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo-agent.yaml"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cloud_api.auth import TokenKeyring, generate_token_key
-from cloud_api.pii import PiiKeyring, generate_pii_key
+from cloud_api.access.auth import TokenKeyring, generate_token_key
+from cloud_api.access.pii import PiiKeyring, generate_pii_key
 from common.keydir import (
     KeyFileError,
     ensure_directory,

@@ -23,7 +23,7 @@ import pytest
 from pyModbusTCP.constants import EXP_DATA_ADDRESS, EXP_NONE  # type: ignore[import-untyped]
 from pyModbusTCP.server import DataHandler, ModbusServer  # type: ignore[import-untyped]
 
-from cloud_api.ingest import IngestWorker
+from cloud_api.ingest.worker import IngestWorker
 from sync.keys import CloudKeyring
 from tests.conformance.harness import (
     REASON_MAP,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_api.ingest import IngestWorker
+from cloud_api.ingest.worker import IngestWorker
 from sync.keys import CloudKeyring
 from tests.conformance.harness import (
     REASON_MAP,

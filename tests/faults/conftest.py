@@ -14,7 +14,7 @@ from psycopg_pool import ConnectionPool
 
 from cloud_api.config import DatabaseSettings
 from cloud_api.db import make_pool
-from cloud_api.ingest import BatchStore, IngestWorker
+from cloud_api.ingest.worker import BatchWriter, IngestWorker
 from connectors.modbus.simulator import Press, PressLine
 from sync.keys import (
     SUITES,
@@ -84,7 +84,7 @@ def start_ingest(
     pool: ConnectionPool, ring: CloudKeyring, prefix: str, port: int, **kwargs: object
 ) -> IngestWorker:
     worker = IngestWorker(
-        BatchStore(pool, ring, topic_prefix=prefix),
+        BatchWriter(pool, ring, topic_prefix=prefix),
         BrokerSettings(host=MQTT_HOST, port=port),
         share_group=f"g{secrets.token_hex(3)}",
         **kwargs,  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from psycopg_pool import ConnectionPool
 
 from buffer.outbox import Outbox
-from cloud_api.ingest import BatchStore, IngestWorker
+from cloud_api.ingest.worker import BatchWriter, IngestWorker
 from sync.keys import (
     SUITE_X25519,
     AgentKeys,
@@ -68,7 +68,7 @@ async def test_broker_queue_overflow_drops_are_recovered_by_resend(
     )  # fmt: skip
     # A slow subscriber: one worker, a one-message queue, and a transaction that waits.
     worker = IngestWorker(
-        BatchStore(fault_pool, ring, topic_prefix=prefix),
+        BatchWriter(fault_pool, ring, topic_prefix=prefix),
         BrokerSettings(host=MQTT_HOST, port=broker.port),
         workers=1,
         queue_size=1,
@@ -119,7 +119,7 @@ async def test_several_ingest_workers_share_the_subscription(
     )  # fmt: skip
     workers = [
         IngestWorker(
-            BatchStore(fault_pool, ring, topic_prefix=prefix),
+            BatchWriter(fault_pool, ring, topic_prefix=prefix),
             BrokerSettings(host=MQTT_HOST, port=MQTT_PORT),
             share_group=group,
             workers=2,
@@ -226,7 +226,7 @@ async def test_key_rotation_on_both_sides_loses_no_batch(
 
     prefix = f"rot/{secrets.token_hex(4)}/"
     worker = IngestWorker(
-        BatchStore(fault_pool, ring2, topic_prefix=prefix),
+        BatchWriter(fault_pool, ring2, topic_prefix=prefix),
         BrokerSettings(host=MQTT_HOST, port=MQTT_PORT),
         share_group=f"g{secrets.token_hex(3)}",
     )
@@ -255,7 +255,7 @@ async def test_key_rotation_on_both_sides_loses_no_batch(
             agent_events("agent-r", SITE, 1), agent_id="agent-r", site_id=SITE, key=old_key,
             cloud=ring2.current_hpke.public,
         )("e-late", 1)  # fmt: skip
-        outcome = BatchStore(fault_pool, ring2, topic_prefix=prefix).process(
+        outcome = BatchWriter(fault_pool, ring2, topic_prefix=prefix).process(
             batch_topic(prefix, SITE, "agent-r"), late
         )
         assert (outcome.status, outcome.reason) == ("rejected", "unknown_agent")
@@ -271,7 +271,7 @@ def test_sequence_gaps_open_fill_and_are_reported(
 ) -> None:
     key = Ed25519PrivateKey.generate()
     enroll(pg_url, "agent-g", SITE, ed25519_line(key.public_key()))
-    store = BatchStore(fault_pool, ring, topic_prefix="g/")
+    store = BatchWriter(fault_pool, ring, topic_prefix="g/")
     topic = batch_topic("g/", SITE, "agent-g")
 
     def send(seq: int) -> None:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 from psycopg_pool import ConnectionPool
 
-from cloud_api.ingest import BatchStore
+from cloud_api.ingest.worker import BatchWriter
 from oee.events import dump_events
 from sync.envelope import AckBody, EnvelopeHeader, parse_header, seal, sign_ack
 from sync.keys import CloudKeyring, CloudPrivateKey, ed25519_key_id, ed25519_line
@@ -231,7 +231,7 @@ def test_fuzz_ingest_process_never_raises(
 ) -> None:
     key = Ed25519PrivateKey.generate()
     enroll(pg_url, "agent-f", SITE, ed25519_line(key.public_key()))
-    store = BatchStore(fault_pool, ring, topic_prefix="fz/")
+    store = BatchWriter(fault_pool, ring, topic_prefix="fz/")
     events = agent_events("agent-f", SITE, 3)
     cloud = ring.current_hpke.public
     valid, _ = sealer(events, agent_id="agent-f", site_id=SITE, key=key, cloud=cloud)("e1", 1)

@@ -111,6 +111,8 @@ class Page:
 
 def _launch(profile: Path, width: int, height: int) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
     profile.mkdir(parents=True, exist_ok=True)
+    # A profile used before keeps the port of its last browser: wait for the new one's.
+    (profile / "DevToolsActivePort").unlink(missing_ok=True)
     log = (profile / "chromium.log").open("wb")
     browser = subprocess.Popen(
         [

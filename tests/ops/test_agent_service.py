@@ -25,7 +25,7 @@ from agent.engine_store import EngineStore
 from agent.service import SdNotifier, pipeline_problem
 from agent.status import parse_metrics
 from buffer.outbox import Outbox
-from cloud_api.ingest import IngestWorker
+from cloud_api.ingest.worker import IngestWorker
 from connectors.modbus.simulator import Press, PressLine
 from sync.keys import CloudKeyring
 from tests.conftest import MQTT_HOST, MQTT_PORT, enroll, free_port, make_agent_keys

@@ -19,7 +19,7 @@ import uvicorn
 from psycopg_pool import ConnectionPool
 
 from agent.config import parse_config
-from cloud_api.app import create_app
+from cloud_api.api.app import create_app
 from cloud_api.config import CloudSettings, DatabaseSettings
 from connectors.sample import Sample
 from oee.engine import PlantEngine

@@ -1,0 +1,2 @@
+"""The HTTP query API: the app, its routes and queries, the answer caches, serving and the
+dashboard."""

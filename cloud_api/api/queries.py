@@ -1,0 +1,746 @@
+"""The query layer of the read API: SQL over registry, facts and rollups, nothing HTTP.
+
+Every function takes `sites`, the set of sites the caller may see (None = all), and applies
+it in SQL, so access scoping is enforced by the database query itself.
+
+Time series sum additive components and never average ratios. Buckets are aligned in the
+requested IANA time zone with PostgreSQL's zone-aware `date_trunc`, so a DST day is 23 or 25
+hours. Sources: 1-hour rollups for whole hours when every offset of the zone in the window
+is a whole number of hours (and the interval is 1h or longer), 1-minute rollups for the rest
+(the partial hours at the window's edges, zones like Asia/Kolkata, 1m/15m intervals), and
+the OEE buckets themselves for interval=shift (grouped by shift and shift start).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Literal, NamedTuple
+from zoneinfo import ZoneInfo
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from cloud_api import metrics
+from oee.components import (
+    COMPONENT_FIELDS,
+    INTEGER_FIELDS,
+    QUANTITY_FIELDS,
+    TIME_FIELDS,
+    Components,
+)
+
+Interval = Literal["1m", "15m", "1h", "shift", "1d", "1w", "1mo"]
+ScopeKind = Literal["site", "line", "equipment"]
+GroupBy = Literal["none", "site", "line", "equipment"]
+INTERVAL_SECONDS: dict[str, int] = {
+    "1m": 60, "15m": 900, "1h": 3600, "1d": 86400, "1w": 7 * 86400, "1mo": 31 * 86400,
+}  # fmt: skip
+AUTO_INTERVALS: tuple[Interval, ...] = ("1m", "15m", "1h", "1d", "1w", "1mo")
+MAX_POINTS = 100_000
+LOSS_CLASSES: tuple[str, ...] = ("fault_s", "idle_s", "setup_s", "unknown_s")
+STOP_STATES: tuple[str, ...] = ("fault", "idle")
+
+Conn = psycopg.Connection[Any]
+
+
+class NotFound(LookupError):
+    """The scope names nothing the caller may see."""
+
+
+class Ambiguous(LookupError):
+    """An equipment id exists at several visible sites; the caller must name the site."""
+
+
+@dataclass(frozen=True)
+class Member:
+    site_id: str
+    equipment_id: str
+    line_id: str | None
+
+
+@dataclass(frozen=True)
+class Bucket:
+    group: tuple[str | None, str | None]
+    start: datetime
+    end: datetime | None
+    shift: str | None
+    components: Components
+
+
+def components_of(row: Mapping[str, Any]) -> Components:
+    """Components from a row of sums (NULL counts as zero; numeric sums become int)."""
+    values: dict[str, Any] = {
+        c: int(row[c] or 0) if c in INTEGER_FIELDS else float(row[c] or 0.0)
+        for c in COMPONENT_FIELDS
+    }
+    return Components(**values)
+
+
+def pooled(parts: Iterable[Components]) -> Components:
+    """The exact sum of several windows' components (Components.pool with one validation)."""
+    total: dict[str, Any] = dict.fromkeys(COMPONENT_FIELDS, 0)
+    for part in parts:
+        values = part.__dict__
+        for c in COMPONENT_FIELDS:
+            total[c] += values[c]
+    return components_of(total)
+
+
+def _sums(prefix: str = "") -> sql.Composable:
+    return sql.SQL(", ").join(
+        sql.SQL("COALESCE(sum({p}{c}), 0) AS {c}").format(p=sql.SQL(prefix), c=sql.Identifier(c))
+        for c in COMPONENT_FIELDS
+    )
+
+
+_COLS = sql.SQL(", ").join(sql.Identifier(c) for c in COMPONENT_FIELDS)
+_SCOPE_CTE = sql.SQL(
+    "WITH scope AS (SELECT * FROM unnest(%(m_site)s::text[], %(m_eq)s::text[], "
+    "%(m_line)s::text[]) AS t(site_id, equipment_id, line_id)) "
+)
+
+
+def run(
+    conn: Conn, name: str, stmt: sql.Composed | sql.SQL | bytes, params: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Execute one read query, timing it into the database latency histogram."""
+    started = time.perf_counter()
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(stmt, params)
+        rows: list[dict[str, Any]] = cur.fetchall()
+    metrics.DB_LATENCY.labels(name).observe(time.perf_counter() - started)
+    return rows
+
+
+# -- scope --------------------------------------------------------------------------------
+
+
+def _scope_sql(kind: ScopeKind) -> str:
+    return (
+        "SELECT site_id, equipment_id, line_id FROM registry.equipment "
+        "WHERE (%(sites)s::text[] IS NULL OR site_id = ANY(%(sites)s)) "
+        "AND (%(site)s::text IS NULL OR site_id = %(site)s) AND "
+        + {
+            "site": "site_id = %(id)s",
+            "line": "line_id = %(id)s",
+            "equipment": "equipment_id = %(id)s",
+        }[kind]
+    )
+
+
+def resolve_scope(
+    conn: Conn, kind: ScopeKind, ident: str, site: str | None, sites: list[str] | None
+) -> list[Member]:
+    """The equipment a scope covers among the visible sites; NotFound if none."""
+    rows = run(
+        conn,
+        "scope",
+        sql.SQL(_scope_sql(kind) + " ORDER BY site_id, equipment_id"),
+        {"sites": sites, "site": site, "id": ident},
+    )
+    return _members(conn, kind, ident, sites, rows)
+
+
+def _members(
+    conn: Conn, kind: ScopeKind, ident: str, sites: list[str] | None, rows: list[dict[str, Any]]
+) -> list[Member]:
+    if not rows:
+        exists = run(
+            conn,
+            "scope",
+            sql.SQL(
+                "SELECT 1 FROM registry.sites WHERE site_id = %(id)s "
+                "AND (%(sites)s::text[] IS NULL OR site_id = ANY(%(sites)s))"
+            ),
+            {"id": ident, "sites": sites},
+        )
+        if kind == "site" and exists:
+            return []
+        raise NotFound(f"no {kind} {ident!r}")
+    members = [Member(r["site_id"], r["equipment_id"], r["line_id"]) for r in rows]
+    if kind == "equipment" and len({m.site_id for m in members}) > 1:
+        raise Ambiguous(f"equipment {ident!r} exists at several sites: pass site=")
+    return members
+
+
+def _scope_params(members: Sequence[Member]) -> dict[str, Any]:
+    return {
+        "m_site": [m.site_id for m in members],
+        "m_eq": [m.equipment_id for m in members],
+        "m_line": [m.line_id for m in members],
+    }
+
+
+# -- time ---------------------------------------------------------------------------------
+
+
+def whole_hour_zone(tz: ZoneInfo, start: datetime, end: datetime) -> bool:
+    """True when every UTC offset of `tz` in [start, end] is a whole number of hours."""
+    t = start
+    while True:
+        offset = t.astimezone(tz).utcoffset()
+        if offset is None or offset.total_seconds() % 3600:
+            return False
+        if t >= end:
+            return True
+        t = min(end, t + timedelta(hours=12))
+
+
+def choose_interval(start: datetime, end: datetime, max_points: int) -> Interval:
+    """The finest interval giving at most `max_points` buckets (1mo if none does)."""
+    span = (end - start).total_seconds()
+    for interval in AUTO_INTERVALS:
+        if span / INTERVAL_SECONDS[interval] <= max_points:
+            return interval
+    return "1mo"
+
+
+def bucket_end(label: datetime, interval: Interval, tz: ZoneInfo) -> datetime:
+    """The end of the bucket starting at `label`, in wall-clock terms of `tz`."""
+    if interval in ("1m", "15m", "1h"):
+        return label + timedelta(seconds=INTERVAL_SECONDS[interval])
+    local = label.astimezone(tz)
+    if interval == "1d":
+        nxt = (local.replace(tzinfo=None) + timedelta(days=1)).replace(tzinfo=tz)
+    elif interval == "1w":
+        nxt = (local.replace(tzinfo=None) + timedelta(days=7)).replace(tzinfo=tz)
+    else:
+        year, month = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
+        nxt = local.replace(year=year, month=month, day=1, tzinfo=tz)
+    return nxt.astimezone(UTC)
+
+
+def _label(interval: Interval) -> sql.Composable:
+    if interval == "1m":
+        return sql.SQL("r.bucket")
+    if interval == "15m":
+        return sql.SQL(
+            "date_trunc('hour', r.bucket, %(tz)s) + make_interval(mins => "
+            "(extract(minute FROM r.bucket AT TIME ZONE %(tz)s)::int / 15) * 15)"
+        )
+    unit = {"1h": "hour", "1d": "day", "1w": "week", "1mo": "month"}[interval]
+    return sql.SQL("date_trunc({}, r.bucket, %(tz)s)").format(sql.Literal(unit))
+
+
+def _group_cols(group_by: GroupBy) -> sql.Composable:
+    return sql.SQL(
+        {
+            "none": "NULL::text AS g_site, NULL::text AS g_id",
+            "site": "s.site_id AS g_site, NULL::text AS g_id",
+            "line": "s.site_id AS g_site, s.line_id AS g_id",
+            "equipment": "s.site_id AS g_site, s.equipment_id AS g_id",
+        }[group_by]
+    )
+
+
+def _rollup_parts(
+    start: datetime, end: datetime, hourly: bool
+) -> list[tuple[str, datetime, datetime]]:
+    if hourly:
+        first = start.replace(minute=0, second=0, microsecond=0)
+        if first < start:
+            first += timedelta(hours=1)
+        last = end.replace(minute=0, second=0, microsecond=0)
+        if first < last:
+            parts = [("oee_1h", first, last)]
+            if start < first:
+                parts.append(("oee_1m", start, first))
+            if last < end:
+                parts.append(("oee_1m", last, end))
+            return parts
+    return [("oee_1m", start, end)]
+
+
+# The data watermark of the scope's days, as one more column of a series query: an
+# uncorrelated subquery, so PostgreSQL computes it once per statement, in the same snapshot.
+_MARK_COLUMN = (
+    ", (SELECT COALESCE(max(v.version), 0) FROM rollups.data_versions v "
+    "JOIN scope x USING (site_id, equipment_id) "
+    "WHERE v.day >= %(d0)s AND v.day <= %(d1)s) AS mark"
+)
+
+
+@functools.lru_cache(maxsize=256)
+def _series_sql(
+    group_by: GroupBy, interval: Interval, tables: tuple[str, ...], marked: bool
+) -> bytes:
+    """The query of oee_series for one shape of request, composed once."""
+    mark = sql.SQL(_MARK_COLUMN if marked else "")
+    if interval == "shift":
+        stmt = _SCOPE_CTE + sql.SQL(
+            "SELECT {groups}, b.shift, b.shift_start AS label, max(b.bucket_end) AS bucket_end, "
+            "{sums}{mark} FROM facts.oee_buckets b JOIN scope s USING (site_id, equipment_id) "
+            "WHERE b.bucket_start >= %(start)s AND b.bucket_start < %(end)s "
+            "AND b.shift_start IS NOT NULL "
+            "GROUP BY g_site, g_id, b.shift, b.shift_start ORDER BY g_site, g_id, label, shift"
+        ).format(groups=_group_cols(group_by), sums=_sums("b."), mark=mark)
+        return stmt.as_bytes(None)
+    selects = [
+        sql.SQL(
+            "SELECT bucket, {cols} FROM rollups.{table} "
+            "WHERE site_id = s.site_id AND equipment_id = s.equipment_id "
+            "AND bucket >= {lo} AND bucket < {hi}"
+        ).format(
+            cols=_COLS,
+            table=sql.Identifier(table),
+            lo=sql.Placeholder(f"lo{i}"),
+            hi=sql.Placeholder(f"hi{i}"),
+        )
+        for i, table in enumerate(tables)
+    ]
+    # One primary-key range scan per equipment, whatever the table's size: OFFSET 0 keeps
+    # the planner from flattening the LATERAL subquery into a hash join over a full scan.
+    stmt = _SCOPE_CTE + sql.SQL(
+        "SELECT {groups}, {label} AS label, {sums}{mark} FROM scope s "
+        "CROSS JOIN LATERAL (SELECT * FROM ({union}) u OFFSET 0) r "
+        "GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+    ).format(
+        groups=_group_cols(group_by),
+        label=_label(interval),
+        sums=_sums("r."),
+        mark=mark,
+        union=sql.SQL(" UNION ALL ").join(selects),
+    )
+    return stmt.as_bytes(None)
+
+
+class Series(NamedTuple):
+    buckets: list[Bucket]
+    source: str  # the tables the sums came from
+    mark: int | None  # the data watermark of scope and window, when asked for
+
+
+def oee_series(
+    conn: Conn,
+    members: Sequence[Member],
+    start: datetime,
+    end: datetime,
+    interval: Interval,
+    tz: ZoneInfo,
+    group_by: GroupBy,
+    *,
+    marked: bool = False,
+) -> Series:
+    """Summed components per (group, bucket) over [start, end).
+
+    With `marked`, also the data watermark of the scope and window (data_watermark), read in
+    the same statement, hence the same snapshot and round trip (a second one only when no
+    bucket has data).
+    """
+    if not members:
+        return Series([], "none", 0 if marked else None)
+    params: dict[str, Any] = {**_scope_params(members), "tz": tz.key}
+    if marked:
+        params.update(_days(start, end))
+    if interval == "shift":
+        params.update(start=start, end=end)
+        rows = run(conn, "oee_shift", _series_sql(group_by, interval, (), marked), params)
+        buckets = [
+            Bucket(
+                (r["g_site"], r["g_id"]),
+                r["label"],
+                r["bucket_end"],
+                r["shift"],
+                components_of(r),
+            )
+            for r in rows
+        ]
+        source = "facts.oee_buckets"
+    else:
+        hourly = interval in ("1h", "1d", "1w", "1mo") and whole_hour_zone(tz, start, end)
+        parts = _rollup_parts(start, end, hourly)
+        for i, (_table, lo, hi) in enumerate(parts):
+            params[f"lo{i}"], params[f"hi{i}"] = lo, hi
+        query = _series_sql(group_by, interval, tuple(table for table, _, _ in parts), marked)
+        rows = run(conn, f"oee_{interval}", query, params)
+        buckets = [
+            Bucket(
+                (r["g_site"], r["g_id"]),
+                r["label"],
+                bucket_end(r["label"], interval, tz),
+                None,
+                components_of(r),
+            )
+            for r in rows
+        ]
+        source = "+".join(f"rollups.{t}" for t, _, _ in parts)
+    if not marked:
+        return Series(buckets, source, None)
+    mark = int(rows[0]["mark"]) if rows else data_watermark(conn, members, start, end)
+    return Series(buckets, source, mark)
+
+
+def data_watermark(conn: Conn, members: Sequence[Member], start: datetime, end: datetime) -> int:
+    """The largest data version of the scope's days touching [start, end) (0 if none)."""
+    if not members:
+        return 0
+    rows = run(
+        conn,
+        "watermark",
+        _SCOPE_CTE
+        + sql.SQL(
+            "SELECT COALESCE(max(v.version), 0) AS w FROM rollups.data_versions v "
+            "JOIN scope s USING (site_id, equipment_id) WHERE v.day >= %(d0)s AND v.day <= %(d1)s"
+        ),
+        {**_scope_params(members), **_days(start, end)},
+    )
+    return int(rows[0]["w"])
+
+
+def day_span(start: datetime, end: datetime) -> tuple[date, date]:
+    """The UTC days (data_versions keys) that [start, end) touches, as d0..d1 inclusive."""
+    return start.astimezone(UTC).date(), (end - timedelta(microseconds=1)).astimezone(UTC).date()
+
+
+def _days(start: datetime, end: datetime) -> dict[str, Any]:
+    d0, d1 = day_span(start, end)
+    return {"d0": d0, "d1": d1}
+
+
+# -- downtime, states, quality --------------------------------------------------------------
+
+
+def pareto(
+    conn: Conn,
+    members: Sequence[Member],
+    start: datetime,
+    end: datetime,
+    by: Literal["reason", "class"],
+) -> list[tuple[str, float]]:
+    """(label, seconds) of downtime by reason or loss class over [start, end), largest first."""
+    if not members:
+        return []
+    params = {**_scope_params(members), "start": start, "end": end}
+    if by == "reason":
+        stmt = _SCOPE_CTE + sql.SQL(
+            "SELECT d.key AS label, sum(d.value::float8) AS seconds "
+            "FROM facts.oee_buckets b JOIN scope s USING (site_id, equipment_id) "
+            "CROSS JOIN LATERAL jsonb_each_text(b.downtime_by_reason) d "
+            "WHERE b.bucket_start >= %(start)s AND b.bucket_start < %(end)s "
+            "GROUP BY 1 ORDER BY 2 DESC, 1"
+        )
+        rows = run(conn, "pareto_reason", stmt, params)
+        return [(r["label"], float(r["seconds"])) for r in rows if r["seconds"] > 0]
+    buckets = oee_series(conn, members, start, end, "1mo", ZoneInfo("UTC"), "none").buckets
+    total = pooled(b.components for b in buckets)
+    items = [(name.removesuffix("_s"), float(getattr(total, name))) for name in LOSS_CLASSES]
+    return sorted((i for i in items if i[1] > 0), key=lambda i: (-i[1], i[0]))
+
+
+def state_intervals(
+    conn: Conn,
+    members: Sequence[Member],
+    start: datetime,
+    end: datetime,
+    *,
+    states: Sequence[str] | None = None,
+    min_duration_s: float = 0.0,
+    limit: int = 10_000,
+) -> list[dict[str, Any]]:
+    """State intervals from state events, clipped to [start, end) and to now.
+
+    The state at `start` is the last state event before it; an interval ends at the next
+    state event of the same equipment (which may lie after `end`).
+    """
+    if not members:
+        return []
+    stmt = _SCOPE_CTE + sql.SQL(
+        "SELECT * FROM ("
+        " SELECT x.site_id, x.equipment_id, x.body->>'state' AS state,"
+        " x.body->>'previous' AS previous, x.body->>'reason' AS reason,"
+        " greatest(x.ts, %(start)s) AS start,"
+        " least(COALESCE(lead(x.ts) OVER w, nxt.ts, %(stop)s), %(stop)s) AS end"
+        " FROM scope s"
+        " CROSS JOIN LATERAL ("
+        "  (SELECT e.site_id, e.equipment_id, e.ts, e.event_id, e.body FROM facts.events e"
+        "   WHERE e.site_id = s.site_id AND e.equipment_id = s.equipment_id"
+        "   AND e.kind = 'state' AND e.ts < %(start)s ORDER BY e.ts DESC, e.event_id DESC LIMIT 1)"
+        "  UNION ALL"
+        "  (SELECT e.site_id, e.equipment_id, e.ts, e.event_id, e.body FROM facts.events e"
+        "   WHERE e.site_id = s.site_id AND e.equipment_id = s.equipment_id"
+        "   AND e.kind = 'state' AND e.ts >= %(start)s AND e.ts < %(end)s)"
+        " ) x"
+        " LEFT JOIN LATERAL (SELECT e.ts FROM facts.events e WHERE e.site_id = s.site_id"
+        "  AND e.equipment_id = s.equipment_id AND e.kind = 'state' AND e.ts >= %(end)s"
+        "  ORDER BY e.ts LIMIT 1) nxt ON true"
+        " WINDOW w AS (PARTITION BY x.site_id, x.equipment_id ORDER BY x.ts, x.event_id)"
+        ") i WHERE i.end > i.start"
+        " AND (%(states)s::text[] IS NULL OR i.state = ANY(%(states)s))"
+        " AND extract(epoch FROM i.end - i.start) >= %(min)s"
+        " ORDER BY i.start, i.site_id, i.equipment_id LIMIT %(limit)s"
+    )
+    rows = run(
+        conn,
+        "states",
+        stmt,
+        {
+            **_scope_params(members),
+            "start": start,
+            "end": end,
+            "stop": min(end, datetime.now(UTC)),
+            "states": list(states) if states is not None else None,
+            "min": min_duration_s,
+            "limit": limit,
+        },
+    )
+    for r in rows:
+        r["duration_s"] = (r["end"] - r["start"]).total_seconds()
+    return rows
+
+
+# Integers a JSON consumer holds exactly (I-JSON, RFC 7493). Ingest refuses larger ones, but
+# events stored before it did may hold any JSON number (10**30 once made /v1/quality and
+# /v1/events answer 500). A count event with a quantity out of this range (or not an integer)
+# is left out of the sums and counted instead; nothing is cast that cannot be.
+SAFE_INTEGER = 2**53 - 1
+COUNT_QUANTITIES: tuple[str, ...] = ("produced", "good", "scrap", "rework")
+_COUNTS_IN_RANGE = " AND ".join(
+    f"CASE jsonb_typeof(e.body->'{q}') WHEN 'number' THEN "
+    f"abs((e.body->'{q}')::numeric) <= {SAFE_INTEGER} AND scale((e.body->'{q}')::numeric) = 0 "
+    f"WHEN 'null' THEN true ELSE e.body->'{q}' IS NULL END"
+    for q in COUNT_QUANTITIES
+)
+
+
+def counts_out_of_range(
+    conn: Conn, members: Sequence[Member], start: datetime, end: datetime
+) -> int:
+    """Count events in [start, end) that `quality` leaves out (a quantity out of range)."""
+    if not members:
+        return 0
+    stmt = _SCOPE_CTE + sql.SQL(
+        "SELECT count(*) AS n FROM facts.events e JOIN scope s USING (site_id, equipment_id)"
+        " WHERE e.kind = 'count' AND e.ts >= %(start)s AND e.ts < %(end)s"
+        " AND NOT (" + _COUNTS_IN_RANGE + ")"
+    )
+    rows = run(
+        conn, "quality_out_of_range", stmt, {**_scope_params(members), "start": start, "end": end}
+    )
+    return int(rows[0]["n"])
+
+
+def quality(
+    conn: Conn, members: Sequence[Member], start: datetime, end: datetime
+) -> list[dict[str, Any]]:
+    """Produced/good/scrap/rework per equipment and product from count events; each carries
+    what its increment changed in the buckets (oee/quantities.py, migration 0030)."""
+    if not members:
+        return []
+    stmt = _SCOPE_CTE + sql.SQL(
+        "SELECT e.site_id, e.equipment_id, e.body->>'product' AS product,"
+        " sum((e.body->>'produced')::bigint) AS produced, sum((e.body->>'good')::bigint) AS good,"
+        " sum((e.body->>'scrap')::bigint) AS scrap, sum((e.body->>'rework')::bigint) AS rework"
+        " FROM facts.events e JOIN scope s USING (site_id, equipment_id)"
+        " WHERE e.kind = 'count' AND e.ts >= %(start)s AND e.ts < %(end)s"
+        " AND COALESCE((e.body->>'in_plan')::boolean, true) AND "
+        + _COUNTS_IN_RANGE
+        + " GROUP BY 1, 2, 3 ORDER BY sum((e.body->>'scrap')::bigint) DESC, 1, 2, 3"
+    )
+    rows = run(conn, "quality", stmt, {**_scope_params(members), "start": start, "end": end})
+    for r in rows:
+        for k in ("produced", "good", "scrap", "rework"):
+            r[k] = int(r[k] or 0)
+    return rows
+
+
+# -- events -------------------------------------------------------------------------------
+
+
+# A cursor this API returns has about 110 characters.
+MAX_CURSOR = 256
+
+
+def encode_cursor(ts: datetime, event_id: str) -> str:
+    raw = json.dumps([ts.isoformat(), str(event_id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """Raises ValueError for anything that is not a cursor this API returned: the shape is
+    checked here, so that no value of it reaches PostgreSQL as a cast that fails there."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        ts, event_id = json.loads(raw)
+        if not isinstance(ts, str) or not isinstance(event_id, str):
+            raise TypeError("a cursor holds two strings")
+        at = datetime.fromisoformat(ts)
+        if at.utcoffset() is None:
+            raise ValueError("a cursor's time has an offset")
+        return at.astimezone(UTC), str(uuid.UUID(event_id))
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ValueError("not a cursor returned by this API") from exc
+
+
+def events_page(
+    conn: Conn,
+    site_ids: Sequence[str],
+    members: Sequence[Member] | None,
+    start: datetime,
+    end: datetime,
+    kinds: Sequence[str] | None,
+    after: tuple[datetime, str] | None,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """Events in (ts, event_id) order after the cursor; `members` None means whole sites."""
+    stmt = sql.SQL(
+        "SELECT site_id, ts, event_id::text AS event_id, agent_id, epoch, seq, equipment_id, "
+        "kind, body FROM facts.events WHERE site_id = ANY(%(sites)s) "
+        "AND ts >= %(start)s AND ts < %(end)s "
+        "AND (%(kinds)s::text[] IS NULL OR kind = ANY(%(kinds)s)) "
+        "AND (%(eqs)s::text[] IS NULL OR equipment_id = ANY(%(eqs)s)) "
+        "AND (%(cts)s::timestamptz IS NULL OR (ts, event_id) > (%(cts)s, %(cid)s::uuid)) "
+        "ORDER BY ts, event_id LIMIT %(limit)s"
+    )
+    return run(
+        conn,
+        "events",
+        stmt,
+        {
+            "sites": list(site_ids),
+            "start": start,
+            "end": end,
+            "kinds": list(kinds) if kinds else None,
+            "eqs": [m.equipment_id for m in members] if members is not None else None,
+            "cts": after[0] if after else None,
+            "cid": after[1] if after else None,
+            "limit": limit,
+        },
+    )
+
+
+# -- hierarchy and fleet ------------------------------------------------------------------
+
+
+def sites_list(conn: Conn, sites: list[str] | None) -> list[dict[str, Any]]:
+    return run(
+        conn,
+        "sites",
+        sql.SQL(
+            "SELECT s.site_id, s.name, s.timezone,"
+            " (SELECT count(*) FROM registry.lines l WHERE l.site_id = s.site_id) AS lines,"
+            " (SELECT count(*) FROM registry.equipment e WHERE e.site_id = s.site_id)"
+            " AS equipment,"
+            " (SELECT count(*) FROM registry.agents a WHERE a.site_id = s.site_id) AS agents"
+            " FROM registry.sites s"
+            " WHERE (%(sites)s::text[] IS NULL OR s.site_id = ANY(%(sites)s)) ORDER BY 1"
+        ),
+        {"sites": sites},
+    )
+
+
+def lines_list(conn: Conn, site: str | None, sites: list[str] | None) -> list[dict[str, Any]]:
+    return run(
+        conn,
+        "lines",
+        sql.SQL(
+            "SELECT l.site_id, l.line_id, (SELECT count(*) FROM registry.equipment e"
+            " WHERE e.site_id = l.site_id AND e.line_id = l.line_id) AS equipment"
+            " FROM registry.lines l WHERE (%(sites)s::text[] IS NULL OR l.site_id = ANY(%(sites)s))"
+            " AND (%(site)s::text IS NULL OR l.site_id = %(site)s) ORDER BY 1, 2"
+        ),
+        {"sites": sites, "site": site},
+    )
+
+
+def equipment_list(
+    conn: Conn,
+    site: str | None,
+    line: str | None,
+    equipment: str | None,
+    sites: list[str] | None,
+) -> list[dict[str, Any]]:
+    return run(
+        conn,
+        "equipment",
+        sql.SQL(
+            "SELECT e.site_id, e.equipment_id, e.line_id, e.agent_id, e.config, e.updated_at,"
+            " COALESCE((SELECT jsonb_object_agg(r.code, r.reason) FROM registry.reason_codes r"
+            " WHERE r.site_id = e.site_id AND r.equipment_id = e.equipment_id), '{}'::jsonb)"
+            " AS reasons"
+            " FROM registry.equipment e"
+            " WHERE (%(sites)s::text[] IS NULL OR e.site_id = ANY(%(sites)s))"
+            " AND (%(site)s::text IS NULL OR e.site_id = %(site)s)"
+            " AND (%(line)s::text IS NULL OR e.line_id = %(line)s)"
+            " AND (%(eq)s::text IS NULL OR e.equipment_id = %(eq)s) ORDER BY 1, 2"
+        ),
+        {"sites": sites, "site": site, "line": line, "eq": equipment},
+    )
+
+
+def agents_list(
+    conn: Conn, agent: str | None, site: str | None, sites: list[str] | None
+) -> list[dict[str, Any]]:
+    """Fleet view: status as last reported, ingest lag, sequence gaps, rejects by reason
+    (verified ones only), batches the agent declared lost by reason."""
+    rows = run(
+        conn,
+        "agents",
+        sql.SQL(
+            "SELECT a.agent_id, a.site_id, a.enrolled_at, a.last_seen, a.version, a.status,"
+            " a.status_reported_at, a.last_batch_created,"
+            " (SELECT jsonb_build_object('created', b.created, 'received_at', b.received_at,"
+            "   'lag_s', extract(epoch FROM b.received_at - b.created))"
+            "  FROM facts.batches b WHERE b.agent_id = a.agent_id"
+            "  ORDER BY b.received_at DESC LIMIT 1) AS last_batch,"
+            " (SELECT COALESCE(jsonb_agg(g ORDER BY g.epoch, g.from_seq), '[]'::jsonb) FROM ("
+            "   SELECT epoch, seq + 1 AS from_seq, nxt - 1 AS to_seq FROM ("
+            "    SELECT epoch, seq, lead(seq) OVER (PARTITION BY epoch ORDER BY seq) AS nxt"
+            "    FROM facts.batches b WHERE b.agent_id = a.agent_id) s"
+            "   WHERE nxt > seq + 1) g) AS gaps,"
+            " ops.agent_rejects(a.agent_id) AS rejects, ops.agent_losses(a.agent_id) AS losses"
+            " FROM registry.agents a"
+            " WHERE (%(sites)s::text[] IS NULL OR a.site_id = ANY(%(sites)s))"
+            " AND (%(site)s::text IS NULL OR a.site_id = %(site)s)"
+            " AND (%(agent)s::text IS NULL OR a.agent_id = %(agent)s) ORDER BY 2, 1"
+        ),
+        {"sites": sites, "site": site, "agent": agent},
+    )
+    now = datetime.now(UTC)
+    out = []
+    for r in rows:
+        status = r["status"] or {}
+        last = r["last_batch"] or {}
+        gaps = r["gaps"] or []
+        reported_at = r["status_reported_at"]
+        out.append(
+            {
+                "agent_id": r["agent_id"],
+                "site_id": r["site_id"],
+                "enrolled_at": r["enrolled_at"],
+                "last_seen": r["last_seen"],
+                "seconds_since_seen": (now - r["last_seen"]).total_seconds()
+                if r["last_seen"]
+                else None,
+                "version": r["version"],
+                "status_reported_at": reported_at,
+                "outbox_depth": status.get("outbox_depth"),
+                "outbox_events": status.get("outbox_events"),
+                "outbox_bytes": status.get("outbox_bytes"),
+                "outbox_oldest_unacked_s": status.get("outbox_oldest_unacked_s"),
+                "clock_offset_s": status.get("clock_offset_s"),
+                "connectors": status.get("connectors"),
+                "ingest_lag_s": float(last["lag_s"]) if last.get("lag_s") is not None else None,
+                "last_batch_created": r["last_batch_created"],
+                "sequence_gaps": gaps,
+                "missing_batches": sum(int(g["to_seq"]) - int(g["from_seq"]) + 1 for g in gaps),
+                "rejected_batches": r["rejects"] or {},
+                "lost_batches": r["losses"] or {},
+            }
+        )
+    return out
+
+
+def quantities(c: Components) -> dict[str, int]:
+    return {k: int(getattr(c, k)) for k in QUANTITY_FIELDS}
+
+
+def times(c: Components) -> dict[str, float]:
+    return {k: float(getattr(c, k)) for k in TIME_FIELDS}

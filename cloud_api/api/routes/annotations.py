@@ -1,0 +1,247 @@
+"""Operator annotations: where operator identity enters the cloud.
+
+An engineer (or a service key with the `write` scope) annotates a downtime or quality event of
+one equipment with a reason, an optional note and optionally the operator who reported it.
+The operator's identity is personal data: it is sealed (cloud_api.pii) before it reaches the
+database and opened only for callers with the `pii` permission; everyone else sees
+`operator_status: "redacted"`. The author (`created_by`, the caller's subject, often an
+e-mail address) is personal data as well: shown under the same rule, null for everyone else.
+Each annotation leaves an audit row (without the operator's identity).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+
+from cloud_api.access import audit
+from cloud_api.access.auth import SITE_ID, Principal
+from cloud_api.access.pii import PiiError, PiiKeyring
+from cloud_api.access.security import CurrentPrincipal, require
+from cloud_api.api.routes.common import outside_calendar, window
+from cloud_api.db import with_retry
+from cloud_api.problems import Problem
+
+router = APIRouter(prefix="/v1/equipment", tags=["annotations"])
+
+EquipmentId = Annotated[str, Path(min_length=1, max_length=128, description="equipment id")]
+SiteId = Annotated[str, Field(min_length=1, max_length=64, pattern=SITE_ID.pattern)]
+
+
+class _Text(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value: object) -> object:
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("NUL characters are not allowed")
+        return value
+
+
+class AnnotationIn(_Text):
+    site: SiteId
+    ts: AwareDatetime = Field(description="when the annotated downtime or quality event happened")
+    kind: Literal["downtime", "quality"]
+    reason: str = Field(min_length=1, max_length=200)
+    note: str | None = Field(default=None, max_length=2000)
+    event_id: uuid.UUID | None = Field(default=None, description="the annotated stored event")
+    operator: str | None = Field(
+        default=None, min_length=1, max_length=200, description="personal data: stored sealed"
+    )
+
+    @field_validator("ts", mode="after")
+    @classmethod
+    def _in_calendar(cls, value: datetime) -> datetime:
+        reason = outside_calendar(value)
+        if reason is not None:
+            raise ValueError(reason)
+        return value
+
+
+class AnnotationOut(BaseModel):
+    annotation_id: uuid.UUID
+    site: str
+    equipment_id: str
+    ts: datetime
+    kind: str
+    reason: str
+    note: str | None
+    event_id: uuid.UUID | None
+    operator: str | None
+    operator_status: Literal["none", "clear", "redacted", "unavailable"]
+    created_at: datetime
+    created_by: str | None = Field(description="personal data: only for the pii permission")
+    trace_id: str | None
+
+
+def _aad(site: str, equipment_id: str, annotation_id: uuid.UUID) -> bytes:
+    return f"annotation\x1f{site}\x1f{equipment_id}\x1f{annotation_id}".encode()
+
+
+def _pii(request: Request) -> PiiKeyring:
+    keyring: PiiKeyring = request.app.state.security.pii()
+    return keyring
+
+
+def _render(row: dict[str, Any], principal: Principal, keyring: PiiKeyring) -> AnnotationOut:
+    operator, status = None, "none"
+    if row["operator_sealed"] is not None:
+        if not principal.can("pii"):
+            status = "redacted"
+        else:
+            try:
+                operator = keyring.open(
+                    row["operator_key_id"],
+                    bytes(row["operator_sealed"]),
+                    _aad(row["site_id"], row["equipment_id"], row["annotation_id"]),
+                )
+                status = "clear"
+            except PiiError:
+                status = "unavailable"
+    return AnnotationOut(
+        annotation_id=row["annotation_id"],
+        site=row["site_id"],
+        equipment_id=row["equipment_id"],
+        ts=row["ts"],
+        kind=row["kind"],
+        reason=row["reason"],
+        note=row["note"],
+        event_id=row["event_id"],
+        operator=operator,
+        operator_status=status,  # type: ignore[arg-type]
+        created_at=row["created_at"],
+        created_by=row["created_by"] if principal.can("pii") else None,
+        trace_id=row["trace_id"],
+    )
+
+
+_COLUMNS = (
+    "site_id, annotation_id, equipment_id, ts, kind, reason, note, event_id, operator_key_id, "
+    "operator_sealed, created_at, created_by, trace_id"
+)
+
+
+@router.post(
+    "/{equipment_id}/annotations",
+    status_code=201,
+    summary="Annotate a downtime or quality event (reason, note, reporting operator)",
+)
+async def create_annotation(
+    request: Request,
+    equipment_id: EquipmentId,
+    body: AnnotationIn,
+    principal: Annotated[Principal, Depends(require("write"))],
+) -> AnnotationOut:
+    if not principal.sees(body.site):
+        raise Problem(404, f"no equipment {equipment_id!r} at site {body.site!r}", slug="not-found")
+    keyring = _pii(request)
+    annotation_id = uuid.uuid4()
+    sealed: tuple[str, bytes] | None = None
+    if body.operator is not None:
+        try:
+            sealed = keyring.seal(body.operator, _aad(body.site, equipment_id, annotation_id))
+        except PiiError:
+            raise Problem(
+                503,
+                "operator identities cannot be stored: no personal-data key is configured",
+                slug="pii-key-missing",
+            ) from None
+    trace_id = request.scope.get("state", {}).get("trace_id")
+    pool = request.app.state.pool
+
+    def write() -> dict[str, Any] | None:
+        from psycopg.rows import dict_row
+
+        with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            # Row-level security hides equipment of other sites: it reads as unknown.
+            known = cur.execute(
+                "SELECT 1 FROM registry.equipment WHERE site_id = %s AND equipment_id = %s",
+                (body.site, equipment_id),
+            ).fetchone()
+            if known is None:
+                return None
+            row: dict[str, Any] | None = cur.execute(
+                f"INSERT INTO facts.annotations(site_id, annotation_id, equipment_id, ts, kind, "
+                f"reason, note, event_id, operator_key_id, operator_sealed, created_by, trace_id) "
+                f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
+                (
+                    body.site,
+                    annotation_id,
+                    equipment_id,
+                    body.ts.astimezone(UTC),
+                    body.kind,
+                    body.reason,
+                    body.note,
+                    body.event_id,
+                    sealed[0] if sealed else None,
+                    sealed[1] if sealed else None,
+                    principal.subject,
+                    trace_id,
+                ),
+            ).fetchone()
+            audit.record_principal(
+                conn,
+                principal,
+                "annotation.create",
+                target=f"{body.site}/{equipment_id}/{annotation_id}",
+                site_id=body.site,
+                detail={"kind": body.kind, "reason": body.reason, "operator": bool(sealed)},
+                trace_id=trace_id,
+            )
+            return row
+
+    row = await run_in_threadpool(write)
+    if row is None:
+        raise Problem(404, f"no equipment {equipment_id!r} at site {body.site!r}", slug="not-found")
+    return _render(row, principal, keyring)
+
+
+@router.get(
+    "/{equipment_id}/annotations",
+    summary="Annotations of one equipment in a window (operator only for the pii permission)",
+)
+async def list_annotations(
+    request: Request,
+    equipment_id: EquipmentId,
+    principal: CurrentPrincipal,
+    from_: Annotated[AwareDatetime, Query(alias="from", description="inclusive, ISO 8601")],
+    to: Annotated[AwareDatetime, Query(description="exclusive, ISO 8601")],
+    site: Annotated[str | None, Query(max_length=64, pattern=SITE_ID.pattern)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+) -> list[AnnotationOut]:
+    start, end = window(from_, to)
+    if site is not None and not principal.sees(site):
+        return []
+    keyring = _pii(request)
+    pool = request.app.state.pool
+    sites = principal.site_list
+
+    def read() -> list[dict[str, Any]]:
+        from psycopg.rows import dict_row
+
+        with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            rows: list[dict[str, Any]] = cur.execute(
+                f"SELECT {_COLUMNS} FROM facts.annotations WHERE equipment_id = %(eq)s "
+                "AND ts >= %(start)s AND ts < %(end)s "
+                "AND (%(site)s::text IS NULL OR site_id = %(site)s) "
+                "AND (%(sites)s::text[] IS NULL OR site_id = ANY(%(sites)s)) "
+                "ORDER BY ts, annotation_id LIMIT %(limit)s",
+                {
+                    "eq": equipment_id,
+                    "start": start,
+                    "end": end,
+                    "site": site,
+                    "sites": sites,
+                    "limit": limit,
+                },
+            ).fetchall()
+            return rows
+
+    rows = await run_in_threadpool(with_retry, read, attempts=3)
+    return [_render(r, principal, keyring) for r in rows]

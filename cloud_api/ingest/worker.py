@@ -1,0 +1,715 @@
+"""Ingest: verify, decrypt, validate and store batches exactly once, then ack them.
+
+Order per batch: size -> header -> agent -> signature (before decryption) -> decrypt ->
+topic/site -> schema -> one PostgreSQL transaction (batch key, events, OEE buckets, rollups)
+-> commit -> signed ack. Anything refused is counted by reason and kept in ops.quarantine;
+no message can stop the worker. A refusal is charged to the agent its header names only once
+the agent's signature has verified that header; before that it is counted under the topic it
+arrived on, marked unverified (a forged frame cannot raise another agent's counts).
+
+Permanent versus transient: a signed batch that can never be stored (content the event model
+refuses, values or characters PostgreSQL refuses, a key reused with other content) is kept
+whole in quarantine and answered, after that commit, with a rejection signed like an ack and
+naming (agent, epoch, seq, digest) and the reason; the agent then records the loss and drops
+the batch. Database outages, serialization failures and deadlocks are retried and never
+answered; an unexpected error is kept in quarantine as `internal_error`, unanswered (the
+agent resends it).
+
+A resent batch that is already stored is re-acked (its first ack may have been lost) and
+counted as `replay`. Sequence gaps per (agent, epoch) are tracked in the same transaction
+(cloud_api.sequence). The worker coalesces the acks of the batches it handled together into
+one signed ack per (agent, epoch) naming seq ranges.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import psycopg
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from psycopg import sql
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+from pydantic import ValidationError
+
+from cloud_api import metrics, tracing
+from cloud_api.access.revocations import CredentialStamp
+from cloud_api.db import TRANSIENT, with_retry
+from cloud_api.ingest import derived
+from cloud_api.ingest.sequence import record_batch_seq, record_declared_losses
+from common.mqtt import BrokerSettings, MqttLink
+from oee.components import COMPONENT_FIELDS
+from oee.events import EVENT_LIST_ADAPTER, Event, OeeEvent, load_events
+from sync.envelope import (
+    AFTER_SIGNATURE,
+    AckBody,
+    EnvelopeError,
+    EnvelopeHeader,
+    RejectionBody,
+    clean_detail,
+    envelope_digest,
+    open_envelope,
+    parse_header,
+    sign_ack,
+    sign_rejection,
+)
+from sync.keys import CloudKeyring, parse_ed25519_public
+from sync.uplink import ack_topic, batch_topic
+
+log = structlog.get_logger("cloud_api.ingest")
+
+Status = Literal["stored", "duplicate", "rejected"]
+QUARANTINE_PAYLOAD_MAX = 64 * 1024  # of unverified or unanswered messages; answered: whole
+ACK_MAX_BATCHES = 512  # keeps one ack far below the agents' 1 MiB ack limit
+# Refusals of a verified batch that a resend can never change: answered with a rejection.
+# Not `undecryptable` or `unknown_key`: a cloud key missing or mixed up on one ingest process
+# is fixed by the operator, and the batch must still be there then.
+PERMANENT: frozenset[str] = frozenset(
+    {"invalid_schema", "invalid_content", "decompression", "conflict"}
+)
+# What PostgreSQL (or psycopg before sending) refuses in the data itself: out-of-range
+# numbers, NUL and untranslatable characters, malformed values, a required value missing.
+# Not the other integrity errors: a unique violation can come from two workers creating the
+# same partition, a foreign key or partition-routing (check) violation from registry or
+# retention changes made meanwhile; those stay unanswered and the agent sends again.
+CONTENT_ERRORS = (psycopg.errors.DataError, psycopg.errors.NotNullViolation)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: Status
+    reason: str | None = None
+    header: EnvelopeHeader | None = None
+    ack: bytes | None = None
+    ack_topic: str | None = None
+    rejection: bytes | None = None  # the signed answer to a permanent refusal
+    events: int = 0
+    digest: str | None = None
+
+
+class Rejected(Exception):
+    """A refused message; `verified`: the agent's signature vouches for `header`."""
+
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        header: EnvelopeHeader | None = None,
+        *,
+        verified: bool = False,
+    ) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.header = header
+        self.verified = verified and header is not None
+
+    @property
+    def permanent(self) -> bool:
+        return self.verified and self.reason in PERMANENT
+
+
+_ROLLUP_COLS = sql.SQL(", ").join(sql.Identifier(c) for c in COMPONENT_FIELDS)
+_ROLLUP_SUMS = sql.SQL(", ").join(
+    sql.SQL("sum({})").format(sql.Identifier(c)) for c in COMPONENT_FIELDS
+)
+_ROLLUP_ADD = sql.SQL(", ").join(
+    sql.SQL("{c} = {t}.{c} + excluded.{c}").format(c=sql.Identifier(c), t=sql.Identifier("r"))
+    for c in COMPONENT_FIELDS
+)
+
+
+def _rollup_sql(table: str, unit: str, source: str) -> sql.Composed:
+    return sql.SQL(
+        "INSERT INTO rollups.{table} AS r (site_id, equipment_id, bucket, {cols}) "
+        "SELECT site_id, equipment_id, date_trunc({unit}, bucket_start), {sums} "
+        "FROM {source} GROUP BY 1, 2, 3 "
+        "ON CONFLICT (site_id, equipment_id, bucket) DO UPDATE SET {add}"
+    ).format(
+        table=sql.Identifier(table),
+        cols=_ROLLUP_COLS,
+        unit=sql.Literal(unit),
+        sums=_ROLLUP_SUMS,
+        source=sql.Identifier(source),
+        add=_ROLLUP_ADD,
+    )
+
+
+# Facts and rollups in one statement: the rollups add exactly the buckets this statement
+# inserted (RETURNING), so a bucket that is already stored (sent again in another batch, or
+# by a concurrent worker) is never added to a rollup twice.
+STORE_BUCKETS = sql.SQL(
+    "WITH inserted AS (INSERT INTO facts.oee_buckets SELECT * FROM _new_buckets "
+    "ON CONFLICT DO NOTHING RETURNING *), "
+    "minute AS ({minute} RETURNING 1) {hour}"
+).format(
+    minute=_rollup_sql("oee_1m", "minute", "inserted"),
+    hour=_rollup_sql("oee_1h", "hour", "inserted"),
+)
+BUCKET_COLS = (
+    "site_id", "equipment_id", "bucket_start", "bucket_end", "event_id", "shift",
+    "shift_start", *COMPONENT_FIELDS, "downtime_by_reason",
+)  # fmt: skip
+# The events of a batch in one statement from the batch's JSON array (dumped once by
+# pydantic from the validated models, so the stored body is the normalized event, defaults
+# included and timestamps in UTC): PostgreSQL parses the array once and extracts the columns
+# with jsonb operators. This replaces a per-event Python loop (model_dump_json, COPY row
+# formatting) and a staging table that every row was written to and read back from; the
+# ON CONFLICT on the primary key still drops an event id stored before.
+INSERT_EVENTS = (
+    "INSERT INTO facts.events (site_id, ts, event_id, agent_id, epoch, seq, equipment_id, kind, "
+    "body, trace_id) "
+    "SELECT %(site)s, (e->>'ts')::timestamptz, (e->>'event_id')::uuid, %(agent)s, %(epoch)s, "
+    "%(seq)s, e->>'equipment_id', e->>'kind', e, %(trace)s "
+    "FROM jsonb_array_elements(%(events)s) AS t(e) ON CONFLICT DO NOTHING"
+)
+
+
+def _raw_json(data: Any) -> str | bytes:
+    # Jsonb's dumps hook: the batch is serialized already, send its bytes unchanged.
+    if not isinstance(data, bytes):
+        raise TypeError("expected the serialized batch")
+    return data
+
+
+def seq_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
+    """Inclusive ranges of consecutive seqs: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    ranges: list[tuple[int, int]] = []
+    for seq in sorted(set(seqs)):
+        if ranges and seq == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], seq)
+        else:
+            ranges.append((seq, seq))
+    return ranges
+
+
+class AgentRegistry:
+    """Enrolled agents and their public keys, cached; reloaded when an unknown key shows up."""
+
+    def __init__(self, pool: ConnectionPool, refresh_s: float = 30.0) -> None:
+        self.pool = pool
+        self.refresh_s = refresh_s
+        self._agents: dict[str, str] = {}
+        self._keys: dict[tuple[str, str], Ed25519PublicKey] = {}
+        self._loaded = 0.0
+        self._lock = threading.Lock()
+        self.stamp = CredentialStamp()
+
+    def _load(self) -> None:
+        with self.pool.connection() as conn:
+            agents = conn.execute("SELECT agent_id, site_id FROM registry.agents").fetchall()
+            keys = conn.execute(
+                "SELECT agent_id, key_id, public_key FROM registry.agent_keys "
+                "WHERE revoked_at IS NULL"
+            ).fetchall()
+        self._agents = {a: s for a, s in agents}
+        parsed: dict[tuple[str, str], Ed25519PublicKey] = {}
+        for agent_id, key_id, line in keys:
+            with contextlib.suppress(Exception):
+                parsed[(agent_id, key_id)] = parse_ed25519_public(line)
+        self._keys = parsed
+        self._loaded = time.monotonic()
+
+    def site_of(self, agent_id: str) -> str | None:
+        with self._lock:
+            if agent_id not in self._agents or time.monotonic() - self._loaded > self.refresh_s:
+                self._load()
+            return self._agents.get(agent_id)
+
+    def key(self, agent_id: str, key_id: str) -> Ed25519PublicKey | None:
+        with self._lock:
+            # A revoked key stops verifying within the stamp's refresh (cloud_api.revocations).
+            if self.stamp.refresh(self.pool, self._load):
+                return self._keys.get((agent_id, key_id))
+            if (agent_id, key_id) not in self._keys:
+                self._load()
+            return self._keys.get((agent_id, key_id))
+
+
+class BatchWriter:
+    """The database half of ingest: verifies, opens and writes one sealed batch to PostgreSQL
+    exactly once; usable without MQTT (tests, benchmarks). (The agent's outbox protocol is
+    sync.uplink.BatchStore; this is its counterpart on the cloud side.)"""
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        keyring: CloudKeyring,
+        *,
+        topic_prefix: str = "",
+        max_envelope_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        self.pool = pool
+        self.keyring = keyring
+        self.topic_prefix = topic_prefix
+        self.max_envelope_bytes = max_envelope_bytes
+        self.registry = AgentRegistry(pool)
+        self._partitions: set[str] = set()
+
+    # -- checks ---------------------------------------------------------------------------
+
+    def _check(self, topic: str, payload: bytes) -> tuple[EnvelopeHeader, bytes, str, list[Event]]:
+        if len(payload) > self.max_envelope_bytes:
+            raise Rejected("oversize", f"{len(payload)} bytes")
+        try:
+            header = parse_header(payload)
+        except EnvelopeError as exc:
+            raise Rejected(exc.reason, exc.detail) from None
+        if self.registry.site_of(header.agent_id) is None:
+            raise Rejected("unknown_agent", header.agent_id, header)
+        try:
+            opened = open_envelope(
+                payload,
+                verify_key_for=self.registry.key,
+                decrypt_key_for=self.keyring.decrypt_key_for,
+                max_size=self.max_envelope_bytes,
+            )
+        except EnvelopeError as exc:
+            verified = exc.reason in AFTER_SIGNATURE
+            raise Rejected(exc.reason, exc.detail, header, verified=verified) from None
+        # From here on the header is the agent's own (its signature verified it).
+        expected = batch_topic(self.topic_prefix, header.site_id, header.agent_id)
+        if topic != expected:
+            detail = f"{topic} carries a batch of {header.agent_id}"
+            raise Rejected("wrong_topic", detail, header, verified=True)
+        site = self.registry.site_of(header.agent_id)
+        if site != header.site_id:
+            raise Rejected("wrong_site", f"agent is enrolled at {site}", header, verified=True)
+        try:
+            events = load_events(opened.plaintext)
+        except ValidationError as exc:
+            # Locations and messages only: the refused input may hold anything (NUL, huge).
+            errors = exc.errors(include_url=False, include_input=False, include_context=False)
+            raise Rejected("invalid_schema", str(errors[:3]), header, verified=True) from None
+        if len(events) != header.count:
+            detail = "event count differs from the header"
+            raise Rejected("invalid_schema", detail, header, verified=True)
+        for event in events:
+            if event.agent_id != header.agent_id or event.site_id != header.site_id:
+                detail = "an event names another agent or site"
+                raise Rejected("invalid_schema", detail, header, verified=True)
+        return header, payload, opened.digest, events
+
+    # -- storing --------------------------------------------------------------------------
+
+    def _ensure_partitions(self, conn: psycopg.Connection[Any], events: Sequence[Event]) -> None:
+        # (year, month) tuples: strftime per event costs milliseconds per batch.
+        stamps = {(e.ts.year, e.ts.month) for e in events}
+        stamps |= {
+            (e.bucket_start.year, e.bucket_start.month) for e in events if isinstance(e, OeeEvent)
+        }
+        months = {f"{y:04d}{m:02d}" for y, m in stamps}
+        for month in sorted(months - self._partitions):
+            t = datetime.strptime(month + "15", "%Y%m%d").replace(tzinfo=UTC)
+            conn.execute("SELECT ops.ensure_month_partitions(%s)", (t,))
+            self._partitions.add(month)
+
+    def _store(
+        self, header: EnvelopeHeader, digest: str, events: Sequence[Event]
+    ) -> Literal["stored", "duplicate", "conflict"]:
+        with self.pool.connection() as conn:
+            self._ensure_partitions(conn, events)
+            conn.commit()
+            with conn.transaction():
+                row = conn.execute(
+                    "INSERT INTO facts.batches(site_id, agent_id, epoch, seq, digest, "
+                    "event_count, created, trace_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT DO NOTHING RETURNING seq",
+                    (
+                        header.site_id,
+                        header.agent_id,
+                        header.epoch,
+                        header.seq,
+                        digest,
+                        header.count,
+                        header.created,
+                        header.trace_id,
+                    ),
+                ).fetchone()
+                if row is None:
+                    stored = conn.execute(
+                        "SELECT digest FROM facts.batches WHERE agent_id = %s AND epoch = %s "
+                        "AND seq = %s",
+                        (header.agent_id, header.epoch, header.seq),
+                    ).fetchone()
+                    return "duplicate" if stored and stored[0] == digest else "conflict"
+                # The events first: the bulk of the transaction's work, and it updates no
+                # row that another batch shares (only an event id sent in two batches makes
+                # one insert wait for the other). From record_batch_seq on, the agent's
+                # (agent, epoch) row is locked until commit, which serializes the batches of
+                # one agent across workers; taking it after the events lets workers insert
+                # events in parallel while everything shared (sequence, rollups, data
+                # versions, equipment, agent) still runs in the same order as before.
+                self._insert_events(conn, header, events)
+                record_batch_seq(conn, header.site_id, header.agent_id, header.epoch, header.seq)
+                self._insert_derived(conn, header, events)
+                record_declared_losses(conn, header.site_id, header.agent_id, list(events))
+                conn.execute(
+                    "UPDATE registry.agents SET last_seen = now(), last_batch_created = "
+                    "GREATEST(last_batch_created, %s) WHERE agent_id = %s",
+                    (header.created, header.agent_id),
+                )
+            return "stored"
+
+    def _insert_events(
+        self, conn: psycopg.Connection[Any], header: EnvelopeHeader, events: Sequence[Event]
+    ) -> None:
+        conn.execute(
+            INSERT_EVENTS,
+            {
+                "site": header.site_id,
+                "agent": header.agent_id,
+                "epoch": header.epoch,
+                "seq": header.seq,
+                "trace": header.trace_id,
+                # One pydantic call for the whole batch; _check made sure every event names
+                # the header's agent and site.
+                "events": Jsonb(EVENT_LIST_ADAPTER.dump_json(list(events)), dumps=_raw_json),
+            },
+        )
+
+    def _insert_derived(
+        self, conn: psycopg.Connection[Any], header: EnvelopeHeader, events: Sequence[Event]
+    ) -> None:
+        """OEE buckets with their rollups, data versions, agent status and equipment."""
+        equipment = {(e.site_id, e.equipment_id) for e in events if e.equipment_id}
+        buckets = [e for e in events if isinstance(e, OeeEvent)]
+        if buckets:
+            conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS _new_buckets (LIKE facts.oee_buckets) "
+                "ON COMMIT DELETE ROWS"
+            )
+            with conn.cursor().copy(
+                sql.SQL("COPY _new_buckets ({}) FROM STDIN").format(
+                    sql.SQL(", ").join(map(sql.Identifier, BUCKET_COLS))
+                )
+            ) as copy:
+                for b in buckets:
+                    c = b.components
+                    copy.write_row(
+                        (
+                            b.site_id,
+                            b.equipment_id,
+                            b.bucket_start,
+                            b.bucket_end,
+                            b.event_id,
+                            b.shift,
+                            b.shift_start,
+                            *(getattr(c, f) for f in COMPONENT_FIELDS),
+                            json.dumps(b.downtime_by_reason),
+                        )
+                    )
+            conn.execute(STORE_BUCKETS)
+        derived.record_batch(conn, events, has_buckets=bool(buckets))
+        if equipment:
+            # One statement for every equipment of the batch (sorted: a stable lock order).
+            pairs = sorted(equipment)
+            conn.execute(
+                "INSERT INTO registry.equipment(site_id, equipment_id, agent_id) "
+                "SELECT s, e, %s FROM unnest(%s::text[], %s::text[]) AS t(s, e) "
+                "ON CONFLICT (site_id, equipment_id) DO UPDATE "
+                "SET agent_id = excluded.agent_id, updated_at = now() "
+                "WHERE registry.equipment.agent_id IS DISTINCT FROM excluded.agent_id",
+                (header.agent_id, [s for s, _ in pairs], [e for _, e in pairs]),
+            )
+
+    def _quarantine(self, topic: str, payload: bytes | None, rejected: Rejected) -> None:
+        """Count a refused message by reason and keep it (payload None: not worth keeping).
+
+        A permanent refusal keeps the whole envelope: it is the only copy once the agent has
+        dropped it, and it can be stored after a fix by publishing it again."""
+        h = rejected.header
+        kept = (
+            payload if payload is None or rejected.permanent else payload[:QUARANTINE_PAYLOAD_MAX]
+        )
+        # Charged to an agent only when its signature vouches for the header naming it; an
+        # unverified refusal goes under the topic it arrived on.
+        agent, where = (h.agent_id, "") if h and rejected.verified else ("", topic[:500])
+
+        def write() -> None:
+            with self.pool.connection() as conn, conn.transaction():
+                conn.execute(
+                    "INSERT INTO ops.quarantine(reason, detail, topic, site_id, agent_id, epoch, "
+                    "seq, payload) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                    (
+                        rejected.reason,
+                        clean_detail(rejected.detail[:2000]),
+                        clean_detail(topic[:500]),
+                        h.site_id if h else None,
+                        h.agent_id if h else None,
+                        h.epoch if h else None,
+                        h.seq if h else None,
+                        kept,
+                    ),
+                )
+                conn.execute(
+                    "INSERT INTO ops.reject_counts(reason, agent_id, topic, verified, count) "
+                    "VALUES (%s, %s, %s, %s, 1) "
+                    "ON CONFLICT (reason, agent_id, topic, verified) DO UPDATE "
+                    "SET count = ops.reject_counts.count + 1, last_at = now()",
+                    (rejected.reason, agent, clean_detail(where), rejected.verified),
+                )
+
+        with_retry(write)
+
+    def _ack(self, header: EnvelopeHeader, digest: str) -> bytes:
+        return self.make_ack(header.agent_id, header.epoch, {header.seq: digest})
+
+    def make_ack(self, agent_id: str, epoch: str, digests: dict[int, str]) -> bytes:
+        """One signed ack naming the stored batches of one (agent, epoch) as seq ranges."""
+        key_id, key = self.keyring.current_ack
+        body = AckBody(
+            agent_id=agent_id,
+            epoch=epoch,
+            ranges=seq_ranges(digests),
+            digests={str(seq): digest for seq, digest in sorted(digests.items())},
+            key_id=key_id,
+        )
+        return sign_ack(body, key)
+
+    def _reject(self, topic: str, payload: bytes, rejected: Rejected) -> Outcome:
+        """Count and keep a refused message; answer a permanent refusal after that commit."""
+        metrics.INGEST_REJECTS.labels(rejected.reason).inc()
+        h = rejected.header
+        log.warning(
+            "batch rejected for good" if rejected.permanent else "batch rejected",
+            reason=rejected.reason,
+            detail=clean_detail(rejected.detail[:200]),
+            topic=clean_detail(topic[:200]),
+            verified=rejected.verified,
+            trace_id=h.trace_id if h else None,
+        )
+        self._quarantine(topic, payload, rejected)
+        if h is None or not rejected.permanent:
+            return Outcome("rejected", rejected.reason, h)
+        return Outcome(
+            "rejected",
+            rejected.reason,
+            h,
+            ack_topic=ack_topic(self.topic_prefix, h.site_id, h.agent_id),
+            rejection=self.make_rejection(h, envelope_digest(payload), rejected),
+        )
+
+    def keep_failed(self, topic: str, payload: bytes, exc: Exception) -> Outcome:
+        """Count and keep a batch that failed in an unexpected way; no answer: the failure is
+        not known to be permanent, so the agent keeps the batch and sends it again."""
+        failed = Rejected("internal_error", f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(EnvelopeError):
+            failed.header = parse_header(payload)
+        metrics.INGEST_REJECTS.labels(failed.reason).inc()
+        try:
+            self._quarantine(topic, payload, failed)
+        except Exception:  # the database is gone too: the caller's log line is what is left
+            log.exception("could not keep the failed batch in quarantine")
+        return Outcome("rejected", failed.reason, failed.header)
+
+    def make_rejection(self, header: EnvelopeHeader, digest: str, rejected: Rejected) -> bytes:
+        """The signed answer naming one refused envelope, by the key that signs acks."""
+        key_id, key = self.keyring.current_ack
+        body = RejectionBody(
+            agent_id=header.agent_id,
+            epoch=header.epoch,
+            seq=header.seq,
+            digest=digest,
+            reason=rejected.reason,
+            detail=clean_detail(rejected.detail),
+            key_id=key_id,
+        )
+        return sign_rejection(body, key)
+
+    def process(self, topic: str, payload: bytes) -> Outcome:
+        """Handle one MQTT message; never raises for bad input (database outages do raise)."""
+        try:
+            header, _, digest, events = self._check(topic, payload)
+        except Rejected as rejected:
+            return self._reject(topic, payload, rejected)
+        # The agent's trace id joins the span, the stored batch and events, and the log lines.
+        with tracing.batch_span(
+            header.trace_id, {"agent": header.agent_id, "site": header.site_id, "seq": header.seq}
+        ):
+            try:
+                result = with_retry(lambda: self._store(header, digest, events))
+            except CONTENT_ERRORS as exc:
+                # The transaction rolled back whole; this content fails the same way each time.
+                detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                content = Rejected("invalid_content", detail, header, verified=True)
+                return self._reject(topic, payload, content)
+        if result == "conflict":
+            conflict = Rejected(
+                "conflict", "same (agent, epoch, seq), different content", header, verified=True
+            )
+            log.error(
+                "batch key reused with different content",
+                trace_id=header.trace_id,
+                agent=header.agent_id,
+                epoch=header.epoch,
+                seq=header.seq,
+            )
+            return self._reject(topic, payload, conflict)
+        metrics.INGEST_BATCHES.labels(result).inc()
+        if result == "duplicate":
+            # Stored before: re-ack (the first ack may have been lost), count it, keep a trace
+            # without the payload (the identical bytes are stored already).
+            metrics.INGEST_REJECTS.labels("replay").inc()
+            replay = Rejected(
+                "replay", "identical to a stored batch; re-acked", header, verified=True
+            )
+            self._quarantine(topic, None, replay)
+        if result == "stored":
+            metrics.INGEST_EVENTS.inc(len(events))
+            with contextlib.suppress(ValueError):
+                lag = (datetime.now(UTC) - datetime.fromisoformat(header.created)).total_seconds()
+                metrics.INGEST_LAG.observe(max(0.0, lag))
+        return Outcome(
+            result,
+            None,
+            header,
+            ack=self._ack(header, digest),
+            ack_topic=ack_topic(self.topic_prefix, header.site_id, header.agent_id),
+            events=len(events) if result == "stored" else 0,
+            digest=digest,
+        )
+
+
+class IngestWorker:
+    """Subscribes (shared subscription), processes on worker threads, publishes acks."""
+
+    def __init__(
+        self,
+        store: BatchWriter,
+        broker: BrokerSettings,
+        *,
+        share_group: str = "ingest",
+        workers: int = 1,
+        client_id: str | None = None,
+        queue_size: int = 10_000,
+        ack_coalesce: int = 64,
+    ) -> None:
+        self.store = store
+        self.broker = broker
+        self.share_group = share_group
+        self.workers = workers
+        # Bounded: when full, paho's thread waits, so the broker holds (or, beyond its own
+        # limits, drops) further messages; the agents' resend recovers dropped ones.
+        self.queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=queue_size)
+        self.ack_coalesce = max(1, ack_coalesce)
+        self.stop_event = threading.Event()
+        self.processed = 0  # messages handled by this worker's threads (any outcome)
+        self.subscribed = threading.Event()
+        import secrets
+
+        self.link = MqttLink(
+            broker,
+            client_id or f"ingest-{secrets.token_hex(4)}",
+            [self.subscription],
+            on_message=self._on_message,
+            on_connection=self._on_connection,
+            on_subscribed=self._on_subscribed,
+            log=log,
+        )
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def subscription(self) -> str:
+        return f"$share/{self.share_group}/{self.store.topic_prefix}edge/+/+/v1/batches"
+
+    def _on_connection(self, up: bool) -> None:
+        if up:
+            log.info("broker connected", subscription=self.subscription)
+
+    def _on_subscribed(self) -> None:
+        # Batches published before this SUBACK went to no subscriber and wait for the
+        # agents' resend; whoever starts ingest and agents together waits for this line.
+        log.info("subscribed", subscription=self.subscription)
+        self.subscribed.set()
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        item = (topic, payload)
+        # Waiting here is the back-pressure on the broker; a stop must still end the wait
+        # (the message is not acked at the broker, so it is redelivered or resent).
+        while not self.stop_event.is_set():
+            try:
+                self.queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _process(self, topic: str, payload: bytes) -> Outcome | None:
+        """One message, waiting out database outages; None when stopping first."""
+        while not self.stop_event.is_set():
+            try:
+                return self.store.process(topic, payload)
+            except TRANSIENT as exc:
+                log.warning("database unavailable, holding the batch", error=str(exc)[:200])
+                self.stop_event.wait(2.0)
+            except Exception as exc:  # a bug must not kill the worker; the agent will resend
+                log.exception("unexpected error while processing a batch")
+                return self.store.keep_failed(topic, payload, exc)
+        return None
+
+    def _publish_acks(self, outcomes: list[Outcome]) -> None:
+        """One signed ack per (agent, epoch) naming every batch stored in this round."""
+        groups: dict[tuple[str, str, str], dict[int, str]] = {}
+        for o in outcomes:
+            if o.rejection is not None and o.ack_topic is not None:
+                self.link.publish(o.ack_topic, o.rejection, qos=1)
+                continue
+            if o.ack_topic is None or o.header is None or o.digest is None:
+                continue
+            key = (o.ack_topic, o.header.agent_id, o.header.epoch)
+            groups.setdefault(key, {})[o.header.seq] = o.digest
+        for (topic, agent_id, epoch), digests in groups.items():
+            for i in range(0, len(digests), ACK_MAX_BATCHES):
+                part = dict(sorted(digests.items())[i : i + ACK_MAX_BATCHES])
+                self.link.publish(topic, self.store.make_ack(agent_id, epoch, part), qos=1)
+
+    def _work(self) -> None:
+        while not self.stop_event.is_set():
+            items = [self.queue.get()]
+            # Whatever is already queued is handled in the same round, so its acks go out
+            # together (fewer signatures and messages under load, no added wait when idle).
+            while len(items) < self.ack_coalesce and items[-1] is not None:
+                try:
+                    items.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            outcomes: list[Outcome] = []
+            stopping = False
+            for item in items:
+                if item is None:
+                    stopping = True
+                    break
+                outcome = self._process(*item)
+                if outcome is None:
+                    stopping = True
+                    break
+                outcomes.append(outcome)
+                self.processed += 1
+            self._publish_acks(outcomes)
+            if stopping:
+                break
+
+    def start(self) -> None:
+        self.link.start()
+        for i in range(self.workers):
+            t = threading.Thread(target=self._work, name=f"ingest-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for _ in self._threads:
+            with contextlib.suppress(queue.Full):
+                self.queue.put_nowait(None)
+        for t in self._threads:
+            t.join(timeout=10)
+        self.link.stop()

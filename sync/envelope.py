@@ -160,6 +160,17 @@ class _WireModel(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
+    def __init__(self, *args: Any, **data: Any) -> None:
+        # Positional arguments in field order, as the dataclasses these models replaced took.
+        names = list(type(self).model_fields)
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__} takes at most {len(names)} arguments")
+        for name, value in zip(names, args, strict=False):
+            if name in data:
+                raise TypeError(f"{type(self).__name__} got two values for {name}")
+            data[name] = value
+        super().__init__(**data)
+
 
 class EnvelopeHeader(_WireModel):
     """The cleartext, signed routing header of one batch."""

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from oee.config import MAX_CYCLE_SECONDS, parse_duration
+from common.duration import parse_duration
+from oee.config import MAX_CYCLE_SECONDS
 
 # Modbus unit ids of devices: 0 is the broadcast address (no device answers a read), 248..255
 # are reserved.

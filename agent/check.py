@@ -23,11 +23,11 @@ from agent.config import (
     SignalConfig,
     load_config,
 )
+from common.logs import configure_logging
 from connectors.connector import Hub
 from connectors.registry import CONNECTOR_TYPES, build_hub
 from connectors.sample import Sample
 from oee.quantities import COUNTER_SIGNALS
-from sync.logs import configure_logging
 
 
 @dataclass

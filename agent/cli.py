@@ -25,6 +25,7 @@ from agent.config import (
     load_config,
 )
 from agent.status import SUMMARY_ABOVE
+from common.logs import configure_logging
 from sync.keys import (
     AgentKeys,
     KeyFileError,
@@ -33,7 +34,6 @@ from sync.keys import (
     retired_signing_keys,
     rotate_agent_signing_key,
 )
-from sync.logs import configure_logging
 from sync.version import VERSION
 
 if TYPE_CHECKING:

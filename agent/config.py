@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from agent.floor.config import OpcUaServerConfig, PlantMqttConfig
+from common.duration import Duration
 from connectors.modbus.codec import DataType, Order
 from connectors.opcua.config import node_notation_error
 from connectors.registry import CONNECTOR_TYPES, Connection
@@ -34,7 +35,6 @@ from oee.config import (
     CodeMap,
     CounterSpec,
     CycleTime,
-    Duration,
     EquipmentSpec,
     ProductSpec,
     ShiftSpec,

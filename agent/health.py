@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from oee.components import Components
+from oee.engine import to_us
 
 log = structlog.get_logger("agent.health")
 
@@ -166,22 +166,20 @@ class AgentCollector(Collector):
             labels=["equipment", "shift", "ratio"],
         )
         now_us = _now_us()
-        for equipment_id, engine in runtime.engine.engines.items():
-            current = str(engine.state)
+        for equipment_id, snap in runtime.engine.snapshots().items():
+            current = snap.state
             for name in {*STATES, current}:
                 state.add_metric([equipment_id, name], 1.0 if name == current else 0.0)
-            started_us = getattr(engine, "state_since_us", None)
-            if isinstance(started_us, int):
+            if snap.state_since is not None:
+                started_us = to_us(snap.state_since)
                 since.add_metric([equipment_id], max(0.0, (now_us - started_us) / 1_000_000))
-            key = getattr(engine, "shift_key", None)
-            totals = getattr(engine, "shift_totals", None)
-            if key and totals:
-                shift = str(key).split("@", 1)[0]
-                ratios = Components.from_mapping(totals).ratios()
+            shift = snap.closed_shift  # the shift the cloud has buckets of, as it reports
+            if shift is not None:
+                ratios = shift.ratios
                 for name in ("availability", "performance", "quality", "oee"):
                     value = getattr(ratios, name)
                     if value is not None:
-                        oee.add_metric([equipment_id, shift, name], float(value))
+                        oee.add_metric([equipment_id, shift.name, name], float(value))
         yield from (state, since, oee)
 
     def _outbox(self, runtime: Any) -> Iterable[Metric]:

@@ -128,8 +128,8 @@ def cmd_keys_opcua_server_cert(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate_opcua(args: argparse.Namespace) -> int:
+    from common.logs import configure_logging
     from connectors.opcua.simulator import serve
-    from sync.logs import configure_logging
 
     configure_logging("warning")
 

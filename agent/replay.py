@@ -54,8 +54,8 @@ from typing import Any, TextIO
 
 from agent.config import AgentConfig, ConfigError, load_config
 from connectors.sample import Sample
-from oee.components import Components, ratios
-from oee.engine import SIGNALS, EquipmentEngine, PlantEngine, from_us, to_us
+from oee.components import Components, performance_excess, ratios
+from oee.engine import SIGNALS, EquipmentEngine, FeedDiagnostic, PlantEngine, from_us, to_us
 from oee.events import AgentEvent, Event, OeeEvent
 from oee.kpis import kpis
 
@@ -148,6 +148,7 @@ class ReplayRun:
         self._next_tick: dict[str, int] = {}
         # After --to: per open stop, the time its state changes (None while unknown).
         self._stop_end: dict[str, int | None] = {}
+        self._state_at_end: dict[str, str] = {}  # with a stop open at --to: its state
 
     # -- input ----------------------------------------------------------------------------
 
@@ -236,10 +237,13 @@ class ReplayRun:
         if cursor is None:
             self._collect(engine.start(self.start))
             cursor = self.start_us
-        if ts < cursor or (ts == cursor and ts == engine.seen.get(sample.signal, (None,))[0]):
+        if ts < cursor or (ts == cursor and ts == engine.sampled_at(signal)):
             # Cheap test first: samples of one poll share a timestamp; only a second sample
-            # of the same signal at the same instant can be a duplicate.
-            self._report_late(engine, sample, ts, cursor, line)
+            # of the same signal at the same instant can be a duplicate. The engine says what
+            # it does with the sample (its own rules).
+            diagnostic = engine.diagnose(sample)
+            if diagnostic is not None:
+                self._report(diagnostic, line)
         events = engine.feed(sample)
         if events:
             self._collect(events)
@@ -249,28 +253,26 @@ class ReplayRun:
             self._collect(engine.tick(sample.ts))
             self._next_tick[eq] = ts + self.bucket_us
 
-    def _report_late(
-        self, engine: EquipmentEngine, sample: Sample, ts: int, cursor: int, line: int
-    ) -> None:
-        signal = sample.signal
-        seen = engine.seen.get(signal)
-        raw = sample.value if sample.quality == "good" else None
-        when = iso(from_us(ts))
-        if seen is not None and ts < seen[0]:
+    def _report(self, diagnostic: FeedDiagnostic, line: int) -> None:
+        signal = diagnostic.signal
+        when = iso(diagnostic.ts)
+        if diagnostic.verdict == "stale":
+            assert diagnostic.last is not None
             self.warn(
                 line,
                 "order",
                 f"out of order: {signal} at {when} is older than the {signal} sample at "
-                f"{iso(from_us(seen[0]))}; ignored",
+                f"{iso(diagnostic.last)}; ignored",
             )
-        elif seen is not None and ts == seen[0] and raw in seen[1]:
+        elif diagnostic.verdict == "duplicate":
             self.warn(line, "duplicate", f"duplicate {signal} sample at {when}; ignored")
-        elif ts < cursor:
+        else:
+            assert diagnostic.applied_at is not None
             self.warn(
                 line,
                 "order",
                 f"out of order: {signal} at {when} is earlier than samples already applied; "
-                f"it takes effect at {iso(from_us(cursor))}",
+                f"it takes effect at {iso(diagnostic.applied_at)}",
             )
 
     def _after_window(self, engine: EquipmentEngine, sample: Sample, ts: int) -> None:
@@ -279,20 +281,22 @@ class ReplayRun:
         if sample.signal != "state" or self._stop_end.get(eq) is not None:
             return  # not a state, or this equipment's question is answered
         if eq not in self._stop_end:
-            if engine.cursor_us is None:
+            if engine.cursor is None:
                 self._collect(engine.start(self.start))
             self._collect(engine.tick(self.end))  # the state at --to is now final
-            if engine.stop_judged:
+            at_end = engine.snapshot()
+            if not at_end.stop_pending:
                 self._stop_end[eq] = ts  # nothing to judge: resolved
                 return
             self._stop_end[eq] = None
+            self._state_at_end[eq] = at_end.state
         raw = sample.value if sample.quality == "good" else None
-        if engine.map_state(raw) != engine.state:
+        if engine.map_state(raw) != self._state_at_end[eq]:
             self._stop_end[eq] = ts
 
     def finish(self) -> None:
         for eq, engine in self.engines.items():
-            if engine.cursor_us is None:
+            if engine.cursor is None:
                 self._collect(engine.start(self.start))
             stop_end_us = self._stop_end.get(eq)
             stop_end = None if stop_end_us is None else from_us(stop_end_us)
@@ -359,23 +363,21 @@ class ReplayRun:
             for f in self.flags
         ]
         for eq, tally in self.tally.items():
-            performance = ratios(tally.components).performance
-            if performance is not None and performance > 1:
-                c = tally.components
+            c = tally.components
+            excess = performance_excess(c.ideal_produced_s, c.production_s, c.produced)
+            if excess is not None:
                 flags.append(
                     {
                         "equipment": eq,
                         "ts": iso(self.end),
                         "code": "performance_above_one",
-                        "message": f"{eq}: performance {performance:.3f} > 1 over the window; "
-                        "the configured ideal cycle time is probably too long",
+                        "message": f"{eq}: performance {excess.performance:.3f} > 1 over the "
+                        "window; the configured ideal cycle time is probably too long",
                         "data": {
-                            "performance": performance,
+                            "performance": excess.performance,
                             "scope": "window",
                             "configured_ideal_cycle_time_s": self.engines[eq].spec.ideal_cycle_time,
-                            "suspected_ideal_cycle_time_s": (
-                                c.production_s / c.produced if c.produced else None
-                            ),
+                            "suspected_ideal_cycle_time_s": excess.suspected_ideal_cycle_time_s,
                         },
                     }
                 )

@@ -29,7 +29,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from buffer.outbox import NewBatch, Outbox, Sealer
+from buffer.outbox import NewBatch, Outbox, Sealer, StateWrite
 from oee.components import Components
 from oee.events import CountEvent, Event, OeeEvent, StateEvent, dump_events
 from sync.envelope import EnvelopeHeader, envelope_digest, seal
@@ -121,14 +121,16 @@ def run_outbox(
     cloud = CloudPrivateKey.generate(suite).public
     key = Ed25519PrivateKey.generate()
     outbox = Outbox(folder / "outbox.db", max_bytes=64 * 1024**3, min_free_bytes=0)
-    checkpoint = json.dumps({"engine": "x" * 2000})  # a checkpoint of realistic size
+    # engine state of realistic size, committed with each flush as the agent's journal row
+    checkpoint = json.dumps({"engine": "x" * 2000}).encode()
     per_flush = batch * flush_batches
     t0 = time.perf_counter()
     for i in range(0, len(events), per_flush):
         flush = events[i : i + per_flush]
         chunks = [flush[j : j + batch] for j in range(0, len(flush), batch)]
         outbox.append(
-            [NewBatch(len(c), make_sealer(c, key, cloud, suite)) for c in chunks], checkpoint
+            [NewBatch(len(c), make_sealer(c, key, cloud, suite)) for c in chunks],
+            StateWrite(at=i, entry=checkpoint),
         )
     elapsed = time.perf_counter() - t0
     stats = outbox.stats()

@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", default="")
     args = parser.parse_args(argv)
     if args.child:
-        from sync.logs import configure_logging
+        from common.logs import configure_logging
 
         configure_logging("error")
         print(json.dumps(asyncio.run(_child(args))))

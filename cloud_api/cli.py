@@ -19,6 +19,7 @@ from cloud_api.alerts import cli as alerts_cli
 from cloud_api.config import CloudSettings, ConfigError, load_settings
 from cloud_api.db import command_connection
 from cloud_api.fleetconfig import cli as fleetconfig_cli
+from common.logs import configure_logging
 from sync.keys import (
     SUITES,
     CloudKeyring,
@@ -28,7 +29,6 @@ from sync.keys import (
     generate_cloud_hpke_keys,
     parse_ed25519_public,
 )
-from sync.logs import configure_logging
 from sync.version import VERSION
 
 

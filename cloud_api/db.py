@@ -17,6 +17,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from cloud_api.config import DatabaseSettings
+from common.retry import Backoff
 
 T = TypeVar("T")
 log = structlog.get_logger("cloud_api.db")
@@ -182,7 +183,7 @@ def with_retry(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.
         except TRANSIENT as exc:
             if attempt == attempts:
                 raise
-            delay = min(5.0, base_delay * 2 ** (attempt - 1))
+            delay = Backoff(base_delay, 5.0, jitter=False).delay(attempt - 1)
             log.warning(
                 "transient database error, retrying",
                 error=type(exc).__name__,

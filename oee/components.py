@@ -7,6 +7,7 @@ ratios are derived from sums at read time and never averaged.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -121,3 +122,29 @@ def ratios(c: Components) -> Ratios:
         quality = None
     oee = c.ideal_good_s / pbt if pbt > 0 else None
     return Ratios(availability=availability, performance=performance, quality=quality, oee=oee)
+
+
+@dataclass(frozen=True, slots=True)
+class PerformanceExcess:
+    """Performance above 1: the configured ideal cycle time is probably too long."""
+
+    performance: float
+    # The mean cycle time actually achieved bounds the true ideal cycle time from above.
+    suspected_ideal_cycle_time_s: float | None
+
+
+def performance_excess(
+    ideal_produced: float, production: float, produced: int, *, unit: float = 1.0
+) -> PerformanceExcess | None:
+    """The excess when ideal time of the parts produced exceeds the production time, else None.
+
+    `ideal_produced` and `production` share one unit, `unit` of them make a second (the engine
+    sums microseconds); the engine's shift check and replay's window check both ask here.
+    """
+    if production <= 0:
+        return None
+    performance = ideal_produced / production
+    if performance <= 1:
+        return None
+    suspected = production / produced / unit if produced else None
+    return PerformanceExcess(performance, suspected)

@@ -1,6 +1,7 @@
-"""The OEE-relevant configuration: durations, the shift calendar and each equipment's spec.
+"""The OEE-relevant configuration: the shift calendar and each equipment's spec.
 
-These models are part of the agent's YAML (the agent composes them) and of `replay`.
+These models are part of the agent's YAML (the agent composes them) and of `replay`; their
+durations are `common.duration.Duration`.
 """
 
 from __future__ import annotations
@@ -20,36 +21,15 @@ from pydantic import (
     model_validator,
 )
 
+from common.duration import Duration
 from oee.bounds import MAX_ID_CHARS, MAX_TEXT_CHARS, clean_text
 from oee.events import STATES
 from oee.quantities import counter_model_error
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, None: 1.0}
 # Longer ideal cycle times are typing errors; the bound keeps ideal times of counted parts finite.
 MAX_CYCLE_SECONDS = 86_400.0
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-
-
-def parse_duration(value: object) -> float:
-    """'1s', '1.3s', '500ms', '2m', '1h' or a number of seconds -> seconds (float)."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 1s, 500ms, 2m or a number of seconds")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    else:
-        raise ValueError(
-            f"invalid duration {value!r}: use 1s, 1.3s, 500ms, 2m, 1h or a number of seconds"
-        )
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
-    return seconds
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 def _parse_clock(value: object) -> time:

@@ -21,17 +21,42 @@ subscription notification) are one snapshot. They are held until a sample with a
 timestamp arrives, or until tick() passes their time (finish() and mark_unknown() apply them
 at once), and then applied together in a fixed order (_RANK), so the result does not depend
 on the order of the signals in the YAML. An open scan is part of the checkpoint.
+
+Read API (health, metrics and replay read the engine only through it, and so should
+plant-floor outputs): `EquipmentEngine.snapshot()` returns an `EquipmentSnapshot`, a
+frozen copy of what the engine knows at that instant: the state, since when and why, the
+product, the instant accounted up to (`cursor`), the last counter readings, the running
+shift (name, start, components over its closed buckets and, `live`, with the open buckets
+added; its A/P/Q/OEE from the closed buckets) and the shift of the last closed bucket
+(`closed_shift`, what the cloud has so far), the open bucket and the last bucket closed
+since the engine started, whether a stop waits for its end to be classified, and how many
+samples were refused as stale or duplicate. `PlantEngine.snapshots()` returns them all by
+equipment id. `EquipmentEngine.diagnose(sample)`, asked before `feed(sample)`, says what
+feed() will do with a sample that is not simply applied at its own time: a `FeedDiagnostic`
+("stale": older than the signal's last sample, ignored; "duplicate": the same value at the
+same instant, ignored; "late": older than the time already taken, applied at that time) or
+None. A snapshot costs a copy of the open buckets: ask for one per status read, not per
+sample.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from types import MappingProxyType
+from typing import Any, Literal, Protocol
 
 from oee.bounds import clean_text, int_or_text, number_in_bounds
 from oee.calendar import ShiftCalendar
-from oee.components import COMPONENT_FIELDS, INTEGER_FIELDS, Components
+from oee.components import (
+    COMPONENT_FIELDS,
+    INTEGER_FIELDS,
+    Components,
+    Ratios,
+    performance_excess,
+)
 from oee.config import CounterSpec, EquipmentSpec
 from oee.counters import MAX_COUNTER_DELTA, counter_delta
 from oee.events import AgentEvent, CountEvent, Event, OeeEvent, StateEvent
@@ -95,6 +120,102 @@ class SampleLike(Protocol):
     def ts(self) -> datetime: ...
     @property
     def quality(self) -> str: ...
+
+
+# -- read API -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BucketSnapshot:
+    """One bucket as the engine holds it (open) or emitted it (closed)."""
+
+    start: datetime
+    end: datetime
+    shift: str | None
+    shift_start: datetime | None
+    components: Components
+
+
+@dataclass(frozen=True, slots=True)
+class ShiftSnapshot:
+    """The shift of the latest bucket accounted in a shift (see EquipmentSnapshot.shift)."""
+
+    name: str
+    start: datetime | None
+    closed: Components  # the shift's closed buckets (what its OEE events carry so far)
+    live: Components  # closed plus the shift's open buckets (a stop not yet judged: not yet)
+
+    @property
+    def ratios(self) -> Ratios:
+        """A, P, Q and OEE over the closed buckets (the shift-to-date figure of the events)."""
+        return self.closed.ratios()
+
+
+SampleVerdict = Literal["stale", "duplicate", "late"]
+
+
+@dataclass(frozen=True, slots=True)
+class FeedDiagnostic:
+    """What feed() does with a sample that is not simply applied at its own time.
+
+    stale      older than the signal's latest sample (`last`): ignored
+    duplicate  the same value of the signal at the same instant again: ignored
+    late       older than the time already taken (`applied_at`): applied at that time
+    """
+
+    verdict: SampleVerdict
+    equipment_id: str
+    signal: str
+    ts: datetime
+    last: datetime | None = None
+    applied_at: datetime | None = None
+
+    @property
+    def ignored(self) -> bool:
+        return self.verdict != "late"
+
+
+@dataclass(frozen=True, slots=True)
+class EquipmentSnapshot:
+    """A frozen copy of one equipment's engine state (EquipmentEngine.snapshot())."""
+
+    equipment_id: str
+    state: str
+    state_since: datetime | None
+    reason: str | None  # the reason register's meaning (set while running too)
+    product: str | None
+    cursor: datetime | None  # time is accounted up to here (None: not started)
+    counters: Mapping[str, int]  # the last reading of each counter signal
+    shift: ShiftSnapshot | None  # None before a bucket in a shift is accounted
+    # The shift of the last bucket closed in a shift (what the cloud has of it so far); the
+    # same as `shift` except from a shift's start until its first bucket closes.
+    closed_shift: ShiftSnapshot | None
+    open_bucket: BucketSnapshot | None  # the bucket time is being accounted in
+    last_closed: BucketSnapshot | None  # the latest bucket closed since the engine started
+    stop_pending: bool  # a stop goes on whose class (micro-stop or not) waits for its end
+    refused: Mapping[str, int] = field(default_factory=dict)  # {"stale": n, "duplicate": n}
+
+    @property
+    def state_seconds(self) -> float | None:
+        """Seconds in the current state up to the accounted time."""
+        if self.state_since is None or self.cursor is None:
+            return None
+        return max(0.0, (self.cursor - self.state_since).total_seconds())
+
+
+def parse_shift_key(key: str) -> tuple[str, datetime | None]:
+    """The (shift name, shift start) of a shift key (`<name>@<start in microseconds>`)."""
+    name, _, start = key.rpartition("@")
+    if not name:
+        return key, None
+    try:
+        return name, from_us(int(start))
+    except ValueError:
+        return name, None
+
+
+def _shift_key(shift: str, shift_start: int | None) -> str:
+    return f"{shift}@{shift_start}"
 
 
 def _new_values() -> dict[str, int]:
@@ -180,10 +301,22 @@ class _Bucket:
         return bucket
 
     def components(self) -> Components:
-        v = self.values
-        return Components.model_validate(
-            {name: v[name] / US if name in _SCALED else v[name] for name in COMPONENT_FIELDS}
+        return _components(self.values)
+
+    def snapshot(self) -> BucketSnapshot:
+        return BucketSnapshot(
+            start=from_us(self.start),
+            end=from_us(self.end),
+            shift=self.shift,
+            shift_start=None if self.shift_start is None else from_us(self.shift_start),
+            components=self.components(),
         )
+
+
+def _components(v: dict[str, int]) -> Components:
+    return Components.model_validate(
+        {name: v[name] / US if name in _SCALED else v[name] for name in COMPONENT_FIELDS}
+    )
 
 
 class EquipmentEngine:
@@ -232,6 +365,8 @@ class EquipmentEngine:
         self._unmapped: str | None = None
         self._state_raw: object = None  # raw value behind self.state (a repeat changes nothing)
         self._stale: set[str] = set()
+        self._refused = {"stale": 0, "duplicate": 0}  # since start: diagnostics, not state
+        self._last_closed: BucketSnapshot | None = None
         self._effects = counter_effects(spec.counters)
         # counter -> the width its stored reading was taken at, where that is not the width
         # of its spec (the width changed since): the next reading is measured in it
@@ -252,6 +387,89 @@ class EquipmentEngine:
     @property
     def state_since(self) -> datetime | None:
         return None if self.state_since_us is None else from_us(self.state_since_us)
+
+    # -- read API (module docstring) ----------------------------------------------------
+
+    def snapshot(self) -> EquipmentSnapshot:
+        """A frozen copy of this equipment's state, shift and counters."""
+        cursor = self.cursor_us
+        open_bucket: _Bucket | None = None
+        for bucket in self.buckets.values():  # time order: the latest, or the cursor's
+            open_bucket = bucket
+            if cursor is not None and bucket.start <= cursor < bucket.end:
+                break
+        return EquipmentSnapshot(
+            equipment_id=self.spec.id,
+            state=self.state,
+            state_since=self.state_since,
+            reason=self.reason,
+            product=self.product,
+            cursor=self.cursor,
+            counters=MappingProxyType(dict(self.counters)),
+            shift=self._shift_snapshot(self._running_shift_key()),
+            closed_shift=self._shift_snapshot(self.shift_key),
+            open_bucket=None if open_bucket is None else open_bucket.snapshot(),
+            last_closed=self._last_closed,
+            stop_pending=not self.stop_judged,
+            refused=MappingProxyType(dict(self._refused)),
+        )
+
+    def _running_shift_key(self) -> str | None:
+        # The running shift is the one of the latest bucket accounted in a shift; its closed
+        # buckets are summed in shift_totals (under shift_key) as they close.
+        latest: _Bucket | None = None
+        for bucket in self.buckets.values():
+            if bucket.shift is not None:
+                latest = bucket
+        if latest is None or latest.shift is None:
+            return self.shift_key
+        return _shift_key(latest.shift, latest.shift_start)
+
+    def _shift_snapshot(self, key: str | None) -> ShiftSnapshot | None:
+        if key is None:
+            return None
+        closed = self.shift_totals if key == self.shift_key else _new_values()
+        live = dict(closed)
+        for bucket in self.buckets.values():
+            if bucket.shift is not None and _shift_key(bucket.shift, bucket.shift_start) == key:
+                for name, value in bucket.values.items():
+                    live[name] += value
+        name, start = parse_shift_key(key)
+        return ShiftSnapshot(name, start, _components(closed), _components(live))
+
+    def sampled_at(self, signal: str) -> int | None:
+        """The source time (microseconds) of the signal's latest sample taken, if any.
+
+        A sample later than both this and `latest_us` is simply applied: callers that feed
+        many samples ask `diagnose()` only when that cheap test fails.
+        """
+        seen = self.seen.get(signal)
+        return None if seen is None else seen[0]
+
+    def diagnose(self, sample: SampleLike) -> FeedDiagnostic | None:
+        """What feed(sample) would do with it, when not simply applying it at its own time.
+
+        Changes nothing; ask before feed(). See FeedDiagnostic.
+        """
+        signal = sample.signal
+        ts = to_us(sample.ts)
+        seen = self.seen.get(signal)
+        if seen is not None:
+            if ts < seen[0]:
+                return FeedDiagnostic(
+                    "stale", self.spec.id, signal, sample.ts, last=from_us(seen[0])
+                )
+            raw = sample.value if sample.quality == "good" else None
+            if ts == seen[0] and raw in seen[1]:
+                return FeedDiagnostic(
+                    "duplicate", self.spec.id, signal, sample.ts, last=from_us(seen[0])
+                )
+        latest = self.latest_us
+        if latest is not None and ts < latest:
+            return FeedDiagnostic(
+                "late", self.spec.id, signal, sample.ts, applied_at=from_us(latest)
+            )
+        return None
 
     # -- public interface -------------------------------------------------------------
 
@@ -554,6 +772,7 @@ class EquipmentEngine:
         seen = self.seen.get(signal)
         if seen is not None:
             if ts < seen[0]:
+                self._refused["stale"] += 1
                 if signal not in self._stale:
                     # Once per stale run: a source clock that jumped back would otherwise
                     # produce one event per sample.
@@ -570,6 +789,7 @@ class EquipmentEngine:
                 # All values already taken at this instant are remembered, not only the
                 # last: a stream fed twice repeats every one of them.
                 if raw in seen[1]:
+                    self._refused["duplicate"] += 1
                     return False
                 seen[1].append(raw)
                 return True
@@ -727,6 +947,7 @@ class EquipmentEngine:
 
     def _emit_bucket(self, bucket: _Bucket) -> None:
         v = bucket.values
+        self._last_closed = bucket.snapshot()
         shift_start = None if bucket.shift_start is None else from_us(bucket.shift_start)
         end = from_us(bucket.end)
         self._out.append(
@@ -760,7 +981,7 @@ class EquipmentEngine:
             )
         if bucket.shift is None:
             return
-        key = f"{bucket.shift}@{bucket.shift_start}"
+        key = _shift_key(bucket.shift, bucket.shift_start)
         if key != self.shift_key:
             self.shift_totals = _new_values()
             self.shift_key = key
@@ -772,13 +993,12 @@ class EquipmentEngine:
 
     def _check_shift(self, bucket: _Bucket, shift_start: datetime | None) -> None:
         totals = self.shift_totals
-        production = totals["production_s"]
-        if production <= 0 or totals["ideal_produced_s"] <= production:
+        excess = performance_excess(
+            totals["ideal_produced_s"], totals["production_s"], totals["produced"], unit=US
+        )
+        if excess is None:
             return
-        performance = totals["ideal_produced_s"] / production
-        produced = totals["produced"]
-        # The mean cycle time actually achieved bounds the true ideal cycle time from above.
-        suspected = production / produced / US if produced else None
+        performance, suspected = excess.performance, excess.suspected_ideal_cycle_time_s
         self._agent(
             bucket.end,
             "performance_above_one",
@@ -1051,6 +1271,10 @@ class PlantEngine:
     def set_counter(self, equipment_id: str, signal: str, counter: CounterSpec) -> None:
         """See EquipmentEngine.set_counter."""
         self.engines[equipment_id].set_counter(signal, counter)
+
+    def snapshots(self) -> dict[str, EquipmentSnapshot]:
+        """Every equipment's snapshot by id (see the module docstring)."""
+        return {eq: engine.snapshot() for eq, engine in self.engines.items()}
 
     def feed(self, sample: SampleLike) -> list[Event]:
         engine = self.engines.get(sample.equipment_id)

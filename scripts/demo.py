@@ -33,9 +33,9 @@ from psycopg import sql
 from agent.config import AgentConfig, load_config
 from agent.plant_history import MachineCounters, plant_history
 from agent.runtime import AgentRuntime
+from common.logs import configure_logging
 from connectors.modbus.simulator import Press, PressLine
 from sync.keys import AgentKeys
-from sync.logs import configure_logging
 
 ROOT = Path(__file__).resolve().parent.parent
 VAR = ROOT / "var" / "demo"

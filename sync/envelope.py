@@ -30,7 +30,7 @@ import secrets
 import struct
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -39,6 +39,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sync.keys import (
     SUITE_MLKEM768X25519,
@@ -123,6 +124,15 @@ def _canonical(obj: Any) -> bytes:
     ).encode("ascii")
 
 
+def _reason_of(exc: Exception) -> str:
+    """One line for a refused header or body (pydantic's report spans several lines)."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'header'}: {e['msg']}" for e in exc.errors()
+        )
+    return str(exc)
+
+
 def _check_id(name: str, value: object, *, optional: bool = False) -> None:
     if optional and value is None:
         return
@@ -144,8 +154,25 @@ def _check_utc(name: str, value: object) -> None:
         raise ValueError(f"{name} must be UTC")
 
 
-@dataclass(frozen=True, kw_only=True)
-class EnvelopeHeader:
+class _WireModel(BaseModel):
+    """A message of the wire: immutable, no unknown field, no type coercion (JSON `true` is
+    not the integer 1, `"7"` not the seq 7)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    def __init__(self, *args: Any, **data: Any) -> None:
+        # Positional arguments in field order, as the dataclasses these models replaced took.
+        names = list(type(self).model_fields)
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__} takes at most {len(names)} arguments")
+        for name, value in zip(names, args, strict=False):
+            if name in data:
+                raise TypeError(f"{type(self).__name__} got two values for {name}")
+            data[name] = value
+        super().__init__(**data)
+
+
+class EnvelopeHeader(_WireModel):
     """The cleartext, signed routing header of one batch."""
 
     agent_id: str
@@ -156,12 +183,13 @@ class EnvelopeHeader:
     signing_key_id: str
     cloud_key_id: str
     suite: Suite = SUITE_X25519
-    created: str = field(default_factory=utc_now_iso)
+    created: str = Field(default_factory=utc_now_iso)
     compression: str = "zstd"
     trace_id: str | None = None
     version: int = 1
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> EnvelopeHeader:
         if type(self.version) is not int or self.version != 1:
             raise ValueError("version must be 1")
         if self.suite not in SUITES:
@@ -174,12 +202,13 @@ class EnvelopeHeader:
         _check_utc("created", self.created)
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}")
+        return self
 
     def to_bytes(self) -> bytes:
         return _canonical({name: getattr(self, name) for name in sorted(_HEADER_FIELDS)})
 
 
-_HEADER_FIELDS = frozenset(f.name for f in fields(EnvelopeHeader))
+_HEADER_FIELDS = frozenset(EnvelopeHeader.model_fields)
 
 
 @dataclass(frozen=True)
@@ -265,7 +294,7 @@ def _header_from(hb: bytes) -> EnvelopeHeader:
     try:
         header = EnvelopeHeader(**d)
     except (ValueError, TypeError) as exc:
-        raise EnvelopeError("malformed", str(exc)) from exc
+        raise EnvelopeError("malformed", _reason_of(exc)) from exc
     if header.to_bytes() != hb:
         raise EnvelopeError("malformed", "header is not canonical")
     return header
@@ -369,37 +398,45 @@ def open_envelope(
 # --- acks -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AckBody:
+class AckBody(_WireModel):
     """What the cloud stored: inclusive seq ranges of one (agent, epoch) and their digests."""
 
     agent_id: str
     epoch: str
-    ranges: Sequence[tuple[int, int]]
-    digests: Mapping[str, str]  # str(seq) -> sha256 hex of the stored envelope
+    ranges: Sequence[tuple[int, int]]  # normalised to a tuple of tuples
+    digests: dict[str, str]  # str(seq) -> sha256 hex of the stored envelope
     key_id: str
-    ack_id: str = field(default_factory=lambda: secrets.token_hex(16))
-    issued: str = field(default_factory=utc_now_iso)
+    ack_id: str = Field(default_factory=lambda: secrets.token_hex(16))
+    issued: str = Field(default_factory=utc_now_iso)
 
-    def __post_init__(self) -> None:
-        for name in ("agent_id", "epoch", "key_id", "ack_id"):
-            _check_id(name, getattr(self, name))
-        _check_utc("issued", self.issued)
-        if not isinstance(self.ranges, Sequence) or not self.ranges:
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise(cls, data: Any) -> Any:
+        # Ranges arrive as JSON lists: checked here and made tuples (the strict model's type).
+        if not isinstance(data, dict):
+            return data
+        raw_ranges = data.get("ranges")
+        if not isinstance(raw_ranges, Sequence) or isinstance(raw_ranges, str) or not raw_ranges:
             raise ValueError("ranges must be a non-empty list")
         ranges: list[tuple[int, int]] = []
-        for r in self.ranges:
-            if not isinstance(r, Sequence) or len(r) != 2:
+        for r in raw_ranges:
+            if not isinstance(r, Sequence) or isinstance(r, str) or len(r) != 2:
                 raise ValueError("each range is [first_seq, last_seq]")
             _check_int("first_seq", r[0], _MAX_SEQ)
             _check_int("last_seq", r[1], _MAX_SEQ)
             if r[0] > r[1]:
                 raise ValueError("first_seq > last_seq")
             ranges.append((r[0], r[1]))
-        # normalise lists from JSON into immutable tuples (frozen dataclass, hence setattr)
-        object.__setattr__(self, "ranges", tuple(ranges))
-        if not isinstance(self.digests, Mapping):
+        digests = data.get("digests")
+        if not isinstance(digests, Mapping):
             raise ValueError("digests must be an object")
+        return {**data, "ranges": tuple(ranges), "digests": dict(digests)}
+
+    @model_validator(mode="after")
+    def _check(self) -> AckBody:
+        for name in ("agent_id", "epoch", "key_id", "ack_id"):
+            _check_id(name, getattr(self, name))
+        _check_utc("issued", self.issued)
         for seq, digest in self.digests.items():
             if not isinstance(seq, str) or not seq.isdigit() or seq != str(int(seq)):
                 raise ValueError("digest keys must be decimal seqs")
@@ -407,7 +444,7 @@ class AckBody:
                 raise ValueError(f"digest for seq {seq} outside the acked ranges")
             if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
                 raise ValueError("digests must be sha256 hex")
-        object.__setattr__(self, "digests", dict(self.digests))
+        return self
 
     def covers(self, seq: int) -> bool:
         return any(first <= seq <= last for first, last in self.ranges)
@@ -419,7 +456,7 @@ class AckBody:
         return d
 
 
-_ACK_FIELDS = frozenset(f.name for f in fields(AckBody))
+_ACK_FIELDS = frozenset(AckBody.model_fields)
 
 
 def clean_detail(text: str) -> str:
@@ -428,8 +465,7 @@ def clean_detail(text: str) -> str:
     return "".join(c if " " <= c <= "~" else "?" for c in text[:_DETAIL_MAX])
 
 
-@dataclass(frozen=True)
-class RejectionBody:
+class RejectionBody(_WireModel):
     """A batch the cloud refuses for good: its key, the digest of the envelope, the reason.
 
     Only the envelope with that digest is named, so a rejection can never delete another
@@ -442,10 +478,11 @@ class RejectionBody:
     reason: str  # a stable label, as counted and kept in quarantine
     detail: str
     key_id: str
-    rejection_id: str = field(default_factory=lambda: secrets.token_hex(16))
-    issued: str = field(default_factory=utc_now_iso)
+    rejection_id: str = Field(default_factory=lambda: secrets.token_hex(16))
+    issued: str = Field(default_factory=utc_now_iso)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> RejectionBody:
         for name in ("agent_id", "epoch", "key_id", "rejection_id"):
             _check_id(name, getattr(self, name))
         _check_utc("issued", self.issued)
@@ -456,12 +493,13 @@ class RejectionBody:
             raise ValueError(f"reason must match {_REASON.pattern}")
         if not isinstance(self.detail, str) or clean_detail(self.detail) != self.detail:
             raise ValueError(f"detail must be printable ASCII of at most {_DETAIL_MAX} chars")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _REJECTION_FIELDS}
 
 
-_REJECTION_FIELDS = frozenset(f.name for f in fields(RejectionBody))
+_REJECTION_FIELDS = frozenset(RejectionBody.model_fields)
 # The outer key says which message it is; each has its own signing context.
 _CLOUD_MESSAGES: dict[str, tuple[bytes, frozenset[str], type[AckBody] | type[RejectionBody]]] = {
     "body": (ACK_CONTEXT, _ACK_FIELDS, AckBody),
@@ -523,7 +561,7 @@ def verify_cloud_message(
     try:
         message = model(**body)
     except (ValueError, TypeError) as exc:
-        raise AckError("malformed", str(exc)[:200]) from exc
+        raise AckError("malformed", _reason_of(exc)[:200]) from exc
     if message.agent_id != agent_id:
         raise AckError("wrong_agent", message.agent_id)
     return message

@@ -12,8 +12,9 @@ Every key, public or private, is stored and exchanged as ONE text line ``<type>:
     x25519-private:<32 raw bytes>
     mlkem768x25519-private:<64-byte ML-KEM seed + 32 X25519 bytes>
 
-(PEM has no encoding for the hybrid key, so one format is used for all.) Private key files are
-written atomically with mode 0600 and are refused on load if group/other have any access.
+(PEM has no encoding for the hybrid key, so one format is used for all.) Key files follow the
+rules of `common.keydir`: private ones written atomically with mode 0600 and refused on load
+if group/other have any access, directories created 0700.
 
 Cloud key directory (``CloudKeyring``), several keys kept for rotation:
 
@@ -34,9 +35,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
-import secrets
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +43,19 @@ from typing import Literal
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from common import keydir
+from common.keydir import (
+    ensure_directory,
+    load_ring,
+    read_current,
+    read_lines,
+    read_one_current,
+    read_private,
+    store_current,
+    write_private_line,
+    write_public_lines,
+)
 
 Suite = Literal["x25519-hkdfsha256-aes256gcm", "mlkem768x25519-hkdfsha256-aes256gcm"]
 SUITE_X25519: Suite = "x25519-hkdfsha256-aes256gcm"
@@ -57,9 +68,7 @@ HpkePrivateKey = x25519.X25519PrivateKey | hpke.MLKEM768X25519PrivateKey
 _PUBLIC_PREFIX: dict[Suite, str] = {SUITE_X25519: "x25519", SUITE_MLKEM768X25519: "mlkem768x25519"}
 _MLKEM_SEED, _MLKEM_PUB, _X25519_LEN = 64, 1184, 32
 
-
-class KeyFileError(Exception):
-    """A key file or key line is missing, malformed, unsafe, or would be overwritten."""
+KeyFileError = keydir.KeyFileError  # the one error of every key file (common.keydir)
 
 
 def key_id(raw_public: bytes) -> str:
@@ -203,80 +212,23 @@ def parse_cloud_private(line: str) -> CloudPrivateKey:
 # --- files ----------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str, *, mode: int, overwrite: bool) -> None:
-    """Write via a fresh O_EXCL temp file with the final mode, fsync, then rename into place.
-
-    The temp file is created with ``mode`` from the start, so a private key is never readable
-    by others, not even for an instant. Without ``overwrite`` the final step is a hard link,
-    which fails atomically if the target exists (no check-then-write race).
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            os.fchmod(fh.fileno(), mode)  # the umask may have narrowed it; make it exact
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise KeyFileError(f"{path} exists; pass overwrite=True to replace it") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def write_private_line(path: Path, line: str, *, overwrite: bool = False) -> None:
-    _write_atomic(path, line + "\n", mode=0o600, overwrite=overwrite)
-
-
-def write_public_lines(path: Path, lines: list[str], *, overwrite: bool = True) -> None:
-    _write_atomic(path, "".join(f"{ln}\n" for ln in lines), mode=0o644, overwrite=overwrite)
-
-
-def _read_private(path: Path) -> str:
-    try:
-        st = path.stat()
-        if stat.S_IMODE(st.st_mode) & 0o077:
-            raise KeyFileError(f"{path} is accessible by group/other; chmod 600 it")
-        return path.read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KeyFileError(f"cannot read private key {path}: {exc}") from exc
-
-
-def _read_lines(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KeyFileError(f"cannot read {path}: {exc}") from exc
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-
-
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
     """Load an Ed25519 private key file (agent signing key or cloud ack key)."""
-    return parse_ed25519_private(_read_private(path))
+    return parse_ed25519_private(read_private(path))
 
 
 def load_cloud_private(path: Path) -> CloudPrivateKey:
-    return parse_cloud_private(_read_private(path))
+    return parse_cloud_private(read_private(path))
 
 
 def load_ed25519_publics(path: Path) -> dict[str, Ed25519PublicKey]:
     """Load every ``ed25519:`` line of a file, keyed by key id."""
-    keys = [parse_ed25519_public(ln) for ln in _read_lines(path)]
+    keys = [parse_ed25519_public(ln) for ln in read_lines(path)]
     return {ed25519_key_id(k): k for k in keys}
 
 
 def load_cloud_public(path: Path) -> CloudPublicKey:
-    lines = _read_lines(path)
+    lines = read_lines(path)
     if len(lines) != 1:
         raise KeyFileError(f"{path} must hold exactly one HPKE public key line")
     return parse_cloud_public(lines[0])
@@ -284,7 +236,7 @@ def load_cloud_public(path: Path) -> CloudPublicKey:
 
 def load_cloud_publics(path: Path) -> list[CloudPublicKey]:
     """One or more HPKE public key lines, at most one per suite (the first is the default)."""
-    keys = [parse_cloud_public(ln) for ln in _read_lines(path)]
+    keys = [parse_cloud_public(ln) for ln in read_lines(path)]
     if not keys:
         raise KeyFileError(f"{path} holds no HPKE public key")
     suites = [k.suite for k in keys]
@@ -326,12 +278,11 @@ def generate_cloud_ack_key(directory: Path, *, make_current: bool = True) -> Ed2
 def _store_pair(
     directory: Path, prefix: str, kid: str, private: str, public: str, *, make_current: bool
 ) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_directory(directory)
     write_private_line(directory / f"{prefix}-{kid}.key", private)
     write_public_lines(directory / f"{prefix}-{kid}.pub", [public])
     if make_current:
-        # Written after the key itself, so the pointer never names a key that is not on disk.
-        write_public_lines(directory / f"{prefix}.current", [kid])
+        store_current(directory, prefix, [kid])
 
 
 def generate_cloud_hpke_keys(
@@ -347,7 +298,7 @@ def generate_cloud_hpke_keys(
         pointer = directory / "hpke.current"
         current: dict[Suite, str] = {}
         if pointer.exists():
-            for kid in _read_lines(pointer):
+            for kid in read_lines(pointer):
                 current[load_cloud_private(directory / f"hpke-{kid}.key").suite] = kid
         for key in created:
             current[key.suite] = key.key_id  # in place when the suite exists, else appended
@@ -371,24 +322,14 @@ class CloudKeyring:
 
     @classmethod
     def load(cls, directory: Path) -> CloudKeyring:
-        hpke_keys: dict[str, CloudPrivateKey] = {}
-        for path in sorted(directory.glob("hpke-*.key")):
-            k = load_cloud_private(path)
-            _check_name(path, "hpke", k.key_id)
-            hpke_keys[k.key_id] = k
-        ack_keys: dict[str, Ed25519PrivateKey] = {}
-        for path in sorted(directory.glob("ack-*.key")):
-            a = load_signing_key(path)
-            _check_name(path, "ack", ed25519_key_id(a.public_key()))
-            ack_keys[ed25519_key_id(a.public_key())] = a
-        hpke_current = _current_per_suite(directory / "hpke.current", hpke_keys)
-        return cls(
-            hpke_keys,
-            ack_keys,
-            hpke_current[0],
-            _current(directory / "ack.current", ack_keys),
-            tuple(hpke_current),
+        hpke_keys = load_ring(directory, "hpke", load_cloud_private, lambda k: k.key_id)
+        ack_keys = load_ring(
+            directory, "ack", load_signing_key, lambda a: ed25519_key_id(a.public_key())
         )
+        hpke_current = _current_per_suite(directory, hpke_keys)
+        ack_current = read_one_current(directory, "ack", ack_keys)
+        assert ack_current is not None  # required: read_one_current raised otherwise
+        return cls(hpke_keys, ack_keys, hpke_current[0], ack_current, tuple(hpke_current))
 
     @property
     def current_hpke_keys(self) -> list[CloudPrivateKey]:
@@ -412,26 +353,12 @@ class CloudKeyring:
         return {kid: k.public_key() for kid, k in self.ack.items()}
 
 
-def _check_name(path: Path, prefix: str, kid: str) -> None:
-    if path.name != f"{prefix}-{kid}.key":
-        raise KeyFileError(f"{path} holds key {kid}; its name must be {prefix}-{kid}.key")
-
-
-def _current_per_suite(pointer: Path, keys: Mapping[str, CloudPrivateKey]) -> list[str]:
-    lines = _read_lines(pointer)
-    if not lines or any(kid not in keys for kid in lines):
-        raise KeyFileError(f"{pointer} must name keys present in {pointer.parent}")
+def _current_per_suite(directory: Path, keys: Mapping[str, CloudPrivateKey]) -> list[str]:
+    lines = read_current(directory, "hpke", keys)
     suites = [keys[kid].suite for kid in lines]
     if len(set(suites)) != len(suites):
-        raise KeyFileError(f"{pointer} names two current keys of the same suite")
+        raise KeyFileError(f"{directory / 'hpke.current'} names two current keys of the same suite")
     return lines
-
-
-def _current(pointer: Path, keys: Mapping[str, object]) -> str:
-    lines = _read_lines(pointer)
-    if len(lines) != 1 or lines[0] not in keys:
-        raise KeyFileError(f"{pointer} must name one key present in {pointer.parent}")
-    return lines[0]
 
 
 # --- agent keys -----------------------------------------------------------------------------
@@ -439,7 +366,7 @@ def _current(pointer: Path, keys: Mapping[str, object]) -> str:
 
 def generate_agent_signing_key(directory: Path, *, overwrite: bool = False) -> Ed25519PrivateKey:
     """Create ``signing.key`` (0600) and ``signing.pub`` (the line for the fleet registry)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_directory(directory)
     key = Ed25519PrivateKey.generate()
     line = _line("ed25519-private", key.private_bytes_raw())
     write_private_line(directory / "signing.key", line, overwrite=overwrite)
@@ -457,7 +384,7 @@ def rotate_agent_signing_key(directory: Path) -> tuple[Ed25519PrivateKey, str]:
     old = load_signing_key(directory / "signing.key")
     old_line = ed25519_line(old.public_key())
     retired_path = directory / "signing-retired.pub"
-    retired = _read_lines(retired_path) if retired_path.exists() else []
+    retired = read_lines(retired_path) if retired_path.exists() else []
     if old_line not in retired:
         write_public_lines(retired_path, [*retired, old_line])
     new = generate_agent_signing_key(directory, overwrite=True)
@@ -482,7 +409,7 @@ def install_cloud_public_keys(
         raise KeyFileError("expected one HPKE public key line per suite")
     for ln in ack_lines:
         parse_ed25519_public(ln)
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_directory(directory)
     write_public_lines(directory / "cloud-hpke.pub", [ln.strip() for ln in hpke_lines])
     write_public_lines(directory / "cloud-ack.pub", [ln.strip() for ln in ack_lines])
 

@@ -7,27 +7,25 @@ of the uplink has durably recorded the loss (`on_rejected`).
 Unacked batches are resent after `ack_timeout` (brokers drop queued QoS 1 messages for
 slow subscribers), with at most `max_in_flight` unacked batches on the wire.
 
-paho-mqtt runs its network loop in its own thread; its callbacks only hand work to the
-asyncio loop (call_soon_threadsafe), so the outbox is touched from one thread.
+The MQTT client is `common.mqtt.MqttLink` (paho's network loop in its own thread); its
+callbacks only hand work to the asyncio loop (call_soon_threadsafe), so the outbox is touched
+from one thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import paho.mqtt.client as mqtt
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
+from common import mqtt as mqtt_link
 from sync.config_message import config_topic
 from sync.envelope import AckBody, AckError, RejectionBody, verify_cloud_message
 
@@ -70,16 +68,9 @@ RejectionHandler = Callable[[RejectionBody, int], bool]
 then does the batch leave the outbox (otherwise it is sent again and refused again)."""
 
 
-@dataclass
-class BrokerSettings:
-    host: str = "127.0.0.1"
-    port: int = 1883
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-    ca_file: str | None = None
-    keepalive: int = 30
-    client_id: str = ""
+# Where they were defined before common.mqtt took them over (agent and tests import them here).
+BrokerSettings = mqtt_link.BrokerSettings
+make_client = mqtt_link.make_client
 
 
 @dataclass
@@ -90,22 +81,6 @@ class UplinkStats:
     acks_rejected: int = 0
     rejected_batches: int = 0  # refused for good by the cloud, loss recorded, removed
     connected: bool = False
-
-
-def make_client(settings: BrokerSettings, client_id: str) -> mqtt.Client:
-    """A paho 2.x MQTT 5 client with credentials and TLS from the settings."""
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=mqtt.MQTTv5,
-    )
-    if settings.username is not None:
-        client.username_pw_set(settings.username, settings.password)
-    if settings.tls:
-        context = ssl.create_default_context(cafile=settings.ca_file)
-        client.tls_set_context(context)
-    client.reconnect_delay_set(min_delay=1, max_delay=30)
-    return client
 
 
 class Uplink:
@@ -146,48 +121,32 @@ class Uplink:
         self._acks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10_000)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._log = structlog.get_logger("sync.uplink").bind(agent=agent, site=site)
-        self._client = make_client(settings, settings.client_id or f"edge-{site}-{agent}")
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
+        self._link = mqtt_link.MqttLink(
+            settings,
+            settings.client_id or f"edge-{site}-{agent}",
+            self._subscriptions,
+            on_message=self._on_message,
+            on_connection=self._on_connection,
+            log=self._log,
+        )
 
     # -- paho thread ------------------------------------------------------------------------
 
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: Any,
-        reason: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        if reason.is_failure:
-            self._log.warning("broker refused connection", reason=str(reason))
-            return
-        client.subscribe(self.ack_topic, qos=1)
-        if self.on_config is not None:
-            client.subscribe(self.config_topic, qos=1)
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._connected, True)
+    def _subscriptions(self) -> list[str]:
+        """Asked at each connect: the config topic only once an owner takes configurations."""
+        return [self.ack_topic] + ([self.config_topic] if self.on_config is not None else [])
 
-    def _on_disconnect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: Any,
-        reason: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
+    def _on_connection(self, up: bool) -> None:
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._connected, False)
+            self._loop.call_soon_threadsafe(self._connected, up)
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, topic: str, payload: bytes) -> None:
         if self._loop is None:
             return
-        if message.topic == self.config_topic and self.on_config is not None:
-            self._loop.call_soon_threadsafe(self.on_config, bytes(message.payload))
+        if topic == self.config_topic and self.on_config is not None:
+            self._loop.call_soon_threadsafe(self.on_config, payload)
             return
-        self._loop.call_soon_threadsafe(self._enqueue_ack, bytes(message.payload))
+        self._loop.call_soon_threadsafe(self._enqueue_ack, payload)
 
     # -- asyncio side ---------------------------------------------------------------------
 
@@ -278,7 +237,7 @@ class Uplink:
                 break
             if batch.seq in self._in_flight:
                 continue
-            info = self._client.publish(self.batch_topic, batch.envelope, qos=1)
+            info = self._link.publish(self.batch_topic, batch.envelope, qos=1)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 break
             self._in_flight[batch.seq] = now
@@ -287,10 +246,7 @@ class Uplink:
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._client.connect_async(
-            self.settings.host, self.settings.port, keepalive=self.settings.keepalive
-        )
-        self._client.loop_start()
+        self._link.start()
         try:
             while True:
                 while not self._acks.empty():
@@ -310,5 +266,4 @@ class Uplink:
                 if ack_wait in done:
                     self.apply_ack(ack_wait.result())
         finally:
-            self._client.disconnect()
-            self._client.loop_stop()
+            self._link.stop()

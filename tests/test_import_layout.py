@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("agent", "connectors", "oee", "buffer", "sync", "cloud_api")
+PACKAGES = ("agent", "common", "connectors", "oee", "buffer", "sync", "cloud_api")
 CLOUD_SHARED = ("config", "db", "problems", "metrics", "tracing")
 
 

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.floor.live import METRIC_NAMES
-from connectors.duration import Duration
+from common.duration import Duration
 
 # MQTT topic levels may not hold these (Sparkplug 3.0 tck-id-topic-structure-*).
 _TOPIC_ID = r"^[^/+#\s]+$"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Literal
 
 from oee.components import INTEGER_FIELDS, Components, Ratios, ratios
@@ -114,25 +114,19 @@ class EngineReading:
 
 
 def read_engine(plant: PlantEngine) -> dict[str, EngineReading]:
-    """Reads engine state; to be switched to the engine's snapshot API
-    (`EquipmentEngine.snapshot()`) once it exists. The only place that reads the engine."""
+    """The engine's state through its read API (`PlantEngine.snapshots()`); the shift is the
+    one of the last closed bucket, with its closed buckets' totals."""
     out: dict[str, EngineReading] = {}
-    for eq, engine in plant.engines.items():
-        shift: str | None = None
-        shift_start: datetime | None = None
-        if engine.shift_key is not None:
-            name, _, start_us = engine.shift_key.rpartition("@")
-            shift = name
-            if start_us.lstrip("-").isdigit():
-                shift_start = datetime.fromtimestamp(int(start_us) / _US, UTC)
+    for eq, snap in plant.snapshots().items():
+        shift = snap.closed_shift
         out[eq] = EngineReading(
-            state=engine.state,
-            state_since=engine.state_since,
-            reason=engine.reason,
-            product=engine.product,
-            shift=shift,
-            shift_start=shift_start,
-            shift_totals=_components(engine.shift_totals),
+            state=snap.state,
+            state_since=snap.state_since,
+            reason=snap.reason,
+            product=snap.product,
+            shift=None if shift is None else shift.name,
+            shift_start=None if shift is None else shift.start,
+            shift_totals=Components() if shift is None else shift.closed,
         )
     return out
 

@@ -44,13 +44,19 @@ from starlette.requests import Request
 from cloud_api.access.revocations import CredentialStamp
 from cloud_api.config import JwksSettings, Role, SecuritySettings
 from cloud_api.problems import DATABASE_RETRY_AFTER_S, Problem
+from common.duration import parse_timedelta
+from common.keydir import (
+    ensure_directory,
+    load_ring,
+    read_one_current,
+    store_current,
+    write_private_line,
+    write_public_lines,
+)
 from sync.keys import (
-    KeyFileError,
     ed25519_key_id,
     ed25519_line,
     load_signing_key,
-    write_private_line,
-    write_public_lines,
 )
 
 log = structlog.get_logger("cloud_api.auth")
@@ -130,17 +136,9 @@ def parse_role(value: object) -> Role:
     return value
 
 
-_DURATION = re.compile(r"(\d+)\s*([smhdw])")
-_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
 def parse_duration(text: str) -> timedelta:
-    """`30d`, `12h`, `90m`, `45s`, `2w` (or combinations such as `1d12h`)."""
-    compact = text.strip().lower()
-    parts = _DURATION.findall(compact)
-    if not parts or "".join(f"{n}{u}" for n, u in parts) != compact.replace(" ", ""):
-        raise ValueError(f"invalid duration {text!r} (e.g. 30d, 12h, 90m)")
-    return timedelta(seconds=sum(int(n) * _UNIT[u] for n, u in parts))
+    """`30d`, `12h`, `90m`, `45s`, `2w`, `1d12h`: the grammar of `common.duration`."""
+    return parse_timedelta(text)
 
 
 # --- signing keys ---------------------------------------------------------------------------
@@ -155,20 +153,10 @@ class TokenKeyring:
 
     @classmethod
     def load(cls, directory: Path) -> TokenKeyring:
-        keys: dict[str, Ed25519PrivateKey] = {}
-        for path in sorted(directory.glob("jwt-*.key")):
-            key = load_signing_key(path)
-            kid = ed25519_key_id(key.public_key())
-            if path.name != f"jwt-{kid}.key":
-                raise KeyFileError(f"{path} holds key {kid}; its name must be jwt-{kid}.key")
-            keys[kid] = key
-        pointer = directory / "jwt.current"
-        current: str | None = None
-        if pointer.exists():
-            current = pointer.read_text(encoding="ascii").strip()
-            if current not in keys:
-                raise KeyFileError(f"{pointer} must name a key present in {directory}")
-        return cls(keys, current)
+        keys = load_ring(
+            directory, "jwt", load_signing_key, lambda k: ed25519_key_id(k.public_key())
+        )
+        return cls(keys, read_one_current(directory, "jwt", keys, required=False))
 
     @property
     def public_keys(self) -> dict[str, Ed25519PublicKey]:
@@ -185,14 +173,13 @@ def generate_token_key(directory: Path) -> str:
     """Create a new Ed25519 token signing key and make it current; returns its key id."""
     import base64
 
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_directory(directory)
     key = Ed25519PrivateKey.generate()
     kid = ed25519_key_id(key.public_key())
     private = "ed25519-private:" + base64.b64encode(key.private_bytes_raw()).decode("ascii")
     write_private_line(directory / f"jwt-{kid}.key", private)
     write_public_lines(directory / f"jwt-{kid}.pub", [ed25519_line(key.public_key())])
-    # The pointer is written last, so it never names a key that is not on disk.
-    write_public_lines(directory / "jwt.current", [kid])
+    store_current(directory, "jwt", [kid])
     return kid
 
 

@@ -20,7 +20,15 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sync.keys import KeyFileError, write_private_line, write_public_lines
+from common.keydir import (
+    KeyFileError,
+    ensure_directory,
+    load_ring,
+    read_one_current,
+    read_private,
+    store_current,
+    write_private_line,
+)
 
 _NONCE = 12
 _PREFIX = "aes256gcm"
@@ -31,13 +39,10 @@ class PiiError(Exception):
 
 
 def _parse(path: Path) -> bytes:
+    kind, _, b64 = read_private(path).strip().partition(":")
     try:
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise KeyFileError(f"{path} is accessible by group/other; chmod 600 it")
-        kind, _, b64 = path.read_text(encoding="ascii").strip().partition(":")
         raw = base64.b64decode(b64, validate=True)
-    except (OSError, UnicodeDecodeError, binascii.Error) as exc:
+    except binascii.Error as exc:
         raise KeyFileError(f"cannot read {path}: {type(exc).__name__}") from None
     if kind != _PREFIX or len(raw) != 32:
         raise KeyFileError(f"{path} must hold one '{_PREFIX}:<base64 of 32 bytes>' line")
@@ -46,11 +51,11 @@ def _parse(path: Path) -> bytes:
 
 def generate_pii_key(directory: Path) -> str:
     """Create a new AES-256 key and make it current; returns its key id."""
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_directory(directory)
     kid = secrets.token_hex(8)
     raw = AESGCM.generate_key(bit_length=256)
     write_private_line(directory / f"pii-{kid}.key", f"{_PREFIX}:{base64.b64encode(raw).decode()}")
-    write_public_lines(directory / "pii.current", [kid])
+    store_current(directory, "pii", [kid])
     return kid
 
 
@@ -61,15 +66,8 @@ class PiiKeyring:
 
     @classmethod
     def load(cls, directory: Path) -> PiiKeyring:
-        keys: dict[str, AESGCM] = {}
-        if directory.is_dir():
-            for path in sorted(directory.glob("pii-*.key")):
-                keys[path.name[len("pii-") : -len(".key")]] = AESGCM(_parse(path))
-        pointer = directory / "pii.current"
-        current = pointer.read_text(encoding="ascii").strip() if pointer.exists() else None
-        if current is not None and current not in keys:
-            raise KeyFileError(f"{pointer} must name a key present in {directory}")
-        return cls(keys, current)
+        keys = load_ring(directory, "pii", lambda path: AESGCM(_parse(path)))
+        return cls(keys, read_one_current(directory, "pii", keys, required=False))
 
     def seal(self, value: str, aad: bytes) -> tuple[str, bytes]:
         if self.current_id is None:

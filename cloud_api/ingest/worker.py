@@ -33,12 +33,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import paho.mqtt.client as mqtt
 import psycopg
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
@@ -49,6 +46,7 @@ from cloud_api.access.revocations import CredentialStamp
 from cloud_api.db import TRANSIENT, with_retry
 from cloud_api.ingest import derived
 from cloud_api.ingest.sequence import record_batch_seq, record_declared_losses
+from common.mqtt import BrokerSettings, MqttLink
 from oee.components import COMPONENT_FIELDS
 from oee.events import EVENT_LIST_ADAPTER, Event, OeeEvent, load_events
 from sync.envelope import (
@@ -65,7 +63,7 @@ from sync.envelope import (
     sign_rejection,
 )
 from sync.keys import CloudKeyring, parse_ed25519_public
-from sync.uplink import BrokerSettings, ack_topic, batch_topic, make_client
+from sync.uplink import ack_topic, batch_topic
 
 log = structlog.get_logger("cloud_api.ingest")
 
@@ -609,49 +607,33 @@ class IngestWorker:
         self.subscribed = threading.Event()
         import secrets
 
-        self.client = make_client(broker, client_id or f"ingest-{secrets.token_hex(4)}")
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = self._on_subscribe
+        self.link = MqttLink(
+            broker,
+            client_id or f"ingest-{secrets.token_hex(4)}",
+            [self.subscription],
+            on_message=self._on_message,
+            on_connection=self._on_connection,
+            on_subscribed=self._on_subscribed,
+            log=log,
+        )
         self._threads: list[threading.Thread] = []
 
     @property
     def subscription(self) -> str:
         return f"$share/{self.share_group}/{self.store.topic_prefix}edge/+/+/v1/batches"
 
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: Any,
-        reason: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        if reason.is_failure:
-            log.warning("broker refused connection", reason=str(reason))
-            return
-        log.info("broker connected", subscription=self.subscription)
-        client.subscribe(self.subscription, qos=1)
+    def _on_connection(self, up: bool) -> None:
+        if up:
+            log.info("broker connected", subscription=self.subscription)
 
-    def _on_subscribe(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        mid: int,
-        reasons: list[ReasonCode],
-        properties: Properties | None,
-    ) -> None:
-        # A refused subscription (broker ACL) leaves the worker deaf: say so, never "ready".
-        if any(r.is_failure for r in reasons):
-            log.error("subscription refused", subscription=self.subscription, reason=str(reasons))
-            return
+    def _on_subscribed(self) -> None:
         # Batches published before this SUBACK went to no subscriber and wait for the
         # agents' resend; whoever starts ingest and agents together waits for this line.
         log.info("subscribed", subscription=self.subscription)
         self.subscribed.set()
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        item = (message.topic, bytes(message.payload))
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        item = (topic, payload)
         # Waiting here is the back-pressure on the broker; a stop must still end the wait
         # (the message is not acked at the broker, so it is redelivered or resent).
         while not self.stop_event.is_set():
@@ -679,7 +661,7 @@ class IngestWorker:
         groups: dict[tuple[str, str, str], dict[int, str]] = {}
         for o in outcomes:
             if o.rejection is not None and o.ack_topic is not None:
-                self.client.publish(o.ack_topic, o.rejection, qos=1)
+                self.link.publish(o.ack_topic, o.rejection, qos=1)
                 continue
             if o.ack_topic is None or o.header is None or o.digest is None:
                 continue
@@ -688,7 +670,7 @@ class IngestWorker:
         for (topic, agent_id, epoch), digests in groups.items():
             for i in range(0, len(digests), ACK_MAX_BATCHES):
                 part = dict(sorted(digests.items())[i : i + ACK_MAX_BATCHES])
-                self.client.publish(topic, self.store.make_ack(agent_id, epoch, part), qos=1)
+                self.link.publish(topic, self.store.make_ack(agent_id, epoch, part), qos=1)
 
     def _work(self) -> None:
         while not self.stop_event.is_set():
@@ -717,10 +699,7 @@ class IngestWorker:
                 break
 
     def start(self) -> None:
-        self.client.connect_async(
-            self.broker.host, self.broker.port, keepalive=self.broker.keepalive
-        )
-        self.client.loop_start()
+        self.link.start()
         for i in range(self.workers):
             t = threading.Thread(target=self._work, name=f"ingest-{i}", daemon=True)
             t.start()
@@ -733,5 +712,4 @@ class IngestWorker:
                 self.queue.put_nowait(None)
         for t in self._threads:
             t.join(timeout=10)
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.link.stop()

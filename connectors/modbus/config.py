@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from connectors.duration import Duration
+from common.duration import Duration
 
 
 class _ModbusCommon(BaseModel):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import structlog
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException
 
+from common.retry import Backoff, jittered
 from connectors.connector import Emit, EquipmentSource, raise_if_cancelled
 from connectors.modbus.codec import CodecError, decode_registers, parse_address, register_count
 from connectors.modbus.config import ModbusConnection, ModbusRtuConnection
@@ -115,10 +115,6 @@ def exception_name(code: int) -> str:
     return EXCEPTION_NAMES.get(code, f"exception code {code}")
 
 
-def _jitter(delay: float) -> float:
-    return delay * random.uniform(0.5, 1.0)
-
-
 class _Link:
     """One Modbus client (a TCP connection or the serial port) and its reconnect state."""
 
@@ -159,8 +155,8 @@ class _Link:
                     self.hub._log.warning(
                         "lost" if self.ever_connected else "cannot connect", link=self.name
                     )
-                delay = min(self.hub.config.reconnect_max, 0.5 * 2 ** min(self.failures, 10))
-                self.retry_at = time.monotonic() + _jitter(delay)
+                backoff = Backoff(0.5, self.hub.config.reconnect_max, doublings=10)
+                self.retry_at = time.monotonic() + backoff.delay(self.failures)
                 return None
             self.hub._log.info("recovered" if self.ever_connected else "connected", link=self.name)
             self.client = client
@@ -377,10 +373,11 @@ class ModbusHub:
                 if isinstance(exc, UnitSilent) and link.client is not None:
                     if not link.connected:
                         link.drop()  # pymodbus closed it after repeated silence
-                    delay = min(self.config.unit_backoff_max, interval * 2 ** min(failures, 10))
+                    backoff = Backoff(interval, self.config.unit_backoff_max, doublings=10)
+                    delay = backoff.base(failures)
                 else:
                     delay = max(interval, link.retry_at - time.monotonic())
-                await asyncio.sleep(_jitter(delay))
+                await asyncio.sleep(jittered(delay))
                 continue
             if not self.unit_available[unit]:
                 self.unit_available[unit] = True

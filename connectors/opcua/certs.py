@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import socket
 from pathlib import Path
 
@@ -14,13 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-
-def _private_folder(folder: Path) -> None:
-    """Create `folder` and any missing parent as 0700 (whatever the umask); an existing
-    folder is left as it is."""
-    for missing in reversed([p for p in (folder, *folder.parents) if not p.exists()]):
-        missing.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(missing, 0o700)
+from common.keydir import PRIVATE_MODE, KeyFileError, ensure_directory, write_atomic
 
 
 def create_certificate(
@@ -82,15 +75,16 @@ def create_certificate(
         .sign(key, hashes.SHA256())
     )
     for folder in (cert_path.parent, key_path.parent):
-        _private_folder(folder)
+        ensure_directory(folder)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    # Atomic and 0600 from the first byte, also when it replaces a looser file (keydir rules).
+    try:
+        write_atomic(key_path, pem.decode("ascii"), mode=PRIVATE_MODE, overwrite=overwrite)
+    except KeyFileError as exc:  # created meanwhile by someone else: kept, as above
+        raise FileExistsError(str(exc)) from None
     return cert

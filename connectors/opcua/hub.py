@@ -21,7 +21,6 @@ import contextlib
 import enum
 import hashlib
 import logging
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 
+from common.retry import Backoff
 from connectors.connector import Emit, EquipmentSource, raise_if_cancelled
 from connectors.opcua.config import OpcUaConnection
 from connectors.sample import Sample
@@ -690,7 +690,5 @@ class OpcUaHub:
                         await emit(sample)
                 self.last_error = message
                 attempt += 1
-                delay = min(
-                    self.config.reconnect_max, self.config.reconnect_min * 2 ** min(attempt, 16)
-                )
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                backoff = Backoff(self.config.reconnect_min, self.config.reconnect_max)
+                await asyncio.sleep(backoff.delay(attempt))

@@ -9,7 +9,7 @@ import threading
 from typing import Any
 
 from cloud_api.config import load_settings
-from sync.logs import configure_logging
+from common.logs import configure_logging
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:

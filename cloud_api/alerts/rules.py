@@ -31,8 +31,8 @@ import psycopg
 from psycopg.rows import dict_row
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from common.duration import Duration
 from oee.components import COMPONENT_FIELDS, Components
-from oee.config import Duration
 from oee.events import State
 
 RuleKind = Literal[

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cloud_api.alerts.rules import Name, RuleSpec
-from oee.config import Duration
+from common.duration import Duration
 
 WebhookFormat = Literal["json", "slack", "teams"]
 

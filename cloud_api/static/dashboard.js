@@ -760,7 +760,33 @@
       row.insertCell().textContent = a.outbox_depth === null || a.outbox_depth === undefined ? "–" : `${a.outbox_depth} batches`;
       row.insertCell().textContent = duration(a.outbox_oldest_unacked_s);
       row.insertCell().textContent = a.version || "–";
+      row.insertCell().append(...configCell(a.config, row));
     }
+  }
+
+  // The configuration the cloud pushes: running and desired versions and the agent's last
+  // result. Marked when the agent does not run the desired version or its last result is a
+  // rejection or a roll-back (row.dataset.config lists the marks, "" when none).
+  function configCell(config, row) {
+    const c = config || {};
+    const marks = [];
+    const last = c.last_result || null;
+    if (c.desired_version !== null && c.desired_version !== undefined && c.running_version !== c.desired_version) marks.push("behind");
+    if (last && (last.result === "rejected" || last.result === "rolled_back")) marks.push(last.result);
+    row.dataset.config = marks.join(" ");
+    if (!config || (c.desired_version == null && c.running_version == null && !last)) return ["–"];
+    const running = c.running_version == null ? "?" : c.running_version === 0 ? "local file" : `v${c.running_version}`;
+    const desired = c.desired_version == null ? "none" : `v${c.desired_version}`;
+    const versions = document.createElement("span");
+    versions.className = marks.includes("behind") ? "config-mark" : "";
+    versions.textContent = `runs ${running}, desired ${desired}`;
+    if (!last) return [versions];
+    const result = document.createElement("span");
+    result.className = `badge ${marks.includes(last.result) ? "lost" : last.result === "applied" ? "ok" : "late"}`;
+    result.textContent = `${last.result.replace("_", " ")}${last.version == null ? "" : ` v${last.version}`}`;
+    const why = [last.reason, ...(last.problems || []).map((p) => `${p.path}${p.line ? ` (line ${p.line})` : ""}: ${p.reason}`)];
+    result.title = why.filter(Boolean).join("\n");
+    return [versions, " ", result];
   }
 
   // One load of the panels at a time; a request during one (a zoom during the periodic

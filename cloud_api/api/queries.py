@@ -39,6 +39,7 @@ from oee.components import (
     Components,
 )
 from oee.config import ShiftSpec
+from oee.engine import UNSPECIFIED
 
 Interval = Literal["1m", "15m", "1h", "shift", "1d", "1w", "1mo"]
 ScopeKind = Literal["site", "line", "equipment"]
@@ -431,11 +432,92 @@ def pareto(
             "GROUP BY 1 ORDER BY 2 DESC, 1"
         )
         rows = run(conn, "pareto_reason", stmt, params)
-        return [(r["label"], float(r["seconds"])) for r in rows if r["seconds"] > 0]
+        totals = {r["label"]: float(r["seconds"]) for r in rows}
+        for plc_reason, reason, seconds in reason_moves(conn, members, start, end):
+            totals[plc_reason] = totals.get(plc_reason, 0.0) - seconds
+            totals[reason] = totals.get(reason, 0.0) + seconds
+        # Bucket seconds are whole microseconds: what a move leaves below one is nothing.
+        items = [(label, s) for label, s in totals.items() if s >= 5e-7]
+        return sorted(items, key=lambda i: (-i[1], i[0]))
     buckets = oee_series(conn, members, start, end, "1mo", ZoneInfo("UTC"), "none").buckets
     total = pooled(b.components for b in buckets)
     items = [(name.removesuffix("_s"), float(getattr(total, name))) for name in LOSS_CLASSES]
     return sorted((i for i in items if i[1] > 0), key=lambda i: (-i[1], i[0]))
+
+
+# -- stops that people classify -------------------------------------------------------------
+#
+# A downtime annotation names a stop by its equipment and start: the `ts` of the state event
+# (fault or idle) that began it. The newest annotation not deleted gives the stop's effective
+# `reason` in every view; the PLC's own stays beside it as `plc_reason`. The OEE buckets keep
+# the engine's downtime by the PLC's reason (they are facts from the edge and are never
+# rewritten): the Pareto by reason adds, per annotated stop, a correction that moves the
+# stop's seconds in the Pareto's buckets (those of a shift starting in the window), exactly
+# its planned seconds there, from the PLC's reason to the annotated one (`reason_moves`).
+
+_LIVE_ANNOTATION = (
+    " LEFT JOIN LATERAL (SELECT a.annotation_id AS a_id, a.reason AS a_reason,"
+    " a.note AS a_note, a.created_at AS a_at FROM facts.annotations a"
+    " WHERE a.site_id = i.site_id AND a.equipment_id = i.equipment_id AND a.ts = i.began"
+    " AND a.kind = 'downtime' AND a.deleted_at IS NULL AND i.state IN ('fault', 'idle')"
+    " ORDER BY a.created_at DESC, a.annotation_id DESC LIMIT 1) an ON true"
+)
+
+
+def _classify(row: dict[str, Any]) -> None:
+    """Give an interval row its effective reason, the PLC's beside it, and its annotation."""
+    row.pop("began", None)
+    annotation_id = row.pop("a_id", None)
+    reason, note, at = row.pop("a_reason", None), row.pop("a_note", None), row.pop("a_at", None)
+    row["plc_reason"] = row["reason"]
+    if annotation_id is None:
+        row["annotation"] = None
+        return
+    row["reason"] = reason
+    row["annotation"] = {"annotation_id": str(annotation_id), "note": note, "created_at": at}
+
+
+def reason_moves(
+    conn: Conn, members: Sequence[Member], start: datetime, end: datetime
+) -> list[tuple[str, str, float]]:
+    """(PLC reason, annotated reason, seconds) per annotated stop with seconds in the buckets
+    the Pareto over [start, end) sums: the stop's time in each bucket of a shift, at most the
+    seconds that bucket holds for the PLC's reason (a micro-stop counted as production has
+    none to move)."""
+    if not members:
+        return []
+    stmt = _SCOPE_CTE + sql.SQL(
+        "SELECT COALESCE(e.body->>'reason', %(unspecified)s) AS plc_reason,"
+        " a.reason AS reason, m.seconds FROM ("
+        "  SELECT DISTINCT ON (a.site_id, a.equipment_id, a.ts) a.site_id, a.equipment_id,"
+        "  a.ts, a.reason FROM facts.annotations a JOIN scope s USING (site_id, equipment_id)"
+        "  WHERE a.kind = 'downtime' AND a.deleted_at IS NULL AND a.ts < %(end)s"
+        "  ORDER BY a.site_id, a.equipment_id, a.ts, a.created_at DESC, a.annotation_id DESC"
+        " ) a"
+        " CROSS JOIN LATERAL (SELECT e.body FROM facts.events e WHERE e.site_id = a.site_id"
+        "  AND e.equipment_id = a.equipment_id AND e.kind = 'state' AND e.ts = a.ts"
+        "  AND e.body->>'state' IN ('fault', 'idle') ORDER BY e.event_id DESC LIMIT 1) e"
+        " CROSS JOIN LATERAL (SELECT COALESCE((SELECT n.ts FROM facts.events n"
+        "  WHERE n.site_id = a.site_id AND n.equipment_id = a.equipment_id"
+        "  AND n.kind = 'state' AND n.ts > a.ts ORDER BY n.ts LIMIT 1),"
+        "  'infinity'::timestamptz) AS until) n"
+        " CROSS JOIN LATERAL (SELECT COALESCE(sum(least(extract(epoch FROM"
+        "  least(n.until, b.bucket_end) - greatest(a.ts, b.bucket_start))::float8,"
+        "  COALESCE((b.downtime_by_reason->>COALESCE(e.body->>'reason', %(unspecified)s))"
+        "  ::float8, 0))), 0) AS seconds"
+        "  FROM facts.oee_buckets b WHERE b.site_id = a.site_id"
+        "  AND b.equipment_id = a.equipment_id AND b.shift IS NOT NULL"
+        "  AND b.bucket_start >= %(start)s AND b.bucket_start < %(end)s"
+        "  AND b.bucket_start < n.until AND b.bucket_end > a.ts) m"
+        " WHERE m.seconds > 0 AND a.reason <> COALESCE(e.body->>'reason', %(unspecified)s)"
+    )
+    rows = run(
+        conn,
+        "pareto_annotations",
+        stmt,
+        {**_scope_params(members), "start": start, "end": end, "unspecified": UNSPECIFIED},
+    )
+    return [(r["plc_reason"], r["reason"], float(r["seconds"])) for r in rows]
 
 
 def _intervals_sql(select: str) -> sql.Composed:
@@ -444,7 +526,7 @@ def _intervals_sql(select: str) -> sql.Composed:
         ", intervals AS (SELECT * FROM ("
         " SELECT x.site_id, x.equipment_id, x.body->>'state' AS state,"
         " x.body->>'previous' AS previous, x.body->>'reason' AS reason,"
-        " greatest(x.ts, %(start)s) AS start,"
+        " greatest(x.ts, %(start)s) AS start, x.ts AS began,"
         " least(COALESCE(lead(x.ts) OVER w, nxt.ts, %(stop)s), %(stop)s) AS end"
         " FROM scope s"
         " CROSS JOIN LATERAL ("
@@ -483,7 +565,8 @@ def state_intervals(
     if not members:
         return []
     stmt = _intervals_sql(
-        "SELECT * FROM intervals i WHERE extract(epoch FROM i.end - i.start) >= %(min)s"
+        "SELECT i.*, an.* FROM intervals i" + _LIVE_ANNOTATION + " WHERE"
+        " extract(epoch FROM i.end - i.start) >= %(min)s"
         " ORDER BY i.start, i.site_id, i.equipment_id LIMIT %(limit)s"
     )
     rows = run(
@@ -501,6 +584,7 @@ def state_intervals(
         },
     )
     for r in rows:
+        _classify(r)
         r["duration_s"] = (r["end"] - r["start"]).total_seconds()
     return rows
 
@@ -571,8 +655,9 @@ def stops(
     if not members:
         return []
     stmt = _intervals_sql(
-        "SELECT i.*, k.known_until, p.planned FROM intervals i"
-        " LEFT JOIN LATERAL (SELECT b.bucket_end AS known_until FROM facts.oee_buckets b"
+        "SELECT i.*, an.*, k.known_until, p.planned FROM intervals i"
+        + _LIVE_ANNOTATION
+        + " LEFT JOIN LATERAL (SELECT b.bucket_end AS known_until FROM facts.oee_buckets b"
         "  WHERE b.site_id = i.site_id AND b.equipment_id = i.equipment_id"
         "  ORDER BY b.bucket_start DESC LIMIT 1) k ON true"
         " CROSS JOIN LATERAL (SELECT COALESCE(sum(extract(epoch FROM"
@@ -614,6 +699,7 @@ def stops(
                 planned += _planned_s(calendar, tail_from, r["end"])
             if planned <= 0 or planned < min_duration_s:
                 continue
+            _classify(r)
             r["duration_s"] = planned
             r["wall_s"] = (r["end"] - r["start"]).total_seconds()
             out.append(r)

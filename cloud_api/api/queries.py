@@ -474,7 +474,12 @@ def _classify(row: dict[str, Any]) -> None:
         row["annotation"] = None
         return
     row["reason"] = reason
-    row["annotation"] = {"annotation_id": str(annotation_id), "note": note, "created_at": at}
+    # Plain JSON values: a CSV export writes the object as one JSON cell.
+    row["annotation"] = {
+        "annotation_id": str(annotation_id),
+        "note": note,
+        "created_at": at.astimezone(UTC).isoformat(),
+    }
 
 
 def reason_moves(

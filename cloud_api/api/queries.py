@@ -39,7 +39,6 @@ from oee.components import (
     Components,
 )
 from oee.config import ShiftSpec
-from oee.engine import UNSPECIFIED
 
 Interval = Literal["1m", "15m", "1h", "shift", "1d", "1w", "1mo"]
 ScopeKind = Literal["site", "line", "equipment"]
@@ -491,37 +490,24 @@ def reason_moves(
     none to move)."""
     if not members:
         return []
-    stmt = _SCOPE_CTE + sql.SQL(
-        "SELECT COALESCE(e.body->>'reason', %(unspecified)s) AS plc_reason,"
-        " a.reason AS reason, m.seconds FROM ("
-        "  SELECT DISTINCT ON (a.site_id, a.equipment_id, a.ts) a.site_id, a.equipment_id,"
-        "  a.ts, a.reason FROM facts.annotations a JOIN scope s USING (site_id, equipment_id)"
-        "  WHERE a.kind = 'downtime' AND a.deleted_at IS NULL AND a.ts < %(end)s"
-        "  ORDER BY a.site_id, a.equipment_id, a.ts, a.created_at DESC, a.annotation_id DESC"
-        " ) a"
-        " CROSS JOIN LATERAL (SELECT e.body FROM facts.events e WHERE e.site_id = a.site_id"
-        "  AND e.equipment_id = a.equipment_id AND e.kind = 'state' AND e.ts = a.ts"
-        "  AND e.body->>'state' IN ('fault', 'idle') ORDER BY e.event_id DESC LIMIT 1) e"
-        " CROSS JOIN LATERAL (SELECT COALESCE((SELECT n.ts FROM facts.events n"
-        "  WHERE n.site_id = a.site_id AND n.equipment_id = a.equipment_id"
-        "  AND n.kind = 'state' AND n.ts > a.ts ORDER BY n.ts LIMIT 1),"
-        "  'infinity'::timestamptz) AS until) n"
-        " CROSS JOIN LATERAL (SELECT COALESCE(sum(least(extract(epoch FROM"
-        "  least(n.until, b.bucket_end) - greatest(a.ts, b.bucket_start))::float8,"
-        "  COALESCE((b.downtime_by_reason->>COALESCE(e.body->>'reason', %(unspecified)s))"
-        "  ::float8, 0))), 0) AS seconds"
-        "  FROM facts.oee_buckets b WHERE b.site_id = a.site_id"
-        "  AND b.equipment_id = a.equipment_id AND b.shift IS NOT NULL"
-        "  AND b.bucket_start >= %(start)s AND b.bucket_start < %(end)s"
-        "  AND b.bucket_start < n.until AND b.bucket_end > a.ts) m"
-        " WHERE m.seconds > 0 AND a.reason <> COALESCE(e.body->>'reason', %(unspecified)s)"
-    )
+    # facts.stop_reason_moves (migration 0036) is also what the Grafana Pareto panel reads.
     rows = run(
         conn,
         "pareto_annotations",
-        stmt,
-        {**_scope_params(members), "start": start, "end": end, "unspecified": UNSPECIFIED},
+        sql.SQL(
+            "SELECT site_id, equipment_id, plc_reason, reason, seconds"
+            " FROM facts.stop_reason_moves(%(sites)s, %(eqs)s, %(start)s, %(end)s)"
+        ),
+        {
+            "sites": sorted({m.site_id for m in members}),
+            "eqs": sorted({m.equipment_id for m in members}),
+            "start": start,
+            "end": end,
+        },
     )
+    # The function takes site and equipment lists: keep the scope's own pairs.
+    pairs = {(m.site_id, m.equipment_id) for m in members}
+    rows = [r for r in rows if (r["site_id"], r["equipment_id"]) in pairs]
     return [(r["plc_reason"], r["reason"], float(r["seconds"])) for r in rows]
 
 

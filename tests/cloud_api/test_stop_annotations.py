@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
+import pytest
 from psycopg_pool import ConnectionPool
 
 from agent.config import AgentConfig, parse_config
@@ -90,6 +92,32 @@ def pareto(api: httpx.Client) -> dict[str, float]:
     return {i["reason"]: i["seconds"] for i in body["items"]}
 
 
+GRAFANA = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "oee-dashboard.json"
+
+
+def grafana_pareto(pg_url: str) -> dict[str, float]:
+    """The Grafana Pareto panel's SQL, its macros expanded as Grafana's PostgreSQL source does
+    (tests/ops/test_grafana.py), in seconds by reason."""
+    board = json.loads(GRAFANA.read_text(encoding="utf-8"))
+    panel = next(p for p in board["panels"] if p["title"] == "Downtime Pareto by reason (hours)")
+    query = (
+        panel["targets"][0]["rawSql"]
+        .replace("$__timeFrom()", f"'{LO.isoformat()}'")
+        .replace("$__timeTo()", f"'{HI.isoformat()}'")
+        .replace("${site:sqlstring}", f"'{SITE}'")
+        .replace("${equipment:sqlstring}", f"'{EQ}'")
+    )
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute(query).fetchall()
+    return {reason: hours * 3600 for reason, hours in rows}
+
+
+def same_pareto(api: httpx.Client, pg_url: str, want: dict[str, float]) -> None:
+    """The API's Pareto and Grafana's panel both say `want`."""
+    assert pareto(api) == want
+    assert grafana_pareto(pg_url) == pytest.approx(want, abs=1e-6)
+
+
 def stops(api: httpx.Client) -> list[tuple[str, str | None, str | None, float]]:
     rows = get(api, "/v1/downtime/events", **SCOPE)["stops"]
     return [(r["start"], r["reason"], r["plc_reason"], r["duration_s"]) for r in rows]
@@ -124,7 +152,7 @@ def test_a_classified_stop_moves_to_its_reason_in_every_view(
     settle(pg_url, pool, cloud_keys, tmp_path)
     with api_client(pg_url, tmp_path / "views-keys") as api:
         check_views(api, pg_url, truths=TRUTH)
-        assert pareto(api) == {"unspecified": 1800.0, "jam": 300.0}
+        same_pareto(api, pg_url, {"unspecified": 1800.0, "jam": 300.0})
         assert unexplained(api) == [(iso(FAULT_START), 1200.0), (iso(IDLE_START), 600.0)]
         with psycopg.connect(pg_url) as conn:
             before = conn.execute("SELECT max(version) FROM rollups.data_versions").fetchone()
@@ -137,7 +165,7 @@ def test_a_classified_stop_moves_to_its_reason_in_every_view(
         assert first["trace_id"] == first_trace
 
         # The Pareto moves the stop's 1200 planned seconds from "no reason" to its new one.
-        assert pareto(api) == {"tool change": 1200.0, "unspecified": 600.0, "jam": 300.0}
+        same_pareto(api, pg_url, {"tool change": 1200.0, "unspecified": 600.0, "jam": 300.0})
         assert stops(api) == [
             (iso(FAULT_START), "tool change", None, 1200.0),
             (iso(IDLE_START), None, None, 600.0),
@@ -180,7 +208,7 @@ def test_a_classified_stop_moves_to_its_reason_in_every_view(
         r = annotate(api, FAULT_START, "no material")
         assert r.status_code == 201, r.text
         second = r.json()
-        assert pareto(api) == {"no material": 1200.0, "unspecified": 600.0, "jam": 300.0}
+        same_pareto(api, pg_url, {"no material": 1200.0, "unspecified": 600.0, "jam": 300.0})
         assert stops(api)[0] == (iso(FAULT_START), "no material", None, 1200.0)
         assert timeline_stops(api)[0][3]["annotation_id"] == second["annotation_id"]
         check_views(api, pg_url, truths=TRUTH)
@@ -194,7 +222,7 @@ def test_a_classified_stop_moves_to_its_reason_in_every_view(
         assert r.status_code == 404  # already deleted
         r = api.delete(f"{ANNOTATIONS}/{first['annotation_id']}", params={"site": SITE})
         assert r.status_code == 204, r.text
-        assert pareto(api) == {"unspecified": 1800.0, "jam": 300.0}
+        same_pareto(api, pg_url, {"unspecified": 1800.0, "jam": 300.0})
         assert stops(api)[0] == (iso(FAULT_START), None, None, 1200.0)
         assert timeline_stops(api)[0][3] is None
         assert unexplained(api) == [(iso(FAULT_START), 1200.0), (iso(IDLE_START), 600.0)]
@@ -221,7 +249,7 @@ def test_a_classified_stop_moves_to_its_reason_in_every_view(
             (JAM_START, "die broke"),
         ):
             assert annotate(api, start, reason).status_code == 201
-        assert pareto(api) == {"tool change": 1200.0, "cleaning": 600.0, "die broke": 300.0}
+        same_pareto(api, pg_url, {"tool change": 1200.0, "cleaning": 600.0, "die broke": 300.0})
         assert unexplained(api) == []
         check_views(api, pg_url, truths=TRUTH)
 

@@ -36,10 +36,11 @@ PARETO = (
     "values: Chart.getChart('pareto').data.datasets[0].data})"
 )
 # The stop's bar in the timeline: its centre in page pixels and the interval it carries.
+START = FAULT_START.isoformat()
 FAULT_BAR = f"""(() => {{
   const chart = Chart.getChart('timeline');
   for (const [d, set] of chart.data.datasets.entries()) {{
-    const i = set.data.findIndex((p) => p.interval && p.interval.start === {FAULT_START.isoformat()!r});
+    const i = set.data.findIndex((p) => p.interval && p.interval.start === {START!r});
     if (i < 0) continue;
     const c = chart.getDatasetMeta(d).data[i].getCenterPoint();
     const r = chart.canvas.getBoundingClientRect();
@@ -70,8 +71,8 @@ async def click_fault(page: Page) -> dict[str, Any]:
     return bar
 
 
-def api_pareto(client: httpx.Client) -> list[tuple[str, float]]:
-    r = client.get("/v1/downtime/pareto", params={**SCOPE, "by": "reason", "top": 8})
+async def api_pareto(client: httpx.AsyncClient) -> list[tuple[str, float]]:
+    r = await client.get("/v1/downtime/pareto", params={**SCOPE, "by": "reason", "top": 8})
     assert r.status_code == 200, r.text
     return [(i["reason"], i["seconds"]) for i in r.json()["items"]]
 
@@ -88,7 +89,7 @@ async def test_a_stop_classified_in_the_timeline_moves_in_the_pareto(
         f"&to={HI.isoformat().replace('+', '%2B')}"
     )
     with serve(pg_url, pool, keys_dir) as base:
-        client = httpx.Client(base_url=base, headers=headers, timeout=30)
+        client = httpx.AsyncClient(base_url=base, headers=headers, timeout=30)
         async with open_page(tmp_path / "chromium", width=1400, height=1900) as page:
             await page.call(
                 "Page.addScriptToEvaluateOnNewDocument",
@@ -117,7 +118,7 @@ async def test_a_stop_classified_in_the_timeline_moves_in_the_pareto(
             )
             after = await page.wait_for(PARETO)
             reclassified = (await page.wait_for(FAULT_BAR))["interval"]
-            api_after = await asyncio.to_thread(api_pareto, client)
+            api_after = await api_pareto(client)
 
             # Again: the form offers to go back to the PLC's reason.
             await click_fault(page)
@@ -132,8 +133,8 @@ async def test_a_stop_classified_in_the_timeline_moves_in_the_pareto(
             )
             restored_bar = (await page.wait_for(FAULT_BAR))["interval"]
             errors = list(page.errors)
-        api_restored = await asyncio.to_thread(api_pareto, client)
-        client.close()
+        api_restored = await api_pareto(client)
+        await client.aclose()
     assert errors == [], errors
 
     # Before: the 20 min fault without a reason is most of "unspecified" (30 min in all).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -178,6 +178,11 @@ class CloudSettings(_Model):
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
+    # Reasons that say no more than "no reason" (a PLC's "unknown" code): stops with one of
+    # them, or with none, are listed by /v1/downtime/unexplained.
+    unknown_reasons: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=100
+    )
 
 
 class CloudEnvironment(BaseSettings):

@@ -18,8 +18,14 @@ every equipment it checks, from the stored facts and through the HTTP API:
   and by class, the sum of `/v1/downtime/events` (also by reason) and downtime seconds agree,
   and each listed stop is a stop of the timeline with its planned seconds (those in buckets of
   a shift) as `duration_s`;
-- every fault interval carries the reason the PLC set: the truth's sequence of stops when
-  given, else a reason allowed for that state, else any reason at all.
+- every fault interval carries the reason the PLC set (`plc_reason`): the truth's sequence of
+  stops when given, else a reason allowed for that state, else any reason at all;
+- stops that people classified: each stop's effective `reason` in `/states` and
+  `/v1/downtime/events` is the newest live downtime annotation of its start in
+  facts.annotations (read directly), else the PLC's; every live downtime annotation names a
+  stop of the timeline; the timeline cut at the bucket edges by `plc_reason` gives each
+  bucket's stored downtime by reason, and the Pareto by reason equals those stored seconds with
+  each annotated stop's seconds in them moved from its PLC reason to its annotated one.
 
 It returns what each view said per equipment (`Views`), for an exact comparison with a ground
 truth (`compare_with_truth`) and a table to quote (`table`).
@@ -122,9 +128,11 @@ class _Bucket:
 @dataclass
 class _Interval:
     state: str
-    reason: str | None
+    reason: str | None  # effective: the newest annotation's, else the PLC's
     start: datetime
     end: datetime
+    plc_reason: str | None = None
+    annotation_id: str | None = None
 
 
 @contextmanager
@@ -329,7 +337,17 @@ def _timeline(api: httpx.Client, site: str, eq: str, lo: datetime, hi: datetime)
     rows = body["intervals"]
     if len(rows) >= 10_000:
         raise Mismatch(f"{eq}: more state intervals than one page holds; narrow the run")
-    return [_Interval(r["state"], r["reason"], _ts(r["start"]), _ts(r["end"])) for r in rows]
+    return [
+        _Interval(
+            r["state"],
+            r["reason"],
+            _ts(r["start"]),
+            _ts(r["end"]),
+            r["plc_reason"],
+            (r["annotation"] or {}).get("annotation_id"),
+        )
+        for r in rows
+    ]
 
 
 def _check_timeline(
@@ -362,7 +380,8 @@ def _check_timeline(
                 cls = "off_plan_s" if b.shift is None else STATE_CLASS[state]
                 got[cls] += seconds
                 if b.shift is not None and state in STOP_STATES:
-                    key = iv.reason or UNSPECIFIED
+                    # The buckets hold the engine's downtime by the PLC's reason.
+                    key = iv.plc_reason or UNSPECIFIED
                     reasons[key] = reasons.get(key, 0.0) + seconds
             k += 1
         # Before the first state sample the state is unknown (and there is no state event).
@@ -389,7 +408,7 @@ def _stop_sequence(timeline: Sequence[_Interval]) -> list[tuple[str, str | None]
     merge = False
     for iv in timeline:
         if iv.state in STOP_STATES:
-            key = (iv.state, iv.reason)
+            key = (iv.state, iv.plc_reason)
             if not (merge and out and out[-1] == key):
                 out.append(key)
             merge = True
@@ -440,7 +459,8 @@ def _check_api_window(
 
     pareto = _get(api, "/v1/downtime/pareto", by="reason", top=1000, **scope)
     by_reason = {item["reason"]: float(item["seconds"]) for item in pareto["items"]}
-    _same(by_reason, _reasons(buckets), f"{name}: Pareto by reason vs buckets")
+    effective = _effective_reasons(buckets, timeline)
+    _same(by_reason, effective, f"{name}: Pareto by reason vs buckets (with annotations)")
     _close(float(pareto["total_s"]), want["downtime_s"], f"{name}: Pareto total vs downtime_s")
     by_class = _get(api, "/v1/downtime/pareto", by="class", top=1000, **scope)
     _same({i["class"]: float(i["seconds"]) for i in by_class["items"]},
@@ -462,12 +482,13 @@ def _check_api_window(
         raise Mismatch(f"{name}: {len(stops)} /v1/downtime/events, {len(timeline_stops)} stops")
     for s, (iv, planned) in zip(stops, timeline_stops, strict=True):
         what = f"{name}: /v1/downtime/events {s} vs /states {iv}"
-        if (_ts(s["start"]), _ts(s["end"]), s["state"], s["reason"]) != (
+        if (_ts(s["start"]), _ts(s["end"]), s["state"], s["reason"], s["plc_reason"]) != (
             iv.start,
             iv.end,
             iv.state,
             iv.reason,
-        ):
+            iv.plc_reason,
+        ) or (s["annotation"] or {}).get("annotation_id") != iv.annotation_id:
             raise Mismatch(what)
         _close(float(s["duration_s"]), planned, f"{what}: planned seconds")
         _close(float(s["wall_s"]), (iv.end - iv.start).total_seconds(), f"{what}: wall_s")
@@ -477,6 +498,60 @@ def _check_api_window(
     _merge(views, "/v1/downtime/pareto", by_reason)
     _merge(views, "/v1/downtime/events", from_events)
     _merge(views, "facts.oee_buckets", _reasons(buckets))
+
+
+def _effective_reasons(
+    buckets: Sequence[_Bucket], timeline: Sequence[_Interval]
+) -> dict[str, float]:
+    """The buckets' downtime by reason with each annotated stop's seconds in a bucket of a
+    shift moved from its PLC reason to its annotated one (at most what the bucket holds for
+    the PLC reason: a micro-stop counted as production has no downtime to move)."""
+    total: dict[str, float] = {}
+    for b in buckets:
+        reasons = dict(b.reasons)
+        if b.shift is not None:
+            for iv in timeline:
+                if iv.annotation_id is None or iv.start >= b.end or iv.end <= b.start:
+                    continue
+                plc = iv.plc_reason or UNSPECIFIED
+                assert iv.reason is not None
+                seconds = (min(iv.end, b.end) - max(iv.start, b.start)).total_seconds()
+                moved = min(seconds, reasons.get(plc, 0.0))
+                reasons[plc] = reasons.get(plc, 0.0) - moved
+                reasons[iv.reason] = reasons.get(iv.reason, 0.0) + moved
+        for k, v in reasons.items():
+            total[k] = total.get(k, 0.0) + v
+    return {k: v for k, v in total.items() if v >= 5e-7}
+
+
+def _live_annotations(conn: psycopg.Connection[Any], site: str, eq: str) -> dict[datetime, Any]:
+    """The newest live downtime annotation of each annotated stop start: (id, reason)."""
+    rows = conn.execute(
+        "SELECT DISTINCT ON (ts) ts, annotation_id::text AS id, reason FROM facts.annotations "
+        "WHERE site_id = %s AND equipment_id = %s AND kind = 'downtime' AND deleted_at IS NULL "
+        "ORDER BY ts, created_at DESC, annotation_id DESC",
+        (site, eq),
+    ).fetchall()
+    return {r["ts"]: (r["id"], r["reason"]) for r in rows}
+
+
+def _check_annotations(
+    name: str, timeline: Sequence[_Interval], live: Mapping[datetime, Any], lo: datetime
+) -> None:
+    """Each stop's effective reason is its newest live annotation's, else the PLC's."""
+    for iv in timeline:
+        if iv.state not in STOP_STATES:
+            if iv.annotation_id is not None or iv.reason != iv.plc_reason:
+                raise Mismatch(f"{name}: {iv} is no stop, yet has an annotated reason")
+            continue
+        if iv.start <= lo:
+            continue  # clipped at the window's start: its own start is not in view
+        want = live.get(iv.start)
+        got = (iv.annotation_id, iv.reason) if iv.annotation_id is not None else None
+        if want is not None and got != tuple(want):
+            raise Mismatch(f"{name}: stop {iv} has {got}, its newest annotation is {want}")
+        if want is None and (got is not None or iv.reason != iv.plc_reason):
+            raise Mismatch(f"{name}: stop {iv} is not annotated, yet its reason changed")
 
 
 def _planned_s(buckets: Sequence[_Bucket], start: datetime, end: datetime) -> float:
@@ -571,6 +646,12 @@ def check_views(
             (r["site_id"], r["equipment_id"]): _load(conn, r["site_id"], r["equipment_id"])
             for r in equipment
         }
+        annotations = {
+            (r["site_id"], r["equipment_id"]): _live_annotations(
+                conn, r["site_id"], r["equipment_id"]
+            )
+            for r in equipment
+        }
         rollups: dict[tuple[str, str], dict[str, tuple[int, int, int]]] = {}
         for (site, eq), (buckets, _) in loaded.items():
             rollups[site, eq] = _check_rollups(conn, f"{site}/{eq}", site, eq, buckets)
@@ -603,10 +684,15 @@ def check_views(
             after_gap = part[0].start == next(r[0].start for r in runs if part[0] in r)
             fresh = part[0].start if after_gap and part[0] is not buckets[0] else None
             _check_timeline(name, part, timeline, perf_micro, fresh)
+            _check_annotations(name, timeline, annotations[site, eq], lo)
             _check_api_window(api, name, site, eq, lo, hi, part, timeline, perf_micro, views)
             timeline_all += timeline
         views.unknown = [(iv.start, iv.end) for iv in timeline_all if iv.state == "unknown"]
         views.stops = _stop_sequence(timeline_all)
+        starts = {iv.start for iv in timeline_all if iv.state in STOP_STATES}
+        for ts in annotations[site, eq]:
+            if ts not in starts:
+                raise Mismatch(f"{name}: an annotation names no stop: {ts.isoformat()}")
         _check_reasons(name, timeline_all, views, truths.get(eq))
         out[eq] = views
     for site, buckets in sites.items():
@@ -625,12 +711,12 @@ def _check_reasons(
         if iv.state not in STOP_STATES:
             continue
         allowed = truth.reasons.get(iv.state) if truth and truth.reasons else None
-        if allowed is not None and iv.reason not in allowed:
+        if allowed is not None and iv.plc_reason not in allowed:
             raise Mismatch(
-                f"{name}: {iv.state} at {iv.start.isoformat()} has reason {iv.reason!r}, "
+                f"{name}: {iv.state} at {iv.start.isoformat()} has reason {iv.plc_reason!r}, "
                 f"the PLC sets one of {sorted(map(str, allowed))}"
             )
-        if allowed is None and iv.state == "fault" and iv.reason is None:
+        if allowed is None and iv.state == "fault" and iv.plc_reason is None:
             raise Mismatch(f"{name}: fault at {iv.start.isoformat()} carries no reason")
 
 

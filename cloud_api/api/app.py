@@ -113,6 +113,8 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
         settings.database.listen_url or settings.database.require_url()
     )
     app.state.answers = Answers(app.state.data_marks)
+    # /v1/downtime/unexplained lists stops with none of these reasons as well as none at all.
+    app.state.unknown_reasons = frozenset(settings.unknown_reasons)
 
     install_routes(app)
     # Configuration pushes publish with the app's MQTT settings and keys.

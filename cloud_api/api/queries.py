@@ -431,11 +431,84 @@ def pareto(
             "GROUP BY 1 ORDER BY 2 DESC, 1"
         )
         rows = run(conn, "pareto_reason", stmt, params)
-        return [(r["label"], float(r["seconds"])) for r in rows if r["seconds"] > 0]
+        totals = {r["label"]: float(r["seconds"]) for r in rows}
+        for plc_reason, reason, seconds in reason_moves(conn, members, start, end):
+            totals[plc_reason] = totals.get(plc_reason, 0.0) - seconds
+            totals[reason] = totals.get(reason, 0.0) + seconds
+        # Bucket seconds are whole microseconds: what a move leaves below one is nothing.
+        items = [(label, s) for label, s in totals.items() if s >= 5e-7]
+        return sorted(items, key=lambda i: (-i[1], i[0]))
     buckets = oee_series(conn, members, start, end, "1mo", ZoneInfo("UTC"), "none").buckets
     total = pooled(b.components for b in buckets)
     items = [(name.removesuffix("_s"), float(getattr(total, name))) for name in LOSS_CLASSES]
     return sorted((i for i in items if i[1] > 0), key=lambda i: (-i[1], i[0]))
+
+
+# -- stops that people classify -------------------------------------------------------------
+#
+# A downtime annotation names a stop by its equipment and start: the `ts` of the state event
+# (fault or idle) that began it. The newest annotation not deleted gives the stop's effective
+# `reason` in every view; the PLC's own stays beside it as `plc_reason`. The OEE buckets keep
+# the engine's downtime by the PLC's reason (they are facts from the edge and are never
+# rewritten): the Pareto by reason adds, per annotated stop, a correction that moves the
+# stop's seconds in the Pareto's buckets (those of a shift starting in the window), exactly
+# its planned seconds there, from the PLC's reason to the annotated one (`reason_moves`).
+
+_LIVE_ANNOTATION = (
+    " LEFT JOIN LATERAL (SELECT a.annotation_id AS a_id, a.reason AS a_reason,"
+    " a.note AS a_note, a.created_at AS a_at FROM facts.annotations a"
+    " WHERE a.site_id = i.site_id AND a.equipment_id = i.equipment_id AND a.ts = i.began"
+    " AND a.kind = 'downtime' AND a.deleted_at IS NULL AND i.state IN ('fault', 'idle')"
+    " ORDER BY a.created_at DESC, a.annotation_id DESC LIMIT 1) an ON true"
+)
+
+
+def _classify(row: dict[str, Any]) -> None:
+    """Give an interval row its effective reason, the PLC's beside it, and its annotation."""
+    row.pop("began", None)
+    annotation_id = row.pop("a_id", None)
+    reason, note, at = row.pop("a_reason", None), row.pop("a_note", None), row.pop("a_at", None)
+    row["plc_reason"] = row["reason"]
+    if annotation_id is None:
+        row["annotation"] = None
+        return
+    row["reason"] = reason
+    # Plain JSON values: a CSV export writes the object as one JSON cell.
+    row["annotation"] = {
+        "annotation_id": str(annotation_id),
+        "note": note,
+        "created_at": at.astimezone(UTC).isoformat(),
+    }
+
+
+def reason_moves(
+    conn: Conn, members: Sequence[Member], start: datetime, end: datetime
+) -> list[tuple[str, str, float]]:
+    """(PLC reason, annotated reason, seconds) per annotated stop with seconds in the buckets
+    the Pareto over [start, end) sums: the stop's time in each bucket of a shift, at most the
+    seconds that bucket holds for the PLC's reason (a micro-stop counted as production has
+    none to move)."""
+    if not members:
+        return []
+    # facts.stop_reason_moves (migration 0036) is also what the Grafana Pareto panel reads.
+    rows = run(
+        conn,
+        "pareto_annotations",
+        sql.SQL(
+            "SELECT site_id, equipment_id, plc_reason, reason, seconds"
+            " FROM facts.stop_reason_moves(%(sites)s, %(eqs)s, %(start)s, %(end)s)"
+        ),
+        {
+            "sites": sorted({m.site_id for m in members}),
+            "eqs": sorted({m.equipment_id for m in members}),
+            "start": start,
+            "end": end,
+        },
+    )
+    # The function takes site and equipment lists: keep the scope's own pairs.
+    pairs = {(m.site_id, m.equipment_id) for m in members}
+    rows = [r for r in rows if (r["site_id"], r["equipment_id"]) in pairs]
+    return [(r["plc_reason"], r["reason"], float(r["seconds"])) for r in rows]
 
 
 def _intervals_sql(select: str) -> sql.Composed:
@@ -444,7 +517,7 @@ def _intervals_sql(select: str) -> sql.Composed:
         ", intervals AS (SELECT * FROM ("
         " SELECT x.site_id, x.equipment_id, x.body->>'state' AS state,"
         " x.body->>'previous' AS previous, x.body->>'reason' AS reason,"
-        " greatest(x.ts, %(start)s) AS start,"
+        " greatest(x.ts, %(start)s) AS start, x.ts AS began,"
         " least(COALESCE(lead(x.ts) OVER w, nxt.ts, %(stop)s), %(stop)s) AS end"
         " FROM scope s"
         " CROSS JOIN LATERAL ("
@@ -483,7 +556,8 @@ def state_intervals(
     if not members:
         return []
     stmt = _intervals_sql(
-        "SELECT * FROM intervals i WHERE extract(epoch FROM i.end - i.start) >= %(min)s"
+        "SELECT i.*, an.* FROM intervals i" + _LIVE_ANNOTATION + " WHERE"
+        " extract(epoch FROM i.end - i.start) >= %(min)s"
         " ORDER BY i.start, i.site_id, i.equipment_id LIMIT %(limit)s"
     )
     rows = run(
@@ -501,6 +575,7 @@ def state_intervals(
         },
     )
     for r in rows:
+        _classify(r)
         r["duration_s"] = (r["end"] - r["start"]).total_seconds()
     return rows
 
@@ -571,8 +646,9 @@ def stops(
     if not members:
         return []
     stmt = _intervals_sql(
-        "SELECT i.*, k.known_until, p.planned FROM intervals i"
-        " LEFT JOIN LATERAL (SELECT b.bucket_end AS known_until FROM facts.oee_buckets b"
+        "SELECT i.*, an.*, k.known_until, p.planned FROM intervals i"
+        + _LIVE_ANNOTATION
+        + " LEFT JOIN LATERAL (SELECT b.bucket_end AS known_until FROM facts.oee_buckets b"
         "  WHERE b.site_id = i.site_id AND b.equipment_id = i.equipment_id"
         "  ORDER BY b.bucket_start DESC LIMIT 1) k ON true"
         " CROSS JOIN LATERAL (SELECT COALESCE(sum(extract(epoch FROM"
@@ -614,6 +690,7 @@ def stops(
                 planned += _planned_s(calendar, tail_from, r["end"])
             if planned <= 0 or planned < min_duration_s:
                 continue
+            _classify(r)
             r["duration_s"] = planned
             r["wall_s"] = (r["end"] - r["start"]).total_seconds()
             out.append(r)

@@ -673,7 +673,8 @@
       const state = interval.state || "unknown";
       const a = Date.parse(interval.start);
       first = Math.min(first, a);
-      (byState[state] = byState[state] || []).push({ x: [a, Date.parse(interval.end)], y: interval.equipment_id });
+      // The interval rides along: stopnotes.js opens a stop's classification form from it.
+      (byState[state] = byState[state] || []).push({ x: [a, Date.parse(interval.end)], y: interval.equipment_id, interval });
     }
     let from = Date.parse(p.from);
     const to = Math.min(Date.parse(p.to), now());
@@ -999,6 +1000,8 @@
       window.Chart = function () { return { destroy() {} }; };
     }
     wireZoom();
+    // A stop classified from the timeline (stopnotes.js): the Pareto and timeline show it.
+    document.addEventListener("stop-classified", () => loadPanels());
     tick();
     setInterval(tick, 1000);
     refresh();

@@ -342,7 +342,8 @@ async def test_quantities_beyond_json_range_are_flagged_not_a_500(
 
 
 async def test_annotation_author_only_for_roles_allowed_personal_data(api: SecuredApi) -> None:
-    note = {"site": "site-a", "ts": "2026-01-05T06:10:00Z", "kind": "downtime", "reason": "jam"}
+    # Quality: a downtime annotation must name a stop, and this site has no state events.
+    note = {"site": "site-a", "ts": "2026-01-05T06:10:00Z", "kind": "quality", "reason": "jam"}
     path = "/v1/equipment/press-a/annotations"
     async with api.client() as client:
         r = await client.post(path, json=note, headers=api.headers("engineer", ["site-a"]))

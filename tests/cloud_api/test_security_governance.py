@@ -17,7 +17,8 @@ from psycopg_pool import ConnectionPool
 from cloud_api.access.pii import PiiKeyring, generate_pii_key
 from tests.cloud_api.securitykit import WINDOW, SecuredApi, secured_api, seed_two_sites
 
-NOTE = {"site": "site-a", "ts": "2026-01-05T06:10:00Z", "kind": "downtime", "reason": "jam"}
+# A quality annotation: a downtime one must name a stop, and these sites have no state events.
+NOTE = {"site": "site-a", "ts": "2026-01-05T06:10:00Z", "kind": "quality", "reason": "jam"}
 ANNOTATIONS = "/v1/equipment/press-a/annotations"
 
 

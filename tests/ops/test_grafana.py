@@ -22,6 +22,8 @@ def expand(sql: str, start: datetime, end: datetime) -> str:
         lambda m: f"{m.group(1)} BETWEEN '{start.isoformat()}' AND '{end.isoformat()}'",
         sql,
     )
+    sql = sql.replace("$__timeFrom()", f"'{start.isoformat()}'")
+    sql = sql.replace("$__timeTo()", f"'{end.isoformat()}'")
     sql = re.sub(
         r"\$__timeGroupAlias\(([\w.]+), '1h'\)",
         lambda m: f"date_trunc('hour', {m.group(1)}) AS time",

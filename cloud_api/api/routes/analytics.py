@@ -350,6 +350,45 @@ async def downtime_events(
     return respond(request, payload, rows, closed=end <= datetime.now(UTC))
 
 
+@router.get(
+    "/downtime/unexplained",
+    summary="Stops without a reason (or with a configured unknown one), longest first",
+    description=(
+        "The stops of /v1/downtime/events whose effective reason (the newest annotation's, "
+        "else the PLC's) is missing or one of the cloud's `unknown_reasons`, ordered by "
+        "their planned seconds (`duration_s`), longest first. Annotating a stop's start "
+        "(POST /v1/equipment/{id}/annotations, kind downtime) takes it off this list."
+    ),
+)
+async def downtime_unexplained(
+    request: Request,
+    scope: Scope,
+    id: Ident,
+    from_: From,
+    to: To,
+    site: Site = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> Response:
+    start, end = window(from_, to)
+    sites = allowed_sites(request)
+    unknown: frozenset[str] = getattr(request.app.state, "unknown_reasons", frozenset())
+
+    def load(conn: Conn) -> list[dict[str, Any]]:
+        members = queries.resolve_scope(conn, scope, id, site, sites)
+        return queries.stops(conn, members, start, end)
+
+    rows = [r for r in await db(request, load) if r["reason"] is None or r["reason"] in unknown]
+    rows.sort(key=lambda r: (-r["duration_s"], r["start"], r["site_id"], r["equipment_id"]))
+    payload = {
+        "from": start,
+        "to": end,
+        "unknown_reasons": sorted(unknown),
+        "total": len(rows),
+        "stops": rows[:limit],
+    }
+    return respond(request, payload, rows[:limit], closed=end <= datetime.now(UTC))
+
+
 @router.get("/equipment/{equipment_id}/states", summary="State timeline of one equipment")
 async def equipment_states(
     request: Request,

@@ -7,6 +7,13 @@ database and opened only for callers with the `pii` permission; everyone else se
 `operator_status: "redacted"`. The author (`created_by`, the caller's subject, often an
 e-mail address) is personal data as well: shown under the same rule, null for everyone else.
 Each annotation leaves an audit row (without the operator's identity).
+
+A downtime annotation classifies one stop: its `ts` must be the start of a stop of that
+equipment (the instant of the state event, fault or idle, that began it), else it is refused.
+The stop's newest annotation gives its effective reason in every view (queries.py, "stops
+that people classify"); a later one supersedes it, and deleting it (DELETE, audited) brings
+back the one before, or the PLC's reason. Each such write bumps the data version of the days
+the stop touches in its own transaction, so cached views of them are forgotten at once.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
@@ -166,6 +173,11 @@ async def create_annotation(
             ).fetchone()
             if known is None:
                 return None
+            stop: dict[str, Any] | None = None
+            if body.kind == "downtime":
+                stop = _stop_at(cur, body.site, equipment_id, body.ts.astimezone(UTC))
+                if stop is None:
+                    return {"refused": "no-stop"}
             row: dict[str, Any] | None = cur.execute(
                 f"INSERT INTO facts.annotations(site_id, annotation_id, equipment_id, ts, kind, "
                 f"reason, note, event_id, operator_key_id, operator_sealed, created_by, trace_id) "
@@ -191,15 +203,139 @@ async def create_annotation(
                 "annotation.create",
                 target=f"{body.site}/{equipment_id}/{annotation_id}",
                 site_id=body.site,
-                detail={"kind": body.kind, "reason": body.reason, "operator": bool(sealed)},
+                detail={
+                    "kind": body.kind,
+                    "reason": body.reason,
+                    "operator": bool(sealed),
+                    **(
+                        {
+                            "stop_start": stop["ts"].isoformat(),
+                            "plc_reason": stop["plc_reason"],
+                            "supersedes": stop["current"],
+                        }
+                        if stop is not None
+                        else {}
+                    ),
+                },
                 trace_id=trace_id,
             )
+            if stop is not None:
+                _touch_days(cur, body.site, equipment_id, stop["ts"], stop["until"])
             return row
 
     row = await run_in_threadpool(write)
     if row is None:
         raise Problem(404, f"no equipment {equipment_id!r} at site {body.site!r}", slug="not-found")
+    if row.get("refused") == "no-stop":
+        raise Problem(
+            422,
+            f"no stop of {equipment_id!r} at site {body.site!r} starts at {body.ts.isoformat()}: "
+            "a downtime annotation names a stop by its start (see /v1/downtime/events)",
+            slug="no-such-stop",
+        )
     return _render(row, principal, keyring)
+
+
+def _stop_at(cur: Any, site: str, equipment_id: str, ts: datetime) -> dict[str, Any] | None:
+    """The stop of the equipment that starts at `ts`: its start, the next state change (None
+    while it lasts), the PLC's reason and the annotation in force (None), or None if no stop
+    starts there."""
+    found: dict[str, Any] | None = cur.execute(
+        "SELECT e.ts, e.body->>'reason' AS plc_reason,"
+        " (SELECT n.ts FROM facts.events n WHERE n.site_id = e.site_id"
+        "  AND n.equipment_id = e.equipment_id AND n.kind = 'state' AND n.ts > e.ts"
+        "  ORDER BY n.ts LIMIT 1) AS until,"
+        " (SELECT a.annotation_id::text FROM facts.annotations a WHERE a.site_id = e.site_id"
+        "  AND a.equipment_id = e.equipment_id AND a.ts = e.ts AND a.kind = 'downtime'"
+        "  AND a.deleted_at IS NULL ORDER BY a.created_at DESC, a.annotation_id DESC LIMIT 1)"
+        "  AS current"
+        " FROM facts.events e WHERE e.site_id = %s AND e.equipment_id = %s AND e.kind = 'state'"
+        " AND e.ts = %s AND e.body->>'state' IN ('fault', 'idle') LIMIT 1",
+        (site, equipment_id, ts),
+    ).fetchone()
+    return found
+
+
+def _touch_days(
+    cur: Any, site: str, equipment_id: str, start: datetime, until: datetime | None
+) -> None:
+    """Bump the data version of every UTC day the stop touches (until now while it lasts):
+    the change notification makes every cache forget its views of those days."""
+    end = min(until, datetime.now(UTC)) if until is not None else datetime.now(UTC)
+    cur.execute(
+        "INSERT INTO rollups.data_versions AS v (site_id, equipment_id, day, version)"
+        " SELECT %(site)s, %(eq)s, d::date, nextval('rollups.data_version_seq')"
+        " FROM generate_series((%(start)s AT TIME ZONE 'UTC')::date,"
+        " (greatest(%(start)s, %(end)s) AT TIME ZONE 'UTC')::date, interval '1 day') d"
+        " ON CONFLICT (site_id, equipment_id, day) DO UPDATE SET version = excluded.version",
+        {"site": site, "eq": equipment_id, "start": start, "end": end},
+    )
+
+
+@router.delete(
+    "/{equipment_id}/annotations/{annotation_id}",
+    status_code=204,
+    summary="Delete an annotation: the stop's earlier annotation, or the PLC's reason, holds again",
+)
+async def delete_annotation(
+    request: Request,
+    equipment_id: EquipmentId,
+    annotation_id: uuid.UUID,
+    site: Annotated[str, Query(min_length=1, max_length=64, pattern=SITE_ID.pattern)],
+    principal: Annotated[Principal, Depends(require("write"))],
+) -> Response:
+    missing = Problem(
+        404, f"no annotation {annotation_id} of {equipment_id!r} at site {site!r}", slug="not-found"
+    )
+    if not principal.sees(site):
+        raise missing
+    trace_id = request.scope.get("state", {}).get("trace_id")
+    pool = request.app.state.pool
+
+    def write() -> bool:
+        from psycopg.rows import dict_row
+
+        with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(
+                "UPDATE facts.annotations SET deleted_at = now(), deleted_by = %s,"
+                " deleted_trace_id = %s WHERE site_id = %s AND equipment_id = %s"
+                " AND annotation_id = %s AND deleted_at IS NULL RETURNING ts, kind, reason",
+                (principal.subject, trace_id, site, equipment_id, annotation_id),
+            ).fetchone()
+            if row is None:
+                return False
+            stop = (
+                _stop_at(cur, site, equipment_id, row["ts"]) if row["kind"] == "downtime" else None
+            )
+            audit.record_principal(
+                conn,
+                principal,
+                "annotation.delete",
+                target=f"{site}/{equipment_id}/{annotation_id}",
+                site_id=site,
+                detail={
+                    "kind": row["kind"],
+                    "reason": row["reason"],
+                    # What the stop's reason is now: an earlier annotation's, or the PLC's.
+                    **(
+                        {
+                            "stop_start": stop["ts"].isoformat(),
+                            "restored_annotation": stop["current"],
+                            "plc_reason": stop["plc_reason"],
+                        }
+                        if stop is not None
+                        else {}
+                    ),
+                },
+                trace_id=trace_id,
+            )
+            if stop is not None:
+                _touch_days(cur, site, equipment_id, stop["ts"], stop["until"])
+            return True
+
+    if not await run_in_threadpool(write):
+        raise missing
+    return Response(status_code=204)
 
 
 @router.get(
@@ -228,7 +364,7 @@ async def list_annotations(
         with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             rows: list[dict[str, Any]] = cur.execute(
                 f"SELECT {_COLUMNS} FROM facts.annotations WHERE equipment_id = %(eq)s "
-                "AND ts >= %(start)s AND ts < %(end)s "
+                "AND ts >= %(start)s AND ts < %(end)s AND deleted_at IS NULL "
                 "AND (%(site)s::text IS NULL OR site_id = %(site)s) "
                 "AND (%(sites)s::text[] IS NULL OR site_id = ANY(%(sites)s)) "
                 "ORDER BY ts, annotation_id LIMIT %(limit)s",

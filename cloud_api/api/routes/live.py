@@ -67,10 +67,16 @@ def _current_states(conn: Conn, members: list[Member]) -> dict[str, dict[str, An
     stmt = sql.SQL(
         "WITH scope AS (SELECT * FROM unnest(%(m_site)s::text[], %(m_eq)s::text[]) "
         "AS t(site_id, equipment_id)) "
-        "SELECT s.equipment_id, x.ts, x.state, x.reason FROM scope s CROSS JOIN LATERAL ("
+        "SELECT s.equipment_id, x.ts, x.state, COALESCE(an.reason, x.reason) AS reason"
+        " FROM scope s CROSS JOIN LATERAL ("
         " SELECT e.ts, e.body->>'state' AS state, e.body->>'reason' AS reason"
         " FROM facts.events e WHERE e.site_id = s.site_id AND e.equipment_id = s.equipment_id"
         " AND e.kind = 'state' ORDER BY e.ts DESC, e.event_id DESC LIMIT 1) x"
+        # A stop people classified shows its annotated reason (queries.py, _LIVE_ANNOTATION).
+        " LEFT JOIN LATERAL (SELECT a.reason FROM facts.annotations a"
+        " WHERE a.site_id = s.site_id AND a.equipment_id = s.equipment_id AND a.ts = x.ts"
+        " AND a.kind = 'downtime' AND a.deleted_at IS NULL AND x.state IN ('fault', 'idle')"
+        " ORDER BY a.created_at DESC, a.annotation_id DESC LIMIT 1) an ON true"
     )
     rows = queries.run(
         conn,

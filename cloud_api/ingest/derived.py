@@ -160,9 +160,7 @@ def _target_rows(data: dict[str, Any], equipment: list[Any]) -> dict[tuple[str, 
     return out
 
 
-def _record_targets(
-    conn: psycopg.Connection[Any], event: AgentEvent, equipment: list[Any]
-) -> None:
+def _record_targets(conn: psycopg.Connection[Any], event: AgentEvent, equipment: list[Any]) -> None:
     """Replace the agent's configured targets with those of this report, if it is the newest
     (the calendar upsert just before keeps the newest report's time). Only rows that change
     are written: each written row bumps the data versions it applies to (migration 0036)."""
@@ -175,11 +173,11 @@ def _record_targets(
         return
     rows = _target_rows(event.data, equipment)
     stored = conn.execute(
-        "SELECT scope, scope_id, kpi, value FROM registry.targets "
+        "SELECT scope, scope_id, kpi FROM registry.targets "
         "WHERE site_id = %s AND source = 'config' AND agent_id = %s",
         (event.site_id, event.agent_id),
     ).fetchall()
-    for scope, scope_id, kpi, value in stored:
+    for scope, scope_id, kpi in stored:
         if (scope, scope_id, kpi) not in rows:
             conn.execute(
                 "DELETE FROM registry.targets WHERE site_id = %s AND scope = %s "

@@ -40,6 +40,7 @@ from oee.config import (
     ShiftSpec,
     TimeZoneName,
 )
+from oee.targets import TargetSet
 
 # Counter widths by integer type; any other type (float32, ...) counts at 32 bits.
 INTEGER_WIDTHS = {
@@ -137,7 +138,14 @@ class SignalConfig(_Model):
 
 
 SignalName = Literal[
-    "state", "total_count", "good_count", "scrap_count", "rework_count", "reason", "product"
+    "state",
+    "total_count",
+    "good_count",
+    "scrap_count",
+    "rework_count",
+    "reason",
+    "scrap_reason",
+    "product",
 ]
 
 
@@ -151,6 +159,8 @@ class EquipmentConfig(_Model):
     micro_stops: Literal["performance", "availability"] = "performance"
     signals: dict[SignalName, SignalConfig]
     products: dict[str, ProductSpec] = Field(default_factory=dict)
+    # KPI name (oee.kpis) -> target; API-set targets of the equipment override these.
+    targets: TargetSet = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _state_needs_map(self) -> EquipmentConfig:
@@ -158,6 +168,10 @@ class EquipmentConfig(_Model):
             raise ValueError("a state signal is required")
         if not self.signals["state"].map:
             raise ValueError("signals.state needs a map from PLC values to states")
+        if "scrap_reason" in self.signals and "scrap_count" not in self.signals:
+            # With scrap derived from a good counter, scrap moves at total increments and
+            # back at good ones: there is no increment of scrap to attribute.
+            raise ValueError("signals.scrap_reason needs a scrap_count signal")
         try:
             self.oee_spec()
         except ValidationError as exc:
@@ -171,6 +185,7 @@ class EquipmentConfig(_Model):
 
         state_map = self.signals["state"].map or {}
         reason = self.signals.get("reason")
+        scrap_reason = self.signals.get("scrap_reason")
         product = self.signals.get("product")
         return EquipmentSpec(
             id=self.id,
@@ -180,6 +195,7 @@ class EquipmentConfig(_Model):
             micro_stops=self.micro_stops,
             state_map=state_map,
             reason_map=(reason.map or {}) if reason else {},
+            scrap_reason_map=(scrap_reason.map or {}) if scrap_reason else {},
             product_map=(product.map or {}) if product else {},
             products=self.products,
             counters={
@@ -341,6 +357,14 @@ def cross_check(equipment: Any, connections: Any, *, replay: bool = False) -> li
     return problems
 
 
+class TargetsConfig(_Model):
+    """Targets of the site and of its lines (equipment set theirs under `equipment`); the
+    most specific scope that sets a KPI's target wins: equipment > line > site."""
+
+    site: TargetSet = Field(default_factory=dict)
+    lines: dict[str, TargetSet] = Field(default_factory=dict)
+
+
 class AgentConfig(_Model):
     agent: AgentSection
     connections: list[Connection] = Field(default_factory=list)
@@ -355,6 +379,7 @@ class AgentConfig(_Model):
     opcua_server: OpcUaServerConfig | None = None
     config: ConfigSourceConfig = Field(default_factory=ConfigSourceConfig)
     shifts: list[ShiftSpec] = Field(default_factory=list)
+    targets: TargetsConfig = Field(default_factory=TargetsConfig)
     equipment: list[EquipmentConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -362,6 +387,12 @@ class AgentConfig(_Model):
         replay = bool(info.context and info.context.get("replay"))
         problems = cross_check(self.equipment, self.connections, replay=replay)
         problems += self._plant_floor_references()
+        lines = {e.line for e in self.equipment if e.line is not None}
+        problems += [
+            (("targets", "lines", line), f"no equipment is on line {line!r}")
+            for line in self.targets.lines
+            if line not in lines
+        ]
         if problems:
             raise CrossCheckFailed(problems)
         return self

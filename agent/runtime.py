@@ -254,6 +254,7 @@ class AgentRuntime:
                     "reasons": dict(reason.map or {}) if reason else {},
                     "states": dict(eq.signals["state"].map or {}),
                     "products": {k: v.ideal_cycle_time for k, v in eq.products.items()},
+                    "targets": dict(eq.targets),
                 }
             )
         return self._agent_event(
@@ -265,6 +266,8 @@ class AgentRuntime:
                 "bucket_seconds": cfg.agent.bucket_seconds,
                 "shifts": [s.model_dump(mode="json") for s in cfg.shifts],
                 "equipment": equipment,
+                # Site and line targets (equipment targets are under each equipment).
+                "targets": cfg.targets.model_dump(mode="json"),
             },
         )
 

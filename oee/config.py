@@ -143,6 +143,7 @@ class EquipmentSpec(BaseModel):
     micro_stops: Literal["performance", "availability"] = "performance"
     state_map: CodeMap
     reason_map: CodeMap = Field(default_factory=dict)
+    scrap_reason_map: CodeMap = Field(default_factory=dict)
     product_map: CodeMap = Field(default_factory=dict)
     products: dict[EventText, ProductSpec] = Field(default_factory=dict)
     counters: dict[Literal["total_count", "good_count", "scrap_count", "rework_count"], CounterSpec]

@@ -63,14 +63,19 @@ from oee.events import AgentEvent, CountEvent, Event, OeeEvent, StateEvent
 from oee.quantities import COUNTER_SIGNALS, counter_effects
 
 STOP_STATES = ("fault", "idle")
-SIGNALS = ("state", "reason", "product", *COUNTER_SIGNALS)
+SIGNALS = ("state", "reason", "scrap_reason", "product", *COUNTER_SIGNALS)
 _SIGNAL_SET = frozenset(SIGNALS)  # membership tests on the hot path
 # The order in which the samples of one scan apply, whatever the order of the YAML. Counts
 # first: the parts a reading counts were made since the previous reading, under the state and
 # product in force then (the last part before a planned stop is in plan). Then the reason, so a
 # stop's state change carries the reason set in the same scan; then the state; the product last.
-_RANK = dict.fromkeys(COUNTER_SIGNALS, 0) | {"reason": 1, "state": 2, "product": 3}
-_UNSORTED = len(_RANK)  # above every rank
+# The scrap reason comes before the counts: a PLC sets why a part is scrap, then counts it.
+_RANK = (
+    {"scrap_reason": 0}
+    | dict.fromkeys(COUNTER_SIGNALS, 1)
+    | {"reason": 2, "state": 3, "product": 4}
+)
+_UNSORTED = max(_RANK.values()) + 1  # above every rank
 
 
 def _rank_of(item: tuple[str, object]) -> int:
@@ -354,6 +359,8 @@ class EquipmentEngine:
         # The current stop has been counted (or its bucket marked, until it is judged).
         self.stop_counted = False
         self.reason: str | None = None
+        # The scrap reason in force (scrap_reason signal): scrap counted is attributed to it.
+        self.scrap_reason: str | None = None
         self.product: str | None = None
         self.cursor_us: int | None = None
         self.counters: dict[str, int] = {}
@@ -512,6 +519,9 @@ class EquipmentEngine:
         elif signal == "reason":
             if raw is not None:
                 self.reason = self._map_reason(raw)
+        elif signal == "scrap_reason":
+            if raw is not None:
+                self.scrap_reason = self._map_scrap_reason(raw)
         elif signal == "product":
             if raw is not None:
                 self.product = self._map_product(raw)
@@ -617,6 +627,8 @@ class EquipmentEngine:
             elif raw is not None:
                 if signal == "reason":
                     self.reason = self._map_reason(raw)
+                elif signal == "scrap_reason":
+                    self.scrap_reason = self._map_scrap_reason(raw)
                 else:
                     self._on_product(raw, cursor)
         if (
@@ -696,6 +708,7 @@ class EquipmentEngine:
             "stop_judged": self.stop_judged,
             "stop_counted": self.stop_counted or None,
             "reason": self.reason,
+            "scrap_reason": self.scrap_reason,
             "product": self.product,
             "cursor": self.cursor_us,
             "counters": self.counters,
@@ -728,6 +741,7 @@ class EquipmentEngine:
         # Absent in checkpoints of earlier agents, which counted no stops.
         self.stop_counted = bool(data.get("stop_counted", False))
         self.reason = data.get("reason")
+        self.scrap_reason = data.get("scrap_reason")  # absent: none in force (or none kept)
         self.product = data.get("product")
         self.cursor_us = data.get("cursor")
         self.counters = {k: int(v) for k, v in data.get("counters", {}).items()}
@@ -1027,6 +1041,15 @@ class EquipmentEngine:
         # code, so the Pareto shows what it is.
         return code if isinstance(raw, str) else clean_text(f"code {code}")
 
+    def _map_scrap_reason(self, raw: object) -> str | None:
+        code = self.spec.code(raw)
+        if code in ("0", ""):
+            return None  # as for stop reasons: 0 is "no reason"
+        mapped = self.spec.scrap_reason_map.get(code)
+        if mapped is not None:
+            return mapped
+        return code if isinstance(raw, str) else clean_text(f"code {code}")
+
     def _map_product(self, raw: object) -> str | None:
         code = self.spec.code(raw)
         return self.spec.product_map.get(code, code or None)
@@ -1197,6 +1220,7 @@ class EquipmentEngine:
                     good=good,
                     scrap=scrap,
                     rework=rework,
+                    scrap_reason=self.scrap_reason if scrap else None,
                 )
             )
 

@@ -126,6 +126,9 @@ class CountEvent(_EventBase):
     scrap: BoundedInt = 0
     rework: BoundedInt = 0
     product: PlcText | None = None
+    # The scrap reason in force when the scrap counted here was observed (equipment with a
+    # scrap_reason signal); None: no scrap, or no reason known.
+    scrap_reason: PlcText | None = None
     in_plan: bool = True
 
 

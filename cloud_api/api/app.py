@@ -45,6 +45,7 @@ from cloud_api.api.middleware import (
 from cloud_api.api.ops_stats import RequestStats
 from cloud_api.api.routes import install_routes
 from cloud_api.api.routes.annotations import router as annotations_router
+from cloud_api.api.routes.targets import router as targets_router
 from cloud_api.config import CloudSettings
 from cloud_api.db import make_pool, with_retry
 from cloud_api.fleetconfig.routes import router as fleetconfig_router
@@ -128,6 +129,7 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
     problems.install(app)
     app.include_router(ops_stats.router(require("ops")))
     app.include_router(annotations_router)
+    app.include_router(targets_router)
     _document_security(app)
 
     # add_middleware puts each one outside those added before it: innermost first.

@@ -781,6 +781,33 @@ def quality(
     return rows
 
 
+def scrap_by_reason(
+    conn: Conn, members: Sequence[Member], start: datetime, end: datetime
+) -> list[dict[str, Any]]:
+    """Scrap per equipment and scrap reason from count events: each carries the scrap reason
+    in force when its scrap was counted (equipment with a scrap_reason signal); scrap without
+    one is under "unspecified". Sums to the scrap of `quality`."""
+    if not members:
+        return []
+    stmt = _SCOPE_CTE + sql.SQL(
+        "SELECT e.site_id, e.equipment_id,"
+        " COALESCE(e.body->>'scrap_reason', 'unspecified') AS reason,"
+        " sum((e.body->>'scrap')::bigint) AS scrap"
+        " FROM facts.events e JOIN scope s USING (site_id, equipment_id)"
+        " WHERE e.kind = 'count' AND e.ts >= %(start)s AND e.ts < %(end)s"
+        " AND COALESCE((e.body->>'in_plan')::boolean, true)"
+        " AND COALESCE((e.body->>'scrap')::numeric, 0) <> 0 AND "
+        + _COUNTS_IN_RANGE
+        + " GROUP BY 1, 2, 3 ORDER BY sum((e.body->>'scrap')::bigint) DESC, 1, 2, 3"
+    )
+    rows = run(
+        conn, "scrap_by_reason", stmt, {**_scope_params(members), "start": start, "end": end}
+    )
+    for r in rows:
+        r["scrap"] = int(r["scrap"] or 0)
+    return rows
+
+
 # -- events -------------------------------------------------------------------------------
 
 

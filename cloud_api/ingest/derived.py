@@ -12,7 +12,10 @@
 - Reported configuration, from `agent` events with code ``config``. Data keys read:
   ``timezone`` (IANA name), ``shifts`` (list, as in the agent's YAML), ``equipment`` (list of
   objects with ``id``, optional ``line``, optional ``reasons`` mapping code -> reason text,
-  anything else is kept as the equipment's configuration).
+  anything else is kept as the equipment's configuration), ``targets`` (site and line targets:
+  ``{"site": {kpi: value}, "lines": {line: {kpi: value}}}``; an equipment's under its own
+  ``targets``). Targets of the newest report of an agent replace that agent's earlier ones
+  (source ``config`` of registry.targets; targets set through the API are left alone).
 - Configuration outcome, from `agent` events with code ``config_result`` (agent/remote_config.py):
   the running version and the last result, newest report wins (cloud_api/fleetconfig/).
 """
@@ -27,6 +30,7 @@ import psycopg
 
 from cloud_api.fleetconfig import store as config_store
 from oee.events import AgentEvent, Event
+from oee.targets import target_error
 
 STATUS_CODE = "status"
 CONFIG_CODE = "config"
@@ -103,7 +107,8 @@ def _record_config(conn: psycopg.Connection[Any], event: AgentEvent) -> None:
     )
     equipment = data.get("equipment")
     if not isinstance(equipment, list):
-        return
+        equipment = []
+    _record_targets(conn, event, equipment)
     for item in equipment:
         if not isinstance(item, dict) or not isinstance(item.get("id"), str):
             continue
@@ -130,3 +135,63 @@ def _record_config(conn: psycopg.Connection[Any], event: AgentEvent) -> None:
                     "DO UPDATE SET reason = excluded.reason",
                     (event.site_id, item["id"], str(code), str(reason)),
                 )
+
+
+def _target_rows(data: dict[str, Any], equipment: list[Any]) -> dict[tuple[str, str, str], float]:
+    """(scope, scope id, kpi) -> value of the targets a config event reports (entries that
+    oee.targets refuses are left out: an agent validated them already)."""
+    out: dict[tuple[str, str, str], float] = {}
+
+    def add(scope: str, scope_id: str, targets: object) -> None:
+        if isinstance(targets, dict):
+            for kpi, value in targets.items():
+                if isinstance(kpi, str) and target_error(kpi, value) is None:
+                    out[(scope, scope_id, kpi)] = float(value)
+
+    reported = data.get("targets")
+    if isinstance(reported, dict):
+        add("site", "", reported.get("site"))
+        lines = reported.get("lines")
+        for line, targets in lines.items() if isinstance(lines, dict) else ():
+            add("line", str(line), targets)
+    for item in equipment:
+        if isinstance(item, dict) and isinstance(item.get("id"), str):
+            add("equipment", item["id"], item.get("targets"))
+    return out
+
+
+def _record_targets(conn: psycopg.Connection[Any], event: AgentEvent, equipment: list[Any]) -> None:
+    """Replace the agent's configured targets with those of this report, if it is the newest
+    (the calendar upsert just before keeps the newest report's time). Only rows that change
+    are written: each written row bumps the data versions it applies to (migration 0036)."""
+    newest = conn.execute(
+        "SELECT 1 FROM registry.shift_calendars WHERE site_id = %s AND agent_id = %s "
+        "AND reported_at = %s",
+        (event.site_id, event.agent_id, event.ts),
+    ).fetchone()
+    if newest is None:
+        return
+    rows = _target_rows(event.data, equipment)
+    stored = conn.execute(
+        "SELECT scope, scope_id, kpi FROM registry.targets "
+        "WHERE site_id = %s AND source = 'config' AND agent_id = %s",
+        (event.site_id, event.agent_id),
+    ).fetchall()
+    for scope, scope_id, kpi in stored:
+        if (scope, scope_id, kpi) not in rows:
+            conn.execute(
+                "DELETE FROM registry.targets WHERE site_id = %s AND scope = %s "
+                "AND scope_id = %s AND kpi = %s AND source = 'config'",
+                (event.site_id, scope, scope_id, kpi),
+            )
+    for (scope, scope_id, kpi), value in rows.items():
+        conn.execute(
+            "INSERT INTO registry.targets AS t (site_id, scope, scope_id, kpi, source, value, "
+            "agent_id, set_by, set_at) VALUES (%s, %s, %s, %s, 'config', %s, %s, %s, %s) "
+            "ON CONFLICT (site_id, scope, scope_id, kpi, source) DO UPDATE SET "
+            "value = excluded.value, agent_id = excluded.agent_id, set_by = excluded.set_by, "
+            "set_at = excluded.set_at "
+            "WHERE t.value IS DISTINCT FROM excluded.value OR t.agent_id <> excluded.agent_id",
+            (event.site_id, scope, scope_id, kpi, value, event.agent_id,
+             f"agent:{event.agent_id}", event.ts),
+        )  # fmt: skip

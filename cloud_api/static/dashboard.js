@@ -200,10 +200,11 @@
     return ticks;
   }
 
-  function grade(value) {
+  // `target`: the API's target where one is set (GET /v1/targets), else the browser's.
+  function grade(value, target = view.target) {
     if (value === null || value === undefined) return "none";
-    if (value >= view.target) return "good";
-    return value >= view.target * 0.85 ? "fair" : "poor";
+    if (value >= target) return "good";
+    return value >= target * 0.85 ? "fair" : "poor";
   }
 
   function message(text) {
@@ -386,13 +387,15 @@
     reason.className = "reason";
     reason.textContent = state === "running" ? "" : m.reason || (state === "fault" || state === "idle" ? "no reason given" : "");
     const shift = m.shift || {};
+    const target = (m.targets && m.targets.oee) || view.target;
     const oee = document.createElement("p");
-    oee.className = `oee ${grade(shift.oee)}`;
+    oee.className = `oee ${grade(shift.oee, target)}`;
+    oee.dataset.target = String(target);
     oee.textContent = pct(shift.oee);
     oee.dataset.value = shift.oee === null || shift.oee === undefined ? "" : String(shift.oee);
     const sub = document.createElement("p");
     sub.className = "sub";
-    sub.textContent = m.shift ? `OEE ${m.shift.name} shift · target ${Math.round(view.target * 100)} %` : "no shift data yet";
+    sub.textContent = m.shift ? `OEE ${m.shift.name} shift · target ${Math.round(target * 100)} %` : "no shift data yet";
     const count = document.createElement("p");
     count.className = "count";
     if (shift.good !== undefined) {

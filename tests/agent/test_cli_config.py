@@ -144,8 +144,8 @@ def test_an_unset_variable_does_not_hide_the_rest() -> None:
             '      total_count: {address: "holding:1"',
             '      total_cont: {address: "holding:1"',
             "equipment[0].signals.total_cont (line 61): Input should be 'state', 'total_count', "
-            "'good_count', 'scrap_count', 'rework_count', 'reason' or 'product', got "
-            "'total_cont'; did you mean `total_count`? (the same line serves equipment[1], "
+            "'good_count', 'scrap_count', 'rework_count', 'reason', 'scrap_reason' or 'product', "
+            "got 'total_cont'; did you mean `total_count`? (the same line serves equipment[1], "
             "equipment[2], equipment[3], equipment[4], equipment[5])",
         ),
         (

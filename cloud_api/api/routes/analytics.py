@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request, Response
 
 from cloud_api.api import queries
+from cloud_api.api import targets as target_book
 from cloud_api.api.cache import SeriesCaching
 from cloud_api.api.queries import (
     INTERVAL_SECONDS,
@@ -48,6 +49,9 @@ MaxPoints = Annotated[int, Query(ge=1, le=MAX_POINTS, description="bucket budget
 GroupQ = Annotated[GroupBy, Query(description="one series per site, line or equipment")]
 
 
+RATIO_NAMES = ("availability", "performance", "quality", "oee")
+
+
 def ratios_of(c: Components) -> dict[str, float | None]:
     r = c.ratios()
     return {
@@ -74,7 +78,10 @@ def _series_payload(
     tz_name: str,
     group_by: GroupBy,
     fields: Literal["oee", "counts"],
+    targets: tuple[target_book.TargetBook, ScopeKind, str, list[queries.Member]] | None = None,
 ) -> dict[str, Any]:
+    """`targets` (book, scope kind, scope id, members): totals carry the targets of the
+    ratios shown."""
     tz = zone(tz_name)
     groups: dict[tuple[str | None, str | None], list[Bucket]] = {}
     for b in buckets:
@@ -104,12 +111,18 @@ def _series_payload(
             if key_name != "site":
                 group[key_name or "id"] = g_id
         group["total"] = values(queries.pooled(b.components for b in items))
+        if targets is not None:
+            book, _, _, members = targets
+            group["total"]["targets"] = target_book.only(
+                book.of_group(group_by, (g_site, g_id), members), RATIO_NAMES
+            )
         group["buckets"] = series
         out_groups.append(group)
-    return {
-        "total": values(queries.pooled(b.components for b in buckets)),
-        "groups": out_groups,
-    }
+    total = values(queries.pooled(b.components for b in buckets))
+    if targets is not None:
+        book, kind, ident, members = targets
+        total["targets"] = target_book.only(book.of_scope(kind, ident, members), RATIO_NAMES)
+    return {"total": total, "groups": out_groups}
 
 
 def _series_table(payload: dict[str, Any]) -> list[dict[str, Any]]:
@@ -177,6 +190,12 @@ async def _series(
             buckets, source, _ = queries.oee_series(
                 conn, members, start, end, chosen, tzinfo, group_by
             )
+        # Cached with the answer: a change of a target bumps the data versions the cache is
+        # keyed on (migration 0036).
+        targets = None
+        if fields == "oee":
+            book = target_book.load(conn, {m.site_id for m in members})
+            targets = (book, scope, ident, members)
         payload = {
             "scope": {"kind": scope, "id": ident, "site": site},
             "from": start.astimezone(tzinfo),
@@ -185,7 +204,7 @@ async def _series(
             "interval": chosen,
             "group_by": group_by,
             "source": source,
-            **_series_payload(buckets, start, end, tz, group_by, fields),
+            **_series_payload(buckets, start, end, tz, group_by, fields, targets),
         }
         if mark is not None:
             caching.computed(members, mark, payload)
@@ -233,12 +252,14 @@ async def equipment_oee(
     # The interval /v1/oee chooses by default: its total and this one are the same sums.
     interval = queries.choose_interval(start, end, 1000)
 
-    def load(conn: Conn) -> tuple[list[Bucket], list[queries.Member]]:
+    def load(conn: Conn) -> tuple[list[Bucket], list[queries.Member], dict[str, float]]:
         members = queries.resolve_scope(conn, "equipment", equipment_id, site, sites)
         buckets, _, _ = queries.oee_series(conn, members, start, end, interval, zone("UTC"), "none")
-        return buckets, members
+        book = target_book.load(conn, {m.site_id for m in members})
+        shown = book.of_scope("equipment", equipment_id, members)
+        return buckets, members, target_book.only(shown, RATIO_NAMES)
 
-    buckets, members = await db(request, load)
+    buckets, members, targets = await db(request, load)
     total = queries.pooled(b.components for b in buckets)
     return {
         "equipment": equipment_id,
@@ -248,6 +269,7 @@ async def equipment_oee(
         "to": end.isoformat(),
         **ratios_of(total),
         "components": total.model_dump(),
+        "targets": targets,
     }
 
 
@@ -419,7 +441,10 @@ async def equipment_states(
     return respond(request, payload, rows, closed=end <= datetime.now(UTC))
 
 
-@router.get("/quality", summary="Produced, good, scrap and rework by equipment and product")
+@router.get(
+    "/quality",
+    summary="Produced, good, scrap and rework by equipment and product; scrap by reason",
+)
 async def quality(
     request: Request,
     scope: Scope,
@@ -431,18 +456,25 @@ async def quality(
     start, end = window(from_, to)
     sites = allowed_sites(request)
 
-    def load(conn: Conn) -> tuple[list[dict[str, Any]], int]:
+    def load(conn: Conn) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
         members = queries.resolve_scope(conn, scope, id, site, sites)
         left_out = queries.counts_out_of_range(conn, members, start, end)
-        return queries.quality(conn, members, start, end), left_out
+        return (
+            queries.quality(conn, members, start, end),
+            queries.scrap_by_reason(conn, members, start, end),
+            left_out,
+        )
 
-    rows, left_out = await db(request, load)
+    rows, by_reason, left_out = await db(request, load)
     totals = {k: sum(r[k] for r in rows) for k in ("produced", "good", "scrap", "rework")}
     payload = {
         "from": start,
         "to": end,
         "total": totals,
         "by_product": rows,
+        # Scrap per equipment and scrap reason (in force when the scrap counter incremented);
+        # "unspecified" without one. Sums to total.scrap.
+        "by_reason": by_reason,
         # Count events stored before ingest bounded quantities, holding one no JSON consumer
         # can read exactly: not in the sums above.
         "out_of_range_events": left_out,

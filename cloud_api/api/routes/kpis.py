@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 
 from cloud_api.api import queries
+from cloud_api.api import targets as target_book
 from cloud_api.api.queries import INTERVAL_SECONDS, MAX_POINTS, Bucket, Conn, GroupBy, Member
 from cloud_api.api.routes.analytics import (
     From,
@@ -71,8 +72,10 @@ def kpi_payload(
     interval: str,
     group_by: GroupBy,
     names: tuple[str, ...],
+    targets: tuple[target_book.TargetBook, str, str] | None = None,
 ) -> dict[str, Any]:
-    """Totals and series of the KPIs `names` (the shape of `/v1/oee`, KPIs for ratios)."""
+    """Totals and series of the KPIs `names` (the shape of `/v1/oee`, KPIs for ratios);
+    with `targets` (book, scope kind, scope id) totals carry the targets of `names`."""
     tz = zone(tz_name)
     window_s = (end - start).total_seconds()
     sizes = Counter(_group_key(m, group_by) for m in members)
@@ -98,15 +101,17 @@ def kpi_payload(
             if group_by != "site":
                 group[group_by] = key[1]
         group["total"] = _values(queries.pooled(b.components for b in items), window_s * n, names)
+        if targets is not None:
+            group["total"]["targets"] = target_book.only(
+                targets[0].of_group(group_by, key, members), names
+            )
         group["buckets"] = series
         out_groups.append(group)
-    return {
-        "kpis": list(names),
-        "total": _values(
-            queries.pooled(b.components for b in buckets), window_s * len(members), names
-        ),
-        "groups": out_groups,
-    }
+    total = _values(queries.pooled(b.components for b in buckets), window_s * len(members), names)
+    if targets is not None:
+        book, kind, ident = targets
+        total["targets"] = target_book.only(book.of_scope(kind, ident, members), names)
+    return {"kpis": list(names), "total": total, "groups": out_groups}
 
 
 def kpi_table(payload: dict[str, Any]) -> list[dict[str, Any]]:
@@ -167,6 +172,7 @@ async def kpi_series(
     def load(conn: Conn) -> dict[str, Any]:
         members = queries.resolve_scope(conn, scope, id, site, sites)
         series = queries.oee_series(conn, members, start, end, chosen, tzinfo, group_by)
+        book = target_book.load(conn, {m.site_id for m in members})
         return {
             "scope": {"kind": scope, "id": id, "site": site},
             "from": start.astimezone(tzinfo),
@@ -175,7 +181,17 @@ async def kpi_series(
             "interval": chosen,
             "group_by": group_by,
             "source": series.source,
-            **kpi_payload(members, series.buckets, start, end, tz, chosen, group_by, names),
+            **kpi_payload(
+                members,
+                series.buckets,
+                start,
+                end,
+                tz,
+                chosen,
+                group_by,
+                names,
+                (book, scope, id),
+            ),
         }
 
     payload = await db(request, load)

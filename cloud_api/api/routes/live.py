@@ -21,8 +21,9 @@ from fastapi import APIRouter, Query, Request, Response
 from psycopg import sql
 
 from cloud_api.api import queries
+from cloud_api.api import targets as target_book
 from cloud_api.api.queries import Conn, Member
-from cloud_api.api.routes.analytics import ratios_of
+from cloud_api.api.routes.analytics import RATIO_NAMES, ratios_of
 from cloud_api.api.routes.common import allowed_sites, db, respond, window
 from oee.calendar import ShiftCalendar
 from oee.components import COMPONENT_FIELDS
@@ -233,6 +234,7 @@ async def plant_live(request: Request, site: SiteQ, line: LineQ = None) -> Respo
         shifts.update(_newest_shifts(conn, site, missing, now))
         sums = _shift_sums(conn, site, shifts)
         states = _current_states(conn, members)
+        book = target_book.load(conn, [site])
         machines = []
         for e in equipment:
             eq = e["equipment_id"]
@@ -259,6 +261,10 @@ async def plant_live(request: Request, site: SiteQ, line: LineQ = None) -> Respo
                     "state": state["state"] if state else None,
                     "since": state["ts"] if state else None,
                     "reason": state["reason"] if state else None,
+                    # Targets of the ratios of the shift (equipment > line > site).
+                    "targets": target_book.only(
+                        book.of_equipment(site, eq, e["line_id"]), RATIO_NAMES
+                    ),
                     "shift": {
                         "name": shift[0],
                         "start": shift[1],

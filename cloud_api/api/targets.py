@@ -1,6 +1,6 @@
 """Targets beside values: which target of OEE or another KPI applies to a scope or group.
 
-Targets live in registry.targets (migration 0036): from the agents' YAML (source `config`)
+Targets live in registry.targets (migration 0037): from the agents' YAML (source `config`)
 and from `PUT /v1/targets` (source `api`, which overrides `config` at the same scope). Per KPI
 the most specific scope that has a target wins: equipment > line > site (oee.targets).
 """

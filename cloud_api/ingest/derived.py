@@ -163,7 +163,7 @@ def _target_rows(data: dict[str, Any], equipment: list[Any]) -> dict[tuple[str, 
 def _record_targets(conn: psycopg.Connection[Any], event: AgentEvent, equipment: list[Any]) -> None:
     """Replace the agent's configured targets with those of this report, if it is the newest
     (the calendar upsert just before keeps the newest report's time). Only rows that change
-    are written: each written row bumps the data versions it applies to (migration 0036)."""
+    are written: each written row bumps the data versions it applies to (migration 0037)."""
     newest = conn.execute(
         "SELECT 1 FROM registry.shift_calendars WHERE site_id = %s AND agent_id = %s "
         "AND reported_at = %s",

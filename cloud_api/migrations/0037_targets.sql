@@ -1,4 +1,4 @@
--- 0036: targets for OEE and the other KPIs (oee/kpis.py, oee/targets.py).
+-- 0037: targets for OEE and the other KPIs (oee/kpis.py, oee/targets.py).
 --
 -- One row per (site, scope, scope id, KPI, source). scope: 'site' (scope_id ''), 'line' or
 -- 'equipment'. source 'config': from the agent's YAML, kept by ingest from the agent's config

@@ -62,7 +62,9 @@ def ratios_of(c: Components) -> dict[str, float | None]:
     }
 
 
-def _interval(start: datetime, end: datetime, interval: Interval | None, max_points: int) -> Any:
+def series_interval(
+    start: datetime, end: datetime, interval: Interval | None, max_points: int
+) -> Any:
     chosen = interval or queries.choose_interval(start, end, max_points)
     if chosen != "shift" and (end - start).total_seconds() / INTERVAL_SECONDS[chosen] > MAX_POINTS:
         raise invalid_parameter(
@@ -125,8 +127,9 @@ def _series_payload(
     return {"total": total, "groups": out_groups}
 
 
-def _series_table(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """One flat row per bucket (group keys, bounds, ratios, components) for CSV."""
+def series_table(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per bucket (group keys, bounds, ratios or KPIs, components) for CSV; also
+    the CSV of /v1/kpis."""
     table = []
     for group in payload["groups"]:
         keys = {k: v for k, v in group.items() if k not in ("total", "buckets")}
@@ -158,7 +161,7 @@ async def _series(
 ) -> Response:
     start, end = window(from_, to)
     tzinfo = zone(tz)
-    chosen = _interval(start, end, interval, max_points)
+    chosen = series_interval(start, end, interval, max_points)
     sites = allowed_sites(request)
     closed = end <= datetime.now(UTC)
     visible = tuple(sites) if sites is not None else None
@@ -172,7 +175,7 @@ async def _series(
     hit = caching.cached()
     if hit is not None:
         result, known = hit
-        table = _series_table(result) if wants_csv(request) else None
+        table = series_table(result) if wants_csv(request) else None
         response = respond(request, result, table, closed=closed, cache="hit")
         caching.remember(known, response)
         return response
@@ -191,7 +194,7 @@ async def _series(
                 conn, members, start, end, chosen, tzinfo, group_by
             )
         # Cached with the answer: a change of a target bumps the data versions the cache is
-        # keyed on (migration 0036).
+        # keyed on (migration 0037).
         targets = None
         if fields == "oee":
             book = target_book.load(conn, {m.site_id for m in members})
@@ -211,7 +214,7 @@ async def _series(
         return ("miss" if closed else "open"), payload, mark
 
     outcome, payload, mark = await db(request, load)
-    table = _series_table(payload) if wants_csv(request) else None
+    table = series_table(payload) if wants_csv(request) else None
     response = respond(request, payload, table, closed=closed, cache=outcome)
     if mark is not None:
         caching.remember(mark, response)

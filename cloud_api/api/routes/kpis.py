@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from cloud_api.api import queries
 from cloud_api.api import targets as target_book
-from cloud_api.api.queries import INTERVAL_SECONDS, MAX_POINTS, Bucket, Conn, GroupBy, Member
+from cloud_api.api.queries import Bucket, Conn, GroupBy, Member
 from cloud_api.api.routes.analytics import (
     From,
     GroupQ,
@@ -22,6 +22,8 @@ from cloud_api.api.routes.analytics import (
     Site,
     To,
     Tz,
+    series_interval,
+    series_table,
 )
 from cloud_api.api.routes.common import allowed_sites, db, respond, window, zone
 from cloud_api.problems import invalid_parameter
@@ -114,23 +116,6 @@ def kpi_payload(
     return {"kpis": list(names), "total": total, "groups": out_groups}
 
 
-def kpi_table(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """One flat row per bucket (group keys, bounds, calendar, KPIs, components) for CSV."""
-    table = []
-    for group in payload["groups"]:
-        keys = {k: v for k, v in group.items() if k not in ("total", "buckets")}
-        for bucket in group["buckets"]:
-            flat = {**keys, "start": bucket["start"], "end": bucket["end"]}
-            flat["shift"] = bucket.get("shift")
-            for k, v in bucket.items():
-                if k == "components":
-                    flat.update(v)
-                elif k not in flat:
-                    flat[k] = v
-            table.append(flat)
-    return table
-
-
 @router.get(
     "/kpis",
     summary="ISO 22400 KPIs per interval and for the whole window, from summed components",
@@ -162,11 +147,7 @@ async def kpi_series(
         names = select(None if kpi is None else [n for item in kpi for n in item.split(",")])
     except ValueError as exc:
         raise invalid_parameter("kpi", str(exc)) from None
-    chosen = interval or queries.choose_interval(start, end, max_points)
-    if chosen != "shift" and (end - start).total_seconds() / INTERVAL_SECONDS[chosen] > MAX_POINTS:
-        raise invalid_parameter(
-            "interval", f"{chosen} gives more than {MAX_POINTS} buckets for this window"
-        )
+    chosen = series_interval(start, end, interval, max_points)
     sites = allowed_sites(request)
 
     def load(conn: Conn) -> dict[str, Any]:
@@ -195,4 +176,4 @@ async def kpi_series(
         }
 
     payload = await db(request, load)
-    return respond(request, payload, kpi_table(payload), closed=end <= datetime.now(UTC))
+    return respond(request, payload, series_table(payload), closed=end <= datetime.now(UTC))

@@ -69,6 +69,8 @@ health:
 uplink:
   flush_interval: 500ms
   ack_timeout: 5s
+  # A graceful stop waits for the backlog's acks: the tests read the cloud after it.
+  drain_timeout: 25s
 shifts:
   - name: all-day
     start: "00:00"
@@ -370,7 +372,7 @@ async def test_remote_configuration_end_to_end(
             press.set_state("idle")
         await asyncio.sleep(7)  # the final counters are read and the bucket closes
         plant.process.send_signal(signal.SIGTERM)
-        assert plant.process.wait(30) == 0, plant.tail()
+        assert plant.process.wait(60) == 0, plant.tail()
     finally:
         await client.aclose()
         if plant.process is not None and plant.process.poll() is None:

@@ -135,7 +135,7 @@ async def test_cloud_configured_agent_starts_from_its_last_version_without_a_bro
         await wait_for(lambda: counts_of(pg_url, "press-2")[0] > 0, 60, "parts of press-2")
         assert plant.process is not None
         plant.process.send_signal(signal.SIGTERM)
-        assert plant.process.wait(30) == 0, plant.tail()
+        assert plant.process.wait(60) == 0, plant.tail()
 
         # The broker is unreachable when the agent starts again.
         await relay.down()
@@ -179,7 +179,7 @@ async def test_cloud_configured_agent_starts_from_its_last_version_without_a_bro
         )
         await asyncio.sleep(7)  # the final counters are read and the bucket closes
         plant.process.send_signal(signal.SIGTERM)
-        assert plant.process.wait(30) == 0, plant.tail()
+        assert plant.process.wait(60) == 0, plant.tail()
         # The retained version 1 delivered again after the outage is not a new result.
         assert [r["result"] for r in results(pg_url)] == ["applied"], results(pg_url)
     finally:

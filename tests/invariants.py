@@ -33,9 +33,11 @@ truth (`compare_with_truth`) and a table to quote (`table`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -751,6 +753,55 @@ def closed_until(pg_url: str) -> dict[str, datetime]:
             "SELECT equipment_id, max(bucket_end) FROM facts.oee_buckets GROUP BY 1"
         ).fetchall()
     return {str(r[0]): r[1] for r in rows}
+
+
+def stored_quantities(pg_url: str) -> dict[str, tuple[int, int]]:
+    """Produced and scrap of each equipment summed over its stored count events."""
+    with psycopg.connect(pg_url) as conn:
+        rows = conn.execute(
+            "SELECT equipment_id, COALESCE(sum((body->>'produced')::bigint), 0), "
+            "COALESCE(sum((body->>'scrap')::bigint), 0) FROM facts.events "
+            "WHERE kind = 'count' GROUP BY 1"
+        ).fetchall()
+    return {str(r[0]): (int(r[1]), int(r[2])) for r in rows}
+
+
+async def wait_counted(
+    pg_url: str,
+    truths: Mapping[str, tuple[int, int]],
+    after: datetime,
+    limit_s: float = 120,
+) -> None:
+    """Until the cloud holds every part and scrap each PLC counted (`truths`: produced, scrap
+    of a PLC that no longer changes) and each equipment has a closed bucket past `after` and
+    past its last count.
+
+    What a test waits for before it stops the agent, instead of a fixed sleep: on a loaded
+    machine the agent may read the final counters and close the bucket later than usual, and a
+    stopped agent keeps its open bucket for its next start."""
+    deadline = time.monotonic() + limit_s
+
+    def done() -> bool:
+        stored = stored_quantities(pg_url)
+        closed = closed_until(pg_url)
+        with psycopg.connect(pg_url) as conn:
+            rows = conn.execute(
+                "SELECT equipment_id, max(ts) FROM facts.events WHERE kind = 'count' GROUP BY 1"
+            ).fetchall()
+        last_count = {str(r[0]): r[1] for r in rows}
+        return all(
+            stored.get(m) == truth and closed.get(m, after) > max(after, last_count.get(m, after))
+            for m, truth in truths.items()
+        )
+
+    while not await asyncio.to_thread(done):
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"the cloud did not get every counted part within {limit_s:.0f} s: stored "
+                f"{stored_quantities(pg_url)}, PLC {dict(truths)}, closed until "
+                f"{closed_until(pg_url)}, waiting past {after.isoformat()}"
+            )
+        await asyncio.sleep(0.3)
 
 
 def dump_events(pg_url: str, path: Path) -> None:

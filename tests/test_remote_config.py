@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from connectors.modbus.simulator import Press, PressLine
 from sync.config_message import ConfigBody, config_digest, config_topic, sign_config
 from sync.keys import CloudKeyring, ed25519_key_id
 from tests.conftest import MQTT_HOST, MQTT_PORT, bearer, enroll, free_port, make_agent_keys
-from tests.invariants import Truth, api_client, check_views, compare_with_truth
+from tests.invariants import Truth, api_client, check_views, compare_with_truth, wait_counted
 
 BIN = Path(sys.executable).parent
 AGENT, SITE = "edge-rc", "plant-rc"
@@ -370,7 +371,16 @@ async def test_remote_configuration_end_to_end(
         for press in plant.presses:
             press.frozen = True
             press.set_state("idle")
-        await asyncio.sleep(7)  # the final counters are read and the bucket closes
+        frozen_at = datetime.now(UTC)
+        # The agent reads the final counters and closes the bucket that holds them.
+        await wait_counted(
+            pg_url,
+            {
+                name: (press.truth.produced, press.truth.scrap)
+                for name, press in zip(("press-1", "press-2"), plant.presses, strict=True)
+            },
+            frozen_at,
+        )
         plant.process.send_signal(signal.SIGTERM)
         assert plant.process.wait(60) == 0, plant.tail()
     finally:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import signal
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -24,7 +25,7 @@ from cloud_api.config import CloudSettings, DatabaseSettings, MqttSettings
 from cloud_api.ingest.worker import IngestWorker
 from sync.keys import CloudKeyring
 from tests.conftest import MQTT_HOST, MQTT_PORT, bearer, enroll, free_port, make_agent_keys
-from tests.invariants import Truth, api_client, check_views, compare_with_truth
+from tests.invariants import Truth, api_client, check_views, compare_with_truth, wait_counted
 from tests.test_remote_config import AGENT, REASONS, SITE, Plant, counts_of, results, wait_for
 
 
@@ -177,7 +178,16 @@ async def test_cloud_configured_agent_starts_from_its_last_version_without_a_bro
         await wait_for(
             lambda: counts_of(pg_url, "press-2")[0] > stored_before, 90, "press-2's parts"
         )
-        await asyncio.sleep(7)  # the final counters are read and the bucket closes
+        frozen_at = datetime.now(UTC)
+        # The agent reads the final counters and closes the bucket that holds them.
+        await wait_counted(
+            pg_url,
+            {
+                name: (press.truth.produced, press.truth.scrap)
+                for name, press in zip(("press-1", "press-2"), plant.presses, strict=True)
+            },
+            frozen_at,
+        )
         plant.process.send_signal(signal.SIGTERM)
         assert plant.process.wait(60) == 0, plant.tail()
         # The retained version 1 delivered again after the outage is not a new result.

@@ -22,10 +22,10 @@ from tests.invariants import (
     Views,
     api_client,
     check_views,
-    closed_until,
     compare_with_truth,
     dump_events,
     report,
+    wait_counted,
 )
 
 SITE = "plant-conformance"
@@ -170,12 +170,7 @@ async def finish(
 ) -> dict[str, Views]:
     """Let the agent close the buckets past `after` (the PLC's last change), stop it, let
     everything ship; then every view against the others and against the PLC."""
-    machines = list(truths)
-    await wait_for(
-        lambda: all(closed_until(pg_url).get(m, after) > after for m in machines),
-        60,
-        "buckets closed past the end of the schedule",
-    )
+    await wait_counted(pg_url, {m: (t.produced, t.scrap) for m, t in truths.items()}, after)
     await settle(agent)
     try:
         with api_client(pg_url, tmp_path / "views-keys") as api:

@@ -104,11 +104,15 @@ async def test_broken_outputs_do_not_touch_counting_or_shipping(
         press.frozen = True
         press.set_state("idle")
         frozen_at = datetime.now(UTC)
-        await asyncio.sleep(1)
-        log = agent.log_tail(200_000)
-        assert agent.running(), log[-3000:]
-        assert "plant broker lost" in log
-        assert "OPC UA server failed; restarting" in log
+        await wait_for(
+            lambda: all(
+                line in agent.log_tail(200_000)
+                for line in ("plant broker lost", "OPC UA server failed; restarting")
+            ),
+            60,
+            "the agent to log both outputs' failures",
+        )
+        assert agent.running(), agent.log_tail(200_000)[-3000:]
         # The local metrics say so too.
         async with httpx.AsyncClient() as client:
             text = (await client.get(f"http://127.0.0.1:{health_port}/metrics")).text

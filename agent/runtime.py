@@ -151,11 +151,13 @@ class AgentRuntime:
         self.samples_ignored = 0
         self.hubs: list[Hub] = [build_hub(conn, config.equipment) for conn in config.connections]
         mqtt = config.mqtt
+        (host, port), *failover = mqtt.addresses
         self.uplink = Uplink(
             self.outbox,
             BrokerSettings(
-                host=mqtt.host,
-                port=mqtt.port,
+                host=host,
+                port=port,
+                failover=tuple(failover),
                 username=mqtt.username,
                 password=mqtt.password,
                 tls=mqtt.tls,

@@ -234,7 +234,9 @@ class MqttConfig(_Model):
         for i, broker in enumerate(value or []):
             key = (broker.host, broker.port)
             if key in seen:
-                raise ValueError(f"{broker.host}:{broker.port} is listed twice ([{seen[key]}], [{i}])")
+                raise ValueError(
+                    f"{broker.host}:{broker.port} is listed twice ([{seen[key]}], [{i}])"
+                )
             seen[key] = i
         return value
 

@@ -27,6 +27,7 @@ from pydantic import (
 
 from agent.floor.config import OpcUaServerConfig, PlantMqttConfig
 from common.duration import Duration
+from common.mqtt import BrokerChoice
 from connectors.modbus.codec import DataType, Order
 from connectors.opcua.config import node_notation_error
 from connectors.registry import CONNECTOR_TYPES, Connection
@@ -206,58 +207,16 @@ class EquipmentConfig(_Model):
         )
 
 
-class BrokerAddress(_Model):
-    """One node of the cloud's broker cluster."""
-
-    host: str = Field(min_length=1)
-    port: int = Field(default=1883, ge=1, le=65535)
-
-
-class MqttConfig(_Model):
+class MqttConfig(_Model, BrokerChoice):
     """The cloud's broker: one (`host`, `port`) or the nodes of a cluster (`brokers`), which
     the uplink connects to in turn when the node it is on is lost or refuses it."""
 
-    host: str = Field(default="127.0.0.1", min_length=1)
-    port: int = Field(default=1883, ge=1, le=65535)
-    brokers: list[BrokerAddress] | None = Field(default=None, min_length=1)
     username: str | None = None
     password: str | None = Field(default=None, repr=False)
     tls: bool = False
     ca_file: Path | None = None
     keepalive: int = Field(default=30, ge=5, le=3600)
     topic_prefix: str = ""
-
-    @field_validator("brokers")
-    @classmethod
-    def _each_broker_once(cls, value: list[BrokerAddress] | None) -> list[BrokerAddress] | None:
-        seen: dict[tuple[str, int], int] = {}
-        for i, broker in enumerate(value or []):
-            key = (broker.host, broker.port)
-            if key in seen:
-                raise ValueError(
-                    f"{broker.host}:{broker.port} is listed twice ([{seen[key]}], [{i}])"
-                )
-            seen[key] = i
-        return value
-
-    @model_validator(mode="after")
-    def _one_way_to_name_the_broker(self) -> MqttConfig:
-        both = {"host", "port"} & self.model_fields_set
-        if self.brokers is not None and both:
-            given = " and ".join(sorted(both))
-            raise ValueError(
-                f"{given} and brokers both given: list every broker under brokers "
-                "(e.g. brokers: [{host: node-1, port: 1883}, {host: node-2}]) and drop "
-                f"{given}"
-            )
-        return self
-
-    @property
-    def addresses(self) -> list[tuple[str, int]]:
-        """The broker addresses in the order the uplink tries them."""
-        if self.brokers is None:
-            return [(self.host, self.port)]
-        return [(b.host, b.port) for b in self.brokers]
 
 
 class UplinkConfig(_Model):

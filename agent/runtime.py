@@ -151,13 +151,10 @@ class AgentRuntime:
         self.samples_ignored = 0
         self.hubs: list[Hub] = [build_hub(conn, config.equipment) for conn in config.connections]
         mqtt = config.mqtt
-        (host, port), *failover = mqtt.addresses
         self.uplink = Uplink(
             self.outbox,
             BrokerSettings(
-                host=host,
-                port=port,
-                failover=tuple(failover),
+                **mqtt.endpoints(),
                 username=mqtt.username,
                 password=mqtt.password,
                 tls=mqtt.tls,

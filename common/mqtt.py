@@ -40,6 +40,7 @@ import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
@@ -63,6 +64,63 @@ class BrokerSettings:
     def addresses(self) -> list[tuple[str, int]]:
         """Every broker address in the order they are tried, (host, port) first."""
         return [(self.host, self.port), *self.failover]
+
+
+class BrokerAddress(BaseModel):
+    """One node of a broker cluster."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(min_length=1)
+    port: int = Field(default=1883, ge=1, le=65535)
+
+
+class BrokerChoice(BaseModel):
+    """Where a YAML's `mqtt:` section points (agent and cloud): one broker (`host`, `port`)
+    or the nodes of a cluster (`brokers`, in the order they are tried), never both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=1883, ge=1, le=65535)
+    brokers: list[BrokerAddress] | None = Field(default=None, min_length=1)
+
+    @field_validator("brokers")
+    @classmethod
+    def _each_broker_once(cls, value: list[BrokerAddress] | None) -> list[BrokerAddress] | None:
+        seen: dict[tuple[str, int], int] = {}
+        for i, broker in enumerate(value or []):
+            key = (broker.host, broker.port)
+            if key in seen:
+                raise ValueError(
+                    f"{broker.host}:{broker.port} is listed twice ([{seen[key]}], [{i}])"
+                )
+            seen[key] = i
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_name_the_broker(self) -> BrokerChoice:
+        both = {"host", "port"} & self.model_fields_set
+        if self.brokers is not None and both:
+            given = " and ".join(sorted(both))
+            raise ValueError(
+                f"{given} and brokers both given: list every broker under brokers "
+                "(e.g. brokers: [{host: node-1, port: 1883}, {host: node-2}]) and drop "
+                f"{given}"
+            )
+        return self
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The broker addresses in the order they are tried."""
+        if self.brokers is None:
+            return [(self.host, self.port)]
+        return [(b.host, b.port) for b in self.brokers]
+
+    def endpoints(self) -> dict[str, Any]:
+        """`host`, `port` and `failover` of `BrokerSettings` for these addresses."""
+        (host, port), *failover = self.addresses
+        return {"host": host, "port": port, "failover": tuple(failover)}
 
 
 def make_client(settings: BrokerSettings, client_id: str) -> mqtt.Client:
@@ -208,4 +266,11 @@ class MqttLink:
         return self.client.publish(topic, payload, qos=qos)
 
 
-__all__ = ["BrokerSettings", "MessageHandler", "MqttLink", "make_client"]
+__all__ = [
+    "BrokerAddress",
+    "BrokerChoice",
+    "BrokerSettings",
+    "MessageHandler",
+    "MqttLink",
+    "make_client",
+]

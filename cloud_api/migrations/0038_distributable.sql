@@ -3,9 +3,10 @@
 -- enforced within a shard when it contains the distribution column). README "Scale out";
 -- tests/cloud_api/test_distributable_schema.py keeps it so.
 --
--- facts.batches: (agent_id, epoch, seq) stays unique through the primary key (site_id,
--- agent_id, epoch, seq): ingest stores a batch only under the site its agent is enrolled at
--- (anything else is refused as wrong_site), and an outbox never seals a seq twice.
+-- An agent is enrolled at one site for good (`agents enroll` refuses another) and ingest
+-- stores its batches only under that site (anything else is refused as wrong_site), so keys
+-- that start with site_id identify the same rows as before. facts.batches: (agent_id, epoch,
+-- seq) stays unique through the primary key (site_id, agent_id, epoch, seq).
 DROP INDEX facts.batches_agent_key;
 
 -- Ingest's per-agent sequence bookkeeping is written in the transaction that stores the

@@ -20,7 +20,7 @@ from psycopg_pool import ConnectionPool
 from sync.keys import CloudKeyring
 from tests.faults.conftest import Plant, new_agent, start_ingest
 from tests.faults.harness import Agent, Checker, Mosquitto, wait_for
-from tests.faults.test_scenarios import finish, stored_batches
+from tests.faults.test_scenarios import finish, start_production, stored_batches
 
 
 def connected_to(broker: Mosquitto, client_id: str) -> int:
@@ -79,9 +79,7 @@ async def test_agent_fails_over_to_the_other_node_and_back_resuming_unacked_batc
     checker = Checker(agent, ring)
     checker.install()
     try:
-        agent.start()
-        await wait_for(lambda: stored_batches(pg_url) > 0, 30, "the counter baseline stored")
-        plant.run()
+        await start_production(agent, plant, pg_url)
         await wait_for(lambda: stored_batches(pg_url) > 3, 30, "batches stored through node A")
         assert connected_to(node_a, agent.client_id) == 1, node_a.log_text()[-3000:]
         assert connected_to(node_b, agent.client_id) == 0

@@ -312,7 +312,7 @@ def test_every_query_of_the_api_reads_distributed_tables_by_site() -> None:
     assert problems == []
     # The request scope every `JOIN scope ... USING (site_id, ...)` uses comes from here.
     for kind in ("site", "line", "equipment"):
-        assert "site_id = ANY(%(sites)s)" in queries._scope_sql(kind)  # type: ignore[arg-type]
+        assert "site_id = ANY(%(sites)s)" in queries._scope_sql(kind)
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from pydantic import (
 
 from agent.floor.config import OpcUaServerConfig, PlantMqttConfig
 from common.duration import Duration
+from common.mqtt import BrokerChoice
 from connectors.modbus.codec import DataType, Order
 from connectors.opcua.config import node_notation_error
 from connectors.registry import CONNECTOR_TYPES, Connection
@@ -206,9 +207,10 @@ class EquipmentConfig(_Model):
         )
 
 
-class MqttConfig(_Model):
-    host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
+class MqttConfig(_Model, BrokerChoice):
+    """The cloud's broker: one (`host`, `port`) or the nodes of a cluster (`brokers`), which
+    the uplink connects to in turn when the node it is on is lost or refuses it."""
+
     username: str | None = None
     password: str | None = Field(default=None, repr=False)
     tls: bool = False

@@ -154,8 +154,7 @@ class AgentRuntime:
         self.uplink = Uplink(
             self.outbox,
             BrokerSettings(
-                host=mqtt.host,
-                port=mqtt.port,
+                **mqtt.endpoints(),
                 username=mqtt.username,
                 password=mqtt.password,
                 tls=mqtt.tls,

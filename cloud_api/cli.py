@@ -224,8 +224,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     worker = IngestWorker(
         store,
         BrokerSettings(
-            host=m.host,
-            port=m.port,
+            **m.endpoints(),
             username=m.username,
             password=m.password,
             tls=m.tls,

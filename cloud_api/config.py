@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cloud_api.alerts.settings import AlertsSettings
+from common.mqtt import BrokerChoice
 
 # How often a process reads the credential stamp by default (cloud_api/access/revocations.py).
 REVOCATION_REFRESH_S = 1.0
@@ -59,9 +60,10 @@ class DatabaseSettings(_Model):
         return f"database {name} on {info.get('host') or 'localhost'}:{info.get('port') or 5432}"
 
 
-class MqttSettings(_Model):
-    host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
+class MqttSettings(_Model, BrokerChoice):
+    """The broker: one (`host`, `port`) or the nodes of a cluster (`brokers`); ingest moves to
+    the next node when the one it is on is lost, as the agents do."""
+
     username: str | None = None
     password: str | None = Field(default=None, repr=False)
     tls: bool = False

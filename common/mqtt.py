@@ -15,6 +15,13 @@ with `call_soon_threadsafe`, ingest to its bounded queue):
 
 Publishing (`publish`) is QoS 1 and returns paho's message info at once.
 
+Failover: the settings may name more than one broker (`BrokerSettings.addresses`, the nodes
+of one cluster, e.g. EMQX or HiveMQ). The link connects to the first; each time a connection
+is lost or an attempt fails it moves on to the next address in turn (wrapping around), so a
+dead node is left after one reconnect delay and no node is tried twice in a row while
+another is listed. Nothing the owner holds is tied to a node: subscriptions are sent again on
+every connect, and the uplink resends its unacked batches to whichever node it reaches.
+
 Why paho's thread and not aiomqtt (paho driven from the event loop): ingest is threaded (its
 workers block in psycopg, and a full queue blocks paho's thread as back-pressure on the
 broker), so only the uplink could move to aiomqtt, and the two sides would again hold two
@@ -33,6 +40,7 @@ import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
@@ -48,6 +56,71 @@ class BrokerSettings:
     ca_file: str | None = None
     keepalive: int = 30
     client_id: str = ""
+    # The other nodes of the cluster, tried in turn after (host, port) when a connection is
+    # lost or refused.
+    failover: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Every broker address in the order they are tried, (host, port) first."""
+        return [(self.host, self.port), *self.failover]
+
+
+class BrokerAddress(BaseModel):
+    """One node of a broker cluster."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(min_length=1)
+    port: int = Field(default=1883, ge=1, le=65535)
+
+
+class BrokerChoice(BaseModel):
+    """Where a YAML's `mqtt:` section points (agent and cloud): one broker (`host`, `port`)
+    or the nodes of a cluster (`brokers`, in the order they are tried), never both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=1883, ge=1, le=65535)
+    brokers: list[BrokerAddress] | None = Field(default=None, min_length=1)
+
+    @field_validator("brokers")
+    @classmethod
+    def _each_broker_once(cls, value: list[BrokerAddress] | None) -> list[BrokerAddress] | None:
+        seen: dict[tuple[str, int], int] = {}
+        for i, broker in enumerate(value or []):
+            key = (broker.host, broker.port)
+            if key in seen:
+                raise ValueError(
+                    f"{broker.host}:{broker.port} is listed twice ([{seen[key]}], [{i}])"
+                )
+            seen[key] = i
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_name_the_broker(self) -> BrokerChoice:
+        both = {"host", "port"} & self.model_fields_set
+        if self.brokers is not None and both:
+            given = " and ".join(sorted(both))
+            raise ValueError(
+                f"{given} and brokers both given: list every broker under brokers "
+                "(e.g. brokers: [{host: node-1, port: 1883}, {host: node-2}]) and drop "
+                f"{given}"
+            )
+        return self
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The broker addresses in the order they are tried."""
+        if self.brokers is None:
+            return [(self.host, self.port)]
+        return [(b.host, b.port) for b in self.brokers]
+
+    def endpoints(self) -> dict[str, Any]:
+        """`host`, `port` and `failover` of `BrokerSettings` for these addresses."""
+        (host, port), *failover = self.addresses
+        return {"host": host, "port": port, "failover": tuple(failover)}
 
 
 def make_client(settings: BrokerSettings, client_id: str) -> mqtt.Client:
@@ -90,7 +163,11 @@ class MqttLink:
         self._on_subscribed_cb = on_subscribed
         self._log = log if log is not None else structlog.get_logger("common.mqtt")
         self.client = make_client(settings, client_id)
+        self._addresses = settings.addresses
+        self._current = 0  # index into _addresses; moved only in paho's thread
+        self._stopping = False
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
@@ -124,7 +201,22 @@ class MqttLink:
         properties: Properties | None,
     ) -> None:
         if self._on_connection_cb is not None:
-            self._on_connection_cb(False)
+            self._on_connection_cb(False)  # `address` is still the broker lost
+        self._next_address()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._next_address()
+
+    def _next_address(self) -> None:
+        """After a lost connection or a failed attempt: the next reconnect goes to the next
+        broker. paho reconnects to the address last given to `connect_async` (its `host`
+        setter refuses while paho is between connections), so the address is given again;
+        not while stopping, where `connect_async` would restart the connection."""
+        if len(self._addresses) < 2 or self._stopping:
+            return
+        self._current = (self._current + 1) % len(self._addresses)
+        host, port = self._addresses[self._current]
+        self.client.connect_async(host, port, keepalive=self.settings.keepalive)
 
     def _on_subscribe(
         self,
@@ -149,18 +241,24 @@ class MqttLink:
     # -- owner ------------------------------------------------------------------------------
 
     @property
+    def address(self) -> tuple[str, int]:
+        """The broker connected to (within `on_connection`: the one connected or lost), or
+        the one tried next while disconnected."""
+        return self._addresses[self._current]
+
+    @property
     def subscriptions(self) -> list[str]:
         topics = self._subscriptions
         return list(topics() if callable(topics) else topics)
 
     def start(self) -> None:
         """Connect in the background (and keep reconnecting) from paho's network thread."""
-        self.client.connect_async(
-            self.settings.host, self.settings.port, keepalive=self.settings.keepalive
-        )
+        host, port = self.address
+        self.client.connect_async(host, port, keepalive=self.settings.keepalive)
         self.client.loop_start()
 
     def stop(self) -> None:
+        self._stopping = True
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -168,4 +266,11 @@ class MqttLink:
         return self.client.publish(topic, payload, qos=qos)
 
 
-__all__ = ["BrokerSettings", "MessageHandler", "MqttLink", "make_client"]
+__all__ = [
+    "BrokerAddress",
+    "BrokerChoice",
+    "BrokerSettings",
+    "MessageHandler",
+    "MqttLink",
+    "make_client",
+]

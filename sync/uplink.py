@@ -5,7 +5,10 @@ a cloud ack, verified against the cloud's ack keys, names its (epoch, seq) and d
 a verified cloud rejection names them (the cloud will never store that batch) and the owner
 of the uplink has durably recorded the loss (`on_rejected`).
 Unacked batches are resent after `ack_timeout` (brokers drop queued QoS 1 messages for
-slow subscribers), with at most `max_in_flight` unacked batches on the wire.
+slow subscribers), with at most `max_in_flight` unacked batches on the wire. After every
+(re)connect all unacked batches go out again, so when the link fails over to another node of
+a broker cluster (`BrokerSettings.failover`) the batches the lost node held are resumed on
+the node reached; ingest stores a batch once however often it arrives.
 
 The MQTT client is `common.mqtt.MqttLink` (paho's network loop in its own thread); its
 callbacks only hand work to the asyncio loop (call_soon_threadsafe), so the outbox is touched
@@ -138,7 +141,7 @@ class Uplink:
 
     def _on_connection(self, up: bool) -> None:
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._connected, up)
+            self._loop.call_soon_threadsafe(self._connected, up, self._link.address)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if self._loop is None:
@@ -154,13 +157,10 @@ class Uplink:
         with contextlib.suppress(asyncio.QueueFull):
             self._acks.put_nowait(payload)
 
-    def _connected(self, up: bool) -> None:
+    def _connected(self, up: bool, address: tuple[str, int]) -> None:
         if up != self.stats.connected:
-            self._log.info(
-                "broker connected" if up else "broker lost",
-                host=self.settings.host,
-                port=self.settings.port,
-            )
+            host, port = address
+            self._log.info("broker connected" if up else "broker lost", host=host, port=port)
         self.stats.connected = up
         # After a (re)connect nothing is known about what the broker delivered: resend all.
         self._in_flight.clear()

@@ -334,7 +334,8 @@ def _sequence_gap(conn: psycopg.Connection[Any], rule: RuleSpec) -> Evaluation:
         conn,
         "SELECT g.id, g.site_id, g.agent_id, g.epoch, g.first_seq, g.last_seq, g.detected_at, "
         "extract(epoch FROM now() - g.detected_at)::float8 AS age_s "
-        "FROM ops.seq_gaps g JOIN registry.agents a ON a.agent_id = g.agent_id "
+        "FROM ops.seq_gaps g JOIN registry.agents a "
+        "ON a.site_id = g.site_id AND a.agent_id = g.agent_id "
         f"WHERE g.resolved_at IS NULL AND {_AGENT_SCOPE}",
         _scope(rule),
     )

@@ -53,9 +53,16 @@ from cloud_api.fleetconfig.routes import router as fleetconfig_router
 log = structlog.get_logger("cloud_api.security")
 
 
-def _broker_reachable(host: str, port: int) -> None:
-    """Raises OSError unless the MQTT broker accepts a TCP connection within a second."""
-    with socket.create_connection((host, port), timeout=1.0):
+def _broker_reachable(addresses: list[tuple[str, int]]) -> None:
+    """Raises OSError unless the MQTT broker (one node of it) accepts a TCP connection within
+    a second."""
+    for host, port in addresses[:-1]:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            continue
+    with socket.create_connection(addresses[-1], timeout=1.0):
         pass
 
 
@@ -179,7 +186,7 @@ def _health_routes(app: FastAPI, settings: CloudSettings) -> None:
         except Exception:
             return JSONResponse({"status": "database unavailable"}, status_code=503)
         try:
-            await run_in_threadpool(_broker_reachable, settings.mqtt.host, settings.mqtt.port)
+            await run_in_threadpool(_broker_reachable, settings.mqtt.addresses)
         except OSError:
             return JSONResponse({"status": "broker unavailable"}, status_code=503)
         return JSONResponse({"status": "ready"})

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import threading
 
+import paho.mqtt.client as mqtt
+
 from cloud_api.config import MqttSettings
 from cloud_api.fleetconfig.store import Current
 from sync.config_message import ConfigBody, config_topic, sign_config
@@ -38,6 +40,19 @@ def signed_message(current: Current, ring: CloudKeyring) -> bytes:
     return sign_config(body, key)
 
 
+def _connect_to_any(client: mqtt.Client, addresses: list[tuple[str, int]]) -> None:
+    """Connect to the first broker that accepts: a retained message published on one node of
+    a cluster reaches the agents on every node."""
+    for host, port in addresses:
+        try:
+            client.connect(host, port, keepalive=30)
+            return
+        except OSError:
+            continue
+    names = ", ".join(f"{host}:{port}" for host, port in addresses)
+    raise PublishError(f"cannot reach the MQTT broker {names}")
+
+
 def publish(settings: MqttSettings, current: Current, payload: bytes) -> str:
     """Publish retained with QoS 1 and wait for the broker's PUBACK; returns the topic."""
     topic = config_topic(settings.topic_prefix, current.site_id, current.agent_id)
@@ -56,10 +71,7 @@ def publish(settings: MqttSettings, current: Current, payload: bytes) -> str:
     client.on_connect = lambda c, u, f, reason, p: (
         connected.set() if not reason.is_failure else None
     )
-    try:
-        client.connect(settings.host, settings.port, keepalive=30)
-    except OSError as exc:
-        raise PublishError(f"cannot reach the MQTT broker {settings.host}:{settings.port}") from exc
+    _connect_to_any(client, settings.addresses)
     client.loop_start()
     try:
         if not connected.wait(PUBLISH_TIMEOUT_S):

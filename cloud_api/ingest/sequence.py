@@ -39,8 +39,9 @@ def record_batch_seq(
         (agent_id, epoch, site_id),
     )
     row = conn.execute(
-        "SELECT max_seq FROM ops.agent_epochs WHERE agent_id = %s AND epoch = %s FOR UPDATE",
-        (agent_id, epoch),
+        "SELECT max_seq FROM ops.agent_epochs WHERE site_id = %s AND agent_id = %s "
+        "AND epoch = %s FOR UPDATE",
+        (site_id, agent_id, epoch),
     ).fetchone()
     previous = int(row[0]) if row else 0
     opened: tuple[int, int] | None = None
@@ -56,38 +57,41 @@ def record_batch_seq(
             "sequence gap opened", agent=agent_id, epoch=epoch, first=opened[0], last=opened[1]
         )
     elif seq <= previous:
-        _resolve(conn, agent_id, epoch, seq, "filled")
+        _resolve(conn, site_id, agent_id, epoch, seq, "filled")
         conn.execute(
-            "DELETE FROM ops.declared_losses WHERE agent_id = %s AND epoch = %s AND seq = %s",
-            (agent_id, epoch, seq),
+            "DELETE FROM ops.declared_losses WHERE site_id = %s AND agent_id = %s "
+            "AND epoch = %s AND seq = %s",
+            (site_id, agent_id, epoch, seq),
         )
     conn.execute(
         "UPDATE ops.agent_epochs SET max_seq = GREATEST(max_seq, %s), batches = batches + 1, "
-        "last_seen = now() WHERE agent_id = %s AND epoch = %s",
-        (seq, agent_id, epoch),
+        "last_seen = now() WHERE site_id = %s AND agent_id = %s AND epoch = %s",
+        (seq, site_id, agent_id, epoch),
     )
     return opened
 
 
 def _resolve(
     conn: psycopg.Connection[Any],
+    site_id: str,
     agent_id: str,
     epoch: str,
     seq: int,
     resolution: Literal["filled", "declared"],
 ) -> bool:
     row = conn.execute(
-        "SELECT id, site_id, first_seq, last_seq, detected_at FROM ops.seq_gaps "
-        "WHERE agent_id = %s AND epoch = %s AND resolved_at IS NULL "
+        "SELECT id, first_seq, last_seq, detected_at FROM ops.seq_gaps "
+        "WHERE site_id = %s AND agent_id = %s AND epoch = %s AND resolved_at IS NULL "
         "AND first_seq <= %s AND last_seq >= %s FOR UPDATE",
-        (agent_id, epoch, seq, seq),
+        (site_id, agent_id, epoch, seq, seq),
     ).fetchone()
     if row is None:
         return False
-    gap_id, site_id, first, last, detected = row
+    gap_id, first, last, detected = row
     conn.execute(
-        "UPDATE ops.seq_gaps SET resolved_at = now(), resolution = %s WHERE id = %s",
-        (resolution, gap_id),
+        "UPDATE ops.seq_gaps SET resolved_at = now(), resolution = %s "
+        "WHERE site_id = %s AND id = %s",
+        (resolution, site_id, gap_id),
     )
     for lo, hi in ((first, seq - 1), (seq + 1, last)):
         if lo <= hi:
@@ -118,8 +122,9 @@ def record_declared_losses(
             if type(seq) is not int or seq < 1:
                 continue
             stored = conn.execute(
-                "SELECT 1 FROM facts.batches WHERE agent_id = %s AND epoch = %s AND seq = %s",
-                (agent_id, epoch, seq),
+                "SELECT 1 FROM facts.batches WHERE site_id = %s AND agent_id = %s "
+                "AND epoch = %s AND seq = %s",
+                (site_id, agent_id, epoch, seq),
             ).fetchone()
             if stored is not None:
                 continue  # it made it before it was shed: nothing was lost
@@ -128,7 +133,7 @@ def record_declared_losses(
                 "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                 (agent_id, epoch, seq, site_id, reason[:200]),
             )
-            _resolve(conn, agent_id, epoch, seq, "declared")
+            _resolve(conn, site_id, agent_id, epoch, seq, "declared")
             declared += 1
     if declared:
         LOSSES_DECLARED.inc(declared)

@@ -337,9 +337,9 @@ class BatchWriter:
                 ).fetchone()
                 if row is None:
                     stored = conn.execute(
-                        "SELECT digest FROM facts.batches WHERE agent_id = %s AND epoch = %s "
-                        "AND seq = %s",
-                        (header.agent_id, header.epoch, header.seq),
+                        "SELECT digest FROM facts.batches WHERE site_id = %s AND agent_id = %s "
+                        "AND epoch = %s AND seq = %s",
+                        (header.site_id, header.agent_id, header.epoch, header.seq),
                     ).fetchone()
                     return "duplicate" if stored and stored[0] == digest else "conflict"
                 # The events first: the bulk of the transaction's work, and it updates no

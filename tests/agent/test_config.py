@@ -111,12 +111,42 @@ def test_the_demo_configuration_loads() -> None:
             "equipment[0].ideal_cycle_time",
             "at most 24h",
         ),
+        (
+            "  port: 1883\n",
+            "  brokers: [{host: node-1}, {host: node-2}]\n",
+            "mqtt (line 20)",
+            "host and brokers both given",
+        ),
+        (
+            "  host: 127.0.0.1\n  port: 1883\n",
+            "  brokers: [{host: node-1}, {host: node-2, port: 1884}, {host: node-1, port: 1883}]\n",
+            "mqtt.brokers (line 21)",
+            "node-1:1883 is listed twice ([0], [2])",
+        ),
+        (
+            "  host: 127.0.0.1\n  port: 1883\n",
+            "  brokers: [{host: node-1, port: 0}]\n",
+            "mqtt.brokers[0].port",
+            "greater than or equal to 1",
+        ),
+        ("  host: 127.0.0.1\n  port: 1883\n", "  brokers: []\n", "mqtt.brokers", "at least 1"),
     ],
 )
 def test_validate_refuses_what_run_would_refuse(
     tmp_path: Path, old: str, new: str, where: str, why: str
 ) -> None:
     refused(tmp_path, "validate", old, new, where, why)
+
+
+def test_the_cloud_broker_is_one_address_or_a_list_of_cluster_nodes() -> None:
+    text = DEMO.read_text(encoding="utf-8")
+    assert parse_config(text, "demo.yaml", env={}).mqtt.addresses == [("127.0.0.1", 1883)]
+    cluster = text.replace(
+        "  host: 127.0.0.1\n  port: 1883\n",
+        "  brokers:\n    - {host: emqx-1.cloud.example, port: 8883}\n    - host: emqx-2\n",
+    )
+    config = parse_config(cluster, "demo.yaml", env={})
+    assert config.mqtt.addresses == [("emqx-1.cloud.example", 8883), ("emqx-2", 1883)]
 
 
 def test_replay_ignores_connections_but_validate_does_not(tmp_path: Path) -> None:

@@ -278,8 +278,7 @@ connections:
     poll_interval: 100ms
     timeout: 1s
 mqtt:
-  host: 127.0.0.1
-  port: {mqtt_port}
+{mqtt_address}
   keepalive: 5
   topic_prefix: "{prefix}"
 uplink:
@@ -337,6 +336,8 @@ class Agent:
     suite: str = "x25519-hkdfsha256-aes256gcm"
     heartbeat: str = "10s"  # outbox.heartbeat_interval
     snapshot: str = "5min"  # outbox.snapshot_interval
+    # Ports of more brokers: the agent gets `mqtt.brokers` (mqtt_port first) and fails over.
+    failover_ports: tuple[int, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -359,15 +360,27 @@ class Agent:
     def log(self) -> Path:
         return self.folder / "agent.log"
 
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id of the agent's uplink, as brokers log it."""
+        return f"edge-{self.site}-{self.agent_id}"
+
     def write_config(self) -> None:
         equipment = "".join(EQUIPMENT.format(unit=u) for u in range(1, self.units + 1))
+        if self.failover_ports:
+            ports = (self.mqtt_port, *self.failover_ports)
+            mqtt_address = "  brokers:\n" + "".join(
+                f"    - {{host: 127.0.0.1, port: {port}}}\n" for port in ports
+            )
+        else:
+            mqtt_address = f"  host: 127.0.0.1\n  port: {self.mqtt_port}\n"
         self.config_path.write_text(
             AGENT_CONFIG.format(
                 agent_id=self.agent_id,
                 site=self.site,
                 state=self.state,
                 plc_port=self.plc_port,
-                mqtt_port=self.mqtt_port,
+                mqtt_address=mqtt_address.rstrip("\n"),
                 prefix=self.prefix,
                 max_in_flight=self.max_in_flight,
                 batch_max_events=self.batch_max_events,

@@ -20,9 +20,9 @@ from psycopg_pool import ConnectionPool
 from sync.keys import CloudKeyring
 from tests.conftest import MQTT_PORT
 from tests.faults.conftest import Plant, new_agent, start_ingest
-from tests.faults.harness import Agent, Checker, wait_for
+from tests.faults.harness import Agent, Checker
 from tests.faults.powerfs import PowerFs, fuse_problem
-from tests.faults.test_scenarios import finish, stored_batches
+from tests.faults.test_scenarios import finish, start_production
 
 # (heartbeat_interval, snapshot_interval) per life of the agent: stored state of every age,
 # from folded a moment ago to a long journal over rows written minutes before.
@@ -92,9 +92,7 @@ async def test_killed_mid_flush_with_engine_state_of_different_ages(
     checker = Checker(agent, ring)
     checker.install()
     try:
-        agent.start()
-        await wait_for(lambda: stored_batches(pg_url) > 0, 30, "the counter baseline stored")
-        plant.run()
+        await start_production(agent, plant, pg_url)
         await _lives(agent, random.Random(11), 8)
         await asyncio.sleep(2)
         await finish(agent, plant, checker, pg_url)
@@ -121,9 +119,7 @@ async def test_power_loss_drops_unsynced_writes_and_nothing_is_lost_or_doubled(
     checker = Checker(agent, ring)
     try:
         checker.install()
-        agent.start()
-        await wait_for(lambda: stored_batches(pg_url) > 0, 60, "the counter baseline stored")
-        plant.run()
+        await start_production(agent, plant, pg_url, limit_s=60)
         await _lives(agent, random.Random(23), 6, power)
         await asyncio.sleep(2)
         await finish(agent, plant, checker, pg_url)

@@ -53,6 +53,13 @@ def stored_batches(pg_url: str) -> int:
         return int(conn.execute("SELECT count(*) FROM facts.batches").fetchone()[0])  # type: ignore[index]
 
 
+async def start_production(agent: Agent, plant: Plant, pg_url: str, limit_s: float = 30) -> None:
+    """Start the agent, wait until its counter baseline is stored, then let the presses run."""
+    agent.start()
+    await wait_for(lambda: stored_batches(pg_url) > 0, limit_s, "the counter baseline stored")
+    plant.run()
+
+
 def scalar(pg_url: str, query: str) -> int:
     with psycopg.connect(pg_url) as conn:
         row = conn.execute(query).fetchone()
@@ -126,9 +133,7 @@ async def test_agent_sigkilled_many_times(
     checker.install()
     rng = random.Random(5)
     try:
-        agent.start()
-        await wait_for(lambda: stored_batches(pg_url) > 0, 30, "the counter baseline stored")
-        plant.run()
+        await start_production(agent, plant, pg_url)
         for _ in range(6):
             await asyncio.sleep(rng.uniform(0.8, 2.0))  # python start-up alone is ~1 s
             agent.kill()
@@ -159,9 +164,7 @@ async def test_broker_sigkilled_and_down(
     checker = Checker(agent, ring)
     checker.install()
     try:
-        agent.start()
-        await wait_for(lambda: stored_batches(pg_url) > 0, 30, "the counter baseline stored")
-        plant.run()
+        await start_production(agent, plant, pg_url)
         await asyncio.sleep(1.5)
         broker.kill()
         before = stored_batches(pg_url)
@@ -235,9 +238,7 @@ async def test_ingest_sigkilled_before_commit_between_commit_and_ack_and_after_a
     checker.install()
     try:
         ingest.start()
-        agent.start()
-        await wait_for(lambda: stored_batches(pg_url) > 0, 30, "the counter baseline stored")
-        plant.run()
+        await start_production(agent, plant, pg_url)
 
         # a) before commit: the ingest transaction waits on a lock, then the process dies.
         with psycopg.connect(pg_url) as locker:
@@ -302,9 +303,7 @@ async def test_network_cut_stalled_and_truncated(
     checker = Checker(agent, ring)
     checker.install()
     try:
-        agent.start()
-        await wait_for(lambda: stored_batches(pg_url) > 0, 30, "the counter baseline stored")
-        plant.run()
+        await start_production(agent, plant, pg_url)
         for mode, seconds in (("cut", 2.5), ("pass", 2), ("stall", 3.5), ("pass", 2)):
             proxy.set(mode)  # type: ignore[arg-type]
             await asyncio.sleep(seconds)
@@ -431,9 +430,7 @@ async def test_corrupted_outbox_is_moved_aside_and_a_new_epoch_starts(
     ingest = start_ingest(fault_pool, ring, prefix, MQTT_PORT)
     agent = new_agent(tmp_path, ring, pg_url, plant, prefix=prefix, mqtt_port=proxy.port)
     try:
-        agent.start()
-        await wait_for(lambda: stored_batches(pg_url) > 0, 30, "the counter baseline stored")
-        plant.run()
+        await start_production(agent, plant, pg_url)
         proxy.set("cut")
         await wait_for(lambda: agent.depth() > 5, 30, "unsent batches")
         agent.kill()

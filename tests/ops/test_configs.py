@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigError, load_config, parse_config
+from cloud_api.config import ConfigError as CloudConfigError
 from cloud_api.config import load_settings
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -25,6 +26,7 @@ def test_modbus_press_line() -> None:
     assert config.agent.state_dir == Path("/var/lib/edge-agent")  # the unit's StateDirectory
     assert config.health.port == 9650
     assert config.mqtt.password == "not-a-secret"
+    assert config.mqtt.addresses == [(f"mqtt-{n}.example.com", 8883) for n in (1, 2, 3)]
     assert "running" in config.equipment[0].oee_spec().state_map.values()
 
 
@@ -53,6 +55,25 @@ def test_cloud_example() -> None:
     # the environment overrides the file, so secrets never need to be written into it
     with_env = load_settings(CONFIGS / "cloud.yaml", env={"CLOUD_DATABASE_URL": "postgresql://x"})
     assert with_env.database.url == "postgresql://x"
+
+
+def test_cloud_broker_cluster_nodes_and_the_environment(tmp_path: Path) -> None:
+    text = (CONFIGS / "cloud.yaml").read_text(encoding="utf-8")
+    one = text[text.index("  host: mqtt.internal") : text.index("  tls: true")]
+    cluster = tmp_path / "cloud.yaml"
+    cluster.write_text(
+        text.replace(
+            one,
+            "  brokers:\n    - {host: mqtt-1.internal, port: 8883}\n"
+            "    - {host: mqtt-2.internal, port: 8883}\n",
+        ),
+        encoding="utf-8",
+    )
+    settings = load_settings(cluster, env={})
+    assert settings.mqtt.addresses == [("mqtt-1.internal", 8883), ("mqtt-2.internal", 8883)]
+    # CLOUD_MQTT_HOST names one broker: with a list in the file that is a contradiction.
+    with pytest.raises(CloudConfigError, match="host and brokers both given"):
+        load_settings(cluster, env={"CLOUD_MQTT_HOST": "mqtt.internal"})
 
 
 def test_cloud_example_alerts() -> None:

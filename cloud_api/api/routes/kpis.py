@@ -104,15 +104,15 @@ def kpi_payload(
                 group[group_by] = key[1]
         group["total"] = _values(queries.pooled(b.components for b in items), window_s * n, names)
         if targets is not None:
-            group["total"]["targets"] = target_book.only(
-                targets[0].of_group(group_by, key, members), names
-            )
+            shown = target_book.only(targets[0].of_group(group_by, key, members), names)
+            group["total"].update(target_book.beside(group["total"], shown))
         group["buckets"] = series
         out_groups.append(group)
     total = _values(queries.pooled(b.components for b in buckets), window_s * len(members), names)
     if targets is not None:
         book, kind, ident = targets
-        total["targets"] = target_book.only(book.of_scope(kind, ident, members), names)
+        shown = target_book.only(book.of_scope(kind, ident, members), names)
+        total.update(target_book.beside(total, shown))
     return {"kpis": list(names), "total": total, "groups": out_groups}
 
 

@@ -351,7 +351,8 @@ async def downtime_pareto(
         "to now); `duration_s` is its downtime, the planned seconds within it (breaks and time "
         "outside every shift are off plan, as in /v1/oee and the Pareto), and `wall_s` its "
         "wall-clock length. A stop with no planned second is left out; `min_duration_s` "
-        "applies to `duration_s`."
+        "applies to `duration_s`. `stop_start` is the instant the stop began (before "
+        "`from` when the window cuts it): the `ts` an annotation names the stop by."
     ),
 )
 async def downtime_events(
@@ -417,7 +418,13 @@ async def downtime_unexplained(
     return respond(request, payload, rows[:limit], closed=end <= datetime.now(UTC))
 
 
-@router.get("/equipment/{equipment_id}/states", summary="State timeline of one equipment")
+@router.get(
+    "/equipment/{equipment_id}/states",
+    summary="State timeline of one equipment",
+    description="Intervals clipped to [from, to) and to now. A stop's interval (fault, idle) "
+    "carries `stop_start`, the instant the stop began (before `start` when the window cuts "
+    "it), which is the `ts` a downtime annotation names it by; null for other states.",
+)
 async def equipment_states(
     request: Request,
     equipment_id: str,

@@ -3,6 +3,9 @@ a higher scrap ratio misses it; an undefined value neither meets nor misses."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from oee.components import Components
@@ -20,6 +23,12 @@ def test_each_kpi_has_one_direction_losses_are_lower_is_better() -> None:
         assert BETTER[name] == "higher"
     assert BETTER["first_pass_yield"] == "higher"
     assert BETTER["throughput_per_hour"] == "higher"
+
+
+def test_the_readme_catalogue_shows_each_kpis_direction() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `([a-z_]+)` \| [^\n]* \| (higher|lower) \|$", readme, re.M)
+    assert dict(rows) == BETTER
 
 
 @pytest.mark.parametrize(

@@ -33,15 +33,18 @@ from oee.kpis import KPI_DEFINITIONS, KPI_NAMES, kpis, select
 router = APIRouter(prefix="/v1", tags=["oee"])
 
 _CATALOGUE = "\n".join(
-    f"- `{d.name}` = {d.formula}" + (f" (ISO 22400-2: {d.iso_name})" if d.iso_name else "")
+    f"- `{d.name}` = {d.formula}"
+    + (f" (ISO 22400-2: {d.iso_name})" if d.iso_name else "")
+    + f"; {d.better} is better"
     for d in KPI_DEFINITIONS
 )
 _DESCRIPTION = (
     "Every KPI is computed from the components summed over the bucket, group or window "
     "(the components `/v1/oee` serves, shown beside them), null where its denominator is "
     "zero. `calendar_s` is the window's (or bucket's) length times the number of equipment "
-    "it covers; null for `interval=shift` buckets, so loading and TEEP are null there.\n\n"
-    + _CATALOGUE
+    "it covers; null for `interval=shift` buckets, so loading and TEEP are null there. "
+    "Totals carry `targets` and `against_targets` (per KPI: target, direction `better`, "
+    "and whether the value meets it, `met`).\n\n" + _CATALOGUE
 )
 MAX_KPI_PARAMS = 2 * len(KPI_NAMES)
 

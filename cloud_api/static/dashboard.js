@@ -7,7 +7,10 @@
  * page. The token is kept for the tab (sessionStorage), or for the screen (localStorage) when
  * asked or in kiosk mode (?kiosk=1), so a screen on the line signs itself in after a restart.
  * Times are shown in the plant's time zone (the site's, as its agent reported it) unless
- * another is picked; the choice and the OEE target are kept in localStorage.
+ * another is picked; the choice and the OEE target are kept in localStorage. Tiles, trend
+ * bars and target lines use the targets the API answers with (`against_targets`: target and
+ * direction, from the agent's YAML or PUT /v1/targets); the browser's OEE target only where
+ * the API has none.
  */
 (function () {
   "use strict";

@@ -577,7 +577,6 @@
       const total = body.total || {};
       const c = total.components || {};
       const goal = goalOf(total);
-      page.trendGoal = goal;
       setTile("oee", total.oee, `${c.good ?? 0} good parts of ${c.produced ?? 0}, target ${Math.round(goal.target * 100)} %`, goal);
       const [run, planned] = durations(c.production_s, c.planned_busy_s);
       setTile("availability", total.availability, `running ${run} of ${planned} planned (machine time)`, tileGoal(total, "availability"));
@@ -603,7 +602,7 @@
             x: { ticks: { autoSkip: true, maxRotation: 0 } },
           },
           plugins: {
-            targetLine: { value: goal.target * 100, from: goal.from },
+            targetLine: { value: goal.target * 100 },
             // The bars' colours grade each bucket; the legend shows OEE in a neutral colour.
             legend: {
               labels: {

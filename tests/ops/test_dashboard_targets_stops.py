@@ -46,7 +46,14 @@ from tests.conftest import bearer
 from tests.invariants import api_client, check_views
 from tests.ops.chromium import Page, open_page
 from tests.ops.test_live_dashboard import serve
-from tests.ops.test_stop_form import PARETO, bar_where, click_fault, dashboard_path, show
+from tests.ops.test_stop_form import (
+    PARETO,
+    bar_where,
+    click_fault,
+    dashboard_path,
+    save_no_material,
+    show,
+)
 
 # As dashboard.js colours a grade.
 COLOURS = {"good": "#1f9d55", "fair": "#d4a017", "poor": "#d64545", "none": "#9aa5b1"}
@@ -166,17 +173,7 @@ async def test_a_stop_cut_by_the_period_is_classified_by_its_real_start_in_every
             before = await page.wait_for(PARETO)
             bar = await click_fault(page, locate)
             what = await page.evaluate("document.getElementById('stop-form-what').textContent")
-            await page.evaluate(
-                "(() => { document.getElementById('stop-form-reason').value = 'no material'; "
-                "document.getElementById('stop-form-note').value = 'coil ran out'; "
-                "document.getElementById('stop-form-save').click(); })()"
-            )
-            await page.wait_for("(document.body.dataset.stopNote || '').startsWith('classified')")
-            after = await page.wait_for(
-                PARETO + " && Chart.getChart('pareto').data.labels[0] === 'no material' && "
-                "Chart.getChart('pareto').data.labels"
-            )
-            after = await page.wait_for(PARETO)
+            after = await save_no_material(page)
             classified_bar = (await page.wait_for(locate))["interval"]
             errors = list(page.errors)
         cut_pareto = await client.get(

@@ -81,6 +81,20 @@ async def click_fault(page: Page, locate: str = FAULT_BAR) -> dict[str, Any]:
     return bar
 
 
+async def save_no_material(page: Page) -> dict[str, Any]:
+    """Save "no material" (note "coil ran out") in the open form; the Pareto chart once it
+    leads with that reason."""
+    await page.evaluate(
+        "(() => { document.getElementById('stop-form-reason').value = 'no material'; "
+        "document.getElementById('stop-form-note').value = 'coil ran out'; "
+        "document.getElementById('stop-form-save').click(); })()"
+    )
+    await page.wait_for("(document.body.dataset.stopNote || '').startsWith('classified')")
+    await page.wait_for(PARETO + " && Chart.getChart('pareto').data.labels[0] === 'no material'")
+    shown: dict[str, Any] = await page.wait_for(PARETO)
+    return shown
+
+
 def dashboard_path(lo: datetime, hi: datetime) -> str:
     """The dashboard of press-1 over [lo, hi)."""
     iso = {k: t.isoformat().replace("+", "%2B") for k, t in (("from", lo), ("to", hi))}
@@ -123,17 +137,7 @@ async def test_a_stop_classified_in_the_timeline_moves_in_the_pareto(
                 ".textContent, plc: document.getElementById('stop-form-plc').textContent, "
                 "remove: document.getElementById('stop-form-remove').hidden})"
             )
-            await page.evaluate(
-                "(() => { document.getElementById('stop-form-reason').value = 'no material'; "
-                "document.getElementById('stop-form-note').value = 'coil ran out'; "
-                "document.getElementById('stop-form-save').click(); })()"
-            )
-            await page.wait_for("(document.body.dataset.stopNote || '').startsWith('classified')")
-            after = await page.wait_for(
-                PARETO + " && Chart.getChart('pareto').data.labels[0] === 'no material' && "
-                "Chart.getChart('pareto').data.labels"
-            )
-            after = await page.wait_for(PARETO)
+            after = await save_no_material(page)
             reclassified = (await page.wait_for(FAULT_BAR))["interval"]
             api_after = await api_pareto(client)
 

@@ -28,11 +28,15 @@ JSON output (`--json`), one object:
                      window (and over all equipment when several)
     kpis             the KPI catalogue (oee.kpis.KPI_NAMES: the names `GET /v1/kpis` uses)
                      from those components, with calendar_s = window length x equipment
+    targets, against_targets
+                     the YAML's targets in force (one equipment: equipment > line > site;
+                     the whole site: the site's) and each KPI judged against its target by
+                     the KPI's direction, as `/v1/kpis` answers them (oee.targets.judge)
     downtime_by_reason  seconds of downtime by reason, summed likewise
     buckets          per-bucket records in time order: {equipment, start, end, shift,
                      shift_start, components, downtime_by_reason}
     by_equipment     only with several equipment: {id: {availability, performance, quality,
-                     oee, components, kpis, downtime_by_reason}}
+                     oee, components, kpis, targets, against_targets, downtime_by_reason}}
     flags            what the engine reported (agent events: performance above 1, counter
                      wraps/resets/quarantines, production outside planned time, unmapped
                      states, ...): {equipment, ts, code, message, data}
@@ -58,6 +62,7 @@ from oee.components import Components, performance_excess, ratios
 from oee.engine import SIGNALS, EquipmentEngine, FeedDiagnostic, PlantEngine, from_us, to_us
 from oee.events import AgentEvent, Event, OeeEvent
 from oee.kpis import kpis
+from oee.targets import effective, judge
 
 _SIGNAL_SET = frozenset(SIGNALS)
 MAX_WARNINGS_KEPT = 1000
@@ -131,6 +136,18 @@ class ReplayRun:
         self.engines: dict[str, EquipmentEngine] = self.plant.engines
         self.known = set(ids)
         self.selected = [s.id for s in specs]
+        # The YAML's targets (the cloud keeps the same layers, registry.targets).
+        self.site_targets = effective([config.targets.site])
+        self.targets = {
+            e.id: effective(
+                [
+                    config.targets.site,
+                    config.targets.lines.get(e.line) if e.line is not None else None,
+                    e.targets,
+                ]
+            )
+            for e in config.equipment
+        }
         self.single = equipment is not None or len(ids) == 1
         self.start, self.end = start, end
         self.start_us, self.end_us = to_us(start), to_us(end)
@@ -314,6 +331,17 @@ class ReplayRun:
 
     # -- output ---------------------------------------------------------------------------
 
+    def _equipment_result(self, eq: str, tally: _Tally, window_s: float) -> dict[str, Any]:
+        values = kpis(tally.components, window_s)
+        return {
+            **ratios(tally.components).model_dump(),
+            "components": tally.components.model_dump(),
+            "kpis": values,
+            "targets": self.targets[eq],
+            "against_targets": judge(values, self.targets[eq]),
+            "downtime_by_reason": tally.reasons,
+        }
+
     def result(self) -> dict[str, Any]:
         pooled = Components.pool(t.components for t in self.tally.values())
         window_s = (self.end - self.start).total_seconds()
@@ -321,13 +349,17 @@ class ReplayRun:
         for tally in self.tally.values():
             for reason, seconds in tally.reasons.items():
                 reasons[reason] = reasons.get(reason, 0.0) + seconds
+        values = kpis(pooled, window_s * len(self.tally))
+        targets = self.targets[self.selected[0]] if self.single else self.site_targets
         out: dict[str, Any] = {
             "equipment": self.selected[0] if self.single else self.selected,
             "from": iso(self.start),
             "to": iso(self.end),
             **ratios(pooled).model_dump(),
             "components": pooled.model_dump(),
-            "kpis": kpis(pooled, window_s * len(self.tally)),
+            "kpis": values,
+            "targets": targets,
+            "against_targets": judge(values, targets),
             "downtime_by_reason": reasons,
             "buckets": [
                 {
@@ -344,13 +376,7 @@ class ReplayRun:
         }
         if not self.single:
             out["by_equipment"] = {
-                eq: {
-                    **ratios(t.components).model_dump(),
-                    "components": t.components.model_dump(),
-                    "kpis": kpis(t.components, window_s),
-                    "downtime_by_reason": t.reasons,
-                }
-                for eq, t in self.tally.items()
+                eq: self._equipment_result(eq, t, window_s) for eq, t in self.tally.items()
             }
         flags = [
             {

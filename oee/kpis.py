@@ -23,26 +23,34 @@ Availability, performance, quality and OEE are those of `oee.components.ratios`;
 
 `calendar_s` is the calendar time the window covers: its length for one equipment, the sum of
 the equipment's calendars for several (None: not known, so loading and TEEP are None).
+
+Each KPI has one direction (`better`): "higher" or "lower" is better. Losses are lower-is-better
+(setup, scrap and rework ratios, failures, micro-stops, MTTR); the others are higher-is-better.
+Targets are judged by it (oee.targets.judge), in API answers and in the dashboard alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 from oee.components import Components, ratios
 
 KpiValue = float | int | None
+Better = Literal["higher", "lower"]
 
 
 @dataclass(frozen=True)
 class KpiDefinition:
-    """One KPI: its name in answers, formula as documented, ISO 22400-2 name, unit."""
+    """One KPI: its name in answers, formula as documented, ISO 22400-2 name, unit, and
+    whether a higher or a lower value is better."""
 
     name: str
     formula: str
     iso_name: str | None
     unit: str
+    better: Better = "higher"
 
 
 KPI_DEFINITIONS: tuple[KpiDefinition, ...] = (
@@ -57,26 +65,29 @@ KPI_DEFINITIONS: tuple[KpiDefinition, ...] = (
         "Technical efficiency (TE)",
         "ratio",
     ),
-    KpiDefinition("setup_ratio", "setup_s / (production_s + setup_s)", None, "ratio"),
-    KpiDefinition("scrap_ratio", "scrap / produced", "Scrap ratio", "ratio"),
-    KpiDefinition("rework_ratio", "rework / produced", "Rework ratio", "ratio"),
+    KpiDefinition("setup_ratio", "setup_s / (production_s + setup_s)", None, "ratio", "lower"),
+    KpiDefinition("scrap_ratio", "scrap / produced", "Scrap ratio", "ratio", "lower"),
+    KpiDefinition("rework_ratio", "rework / produced", "Rework ratio", "ratio", "lower"),
     KpiDefinition("first_pass_yield", "good / produced", "First pass yield (FPY)", "ratio"),
     KpiDefinition("loading", "planned_busy_s / calendar_s", None, "ratio"),
     KpiDefinition("teep", "OEE x loading", None, "ratio"),
-    KpiDefinition("failures", "fault_stops", "Failure events (FE)", "count"),
-    KpiDefinition("micro_stops", "micro_stops", None, "count"),
+    KpiDefinition("failures", "fault_stops", "Failure events (FE)", "count", "lower"),
+    KpiDefinition("micro_stops", "micro_stops", None, "count", "lower"),
     KpiDefinition(
         "mtbf_s",
         "production_s / failures",
         "Mean operating time between failures (MTBF)",
         "seconds",
     ),
-    KpiDefinition("mttr_s", "fault_s / failures", "Mean time to restoration (MTTR)", "seconds"),
+    KpiDefinition(
+        "mttr_s", "fault_s / failures", "Mean time to restoration (MTTR)", "seconds", "lower"
+    ),
     KpiDefinition(
         "throughput_per_hour", "produced / (production_s / 3600)", "Throughput rate", "parts/h"
     ),
 )
 KPI_NAMES: tuple[str, ...] = tuple(d.name for d in KPI_DEFINITIONS)
+BETTER: dict[str, Better] = {d.name: d.better for d in KPI_DEFINITIONS}
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:

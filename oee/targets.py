@@ -2,18 +2,20 @@
 applies to an equipment (the most specific scope wins: equipment > line > site).
 
 The agent's YAML and the cloud's API validate target sets here, so a target that one accepts
-the other accepts too.
+the other accepts too. `judge` says whether a value meets its target by the KPI's direction
+(oee.kpis: a higher OEE is better, a lower scrap ratio is), for every answer that carries a
+target.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator
 
-from oee.kpis import KPI_DEFINITIONS, KPI_NAMES
+from oee.kpis import BETTER, KPI_DEFINITIONS, KPI_NAMES, KpiValue
 
 _UNITS = {d.name: d.unit for d in KPI_DEFINITIONS}
 # A target above this is a typing error whatever the unit (a year in seconds, parts per hour
@@ -56,3 +58,24 @@ def effective(layers: Iterable[Mapping[str, float] | None]) -> dict[str, float]:
         if layer:
             out.update(layer)
     return {k: out[k] for k in KPI_NAMES if k in out}
+
+
+def meets(kpi: str, value: KpiValue, target: float) -> bool | None:
+    """Whether `value` of `kpi` meets `target`: at or above it for a higher-is-better KPI, at
+    or below it for a lower-is-better one; None when the value is undefined."""
+    if value is None:
+        return None
+    return value >= target if BETTER[kpi] == "higher" else value <= target
+
+
+def judge(values: Mapping[str, KpiValue], targets: Mapping[str, float]) -> dict[str, Any]:
+    """Per KPI of `targets` that `values` shows: {target, better, met} (see `meets`)."""
+    return {
+        kpi: {
+            "target": target,
+            "better": BETTER[kpi],
+            "met": meets(kpi, values[kpi], target),
+        }
+        for kpi, target in targets.items()
+        if kpi in values
+    }

@@ -135,6 +135,8 @@ class _Interval:
     end: datetime
     plc_reason: str | None = None
     annotation_id: str | None = None
+    # A stop's start as annotations name it: `start` unless the window cut the stop.
+    stop_start: datetime | None = None
 
 
 @contextmanager
@@ -339,7 +341,7 @@ def _timeline(api: httpx.Client, site: str, eq: str, lo: datetime, hi: datetime)
     rows = body["intervals"]
     if len(rows) >= 10_000:
         raise Mismatch(f"{eq}: more state intervals than one page holds; narrow the run")
-    return [
+    out = [
         _Interval(
             r["state"],
             r["reason"],
@@ -347,9 +349,20 @@ def _timeline(api: httpx.Client, site: str, eq: str, lo: datetime, hi: datetime)
             _ts(r["end"]),
             r["plc_reason"],
             (r["annotation"] or {}).get("annotation_id"),
+            None if r["stop_start"] is None else _ts(r["stop_start"]),
         )
         for r in rows
     ]
+    for iv in out:
+        # A stop begins where its interval does, or (cut by the window) before `lo`.
+        began = iv.stop_start
+        if iv.state not in STOP_STATES:
+            ok = began is None
+        else:
+            ok = began == iv.start or (iv.start == lo and began is not None and began < lo)
+        if not ok:
+            raise Mismatch(f"{eq}: {iv.state} interval at {iv.start} has stop_start {began}")
+    return out
 
 
 def _check_timeline(
@@ -484,13 +497,12 @@ def _check_api_window(
         raise Mismatch(f"{name}: {len(stops)} /v1/downtime/events, {len(timeline_stops)} stops")
     for s, (iv, planned) in zip(stops, timeline_stops, strict=True):
         what = f"{name}: /v1/downtime/events {s} vs /states {iv}"
-        if (_ts(s["start"]), _ts(s["end"]), s["state"], s["reason"], s["plc_reason"]) != (
-            iv.start,
-            iv.end,
-            iv.state,
-            iv.reason,
-            iv.plc_reason,
-        ) or (s["annotation"] or {}).get("annotation_id") != iv.annotation_id:
+        if (
+            (_ts(s["start"]), _ts(s["end"]), s["state"], s["reason"], s["plc_reason"])
+            != (iv.start, iv.end, iv.state, iv.reason, iv.plc_reason)
+            or (s["annotation"] or {}).get("annotation_id") != iv.annotation_id
+            or _ts(s["stop_start"]) != iv.stop_start
+        ):
             raise Mismatch(what)
         _close(float(s["duration_s"]), planned, f"{what}: planned seconds")
         _close(float(s["wall_s"]), (iv.end - iv.start).total_seconds(), f"{what}: wall_s")

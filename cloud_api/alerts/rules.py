@@ -5,14 +5,18 @@ the receivers it notifies and the parameters of its kind:
 
     machine_stopped    the equipment's newest state event is a stop (`states`, default fault
                        and idle) older than `for`
-    shift_kpi_below    the KPI (`kpi`: oee, availability, performance, quality) of the
-                       equipment's running shift, computed from the summed components of its
-                       buckets, is below `below` once the shift has `min_planned` of planned
-                       busy time (the running shift: that of the newest bucket, if it ended
-                       within the last hour)
+    shift_kpi_below    the KPI (`kpi`: any of oee.kpis, default oee) of the equipment's
+                       running shift, computed from the summed components of its buckets, is
+                       worse than its threshold once the shift has `min_planned` of planned
+                       busy time: below `below` for a higher-is-better KPI (OEE, MTBF), above
+                       `above` for a lower-is-better one (scrap ratio, MTTR, failures), by the
+                       KPI's one direction (oee.kpis.BETTER). The running shift: that of the
+                       newest bucket, if it ended within the last hour; its calendar time runs
+                       from the shift's start to the end of that bucket
     agent_silent       no batch from the agent for `for` (enrolled agents with an active key)
-    outbox_age         the agent's last status reports an oldest unacked batch older than
-                       `oldest_over`
+    outbox_age         the agent's oldest unacked batch is older than `oldest_over` now: the
+                       age its last status reported plus the time since that report (an
+                       agent gone silent with a full outbox still alerts as it ages)
     sequence_gap       an open gap in the agent's batch sequence older than `for`
     rejected_batches   a batch of the agent was refused (signature verified) within `window`
 
@@ -34,6 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from common.duration import Duration
 from oee.components import COMPONENT_FIELDS, Components
 from oee.events import State
+from oee.kpis import BETTER, KPI_DEFINITIONS, KPI_NAMES, KpiValue, kpis
+from oee.targets import MAX_TARGET, target_error
 
 RuleKind = Literal[
     "machine_stopped",
@@ -51,7 +57,7 @@ RULE_KINDS: tuple[RuleKind, ...] = (
     "sequence_gap",
     "rejected_batches",
 )
-Kpi = Literal["oee", "availability", "performance", "quality"]
+_UNITS = {d.name: d.unit for d in KPI_DEFINITIONS}
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 ScopeId = Annotated[str, Field(min_length=1, max_length=128)]
@@ -61,7 +67,7 @@ RUNNING_SHIFT_S = 3600.0
 # Parameters each kind takes; any other parameter set on a rule is an error.
 _PARAMS: dict[RuleKind, frozenset[str]] = {
     "machine_stopped": frozenset({"for_", "states"}),
-    "shift_kpi_below": frozenset({"kpi", "below", "min_planned"}),
+    "shift_kpi_below": frozenset({"kpi", "below", "above", "min_planned"}),
     "agent_silent": frozenset({"for_"}),
     "outbox_age": frozenset({"oldest_over"}),
     "sequence_gap": frozenset({"for_"}),
@@ -69,7 +75,7 @@ _PARAMS: dict[RuleKind, frozenset[str]] = {
 }
 _REQUIRED: dict[RuleKind, frozenset[str]] = {
     "machine_stopped": frozenset({"for_"}),
-    "shift_kpi_below": frozenset({"below"}),
+    "shift_kpi_below": frozenset(),
     "agent_silent": frozenset({"for_"}),
     "outbox_age": frozenset({"oldest_over"}),
     "sequence_gap": frozenset(),
@@ -92,8 +98,9 @@ class RuleSpec(BaseModel):
     enabled: bool = True
     for_: Duration | None = Field(default=None, alias="for")
     states: list[State] | None = Field(default=None, min_length=1)
-    kpi: Kpi | None = None
-    below: float | None = Field(default=None, ge=0, le=10)
+    kpi: Annotated[str, Field(max_length=64)] | None = None
+    below: float | None = Field(default=None, ge=0, le=MAX_TARGET, allow_inf_nan=False)
+    above: float | None = Field(default=None, ge=0, le=MAX_TARGET, allow_inf_nan=False)
     min_planned: Duration | None = None
     oldest_over: Duration | None = None
     window: Duration | None = None
@@ -112,7 +119,26 @@ class RuleSpec(BaseModel):
                 raise ValueError(f"a {self.kind} rule needs `{_ALIASES.get(name, name)}`")
         if len(set(self.receivers)) != len(self.receivers):
             raise ValueError("a receiver is named twice")
+        if self.kind == "shift_kpi_below":
+            self._threshold_of_direction()
         return self
+
+    def _threshold_of_direction(self) -> None:
+        """A higher-is-better KPI takes `below`, a lower-is-better one `above`."""
+        kpi = self.kpi or "oee"
+        if kpi not in KPI_NAMES:
+            raise ValueError(f"unknown KPI {kpi[:40]!r}; known: {', '.join(KPI_NAMES)}")
+        wanted, other = ("below", "above") if BETTER[kpi] == "higher" else ("above", "below")
+        if getattr(self, other) is not None:
+            raise ValueError(
+                f"`{other}` does not apply to {kpi} ({BETTER[kpi]} is better): use `{wanted}`"
+            )
+        threshold = getattr(self, wanted)
+        if threshold is None:
+            raise ValueError(f"a {self.kind} rule needs `{wanted}` for {kpi}")
+        problem = target_error(kpi, threshold)
+        if problem is not None:
+            raise ValueError(problem.replace("the target of", f"`{wanted}` for"))
 
     def public(self) -> dict[str, Any]:
         """The rule as written (aliases, unset parameters left out)."""
@@ -231,40 +257,62 @@ def _shift_kpi_below(conn: psycopg.Connection[Any], rule: RuleSpec) -> Evaluatio
         "  ORDER BY b.bucket_start DESC LIMIT 1) l"
         f" WHERE {_EQUIPMENT_SCOPE} AND l.shift_start IS NOT NULL"
         "  AND l.bucket_end >= now() - make_interval(secs => %(running)s)) "
-        f"SELECT r.site_id, r.equipment_id, r.shift, r.shift_start, {sums} "
+        f"SELECT r.site_id, r.equipment_id, r.shift, r.shift_start, "
+        f"max(b.bucket_end) AS until, {sums} "
         "FROM running r JOIN facts.oee_buckets b ON b.site_id = r.site_id "
         "AND b.equipment_id = r.equipment_id AND b.shift_start = r.shift_start "
         "AND b.bucket_start >= r.shift_start GROUP BY 1, 2, 3, 4",
         {**_scope(rule), "running": RUNNING_SHIFT_S},
     )
     kpi = rule.kpi or "oee"
+    higher = BETTER[kpi] == "higher"
+    threshold = rule.below if higher else rule.above
+    if threshold is None:  # the model refuses such a rule
+        return Evaluation({}, set())
     out = Evaluation({}, set())
     for r in rows:
         components = Components.from_mapping(r)
         if components.planned_busy_s < (rule.min_planned or 0.0):
             continue
-        value = getattr(components.ratios(), kpi)
-        if value is None or rule.below is None or value >= rule.below:
+        calendar_s = (r["until"] - r["shift_start"]).total_seconds()
+        value = kpis(components, calendar_s)[kpi]
+        if value is None or (value >= threshold if higher else value <= threshold):
             continue
         subject = f"{r['site_id']}/{r['equipment_id']}"
         out.holding.add(subject)
+        side = "below" if higher else "above"
         out.firing[subject] = Finding(
             subject=subject,
             site_id=r["site_id"],
             equipment_id=r["equipment_id"],
             since=r["shift_start"],
             summary=f"{kpi} of {r['equipment_id']} at {r['site_id']} in shift "
-            f"{r['shift'] or ''} is {value:.1%} (below {rule.below:.1%})",
+            f"{r['shift'] or ''} is {_shown(kpi, value)} ({side} {_shown(kpi, threshold)})",
             detail={
                 "kpi": kpi,
                 "value": value,
-                "below": rule.below,
+                side: threshold,
+                "better": BETTER[kpi],
                 "shift": r["shift"],
                 "shift_start": r["shift_start"].isoformat(),
                 "planned_busy_s": components.planned_busy_s,
             },
         )
     return out
+
+
+def _shown(kpi: str, value: KpiValue) -> str:
+    """A KPI's value in its unit, for a summary."""
+    if value is None:
+        return "undefined"
+    unit = _UNITS[kpi]
+    if unit == "ratio":
+        return f"{value:.1%}"
+    if unit == "seconds":
+        return _minutes(float(value))
+    if unit == "count":
+        return f"{value:g}"
+    return f"{value:.1f} {unit}"
 
 
 def _agent_silent(conn: psycopg.Connection[Any], rule: RuleSpec) -> Evaluation:
@@ -298,19 +346,31 @@ def _agent_silent(conn: psycopg.Connection[Any], rule: RuleSpec) -> Evaluation:
 
 
 def _outbox_age(conn: psycopg.Connection[Any], rule: RuleSpec) -> Evaluation:
+    # The age now: the age the agent last reported plus the time since that report. An agent
+    # that went silent with batches unacked still has them (acks come from the cloud, and
+    # none reached it since, or it would have reported them), so its outbox keeps ageing.
     rows = _rows(
         conn,
-        "SELECT agent_id, site_id, status_reported_at, age_s, depth FROM ("
+        "SELECT agent_id, site_id, status_reported_at, reported_s, depth,"
+        " reported_s + greatest(0, extract(epoch FROM now()"
+        "  - COALESCE(status_reported_at, now())))::float8 AS age_s FROM ("
         " SELECT a.agent_id, a.site_id, a.status_reported_at,"
         " CASE WHEN jsonb_typeof(a.status->'outbox_oldest_unacked_s') = 'number'"
-        "  THEN (a.status->>'outbox_oldest_unacked_s')::float8 END AS age_s,"
+        "  THEN (a.status->>'outbox_oldest_unacked_s')::float8 END AS reported_s,"
         " a.status->'outbox_depth' AS depth"
-        f" FROM registry.agents a WHERE {_AGENT_SCOPE}) s WHERE age_s > %(over)s",
-        {**_scope(rule), "over": rule.oldest_over or 0.0},
+        f" FROM registry.agents a WHERE {_AGENT_SCOPE}) s WHERE reported_s IS NOT NULL",
+        _scope(rule),
     )
+    over = rule.oldest_over or 0.0
     out = Evaluation({}, set())
     for r in rows:
         subject = r["agent_id"]
+        reported_at = r["status_reported_at"]
+        if r["age_s"] <= over:
+            if reported_at is not None:
+                # The moment the oldest batch crosses the limit if nothing is acked before.
+                out.wake(reported_at + timedelta(seconds=over - r["reported_s"]))
+            continue
         out.holding.add(subject)
         out.firing[subject] = Finding(
             subject=subject,
@@ -320,10 +380,9 @@ def _outbox_age(conn: psycopg.Connection[Any], rule: RuleSpec) -> Evaluation:
             f"{_minutes(r['age_s'])} old",
             detail={
                 "outbox_oldest_unacked_s": r["age_s"],
+                "reported_oldest_unacked_s": r["reported_s"],
                 "outbox_depth": r["depth"],
-                "reported_at": r["status_reported_at"].isoformat()
-                if r["status_reported_at"]
-                else None,
+                "reported_at": reported_at.isoformat() if reported_at else None,
             },
         )
     return out

@@ -464,8 +464,11 @@ _LIVE_ANNOTATION = (
 
 
 def _classify(row: dict[str, Any]) -> None:
-    """Give an interval row its effective reason, the PLC's beside it, and its annotation."""
-    row.pop("began", None)
+    """Give an interval row its effective reason, the PLC's beside it, its annotation, and for
+    a stop `stop_start`: the instant of the state event that began it, the `ts` an annotation
+    names it by (before `start` when the window cuts the stop; None for other states)."""
+    began = row.pop("began", None)
+    row["stop_start"] = began if row["state"] in STOP_STATES else None
     annotation_id = row.pop("a_id", None)
     reason, note, at = row.pop("a_reason", None), row.pop("a_note", None), row.pop("a_at", None)
     row["plc_reason"] = row["reason"]

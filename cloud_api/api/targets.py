@@ -3,18 +3,22 @@
 Targets live in registry.targets (migration 0037): from the agents' YAML (source `config`)
 and from `PUT /v1/targets` (source `api`, which overrides `config` at the same scope). Per KPI
 the most specific scope that has a target wins: equipment > line > site (oee.targets).
+Beside `targets` ({kpi: value}) answers carry `against_targets`: per KPI the target, the KPI's
+direction (`better`: higher or lower) and whether the value meets it (`met`), judged by
+oee.targets.judge.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from psycopg import sql
 
 from cloud_api.api.queries import Conn, Member, run
-from oee.targets import effective
+from oee.kpis import KpiValue
+from oee.targets import effective, judge
 
 Layer = dict[str, float]
 _SOURCE_RANK = {"config": 0, "api": 1}
@@ -103,3 +107,8 @@ def only(targets: Layer, names: Iterable[str]) -> Layer:
     """The targets of the values an answer shows."""
     shown = set(names)
     return {k: v for k, v in targets.items() if k in shown}
+
+
+def beside(values: Mapping[str, KpiValue], targets: Layer) -> dict[str, Any]:
+    """What an answer carries beside `values`: `targets` and `against_targets`."""
+    return {"targets": targets, "against_targets": judge(values, targets)}

@@ -7,7 +7,10 @@
  * page. The token is kept for the tab (sessionStorage), or for the screen (localStorage) when
  * asked or in kiosk mode (?kiosk=1), so a screen on the line signs itself in after a restart.
  * Times are shown in the plant's time zone (the site's, as its agent reported it) unless
- * another is picked; the choice and the OEE target are kept in localStorage.
+ * another is picked; the choice and the OEE target are kept in localStorage. Tiles, trend
+ * bars and target lines use the targets the API answers with (`against_targets`: target and
+ * direction, from the agent's YAML or PUT /v1/targets); the browser's OEE target only where
+ * the API has none.
  */
 (function () {
   "use strict";
@@ -200,9 +203,22 @@
     return ticks;
   }
 
-  // `target`: the API's target where one is set (GET /v1/targets), else the browser's.
-  function grade(value, target = view.target) {
+  // The target of `kpi` an answer carries (`against_targets`: target and direction, set in
+  // the agent's YAML or by PUT /v1/targets); for OEE without one, the browser's target.
+  function goalOf(answer, kpi = "oee") {
+    const found = answer && answer.against_targets && answer.against_targets[kpi];
+    if (found) return { target: found.target, better: found.better, from: "api" };
+    return { target: view.target, better: "higher", from: "browser" };
+  }
+
+  // Good at or beyond the target in the KPI's direction, fair within 15 % of it, else poor.
+  function grade(value, goal = goalOf(null)) {
     if (value === null || value === undefined) return "none";
+    const { target, better } = goal;
+    if (better === "lower") {
+      if (value <= target) return "good";
+      return value <= target * 1.15 ? "fair" : "poor";
+    }
     if (value >= target) return "good";
     return value >= target * 0.85 ? "fair" : "poor";
   }
@@ -387,9 +403,10 @@
     reason.className = "reason";
     reason.textContent = state === "running" ? "" : m.reason || (state === "fault" || state === "idle" ? "no reason given" : "");
     const shift = m.shift || {};
-    const target = (m.targets && m.targets.oee) || view.target;
+    const goal = goalOf(m);
+    const target = goal.target;
     const oee = document.createElement("p");
-    oee.className = `oee ${grade(shift.oee, target)}`;
+    oee.className = `oee ${grade(shift.oee, goal)}`;
     oee.dataset.target = String(target);
     oee.textContent = pct(shift.oee);
     oee.dataset.value = shift.oee === null || shift.oee === undefined ? "" : String(shift.oee);
@@ -406,7 +423,7 @@
         const bar = document.createElement("span");
         bar.className = "progress";
         const fill = document.createElement("span");
-        fill.className = grade(shift.good / shift.ideal_count);
+        fill.className = grade(shift.good / shift.ideal_count, goal);
         fill.style.width = `${Math.min(100, (100 * shift.good) / shift.ideal_count).toFixed(1)}%`;
         bar.append(fill);
         count.append(bar);
@@ -516,12 +533,20 @@
 
   // -- period panels --------------------------------------------------------------------------
 
-  function setTile(name, value, detail) {
+  // `goal`: the tile is coloured against it (the OEE tile always, with the browser's target
+  // where the API has none; another tile where the API carries a target for it).
+  function setTile(name, value, detail, goal) {
     const tile = $(`tile-${name}`);
     tile.querySelector(".value").textContent = pct(value);
     tile.querySelector(".detail").textContent = detail || "";
     tile.dataset.value = value === null || value === undefined ? "" : String(value);
-    tile.className = `tile${name === "oee" ? " tile-oee" : ""} ${name === "oee" ? grade(value) : ""}`.trim();
+    tile.dataset.target = goal ? String(goal.target) : "";
+    tile.className = `tile${name === "oee" ? " tile-oee" : ""} ${goal ? grade(value, goal) : ""}`.trim();
+  }
+
+  function tileGoal(total, kpi) {
+    const goal = goalOf(total, kpi);
+    return kpi === "oee" || goal.from === "api" ? goal : null;
   }
 
   function autoInterval(span) {
@@ -551,12 +576,13 @@
       }
       const total = body.total || {};
       const c = total.components || {};
-      setTile("oee", total.oee, `${c.good ?? 0} good parts of ${c.produced ?? 0}, target ${Math.round(view.target * 100)} %`);
+      const goal = goalOf(total);
+      setTile("oee", total.oee, `${c.good ?? 0} good parts of ${c.produced ?? 0}, target ${Math.round(goal.target * 100)} %`, goal);
       const [run, planned] = durations(c.production_s, c.planned_busy_s);
-      setTile("availability", total.availability, `running ${run} of ${planned} planned (machine time)`);
+      setTile("availability", total.availability, `running ${run} of ${planned} planned (machine time)`, tileGoal(total, "availability"));
       const [ideal, running] = durations(c.ideal_produced_s, c.production_s);
-      setTile("performance", total.performance, `${ideal} at ideal speed in ${running} running`);
-      setTile("quality", total.quality, `${c.scrap ?? 0} scrap, ${c.rework ?? 0} rework`);
+      setTile("performance", total.performance, `${ideal} at ideal speed in ${running} running`, tileGoal(total, "performance"));
+      setTile("quality", total.quality, `${c.scrap ?? 0} scrap, ${c.rework ?? 0} rework`, tileGoal(total, "quality"));
       const buckets = body.groups && body.groups.length ? body.groups[0].buckets : [];
       const series = (key) => buckets.map((b) => (b[key] === null ? null : b[key] * 100));
       chart("trend", {
@@ -564,7 +590,7 @@
         data: {
           labels: buckets.map((b) => bucketLabel(b, interval, span)),
           datasets: [
-            { type: "bar", label: "OEE", data: series("oee"), backgroundColor: buckets.map((b) => GRADE_COLORS[grade(b.oee)]), order: 2, maxBarThickness: 48 },
+            { type: "bar", label: "OEE", data: series("oee"), backgroundColor: buckets.map((b) => GRADE_COLORS[grade(b.oee, goal)]), order: 2, maxBarThickness: 48 },
             { type: "line", label: "Availability", data: series("availability"), borderColor: "#1f9d55", backgroundColor: "#1f9d55", order: 1, pointRadius: buckets.length > 60 ? 0 : 3 },
             { type: "line", label: "Performance", data: series("performance"), borderColor: "#805ad5", backgroundColor: "#805ad5", order: 1, pointRadius: buckets.length > 60 ? 0 : 3 },
             { type: "line", label: "Quality", data: series("quality"), borderColor: "#2b6cb0", backgroundColor: "#2b6cb0", order: 1, pointRadius: buckets.length > 60 ? 0 : 3 },
@@ -576,7 +602,7 @@
             x: { ticks: { autoSkip: true, maxRotation: 0 } },
           },
           plugins: {
-            targetLine: { value: view.target * 100 },
+            targetLine: { value: goal.target * 100 },
             // The bars' colours grade each bucket; the legend shows OEE in a neutral colour.
             legend: {
               labels: {
@@ -590,7 +616,7 @@
       });
       $("trend-interval").textContent = INTERVAL_NAMES[interval] || "";
       $("trend-note").textContent = buckets.length
-        ? `Bars: OEE against the target of ${Math.round(view.target * 100)} % (green at or above, amber within 15 % of it, red below).`
+        ? `Bars: OEE against the target of ${Math.round(goal.target * 100)} %${goal.from === "api" ? "" : " (this browser's)"} (green at or above, amber within 15 % of it, red below).`
         : "No production recorded in this period.";
     } catch (error) {
       for (const name of ["oee", "availability", "performance", "quality"]) setTile(name, null, "");
@@ -632,19 +658,19 @@
   async function loadRanked(s, p) {
     try {
       const body = await api("/v1/oee", { ...s, from: p.from, to: p.to, interval: "1mo", tz: zone(), group_by: "equipment" });
-      const rows = (body.groups || []).map((g) => ({ id: g.equipment, oee: g.total.oee }))
+      const rows = (body.groups || []).map((g) => ({ id: g.equipment, oee: g.total.oee, goal: goalOf(g.total) }))
         .sort((a, b) => (b.oee ?? -1) - (a.oee ?? -1) || natural(a.id, b.id));
       $("ranked-chart").style.height = `${Math.max(160, rows.length * 24 + 50)}px`;
       chart("ranked", {
         type: "bar",
         data: {
           labels: rows.map((r) => r.id),
-          datasets: [{ label: "OEE %", data: rows.map((r) => (r.oee === null ? null : r.oee * 100)), backgroundColor: rows.map((r) => GRADE_COLORS[grade(r.oee)]), maxBarThickness: 22 }],
+          datasets: [{ label: "OEE %", data: rows.map((r) => (r.oee === null ? null : r.oee * 100)), backgroundColor: rows.map((r) => GRADE_COLORS[grade(r.oee, r.goal)]), maxBarThickness: 22 }],
         },
         options: {
           indexAxis: "y",
           scales: { x: { min: 0, suggestedMax: 100, title: { display: true, text: "OEE %" } }, y: { ticks: { autoSkip: false } } },
-          plugins: { legend: { display: false }, targetLine: { value: view.target * 100 } },
+          plugins: { legend: { display: false }, targetLine: { value: goalOf(body.total).target * 100 } },
         },
         plugins: [targetLine],
       });

@@ -1,7 +1,8 @@
 /* Classifying stops from the state timeline: a click on a fault or idle bar opens a small
  * form (a reason from the equipment's reason list, a note, optionally the operator who
  * reported it) that annotates that stop: POST /v1/equipment/{id}/annotations with the stop's
- * start. A stop already classified can be given another reason (the newer annotation wins) or
+ * start (`stop_start` of the interval: a stop that began before the shown window is cut there,
+ * its bar starts at the window's start, but the annotation names the stop's real start). A stop already classified can be given another reason (the newer annotation wins) or
  * taken back to the PLC's reason (DELETE of its annotation). After a change the page's panels
  * reload (the `stop-classified` event), so the Pareto and the timeline show the new reason.
  * Kept apart from dashboard.js: it needs of it only the timeline chart, whose bars carry
@@ -40,6 +41,11 @@
     return new Date(iso).toLocaleString();
   }
 
+  // The instant of the state event that began the stop: what an annotation names it by.
+  function stopStart(interval) {
+    return interval.stop_start || interval.start;
+  }
+
   async function reasonsOf(site, equipment) {
     const body = await call("GET", `/v1/equipment/${encodeURIComponent(equipment)}`, { site });
     const rows = Array.isArray(body.equipment) ? body.equipment : [body];
@@ -51,8 +57,10 @@
     current = interval;
     const form = $("stop-form");
     $("stop-form-error").textContent = "";
+    const began = stopStart(interval);
+    const cut = began !== interval.start ? " (began before the shown period)" : "";
     $("stop-form-what").textContent =
-      `${interval.equipment_id}: ${interval.state} from ${when(interval.start)} to ${when(interval.end)}`;
+      `${interval.equipment_id}: ${interval.state} from ${when(began)}${cut} to ${when(interval.end)}`;
     $("stop-form-plc").textContent = interval.plc_reason || "no reason";
     $("stop-form-current").textContent = interval.reason || "no reason";
     $("stop-form-note").value = "";
@@ -89,7 +97,7 @@
     if (!current) return;
     const reason = $("stop-form-reason").value;
     if (!reason) { $("stop-form-error").textContent = "Pick a reason."; return; }
-    const body = { site: current.site_id, ts: current.start, kind: "downtime", reason };
+    const body = { site: current.site_id, ts: stopStart(current), kind: "downtime", reason };
     const note = $("stop-form-note").value.trim();
     const operator = $("stop-form-operator").value.trim();
     if (note) body.note = note;

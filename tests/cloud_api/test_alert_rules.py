@@ -34,6 +34,28 @@ def test_each_kind_takes_its_own_parameters() -> None:
         RuleSpec.model_validate({"name": "a", "kind": "coffee_empty", "receivers": ["x"]})
 
 
+def test_a_shift_kpi_rule_takes_the_threshold_of_its_kpis_direction() -> None:
+    def rule(**params: object) -> RuleSpec:
+        return RuleSpec.model_validate(
+            {"name": "k", "kind": "shift_kpi_below", "receivers": ["x"], **params}
+        )
+
+    assert rule(below=0.5).public()["below"] == 0.5  # OEE by default
+    assert rule(kpi="mtbf_s", below=1800).below == 1800
+    assert rule(kpi="mttr_s", above=600).public()["above"] == 600
+    assert rule(kpi="scrap_ratio", above=0.02).above == 0.02
+    with pytest.raises(ValidationError, match=r"`below` does not apply to scrap_ratio \(lower"):
+        rule(kpi="scrap_ratio", below=0.02)
+    with pytest.raises(ValidationError, match=r"`above` does not apply to oee \(higher"):
+        rule(kpi="oee", above=0.5)
+    with pytest.raises(ValidationError, match="needs `above` for failures"):
+        rule(kpi="failures")
+    with pytest.raises(ValidationError, match="unknown KPI 'coffee'"):
+        rule(kpi="coffee", below=1)
+    with pytest.raises(ValidationError, match=r"0\.85 for 85 %"):
+        rule(kpi="availability", below=85)
+
+
 def test_settings_refuse_unknown_receivers_duplicate_names_and_unsigned_json() -> None:
     rule = {"name": "r", "kind": "agent_silent", "for": "5m", "receivers": ["ops"]}
     with pytest.raises(ValidationError, match="unknown receiver"):

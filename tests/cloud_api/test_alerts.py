@@ -4,6 +4,7 @@ rules over them, notifications to a local webhook receiver (signed) and an SMTP 
 from __future__ import annotations
 
 import email
+import math
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from agent.config import parse_config
 from agent.plant_history import plant_history
 from agent.runtime import AgentRuntime
 from cloud_api.alerts import store
-from cloud_api.alerts.rules import RuleSpec
+from cloud_api.alerts.rules import RuleSpec, evaluate
 from cloud_api.alerts.settings import AlertsSettings
 from cloud_api.alerts.worker import AlertWorker
 from cloud_api.config import DatabaseSettings
@@ -388,8 +389,21 @@ def test_gaps_silence_and_refused_batches_open_and_resolve_alerts(
             {"name": "gaps", "kind": "sequence_gap", "receivers": ["x"]},
             {"name": "silent", "kind": "agent_silent", "for": "2s", "receivers": ["x"]},
             {"name": "refused", "kind": "rejected_batches", "window": "1h", "receivers": ["x"]},
+        )
+    ]  # fmt: skip
+    # Rules of the running shift's KPIs, put in place once the shift's buckets are all stored
+    # (a bucket closing on the minute during the test would be judged early otherwise).
+    shift_rules = [
+        RuleSpec.model_validate(r)
+        for r in (
             {"name": "oee-low", "kind": "shift_kpi_below", "below": 0.5, "min_planned": "1s",
              "site": "plant-d", "receivers": ["x"]},
+            # Lower is better: a shift with a failure is worse than none; its one failure
+            # lasted seconds, not over an hour.
+            {"name": "failing", "kind": "shift_kpi_below", "kpi": "failures", "above": 0,
+             "min_planned": "1s", "site": "plant-d", "receivers": ["x"]},
+            {"name": "mttr-long", "kind": "shift_kpi_below", "kpi": "mttr_s", "above": 3600,
+             "min_planned": "1s", "site": "plant-d", "receivers": ["x"]},
         )
     ]  # fmt: skip
     with psycopg.connect(pg_url) as conn:
@@ -422,7 +436,13 @@ def test_gaps_silence_and_refused_batches_open_and_resolve_alerts(
     assert run_all() == {"refused": {"edge-d"}}
     # The running shift's OEE: no part made, so 0 once it has planned time.
     press.finish()
-    assert run_all() == {"refused": {"edge-d"}, "oee-low": {"plant-d/press-1"}}
+    with psycopg.connect(pg_url) as conn:
+        store.sync_file_rules(conn, [*rules, *shift_rules], "test")
+    assert run_all() == {
+        "refused": {"edge-d"},
+        "oee-low": {"plant-d/press-1"},
+        "failing": {"plant-d/press-1"},
+    }
     with psycopg.connect(pg_url) as conn:
         queued = conn.execute(
             "SELECT a.rule_id, d.event FROM alerts.deliveries d JOIN alerts.alerts a "
@@ -430,7 +450,8 @@ def test_gaps_silence_and_refused_batches_open_and_resolve_alerts(
         ).fetchall()
     assert queued == [
         ("gaps", "opened"), ("gaps", "resolved"), ("refused", "opened"),
-        ("silent", "opened"), ("silent", "resolved"), ("oee-low", "opened"),
+        ("silent", "opened"), ("silent", "resolved"), ("failing", "opened"),
+        ("oee-low", "opened"),
     ]  # fmt: skip
     with api_client(pg_url, tmp_path / "api-keys") as api:
         check_views(api, pg_url)
@@ -600,10 +621,12 @@ def test_a_notification_is_dead_lettered_after_the_attempt_bound(
         check_views(api, pg_url)
 
 
-def test_an_undrained_outbox_opens_an_alert_until_its_batches_are_acked(
+def undrained_agent(
     pg_url: str, pool: ConnectionPool, cloud_keys: CloudKeyring, tmp_path: Path
-) -> None:
-    """The agent's own status events (AgentRuntime.status_event) report its outbox."""
+) -> tuple[AgentRuntime, BatchWriter, Agent]:
+    """An enrolled demo agent whose outbox holds 30 minutes of its plant's batches, none
+    shipped; the ingest that stores them; and the agent's own channel for its status events
+    (AgentRuntime.status_event), which travel on ahead of the batches."""
     text = DEMO.read_text(encoding="utf-8").replace("var/demo/agent", str(tmp_path / "agent"))
     config = parse_config(text, "demo-agent.yaml", env={})
     site, agent_id = config.agent.site, config.agent.id
@@ -619,7 +642,27 @@ def test_an_undrained_outbox_opens_an_alert_until_its_batches_are_acked(
     assert AgentRuntime(config, keys).record(samples, end, flush_every_s=600) > 0
     runtime = AgentRuntime(config, keys)  # started again, its batches not shipped yet
     batches = BatchWriter(pool, cloud_keys, topic_prefix="test/")
-    status = Agent(agent_id, site, keys, batches)  # the status travels on ahead
+    return runtime, batches, Agent(agent_id, site, keys, batches)
+
+
+def ship_all(runtime: AgentRuntime, batches: BatchWriter) -> dict[int, Any]:
+    """Store every batch of the agent's outbox and ack them there."""
+    site, agent_id = runtime.config.agent.site, runtime.config.agent.id
+    acked = {}
+    for batch in runtime.outbox.pending(1000):
+        outcome = batches.process(batch_topic("test/", site, agent_id), batch.envelope)
+        assert outcome.status == "stored", outcome.reason
+        acked[batch.seq] = batch.digest
+    assert runtime.outbox.ack(runtime.outbox.epoch, acked) == sorted(acked)
+    return acked
+
+
+def test_an_undrained_outbox_opens_an_alert_until_its_batches_are_acked(
+    pg_url: str, pool: ConnectionPool, cloud_keys: CloudKeyring, tmp_path: Path
+) -> None:
+    """The agent's own status events (AgentRuntime.status_event) report its outbox."""
+    runtime, batches, status = undrained_agent(pg_url, pool, cloud_keys, tmp_path)
+    agent_id = runtime.config.agent.id
     rule = {"name": "outbox", "kind": "outbox_age", "oldest_over": "1s", "receivers": ["x"]}
     with psycopg.connect(pg_url) as conn:
         store.sync_file_rules(conn, [RuleSpec.model_validate(rule)], "test")
@@ -627,12 +670,7 @@ def test_an_undrained_outbox_opens_an_alert_until_its_batches_are_acked(
         time.sleep(1.5)  # the oldest batch is now older than the rule's 1 s
         assert status.send([runtime.status_event()]) == "stored"
         assert run_rules(pg_url) == {"outbox": {agent_id}}
-        acked = {}
-        for batch in runtime.outbox.pending(1000):
-            outcome = batches.process(batch_topic("test/", site, agent_id), batch.envelope)
-            assert outcome.status == "stored", outcome.reason
-            acked[batch.seq] = batch.digest
-        assert runtime.outbox.ack(runtime.outbox.epoch, acked) == sorted(acked)
+        acked = ship_all(runtime, batches)
         assert status.send([runtime.status_event()]) == "stored"
         assert run_rules(pg_url) == {}
     finally:
@@ -641,5 +679,76 @@ def test_an_undrained_outbox_opens_an_alert_until_its_batches_are_acked(
         detail = conn.execute("SELECT detail FROM alerts.alerts").fetchone()
     assert detail is not None and detail[0]["outbox_depth"] == len(acked)
     assert detail[0]["outbox_oldest_unacked_s"] > 1.0
+    with api_client(pg_url, tmp_path / "api-keys") as api:
+        check_views(api, pg_url)
+
+
+def test_a_silent_agent_with_an_undrained_outbox_alerts_as_its_outbox_ages(
+    pg_url: str,
+    pool: ConnectionPool,
+    worker_pool: ConnectionPool,
+    cloud_keys: CloudKeyring,
+    tmp_path: Path,
+) -> None:
+    """The agent reports its outbox once and goes silent: no later report says the oldest
+    batch is over the limit, yet it is now, and the alert opens as it crosses the limit (the
+    worker's timer is an hour: the rule's own wake-up time makes it due)."""
+    runtime, batches, status = undrained_agent(pg_url, pool, cloud_keys, tmp_path)
+    agent_id = runtime.config.agent.id
+    hook = WebhookReceiver(free_port())
+    hook.up()
+    worker: AlertWorker | None = None
+    try:
+        assert status.send([runtime.status_event()]) == "stored"  # its last report
+        with psycopg.connect(pg_url) as conn:
+            found = conn.execute(
+                "SELECT (status->>'outbox_oldest_unacked_s')::float8, status_reported_at "
+                "FROM registry.agents WHERE agent_id = %s",
+                (agent_id,),
+            ).fetchone()
+        assert found is not None
+        reported, reported_at = found
+        # Over what the agent reported: the reported age alone never reaches it.
+        over = math.ceil(reported) + 3
+        far = RuleSpec.model_validate(
+            {"name": "far", "kind": "outbox_age", "oldest_over": "1h", "receivers": ["ops"]}
+        )
+        with psycopg.connect(pg_url) as conn:
+            due = evaluate(conn, far)
+        # Not over an hour yet: due again when the oldest batch will be.
+        assert due.firing == {} and due.holding == set()
+        assert due.wake_at == reported_at + timedelta(seconds=3600 - reported)
+
+        rule = {"name": "outbox", "kind": "outbox_age", "oldest_over": f"{over}s",
+                "receivers": ["ops"]}  # fmt: skip
+        worker = AlertWorker(
+            worker_pool, settings_for({"ops": hook}, [rule], evaluate_every="1h"),
+            listen_url=pg_url,
+        )  # fmt: skip
+        worker.start()
+        wait_for(lambda: len(hook.messages()) >= 1, "the opened notification")
+        with psycopg.connect(pg_url) as conn:
+            still = conn.execute(
+                "SELECT status_reported_at FROM registry.agents WHERE agent_id = %s", (agent_id,)
+            ).fetchone()
+        # The agent came back: its batches are stored and acked, its report says so.
+        acked = ship_all(runtime, batches)
+        assert status.send([runtime.status_event()]) == "stored"
+        wait_for(lambda: len(hook.messages()) >= 2, "the resolution")
+    finally:
+        if worker is not None:
+            worker.stop()
+        hook.down()
+        runtime.outbox.close()
+
+    assert still == (reported_at,), "the agent reported nothing while silent"
+    assert hook.bad == []
+    opened, resolved = hook.messages()
+    assert [opened.body["event"], resolved.body["event"]] == ["opened", "resolved"]
+    detail = opened.body["alert"]["detail"]
+    assert detail["reported_oldest_unacked_s"] == reported < over
+    assert detail["outbox_oldest_unacked_s"] > over
+    assert detail["outbox_depth"] == len(acked)
+    assert detail["reported_at"] == reported_at.isoformat()
     with api_client(pg_url, tmp_path / "api-keys") as api:
         check_views(api, pg_url)

@@ -169,7 +169,7 @@ def test_kpi_selection_csv_errors_and_site_scoping(
     picked = api.get("/v1/kpis", params=[*scope.items(), ("kpi", "mttr_s"), ("kpi", "failures")])
     assert picked.status_code == 200, picked.text
     assert list(picked.json()["total"]) == [
-        "calendar_s", "failures", "mttr_s", "components", "targets"
+        "calendar_s", "failures", "mttr_s", "components", "targets", "against_targets"
     ]  # fmt: skip
     commas = get(api, "/v1/kpis", kpi="oee,mtbf_s", **scope)
     assert commas["kpis"] == ["oee", "mtbf_s"]

@@ -62,8 +62,12 @@ FAULT_START, IDLE_START, JAM_START = at("07:00"), at("08:00"), at("10:00")
 TRUTH = {EQ: Truth(stops=[("fault", None), ("idle", None), ("fault", "jam")])}
 
 
-def settle(pg_url: str, pool: ConnectionPool, cloud_keys: CloudKeyring, tmp: Path) -> None:
-    config: AgentConfig = parse_config(CONFIG.format(state=tmp / "agent"), "notes.yaml", env={})
+def settle(
+    pg_url: str, pool: ConnectionPool, cloud_keys: CloudKeyring, tmp: Path, text: str = CONFIG
+) -> None:
+    """press-1's history (`text`: the agent's YAML, CONFIG or a variant of it) stored by the
+    real ingest."""
+    config: AgentConfig = parse_config(text.format(state=tmp / "agent"), "notes.yaml", env={})
     history = machine(
         EQ,
         [

@@ -183,6 +183,53 @@ def test_targets_from_yaml_and_api_beside_values_and_scrap_by_reason(
     listed = get(api, "/v1/targets", site="plant-a", scope="equipment", id="press-1")
     assert listed["targets"] == {"availability": 0.9, "oee": 0.85, "mtbf_s": 1800.0}
 
+    # Each KPI's direction: a target above the value is met by a lower-is-better KPI (scrap
+    # ratio, MTTR) and missed by a higher-is-better one (OEE, MTBF).
+    picked = window(scope="equipment", id="press-1", kpi="oee,mtbf_s,scrap_ratio,mttr_s")
+    values = get(api, "/v1/kpis", **picked)["total"]
+    assert all(values[k] is not None and values[k] < 1 for k in ("oee", "scrap_ratio"))
+    assert all(values[k] is not None and values[k] > 0 for k in ("mtbf_s", "mttr_s"))
+    above = {
+        "oee": (1 + values["oee"]) / 2,
+        "scrap_ratio": (1 + values["scrap_ratio"]) / 2,
+        "mtbf_s": values["mtbf_s"] * 2,
+        "mttr_s": values["mttr_s"] * 2,
+    }
+    put = api.put(
+        "/v1/targets",
+        json={"site": "plant-a", "scope": "equipment", "id": "press-1", "targets": above},
+        headers=engineer,
+    )
+    assert put.status_code == 200, put.text
+    judged = get(api, "/v1/kpis", **picked)["total"]
+    assert judged["targets"] == above
+    assert judged["against_targets"] == {
+        "oee": {"target": above["oee"], "better": "higher", "met": False},
+        "mtbf_s": {"target": above["mtbf_s"], "better": "higher", "met": False},
+        "scrap_ratio": {"target": above["scrap_ratio"], "better": "lower", "met": True},
+        "mttr_s": {"target": above["mttr_s"], "better": "lower", "met": True},
+    }
+    # /v1/oee, /v1/equipment/{id}/oee and /v1/plant/live judge by the same definition.
+    oee_total = get(api, "/v1/oee", **window(scope="equipment", id="press-1"))["total"]
+    assert oee_total["against_targets"]["oee"] == judged["against_targets"]["oee"]
+    assert oee_total["against_targets"]["availability"] == {
+        "target": 0.9,
+        "better": "higher",
+        "met": oee_total["availability"] >= 0.9,
+    }
+    one = get(api, "/v1/equipment/press-1/oee", **window())
+    assert one["against_targets"]["oee"] == judged["against_targets"]["oee"]
+    live_press = next(
+        m for m in get(api, "/v1/plant/live", site="plant-a")["equipment"]
+        if m["equipment_id"] == "press-1"
+    )  # fmt: skip
+    shift_oee = (live_press["shift"] or {}).get("oee")
+    assert live_press["against_targets"]["oee"] == {
+        "target": above["oee"],
+        "better": "higher",
+        "met": None if shift_oee is None else shift_oee >= above["oee"],
+    }
+
     # Scrap by reason: 10 scrap per 10 minutes (counted at n*10+0.5 min).
     quality = get(api, "/v1/quality", **window(scope="equipment", id="press-1"))
     by_reason: dict[str, Any] = {r["reason"]: r["scrap"] for r in quality["by_reason"]}

@@ -12,6 +12,7 @@ import pytest
 from agent.cli import main
 from oee.components import Components
 from oee.kpis import KPI_NAMES, kpis
+from oee.targets import judge
 
 CASES = Path(__file__).parent / "cases"
 EARLIER_KEYS = {
@@ -20,9 +21,16 @@ EARLIER_KEYS = {
 }  # fmt: skip
 
 
-def replay_json(case: str, start: str, end: str, capsys: pytest.CaptureFixture[str]) -> Any:
+def replay_json(
+    case: str,
+    start: str,
+    end: str,
+    capsys: pytest.CaptureFixture[str],
+    config: Path | None = None,
+) -> Any:
+    """`edge-agent replay --json` of a case (with `config` in place of its own, if given)."""
     argv = [
-        "replay", "--config", str(CASES / case / "config.yaml"),
+        "replay", "--config", str(config or CASES / case / "config.yaml"),
         "--samples", str(CASES / case / "samples.jsonl"), "--from", start, "--to", end, "--json",
     ]  # fmt: skip
     assert main(argv) == 0
@@ -70,3 +78,32 @@ def test_replay_kpis_of_several_equipment_pool_their_calendars(
     assert m2["failures"] == 1 and m2["mtbf_s"] == pytest.approx(1_800)
     assert result["by_equipment"]["m1"]["kpis"]["failures"] == 0
     assert result["by_equipment"]["m1"]["kpis"]["mtbf_s"] is None
+
+
+def test_replay_judges_the_yaml_targets_by_each_kpis_direction(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    case = "pooled_machines_mixed_products"
+    text = (CASES / case / "config.yaml").read_text(encoding="utf-8")
+    # The site: OEE 0.7, MTTR 900 s; m2 (one 10 min fault, MTTR 600 s) has its own 300 s.
+    text = text.replace(
+        "shifts:", "targets: {site: {oee: 0.7, mttr_s: 900}}\nshifts:", 1
+    ).replace(
+        "  - id: m2\n", "  - id: m2\n    line: l2\n    targets: {mttr_s: 300}\n", 1
+    )  # fmt: skip
+    config = tmp_path / "config.yaml"
+    config.write_text(text, encoding="utf-8")
+    result = replay_json(case, "2026-01-05T06:00:00Z", "2026-01-05T07:00:00Z", capsys, config)
+    # The whole site: the site's targets, judged on the pooled KPIs.
+    assert result["targets"] == {"oee": 0.7, "mttr_s": 900.0}
+    assert result["against_targets"] == {
+        "oee": {"target": 0.7, "better": "higher", "met": False},  # 0.64
+        "mttr_s": {"target": 900.0, "better": "lower", "met": True},  # 600 s
+    }
+    m1, m2 = result["by_equipment"]["m1"], result["by_equipment"]["m2"]
+    assert m2["targets"] == {"oee": 0.7, "mttr_s": 300.0}  # its own over the site's
+    assert m2["against_targets"]["mttr_s"] == {"target": 300.0, "better": "lower", "met": False}
+    # m1 has no failure: its MTTR is undefined, neither met nor missed.
+    assert m1["against_targets"]["mttr_s"] == {"target": 900.0, "better": "lower", "met": None}
+    for eq in (m1, m2):
+        assert eq["against_targets"] == judge(eq["kpis"], eq["targets"])

@@ -80,8 +80,9 @@ def test_cloud_example_alerts() -> None:
     alerts = load_settings(CONFIGS / "cloud.yaml", env={}).alerts
     assert sorted(alerts.receivers) == ["maintenance", "plant-a-slack", "shift-leads"]
     assert [r.kind for r in alerts.rules] == [
-        "machine_stopped", "shift_kpi_below", "agent_silent", "outbox_age", "sequence_gap",
-        "rejected_batches",
+        "machine_stopped", "shift_kpi_below", "shift_kpi_below", "agent_silent", "outbox_age",
+        "sequence_gap", "rejected_batches",
     ]  # fmt: skip
     assert alerts.rules[0].for_ == 600.0 and alerts.rules[0].line == "press-line-1"
+    assert (alerts.rules[2].kpi, alerts.rules[2].above) == ("scrap_ratio", 0.05)
     assert alerts.smtp.password_env == "ALERTS_SMTP_PASSWORD" and alerts.delivery.backoff_max == 600

@@ -7,6 +7,7 @@ the PLC's reason. Data: PLC samples -> the agent's engine and sealed outbox -> t
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,16 @@ PARETO = (
     "unit: Chart.getChart('pareto').options.scales.y.title.text, "
     "values: Chart.getChart('pareto').data.datasets[0].data})"
 )
-# The stop's bar in the timeline: its centre in page pixels and the interval it carries.
 START = FAULT_START.isoformat()
-FAULT_BAR = f"""(() => {{
+
+
+def bar_where(key: str, value: str) -> str:
+    """JS: the timeline bar whose interval has `key` == `value`: its centre in page pixels and
+    the interval it carries (null while there is none)."""
+    return f"""(() => {{
   const chart = Chart.getChart('timeline');
   for (const [d, set] of chart.data.datasets.entries()) {{
-    const i = set.data.findIndex((p) => p.interval && p.interval.start === {START!r});
+    const i = set.data.findIndex((p) => p.interval && p.interval[{key!r}] === {value!r});
     if (i < 0) continue;
     const c = chart.getDatasetMeta(d).data[i].getCenterPoint();
     const r = chart.canvas.getBoundingClientRect();
@@ -50,10 +55,15 @@ FAULT_BAR = f"""(() => {{
 }})()"""
 
 
-async def click_fault(page: Page) -> dict[str, Any]:
-    bar: dict[str, Any] = await page.wait_for(FAULT_BAR)
+# The stop's bar in the timeline.
+FAULT_BAR = bar_where("start", START)
+
+
+async def click_fault(page: Page, locate: str = FAULT_BAR) -> dict[str, Any]:
+    """Click the stop's bar found by `locate` (JS of bar_where); the form is open then."""
+    bar: dict[str, Any] = await page.wait_for(locate)
     await page.call("Runtime.evaluate", expression="window.scrollTo(0, 0)")
-    bar = await page.wait_for(FAULT_BAR)
+    bar = await page.wait_for(locate)
     for kind in ("mousePressed", "mouseReleased"):
         await page.call(
             "Input.dispatchMouseEvent",
@@ -71,6 +81,36 @@ async def click_fault(page: Page) -> dict[str, Any]:
     return bar
 
 
+async def save_no_material(page: Page) -> dict[str, Any]:
+    """Save "no material" (note "coil ran out") in the open form; the Pareto chart once it
+    leads with that reason."""
+    await page.evaluate(
+        "(() => { document.getElementById('stop-form-reason').value = 'no material'; "
+        "document.getElementById('stop-form-note').value = 'coil ran out'; "
+        "document.getElementById('stop-form-save').click(); })()"
+    )
+    await page.wait_for("(document.body.dataset.stopNote || '').startsWith('classified')")
+    await page.wait_for(PARETO + " && Chart.getChart('pareto').data.labels[0] === 'no material'")
+    shown: dict[str, Any] = await page.wait_for(PARETO)
+    return shown
+
+
+def dashboard_path(lo: datetime, hi: datetime) -> str:
+    """The dashboard of press-1 over [lo, hi)."""
+    iso = {k: t.isoformat().replace("+", "%2B") for k, t in (("from", lo), ("to", hi))}
+    return f"/?site={SITE}&equipment={EQ}&from={iso['from']}&to={iso['to']}"
+
+
+async def show(page: Page, base: str, token: str, path: str) -> None:
+    """Sign the tab in with `token` (kept for later navigations) and open `path`."""
+    await page.call(
+        "Page.addScriptToEvaluateOnNewDocument",
+        source=f"sessionStorage.setItem('edge-gateway-token', {token!r});",
+    )
+    await page.call("Page.navigate", url=base + path)
+    await page.wait_for("document.body && document.body.dataset.state === 'ready'")
+
+
 async def api_pareto(client: httpx.AsyncClient) -> list[tuple[str, float]]:
     r = await client.get("/v1/downtime/pareto", params={**SCOPE, "by": "reason", "top": 8})
     assert r.status_code == 200, r.text
@@ -84,19 +124,10 @@ async def test_a_stop_classified_in_the_timeline_moves_in_the_pareto(
     keys_dir = tmp_path / "api-keys"
     headers = bearer(keys_dir, role="engineer", sites=[SITE])
     token = headers["Authorization"].removeprefix("Bearer ")
-    url = (
-        f"/?site={SITE}&equipment={EQ}&from={LO.isoformat().replace('+', '%2B')}"
-        f"&to={HI.isoformat().replace('+', '%2B')}"
-    )
     with serve(pg_url, pool, keys_dir) as base:
         client = httpx.AsyncClient(base_url=base, headers=headers, timeout=30)
         async with open_page(tmp_path / "chromium", width=1400, height=1900) as page:
-            await page.call(
-                "Page.addScriptToEvaluateOnNewDocument",
-                source=f"sessionStorage.setItem('edge-gateway-token', {token!r});",
-            )
-            await page.call("Page.navigate", url=base + url)
-            await page.wait_for("document.body && document.body.dataset.state === 'ready'")
+            await show(page, base, token, dashboard_path(LO, HI))
             before = await page.wait_for(PARETO)
 
             bar = await click_fault(page)
@@ -106,17 +137,7 @@ async def test_a_stop_classified_in_the_timeline_moves_in_the_pareto(
                 ".textContent, plc: document.getElementById('stop-form-plc').textContent, "
                 "remove: document.getElementById('stop-form-remove').hidden})"
             )
-            await page.evaluate(
-                "(() => { document.getElementById('stop-form-reason').value = 'no material'; "
-                "document.getElementById('stop-form-note').value = 'coil ran out'; "
-                "document.getElementById('stop-form-save').click(); })()"
-            )
-            await page.wait_for("(document.body.dataset.stopNote || '').startsWith('classified')")
-            after = await page.wait_for(
-                PARETO + " && Chart.getChart('pareto').data.labels[0] === 'no material' && "
-                "Chart.getChart('pareto').data.labels"
-            )
-            after = await page.wait_for(PARETO)
+            after = await save_no_material(page)
             reclassified = (await page.wait_for(FAULT_BAR))["interval"]
             api_after = await api_pareto(client)
 

@@ -115,15 +115,17 @@ def _series_payload(
         group["total"] = values(queries.pooled(b.components for b in items))
         if targets is not None:
             book, _, _, members = targets
-            group["total"]["targets"] = target_book.only(
-                book.of_group(group_by, (g_site, g_id), members), RATIO_NAMES
+            shown = book.of_group(group_by, (g_site, g_id), members)
+            group["total"].update(
+                target_book.beside(group["total"], target_book.only(shown, RATIO_NAMES))
             )
         group["buckets"] = series
         out_groups.append(group)
     total = values(queries.pooled(b.components for b in buckets))
     if targets is not None:
         book, kind, ident, members = targets
-        total["targets"] = target_book.only(book.of_scope(kind, ident, members), RATIO_NAMES)
+        shown = book.of_scope(kind, ident, members)
+        total.update(target_book.beside(total, target_book.only(shown, RATIO_NAMES)))
     return {"total": total, "groups": out_groups}
 
 
@@ -264,15 +266,16 @@ async def equipment_oee(
 
     buckets, members, targets = await db(request, load)
     total = queries.pooled(b.components for b in buckets)
+    values = ratios_of(total)
     return {
         "equipment": equipment_id,
         # The site the data came from; with none, the one asked for (if any).
         "site": members[0].site_id if buckets else site,
         "from": start.isoformat(),
         "to": end.isoformat(),
-        **ratios_of(total),
+        **values,
         "components": total.model_dump(),
-        "targets": targets,
+        **target_book.beside(values, targets),
     }
 
 
@@ -348,7 +351,8 @@ async def downtime_pareto(
         "to now); `duration_s` is its downtime, the planned seconds within it (breaks and time "
         "outside every shift are off plan, as in /v1/oee and the Pareto), and `wall_s` its "
         "wall-clock length. A stop with no planned second is left out; `min_duration_s` "
-        "applies to `duration_s`."
+        "applies to `duration_s`. `stop_start` is the instant the stop began (before "
+        "`from` when the window cuts it): the `ts` an annotation names the stop by."
     ),
 )
 async def downtime_events(
@@ -414,7 +418,13 @@ async def downtime_unexplained(
     return respond(request, payload, rows[:limit], closed=end <= datetime.now(UTC))
 
 
-@router.get("/equipment/{equipment_id}/states", summary="State timeline of one equipment")
+@router.get(
+    "/equipment/{equipment_id}/states",
+    summary="State timeline of one equipment",
+    description="Intervals clipped to [from, to) and to now. A stop's interval (fault, idle) "
+    "carries `stop_start`, the instant the stop began (before `start` when the window cuts "
+    "it), which is the `ts` a downtime annotation names it by; null for other states.",
+)
 async def equipment_states(
     request: Request,
     equipment_id: str,

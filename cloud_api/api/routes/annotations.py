@@ -230,7 +230,8 @@ async def create_annotation(
         raise Problem(
             422,
             f"no stop of {equipment_id!r} at site {body.site!r} starts at {body.ts.isoformat()}: "
-            "a downtime annotation names a stop by its start (see /v1/downtime/events)",
+            "a downtime annotation names a stop by its start (`stop_start` in "
+            "/v1/downtime/events and /states)",
             slug="no-such-stop",
         )
     return _render(row, principal, keyring)

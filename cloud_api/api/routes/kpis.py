@@ -33,15 +33,18 @@ from oee.kpis import KPI_DEFINITIONS, KPI_NAMES, kpis, select
 router = APIRouter(prefix="/v1", tags=["oee"])
 
 _CATALOGUE = "\n".join(
-    f"- `{d.name}` = {d.formula}" + (f" (ISO 22400-2: {d.iso_name})" if d.iso_name else "")
+    f"- `{d.name}` = {d.formula}"
+    + (f" (ISO 22400-2: {d.iso_name})" if d.iso_name else "")
+    + f"; {d.better} is better"
     for d in KPI_DEFINITIONS
 )
 _DESCRIPTION = (
     "Every KPI is computed from the components summed over the bucket, group or window "
     "(the components `/v1/oee` serves, shown beside them), null where its denominator is "
     "zero. `calendar_s` is the window's (or bucket's) length times the number of equipment "
-    "it covers; null for `interval=shift` buckets, so loading and TEEP are null there.\n\n"
-    + _CATALOGUE
+    "it covers; null for `interval=shift` buckets, so loading and TEEP are null there. "
+    "Totals carry `targets` and `against_targets` (per KPI: target, direction `better`, "
+    "and whether the value meets it, `met`).\n\n" + _CATALOGUE
 )
 MAX_KPI_PARAMS = 2 * len(KPI_NAMES)
 
@@ -104,15 +107,15 @@ def kpi_payload(
                 group[group_by] = key[1]
         group["total"] = _values(queries.pooled(b.components for b in items), window_s * n, names)
         if targets is not None:
-            group["total"]["targets"] = target_book.only(
-                targets[0].of_group(group_by, key, members), names
-            )
+            shown = target_book.only(targets[0].of_group(group_by, key, members), names)
+            group["total"].update(target_book.beside(group["total"], shown))
         group["buckets"] = series
         out_groups.append(group)
     total = _values(queries.pooled(b.components for b in buckets), window_s * len(members), names)
     if targets is not None:
         book, kind, ident = targets
-        total["targets"] = target_book.only(book.of_scope(kind, ident, members), names)
+        shown = target_book.only(book.of_scope(kind, ident, members), names)
+        total.update(target_book.beside(total, shown))
     return {"kpis": list(names), "total": total, "groups": out_groups}
 
 

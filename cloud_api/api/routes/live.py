@@ -262,8 +262,9 @@ async def plant_live(request: Request, site: SiteQ, line: LineQ = None) -> Respo
                     "since": state["ts"] if state else None,
                     "reason": state["reason"] if state else None,
                     # Targets of the ratios of the shift (equipment > line > site).
-                    "targets": target_book.only(
-                        book.of_equipment(site, eq, e["line_id"]), RATIO_NAMES
+                    **target_book.beside(
+                        figures or dict.fromkeys(RATIO_NAMES),
+                        target_book.only(book.of_equipment(site, eq, e["line_id"]), RATIO_NAMES),
                     ),
                     "shift": {
                         "name": shift[0],

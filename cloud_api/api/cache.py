@@ -294,6 +294,13 @@ class DataMarks:
             if self._changed_days > MAX_CHANGED_DAYS:
                 self._forget_all()
 
+    def forget_all(self) -> None:
+        """Read your writes: a route that committed a change calls this before it answers, so
+        the same process never serves what it remembered from before the change (the
+        notification that tells the other processes may arrive a moment later)."""
+        with self._lock:
+            self._forget_all()
+
     def _forget_all(self) -> None:
         """With the lock held: invalidate every entry (stamps before now no longer count)."""
         self._seq += 1

@@ -224,6 +224,7 @@ async def create_annotation(
             return row
 
     row = await run_in_threadpool(write)
+    request.app.state.data_marks.forget_all()
     if row is None:
         raise Problem(404, f"no equipment {equipment_id!r} at site {body.site!r}", slug="not-found")
     if row.get("refused") == "no-stop":
@@ -336,6 +337,7 @@ async def delete_annotation(
 
     if not await run_in_threadpool(write):
         raise missing
+    request.app.state.data_marks.forget_all()
     return Response(status_code=204)
 
 

@@ -197,4 +197,5 @@ async def put_targets(
         raise Problem(
             404, f"no {body.scope} {body.id or body.site!r} at site {body.site!r}", slug="not-found"
         )
+    request.app.state.data_marks.forget_all()
     return found

@@ -41,6 +41,7 @@ from asyncua.ua.status_codes import StatusCodes
 from agent.floor.aspace import ensure_shelf
 from agent.floor.config import OpcUaServerConfig
 from agent.floor.live import METRICS, OUTBOX_DEPTH, LiveSource, Metric, Value
+from agent.floor.nodes import Interner, compact
 
 _UNECE = "http://www.opcfoundation.org/UA/units/un/cefact"
 _FOLDERS = ("Shift", "LastBucket", "Link")
@@ -239,8 +240,12 @@ class PlantOpcUaServer:
             store,
         )
 
-    async def _variable(self, parent: Any, key: tuple[str, str], name: str, metric: Metric) -> None:
+    async def _variable(
+        self, parent: Any, key: tuple[str, str], name: str, metric: Metric
+    ) -> list[ua.NodeId]:
+        """Adds a value (and its engineering unit); returns the node ids it made."""
         nodeid = _nid(name, self.ns)
+        made = [nodeid]
         var = await parent.add_variable(
             nodeid,
             ua.QualifiedName(name.rsplit(".", 1)[-1], self.ns),
@@ -259,20 +264,27 @@ class PlantOpcUaServer:
                 DisplayName=ua.LocalizedText(unit.display),
                 Description=ua.LocalizedText(unit.description),
             )
+            made.append(_nid(f"{name}.EngineeringUnits", self.ns))
             await var.add_property(
-                _nid(f"{name}.EngineeringUnits", self.ns),
+                made[-1],
                 ua.QualifiedName("EngineeringUnits", 0),
                 eu,
                 datatype=_nid(ObjectIds.EUInformation),
             )
         self._nodes[key] = nodeid
+        return made
 
     def _qn(self, name: str) -> ua.QualifiedName:
         return ua.QualifiedName(name, self.ns)
 
     async def _address_space(self, server: Server) -> None:
+        """Builds the plant's nodes by asyncua's calls and compacts them one equipment at a
+        time (agent/floor/nodes.py)."""
+        aspace = server.iserver.aspace
+        interner = Interner()
         plant = await server.nodes.objects.add_folder(_nid("Plant", self.ns), self._qn("Plant"))
         site = await plant.add_folder(_nid(f"Plant.{self.site}", self.ns), self._qn(self.site))
+        containers = [plant.nodeid, site.nodeid]
         lines: dict[str, Any] = {}
         served = self.cfg.equipment
         live = self.source.read()
@@ -284,7 +296,9 @@ class PlantOpcUaServer:
                 lines[line_name] = await site.add_folder(
                     _nid(f"Plant.{self.site}.{line_name}", self.ns), self._qn(line_name)
                 )
+                containers.append(lines[line_name].nodeid)
             obj = await lines[line_name].add_object(_nid(eq, self.ns), self._qn(eq))
+            made = [obj.nodeid]
             folders: dict[str, Any] = {}
             for metric in METRICS:
                 path = browse_path(metric.name)
@@ -294,24 +308,32 @@ class PlantOpcUaServer:
                         folders[path[0]] = await obj.add_folder(
                             _nid(f"{eq}.{path[0]}", self.ns), self._qn(path[0])
                         )
+                        made.append(folders[path[0]].nodeid)
                     parent = folders[path[0]]
-                await self._variable(parent, (eq, metric.name), node_name(eq, metric.name), metric)
+                made += await self._variable(
+                    parent, (eq, metric.name), node_name(eq, metric.name), metric
+                )
+            compact(aspace, made, interner)
         agent = await site.add_object(_nid(f"{self.site}.Agent", self.ns), self._qn("Agent"))
-        await self._variable(
+        made = [agent.nodeid]
+        made += await self._variable(
             agent, ("", OUTBOX_DEPTH.name), f"{self.site}.Agent.OutboxDepth", OUTBOX_DEPTH
         )
         links = await agent.add_folder(_nid(f"{self.site}.Agent.Links", self.ns), self._qn("Links"))
+        made.append(links.nodeid)
         link = Metric("Connected", "boolean", "whether the PLC connection is up")
         for conn in self.connections:
             folder = await links.add_folder(
                 _nid(f"{self.site}.Agent.Links.{conn}", self.ns), self._qn(conn)
             )
-            await self._variable(
+            made.append(folder.nodeid)
+            made += await self._variable(
                 folder,
                 (f"link:{conn}", "Connected"),
                 f"{self.site}.Agent.Links.{conn}.Connected",
                 link,
             )
+        compact(aspace, made + containers, interner)
 
     async def update(self) -> None:
         """Write every value that changed since the last update."""

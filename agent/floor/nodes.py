@@ -51,60 +51,60 @@ class CompactAttribute:
         self.datachange_callbacks: dict[int, Callable[..., Any]] = {}
 
 
-class CompactAttributes(Mapping[Any, CompactAttribute]):
-    """A node's attributes: its own (node id, value) over a dict shared with equal nodes.
-    The node id attribute is made when first read."""
+class CompactNode(Mapping[Any, CompactAttribute]):
+    """What asyncua's `NodeData` holds, in slots; the node is also its own `attributes`:
+    its node id (made when first read) and value over a dict shared with equal nodes."""
 
-    __slots__ = ("nodeid", "own", "shared")
+    __slots__ = ("call", "id_attribute", "nodeid", "references", "shared", "value")
 
     def __init__(
         self,
-        own: dict[Any, CompactAttribute],
-        shared: Mapping[Any, CompactAttribute],
         nodeid: ua.NodeId,
+        value: CompactAttribute | None,
+        shared: Mapping[Any, CompactAttribute],
+        references: list[Any],
     ) -> None:
-        self.own = own
-        self.shared = shared
         self.nodeid = nodeid
+        self.value = value
+        self.shared = shared
+        self.references = references
+        self.call: Callable[..., Any] | None = None
+        self.id_attribute: CompactAttribute | None = None
+
+    @property
+    def attributes(self) -> CompactNode:
+        return self
 
     def __getitem__(self, key: Any) -> CompactAttribute:
-        found = self.own.get(key)
-        if found is not None:
-            return found
+        if key == _VALUE and self.value is not None:
+            return self.value
         if key == _NODE_ID:
-            made = self.own[key] = CompactAttribute(
-                ua.DataValue(ua.Variant(self.nodeid, ua.VariantType.NodeId))
-            )
-            return made
+            if self.id_attribute is None:
+                self.id_attribute = CompactAttribute(
+                    ua.DataValue(ua.Variant(self.nodeid, ua.VariantType.NodeId))
+                )
+            return self.id_attribute
         return self.shared[key]
 
     def __contains__(self, key: object) -> bool:
-        return key == _NODE_ID or key in self.own or key in self.shared
+        return key == _NODE_ID or (key == _VALUE and self.value is not None) or key in self.shared
 
     def __iter__(self) -> Iterator[Any]:
         yield _NODE_ID
-        yield from (k for k in self.own if k != _NODE_ID)
-        yield from (k for k in self.shared if k not in self.own)
+        if self.value is not None:
+            yield _VALUE
+        yield from (k for k in self.shared if self.value is None or k != _VALUE)
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
-    def __setitem__(self, key: Any, value: CompactAttribute) -> None:
-        self.own[key] = value
-
-
-class CompactNode:
-    """What asyncua's `NodeData` holds, in slots."""
-
-    __slots__ = ("attributes", "call", "nodeid", "references")
-
-    def __init__(
-        self, nodeid: ua.NodeId, attributes: CompactAttributes, references: list[Any]
-    ) -> None:
-        self.nodeid = nodeid
-        self.attributes = attributes
-        self.references = references
-        self.call: Callable[..., Any] | None = None
+    def __setitem__(self, key: Any, attribute: CompactAttribute) -> None:
+        if key == _NODE_ID:
+            self.id_attribute = attribute
+        elif key == _VALUE and self.value is not None:
+            self.value = attribute
+        else:  # the node's own from now on; the nodes it shared with keep theirs
+            self.shared = {**self.shared, key: attribute}
 
 
 class Interner:
@@ -156,23 +156,22 @@ def compact(aspace: AddressSpace, nodeids: Iterable[ua.NodeId], interner: Intern
     changes and is shared, with the timestamps of the first property holding it."""
     for nodeid in nodeids:
         node = aspace[nodeid]
-        own: dict[Any, CompactAttribute] = {}
+        value: CompactAttribute | None = None
         shared: dict[Any, CompactAttribute] = {}
-        attrs = node.attributes
         nodeclass = aspace.read_attribute_value(nodeid, AttributeIds.NodeClass).Value
         variable = nodeclass is not None and nodeclass.Value == _VARIABLE
         keep_value = variable and not _is_property(node)
-        for attr, attval in attrs.items():
+        for attr, attval in node.attributes.items():
             if attr == _NODE_ID:
                 continue
             if attr == _VALUE and keep_value:
-                own[attr] = CompactAttribute(attval.value)
-                own[attr].datachange_callbacks.update(attval.datachange_callbacks)
+                value = CompactAttribute(attval.value)
+                value.datachange_callbacks.update(attval.datachange_callbacks)
             elif attr == _VALUE:
                 shared[attr] = interner.attribute(attval.value, timeless=True)
             else:
                 shared[attr] = interner.attribute(attval.value)
         references = [interner.reference(ref) for ref in node.references]
         aspace[nodeid] = CompactNode(  # type: ignore[assignment]
-            nodeid, CompactAttributes(own, interner.shared(shared), nodeid), references
+            nodeid, value, interner.shared(shared), references
         )

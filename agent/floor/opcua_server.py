@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -97,8 +97,7 @@ def unit_id(code: str) -> int:
 UNDEFINED = ua.StatusCode(StatusCodes.BadNoData)  # type: ignore[arg-type]
 
 
-def _data_value(metric: Metric, value: Value) -> ua.DataValue:
-    now = datetime.now(UTC)
+def _data_value(metric: Metric, value: Value, now: datetime) -> ua.DataValue:
     if value is None:
         return ua.DataValue(StatusCode=UNDEFINED, SourceTimestamp=now)  # type: ignore[arg-type]
     if metric.kind == "count":
@@ -159,7 +158,7 @@ class PlantOpcUaServer:
         self.server: Server | None = None
         self.ns = 0
         self._nodes: dict[tuple[str, str], ua.NodeId] = {}
-        self._written: dict[tuple[str, str], Value] = {}
+        self._written: dict[ua.NodeId, Value] = {}
         self.ready = asyncio.Event()
 
     @property
@@ -314,6 +313,7 @@ class PlantOpcUaServer:
                     parent, (eq, metric.name), node_name(eq, metric.name), metric
                 )
             compact(aspace, made, interner)
+            await asyncio.sleep(0)  # the agent's other tasks run between two equipment
         agent = await site.add_object(_nid(f"{self.site}.Agent", self.ns), self._qn("Agent"))
         made = [agent.nodeid]
         made += await self._variable(
@@ -335,25 +335,26 @@ class PlantOpcUaServer:
             )
         compact(aspace, made + containers, interner)
 
-    async def update(self) -> None:
-        """Write every value that changed since the last update."""
-        assert self.server is not None
-        live = self.source.read()
-        writes: list[tuple[tuple[str, str], Metric, Value]] = []
-        for eq, item in live.items():
+    def _values(self) -> Iterator[tuple[tuple[str, str], Metric, Value]]:
+        for eq, item in self.source.read().items():
             for metric in METRICS:
-                writes.append(((eq, metric.name), metric, item.values.get(metric.name)))
-        writes.append((("", OUTBOX_DEPTH.name), OUTBOX_DEPTH, self.source.outbox_depth()))
+                yield (eq, metric.name), metric, item.values.get(metric.name)
+        yield ("", OUTBOX_DEPTH.name), OUTBOX_DEPTH, self.source.outbox_depth()
         links = self.source.links()
         link = Metric("Connected", "boolean", "")
         for conn in self.connections:
-            writes.append(((f"link:{conn}", "Connected"), link, links.get(conn, False)))
-        for key, metric, value in writes:
+            yield (f"link:{conn}", "Connected"), link, links.get(conn, False)
+
+    async def update(self) -> None:
+        """Write every value that changed since the last update (one source timestamp)."""
+        assert self.server is not None
+        now = datetime.now(UTC)
+        for key, metric, value in self._values():
             nodeid = self._nodes.get(key)
-            if nodeid is None or (key in self._written and self._written[key] == value):
+            if nodeid is None or (nodeid in self._written and self._written[nodeid] == value):
                 continue
-            await self.server.write_attribute_value(nodeid, _data_value(metric, value))
-            self._written[key] = value
+            await self.server.write_attribute_value(nodeid, _data_value(metric, value, now))
+            self._written[nodeid] = value
 
     async def run(self) -> None:
         delay = 1.0

@@ -2,7 +2,8 @@
 
 Two child processes run the same engine for the same time: 100 machines, each fed a
 state, a part counter and a reason every second (the 1 Hz poll), buckets of one second, a
-tick every second. The first runs the engine alone; the second also runs both outputs at a
+tick every second, from the engine's start on (also while the outputs start, as in the
+agent). The first runs the engine alone; the second also runs both outputs at a
 1 s interval: the Sparkplug B edge node publishing every machine's metrics (all of them)
 to a Mosquitto the bench starts on a free port (a host application subscribed to the
 group decodes every payload, in the bench's parent process, not in the agent), and the OPC
@@ -101,7 +102,34 @@ async def _child(args: argparse.Namespace) -> dict[str, Any]:
         bucket_seconds=1,
     )
     engine.start(datetime.now(UTC))
-    floor = None
+    floor: PlantFloor | None = None
+    counters = [0] * args.machines
+
+    def feed(second: int) -> None:
+        """One second of the 1 Hz poll for every machine, and the engine's tick."""
+        now = datetime.now(UTC)
+        events = []
+        for i in range(args.machines):
+            counters[i] += 1
+            state = 2 if (second + i) % 17 == 0 else 1
+            events += engine.feed(Sample(f"press-{i}", "state", state, now))
+            events += engine.feed(Sample(f"press-{i}", "total_count", counters[i], now))
+            events += engine.feed(Sample(f"press-{i}", "reason", 1 + (second + i) % 2, now))
+        events += engine.tick(now)
+        if floor is not None:
+            floor.observe(events)
+
+    async def drive() -> None:
+        """The machines at 1 Hz from the engine's start on, as in the agent, also while the
+        outputs start (an engine left without ticks would close all those buckets at once)."""
+        began = time.monotonic()
+        second = 0
+        while True:
+            feed(second)
+            second += 1
+            await asyncio.sleep(max(0.0, began + second - time.monotonic()))
+
+    driver = asyncio.create_task(drive())
     if outputs:
         create_certificate(
             keys / "opcua-server.der",
@@ -131,22 +159,8 @@ async def _child(args: argparse.Namespace) -> dict[str, Any]:
     rss_start = _rss_kib()
     cpu_start = time.process_time()
     wall_start = time.monotonic()
-    counters = [0] * args.machines
-    second = 0
-    while time.monotonic() - wall_start < args.seconds:
-        now = datetime.now(UTC)
-        events = []
-        for i in range(args.machines):
-            counters[i] += 1
-            state = 2 if (second + i) % 17 == 0 else 1
-            events += engine.feed(Sample(f"press-{i}", "state", state, now))
-            events += engine.feed(Sample(f"press-{i}", "total_count", counters[i], now))
-            events += engine.feed(Sample(f"press-{i}", "reason", 1 + (second + i) % 2, now))
-        events += engine.tick(now)
-        if floor is not None:
-            floor.observe(events)
-        second += 1
-        await asyncio.sleep(max(0.0, wall_start + second - time.monotonic()))
+    await asyncio.sleep(args.seconds)
+    driver.cancel()
     cpu = time.process_time() - cpu_start
     wall = time.monotonic() - wall_start
     report: dict[str, Any] = {

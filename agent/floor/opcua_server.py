@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,9 +38,10 @@ from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
 
-from agent.floor.aspace import ensure_shelf
+from agent.floor.aspace import ensure_shelf, use_small_index
 from agent.floor.config import OpcUaServerConfig
 from agent.floor.live import METRICS, OUTBOX_DEPTH, LiveSource, Metric, Value
+from agent.floor.nodes import Interner, compact
 
 _UNECE = "http://www.opcfoundation.org/UA/units/un/cefact"
 _FOLDERS = ("Shift", "LastBucket", "Link")
@@ -96,8 +97,7 @@ def unit_id(code: str) -> int:
 UNDEFINED = ua.StatusCode(StatusCodes.BadNoData)  # type: ignore[arg-type]
 
 
-def _data_value(metric: Metric, value: Value) -> ua.DataValue:
-    now = datetime.now(UTC)
+def _data_value(metric: Metric, value: Value, now: datetime) -> ua.DataValue:
     if value is None:
         return ua.DataValue(StatusCode=UNDEFINED, SourceTimestamp=now)  # type: ignore[arg-type]
     if metric.kind == "count":
@@ -158,7 +158,7 @@ class PlantOpcUaServer:
         self.server: Server | None = None
         self.ns = 0
         self._nodes: dict[tuple[str, str], ua.NodeId] = {}
-        self._written: dict[tuple[str, str], Value] = {}
+        self._written: dict[ua.NodeId, Value] = {}
         self.ready = asyncio.Event()
 
     @property
@@ -183,6 +183,8 @@ class PlantOpcUaServer:
                     error=str(exc),
                 )
         await server.init(shelf_file=shelf)
+        if shelf is not None:
+            use_small_index(server, shelf)
         server.set_endpoint(cfg.endpoint)
         server.set_server_name("factory edge gateway: plant floor")
         await server.set_application_uri(cfg.application_uri)
@@ -239,8 +241,12 @@ class PlantOpcUaServer:
             store,
         )
 
-    async def _variable(self, parent: Any, key: tuple[str, str], name: str, metric: Metric) -> None:
+    async def _variable(
+        self, parent: Any, key: tuple[str, str], name: str, metric: Metric
+    ) -> list[ua.NodeId]:
+        """Adds a value (and its engineering unit); returns the node ids it made."""
         nodeid = _nid(name, self.ns)
+        made = [nodeid]
         var = await parent.add_variable(
             nodeid,
             ua.QualifiedName(name.rsplit(".", 1)[-1], self.ns),
@@ -259,20 +265,27 @@ class PlantOpcUaServer:
                 DisplayName=ua.LocalizedText(unit.display),
                 Description=ua.LocalizedText(unit.description),
             )
+            made.append(_nid(f"{name}.EngineeringUnits", self.ns))
             await var.add_property(
-                _nid(f"{name}.EngineeringUnits", self.ns),
+                made[-1],
                 ua.QualifiedName("EngineeringUnits", 0),
                 eu,
                 datatype=_nid(ObjectIds.EUInformation),
             )
         self._nodes[key] = nodeid
+        return made
 
     def _qn(self, name: str) -> ua.QualifiedName:
         return ua.QualifiedName(name, self.ns)
 
     async def _address_space(self, server: Server) -> None:
+        """Builds the plant's nodes by asyncua's calls and compacts them one equipment at a
+        time (agent/floor/nodes.py)."""
+        aspace = server.iserver.aspace
+        interner = Interner()
         plant = await server.nodes.objects.add_folder(_nid("Plant", self.ns), self._qn("Plant"))
         site = await plant.add_folder(_nid(f"Plant.{self.site}", self.ns), self._qn(self.site))
+        containers = [plant.nodeid, site.nodeid]
         lines: dict[str, Any] = {}
         served = self.cfg.equipment
         live = self.source.read()
@@ -284,7 +297,9 @@ class PlantOpcUaServer:
                 lines[line_name] = await site.add_folder(
                     _nid(f"Plant.{self.site}.{line_name}", self.ns), self._qn(line_name)
                 )
+                containers.append(lines[line_name].nodeid)
             obj = await lines[line_name].add_object(_nid(eq, self.ns), self._qn(eq))
+            made = [obj.nodeid]
             folders: dict[str, Any] = {}
             for metric in METRICS:
                 path = browse_path(metric.name)
@@ -294,44 +309,54 @@ class PlantOpcUaServer:
                         folders[path[0]] = await obj.add_folder(
                             _nid(f"{eq}.{path[0]}", self.ns), self._qn(path[0])
                         )
+                        made.append(folders[path[0]].nodeid)
                     parent = folders[path[0]]
-                await self._variable(parent, (eq, metric.name), node_name(eq, metric.name), metric)
+                made += await self._variable(
+                    parent, (eq, metric.name), node_name(eq, metric.name), metric
+                )
+            compact(aspace, made, interner)
+            await asyncio.sleep(0)  # the agent's other tasks run between two equipment
         agent = await site.add_object(_nid(f"{self.site}.Agent", self.ns), self._qn("Agent"))
-        await self._variable(
+        made = [agent.nodeid]
+        made += await self._variable(
             agent, ("", OUTBOX_DEPTH.name), f"{self.site}.Agent.OutboxDepth", OUTBOX_DEPTH
         )
         links = await agent.add_folder(_nid(f"{self.site}.Agent.Links", self.ns), self._qn("Links"))
+        made.append(links.nodeid)
         link = Metric("Connected", "boolean", "whether the PLC connection is up")
         for conn in self.connections:
             folder = await links.add_folder(
                 _nid(f"{self.site}.Agent.Links.{conn}", self.ns), self._qn(conn)
             )
-            await self._variable(
+            made.append(folder.nodeid)
+            made += await self._variable(
                 folder,
                 (f"link:{conn}", "Connected"),
                 f"{self.site}.Agent.Links.{conn}.Connected",
                 link,
             )
+        compact(aspace, made + containers, interner)
 
-    async def update(self) -> None:
-        """Write every value that changed since the last update."""
-        assert self.server is not None
-        live = self.source.read()
-        writes: list[tuple[tuple[str, str], Metric, Value]] = []
-        for eq, item in live.items():
+    def _values(self) -> Iterator[tuple[tuple[str, str], Metric, Value]]:
+        for eq, item in self.source.read().items():
             for metric in METRICS:
-                writes.append(((eq, metric.name), metric, item.values.get(metric.name)))
-        writes.append((("", OUTBOX_DEPTH.name), OUTBOX_DEPTH, self.source.outbox_depth()))
+                yield (eq, metric.name), metric, item.values.get(metric.name)
+        yield ("", OUTBOX_DEPTH.name), OUTBOX_DEPTH, self.source.outbox_depth()
         links = self.source.links()
         link = Metric("Connected", "boolean", "")
         for conn in self.connections:
-            writes.append(((f"link:{conn}", "Connected"), link, links.get(conn, False)))
-        for key, metric, value in writes:
+            yield (f"link:{conn}", "Connected"), link, links.get(conn, False)
+
+    async def update(self) -> None:
+        """Write every value that changed since the last update (one source timestamp)."""
+        assert self.server is not None
+        now = datetime.now(UTC)
+        for key, metric, value in self._values():
             nodeid = self._nodes.get(key)
-            if nodeid is None or (key in self._written and self._written[key] == value):
+            if nodeid is None or (nodeid in self._written and self._written[nodeid] == value):
                 continue
-            await self.server.write_attribute_value(nodeid, _data_value(metric, value))
-            self._written[key] = value
+            await self.server.write_attribute_value(nodeid, _data_value(metric, value, now))
+            self._written[nodeid] = value
 
     async def run(self) -> None:
         delay = 1.0

@@ -3,13 +3,15 @@ built again when an earlier build left no marker (a crash half way)."""
 
 from __future__ import annotations
 
+import shelve
 import stat
 from pathlib import Path
 
+import pytest
 from asyncua import ua
 from asyncua.server.server import Server
 
-from agent.floor.aspace import ensure_shelf, shelf_path
+from agent.floor.aspace import ShelfIndex, ensure_shelf, shelf_path, use_small_index
 
 
 async def test_shelf_is_built_once_and_serves_the_standard_nodes(tmp_path: Path) -> None:
@@ -34,3 +36,27 @@ async def test_a_build_without_its_marker_is_made_again(tmp_path: Path) -> None:
     half.write_bytes(b"half a shelf")  # what a build killed half way leaves, without marker
     assert await ensure_shelf(tmp_path) == path
     assert path.is_file() and half.stat().st_size > len(b"half a shelf")
+
+
+async def test_the_small_index_reads_every_node_of_the_shelf(tmp_path: Path) -> None:
+    path = await ensure_shelf(tmp_path)
+    index = ShelfIndex(path)
+    with shelve.open(str(path), "r") as shelf:
+        keys = list(shelf.keys())
+        assert len(keys) > 1000
+        for key in keys:
+            assert key in index
+            assert index[key].nodeid.to_string() == key == shelf[key].nodeid.to_string()
+    assert "i=999999999" not in index and "ns=3;s=nothing" not in index
+    with pytest.raises(KeyError):
+        index["i=999999999"]
+
+
+async def test_a_server_reads_the_standard_nodes_through_the_small_index(tmp_path: Path) -> None:
+    path = await ensure_shelf(tmp_path)
+    server = Server()
+    await server.init(shelf_file=path)
+    use_small_index(server, path)
+    assert isinstance(server.iserver.aspace._nodes.source, ShelfIndex)
+    node = server.get_node(ua.NodeId(ua.ObjectIds.Server_ServerStatus_BuildInfo_ProductName))
+    assert await node.read_browse_name() == ua.QualifiedName("ProductName", 0)

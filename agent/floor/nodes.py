@@ -1,0 +1,177 @@
+"""The plant's nodes kept compact in the OPC UA server's memory.
+
+asyncua keeps every node as a `NodeData` holding a dict of about 15 attributes, each an
+`AttributeValue` (with its own callback dict) around a `DataValue` around a `Variant`, and
+its references as `ReferenceDescription` objects: about 7 kB per node, 40 MB for the 100 x 40
+values of 100 machines and their engineering-unit properties. Most of it repeats: the data
+type, access level, value rank, description, browse and display name and engineering unit
+of `Shift/OEE` are the same on every machine, and so are the references of sibling nodes to
+their parent and to their type.
+
+`compact(aspace, nodeids)` replaces nodes that asyncua has built (by its ordinary calls, so
+the nodes are exactly what asyncua makes) with `CompactNode`s: each node keeps its own node
+id and, for a variable, its value; every other attribute, and every reference that does not
+name the node itself, is one object shared by all nodes where it is equal. About 1 kB per
+node remains.
+
+Shared objects are never written: the server is read-only for its clients, and the agent
+writes only the values, which stay per node. The nodes are compacted one machine at a time
+while the address space is built, so the few hundred kB asyncua's objects take before they
+are compacted are reused for the next machine instead of growing the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from asyncua import ua
+from asyncua.server.address_space import AddressSpace
+from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.object_ids import ObjectIds
+
+_NODE_ID = AttributeIds.NodeId
+_VALUE = AttributeIds.Value
+_VARIABLE = ua.NodeClass.Variable
+_HAS_PROPERTY = ua.NodeId(ObjectIds.HasProperty)  # type: ignore[arg-type]
+_HAS_TYPE_DEFINITION = ua.NodeId(ObjectIds.HasTypeDefinition)  # type: ignore[arg-type]
+
+
+class CompactAttribute:
+    """What asyncua's `AttributeValue` holds, in slots."""
+
+    __slots__ = ("datachange_callbacks", "value", "value_callback", "value_setter")
+
+    def __init__(self, value: ua.DataValue | None) -> None:
+        self.value = value
+        self.value_callback: Callable[..., Any] | None = None
+        self.value_setter: Callable[..., Any] | None = None
+        self.datachange_callbacks: dict[int, Callable[..., Any]] = {}
+
+
+class CompactNode(Mapping[Any, CompactAttribute]):
+    """What asyncua's `NodeData` holds, in slots; the node is also its own `attributes`:
+    its node id (made when first read) and value over a dict shared with equal nodes."""
+
+    __slots__ = ("call", "id_attribute", "nodeid", "references", "shared", "value")
+
+    def __init__(
+        self,
+        nodeid: ua.NodeId,
+        value: CompactAttribute | None,
+        shared: Mapping[Any, CompactAttribute],
+        references: list[Any],
+    ) -> None:
+        self.nodeid = nodeid
+        self.value = value
+        self.shared = shared
+        self.references = references
+        self.call: Callable[..., Any] | None = None
+        self.id_attribute: CompactAttribute | None = None
+
+    @property
+    def attributes(self) -> CompactNode:
+        return self
+
+    def __getitem__(self, key: Any) -> CompactAttribute:
+        if key == _VALUE and self.value is not None:
+            return self.value
+        if key == _NODE_ID:
+            if self.id_attribute is None:
+                self.id_attribute = CompactAttribute(
+                    ua.DataValue(ua.Variant(self.nodeid, ua.VariantType.NodeId))
+                )
+            return self.id_attribute
+        return self.shared[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key == _NODE_ID or (key == _VALUE and self.value is not None) or key in self.shared
+
+    def __iter__(self) -> Iterator[Any]:
+        yield _NODE_ID
+        if self.value is not None:
+            yield _VALUE
+        yield from (k for k in self.shared if self.value is None or k != _VALUE)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __setitem__(self, key: Any, attribute: CompactAttribute) -> None:
+        if key == _NODE_ID:
+            self.id_attribute = attribute
+        elif key == _VALUE and self.value is not None:
+            self.value = attribute
+        else:  # the node's own from now on; the nodes it shared with keep theirs
+            self.shared = {**self.shared, key: attribute}
+
+
+class Interner:
+    """Equal objects made one: what `compact` shares between nodes. Keep one for a whole
+    address space and drop it when the space is built."""
+
+    def __init__(self) -> None:
+        self._objects: dict[tuple[type, bytes], Any] = {}
+        self._dicts: dict[tuple[tuple[Any, int], ...], dict[Any, CompactAttribute]] = {}
+
+    def __call__(self, obj: Any) -> Any:
+        key = (type(obj), pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
+        return self._objects.setdefault(key, obj)
+
+    def attribute(self, value: ua.DataValue | None, *, timeless: bool = False) -> CompactAttribute:
+        """One attribute for equal values (`timeless`: equal but for their timestamps)."""
+        same = value
+        if timeless and value is not None:
+            same = dataclasses.replace(value, SourceTimestamp=None, ServerTimestamp=None)
+        key = (CompactAttribute, pickle.dumps(same, pickle.HIGHEST_PROTOCOL))
+        found = self._objects.get(key)
+        if found is None:
+            found = self._objects[key] = CompactAttribute(value)
+        return found
+
+    def shared(self, attributes: dict[Any, CompactAttribute]) -> dict[Any, CompactAttribute]:
+        key = tuple(sorted((int(k), id(v)) for k, v in attributes.items()))
+        return self._dicts.setdefault(key, attributes)
+
+    def reference(self, ref: Any) -> Any:
+        """A reference to a node's parent or type is shared whole with equal ones; one to a
+        child names the child and stays the node's own. Their names and types are shared."""
+        for name in ("ReferenceTypeId", "BrowseName", "DisplayName", "TypeDefinition"):
+            setattr(ref, name, self(getattr(ref, name)))
+        if ref.IsForward and ref.ReferenceTypeId != _HAS_TYPE_DEFINITION:
+            return ref
+        return self(ref)
+
+
+def _is_property(node: Any) -> bool:
+    return any(
+        not ref.IsForward and ref.ReferenceTypeId == _HAS_PROPERTY for ref in node.references
+    )
+
+
+def compact(aspace: AddressSpace, nodeids: Iterable[ua.NodeId], interner: Interner) -> None:
+    """Replace the nodes `nodeids` of `aspace` by compact ones (see the module's text).
+    A data variable keeps its value apart; a property's value (an engineering unit) never
+    changes and is shared, with the timestamps of the first property holding it."""
+    for nodeid in nodeids:
+        node = aspace[nodeid]
+        value: CompactAttribute | None = None
+        shared: dict[Any, CompactAttribute] = {}
+        nodeclass = aspace.read_attribute_value(nodeid, AttributeIds.NodeClass).Value
+        variable = nodeclass is not None and nodeclass.Value == _VARIABLE
+        keep_value = variable and not _is_property(node)
+        for attr, attval in node.attributes.items():
+            if attr == _NODE_ID:
+                continue
+            if attr == _VALUE and keep_value:
+                value = CompactAttribute(attval.value)
+                value.datachange_callbacks.update(attval.datachange_callbacks)
+            elif attr == _VALUE:
+                shared[attr] = interner.attribute(attval.value, timeless=True)
+            else:
+                shared[attr] = interner.attribute(attval.value)
+        references = [interner.reference(ref) for ref in node.references]
+        aspace[nodeid] = CompactNode(  # type: ignore[assignment]
+            nodeid, value, interner.shared(shared), references
+        )

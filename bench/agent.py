@@ -80,7 +80,7 @@ def status_kb(pid: int) -> dict[str, int]:
     out: dict[str, int] = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
+        if name in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
             out[name] = int(value.split()[0])
     return out
 
@@ -178,6 +178,9 @@ class AgentRun:
             result["rss_mb_at_60s"] = None if rss_at is None else round(rss_at, 1)
             result["rss_mb_end"] = round(mem["VmRSS"] / 1024, 1)
             result["peak_rss_mb"] = round(mem["VmHWM"] / 1024, 1)
+            # Private (heap, Python objects) and file-backed (shared libraries' pages).
+            result["rss_anon_mb_end"] = round(mem["RssAnon"] / 1024, 1)
+            result["rss_file_mb_end"] = round(mem["RssFile"] / 1024, 1)
             if cpu_from is not None:
                 share = (cpu_end - cpu_from[1]) / (end - cpu_from[0])
                 result["cpu_percent_one_core"] = round(100 * share, 2)

@@ -76,6 +76,56 @@ def agent_venv(choice: str) -> Path:
     return bin_dir
 
 
+# What `edge-agent run` imports, in layers: each step's RSS growth is what that layer adds
+# on top of the ones before (shared imports count where they first come).
+IMPORT_LAYERS = (
+    ("interpreter", ""),
+    ("asyncio, ssl, sqlite3, json, logging", "import asyncio, ssl, sqlite3, json, logging"),
+    ("PyYAML", "import yaml"),
+    ("pydantic", "import pydantic; from pydantic import BaseModel"),
+    ("structlog", "import structlog"),
+    ("cryptography (HPKE, Ed25519, ML-KEM)", "import sync.keys"),
+    ("zstandard, envelope", "import sync.envelope"),
+    ("paho-mqtt", "import paho.mqtt.client"),
+    ("pymodbus, pyserial", "import pymodbus.client"),
+    ("prometheus-client", "import prometheus_client"),
+    ("the agent's configuration models", "import agent.config"),
+    (
+        "the rest of the agent",
+        "import agent.cli, agent.service, agent.runtime, agent.health, "
+        "agent.statelock, connectors.modbus.hub",
+    ),
+)
+
+IMPORT_PROBE = """
+import json, sys
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+out = []
+for name, code in json.loads(sys.argv[1]):
+    before = rss()
+    exec(code)
+    out.append([name, round(rss() - before if code else before, 1)])
+print(json.dumps(out))
+"""
+
+
+def import_floor(bin_dir: Path) -> dict[str, float]:
+    """RSS (MB) each layer of the agent's imports adds, in a fresh interpreter of its venv."""
+    done = subprocess.run(
+        [str(bin_dir / "python"), "-c", IMPORT_PROBE, json.dumps(IMPORT_LAYERS)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    layers = {str(k): float(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1])}
+    layers["total"] = round(sum(layers.values()), 1)
+    return layers
+
+
 def status_kb(pid: int) -> dict[str, int]:
     out: dict[str, int] = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -95,8 +145,8 @@ def loadavg() -> str:
     return Path("/proc/loadavg").read_text().strip()
 
 
-def slope_per_min(points: list[tuple[float, float]]) -> float:
-    """Least-squares slope of (seconds, MB) in MB per minute."""
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (x, y) points."""
     n = len(points)
     if n < 2:
         return 0.0
@@ -104,7 +154,7 @@ def slope_per_min(points: list[tuple[float, float]]) -> float:
     mean_v = sum(v for _, v in points) / n
     var = sum((t - mean_t) ** 2 for t, _ in points)
     cov = sum((t - mean_t) * (v - mean_v) for t, v in points)
-    return 60.0 * cov / var if var else 0.0
+    return cov / var if var else 0.0
 
 
 @dataclass
@@ -209,7 +259,10 @@ def unreachable_run(bin_dir: Path, tmp: Path, seconds: float) -> dict[str, Any]:
     window = [(t, v) for t, v in run.rss if t >= SLOPE_FROM_S]
     result["seconds"] = seconds
     result["rss_mb_at_slope_start"] = round(window[0][1], 1) if window else None
-    result["rss_mb_per_min"] = round(slope_per_min(window), 4) if len(window) > 1 else None
+    result["rss_mb_per_min"] = round(60 * slope(window), 4) if len(window) > 1 else None
+    # The second half alone: whether what grows early (caches filling) levels off.
+    late = [(t, v) for t, v in run.rss if t >= seconds / 2]
+    result["rss_mb_per_min_second_half"] = round(60 * slope(late), 4) if len(late) > 1 else None
     result["rss_trace_mb"] = [[round(t), round(v, 2)] for t, v in run.rss[:: max(1, 12)]]
     return result
 
@@ -232,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(m) for m in args.machines.split(",") if m.strip()]
     bin_dir = agent_venv(args.venv)
     out: dict[str, Any] = {"bench": "agent", "venv": str(bin_dir.parent), "sizes": []}
+    out["import_floor_mb"] = import_floor(bin_dir)
+    print("imports (MB):", json.dumps(out["import_floor_mb"]), flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp:
         for machines in sizes:
             for _ in range(args.runs):
@@ -250,10 +305,15 @@ def main(argv: list[str] | None = None) -> int:
                 out["unreachable"].append(r)
                 print(
                     f"cloud unreachable {args.unreachable_seconds:.0f} s: "
-                    f"{r['rss_mb_per_min']} MB/min from {r['rss_mb_at_slope_start']} MB, "
+                    f"{r['rss_mb_per_min']} MB/min from {r['rss_mb_at_slope_start']} MB "
+                    f"({r['rss_mb_per_min_second_half']} MB/min in the second half), "
                     f"outbox {r['outbox_mb_on_disk']} MB on disk (loadavg {r['loadavg']})",
                     flush=True,
                 )
+    per_size = [(r["machines"], r["rss_mb_at_60s"]) for r in out["sizes"] if r["rss_mb_at_60s"]]
+    if len({m for m, _ in per_size}) > 1:
+        # The least-squares slope of resident memory over machines, in kB a machine.
+        out["kb_per_machine"] = round(1000 * slope(per_size), 1)
     out["targets"] = TARGETS
     print(json.dumps(out))
     return 0

@@ -35,16 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.plant import (
-    MQTT_PORT,
-    Cloud,
-    agent_yaml,
-    free_port,
-    keyed_state,
-    start_agent,
-    start_presses,
-    stop_process,
-)
+from bench.plant import Plant, plc_count, start_agent, stop_process
 
 AGENT, SITE = "edge-footprint-01", "plant-footprint"
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,43 +159,20 @@ class AgentRun:
     rss: list[tuple[float, float]] = field(default_factory=list)
 
     def run(self, seconds: float, every: float) -> dict[str, Any]:
-        self.folder.mkdir(parents=True)
-        ring_dir, state, public_line = keyed_state(self.folder)
-        prefix = f"bench/{secrets.token_hex(4)}/"
-        mqtt_port = MQTT_PORT if self.acknowledging else free_port()  # unreachable: nobody
-        plc, plc_ports = start_presses(self.machines)
-        config = self.folder / "agent.yaml"
-        config.write_text(
-            agent_yaml(
-                agent=AGENT,
-                site=SITE,
-                state=state,
-                plc_ports=plc_ports,
-                machines=self.machines,
-                mqtt_port=mqtt_port,
-                prefix=prefix,
-                health_port=free_port(),
-            ),
-            encoding="utf-8",
+        plant = Plant.set_up(
+            self.folder,
+            agent=AGENT,
+            site=SITE,
+            machines=self.machines,
+            acknowledging=self.acknowledging,
+            db_prefix="bench_agent",
         )
-        cloud = (
-            Cloud(
-                self.folder,
-                ring_dir,
-                prefix,
-                public_line,
-                agent=AGENT,
-                site=SITE,
-                db_prefix="bench_agent",
-            )
-            if self.acknowledging
-            else None
-        )
+        state, cloud = plant.state, plant.cloud
         log = self.folder / "agent.log"
         agent: subprocess.Popen[bytes] | None = None
-        result: dict[str, Any] = {"machines": self.machines, "plcs": len(plc_ports)}
+        result: dict[str, Any] = {"machines": self.machines, "plcs": plc_count(self.machines)}
         try:
-            agent = start_agent(config, log, self.bin_dir)
+            agent = start_agent(plant.config, log, self.bin_dir)
             started = time.monotonic()
             cpu_from: tuple[float, float] | None = None
             rss_at: float | None = None
@@ -241,10 +209,7 @@ class AgentRun:
                 result["batches_stored_in_cloud"] = cloud.stored_batches()
         finally:
             stop_process(agent)
-            plc.terminate()
-            plc.join(10)
-            if cloud is not None:
-                cloud.close()
+            plant.close()
         return result
 
 
@@ -259,10 +224,11 @@ def unreachable_run(bin_dir: Path, tmp: Path, seconds: float) -> dict[str, Any]:
     window = [(t, v) for t, v in run.rss if t >= SLOPE_FROM_S]
     result["seconds"] = seconds
     result["rss_mb_at_slope_start"] = round(window[0][1], 1) if window else None
-    result["rss_mb_per_min"] = round(60 * slope(window), 4) if len(window) > 1 else None
     # The second half alone: whether what grows early (caches filling) levels off.
     late = [(t, v) for t, v in run.rss if t >= seconds / 2]
-    result["rss_mb_per_min_second_half"] = round(60 * slope(late), 4) if len(late) > 1 else None
+    for key, points in (("rss_mb_per_min", window), ("rss_mb_per_min_second_half", late)):
+        spans_a_minute = len(points) > 1 and points[-1][0] - points[0][0] >= 60
+        result[key] = round(60 * slope(points), 4) if spans_a_minute else None
     result["rss_trace_mb"] = [[round(t), round(v, 2)] for t, v in run.rss[:: max(1, 12)]]
     return result
 

@@ -31,7 +31,6 @@ import json
 import multiprocessing
 import os
 import re
-import secrets
 import shutil
 import signal
 import sqlite3
@@ -41,17 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.plant import (
-    MQTT_PORT,
-    Cloud,
-    agent_yaml,
-    free_port,
-    keyed_state,
-    metrics,
-    start_agent,
-    start_presses,
-    stop_process,
-)
+from bench.plant import Plant, metrics, start_agent, stop_process
 
 MACHINES = 100
 AGENT, SITE = "edge-flash-01", "plant-flash"
@@ -152,38 +141,20 @@ def _strace_count(proc: subprocess.Popen[str]) -> int | None:
 
 
 def run_mode(mode: str, seconds: float, warmup: float, folder: Path) -> dict[str, Any]:
-    folder.mkdir(parents=True)
-    ring_dir, state, public_line = keyed_state(folder)
-    health_port = free_port()
-    prefix = f"bench/{secrets.token_hex(4)}/"
-    acking = mode == "acknowledging"
-    mqtt_port = MQTT_PORT if acking else free_port()  # nothing listens there: unreachable
-    plc, plc_ports = start_presses(MACHINES, idle=mode == "idle")
-    config = folder / "agent.yaml"
-    config.write_text(
-        agent_yaml(
-            agent=AGENT,
-            site=SITE,
-            state=state,
-            plc_ports=plc_ports,
-            machines=MACHINES,
-            mqtt_port=mqtt_port,
-            prefix=prefix,
-            health_port=health_port,
-        ),
-        encoding="utf-8",
+    plant = Plant.set_up(
+        folder,
+        agent=AGENT,
+        site=SITE,
+        machines=MACHINES,
+        acknowledging=mode == "acknowledging",
+        db_prefix="bench_flash",
+        idle=mode == "idle",
     )
-    cloud = (
-        Cloud(
-            folder, ring_dir, prefix, public_line, agent=AGENT, site=SITE, db_prefix="bench_flash"
-        )
-        if acking
-        else None
-    )
+    state, health_port, cloud = plant.state, plant.health_port, plant.cloud
     agent: subprocess.Popen[bytes] | None = None
     watch = BatchWatch(state / "outbox.db")
     try:
-        agent = start_agent(config, folder / "agent.log")
+        agent = start_agent(plant.config, folder / "agent.log")
         end_warmup = time.monotonic() + warmup
         while time.monotonic() < end_warmup:
             watch.poll()
@@ -213,10 +184,7 @@ def run_mode(mode: str, seconds: float, warmup: float, folder: Path) -> dict[str
         stored = cloud.stored_batches() if cloud is not None else None
     finally:
         stop_process(agent)
-        plc.terminate()
-        plc.join(10)
-        if cloud is not None:
-            cloud.close()
+        plant.close()
     per_min = 60.0 / elapsed
     sealed_metric = m1.get("edge_agent_outbox_sealed_bytes_total")
     if sealed_metric is not None and "edge_agent_outbox_sealed_bytes_total" in m0:

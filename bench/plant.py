@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -288,3 +289,70 @@ class Cloud:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.db))
             )
+
+
+@dataclass
+class Plant:
+    """One benchmark's plant: the PLCs running, the agent's keys and configuration written, and
+    the cloud when it acknowledges (else nothing listens on the broker port)."""
+
+    config: Path
+    state: Path
+    health_port: int
+    plc: BaseProcess
+    cloud: Cloud | None
+
+    @classmethod
+    def set_up(
+        cls,
+        folder: Path,
+        *,
+        agent: str,
+        site: str,
+        machines: int,
+        acknowledging: bool,
+        db_prefix: str,
+        idle: bool = False,
+    ) -> Plant:
+        folder.mkdir(parents=True)
+        ring_dir, state, public_line = keyed_state(folder)
+        health_port = free_port()
+        prefix = f"bench/{secrets.token_hex(4)}/"
+        mqtt_port = MQTT_PORT if acknowledging else free_port()  # unreachable: nobody listens
+        plc, plc_ports = start_presses(machines, idle=idle)
+        config = folder / "agent.yaml"
+        config.write_text(
+            agent_yaml(
+                agent=agent,
+                site=site,
+                state=state,
+                plc_ports=plc_ports,
+                machines=machines,
+                mqtt_port=mqtt_port,
+                prefix=prefix,
+                health_port=health_port,
+            ),
+            encoding="utf-8",
+        )
+        cloud = None
+        if acknowledging:
+            try:
+                cloud = Cloud(
+                    folder,
+                    ring_dir,
+                    prefix,
+                    public_line,
+                    agent=agent,
+                    site=site,
+                    db_prefix=db_prefix,
+                )
+            except BaseException:
+                plc.terminate()
+                raise
+        return cls(config, state, health_port, plc, cloud)
+
+    def close(self) -> None:
+        self.plc.terminate()
+        self.plc.join(10)
+        if self.cloud is not None:
+            self.cloud.close()

@@ -11,14 +11,19 @@ the end of `--seconds`, and the CPU share of one core from 20 s after start to t
 Then `--unreachable-seconds` with 100 presses and the broker port refusing connections, so
 every batch waits in the outbox: resident memory every 5 s, the least-squares slope in MB
 per minute after the first two minutes (the engine and the caches warm up), and the outbox's
-size on disk, which is where the waiting data belongs.
+size on disk, which is where the waiting data belongs; and the same slope over the second
+half alone.
+
+Before both, the import floor: the RSS each layer of the agent's imports adds in a fresh
+interpreter (`import_floor_mb`); after the sizes, the kB each machine adds (`kb_per_machine`).
 
 The agent runs from a virtual environment with the project's own dependencies only (no test
 tools), as it is installed on an edge box: `var/bench-agent-venv`, created on first use.
 `--venv current` runs the interpreter's own `edge-agent` instead.
 
 Run: `python -m bench.agent [--machines 20,100,300] [--seconds 90] [--unreachable-seconds
-600] [--runs 1]`. The last line printed is one JSON object.
+600] [--runs 1] [--venv bench|current]`. Uses the machine's Mosquitto and PostgreSQL (a fresh
+database per size, dropped afterwards). The last line printed is one JSON object.
 """
 
 from __future__ import annotations

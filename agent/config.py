@@ -496,7 +496,33 @@ def expand_env(node: Any, path: str) -> Any:
 Position = tuple[int, int]  # 1-based line, 0-based column
 
 
-def _line_index(text: str) -> dict[tuple[str, ...], Position]:
+# libyaml's parser when PyYAML is built with it: the same documents for a fraction of the
+# memory and time the pure-Python parser takes on a plant-sized file (its peak stays in the
+# agent's resident memory). The pure-Python parser words a syntax error with the line quoted.
+_FAST_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _load_yaml(text: str) -> tuple[Any, dict[tuple[str, ...], Position]]:
+    """The document and where each of its paths is written, from one parse. Raises
+    yaml.YAMLError with the pure-Python parser's message."""
+    try:
+        loader = _FAST_LOADER(text)
+        try:
+            node = loader.get_single_node()
+            lines = _line_index(node)
+            # After the index: constructing resolves `<<` merges in the node tree itself.
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except yaml.YAMLError:
+        if _FAST_LOADER is yaml.SafeLoader:
+            raise
+        yaml.safe_load(text)  # raises with the message that shows the line
+        raise
+    return data, lines
+
+
+def _line_index(root: yaml.Node | None) -> dict[tuple[str, ...], Position]:
     """YAML path -> where it is written, so errors can point into the file."""
     lines: dict[tuple[str, ...], Position] = {}
 
@@ -525,13 +551,16 @@ def _line_index(text: str) -> dict[tuple[str, ...], Position]:
             for i, item in enumerate(node.value):
                 walk(item, (*path, str(i)), merged)
 
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
     if root is not None:
         walk(root, ())
     return lines
+
+
+def _text_line_index(text: str) -> dict[tuple[str, ...], Position]:
+    try:
+        return _load_yaml(text)[1]
+    except yaml.YAMLError:
+        return {}
 
 
 def _validator_name(part: int | str) -> bool:
@@ -668,7 +697,7 @@ def format_problems(source: str, problems: list[Problem]) -> str:
 
 
 def format_validation_error(exc: ValidationError, source: str, text: str) -> str:
-    return format_problems(source, _merge(_raw_problems(exc, _line_index(text))))
+    return format_problems(source, _merge(_raw_problems(exc, _text_line_index(text))))
 
 
 def parse_config(
@@ -683,14 +712,13 @@ def parse_config(
     Every problem is reported at once (ConfigError.problems): unset variables, unknown or
     misspelled keys, bad values and references between sections."""
     try:
-        data = yaml.safe_load(text)
+        data, lines = _load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with agent, equipment, ... at the top")
     unset: list[tuple[Loc, str]] = []
     data = _substitute(data, (), dict(os.environ) if env is None else env, unset)
-    lines = _line_index(text)
     found: list[Found] = []
     config: AgentConfig | None = None
     try:

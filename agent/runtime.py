@@ -13,13 +13,12 @@ import secrets
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from agent.config import AgentConfig, SignalConfig
 from agent.engine_store import EngineStore
-from agent.floor.outputs import PlantFloor
 from agent.outbox_writer import OutboxWriter
 from agent.raw_samples import RawSamplePublisher
 from buffer.outbox import Outbox
@@ -34,6 +33,9 @@ from sync.envelope import EnvelopeHeader, RejectionBody, envelope_digest, seal
 from sync.keys import AgentKeys
 from sync.uplink import BrokerSettings, Uplink
 from sync.version import VERSION
+
+if TYPE_CHECKING:
+    from agent.floor.outputs import PlantFloor
 
 log = structlog.get_logger("agent")
 
@@ -170,9 +172,13 @@ class AgentRuntime:
             on_rejected=self.record_rejection,
         )
         self.log = log.bind(agent=config.agent.id, site=config.agent.site)
-        # Plant-floor outputs (OPC UA server, Sparkplug B): read-only, off unless configured.
-        self.floor = (
-            PlantFloor(
+        # Plant-floor outputs (OPC UA server, Sparkplug B): read-only, off unless configured,
+        # and imported only then (the OPC UA server's library alone is the size of the agent).
+        self.floor: PlantFloor | None = None
+        if config.plant_mqtt is not None or config.opcua_server is not None:
+            from agent.floor.outputs import PlantFloor
+
+            self.floor = PlantFloor(
                 engine=self.engine,
                 agent=config.agent.id,
                 site=config.agent.site,
@@ -186,9 +192,6 @@ class AgentRuntime:
                 plant_mqtt=config.plant_mqtt,
                 opcua_server=config.opcua_server,
             )
-            if config.plant_mqtt is not None or config.opcua_server is not None
-            else None
-        )
 
     # -- start-up -------------------------------------------------------------------------
 

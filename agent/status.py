@@ -1,15 +1,14 @@
 """`edge-agent status`: the local /metrics of a running agent, printed as readable tables.
 
 It reads the same endpoint Prometheus scrapes, so the table and the metrics never disagree.
+The HTTP client and the metrics parser are imported by the functions that use them: the
+running agent imports this module for a constant and needs neither.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from agent import readable
 
@@ -32,6 +31,8 @@ class Snapshot:
 
 
 def parse_metrics(text: str) -> Snapshot:
+    from prometheus_client.parser import text_string_to_metric_families
+
     snap = Snapshot()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -45,6 +46,8 @@ def parse_metrics(text: str) -> Snapshot:
 
 
 def fetch(port: int, timeout: float = 3.0) -> str:
+    import httpx
+
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         response = httpx.get(url, timeout=timeout)

@@ -26,43 +26,22 @@ afterwards). The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import multiprocessing
 import os
-import random
 import re
-import secrets
 import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-import psycopg
-from psycopg import sql
+from bench.plant import Plant, metrics, start_agent, stop_process
 
-from cloud_api.db import migrate
-from sync.keys import (
-    SUITE_X25519,
-    CloudKeyring,
-    ed25519_key_id,
-    ed25519_line,
-    generate_agent_signing_key,
-    generate_cloud_ack_key,
-    generate_cloud_hpke_keys,
-    install_cloud_public_keys,
-)
-
-PG = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
-MQTT_HOST = os.environ.get("BENCH_MQTT_HOST", "127.0.0.1")
-MQTT_PORT = int(os.environ.get("BENCH_MQTT_PORT", "1883"))
 MACHINES = 100
 AGENT, SITE = "edge-flash-01", "plant-flash"
 TARGETS = {
@@ -71,79 +50,6 @@ TARGETS = {
     "write_amplification": 10,
     "times_floor": 3,
 }
-
-CONFIG = """
-agent:
-  id: {agent}
-  site: {site}
-  timezone: UTC
-  state_dir: {state}
-  log_level: warning
-connections:
-  - id: plc
-    type: modbus
-    host: 127.0.0.1
-    port: {plc_port}
-    poll_interval: 1s
-    timeout: 2s
-mqtt:
-  host: 127.0.0.1
-  port: {mqtt_port}
-  topic_prefix: "{prefix}"
-health:
-  port: {health_port}
-shifts:
-  - name: all-day
-    start: "00:00"
-    end: "00:00"
-equipment:
-{equipment}"""
-
-EQUIPMENT = """  - id: press-{unit:03d}
-    connection: plc
-    unit: {unit}
-    ideal_cycle_time: 2s
-    micro_stop_threshold: 30s
-    signals:
-      state: {{address: "holding:0", map: {{0: idle, 1: running, 2: fault, 3: setup}}}}
-      total_count: {{address: "holding:1", type: uint32}}
-      scrap_count: {{address: "holding:3", type: uint32}}
-      reason: {{address: "holding:5", map: {{1: no material, 2: tool change, 3: jam}}}}
-"""
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _plc(port: int, idle: bool) -> None:
-    """The presses (child process): a part every 2-5 s while running, 32-bit counters."""
-    from connectors.modbus.simulator import Press, PressLine
-
-    async def main() -> None:
-        rng = random.Random(7)
-        presses = [
-            Press(
-                seed=i + 1,
-                cycle_time=rng.uniform(2.0, 5.0),
-                speed=1.0,
-                start_count=rng.randrange(0, 1 << 31),
-            )
-            for i in range(MACHINES)
-        ]
-        if idle:
-            for press in presses:
-                press.frozen = True
-                press.set_state("idle", 1)
-        line = PressLine(presses, port=port)
-        await line.start(tick=0.2)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
 
 
 def _floor(path: str, schedule: list[list[int]], out: Any) -> None:
@@ -172,20 +78,6 @@ def _write_bytes(pid: int) -> int:
     match = re.search(r"^write_bytes: (\d+)$", text, re.M)
     assert match is not None, text
     return int(match.group(1))
-
-
-def _metrics(port: int) -> dict[str, float]:
-    try:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    except httpx.HTTPError:
-        return {}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, _, value = line.partition(" ")
-            with contextlib.suppress(ValueError):
-                out[name] = float(value)
-    return out
 
 
 class BatchWatch:
@@ -248,101 +140,21 @@ def _strace_count(proc: subprocess.Popen[str]) -> int | None:
     return total if found else (0 if "total" in err else None)
 
 
-class Cloud:
-    """PostgreSQL database + `cloud-api ingest` on the machine's Mosquitto."""
-
-    def __init__(self, folder: Path, ring_dir: Path, prefix: str, public_line: str) -> None:
-        self.db = f"bench_flash_{secrets.token_hex(4)}"
-        with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.db)))
-        self.url = f"{PG}/{self.db}"
-        migrate(self.url)
-        from sync.keys import parse_ed25519_public
-
-        kid = ed25519_key_id(parse_ed25519_public(public_line))
-        with psycopg.connect(self.url) as conn, conn.transaction():
-            conn.execute("INSERT INTO registry.sites(site_id) VALUES (%s)", (SITE,))
-            conn.execute("INSERT INTO registry.agents VALUES (%s, %s)", (AGENT, SITE))
-            conn.execute(
-                "INSERT INTO registry.agent_keys(agent_id, key_id, public_key) VALUES (%s, %s, %s)",
-                (AGENT, kid, public_line),
-            )
-        env = {
-            **os.environ,
-            "CLOUD_DATABASE_URL": self.url,
-            "CLOUD_MQTT_HOST": MQTT_HOST,
-            "CLOUD_MQTT_PORT": str(MQTT_PORT),
-            "CLOUD_TOPIC_PREFIX": prefix,
-            "CLOUD_KEYS_DIR": str(ring_dir),
-        }
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "cloud-api"), "ingest", "--log-level", "warning"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=(folder / "ingest.log").open("wb"),
-        )
-
-    def stored_batches(self) -> int:
-        with psycopg.connect(self.url) as conn:
-            row = conn.execute("SELECT count(*) FROM facts.batches").fetchone()
-        return int(row[0]) if row else 0
-
-    def close(self) -> None:
-        self.proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(30)
-        with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.db))
-            )
-
-
 def run_mode(mode: str, seconds: float, warmup: float, folder: Path) -> dict[str, Any]:
-    folder.mkdir(parents=True)
-    ring_dir = folder / "cloud-keys"
-    generate_cloud_hpke_keys(ring_dir, [SUITE_X25519])
-    generate_cloud_ack_key(ring_dir)
-    ring = CloudKeyring.load(ring_dir)
-    state = folder / "state"
-    keys_dir = state / "keys"
-    key = generate_agent_signing_key(keys_dir)
-    install_cloud_public_keys(
-        keys_dir,
-        [k.public.to_line() for k in ring.current_hpke_keys],
-        [ed25519_line(k) for k in ring.ack_verify_keys().values()],
+    plant = Plant.set_up(
+        folder,
+        agent=AGENT,
+        site=SITE,
+        machines=MACHINES,
+        acknowledging=mode == "acknowledging",
+        db_prefix="bench_flash",
+        idle=mode == "idle",
     )
-    plc_port, health_port = _free_port(), _free_port()
-    prefix = f"bench/{secrets.token_hex(4)}/"
-    acking = mode == "acknowledging"
-    mqtt_port = MQTT_PORT if acking else _free_port()  # nothing listens there: unreachable
-    config = folder / "agent.yaml"
-    config.write_text(
-        CONFIG.format(
-            agent=AGENT,
-            site=SITE,
-            state=state,
-            plc_port=plc_port,
-            mqtt_port=mqtt_port,
-            prefix=prefix,
-            health_port=health_port,
-            equipment="".join(EQUIPMENT.format(unit=u) for u in range(1, MACHINES + 1)),
-        ),
-        encoding="utf-8",
-    )
-    plc = multiprocessing.get_context("spawn").Process(
-        target=_plc, args=(plc_port, mode == "idle"), daemon=True
-    )
-    plc.start()
-    cloud = Cloud(folder, ring_dir, prefix, ed25519_line(key.public_key())) if acking else None
+    state, health_port, cloud = plant.state, plant.health_port, plant.cloud
     agent: subprocess.Popen[bytes] | None = None
     watch = BatchWatch(state / "outbox.db")
     try:
-        time.sleep(2)
-        agent = subprocess.Popen(
-            [str(Path(sys.executable).parent / "edge-agent"), "run", "-c", str(config)],
-            stdout=(folder / "agent.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
+        agent = start_agent(plant.config, folder / "agent.log")
         end_warmup = time.monotonic() + warmup
         while time.monotonic() < end_warmup:
             watch.poll()
@@ -350,7 +162,7 @@ def run_mode(mode: str, seconds: float, warmup: float, folder: Path) -> dict[str
         if agent.poll() is not None:
             raise RuntimeError((folder / "agent.log").read_text()[-3000:])
         tracer = _strace(agent.pid)
-        m0 = _metrics(health_port)
+        m0 = metrics(health_port)
         b0 = _write_bytes(agent.pid)
         watch.poll()
         seq0 = watch.last_seq
@@ -365,20 +177,14 @@ def run_mode(mode: str, seconds: float, warmup: float, folder: Path) -> dict[str
                 next_second += 1
             time.sleep(0.05)
         b1 = _write_bytes(agent.pid)
-        m1 = _metrics(health_port)
+        m1 = metrics(health_port)
         elapsed = time.monotonic() - t0
         watch.poll()
         fsyncs_strace = _strace_count(tracer) if tracer is not None else None
         stored = cloud.stored_batches() if cloud is not None else None
     finally:
-        if agent is not None:
-            agent.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                agent.wait(60)
-        plc.terminate()
-        plc.join(10)
-        if cloud is not None:
-            cloud.close()
+        stop_process(agent)
+        plant.close()
     per_min = 60.0 / elapsed
     sealed_metric = m1.get("edge_agent_outbox_sealed_bytes_total")
     if sealed_metric is not None and "edge_agent_outbox_sealed_bytes_total" in m0:

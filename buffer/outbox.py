@@ -80,6 +80,11 @@ CHECKPOINT_COMMITS = 1000
 # After a checkpoint the WAL file is cut back to this size (it stays allocated up to it, so
 # the next commits overwrite blocks instead of growing the file).
 JOURNAL_SIZE_LIMIT = 8 * 1024**2
+# SQLite's page cache for the outbox connection, in KiB. The default (2 MiB) fills with the
+# pages of batches as they are written and stays full: while the cloud is unreachable the
+# agent's memory would grow by that much, for pages the OS caches anyway. The pages a commit
+# or a send touches (the B-tree's spine, the batch at hand) fit in far less.
+CACHE_KIB = 256
 ACK_DELETE_AFTER_S = 10.0
 ACK_DELETE_BATCHES = 256
 # fsyncs SQLite issues (synchronous=FULL, WAL): one per commit, and per checkpoint one of the
@@ -257,6 +262,7 @@ class Outbox:
             raise sqlite3.DatabaseError(f"cannot switch to WAL (journal_mode={mode})")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA secure_delete = OFF")
+        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         conn.execute("PRAGMA wal_autocheckpoint = 0")
         conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         return conn

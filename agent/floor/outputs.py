@@ -1,7 +1,9 @@
 """Starts and stops the configured plant-floor outputs beside the agent's pipeline.
 
 They run as their own asyncio tasks and only read: a failure in one is logged and retried
-inside it, and nothing here can stop or slow the polling, the engine or the outbox.
+inside it, and nothing here can stop or slow the polling, the engine or the outbox. Each
+output's libraries (asyncua for the OPC UA server, protobuf for Sparkplug B) are imported
+only when that output is configured.
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.floor.config import OpcUaServerConfig, PlantMqttConfig
 from agent.floor.live import LiveSource
-from agent.floor.opcua_server import PlantOpcUaServer
-from agent.floor.sparkplug import PlantPublisher, build_publisher
 from oee.engine import PlantEngine
 from oee.events import Event
+
+if TYPE_CHECKING:
+    from agent.floor.opcua_server import PlantOpcUaServer
+    from agent.floor.sparkplug import PlantPublisher
 
 
 class PlantFloor:
@@ -39,13 +44,16 @@ class PlantFloor:
         state_dir: Path | None = None,
     ) -> None:
         self.source = LiveSource(engine, lines, connections, links, outbox_depth)
-        self.publisher: PlantPublisher | None = (
-            build_publisher(plant_mqtt, self.source, agent=agent, site=site)
-            if plant_mqtt is not None
-            else None
-        )
-        self.opcua: PlantOpcUaServer | None = (
-            PlantOpcUaServer(
+        self.publisher: PlantPublisher | None = None
+        if plant_mqtt is not None:
+            from agent.floor.sparkplug import build_publisher
+
+            self.publisher = build_publisher(plant_mqtt, self.source, agent=agent, site=site)
+        self.opcua: PlantOpcUaServer | None = None
+        if opcua_server is not None:
+            from agent.floor.opcua_server import PlantOpcUaServer
+
+            self.opcua = PlantOpcUaServer(
                 opcua_server,
                 self.source,
                 site=site,
@@ -53,9 +61,6 @@ class PlantFloor:
                 connections=connection_ids,
                 state_dir=state_dir,
             )
-            if opcua_server is not None
-            else None
-        )
         self.tasks: list[asyncio.Task[None]] = []
 
     def observe(self, events: Iterable[Event]) -> None:

@@ -35,6 +35,10 @@ Tuned for flash (every figure in README "Storage"):
 - A commit that stores engine state records the next sequence number in its journal row
   instead of rewriting the `meta` page as well; opening takes the larger of the two.
 - A call with nothing to store commits nothing.
+- The WAL file is given its blocks when the outbox opens (`WAL_PREALLOCATE_BYTES`, fallocate),
+  so commits overwrite blocks the file already has instead of growing it: a commit that grows
+  the file also makes its fdatasync write the file's new size and extents, every time.
+  SQLite reads a WAL only up to its last valid frame, so the unused tail is never read.
 
 Exceptions: OutboxError <- OutboxFull.
 """
@@ -85,6 +89,9 @@ JOURNAL_SIZE_LIMIT = 8 * 1024**2
 # agent's memory would grow by that much, for pages the OS caches anyway. The pages a commit
 # or a send touches (the B-tree's spine, the batch at hand) fit in far less.
 CACHE_KIB = 256
+# Blocks given to the WAL file at open (below JOURNAL_SIZE_LIMIT, so SQLite keeps them after
+# a checkpoint; above CHECKPOINT_BYTES, so a WAL between checkpoints stays inside them).
+WAL_PREALLOCATE_BYTES = 5 * 1024**2
 ACK_DELETE_AFTER_S = 10.0
 ACK_DELETE_BATCHES = 256
 # fsyncs SQLite issues (synchronous=FULL, WAL): one per commit, and per checkpoint one of the
@@ -248,6 +255,7 @@ class Outbox:
         self._acked_since: float | None = None  # monotonic time of the oldest of them
         self._next_seq = 1
         self._since_checkpoint = (0, 0)  # (bytes, commits)
+        self._wal_ready = False  # blocks given to the WAL (at the first write: a reader never)
         self.open_report = self._open()
 
     # -- opening ------------------------------------------------------------------------
@@ -304,6 +312,22 @@ class Outbox:
         self._next_seq = max(int(self._meta("next_seq") or "1"), int(row[0] or 0))
         return OpenReport(created=created, moved_aside=moved, problem=problem)
 
+    def _preallocate_wal(self) -> None:
+        """Give the WAL file its blocks up front (see the module docstring); best effort."""
+        wal = Path(f"{self.path}-wal")
+        try:
+            fd = os.open(wal, os.O_WRONLY)
+        except OSError:
+            return  # no WAL yet (SQLite creates it at the first write)
+        try:
+            if os.fstat(fd).st_size < WAL_PREALLOCATE_BYTES:
+                os.posix_fallocate(fd, 0, WAL_PREALLOCATE_BYTES)
+                os.fsync(fd)
+        except OSError:
+            pass  # a file system without fallocate: the WAL grows as before
+        finally:
+            os.close(fd)
+
     def _move_aside(self) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
@@ -332,6 +356,9 @@ class Outbox:
 
     @contextlib.contextmanager
     def _tx(self, *, delete_acked: bool = False) -> Iterator[sqlite3.Connection]:
+        if not self._wal_ready:
+            self._wal_ready = True
+            self._preallocate_wal()
         before = _write_bytes()
         self._conn.execute("BEGIN IMMEDIATE")
         try:

@@ -338,7 +338,7 @@ def test_the_single_checkpoint_row_of_an_older_agent_is_resumed_and_folded(
 def test_an_idle_bucket_close_writes_only_the_keys_that_changed_and_a_restart_reads_them(
     tmp_path: Path,
 ) -> None:
-    from agent.engine_store import decode
+    from agent.engine_store import decode, key_entries
     from oee.checkpoint import plan
 
     path = tmp_path / "outbox.db"
@@ -362,10 +362,14 @@ def test_an_idle_bucket_close_writes_only_the_keys_that_changed_and_a_restart_re
             bodies[t] = None if state.entry is None else decode(state.entry)
     # The close at 40 s: per press its cursor, its buckets and its shift totals, nothing of
     # what stayed (state, counters, widths, reason) and no sample times that moved alone.
+    # Both presses closed the same bucket in the same state: one entry names both, and their
+    # shift totals are written as what the closed bucket added to them.
     close = bodies[40]
-    assert set(close) == {"k"} and set(close["k"]) == set(PRESSES)
-    for patch in close["k"].values():
-        assert set(patch["set"]) == {"cursor", "buckets", "shift_totals"}, patch
+    assert set(close) == {"K"} and len(close["K"]) == 1
+    assert sorted(close["K"][0][1]) == sorted(PRESSES)
+    for patch in key_entries(close).values():
+        assert set(patch["set"]) == {"cursor", "buckets"}, patch
+        assert set(patch["add"]) == {"shift_totals"}, patch
         assert "drop" not in patch
     # The start, the stop judged (4 s), the two closes: nothing else in between.
     assert list(bodies) == [0, 4, 20, 40]

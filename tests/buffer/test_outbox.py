@@ -255,3 +255,33 @@ def test_nothing_to_store_commits_nothing(tmp_path: Path) -> None:
     assert box.append([], None) == []
     assert box.counters.commits == commits
     box.close()
+
+
+def test_the_wal_gets_its_blocks_at_the_first_write_and_commits_in_it_survive_a_crash(
+    tmp_path: Path,
+) -> None:
+    from buffer.outbox import WAL_PREALLOCATE_BYTES
+
+    path = tmp_path / "o.db"
+    wal = Path(f"{path}-wal")
+    box = Outbox(path)
+    box.append([(1, blob_sealer(10))], state("cp1"))
+    assert wal.stat().st_size >= WAL_PREALLOCATE_BYTES
+    reader = Outbox(path)  # a read-only command beside the writer gives nothing to the WAL
+    reader_size = wal.stat().st_size
+    assert reader.stats().depth == 1
+    reader.close()
+    assert wal.stat().st_size == reader_size
+    box.append([(1, blob_sealer(10)), (1, blob_sealer(20))], state("cp2"))
+    # A crash (no close, no checkpoint): a copy of the files as they are, with the WAL's
+    # unused tail of zeros after its last frame, opens with every commit and nothing else.
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for suffix in ("", "-wal"):
+        shutil.copyfile(f"{path}{suffix}", crashed / f"o.db{suffix}")
+    again = Outbox(crashed / "o.db")
+    assert [b.seq for b in again.pending(10)] == [1, 2, 3]
+    assert last_state(again) == b"cp2"
+    assert again.append([(1, blob_sealer(10))], state("cp3")) == [4]
+    again.close()
+    box.close()

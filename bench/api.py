@@ -136,7 +136,7 @@ def _month_rows(site: str, equipment: str, start: datetime, end: datetime, rng: 
             site, equipment, t, t + minute, uuid.UUID(bytes=os.urandom(16)), shift, shift_start,
             60.0, production, 60.0 if setup else 0.0, fault + idle, fault, idle, 0.0, 0.0, 0.0,
             0.0, produced - scrap, scrap, 0, 0, produced * 1.0, (produced - scrap) * 1.0,
-            produced, reasons,
+            produced, 1 if fault else 0, 0, reasons,
         )  # fmt: skip
         t += minute
 
@@ -146,7 +146,8 @@ _GEN_COLS = (
     "site_id", "equipment_id", "bucket_start", "bucket_end", "event_id", "shift", "shift_start",
     "planned_busy_s", "production_s", "setup_s", "downtime_s", "fault_s", "idle_s",
     "micro_stop_s", "unknown_s", "planned_down_s", "off_plan_s", "good", "scrap", "rework",
-    "off_plan_produced", "ideal_produced_s", "ideal_good_s", "produced", "downtime_by_reason",
+    "off_plan_produced", "ideal_produced_s", "ideal_good_s", "produced", "fault_stops",
+    "micro_stops", "downtime_by_reason",
 )  # fmt: skip
 
 

@@ -403,19 +403,23 @@ class CpuWatch:
             ).fetchall()
         return [r[0] for r in rows]
 
-    def sample(self) -> tuple[list[int], list[int], float, float]:
-        api, db = self.api_pids(), self.db_pids()
-        return api, db, cpu_seconds(api), cpu_seconds(db)
+    def sample(self) -> dict[int, float]:
+        """CPU seconds by process id of the workers and backends there are now."""
+        return {pid: cpu_seconds([pid]) for pid in (*self.api_pids(), *self.db_pids())}
 
-    def per_request(
-        self, before: tuple[list[int], list[int], float, float], answered: int
-    ) -> dict[str, float | None]:
-        api, db, api0, db0 = before
+    def per_request(self, before: dict[int, float], answered: int) -> dict[str, float | None]:
+        """CPU per answered request since `before`; backends the pool opened meanwhile count
+        from their start."""
         if not answered:
             return {"api_cpu_ms_per_request": None, "db_cpu_ms_per_request": None}
+        api, db = self.api_pids(), self.db_pids()
+
+        def used(pids: list[int]) -> float:
+            return sum(cpu_seconds([pid]) - before.get(pid, 0.0) for pid in pids)
+
         return {
-            "api_cpu_ms_per_request": round((cpu_seconds(api) - api0) * 1000 / answered, 3),
-            "db_cpu_ms_per_request": round((cpu_seconds(db) - db0) * 1000 / answered, 3),
+            "api_cpu_ms_per_request": round(used(api) * 1000 / answered, 3),
+            "db_cpu_ms_per_request": round(used(db) * 1000 / answered, 3),
         }
 
 

@@ -11,7 +11,15 @@ Measure (uvicorn on a free local port, `--workers` processes):
   over the year by month; one site's OEE over 30 days by day and machine;
 - throughput: 32 concurrent keep-alive clients (wrk) asking 7-day OEE for random machines
   and random closed weeks, once bypassing the result cache and once using it;
-- concurrency: 1,000 simultaneous keep-alive clients for `--hold` seconds.
+- concurrency: 1,000 simultaneous keep-alive clients for `--hold` seconds, once bypassing the
+  result cache and once using it.
+Each load run also reports where the CPU went: milliseconds of CPU per answered request in
+the API's worker processes and in the database's backends, and the share of a core wrk used
+(the generator is not the bottleneck while that stays well below one core). `targets` sums
+up the figures against the ones the product answers to.
+
+wrk is installed with apt-get when it is missing and we are root on Debian/Ubuntu (as
+`make test` installs its tools); otherwise the benchmark says what to install.
 
 wrk runs one thread (it drives far more than these rates from one core). With two, on a
 2-core machine where two API workers already use most of both cores, wrk's own threads got
@@ -136,7 +144,7 @@ def _month_rows(site: str, equipment: str, start: datetime, end: datetime, rng: 
             site, equipment, t, t + minute, uuid.UUID(bytes=os.urandom(16)), shift, shift_start,
             60.0, production, 60.0 if setup else 0.0, fault + idle, fault, idle, 0.0, 0.0, 0.0,
             0.0, produced - scrap, scrap, 0, 0, produced * 1.0, (produced - scrap) * 1.0,
-            produced, reasons,
+            produced, 1 if fault else 0, 0, reasons,
         )  # fmt: skip
         t += minute
 
@@ -146,7 +154,8 @@ _GEN_COLS = (
     "site_id", "equipment_id", "bucket_start", "bucket_end", "event_id", "shift", "shift_start",
     "planned_busy_s", "production_s", "setup_s", "downtime_s", "fault_s", "idle_s",
     "micro_stop_s", "unknown_s", "planned_down_s", "off_plan_s", "good", "scrap", "rework",
-    "off_plan_produced", "ideal_produced_s", "ideal_good_s", "produced", "downtime_by_reason",
+    "off_plan_produced", "ideal_produced_s", "ideal_good_s", "produced", "fault_stops",
+    "micro_stops", "downtime_by_reason",
 )  # fmt: skip
 
 
@@ -347,6 +356,73 @@ end
 """
 
 
+def ensure_wrk() -> str:
+    """The path of wrk, installed with apt-get when missing (root on Debian/Ubuntu)."""
+    found = shutil.which("wrk")
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        print("installing wrk (apt-get) for the load runs", file=sys.stderr, flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]):
+            subprocess.run(cmd, env=env, check=False, stdout=subprocess.DEVNULL)
+        found = shutil.which("wrk")
+    if found is None:
+        raise SystemExit("wrk is needed for the load runs: install it (apt-get install wrk)")
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU seconds of the processes (those gone count as none)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class CpuWatch:
+    """CPU seconds of the API's workers and of the benchmark database's backends over a run."""
+
+    def __init__(self, url: str, server: subprocess.Popen[bytes]) -> None:
+        self.url = url
+        self.server = server.pid
+
+    def api_pids(self) -> list[int]:
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.server)], check=False, capture_output=True, text=True
+        ).stdout
+        return [self.server, *map(int, out.split())]
+
+    def db_pids(self) -> list[int]:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid()"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def sample(self) -> dict[int, float]:
+        """CPU seconds by process id of the workers and backends there are now."""
+        return {pid: cpu_seconds([pid]) for pid in (*self.api_pids(), *self.db_pids())}
+
+    def per_request(self, before: dict[int, float], answered: int) -> dict[str, float | None]:
+        """CPU per answered request since `before`; backends the pool opened meanwhile count
+        from their start."""
+        if not answered:
+            return {"api_cpu_ms_per_request": None, "db_cpu_ms_per_request": None}
+        api, db = self.api_pids(), self.db_pids()
+
+        def used(pids: list[int]) -> float:
+            return sum(cpu_seconds([pid]) - before.get(pid, 0.0) for pid in pids)
+
+        return {
+            "api_cpu_ms_per_request": round(used(api) * 1000 / answered, 3),
+            "db_cpu_ms_per_request": round(used(db) * 1000 / answered, 3),
+        }
+
+
 def wrk(
     base: str,
     connections: int,
@@ -355,9 +431,9 @@ def wrk(
     *,
     nocache: bool,
     fixed_path: str | None = None,
+    cpu: CpuWatch | None = None,
 ) -> dict[str, Any]:
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is needed for the load tests (apt-get install wrk)")
+    program = ensure_wrk()
     eqs = ", ".join(f'"{eq}"' for _s, _l, eq in machines())
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(
@@ -370,19 +446,26 @@ def wrk(
             }
         )
         script = f.name
+    before = cpu.sample() if cpu is not None else None
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         out = subprocess.run(
-            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", script,
-             base],
+            [program, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s",
+             script, base],
             check=True, capture_output=True, text=True,
         ).stdout  # fmt: skip
     finally:
         Path(script).unlink()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    answered = result["requests"] - result["errors"]["status"]
     # Answers other than 2xx (a rate limit, say) are cheap and would flatter the rate.
-    result["ok_rps"] = round(
-        (result["requests"] - result["errors"]["status"]) / result["duration_s"], 1
-    )
+    result["ok_rps"] = round(answered / result["duration_s"], 1)
+    # wrk is the only child that ran meanwhile: its CPU share of one core.
+    used = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
+    result["generator_cpu_share"] = round(used / result["duration_s"], 3)
+    if cpu is not None and before is not None:
+        result.update(cpu.per_request(before, answered))
     result["connections"] = connections
     result["result_cache"] = "n/a" if fixed_path else "bypassed" if nocache else "used"
     return result
@@ -418,11 +501,15 @@ def main() -> None:
             base, 32, 10, tokens[:1], nocache=False, fixed_path="/healthz"
         )
         figures["latency_sequential_uncached"] = sequential(base, args.requests, tokens[0])
+        cpu = CpuWatch(url, proc)
         figures["throughput_32_clients_7d"] = {
-            "uncached": wrk(base, 32, args.seconds, tokens, nocache=True),
-            "cached": wrk(base, 32, args.seconds, tokens, nocache=False),
+            "uncached": wrk(base, 32, args.seconds, tokens, nocache=True, cpu=cpu),
+            "cached": wrk(base, 32, args.seconds, tokens, nocache=False, cpu=cpu),
         }
-        figures["concurrency_1000_clients"] = wrk(base, 1000, args.hold, tokens, nocache=False)
+        figures["concurrency_1000_clients"] = {
+            "uncached": wrk(base, 1000, args.hold, tokens, nocache=True, cpu=cpu),
+            "cached": wrk(base, 1000, args.hold, tokens, nocache=False, cpu=cpu),
+        }
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -432,7 +519,31 @@ def main() -> None:
         "api_workers": args.workers,
         "load_average_1m_at_end": round(os.getloadavg()[0], 2),
     }
+    figures["targets"] = verdicts(figures)
     print(json.dumps(figures))
+
+
+def verdicts(figures: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each figure the product answers to, its target and whether it was met."""
+    uncached = figures["throughput_32_clients_7d"]["uncached"]
+    many = figures["concurrency_1000_clients"]["uncached"]
+    latency = figures["latency_sequential_uncached"]
+    errors = sum(many["errors"].values())
+    rows = {
+        "uncached_32_clients_ok_rps": (uncached["ok_rps"], ">= 1000", uncached["ok_rps"] >= 1000),
+        "uncached_32_clients_p99_ms": (uncached["p99_ms"], "< 100", uncached["p99_ms"] < 100),
+        "machine_year_by_month_p99_ms": (
+            latency["machine_year_by_month"]["p99_ms"], "< 20",
+            latency["machine_year_by_month"]["p99_ms"] < 20,
+        ),
+        "site_30d_by_day_and_machine_p99_ms": (
+            latency["site_30d_by_day_and_machine"]["p99_ms"], "< 40",
+            latency["site_30d_by_day_and_machine"]["p99_ms"] < 40,
+        ),
+        "uncached_1000_clients_errors": (errors, "0", errors == 0),
+        "uncached_1000_clients_p99_ms": (many["p99_ms"], "< 1000", many["p99_ms"] < 1000),
+    }  # fmt: skip
+    return {k: {"value": v, "target": t, "met": m} for k, (v, t, m) in rows.items()}
 
 
 if __name__ == "__main__":

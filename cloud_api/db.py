@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -20,6 +21,8 @@ from cloud_api.config import DatabaseSettings
 from common.retry import Backoff
 
 T = TypeVar("T")
+# A statement that starts a checkout and checks its connection (CheckedPool.getconn).
+Opening = Callable[[psycopg.Connection[Any]], object]
 log = structlog.get_logger("cloud_api.db")
 
 TRANSIENT = (
@@ -111,9 +114,16 @@ class CheckedPool(ConnectionPool):
     after each. Here the first dead connection found makes the pool check all its idle ones in
     one pass (ConnectionPool.check, which replaces the dead), and the checkout goes on at once
     with a live or fresh connection, within its timeout.
+
+    The check is an empty statement, one round trip; a caller that starts every checkout with
+    a statement of its own passes it as `opening` (`connection(opening=...)`), which then is
+    the check: a connection it finds lost counts as dead, as above, and any other error of it
+    is the caller's.
     """
 
-    def getconn(self, timeout: float | None = None) -> psycopg.Connection[Any]:
+    def getconn(
+        self, timeout: float | None = None, *, opening: Opening | None = None
+    ) -> psycopg.Connection[Any]:
         budget = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
         swept = False
@@ -123,8 +133,15 @@ class CheckedPool(ConnectionPool):
                 raise PoolTimeout(f"couldn't get a checked connection after {budget:.2f} sec")
             conn: psycopg.Connection[Any] = super().getconn(remaining)
             try:
-                self.check_connection(conn)
-            except psycopg.Error:
+                if opening is None:
+                    self.check_connection(conn)
+                else:
+                    opening(conn)
+            except psycopg.Error as exc:
+                lost = opening is None or conn.broken or isinstance(exc, psycopg.OperationalError)
+                if not lost:
+                    self.putconn(conn)
+                    raise
                 conn.close()  # returned closed, the pool replaces it
                 self.putconn(conn)
                 if not swept:
@@ -132,6 +149,18 @@ class CheckedPool(ConnectionPool):
                     self.check()
                 continue
             return conn
+
+    @contextmanager
+    def connection(
+        self, timeout: float | None = None, *, opening: Opening | None = None
+    ) -> Iterator[psycopg.Connection[Any]]:
+        """As ConnectionPool.connection, with the checkout's `opening` statement (see above)."""
+        conn = self.getconn(timeout, opening=opening)
+        try:
+            with conn:
+                yield conn
+        finally:
+            self.putconn(conn)
 
 
 def make_pool(

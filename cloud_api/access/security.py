@@ -37,6 +37,7 @@ from cloud_api.access.auth import Authenticator, Permission, Principal
 from cloud_api.access.pii import PiiKeyring
 from cloud_api.access.ratelimit import FailureThrottle, RateLimiter
 from cloud_api.config import CloudSettings, RateTier, SecuritySettings
+from cloud_api.db import CheckedPool, Opening
 from cloud_api.problems import Problem, problem_response
 
 _SCOPE: ContextVar[str] = ContextVar("db_site_scope", default="")
@@ -85,12 +86,30 @@ class SitePool:
         begin = psycopg.sql.SQL(
             "BEGIN; SELECT set_config('role', {}, true), set_config('app.sites', {}, true)"
         ).format(psycopg.sql.Literal(self.role), psycopg.sql.Literal(_SCOPE.get()))
-        with tracing.db_span(self.role), self.pool.connection(timeout) as conn:
+        autocommit = False
+
+        def opening(conn: psycopg.Connection[Any]) -> None:
+            nonlocal autocommit
             autocommit = conn.autocommit
             # The transaction is opened and closed here by hand: psycopg must not add its own.
             conn.autocommit = True
             try:
                 conn.execute(begin, prepare=False)
+            except BaseException:
+                with contextlib.suppress(psycopg.Error):
+                    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                        conn.autocommit = autocommit
+                raise
+
+        # A checked pool takes the opening statement as the check of the connection it hands
+        # out: one round trip less per checkout.
+        checkout = (
+            self.pool.connection(timeout, opening=opening)
+            if isinstance(self.pool, CheckedPool)
+            else _opened(self.pool, timeout, opening)
+        )
+        with tracing.db_span(self.role), checkout as conn:
+            try:
                 try:
                     yield conn
                 except BaseException:
@@ -113,6 +132,16 @@ class SitePool:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pool, name)
+
+
+@contextmanager
+def _opened(
+    pool: ConnectionPool, timeout: float | None, opening: Opening
+) -> Iterator[psycopg.Connection[Any]]:
+    """A checkout of a plain pool that runs `opening` first."""
+    with pool.connection(timeout) as conn:
+        opening(conn)
+        yield conn
 
 
 def scoped_pool(pool: ConnectionPool | SitePool, settings: SecuritySettings) -> SitePool:

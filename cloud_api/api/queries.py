@@ -24,6 +24,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal, NamedTuple
 from zoneinfo import ZoneInfo
 
+import orjson
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
@@ -271,12 +272,25 @@ _MARK_COLUMN = (
 )
 
 
+# The targets of the scope's sites (targets.TARGETS_SQL) as one more column, for the same
+# reason: one JSON text of [site, scope, scope id, kpi, source, value] rows, NULL for none.
+_TARGETS_COLUMN = (
+    ", (SELECT json_agg(json_build_array(t.site_id, t.scope, t.scope_id, t.kpi, t.source,"
+    " t.value))::text FROM registry.targets t"
+    " WHERE t.site_id = ANY(%(t_sites)s::text[])) AS targets"
+)
+
+
 @functools.lru_cache(maxsize=256)
 def _series_sql(
-    group_by: GroupBy, interval: Interval, tables: tuple[str, ...], marked: bool
+    group_by: GroupBy,
+    interval: Interval,
+    tables: tuple[str, ...],
+    marked: bool,
+    with_targets: bool = False,
 ) -> bytes:
     """The query of oee_series for one shape of request, composed once."""
-    mark = sql.SQL(_MARK_COLUMN if marked else "")
+    mark = sql.SQL((_MARK_COLUMN if marked else "") + (_TARGETS_COLUMN if with_targets else ""))
     if interval == "shift":
         stmt = _SCOPE_CTE + sql.SQL(
             "SELECT {groups}, b.shift, b.shift_start AS label, max(b.bucket_end) AS bucket_end, "
@@ -319,6 +333,9 @@ class Series(NamedTuple):
     buckets: list[Bucket]
     source: str  # the tables the sums came from
     mark: int | None  # the data watermark of scope and window, when asked for
+    # The targets rows of the scope's sites (site_id, scope, scope_id, kpi, source, value),
+    # when asked for.
+    targets: list[dict[str, Any]] | None = None
 
 
 def oee_series(
@@ -331,21 +348,27 @@ def oee_series(
     group_by: GroupBy,
     *,
     marked: bool = False,
+    with_targets: bool = False,
 ) -> Series:
     """Summed components per (group, bucket) over [start, end).
 
-    With `marked`, also the data watermark of the scope and window (data_watermark), read in
-    the same statement, hence the same snapshot and round trip (a second one only when no
-    bucket has data).
+    With `marked`, also the data watermark of the scope and window (data_watermark), and with
+    `with_targets` the targets rows of the scope's sites (targets_rows): read in the same
+    statement, hence the same snapshot and round trip (a second one only when no bucket has
+    data).
     """
     if not members:
-        return Series([], "none", 0 if marked else None)
+        return Series([], "none", 0 if marked else None, [] if with_targets else None)
     params: dict[str, Any] = {**_scope_params(members), "tz": tz.key}
     if marked:
         params.update(_days(start, end))
+    if with_targets:
+        params["t_sites"] = target_sites(members)
     if interval == "shift":
         params.update(start=start, end=end)
-        rows = run(conn, "oee_shift", _series_sql(group_by, interval, (), marked), params)
+        rows = run(
+            conn, "oee_shift", _series_sql(group_by, interval, (), marked, with_targets), params
+        )
         buckets = [
             Bucket(
                 (r["g_site"], r["g_id"]),
@@ -362,7 +385,8 @@ def oee_series(
         parts = _rollup_parts(start, end, hourly)
         for i, (_table, lo, hi) in enumerate(parts):
             params[f"lo{i}"], params[f"hi{i}"] = lo, hi
-        query = _series_sql(group_by, interval, tuple(table for table, _, _ in parts), marked)
+        tables = tuple(table for table, _, _ in parts)
+        query = _series_sql(group_by, interval, tables, marked, with_targets)
         rows = run(conn, f"oee_{interval}", query, params)
         buckets = [
             Bucket(
@@ -375,10 +399,42 @@ def oee_series(
             for r in rows
         ]
         source = "+".join(f"rollups.{t}" for t, _, _ in parts)
-    if not marked:
-        return Series(buckets, source, None)
-    mark = int(rows[0]["mark"]) if rows else data_watermark(conn, members, start, end)
-    return Series(buckets, source, mark)
+    mark = None
+    if marked:
+        mark = int(rows[0]["mark"]) if rows else data_watermark(conn, members, start, end)
+    targets = None
+    if with_targets:
+        if rows:
+            targets = [
+                dict(zip(TARGET_COLUMNS, t, strict=True))
+                for t in orjson.loads(rows[0]["targets"] or "[]")
+            ]
+        else:
+            targets = targets_rows(conn, members)
+    return Series(buckets, source, mark, targets)
+
+
+TARGET_COLUMNS = ("site_id", "scope", "scope_id", "kpi", "source", "value")
+
+
+def target_sites(members: Iterable[Member]) -> list[str]:
+    return sorted({m.site_id for m in members})
+
+
+def targets_rows(conn: Conn, members: Iterable[Member]) -> list[dict[str, Any]]:
+    """The rows of registry.targets of the members' sites."""
+    wanted = target_sites(members)
+    if not wanted:
+        return []
+    return run(
+        conn,
+        "targets",
+        sql.SQL(
+            "SELECT site_id, scope, scope_id, kpi, source, value FROM registry.targets "
+            "WHERE site_id = ANY(%(sites)s)"
+        ),
+        {"sites": wanted},
+    )
 
 
 def data_watermark(conn: Conn, members: Sequence[Member], start: datetime, end: datetime) -> int:

@@ -14,9 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from psycopg import sql
-
-from cloud_api.api.queries import Conn, Member, run
+from cloud_api.api.queries import Conn, Member, targets_rows
 from oee.kpis import KpiValue
 from oee.targets import effective, judge
 
@@ -82,20 +80,14 @@ class TargetBook:
 
 def load(conn: Conn, sites: Iterable[str]) -> TargetBook:
     """Every target of `sites` (api over config within a scope)."""
-    wanted = sorted(set(sites))
+    members = [Member(site, "", None) for site in sites]
+    return book_of(targets_rows(conn, members))
+
+
+def book_of(rows: list[dict[str, Any]]) -> TargetBook:
+    """The book of rows of registry.targets (queries.targets_rows)."""
     book = TargetBook()
-    if not wanted:
-        return book
-    rows: list[dict[str, Any]] = run(
-        conn,
-        "targets",
-        sql.SQL(
-            "SELECT site_id, scope, scope_id, kpi, source, value FROM registry.targets "
-            "WHERE site_id = ANY(%(sites)s)"
-        ),
-        {"sites": wanted},
-    )
-    rows.sort(key=lambda r: _SOURCE_RANK.get(r["source"], 0))
+    rows = sorted(rows, key=lambda r: _SOURCE_RANK.get(r["source"], 0))
     for r in rows:
         book.layers.setdefault((r["site_id"], r["scope"], r["scope_id"]), {})[r["kpi"]] = float(
             r["value"]

@@ -17,6 +17,7 @@ from psycopg import sql
 from cloud_api.access.auth import generate_token_key
 from cloud_api.api.app import create_app
 from cloud_api.config import CloudSettings, DatabaseSettings, SecuritySettings
+from cloud_api.db import make_pool
 from tests.cloud_api.securitykit import WINDOW, SecuredApi, seed_two_sites
 from tests.conftest import PG_ADMIN
 
@@ -140,3 +141,31 @@ async def test_an_outage_answers_503_with_retry_after_and_the_first_request_afte
         r = await sites(api, client)
         assert r.status_code == 200, r.text
         assert (await client.get("/readyz")).status_code == 200
+
+
+def test_a_checkouts_opening_statement_checks_the_connection(pg_url: str) -> None:
+    """A checkout that starts with a statement of its own (the API's scoped checkouts) has it
+    checked instead of an empty one: a connection it finds dropped is replaced within the
+    checkout, any other error of it is the caller's and leaves the pool serving."""
+    database = pg_url.rsplit("/", 1)[1]
+    pool = make_pool(DatabaseSettings(url=pg_url, pool_min=2, pool_max=2), name="opening")
+
+    def opening(conn: psycopg.Connection[object]) -> None:
+        conn.execute("SELECT 1")
+
+    try:
+        with pool.connection(opening=opening) as conn:
+            first = conn.info.backend_pid
+        assert drop_connections(database) >= 1
+        with pool.connection(opening=opening) as conn:
+            assert conn.info.backend_pid != first
+            assert conn.execute("SELECT 2").fetchone() == (2,)
+        with (
+            pytest.raises(psycopg.errors.UndefinedTable),
+            pool.connection(opening=lambda c: c.execute("SELECT * FROM no_such_table")),
+        ):
+            pass
+        with pool.connection(opening=opening) as conn:
+            assert conn.execute("SELECT 3").fetchone() == (3,)
+    finally:
+        pool.close()

@@ -184,23 +184,25 @@ async def _series(
 
     def load(conn: Conn) -> tuple[str, dict[str, Any], int | None]:
         members = caching.members(lambda: queries.resolve_scope(conn, scope, ident, site, sites))
-        mark = None
-        if closed:
-            # The series and its watermark in one statement: a miss costs one round trip.
-            buckets, source, mark = queries.oee_series(
-                conn, members, start, end, chosen, tzinfo, group_by, marked=True
-            )
-            assert mark is not None
-        else:
-            buckets, source, _ = queries.oee_series(
-                conn, members, start, end, chosen, tzinfo, group_by
-            )
+        # The series, for a closed window its watermark, and the targets the answer shows in
+        # one statement: a miss costs one round trip.
+        series = queries.oee_series(
+            conn,
+            members,
+            start,
+            end,
+            chosen,
+            tzinfo,
+            group_by,
+            marked=closed,
+            with_targets=fields == "oee",
+        )
+        buckets, source, mark = series.buckets, series.source, series.mark
         # Cached with the answer: a change of a target bumps the data versions the cache is
         # keyed on (migration 0037).
         targets = None
-        if fields == "oee":
-            book = target_book.load(conn, {m.site_id for m in members})
-            targets = (book, scope, ident, members)
+        if series.targets is not None:
+            targets = (target_book.book_of(series.targets), scope, ident, members)
         payload = {
             "scope": {"kind": scope, "id": ident, "site": site},
             "from": start.astimezone(tzinfo),
@@ -259,8 +261,11 @@ async def equipment_oee(
 
     def load(conn: Conn) -> tuple[list[Bucket], list[queries.Member], dict[str, float]]:
         members = queries.resolve_scope(conn, "equipment", equipment_id, site, sites)
-        buckets, _, _ = queries.oee_series(conn, members, start, end, interval, zone("UTC"), "none")
-        book = target_book.load(conn, {m.site_id for m in members})
+        series = queries.oee_series(
+            conn, members, start, end, interval, zone("UTC"), "none", with_targets=True
+        )
+        buckets = series.buckets
+        book = target_book.book_of(series.targets or [])
         shown = book.of_scope("equipment", equipment_id, members)
         return buckets, members, target_book.only(shown, RATIO_NAMES)
 

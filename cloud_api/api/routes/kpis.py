@@ -155,8 +155,10 @@ async def kpi_series(
 
     def load(conn: Conn) -> dict[str, Any]:
         members = queries.resolve_scope(conn, scope, id, site, sites)
-        series = queries.oee_series(conn, members, start, end, chosen, tzinfo, group_by)
-        book = target_book.load(conn, {m.site_id for m in members})
+        series = queries.oee_series(
+            conn, members, start, end, chosen, tzinfo, group_by, with_targets=True
+        )
+        book = target_book.book_of(series.targets or [])
         return {
             "scope": {"kind": scope, "id": id, "site": site},
             "from": start.astimezone(tzinfo),

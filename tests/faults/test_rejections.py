@@ -24,11 +24,11 @@ from sync.keys import AgentKeys, CloudKeyring, ed25519_key_id, ed25519_line
 from sync.uplink import BrokerSettings, Uplink, ack_topic
 from tests.cloud_api.test_query_api import served
 from tests.conftest import MQTT_HOST, MQTT_PORT, enroll
-from tests.faults.batches import engine_events, fill_outbox, poisoned, sealer
+from tests.faults.batches import all_acked, engine_events, file_depth, fill_outbox, poisoned, sealer
 from tests.faults.conftest import Plant, new_agent, start_ingest
 from tests.faults.harness import Checker, PgServer, settle, wait_for
 from tests.faults.test_scenarios import scalar
-from tests.faults.test_security import depth, publisher
+from tests.faults.test_security import publisher
 
 SITE = "plant-rej"
 
@@ -177,7 +177,7 @@ async def test_forged_and_replayed_rejections_delete_nothing(
         # In order: once this genuine one is applied, every forgery was seen and did nothing.
         genuine = rejection(outbox.epoch, 2, pending[2], cloud_key)
         client.publish(topic, genuine, qos=1)
-        await wait_for(lambda: depth(outbox.path) == 2, 20, "the genuine rejection applied")
+        await wait_for(lambda: file_depth(outbox.path) == 2, 20, "the genuine rejection applied")
         assert recorded == [(2, 2)]
         assert [b.seq for b in outbox.pending(10)] == [1, 3]
         assert uplink.stats.rejected_batches == 1
@@ -185,7 +185,7 @@ async def test_forged_and_replayed_rejections_delete_nothing(
         # Replayed, it deletes nothing more and records no second loss.
         client.publish(topic, genuine, qos=1)
         client.publish(topic, rejection(outbox.epoch, 3, pending[3], cloud_key), qos=1)
-        await wait_for(lambda: depth(outbox.path) == 1, 20, "the second genuine rejection")
+        await wait_for(lambda: file_depth(outbox.path) == 1, 20, "the second genuine rejection")
         assert recorded == [(2, 2), (3, 2)]
         assert [b.seq for b in outbox.pending(10)] == [1]
     finally:
@@ -235,11 +235,9 @@ async def test_a_database_outage_is_waited_out_not_answered(
             task = asyncio.create_task(uplink.run())
             # Sent, and sent again after the ack timeout, while the database is down.
             await wait_for(lambda: uplink.stats.resent >= 3, 30, "resends during the outage")
-            assert depth(outbox.path) == 3 and recorded == []
+            assert file_depth(outbox.path) == 3 and recorded == []
             await asyncio.to_thread(server.start)
-            await wait_for(lambda: uplink.stats.acked_batches >= 3, 60, "every batch acked")
-            outbox.flush_acks()  # acked batches leave the file together, seconds later
-            assert depth(outbox.path) == 0
+            await all_acked(uplink, outbox, 3, 60)
             assert recorded == [] and uplink.stats.rejected_batches == 0
             assert scalar(server.url, "SELECT count(*) FROM facts.batches") == 3
             assert scalar(server.url, "SELECT count(*) FROM facts.events") == 6

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import secrets
-import sqlite3
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -26,7 +24,7 @@ from sync.envelope import AckBody, EnvelopeHeader, parse_header, seal, sign_ack
 from sync.keys import CloudKeyring, CloudPrivateKey, ed25519_key_id, ed25519_line
 from sync.uplink import BrokerSettings, Uplink, ack_topic, batch_topic
 from tests.conftest import MQTT_HOST, MQTT_PORT, enroll
-from tests.faults.batches import agent_events, fill_outbox, sealer
+from tests.faults.batches import agent_events, file_depth, fill_outbox, sealer
 from tests.faults.conftest import start_ingest
 from tests.faults.harness import wait_for
 
@@ -38,11 +36,6 @@ def publisher() -> mqtt.Client:
     client.connect(MQTT_HOST, MQTT_PORT)
     client.loop_start()
     return client
-
-
-def depth(path: Path) -> int:
-    with contextlib.closing(sqlite3.connect(path, timeout=10)) as conn:
-        return int(conn.execute("SELECT count(*) FROM batches").fetchone()[0])
 
 
 def reject_counts(pg_url: str) -> dict[str, int]:
@@ -199,7 +192,7 @@ async def test_forged_and_replayed_acks_delete_nothing(tmp_path: Path, ring: Clo
         client.publish(topic, ack(outbox.epoch, {1: pending[1]}, ack_key), qos=1)
         await wait_for(lambda: uplink.stats.acked_batches >= 1, 20, "the genuine ack applied")
         outbox.flush_acks()
-        assert depth(outbox.path) == 2
+        assert file_depth(outbox.path) == 2
         assert uplink.stats.acks_rejected == 4  # unknown key, bad signature, agent, malformed
         assert [b.seq for b in outbox.pending(10)] == [2, 3]
         # Replaying the genuine ack later deletes nothing more.
@@ -207,7 +200,7 @@ async def test_forged_and_replayed_acks_delete_nothing(tmp_path: Path, ring: Clo
         client.publish(topic, ack(outbox.epoch, {2: pending[2]}, ack_key), qos=1)
         await wait_for(lambda: uplink.stats.acked_batches >= 2, 20, "the second genuine ack")
         outbox.flush_acks()
-        assert depth(outbox.path) == 1
+        assert file_depth(outbox.path) == 1
         assert uplink.stats.acked_batches == 2
         assert [b.seq for b in outbox.pending(10)] == [3]
     finally:

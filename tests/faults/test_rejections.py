@@ -206,7 +206,11 @@ async def test_a_database_outage_is_waited_out_not_answered(
         await asyncio.to_thread(migrate, server.url)
         key = Ed25519PrivateKey.generate()
         enroll(server.url, "agent-t", SITE, ed25519_line(key.public_key()))
-        pool = make_pool(DatabaseSettings(url=server.url, pool_min=1, pool_max=4), name="rejt")
+        # Checkouts give up after 5 s (not 30 s): during the outage ingest holds the batch and
+        # tries again, and once the database is back the next try finds it soon.
+        pool = make_pool(
+            DatabaseSettings(url=server.url, pool_min=1, pool_max=4), name="rejt", timeout=5
+        )
         prefix = f"rejt/{secrets.token_hex(4)}/"
         ingest = start_ingest(pool, ring, prefix, MQTT_PORT)
         outbox = fill_outbox(

@@ -136,10 +136,13 @@ async def test_status_rates_order_summary_and_json(
     tmp_path: Path, cloud_keys: CloudKeyring, topic_prefix: str
 ) -> None:
     async with running_agent(tmp_path, cloud_keys, topic_prefix) as (config, _port):
-        table = await asyncio.to_thread(edge_agent, "status", "-c", str(config))
-        every = await asyncio.to_thread(edge_agent, "status", "-c", str(config), "--all")
-        as_json = await asyncio.to_thread(edge_agent, "status", "-c", str(config), "--json")
-        buffer = await asyncio.to_thread(edge_agent, "buffer", "stats", "-c", str(config))
+        # Read-only commands: side by side, each with its own one-second rate window.
+        table, every, as_json, buffer = await asyncio.gather(
+            asyncio.to_thread(edge_agent, "status", "-c", str(config)),
+            asyncio.to_thread(edge_agent, "status", "-c", str(config), "--all"),
+            asyncio.to_thread(edge_agent, "status", "-c", str(config), "--json"),
+            asyncio.to_thread(edge_agent, "buffer", "stats", "-c", str(config)),
+        )
     for done in (table, every, as_json, buffer):
         assert done.returncode == 0, done.stdout + done.stderr
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from oee.engine import EquipmentEngine
 from oee.events import AgentEvent, Event, dump_events
 from sync.envelope import EnvelopeHeader, envelope_digest, seal
 from sync.keys import CloudPublicKey, ed25519_key_id
+from sync.uplink import Uplink
+from tests.faults.harness import wait_for
 
 
 def agent_events(agent_id: str, site_id: str, n: int) -> list[Event]:
@@ -114,3 +118,17 @@ def fill_outbox(
         seal_it = sealer(events, agent_id=agent_id, site_id=site_id, key=key, cloud=cloud)
         outbox.append([(len(events), seal_it)], None)
     return outbox
+
+
+def file_depth(path: Path) -> int:
+    """Batches in an outbox file, acked or not (as a reader beside its owner sees them)."""
+    with contextlib.closing(sqlite3.connect(path, timeout=10)) as conn:
+        return int(conn.execute("SELECT count(*) FROM batches").fetchone()[0])
+
+
+async def all_acked(uplink: Uplink, outbox: Outbox, batches: int, limit_s: float) -> None:
+    """Until the uplink has taken an ack for each of `batches`; then they leave the file at
+    once (the outbox deletes acked batches together, seconds later on its own) and it is empty."""
+    await wait_for(lambda: uplink.stats.acked_batches >= batches, limit_s, "every batch acked")
+    outbox.flush_acks()
+    assert file_depth(outbox.path) == 0

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -294,6 +295,8 @@ outbox:
   when_full: {when_full}
   heartbeat_interval: {heartbeat}
   snapshot_interval: {snapshot}
+health:
+  port: {health_port}
 raw_samples:
   enabled: {raw_samples}
   deadband: 0
@@ -338,6 +341,8 @@ class Agent:
     snapshot: str = "5min"  # outbox.snapshot_interval
     # Ports of more brokers: the agent gets `mqtt.brokers` (mqtt_port first) and fails over.
     failover_ports: tuple[int, ...] = ()
+    # The agent's health and metrics endpoint, on a port of its own.
+    health_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -390,6 +395,7 @@ class Agent:
                 suite=self.suite,
                 heartbeat=self.heartbeat,
                 snapshot=self.snapshot,
+                health_port=self.health_port,
                 equipment=equipment,
             ),
             encoding="utf-8",
@@ -436,6 +442,24 @@ class Agent:
             sqlite3.connect(f"file:{self.outbox_path}?mode=ro", uri=True, timeout=10)
         ) as conn:
             return int(conn.execute("SELECT count(*) FROM batches").fetchone()[0])
+
+    def metric(self, name: str) -> float | None:
+        """A value of the running agent's /metrics; None while it does not answer."""
+        url = f"http://127.0.0.1:{self.health_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+        return None
+
+    def drained(self) -> bool:
+        """Every batch the outbox holds is acked. The running agent's metrics say so at once;
+        its file keeps acked batches until their grouped delete (seconds later) or its close."""
+        return self.metric("edge_agent_outbox_batches") == 0 or self.depth() == 0
 
     def log_tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
@@ -576,12 +600,12 @@ class Checker:
 
 async def settle(agent: Agent, limit_s: float = 90) -> None:
     """Graceful stop, then wait until a fresh start of the agent has shipped everything."""
-    await wait_for(lambda: agent.depth() == 0, limit_s, "the outbox to drain")
+    await wait_for(agent.drained, limit_s, "the outbox to drain")
     assert await asyncio.to_thread(agent.stop) == 0, agent.log_tail()
     if agent.depth() != 0:
         # What the graceful stop committed but could not ship within drain_timeout.
         agent.start()
-        await wait_for(lambda: agent.depth() == 0, limit_s, "the outbox to drain after restart")
+        await wait_for(agent.drained, limit_s, "the outbox to drain after restart")
         assert await asyncio.to_thread(agent.stop) == 0, agent.log_tail()
 
 

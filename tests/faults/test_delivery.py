@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import secrets
-import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -30,15 +28,10 @@ from sync.keys import (
 )
 from sync.uplink import BrokerSettings, Uplink, batch_topic
 from tests.conftest import MQTT_HOST, MQTT_PORT, enroll
-from tests.faults.batches import agent_events, fill_outbox, sealer
+from tests.faults.batches import agent_events, all_acked, fill_outbox, sealer
 from tests.faults.harness import EDGE_AGENT, Mosquitto, wait_for
 
 SITE = "plant-del"
-
-
-def depth(path: Path) -> int:
-    with contextlib.closing(sqlite3.connect(path, timeout=10)) as conn:
-        return int(conn.execute("SELECT count(*) FROM batches").fetchone()[0])
 
 
 def stored(pg_url: str) -> tuple[int, int, int]:
@@ -94,7 +87,7 @@ async def test_broker_queue_overflow_drops_are_recovered_by_resend(
                 lambda: "are being dropped" in broker.log_text(), 30, "the broker to drop messages"
             )
             locker.rollback()
-        await wait_for(lambda: depth(outbox.path) == 0, 90, "every batch acked")
+        await all_acked(uplink, outbox, 60, 90)
         assert uplink.stats.resent > 0
         assert stored(pg_url) == (60, 600, 600)
     finally:
@@ -141,7 +134,7 @@ async def test_several_ingest_workers_share_the_subscription(
     )
     task = asyncio.create_task(uplink.run())
     try:
-        await wait_for(lambda: depth(outbox.path) == 0, 90, "every batch acked")
+        await all_acked(uplink, outbox, 240, 90)
         assert stored(pg_url) == (240, 2400, 2400)  # no loss, no duplicate
         assert all(w.processed > 0 for w in workers), [w.processed for w in workers]
         with psycopg.connect(pg_url) as conn:
@@ -243,7 +236,7 @@ async def test_key_rotation_on_both_sides_loses_no_batch(
     )
     task = asyncio.create_task(uplink.run())
     try:
-        await wait_for(lambda: depth(outbox.path) == 0, 60, "every batch acked")
+        await all_acked(uplink, outbox, 8, 60)
         assert stored(pg_url)[0] == 8
         # Nothing signed by the old key is left: it can be revoked; then it is refused.
         with psycopg.connect(pg_url) as conn:

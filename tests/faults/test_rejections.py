@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -25,38 +23,14 @@ from sync.envelope import RejectionBody, sign_rejection
 from sync.keys import AgentKeys, CloudKeyring, ed25519_key_id, ed25519_line
 from sync.uplink import BrokerSettings, Uplink, ack_topic
 from tests.cloud_api.test_query_api import served
-from tests.conftest import MQTT_HOST, MQTT_PORT, enroll, free_port
-from tests.faults.batches import engine_events, fill_outbox, poisoned, sealer
+from tests.conftest import MQTT_HOST, MQTT_PORT, enroll
+from tests.faults.batches import all_acked, engine_events, file_depth, fill_outbox, poisoned, sealer
 from tests.faults.conftest import Plant, new_agent, start_ingest
-from tests.faults.harness import Agent, Checker, PgServer, settle, wait_for
+from tests.faults.harness import Checker, PgServer, settle, wait_for
 from tests.faults.test_scenarios import scalar
-from tests.faults.test_security import depth, publisher
+from tests.faults.test_security import publisher
 
 SITE = "plant-rej"
-
-
-@dataclass
-class WatchedAgent(Agent):
-    """The agent process with its health and metrics endpoint on a port of its own."""
-
-    health_port: int = field(default_factory=free_port)
-
-    def write_config(self) -> None:
-        super().write_config()
-        with self.config_path.open("a", encoding="utf-8") as out:
-            out.write(f"health:\n  port: {self.health_port}\n")
-
-    def metric(self, name: str) -> float | None:
-        url = f"http://127.0.0.1:{self.health_port}/metrics"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                text = response.read().decode()
-        except OSError:
-            return None
-        for line in text.splitlines():
-            if line.startswith(f"{name} "):
-                return float(line.split()[1])
-        return None
 
 
 async def test_a_poison_batch_is_dropped_with_a_recorded_loss_and_the_agent_goes_on(
@@ -68,8 +42,7 @@ async def test_a_poison_batch_is_dropped_with_a_recorded_loss_and_the_agent_goes
 ) -> None:
     prefix = f"rej/{secrets.token_hex(4)}/"
     ingest = start_ingest(fault_pool, ring, prefix, MQTT_PORT)
-    base = new_agent(tmp_path, ring, pg_url, plant, prefix=prefix, max_in_flight=4)
-    agent = WatchedAgent(**{k: getattr(base, k) for k in base.__dataclass_fields__})
+    agent = new_agent(tmp_path, ring, pg_url, plant, prefix=prefix, max_in_flight=4)
     checker = Checker(agent, ring)
     checker.install()
     # Left in the outbox by an earlier run: a PLC string with a NUL that the engine of that
@@ -204,7 +177,7 @@ async def test_forged_and_replayed_rejections_delete_nothing(
         # In order: once this genuine one is applied, every forgery was seen and did nothing.
         genuine = rejection(outbox.epoch, 2, pending[2], cloud_key)
         client.publish(topic, genuine, qos=1)
-        await wait_for(lambda: depth(outbox.path) == 2, 20, "the genuine rejection applied")
+        await wait_for(lambda: file_depth(outbox.path) == 2, 20, "the genuine rejection applied")
         assert recorded == [(2, 2)]
         assert [b.seq for b in outbox.pending(10)] == [1, 3]
         assert uplink.stats.rejected_batches == 1
@@ -212,7 +185,7 @@ async def test_forged_and_replayed_rejections_delete_nothing(
         # Replayed, it deletes nothing more and records no second loss.
         client.publish(topic, genuine, qos=1)
         client.publish(topic, rejection(outbox.epoch, 3, pending[3], cloud_key), qos=1)
-        await wait_for(lambda: depth(outbox.path) == 1, 20, "the second genuine rejection")
+        await wait_for(lambda: file_depth(outbox.path) == 1, 20, "the second genuine rejection")
         assert recorded == [(2, 2), (3, 2)]
         assert [b.seq for b in outbox.pending(10)] == [1]
     finally:
@@ -233,7 +206,11 @@ async def test_a_database_outage_is_waited_out_not_answered(
         await asyncio.to_thread(migrate, server.url)
         key = Ed25519PrivateKey.generate()
         enroll(server.url, "agent-t", SITE, ed25519_line(key.public_key()))
-        pool = make_pool(DatabaseSettings(url=server.url, pool_min=1, pool_max=4), name="rejt")
+        # Checkouts give up after 5 s (not 30 s): during the outage ingest holds the batch and
+        # tries again, and once the database is back the next try finds it soon.
+        pool = make_pool(
+            DatabaseSettings(url=server.url, pool_min=1, pool_max=4), name="rejt", timeout=5
+        )
         prefix = f"rejt/{secrets.token_hex(4)}/"
         ingest = start_ingest(pool, ring, prefix, MQTT_PORT)
         outbox = fill_outbox(
@@ -262,9 +239,9 @@ async def test_a_database_outage_is_waited_out_not_answered(
             task = asyncio.create_task(uplink.run())
             # Sent, and sent again after the ack timeout, while the database is down.
             await wait_for(lambda: uplink.stats.resent >= 3, 30, "resends during the outage")
-            assert depth(outbox.path) == 3 and recorded == []
+            assert file_depth(outbox.path) == 3 and recorded == []
             await asyncio.to_thread(server.start)
-            await wait_for(lambda: depth(outbox.path) == 0, 60, "every batch acked")
+            await all_acked(uplink, outbox, 3, 60)
             assert recorded == [] and uplink.stats.rejected_batches == 0
             assert scalar(server.url, "SELECT count(*) FROM facts.batches") == 3
             assert scalar(server.url, "SELECT count(*) FROM facts.events") == 6

@@ -189,7 +189,11 @@ async def test_postgres_stopped_and_restarted(
     try:
         await asyncio.to_thread(server.start)
         await asyncio.to_thread(migrate, server.url)
-        pool = make_pool(DatabaseSettings(url=server.url, pool_min=1, pool_max=4), name="pg3")
+        # A 5 s checkout limit: ingest holds a batch and tries again every few seconds while
+        # the server is down, so it is storing again soon after the restart.
+        pool = make_pool(
+            DatabaseSettings(url=server.url, pool_min=1, pool_max=4), name="pg3", timeout=5
+        )
         prefix = f"f3/{tmp_path.name[-12:]}/"
         ingest = start_ingest(pool, ring, prefix, MQTT_PORT)
         agent = new_agent(tmp_path, ring, server.url, plant, prefix=prefix)

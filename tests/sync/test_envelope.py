@@ -438,7 +438,7 @@ def check_envelope(raw: bytes) -> None:
         parse_header(raw)
 
 
-@settings(max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_fuzz_open_envelope(data: st.DataObject) -> None:
     kind = data.draw(st.sampled_from(["random", "mutated", "mutated_resigned", "reframed"]))
@@ -470,7 +470,7 @@ json_values = st.recursive(
 ack_field_names = st.sampled_from(["agent_id", "epoch", "ranges", "digests", "issued", "ack_id"])
 
 
-@settings(max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_fuzz_verify_ack(data: st.DataObject) -> None:
     kind = data.draw(st.sampled_from(["random", "mutated", "signed_body"]))

@@ -34,6 +34,7 @@ from tests.invariants import (
     closed_until,
     compare_with_truth,
     dump_events,
+    wait_counted,
 )
 
 
@@ -71,8 +72,17 @@ async def finish(
 ) -> None:
     """Stop production, let everything ship, then compare outbox commits with PostgreSQL."""
     plant.freeze()
-    await asyncio.sleep(1.0)  # the agent reads the final counters
-    await buckets_closed(pg_url, len(plant.presses))
+    frozen_at = datetime.now(UTC)
+    if truth:
+        # The agent reads the final counters and closes the buckets that hold them.
+        final = {
+            f"press-{unit}": (press.truth.produced, press.truth.scrap)
+            for unit, press in enumerate(plant.presses, start=1)
+        }
+        await wait_counted(pg_url, final, frozen_at)
+    else:
+        await asyncio.sleep(1.0)  # the agent reads the final counters
+        await buckets_closed(pg_url, len(plant.presses))
     await settle(agent)
     report = await asyncio.to_thread(checker.report, pg_url)
     assert report.committed_batches > 5, str(report)

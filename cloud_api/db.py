@@ -111,7 +111,28 @@ class CheckedPool(ConnectionPool):
     after each. Here the first dead connection found makes the pool check all its idle ones in
     one pass (ConnectionPool.check, which replaces the dead), and the checkout goes on at once
     with a live or fresh connection, within its timeout.
+
+    `check_idle_s`: only a connection that waited in the pool at least this long is checked
+    (0, the default: every one). The check is a round trip; a busy ingest hands the same few
+    connections out hundreds of times a second, and one killed while in use fails its
+    transaction, which is retried on another (nothing is acked before its commit).
     """
+
+    def __init__(self, *args: Any, check_idle_s: float = 0.0, **kwargs: Any) -> None:
+        self.check_idle_s = check_idle_s
+        # id(connection) -> when it last came back to the pool
+        self._returned: dict[int, float] = {}
+        super().__init__(*args, **kwargs)
+
+    def putconn(self, conn: psycopg.Connection[Any]) -> None:
+        self._returned[id(conn)] = time.monotonic()
+        super().putconn(conn)
+
+    def _needs_check(self, conn: psycopg.Connection[Any]) -> bool:
+        if self.check_idle_s <= 0:
+            return True
+        returned = self._returned.pop(id(conn), None)
+        return returned is None or time.monotonic() - returned >= self.check_idle_s
 
     def getconn(self, timeout: float | None = None) -> psycopg.Connection[Any]:
         budget = self.timeout if timeout is None else timeout
@@ -122,6 +143,8 @@ class CheckedPool(ConnectionPool):
             if remaining <= 0:
                 raise PoolTimeout(f"couldn't get a checked connection after {budget:.2f} sec")
             conn: psycopg.Connection[Any] = super().getconn(remaining)
+            if not self._needs_check(conn):
+                return conn
             try:
                 self.check_connection(conn)
             except psycopg.Error:
@@ -141,12 +164,13 @@ def make_pool(
     role: str | None = None,
     prepare: bool = False,
     timeout: float = 30.0,
+    check_idle_s: float = 0.0,
 ) -> ConnectionPool:
     """A checked connection pool; with `role`, every connection runs as that database role.
 
     With `prepare` (the API's read pool), queries run often are prepared on the server per
     `settings.prepare_threshold`; otherwise nothing is prepared. `timeout` bounds each
-    checkout (PoolTimeout after it).
+    checkout (PoolTimeout after it); `check_idle_s`: see CheckedPool.
     """
 
     def configure(conn: psycopg.Connection[Any]) -> None:
@@ -166,6 +190,7 @@ def make_pool(
         name=name,
         open=False,
         timeout=timeout,
+        check_idle_s=check_idle_s,
     )
     pool.open(wait=True, timeout=OPEN_SECONDS)
     pool.reconnect_timeout = RECONNECT_SECONDS

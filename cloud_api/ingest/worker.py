@@ -349,15 +349,26 @@ class BatchWriter:
                 # one agent across workers; taking it after the events lets workers insert
                 # events in parallel while everything shared (sequence, rollups, data
                 # versions, equipment, agent) still runs in the same order as before.
-                self._insert_events(conn, header, events)
-                record_batch_seq(conn, header.site_id, header.agent_id, header.epoch, header.seq)
-                self._insert_derived(conn, header, events)
-                record_declared_losses(conn, header.site_id, header.agent_id, list(events))
-                conn.execute(
-                    "UPDATE registry.agents SET last_seen = now(), last_batch_created = "
-                    "GREATEST(last_batch_created, %s) WHERE agent_id = %s",
-                    (header.created, header.agent_id),
-                )
+                #
+                # Round trips: the buckets go to their staging table first (COPY cannot run
+                # in pipeline mode; the temporary table locks nothing shared), then every
+                # statement after it is pipelined: sent without waiting for the one before,
+                # waiting only where a result is read (the agent's sequence row) and at the
+                # end. Order and transaction are the same; an error still rolls back all.
+                buckets = [e for e in events if isinstance(e, OeeEvent)]
+                self._stage_buckets(conn, buckets)
+                with conn.pipeline():
+                    self._insert_events(conn, header, events)
+                    record_batch_seq(
+                        conn, header.site_id, header.agent_id, header.epoch, header.seq
+                    )
+                    self._insert_derived(conn, header, events, has_buckets=bool(buckets))
+                    record_declared_losses(conn, header.site_id, header.agent_id, list(events))
+                    conn.execute(
+                        "UPDATE registry.agents SET last_seen = now(), last_batch_created = "
+                        "GREATEST(last_batch_created, %s) WHERE agent_id = %s",
+                        (header.created, header.agent_id),
+                    )
             return "stored"
 
     def _insert_events(
@@ -377,12 +388,8 @@ class BatchWriter:
             },
         )
 
-    def _insert_derived(
-        self, conn: psycopg.Connection[Any], header: EnvelopeHeader, events: Sequence[Event]
-    ) -> None:
-        """OEE buckets with their rollups, data versions, agent status and equipment."""
-        equipment = {(e.site_id, e.equipment_id) for e in events if e.equipment_id}
-        buckets = [e for e in events if isinstance(e, OeeEvent)]
+    def _stage_buckets(self, conn: psycopg.Connection[Any], buckets: Sequence[OeeEvent]) -> None:
+        """The batch's OEE buckets into `_new_buckets` (emptied at commit)."""
         if buckets:
             conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS _new_buckets (LIKE facts.oee_buckets) "
@@ -408,8 +415,21 @@ class BatchWriter:
                             json.dumps(b.downtime_by_reason),
                         )
                     )
+
+    def _insert_derived(
+        self,
+        conn: psycopg.Connection[Any],
+        header: EnvelopeHeader,
+        events: Sequence[Event],
+        *,
+        has_buckets: bool,
+    ) -> None:
+        """OEE buckets (staged before) with their rollups, data versions, agent status and
+        equipment."""
+        equipment = {(e.site_id, e.equipment_id) for e in events if e.equipment_id}
+        if has_buckets:
             conn.execute(STORE_BUCKETS)
-        derived.record_batch(conn, events, has_buckets=bool(buckets))
+        derived.record_batch(conn, events, has_buckets=has_buckets)
         if equipment:
             # One statement for every equipment of the batch (sorted: a stable lock order).
             pairs = sorted(equipment)

@@ -47,7 +47,7 @@ from cloud_api.db import TRANSIENT, with_retry
 from cloud_api.ingest import derived
 from cloud_api.ingest.sequence import record_batch_seq, record_declared_losses
 from common.mqtt import BrokerSettings, MqttLink
-from oee.components import COMPONENT_FIELDS
+from oee.components import COMPONENT_FIELDS, INTEGER_FIELDS
 from oee.events import EVENT_LIST_ADAPTER, Event, OeeEvent, load_events
 from sync.envelope import (
     AFTER_SIGNATURE,
@@ -159,6 +159,17 @@ BUCKET_COLS = (
     "site_id", "equipment_id", "bucket_start", "bucket_end", "event_id", "shift",
     "shift_start", *COMPONENT_FIELDS, "downtime_by_reason",
 )  # fmt: skip
+# The OEE buckets of a batch into the staging table in one statement, a column array each
+# (not COPY, which cannot run in pipeline mode).
+_STAGE_TYPES = (
+    *("text", "text", "timestamptz", "timestamptz", "uuid", "text", "timestamptz"),
+    *("bigint" if f in INTEGER_FIELDS else "double precision" for f in COMPONENT_FIELDS),
+    "jsonb",
+)
+STAGE_BUCKETS = sql.SQL("INSERT INTO _new_buckets ({cols}) SELECT * FROM unnest({arrays})").format(
+    cols=sql.SQL(", ").join(map(sql.Identifier, BUCKET_COLS)),
+    arrays=sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(t)) for t in _STAGE_TYPES),
+)
 # The events of a batch in one statement from the batch's JSON array (dumped once by
 # pydantic from the validated models, so the stored body is the normalized event, defaults
 # included and timestamps in UTC): PostgreSQL parses the array once and extracts the columns
@@ -319,7 +330,11 @@ class BatchWriter:
         with self.pool.connection() as conn:
             self._ensure_partitions(conn, events)
             conn.commit()
-            with conn.transaction():
+            # Pipeline mode: statements go out without waiting for the one before; the
+            # transaction waits for the server only where a result is read (the batch key,
+            # the agent's sequence row) and at its commit. Order and transaction are the same
+            # as without it, and an error anywhere still rolls back all of it.
+            with conn.pipeline(), conn.transaction():
                 row = conn.execute(
                     "INSERT INTO facts.batches(site_id, agent_id, epoch, seq, digest, "
                     "event_count, created, trace_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
@@ -349,26 +364,17 @@ class BatchWriter:
                 # one agent across workers; taking it after the events lets workers insert
                 # events in parallel while everything shared (sequence, rollups, data
                 # versions, equipment, agent) still runs in the same order as before.
-                #
-                # Round trips: the buckets go to their staging table first (COPY cannot run
-                # in pipeline mode; the temporary table locks nothing shared), then every
-                # statement after it is pipelined: sent without waiting for the one before,
-                # waiting only where a result is read (the agent's sequence row) and at the
-                # end. Order and transaction are the same; an error still rolls back all.
+                self._insert_events(conn, header, events)
+                record_batch_seq(conn, header.site_id, header.agent_id, header.epoch, header.seq)
                 buckets = [e for e in events if isinstance(e, OeeEvent)]
                 self._stage_buckets(conn, buckets)
-                with conn.pipeline():
-                    self._insert_events(conn, header, events)
-                    record_batch_seq(
-                        conn, header.site_id, header.agent_id, header.epoch, header.seq
-                    )
-                    self._insert_derived(conn, header, events, has_buckets=bool(buckets))
-                    record_declared_losses(conn, header.site_id, header.agent_id, list(events))
-                    conn.execute(
-                        "UPDATE registry.agents SET last_seen = now(), last_batch_created = "
-                        "GREATEST(last_batch_created, %s) WHERE agent_id = %s",
-                        (header.created, header.agent_id),
-                    )
+                self._insert_derived(conn, header, events, has_buckets=bool(buckets))
+                record_declared_losses(conn, header.site_id, header.agent_id, list(events))
+                conn.execute(
+                    "UPDATE registry.agents SET last_seen = now(), last_batch_created = "
+                    "GREATEST(last_batch_created, %s) WHERE agent_id = %s",
+                    (header.created, header.agent_id),
+                )
             return "stored"
 
     def _insert_events(
@@ -395,26 +401,23 @@ class BatchWriter:
                 "CREATE TEMP TABLE IF NOT EXISTS _new_buckets (LIKE facts.oee_buckets) "
                 "ON COMMIT DELETE ROWS"
             )
-            with conn.cursor().copy(
-                sql.SQL("COPY _new_buckets ({}) FROM STDIN").format(
-                    sql.SQL(", ").join(map(sql.Identifier, BUCKET_COLS))
+            columns: list[list[Any]] = [[] for _ in BUCKET_COLS]
+            for b in buckets:
+                c = b.components
+                row = (
+                    b.site_id,
+                    b.equipment_id,
+                    b.bucket_start,
+                    b.bucket_end,
+                    b.event_id,
+                    b.shift,
+                    b.shift_start,
+                    *(getattr(c, f) for f in COMPONENT_FIELDS),
+                    json.dumps(b.downtime_by_reason),
                 )
-            ) as copy:
-                for b in buckets:
-                    c = b.components
-                    copy.write_row(
-                        (
-                            b.site_id,
-                            b.equipment_id,
-                            b.bucket_start,
-                            b.bucket_end,
-                            b.event_id,
-                            b.shift,
-                            b.shift_start,
-                            *(getattr(c, f) for f in COMPONENT_FIELDS),
-                            json.dumps(b.downtime_by_reason),
-                        )
-                    )
+                for column, value in zip(columns, row, strict=True):
+                    column.append(value)
+            conn.execute(STAGE_BUCKETS, columns)
 
     def _insert_derived(
         self,

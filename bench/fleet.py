@@ -10,7 +10,8 @@ machines are simulated at 1 Hz polling, reported on change: each runs at a cycle
 2-6 s and stops now and then for a fault or missing material with a reason, so an agent
 produces about 6 events a second (a count for each poll that saw parts, state changes,
 20 closed buckets and a status event a minute). Many agents share one generator process
-(asyncio, paho's network thread per connection); the engine's checkpoint is not written
+(asyncio, paho's network thread per connection; at most 60 agents a process, as paho's
+select() takes file descriptors below 1024 only); the engine's checkpoint is not written
 (the bench measures the cloud side); outboxes live on tmpfs (each real agent has its own
 disk).
 
@@ -292,8 +293,16 @@ async def run_agents(spec: dict[str, Any]) -> dict[str, Any]:
             next_at += interval
             await asyncio.sleep(max(0.0, next_at - loop.time()))
 
+    errors: list[str] = []
+
+    async def guarded(a: SimAgent, offset: float) -> None:
+        try:
+            await agent_loop(a, offset)
+        except Exception as exc:  # reported in the result, never silently ends an agent
+            errors.append(f"{a.agent_id}: {type(exc).__name__}: {exc}")
+
     loops = [
-        asyncio.create_task(agent_loop(a, i * interval / len(agents))) for i, a in enumerate(agents)
+        asyncio.create_task(guarded(a, i * interval / len(agents))) for i, a in enumerate(agents)
     ]
     connected_max = 0
     while time.time() < spec["end"]:
@@ -312,6 +321,8 @@ async def run_agents(spec: dict[str, Any]) -> dict[str, Any]:
         "acks": sum(a.stats.acks for a in agents),
         "ack_lags": [round(x, 4) for a in agents for x in a.stats.ack_lags],
         "resent": sum(a.uplink.stats.resent for a in agents),
+        "errors": errors[:5],
+        "error_count": len(errors),
     }
 
 
@@ -542,6 +553,15 @@ def run_setting(args: argparse.Namespace, ingest: int) -> dict[str, Any]:
                 "WHERE created >= to_timestamp(%s) AND created < to_timestamp(%s)",
                 (measure_from, measure_to),
             ).fetchone()
+            whole = conn.execute(
+                "SELECT count(*), coalesce(sum(event_count), 0), "
+                "extract(epoch FROM min(created)) - %s, extract(epoch FROM max(created)) - %s, "
+                "extract(epoch FROM min(received_at)) - %s, "
+                "extract(epoch FROM max(received_at)) - %s FROM facts.batches",
+                (measure_from,) * 4,
+            ).fetchone()
+            print("batches, events, first/last created, first/last stored (s from window)",
+                  whole, file=sys.stderr)  # fmt: skip
         assert row is not None and made is not None
     finally:
         for p in [*gens, *procs]:
@@ -559,6 +579,10 @@ def run_setting(args: argparse.Namespace, ingest: int) -> dict[str, Any]:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db))
             )
+        for g in range(len(gens)):
+            text = (tmp / f"gen-{g}.log").read_text(errors="replace")
+            if text.strip():
+                print(f"generator {g}: {text[-1500:]}", file=sys.stderr)
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
     batches, events = int(row[0]), int(row[1])
@@ -604,6 +628,8 @@ def run_setting(args: argparse.Namespace, ingest: int) -> dict[str, Any]:
         "ack_lag_p99_s": percentile(ack_lags, 0.99),
         "acks_per_s": round(acks / args.window),
         "resent": sum(r["resent"] for r in gen_results),
+        "agent_errors": sum(r["error_count"] for r in gen_results),
+        "agent_error_examples": [e for r in gen_results for e in r["errors"]][:3],
         "cpu_ms_per_1000_events": {
             k: round(v * 1000 / max(1, events) * 1000, 1) for k, v in spent.items()
         },
@@ -621,12 +647,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--machines", type=int, default=20, help="machines per agent")
     parser.add_argument("--ingest", default="1,2,4", help="ingest process counts to run")
-    parser.add_argument("--workers", type=int, default=2, help="threads per ingest process")
-    parser.add_argument("--generators", type=int, default=4, help="agent generator processes")
-    parser.add_argument("--flush-interval", type=float, default=1.0, help="agent flush (s)")
+    parser.add_argument("--workers", type=int, default=8, help="threads per ingest process")
+    parser.add_argument(
+        "--generators",
+        type=int,
+        default=0,
+        help="agent generator processes (default: one per 60 agents; paho waits with "
+        "select(), which takes descriptors below 1024 only, and an agent holds about ten)",
+    )
+    parser.add_argument(
+        "--flush-interval",
+        type=float,
+        default=5.0,
+        help="the agents' uplink.flush_interval (s); 1 s, the agent's default, makes 1,000 "
+        "agents 1,000 batches and transactions a second",
+    )
     parser.add_argument("--warmup", type=float, default=20.0)
     parser.add_argument("--window", type=float, default=60.0)
     args = parser.parse_args(argv)
+    if args.generators <= 0:
+        args.generators = -(-args.agents // 60)
     settings = [run_setting(args, int(n)) for n in args.ingest.split(",")]
     for s in settings:
         print(

@@ -698,9 +698,12 @@ class IngestWorker:
     def _work(self) -> None:
         while not self.stop_event.is_set():
             items = [self.queue.get()]
-            # Whatever is already queued is handled in the same round, so its acks go out
-            # together (fewer signatures and messages under load, no added wait when idle).
-            while len(items) < self.ack_coalesce and items[-1] is not None:
+            # What is already queued is handled in the same round, so its acks go out
+            # together (fewer signatures and messages under load, no added wait when idle);
+            # a round takes its share of the queue only, so the other threads work on the
+            # rest meanwhile and no ack waits behind a long round of one thread.
+            take = min(self.ack_coalesce, 1 + self.queue.qsize() // self.workers)
+            while len(items) < take and items[-1] is not None:
                 try:
                     items.append(self.queue.get_nowait())
                 except queue.Empty:

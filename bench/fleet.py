@@ -60,7 +60,6 @@ from typing import Any
 
 PG = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 STATES = {"idle": 0, "running": 1, "fault": 2}
 REASONS = {"no material": 1, "jam": 3, "hydraulics": 4}
 
@@ -256,42 +255,49 @@ async def run_agents(spec: dict[str, Any]) -> dict[str, Any]:
     interval = spec["flush_interval"]
 
     async def agent_loop(a: SimAgent, offset: float) -> None:
-        # Agents poll and flush on their own clocks: spread over the interval.
+        # Polls at 1 Hz and flushes every `interval`, on its own clock (agents are spread
+        # over the interval), as the agent's engine and flush loops do.
         loop = asyncio.get_running_loop()
         await asyncio.sleep(offset)
         next_at = loop.time()
+        next_flush = time.time() + interval
         while time.time() < spec["end"]:
             now_wall = time.time()
             at = datetime.fromtimestamp(now_wall, UTC)
             for m in a.machines:
                 for signal_name, value in m.poll(now_wall, at):
                     a.pending.extend(a.engine.feed(Sample(m.id, signal_name, value, at)))
-            a.pending.extend(a.engine.tick(at))
-            if now_wall >= a.next_status:
-                a.next_status = now_wall + 60
-                a.pending.append(
-                    AgentEvent(
-                        agent_id=a.agent_id,
-                        site_id=a.site_id,
-                        ts=at,
-                        code="status",
-                        message="agent status",
-                        data={
-                            "outbox_depth": a.outbox.stats().depth,
-                            "uplink": {
-                                "published": a.uplink.stats.published,
-                                "resent": a.uplink.stats.resent,
-                            },
-                        },
-                    )
-                )
-            if a.pending:
-                result = a.writer.write(a.pending, None, at)
-                a.pending = result.held
-                if result.seqs:
-                    a.uplink.notify()
-            next_at += interval
+            if now_wall >= next_flush:
+                next_flush += interval
+                flush(a, now_wall, at)
+            next_at += 1.0
             await asyncio.sleep(max(0.0, next_at - loop.time()))
+
+    def flush(a: SimAgent, now_wall: float, at: datetime) -> None:
+        a.pending.extend(a.engine.tick(at))
+        if now_wall >= a.next_status:
+            a.next_status = now_wall + 60
+            a.pending.append(
+                AgentEvent(
+                    agent_id=a.agent_id,
+                    site_id=a.site_id,
+                    ts=at,
+                    code="status",
+                    message="agent status",
+                    data={
+                        "outbox_depth": a.outbox.stats().depth,
+                        "uplink": {
+                            "published": a.uplink.stats.published,
+                            "resent": a.uplink.stats.resent,
+                        },
+                    },
+                )
+            )
+        if a.pending:
+            result = a.writer.write(a.pending, None, at)
+            a.pending = result.held
+            if result.seqs:
+                a.uplink.notify()
 
     errors: list[str] = []
 
@@ -339,15 +345,6 @@ def generator_main(spec_path: str, out_path: str) -> int:
 
 
 # -- measuring ---------------------------------------------------------------------------
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of one process (all its threads), in clock ticks; 0 when gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -409,7 +406,7 @@ def run_setting(args: argparse.Namespace, ingest: int) -> dict[str, Any]:
     from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
     from psycopg import sql
 
-    from bench.e2e import wait_subscribed
+    from bench.e2e import CLK_TCK, cpu_ticks, database_backends, start_ingest
     from cloud_api.db import migrate
     from sync.keys import (
         SUITE_X25519,
@@ -457,20 +454,7 @@ def run_setting(args: argparse.Namespace, ingest: int) -> dict[str, Any]:
             "CLOUD_MQTT_PORT": str(port),
             "CLOUD_KEYS_DIR": str(keys_dir),
         }
-        cloud_api = str(Path(sys.executable).parent / "cloud-api")
-        logs = [tmp / f"ingest-{i}.log" for i in range(ingest)]
-        for log in logs:
-            with log.open("wb") as out:
-                procs.append(
-                    subprocess.Popen(
-                        [cloud_api, "ingest", "--workers", str(args.workers)],
-                        env=env,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-        for proc, log in zip(procs, logs, strict=True):
-            wait_subscribed(proc, log)
+        start_ingest(env, tmp, ingest, args.workers, procs)
         # The agents: connect, warm up (first buckets close), then the measured window.
         t0 = time.time()
         connect_s = max(10.0, args.agents / 100)
@@ -508,18 +492,10 @@ def run_setting(args: argparse.Namespace, ingest: int) -> dict[str, Any]:
             )
         while time.time() < measure_from:
             time.sleep(0.2)
-        with psycopg.connect(url, autocommit=True) as conn:
-            backends = [
-                int(r[0])
-                for r in conn.execute(
-                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND pid <> pg_backend_pid()"
-                ).fetchall()
-            ]
         groups = {
             "ingest": [p.pid for p in procs],
             "broker": [broker.pid],
-            "postgres": backends,
+            "postgres": database_backends(url),
             "agents": [g.pid for g in gens],
         }
         before = {k: sum(cpu_ticks(p) for p in v) for k, v in groups.items()}

@@ -50,6 +50,54 @@ MQTT_HOST = os.environ.get("BENCH_MQTT_HOST", "127.0.0.1")
 MQTT_PORT = int(os.environ.get("BENCH_MQTT_PORT", "1883"))
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of one process (all its threads), in clock ticks; 0 when gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def database_backends(url: str) -> list[int]:
+    """Process ids of the PostgreSQL backends connected to the database of `url`."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def start_ingest(
+    env: dict[str, str],
+    folder: Path,
+    processes: int,
+    workers: int,
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    """Start `cloud-api ingest` processes (appended to `procs` at once, for the caller to
+    stop) and return once each has its subscription acknowledged: their start-up is not
+    measured, and a batch published before it would reach no subscriber."""
+    cloud_api = str(Path(sys.executable).parent / "cloud-api")
+    logs = [folder / f"ingest-{i}.log" for i in range(processes)]
+    for log in logs:
+        with log.open("wb") as out:
+            procs.append(
+                subprocess.Popen(
+                    [cloud_api, "ingest", "--workers", str(workers)],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    for proc, log in zip(procs[-processes:], logs, strict=True):
+        wait_subscribed(proc, log)
+
+
 def depth(path: Path) -> int:
     with sqlite3.connect(path, timeout=30) as conn:
         return int(conn.execute("SELECT count(*) FROM batches").fetchone()[0])
@@ -170,22 +218,14 @@ def run(args: argparse.Namespace) -> tuple[float, int]:
                 "CLOUD_TOPIC_PREFIX": prefix,
                 "CLOUD_KEYS_DIR": str(keys_dir),
             }
-            cloud_api = str(Path(sys.executable).parent / "cloud-api")
-            logs = [folder / f"ingest-{i}.log" for i in range(args.ingest_processes)]
-            for log in logs:
-                with log.open("wb") as out:
-                    procs.append(
-                        subprocess.Popen(
-                            [cloud_api, "ingest", "--workers", str(args.workers)],
-                            env=env,
-                            stdout=out,
-                            stderr=subprocess.STDOUT,
-                        )
-                    )
-            # Their start-up is not measured; publishing before it ends would lose batches.
-            for proc, log in zip(procs, logs, strict=True):
-                wait_subscribed(proc, log)
+            start_ingest(env, folder, args.ingest_processes, args.workers, procs)
+            groups = {"ingest": [p.pid for p in procs], "postgres": database_backends(url)}
+            before = {k: sum(map(cpu_ticks, v)) for k, v in groups.items()}
             seconds, resent = asyncio.run(drain(outbox, prefix, ring, args.in_flight))
+            cpu_ms = {
+                k: round((sum(map(cpu_ticks, v)) - before[k]) / CLK_TCK * 1e6 / args.events, 1)
+                for k, v in groups.items()
+            }
             outbox.close()
         with psycopg.connect(url) as conn:
             row = conn.execute(
@@ -218,7 +258,11 @@ def run(args: argparse.Namespace) -> tuple[float, int]:
                 "ingest_processes": args.ingest_processes,
                 "workers_per_process": args.workers,
                 "max_in_flight": args.in_flight,
-                "target_events_per_s": 20_000,
+                # CPU of the ingest processes and of the database's backends, per 1,000
+                # events: what bounds the rate when the cores are shared
+                "cpu_ms_per_1000_events": cpu_ms,
+                "loadavg": Path("/proc/loadavg").read_text().strip(),
+                "target_events_per_s": 60_000,
             }
         )
     )

@@ -213,7 +213,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     ring = CloudKeyring.load(settings.keys_dir)
     tracing.configure(settings.tracing)
     print(f"cloud-api: {settings.database.describe()}", file=sys.stderr)
-    pool = make_pool(settings.database, name="ingest", role=settings.security.ingest_db_role)
+    # Connections back in the pool within a second are not checked again (a round trip each).
+    pool = make_pool(
+        settings.database,
+        name="ingest",
+        role=settings.security.ingest_db_role,
+        check_idle_s=1.0,
+    )
     store = BatchWriter(
         pool,
         ring,

@@ -119,7 +119,28 @@ class CheckedPool(ConnectionPool):
     a statement of its own passes it as `opening` (`connection(opening=...)`), which then is
     the check: a connection it finds lost counts as dead, as above, and any other error of it
     is the caller's.
+
+    `check_idle_s`: only a connection that waited in the pool at least this long is checked
+    (0, the default: every one). The check is a round trip; a busy ingest hands the same few
+    connections out hundreds of times a second, and one killed while in use fails its
+    transaction, which is retried on another (nothing is acked before its commit).
     """
+
+    def __init__(self, *args: Any, check_idle_s: float = 0.0, **kwargs: Any) -> None:
+        self.check_idle_s = check_idle_s
+        # id(connection) -> when it last came back to the pool
+        self._returned: dict[int, float] = {}
+        super().__init__(*args, **kwargs)
+
+    def putconn(self, conn: psycopg.Connection[Any]) -> None:
+        self._returned[id(conn)] = time.monotonic()
+        super().putconn(conn)
+
+    def _needs_check(self, conn: psycopg.Connection[Any]) -> bool:
+        if self.check_idle_s <= 0:
+            return True
+        returned = self._returned.pop(id(conn), None)
+        return returned is None or time.monotonic() - returned >= self.check_idle_s
 
     def getconn(
         self, timeout: float | None = None, *, opening: Opening | None = None
@@ -132,6 +153,9 @@ class CheckedPool(ConnectionPool):
             if remaining <= 0:
                 raise PoolTimeout(f"couldn't get a checked connection after {budget:.2f} sec")
             conn: psycopg.Connection[Any] = super().getconn(remaining)
+            # The caller's opening statement always runs (it is the checkout's first statement).
+            if not self._needs_check(conn) and opening is None:
+                return conn
             try:
                 if opening is None:
                     self.check_connection(conn)
@@ -170,12 +194,13 @@ def make_pool(
     role: str | None = None,
     prepare: bool = False,
     timeout: float = 30.0,
+    check_idle_s: float = 0.0,
 ) -> ConnectionPool:
     """A checked connection pool; with `role`, every connection runs as that database role.
 
     With `prepare` (the API's read pool), queries run often are prepared on the server per
     `settings.prepare_threshold`; otherwise nothing is prepared. `timeout` bounds each
-    checkout (PoolTimeout after it).
+    checkout (PoolTimeout after it); `check_idle_s`: see CheckedPool.
     """
 
     def configure(conn: psycopg.Connection[Any]) -> None:
@@ -195,6 +220,7 @@ def make_pool(
         name=name,
         open=False,
         timeout=timeout,
+        check_idle_s=check_idle_s,
     )
     pool.open(wait=True, timeout=OPEN_SECONDS)
     pool.reconnect_timeout = RECONNECT_SECONDS

@@ -47,7 +47,7 @@ from cloud_api.db import TRANSIENT, with_retry
 from cloud_api.ingest import derived
 from cloud_api.ingest.sequence import record_batch_seq, record_declared_losses
 from common.mqtt import BrokerSettings, MqttLink
-from oee.components import COMPONENT_FIELDS
+from oee.components import COMPONENT_FIELDS, INTEGER_FIELDS
 from oee.events import EVENT_LIST_ADAPTER, Event, OeeEvent, load_events
 from sync.envelope import (
     AFTER_SIGNATURE,
@@ -159,6 +159,17 @@ BUCKET_COLS = (
     "site_id", "equipment_id", "bucket_start", "bucket_end", "event_id", "shift",
     "shift_start", *COMPONENT_FIELDS, "downtime_by_reason",
 )  # fmt: skip
+# The OEE buckets of a batch into the staging table in one statement, a column array each
+# (not COPY, which cannot run in pipeline mode).
+_STAGE_TYPES = (
+    *("text", "text", "timestamptz", "timestamptz", "uuid", "text", "timestamptz"),
+    *("bigint" if f in INTEGER_FIELDS else "double precision" for f in COMPONENT_FIELDS),
+    "jsonb",
+)
+STAGE_BUCKETS = sql.SQL("INSERT INTO _new_buckets ({cols}) SELECT * FROM unnest({arrays})").format(
+    cols=sql.SQL(", ").join(map(sql.Identifier, BUCKET_COLS)),
+    arrays=sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(t)) for t in _STAGE_TYPES),
+)
 # The events of a batch in one statement from the batch's JSON array (dumped once by
 # pydantic from the validated models, so the stored body is the normalized event, defaults
 # included and timestamps in UTC): PostgreSQL parses the array once and extracts the columns
@@ -319,7 +330,11 @@ class BatchWriter:
         with self.pool.connection() as conn:
             self._ensure_partitions(conn, events)
             conn.commit()
-            with conn.transaction():
+            # Pipeline mode: statements go out without waiting for the one before; the
+            # transaction waits for the server only where a result is read (the batch key,
+            # the agent's sequence row) and at its commit. Order and transaction are the same
+            # as without it, and an error anywhere still rolls back all of it.
+            with conn.pipeline(), conn.transaction():
                 row = conn.execute(
                     "INSERT INTO facts.batches(site_id, agent_id, epoch, seq, digest, "
                     "event_count, created, trace_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
@@ -351,7 +366,9 @@ class BatchWriter:
                 # versions, equipment, agent) still runs in the same order as before.
                 self._insert_events(conn, header, events)
                 record_batch_seq(conn, header.site_id, header.agent_id, header.epoch, header.seq)
-                self._insert_derived(conn, header, events)
+                buckets = [e for e in events if isinstance(e, OeeEvent)]
+                self._stage_buckets(conn, buckets)
+                self._insert_derived(conn, header, events, has_buckets=bool(buckets))
                 record_declared_losses(conn, header.site_id, header.agent_id, list(events))
                 conn.execute(
                     "UPDATE registry.agents SET last_seen = now(), last_batch_created = "
@@ -377,39 +394,45 @@ class BatchWriter:
             },
         )
 
-    def _insert_derived(
-        self, conn: psycopg.Connection[Any], header: EnvelopeHeader, events: Sequence[Event]
-    ) -> None:
-        """OEE buckets with their rollups, data versions, agent status and equipment."""
-        equipment = {(e.site_id, e.equipment_id) for e in events if e.equipment_id}
-        buckets = [e for e in events if isinstance(e, OeeEvent)]
+    def _stage_buckets(self, conn: psycopg.Connection[Any], buckets: Sequence[OeeEvent]) -> None:
+        """The batch's OEE buckets into `_new_buckets` (emptied at commit)."""
         if buckets:
             conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS _new_buckets (LIKE facts.oee_buckets) "
                 "ON COMMIT DELETE ROWS"
             )
-            with conn.cursor().copy(
-                sql.SQL("COPY _new_buckets ({}) FROM STDIN").format(
-                    sql.SQL(", ").join(map(sql.Identifier, BUCKET_COLS))
+            columns: list[list[Any]] = [[] for _ in BUCKET_COLS]
+            for b in buckets:
+                c = b.components
+                row = (
+                    b.site_id,
+                    b.equipment_id,
+                    b.bucket_start,
+                    b.bucket_end,
+                    b.event_id,
+                    b.shift,
+                    b.shift_start,
+                    *(getattr(c, f) for f in COMPONENT_FIELDS),
+                    json.dumps(b.downtime_by_reason),
                 )
-            ) as copy:
-                for b in buckets:
-                    c = b.components
-                    copy.write_row(
-                        (
-                            b.site_id,
-                            b.equipment_id,
-                            b.bucket_start,
-                            b.bucket_end,
-                            b.event_id,
-                            b.shift,
-                            b.shift_start,
-                            *(getattr(c, f) for f in COMPONENT_FIELDS),
-                            json.dumps(b.downtime_by_reason),
-                        )
-                    )
+                for column, value in zip(columns, row, strict=True):
+                    column.append(value)
+            conn.execute(STAGE_BUCKETS, columns)
+
+    def _insert_derived(
+        self,
+        conn: psycopg.Connection[Any],
+        header: EnvelopeHeader,
+        events: Sequence[Event],
+        *,
+        has_buckets: bool,
+    ) -> None:
+        """OEE buckets (staged before) with their rollups, data versions, agent status and
+        equipment."""
+        equipment = {(e.site_id, e.equipment_id) for e in events if e.equipment_id}
+        if has_buckets:
             conn.execute(STORE_BUCKETS)
-        derived.record_batch(conn, events, has_buckets=bool(buckets))
+        derived.record_batch(conn, events, has_buckets=has_buckets)
         if equipment:
             # One statement for every equipment of the batch (sorted: a stable lock order).
             pairs = sorted(equipment)
@@ -675,9 +698,12 @@ class IngestWorker:
     def _work(self) -> None:
         while not self.stop_event.is_set():
             items = [self.queue.get()]
-            # Whatever is already queued is handled in the same round, so its acks go out
-            # together (fewer signatures and messages under load, no added wait when idle).
-            while len(items) < self.ack_coalesce and items[-1] is not None:
+            # What is already queued is handled in the same round, so its acks go out
+            # together (fewer signatures and messages under load, no added wait when idle);
+            # a round takes its share of the queue only, so the other threads work on the
+            # rest meanwhile and no ack waits behind a long round of one thread.
+            take = min(self.ack_coalesce, 1 + self.queue.qsize() // self.workers)
+            while len(items) < take and items[-1] is not None:
                 try:
                     items.append(self.queue.get_nowait())
                 except queue.Empty:

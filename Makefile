@@ -11,6 +11,8 @@ BIN := $(VENV)/bin
 EDITABLE := --config-settings editable_mode=compat
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+# pytest-xdist workers for `make test` (TEST_WORKERS=0 runs the suite in one process).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint services browser test-tools venv clean
 
@@ -46,7 +48,7 @@ test-tools:
 	bash scripts/test-tools.sh
 
 test: $(TEST_STAMP) services browser test-tools lint
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

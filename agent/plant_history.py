@@ -104,7 +104,8 @@ class _Machine:
 
     def shift(self, end: datetime, name: str) -> None:
         if self.night_off and name == "night":
-            self.hold("planned_stop", end)
+            # A line off for the night: planned where the PLC has a code for it, else idle.
+            self.hold("planned_stop" if "planned_stop" in self.states else "idle", end)
             return
         if self.rng.random() < SETUP_CHANCE:
             minutes = self.rng.uniform(*SETUP_MIN)

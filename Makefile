@@ -48,7 +48,7 @@ test-tools:
 	bash scripts/test-tools.sh
 
 test: $(TEST_STAMP) services browser test-tools lint
-	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS)
+	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

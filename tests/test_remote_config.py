@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import paho.mqtt.client as mqtt
 import psycopg
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 from psycopg_pool import ConnectionPool
@@ -40,6 +41,10 @@ from sync.config_message import ConfigBody, config_digest, config_topic, sign_co
 from sync.keys import CloudKeyring, ed25519_key_id
 from tests.conftest import MQTT_HOST, MQTT_PORT, bearer, enroll, free_port, make_agent_keys
 from tests.invariants import Truth, api_client, check_views, compare_with_truth, wait_counted
+
+# One agent id (edge-rc) on the shared broker: these tests never run at the same time
+# (a second client with the same id would take the first one's connection).
+pytestmark = pytest.mark.xdist_group("edge-rc")
 
 BIN = Path(sys.executable).parent
 AGENT, SITE = "edge-rc", "plant-rc"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import psycopg
+import pytest
 from psycopg_pool import ConnectionPool
 
 from cloud_api.api.app import create_app
@@ -27,6 +28,10 @@ from sync.keys import CloudKeyring
 from tests.conftest import MQTT_HOST, MQTT_PORT, bearer, enroll, free_port, make_agent_keys
 from tests.invariants import Truth, api_client, check_views, compare_with_truth, wait_counted
 from tests.test_remote_config import AGENT, REASONS, SITE, Plant, counts_of, results, wait_for
+
+# One agent id (edge-rc) on the shared broker: these tests never run at the same time
+# (a second client with the same id would take the first one's connection).
+pytestmark = pytest.mark.xdist_group("edge-rc")
 
 
 class Relay:

@@ -28,8 +28,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +37,7 @@ from typing import Any, Protocol, runtime_checkable
 import structlog
 
 from agent.config import AgentConfig, ConfigError, Problem, parse_config
+from common.keydir import write_atomic
 from oee.events import AgentEvent, Event
 from sync.config_message import ConfigBody, ConfigMessageError, verify_config
 from sync.keys import AgentKeys
@@ -80,22 +79,7 @@ class Candidate:
 def write_private(path: Path, data: bytes) -> None:
     """Atomically replace `path` (mode 0600): temporary file, fsync, rename, fsync folder."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o600)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, data, mode=0o600, overwrite=True)
 
 
 def _problem_dicts(problems: list[Problem]) -> list[dict[str, Any]]:

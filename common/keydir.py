@@ -47,7 +47,7 @@ def ensure_directory(directory: Path) -> Path:
     return directory
 
 
-def write_atomic(path: Path, text: str, *, mode: int, overwrite: bool) -> None:
+def write_atomic(path: Path, text: str | bytes, *, mode: int, overwrite: bool) -> None:
     """Write via a fresh O_EXCL temp file with the final mode, fsync, then rename into place.
 
     The temp file is created with ``mode`` from the start, so a private key is never readable
@@ -57,9 +57,9 @@ def write_atomic(path: Path, text: str, *, mode: int, overwrite: bool) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
+        with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), mode)  # the umask may have narrowed it; make it exact
-            fh.write(text)
+            fh.write(text.encode("ascii") if isinstance(text, str) else text)
             fh.flush()
             os.fsync(fh.fileno())
         if overwrite:

@@ -11,9 +11,9 @@ BIN := $(VENV)/bin
 EDITABLE := --config-settings editable_mode=compat
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
-# pytest-xdist workers for `make test`: 0 runs the suite in one process (the default until the
-# remote-configuration tests run reliably beside each other); TEST_WORKERS=2 halves its time.
-TEST_WORKERS ?= 0
+# pytest-xdist workers for `make test`: the suite mostly waits in real time (PLCs, broker,
+# agents), so two workers halve it; TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint services browser test-tools venv clean
 

@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -26,7 +27,6 @@ from typing import Any
 import httpx
 import paho.mqtt.client as mqtt
 import psycopg
-import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 from psycopg_pool import ConnectionPool
@@ -42,11 +42,10 @@ from sync.keys import CloudKeyring, ed25519_key_id
 from tests.conftest import MQTT_HOST, MQTT_PORT, bearer, enroll, free_port, make_agent_keys
 from tests.invariants import Truth, api_client, check_views, compare_with_truth, wait_counted
 
-# One agent id (edge-rc) on the shared broker: these tests never run at the same time
-# (a second client with the same id would take the first one's connection).
-pytestmark = pytest.mark.xdist_group("edge-rc")
-
 BIN = Path(sys.executable).parent
+# Each test of remote configuration has an agent id of its own (`Plant(agent=...)`): its MQTT
+# client id is made of it, and two clients with one id on the shared broker take each other's
+# connection, so tests running side by side must not share one.
 AGENT, SITE = "edge-rc", "plant-rc"
 
 HEAD = """
@@ -58,7 +57,8 @@ agent:
   bucket_seconds: 5
 config:
   source: cloud
-  settle: 3s
+  # Long enough that a loaded test machine connects the new pipeline to the broker in time.
+  settle: 8s
 connections:
   - id: plc
     type: modbus
@@ -140,8 +140,9 @@ def publish_raw(topic: str, payload: bytes) -> None:
 
 
 class Plant:
-    def __init__(self, tmp_path: Path, prefix: str) -> None:
+    def __init__(self, tmp_path: Path, prefix: str, agent: str = AGENT) -> None:
         self.tmp = tmp_path
+        self.agent = agent
         self.state = tmp_path / "agent"
         self.prefix = prefix
         self.port = free_port()
@@ -159,7 +160,7 @@ class Plant:
     def config(self, presses: list[tuple[str, str, int]], *, timezone: str = "Europe/Berlin",
                extra_connection: str = "") -> str:  # fmt: skip
         head = HEAD.format(
-            agent=AGENT,
+            agent=self.agent,
             site=SITE,
             timezone=timezone,
             state=self.state,
@@ -183,6 +184,24 @@ class Plant:
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
+
+    def outbox_empty(self) -> bool:
+        with sqlite3.connect(f"file:{self.state / 'outbox.db'}?mode=ro", uri=True) as conn:
+            return int(conn.execute("SELECT count(*) FROM batches").fetchone()[0]) == 0
+
+    async def stop_drained(self) -> None:
+        """Stop the agent gracefully with its outbox empty. What the stop committed but could
+        not ship within its drain time stays in the outbox until the next start (a loaded
+        machine may take longer than the drain time): start again and let it ship."""
+        assert self.process is not None
+        for attempt in range(3):
+            self.process.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(self.process.wait, 60) == 0, self.tail()
+            if await asyncio.to_thread(self.outbox_empty):
+                return
+            self.start()
+            await wait_for(self.outbox_empty, 90, f"the outbox to drain (start {attempt + 2})")
+        raise AssertionError("the outbox is not empty after three graceful stops")
 
 
 async def test_remote_configuration_end_to_end(
@@ -386,21 +405,14 @@ async def test_remote_configuration_end_to_end(
             },
             frozen_at,
         )
-        plant.process.send_signal(signal.SIGTERM)
-        assert plant.process.wait(60) == 0, plant.tail()
+        await plant.stop_drained()
     finally:
         await client.aclose()
         if plant.process is not None and plant.process.poll() is None:
             plant.process.kill()
         await plant.line.stop()
 
-    def drained() -> bool:
-        import sqlite3
-
-        with sqlite3.connect(f"file:{plant.state / 'outbox.db'}?mode=ro", uri=True) as conn:
-            return int(conn.execute("SELECT count(*) FROM batches").fetchone()[0]) == 0
-
-    await wait_for(drained, 30, "every batch acked")
+    assert plant.outbox_empty(), "every batch acked"
     # No part lost through the pushes, the roll-back and the kill.
     truths = {}
     for name, press in zip(("press-1", "press-2"), plant.presses, strict=True):

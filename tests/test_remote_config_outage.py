@@ -12,13 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import psycopg
-import pytest
 from psycopg_pool import ConnectionPool
 
 from cloud_api.api.app import create_app
@@ -27,11 +25,10 @@ from cloud_api.ingest.worker import IngestWorker
 from sync.keys import CloudKeyring
 from tests.conftest import MQTT_HOST, MQTT_PORT, bearer, enroll, free_port, make_agent_keys
 from tests.invariants import Truth, api_client, check_views, compare_with_truth, wait_counted
-from tests.test_remote_config import AGENT, REASONS, SITE, Plant, counts_of, results, wait_for
+from tests.test_remote_config import REASONS, SITE, Plant, counts_of, results, wait_for
 
-# One agent id (edge-rc) on the shared broker: these tests never run at the same time
-# (a second client with the same id would take the first one's connection).
-pytestmark = pytest.mark.xdist_group("edge-rc")
+# An agent id of its own: this test may run beside the other remote-configuration test.
+AGENT = "edge-rc-outage"
 
 
 class Relay:
@@ -86,11 +83,7 @@ async def test_cloud_configured_agent_starts_from_its_last_version_without_a_bro
     topic_prefix: str,
     ingest: IngestWorker,
 ) -> None:
-    plant = Plant(tmp_path, topic_prefix)
-
-    def outbox_empty() -> bool:
-        with sqlite3.connect(f"file:{plant.state / 'outbox.db'}?mode=ro", uri=True) as conn:
-            return int(conn.execute("SELECT count(*) FROM batches").fetchone()[0]) == 0
+    plant = Plant(tmp_path, topic_prefix, agent=AGENT)
 
     relay = Relay(free_port())
     enroll(pg_url, AGENT, SITE, make_agent_keys(plant.state / "keys", cloud_keys))
@@ -198,15 +191,7 @@ async def test_cloud_configured_agent_starts_from_its_last_version_without_a_bro
             },
             frozen_at,
         )
-        plant.process.send_signal(signal.SIGTERM)
-        assert plant.process.wait(60) == 0, plant.tail()
-        if not await asyncio.to_thread(outbox_empty):
-            # What the graceful stop committed but could not ship within its drain time stays
-            # in the outbox until the next start: start again and let it ship.
-            plant.start()
-            await wait_for(outbox_empty, 90, "the outbox to drain after a restart")
-            plant.process.send_signal(signal.SIGTERM)
-            assert plant.process.wait(60) == 0, plant.tail()
+        await plant.stop_drained()
         # The retained version 1 delivered again after the outage is not a new result.
         assert [r["result"] for r in results(pg_url)] == ["applied"], results(pg_url)
     finally:
@@ -217,7 +202,7 @@ async def test_cloud_configured_agent_starts_from_its_last_version_without_a_bro
         await plant.line.stop()
         await relay.down()
 
-    await wait_for(outbox_empty, 30, "every batch acked")
+    assert plant.outbox_empty(), "every batch acked"
     truths = {}
     for name, press in zip(("press-1", "press-2"), plant.presses, strict=True):
         truth = press.truth

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -40,6 +41,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.floor import sparkplug_b_pb2 as pb
 from agent.floor.config import PlantMqttConfig, selected
 from agent.floor.live import BY_NAME, OUTBOX_DEPTH, EquipmentLive, LiveSource, Metric, Value
+from connectors.connector import raise_if_cancelled
 
 NAMESPACE = "spBv1.0"
 BDSEQ = "bdSeq"
@@ -170,8 +172,24 @@ class _Session:
         self.client.loop_start()
 
     async def close(self) -> None:
+        """Disconnect and end the network thread. paho's `loop_stop` joins that thread, which
+        first sends what is queued and so can wait as long as a broker that stopped reading
+        lets it: joined from a daemon thread of its own, not from the loop's executor (whose
+        threads the process waits for at exit), and awaited by the caller with a limit."""
         self.client.disconnect()
-        await asyncio.to_thread(self.client.loop_stop)
+        stopped: asyncio.Future[None] = self.loop.create_future()
+
+        def done() -> None:
+            if not stopped.done():
+                stopped.set_result(None)
+
+        def stop() -> None:
+            self.client.loop_stop()
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self.loop.call_soon_threadsafe(done)
+
+        threading.Thread(target=stop, name="plant-mqtt-stop", daemon=True).start()
+        await stopped
 
     def room(self) -> int:
         while self.backlog and self.backlog[0].is_published():
@@ -234,6 +252,9 @@ class PlantPublisher:
         delay = self.cfg.reconnect_min
         failing = False
         while True:
+            # Python 3.11's asyncio.wait_for (in the libraries below) can swallow a cancellation
+            # that arrives as what it waits for completes: never start a session past one.
+            raise_if_cancelled()
             session = _Session(self.cfg, self.client_id(), loop)
             self.configure(session)
             error: str | None = None
@@ -244,14 +265,16 @@ class PlantPublisher:
                 with contextlib.suppress(Exception):
                     self.on_stop(session)
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(session.close(), 5)
+                    async with asyncio.timeout(5):
+                        await session.close()
                 raise
             except Exception as exc:  # a broken plant broker must never stop the agent
                 connected = False
                 error = repr(exc)
             self.stats.connected = False
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(session.close(), 5)
+                async with asyncio.timeout(5):
+                    await session.close()
             if connected:
                 delay = self.cfg.reconnect_min
                 if not failing:
@@ -278,7 +301,8 @@ class PlantPublisher:
 
     async def _session(self, session: _Session) -> bool:
         """Runs one connection; True if it was ever connected."""
-        kind, detail = await asyncio.wait_for(session.inbox.get(), self.cfg.keepalive + 10)
+        async with asyncio.timeout(self.cfg.keepalive + 10):
+            kind, detail = await session.inbox.get()
         if kind != "connected":
             return False
         self.stats.connected = True
@@ -289,9 +313,11 @@ class PlantPublisher:
         loop = asyncio.get_running_loop()
         next_cycle = loop.time()
         while True:
+            raise_if_cancelled()
             wait = max(0.0, next_cycle - loop.time())
             try:
-                kind, detail = await asyncio.wait_for(session.inbox.get(), wait)
+                async with asyncio.timeout(wait):
+                    kind, detail = await session.inbox.get()
             except TimeoutError:
                 next_cycle = loop.time() + self.cfg.publish_interval
                 self._cycle(session)

@@ -24,7 +24,6 @@ one signed ack per (agent, epoch) naming seq ranges.
 from __future__ import annotations
 
 import contextlib
-import json
 import queue
 import threading
 import time
@@ -147,29 +146,40 @@ def _rollup_sql(table: str, unit: str, source: str) -> sql.Composed:
 # Facts and rollups in one statement: the rollups add exactly the buckets this statement
 # inserted (RETURNING), so a bucket that is already stored (sent again in another batch, or
 # by a concurrent worker) is never added to a rollup twice.
-STORE_BUCKETS = sql.SQL(
-    "WITH inserted AS (INSERT INTO facts.oee_buckets SELECT * FROM _new_buckets "
-    "ON CONFLICT DO NOTHING RETURNING *), "
-    "minute AS ({minute} RETURNING 1) {hour}"
-).format(
-    minute=_rollup_sql("oee_1m", "minute", "inserted"),
-    hour=_rollup_sql("oee_1h", "hour", "inserted"),
-)
+STORE_BUCKETS = (
+    sql.SQL(
+        "WITH inserted AS (INSERT INTO facts.oee_buckets SELECT * FROM _new_buckets "
+        "ON CONFLICT DO NOTHING RETURNING *), "
+        "minute AS ({minute} RETURNING 1) {hour}"
+    )
+    .format(
+        minute=_rollup_sql("oee_1m", "minute", "inserted"),
+        hour=_rollup_sql("oee_1h", "hour", "inserted"),
+    )
+    .as_bytes()
+)  # composed once: psycopg would compose it again at each execution
 BUCKET_COLS = (
     "site_id", "equipment_id", "bucket_start", "bucket_end", "event_id", "shift",
     "shift_start", *COMPONENT_FIELDS, "downtime_by_reason",
 )  # fmt: skip
-# The OEE buckets of a batch into the staging table in one statement, a column array each
-# (not COPY, which cannot run in pipeline mode).
-_STAGE_TYPES = (
-    *("text", "text", "timestamptz", "timestamptz", "uuid", "text", "timestamptz"),
-    *("bigint" if f in INTEGER_FIELDS else "double precision" for f in COMPONENT_FIELDS),
-    "jsonb",
-)
-STAGE_BUCKETS = sql.SQL("INSERT INTO _new_buckets ({cols}) SELECT * FROM unnest({arrays})").format(
-    cols=sql.SQL(", ").join(map(sql.Identifier, BUCKET_COLS)),
-    arrays=sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(t)) for t in _STAGE_TYPES),
-)
+# The OEE buckets of a batch into the staging table in one statement from their JSON array
+# (dumped by pydantic from the validated models, as the events are): PostgreSQL extracts the
+# columns, instead of a Python loop building a column array each and psycopg dumping every
+# value of them.
+_BUCKET_VALUES = (
+    "e->>'site_id'", "e->>'equipment_id'", "(e->>'bucket_start')::timestamptz",
+    "(e->>'bucket_end')::timestamptz", "(e->>'event_id')::uuid", "e->>'shift'",
+    "(e->>'shift_start')::timestamptz",
+    *(
+        f"(e->'components'->>'{f}')::{'bigint' if f in INTEGER_FIELDS else 'double precision'}"
+        for f in COMPONENT_FIELDS
+    ),
+    "e->'downtime_by_reason'",
+)  # fmt: skip
+STAGE_BUCKETS = (
+    f"INSERT INTO _new_buckets ({', '.join(BUCKET_COLS)}) "
+    f"SELECT {', '.join(_BUCKET_VALUES)} FROM jsonb_array_elements(%s) AS t(e)"
+).encode()  # bytes: psycopg sends them as they are
 # The events of a batch in one statement from the batch's JSON array (dumped once by
 # pydantic from the validated models, so the stored body is the normalized event, defaults
 # included and timestamps in UTC): PostgreSQL parses the array once and extracts the columns
@@ -401,23 +411,8 @@ class BatchWriter:
                 "CREATE TEMP TABLE IF NOT EXISTS _new_buckets (LIKE facts.oee_buckets) "
                 "ON COMMIT DELETE ROWS"
             )
-            columns: list[list[Any]] = [[] for _ in BUCKET_COLS]
-            for b in buckets:
-                c = b.components
-                row = (
-                    b.site_id,
-                    b.equipment_id,
-                    b.bucket_start,
-                    b.bucket_end,
-                    b.event_id,
-                    b.shift,
-                    b.shift_start,
-                    *(getattr(c, f) for f in COMPONENT_FIELDS),
-                    json.dumps(b.downtime_by_reason),
-                )
-                for column, value in zip(columns, row, strict=True):
-                    column.append(value)
-            conn.execute(STAGE_BUCKETS, columns)
+            data = EVENT_LIST_ADAPTER.dump_json(list(buckets))
+            conn.execute(STAGE_BUCKETS, (Jsonb(data, dumps=_raw_json),))
 
     def _insert_derived(
         self,

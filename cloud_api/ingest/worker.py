@@ -4,10 +4,11 @@ Order per batch: size -> header -> agent -> signature (before decryption) -> dec
 topic/site -> schema -> one PostgreSQL transaction (batch key, events, OEE buckets, rollups)
 -> commit -> signed ack. The batches of one (agent, epoch) that a worker takes off the queue
 in the same round share that transaction (BatchWriter.store_group); each is stored as it
-would be alone, and if the shared transaction fails each is stored in its own. Anything refused is counted by reason and kept in ops.quarantine;
-no message can stop the worker. A refusal is charged to the agent its header names only once
-the agent's signature has verified that header; before that it is counted under the topic it
-arrived on, marked unverified (a forged frame cannot raise another agent's counts).
+would be alone, and if the shared transaction fails each is stored in its own. Anything
+refused is counted by reason and kept in ops.quarantine; no message can stop the worker. A
+refusal is charged to the agent its header names only once the agent's signature has
+verified that header; before that it is counted under the topic it arrived on, marked
+unverified (a forged frame cannot raise another agent's counts).
 
 Permanent versus transient: a signed batch that can never be stored (content the event model
 refuses, values or characters PostgreSQL refuses, a key reused with other content) is kept

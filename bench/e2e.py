@@ -32,6 +32,7 @@ import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from psycopg import sql
 
+from bench.fleet import start_broker
 from bench.outbox import AGENT, SITE, make_events, make_sealer
 from buffer.outbox import NewBatch, Outbox
 from cloud_api.db import migrate
@@ -121,12 +122,12 @@ def _json_lines(text: str) -> list[str]:
 
 
 async def drain(
-    outbox: Outbox, prefix: str, ring: CloudKeyring, in_flight: int
+    outbox: Outbox, prefix: str, ring: CloudKeyring, in_flight: int, port: int
 ) -> tuple[float, int]:
     """Seconds until the outbox is empty, and the number of batches sent again."""
     uplink = Uplink(
         outbox,
-        BrokerSettings(host=MQTT_HOST, port=MQTT_PORT),
+        BrokerSettings(host=MQTT_HOST, port=port),
         site=SITE,
         agent=AGENT,
         ack_keys=ring.ack_verify_keys(),
@@ -153,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="threads per ingest process")
     parser.add_argument("--in-flight", type=int, default=32)
     parser.add_argument("--runs", type=int, default=1, help="runs in a row, each from scratch")
+    parser.add_argument(
+        "--own-broker",
+        action="store_true",
+        help="a Mosquitto of its own on a free port (as bench.fleet), so its CPU is measured",
+    )
     args = parser.parse_args(argv)
     results = [run(args) for _ in range(args.runs)]
     if args.runs > 1:
@@ -180,10 +186,14 @@ def run(args: argparse.Namespace) -> tuple[float, int]:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
     url = f"{PG}/{db}"
     procs: list[subprocess.Popen[bytes]] = []
+    broker: subprocess.Popen[bytes] | None = None
+    port = MQTT_PORT
     try:
         migrate(url)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
+            if args.own_broker:
+                broker, port = start_broker(folder)
             keys_dir = folder / "cloud-keys"
             generate_cloud_hpke_keys(keys_dir, [SUITE_X25519])
             generate_cloud_ack_key(keys_dir)
@@ -214,18 +224,24 @@ def run(args: argparse.Namespace) -> tuple[float, int]:
                 **os.environ,
                 "CLOUD_DATABASE_URL": url,
                 "CLOUD_MQTT_HOST": MQTT_HOST,
-                "CLOUD_MQTT_PORT": str(MQTT_PORT),
+                "CLOUD_MQTT_PORT": str(port),
                 "CLOUD_TOPIC_PREFIX": prefix,
                 "CLOUD_KEYS_DIR": str(keys_dir),
             }
             start_ingest(env, folder, args.ingest_processes, args.workers, procs)
             groups = {"ingest": [p.pid for p in procs], "postgres": database_backends(url)}
+            if broker is not None:
+                groups["broker"] = [broker.pid]
             before = {k: sum(map(cpu_ticks, v)) for k, v in groups.items()}
-            seconds, resent = asyncio.run(drain(outbox, prefix, ring, args.in_flight))
+            agent_before = time.process_time()
+            seconds, resent = asyncio.run(drain(outbox, prefix, ring, args.in_flight, port))
             cpu_ms = {
                 k: round((sum(map(cpu_ticks, v)) - before[k]) / CLK_TCK * 1e6 / args.events, 1)
                 for k, v in groups.items()
             }
+            # This process is the agent during the drain: reading batches from the outbox,
+            # publishing them, verifying acks and deleting what they name.
+            cpu_ms["agent"] = round((time.process_time() - agent_before) * 1e6 / args.events, 1)
             outbox.close()
         with psycopg.connect(url) as conn:
             row = conn.execute(
@@ -240,6 +256,9 @@ def run(args: argparse.Namespace) -> tuple[float, int]:
             p.terminate()
         for p in procs:
             p.wait(30)
+        if broker is not None:
+            broker.terminate()
+            broker.wait(30)
         with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db))
@@ -258,8 +277,8 @@ def run(args: argparse.Namespace) -> tuple[float, int]:
                 "ingest_processes": args.ingest_processes,
                 "workers_per_process": args.workers,
                 "max_in_flight": args.in_flight,
-                # CPU of the ingest processes and of the database's backends, per 1,000
-                # events: what bounds the rate when the cores are shared
+                # CPU of the ingest processes, the database's backends and the agent (this
+                # process), per 1,000 events: what bounds the rate when the cores are shared
                 "cpu_ms_per_1000_events": cpu_ms,
                 "loadavg": Path("/proc/loadavg").read_text().strip(),
                 "target_events_per_s": 60_000,

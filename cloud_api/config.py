@@ -29,9 +29,10 @@ class DatabaseSettings(_Model):
     url: str | None = Field(default=None, repr=False)
     pool_min: int = Field(default=1, ge=0, le=100)
     pool_max: int = Field(default=10, ge=1, le=500)
-    # The API prepares a query on the server after this many runs of it on a connection, which
-    # saves planning on the hot read paths (ingest prepares nothing). PgBouncer in transaction
-    # mode supports that from 1.21 on (max_prepared_statements > 0); null for an older one.
+    # The API and ingest prepare a query on the server after this many runs of it on a
+    # connection, which saves planning on the hot read paths and on every batch stored (null:
+    # nothing is prepared). PgBouncer in transaction mode supports that from 1.21 on
+    # (max_prepared_statements > 0); null for an older one (ingest connects directly).
     prepare_threshold: int | None = Field(default=2, ge=0)
     # The API's data-change listener (LISTEN) needs a session of its own, which a
     # transaction-mode pooler does not keep (it would listen on a server connection it hands

@@ -198,9 +198,9 @@ def make_pool(
 ) -> ConnectionPool:
     """A checked connection pool; with `role`, every connection runs as that database role.
 
-    With `prepare` (the API's read pool), queries run often are prepared on the server per
-    `settings.prepare_threshold`; otherwise nothing is prepared. `timeout` bounds each
-    checkout (PoolTimeout after it); `check_idle_s`: see CheckedPool.
+    With `prepare` (the API's read pool and ingest's pool), queries run often are prepared
+    on the server per `settings.prepare_threshold`; otherwise nothing is prepared. `timeout`
+    bounds each checkout (PoolTimeout after it); `check_idle_s`: see CheckedPool.
     """
 
     def configure(conn: psycopg.Connection[Any]) -> None:

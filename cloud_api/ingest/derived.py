@@ -59,6 +59,11 @@ def record_batch(
     """Apply everything derived from one batch; runs inside the ingest transaction."""
     if has_buckets:
         conn.execute(DATA_VERSIONS_SQL)
+    record_reports(conn, events)
+
+
+def record_reports(conn: psycopg.Connection[Any], events: Sequence[Event]) -> None:
+    """The agent's status, configuration and configuration outcome reported in one batch."""
     status = _latest(events, STATUS_CODE)
     if status is not None:
         data = {k: status.data[k] for k in STATUS_KEYS if k in status.data}

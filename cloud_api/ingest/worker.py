@@ -2,10 +2,13 @@
 
 Order per batch: size -> header -> agent -> signature (before decryption) -> decrypt ->
 topic/site -> schema -> one PostgreSQL transaction (batch key, events, OEE buckets, rollups)
--> commit -> signed ack. Anything refused is counted by reason and kept in ops.quarantine;
-no message can stop the worker. A refusal is charged to the agent its header names only once
-the agent's signature has verified that header; before that it is counted under the topic it
-arrived on, marked unverified (a forged frame cannot raise another agent's counts).
+-> commit -> signed ack. The batches of one (agent, epoch) that a worker takes off the queue
+in the same round share that transaction (BatchWriter.store_group); each is stored as it
+would be alone, and if the shared transaction fails each is stored in its own. Anything
+refused is counted by reason and kept in ops.quarantine; no message can stop the worker. A
+refusal is charged to the agent its header names only once the agent's signature has
+verified that header; before that it is counted under the topic it arrived on, marked
+unverified (a forged frame cannot raise another agent's counts).
 
 Permanent versus transient: a signed batch that can never be stored (content the event model
 refuses, values or characters PostgreSQL refuses, a key reused with other content) is kept
@@ -24,14 +27,14 @@ one signed ack per (agent, epoch) naming seq ranges.
 from __future__ import annotations
 
 import contextlib
-import json
 import queue
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Literal, TypeVar
 
 import psycopg
 import structlog
@@ -68,8 +71,12 @@ from sync.uplink import ack_topic, batch_topic
 log = structlog.get_logger("cloud_api.ingest")
 
 Status = Literal["stored", "duplicate", "rejected"]
+T = TypeVar("T")
 QUARANTINE_PAYLOAD_MAX = 64 * 1024  # of unverified or unanswered messages; answered: whole
 ACK_MAX_BATCHES = 512  # keeps one ack far below the agents' 1 MiB ack limit
+# Batches of one (agent, epoch) handled in the same round share one transaction up to this
+# many events (a backlog drains in rounds of several batches of up to 1,000 events).
+GROUP_MAX_EVENTS = 20_000
 # Refusals of a verified batch that a resend can never change: answered with a rejection.
 # Not `undecryptable` or `unknown_key`: a cloud key missing or mixed up on one ingest process
 # is fixed by the operator, and the batch must still be there then.
@@ -94,6 +101,18 @@ class Outcome:
     rejection: bytes | None = None  # the signed answer to a permanent refusal
     events: int = 0
     digest: str | None = None
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A batch that passed every check (signature, decryption, topic, site, schema), not yet
+    stored."""
+
+    topic: str
+    payload: bytes
+    header: EnvelopeHeader
+    digest: str
+    events: list[Event]
 
 
 class Rejected(Exception):
@@ -147,29 +166,40 @@ def _rollup_sql(table: str, unit: str, source: str) -> sql.Composed:
 # Facts and rollups in one statement: the rollups add exactly the buckets this statement
 # inserted (RETURNING), so a bucket that is already stored (sent again in another batch, or
 # by a concurrent worker) is never added to a rollup twice.
-STORE_BUCKETS = sql.SQL(
-    "WITH inserted AS (INSERT INTO facts.oee_buckets SELECT * FROM _new_buckets "
-    "ON CONFLICT DO NOTHING RETURNING *), "
-    "minute AS ({minute} RETURNING 1) {hour}"
-).format(
-    minute=_rollup_sql("oee_1m", "minute", "inserted"),
-    hour=_rollup_sql("oee_1h", "hour", "inserted"),
-)
+STORE_BUCKETS = (
+    sql.SQL(
+        "WITH inserted AS (INSERT INTO facts.oee_buckets SELECT * FROM _new_buckets "
+        "ON CONFLICT DO NOTHING RETURNING *), "
+        "minute AS ({minute} RETURNING 1) {hour}"
+    )
+    .format(
+        minute=_rollup_sql("oee_1m", "minute", "inserted"),
+        hour=_rollup_sql("oee_1h", "hour", "inserted"),
+    )
+    .as_bytes()
+)  # composed once: psycopg would compose it again at each execution
 BUCKET_COLS = (
     "site_id", "equipment_id", "bucket_start", "bucket_end", "event_id", "shift",
     "shift_start", *COMPONENT_FIELDS, "downtime_by_reason",
 )  # fmt: skip
-# The OEE buckets of a batch into the staging table in one statement, a column array each
-# (not COPY, which cannot run in pipeline mode).
-_STAGE_TYPES = (
-    *("text", "text", "timestamptz", "timestamptz", "uuid", "text", "timestamptz"),
-    *("bigint" if f in INTEGER_FIELDS else "double precision" for f in COMPONENT_FIELDS),
-    "jsonb",
-)
-STAGE_BUCKETS = sql.SQL("INSERT INTO _new_buckets ({cols}) SELECT * FROM unnest({arrays})").format(
-    cols=sql.SQL(", ").join(map(sql.Identifier, BUCKET_COLS)),
-    arrays=sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(t)) for t in _STAGE_TYPES),
-)
+# The OEE buckets of a batch into the staging table in one statement from their JSON array
+# (dumped by pydantic from the validated models, as the events are): PostgreSQL extracts the
+# columns, instead of a Python loop building a column array each and psycopg dumping every
+# value of them.
+_BUCKET_VALUES = (
+    "e->>'site_id'", "e->>'equipment_id'", "(e->>'bucket_start')::timestamptz",
+    "(e->>'bucket_end')::timestamptz", "(e->>'event_id')::uuid", "e->>'shift'",
+    "(e->>'shift_start')::timestamptz",
+    *(
+        f"(e->'components'->>'{f}')::{'bigint' if f in INTEGER_FIELDS else 'double precision'}"
+        for f in COMPONENT_FIELDS
+    ),
+    "e->'downtime_by_reason'",
+)  # fmt: skip
+STAGE_BUCKETS = (
+    f"INSERT INTO _new_buckets ({', '.join(BUCKET_COLS)}) "
+    f"SELECT {', '.join(_BUCKET_VALUES)} FROM jsonb_array_elements(%s) AS t(e)"
+).encode()  # bytes: psycopg sends them as they are
 # The events of a batch in one statement from the batch's JSON array (dumped once by
 # pydantic from the validated models, so the stored body is the normalized event, defaults
 # included and timestamps in UTC): PostgreSQL parses the array once and extracts the columns
@@ -324,6 +354,35 @@ class BatchWriter:
             conn.execute("SELECT ops.ensure_month_partitions(%s)", (t,))
             self._partitions.add(month)
 
+    def _claim(
+        self, conn: psycopg.Connection[Any], header: EnvelopeHeader, digest: str
+    ) -> Literal["stored", "duplicate", "conflict"]:
+        """Insert the batch key; "stored" when it is new (its events must follow in the same
+        transaction), else whether the stored batch of that key is this one."""
+        row = conn.execute(
+            "INSERT INTO facts.batches(site_id, agent_id, epoch, seq, digest, "
+            "event_count, created, trace_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT DO NOTHING RETURNING seq",
+            (
+                header.site_id,
+                header.agent_id,
+                header.epoch,
+                header.seq,
+                digest,
+                header.count,
+                header.created,
+                header.trace_id,
+            ),
+        ).fetchone()
+        if row is not None:
+            return "stored"
+        stored = conn.execute(
+            "SELECT digest FROM facts.batches WHERE site_id = %s AND agent_id = %s "
+            "AND epoch = %s AND seq = %s",
+            (header.site_id, header.agent_id, header.epoch, header.seq),
+        ).fetchone()
+        return "duplicate" if stored and stored[0] == digest else "conflict"
+
     def _store(
         self, header: EnvelopeHeader, digest: str, events: Sequence[Event]
     ) -> Literal["stored", "duplicate", "conflict"]:
@@ -335,28 +394,9 @@ class BatchWriter:
             # the agent's sequence row) and at its commit. Order and transaction are the same
             # as without it, and an error anywhere still rolls back all of it.
             with conn.pipeline(), conn.transaction():
-                row = conn.execute(
-                    "INSERT INTO facts.batches(site_id, agent_id, epoch, seq, digest, "
-                    "event_count, created, trace_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
-                    "ON CONFLICT DO NOTHING RETURNING seq",
-                    (
-                        header.site_id,
-                        header.agent_id,
-                        header.epoch,
-                        header.seq,
-                        digest,
-                        header.count,
-                        header.created,
-                        header.trace_id,
-                    ),
-                ).fetchone()
-                if row is None:
-                    stored = conn.execute(
-                        "SELECT digest FROM facts.batches WHERE site_id = %s AND agent_id = %s "
-                        "AND epoch = %s AND seq = %s",
-                        (header.site_id, header.agent_id, header.epoch, header.seq),
-                    ).fetchone()
-                    return "duplicate" if stored and stored[0] == digest else "conflict"
+                claimed = self._claim(conn, header, digest)
+                if claimed != "stored":
+                    return claimed
                 # The events first: the bulk of the transaction's work, and it updates no
                 # row that another batch shares (only an event id sent in two batches makes
                 # one insert wait for the other). From record_batch_seq on, the agent's
@@ -370,12 +410,50 @@ class BatchWriter:
                 self._stage_buckets(conn, buckets)
                 self._insert_derived(conn, header, events, has_buckets=bool(buckets))
                 record_declared_losses(conn, header.site_id, header.agent_id, list(events))
-                conn.execute(
-                    "UPDATE registry.agents SET last_seen = now(), last_batch_created = "
-                    "GREATEST(last_batch_created, %s) WHERE agent_id = %s",
-                    (header.created, header.agent_id),
-                )
+                self._touch_agent(conn, header.agent_id, header.created)
             return "stored"
+
+    def _store_many(
+        self, group: Sequence[Checked]
+    ) -> list[Literal["stored", "duplicate", "conflict"]]:
+        """The batches of one (agent, epoch) in one transaction, in seq order: per batch its
+        key and events (as _store), then per stored batch its sequence row, agent reports
+        and loss records in the order _store would apply them one transaction after the
+        other; the OEE buckets of all of them staged together, their rollups, data versions,
+        equipment and the agent's row once."""
+        ordered = sorted(group, key=lambda c: c.header.seq)
+        with self.pool.connection() as conn:
+            self._ensure_partitions(conn, [e for c in ordered for e in c.events])
+            conn.commit()
+            with conn.pipeline(), conn.transaction():
+                results = [self._claim(conn, c.header, c.digest) for c in ordered]
+                stored = [c for c, r in zip(ordered, results, strict=True) if r == "stored"]
+                for c in stored:
+                    self._insert_events(conn, c.header, c.events)
+                for c in stored:
+                    h = c.header
+                    record_batch_seq(conn, h.site_id, h.agent_id, h.epoch, h.seq)
+                    derived.record_reports(conn, c.events)
+                    record_declared_losses(conn, h.site_id, h.agent_id, list(c.events))
+                if stored:
+                    events = [e for c in stored for e in c.events]
+                    buckets = [e for e in events if isinstance(e, OeeEvent)]
+                    self._stage_buckets(conn, buckets)
+                    if buckets:
+                        conn.execute(STORE_BUCKETS)
+                        conn.execute(derived.DATA_VERSIONS_SQL)
+                    self._upsert_equipment(conn, stored[0].header.agent_id, events)
+                    created = max(c.header.created for c in stored)
+                    self._touch_agent(conn, stored[0].header.agent_id, created)
+        by_batch = {id(c): r for c, r in zip(ordered, results, strict=True)}
+        return [by_batch[id(c)] for c in group]
+
+    def _touch_agent(self, conn: psycopg.Connection[Any], agent_id: str, created: str) -> None:
+        conn.execute(
+            "UPDATE registry.agents SET last_seen = now(), last_batch_created = "
+            "GREATEST(last_batch_created, %s) WHERE agent_id = %s",
+            (created, agent_id),
+        )
 
     def _insert_events(
         self, conn: psycopg.Connection[Any], header: EnvelopeHeader, events: Sequence[Event]
@@ -401,23 +479,8 @@ class BatchWriter:
                 "CREATE TEMP TABLE IF NOT EXISTS _new_buckets (LIKE facts.oee_buckets) "
                 "ON COMMIT DELETE ROWS"
             )
-            columns: list[list[Any]] = [[] for _ in BUCKET_COLS]
-            for b in buckets:
-                c = b.components
-                row = (
-                    b.site_id,
-                    b.equipment_id,
-                    b.bucket_start,
-                    b.bucket_end,
-                    b.event_id,
-                    b.shift,
-                    b.shift_start,
-                    *(getattr(c, f) for f in COMPONENT_FIELDS),
-                    json.dumps(b.downtime_by_reason),
-                )
-                for column, value in zip(columns, row, strict=True):
-                    column.append(value)
-            conn.execute(STAGE_BUCKETS, columns)
+            data = EVENT_LIST_ADAPTER.dump_json(list(buckets))
+            conn.execute(STAGE_BUCKETS, (Jsonb(data, dumps=_raw_json),))
 
     def _insert_derived(
         self,
@@ -429,10 +492,15 @@ class BatchWriter:
     ) -> None:
         """OEE buckets (staged before) with their rollups, data versions, agent status and
         equipment."""
-        equipment = {(e.site_id, e.equipment_id) for e in events if e.equipment_id}
         if has_buckets:
             conn.execute(STORE_BUCKETS)
         derived.record_batch(conn, events, has_buckets=has_buckets)
+        self._upsert_equipment(conn, header.agent_id, events)
+
+    def _upsert_equipment(
+        self, conn: psycopg.Connection[Any], agent_id: str, events: Sequence[Event]
+    ) -> None:
+        equipment = {(e.site_id, e.equipment_id) for e in events if e.equipment_id}
         if equipment:
             # One statement for every equipment of the batch (sorted: a stable lock order).
             pairs = sorted(equipment)
@@ -442,7 +510,7 @@ class BatchWriter:
                 "ON CONFLICT (site_id, equipment_id) DO UPDATE "
                 "SET agent_id = excluded.agent_id, updated_at = now() "
                 "WHERE registry.equipment.agent_id IS DISTINCT FROM excluded.agent_id",
-                (header.agent_id, [s for s, _ in pairs], [e for _, e in pairs]),
+                (agent_id, [s for s, _ in pairs], [e for _, e in pairs]),
             )
 
     def _quarantine(self, topic: str, payload: bytes | None, rejected: Rejected) -> None:
@@ -549,23 +617,66 @@ class BatchWriter:
         )
         return sign_rejection(body, key)
 
-    def process(self, topic: str, payload: bytes) -> Outcome:
-        """Handle one MQTT message; never raises for bad input (database outages do raise)."""
+    def check(self, topic: str, payload: bytes) -> Checked | Outcome:
+        """Check one MQTT message: a Checked batch to store, or the Outcome of its refusal
+        (counted and kept in quarantine). Never raises for bad input."""
         try:
             header, _, digest, events = self._check(topic, payload)
         except Rejected as rejected:
             return self._reject(topic, payload, rejected)
+        return Checked(topic, payload, header, digest, events)
+
+    def process(self, topic: str, payload: bytes) -> Outcome:
+        """Handle one MQTT message; never raises for bad input (database outages do raise)."""
+        checked = self.check(topic, payload)
+        return checked if isinstance(checked, Outcome) else self.store_checked(checked)
+
+    def store_checked(self, c: Checked) -> Outcome:
+        """Store one checked batch in its own transaction and say what became of it."""
+        header = c.header
         # The agent's trace id joins the span, the stored batch and events, and the log lines.
         with tracing.batch_span(
             header.trace_id, {"agent": header.agent_id, "site": header.site_id, "seq": header.seq}
         ):
             try:
-                result = with_retry(lambda: self._store(header, digest, events))
+                result = with_retry(lambda: self._store(header, c.digest, c.events))
             except CONTENT_ERRORS as exc:
                 # The transaction rolled back whole; this content fails the same way each time.
                 detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 content = Rejected("invalid_content", detail, header, verified=True)
-                return self._reject(topic, payload, content)
+                return self._reject(c.topic, c.payload, content)
+        return self._outcome(c, result)
+
+    def store_group(self, group: Sequence[Checked]) -> list[Outcome]:
+        """Store checked batches of one (agent, epoch) in ONE transaction: one commit and one
+        wait for the agent's sequence row for all of them instead of one each (the batches of
+        one agent are serialized on that row from its lock to the commit). Each batch is
+        stored exactly as alone (see _store_many); when the transaction fails on content,
+        each batch is stored again in a transaction of its own, so one bad batch is refused
+        alone and the others are stored. Database outages raise, with nothing stored."""
+        if len(group) == 1:
+            return [self.store_checked(group[0])]
+        first = group[0].header
+        if any((c.header.agent_id, c.header.epoch) != (first.agent_id, first.epoch) for c in group):
+            raise ValueError("a group holds the batches of one (agent, epoch)")
+        with tracing.batch_span(
+            first.trace_id,
+            {
+                "agent": first.agent_id,
+                "site": first.site_id,
+                "seq": first.seq,
+                "batches": len(group),
+            },
+        ):
+            try:
+                results = with_retry(lambda: self._store_many(group))
+            except CONTENT_ERRORS:
+                return [self.store_checked(c) for c in group]
+        return [self._outcome(c, r) for c, r in zip(group, results, strict=True)]
+
+    def _outcome(self, c: Checked, result: Literal["stored", "duplicate", "conflict"]) -> Outcome:
+        """What a committed (or found) batch is answered with; after its transaction."""
+        header, digest, events = c.header, c.digest, c.events
         if result == "conflict":
             conflict = Rejected(
                 "conflict", "same (agent, epoch, seq), different content", header, verified=True
@@ -577,7 +688,7 @@ class BatchWriter:
                 epoch=header.epoch,
                 seq=header.seq,
             )
-            return self._reject(topic, payload, conflict)
+            return self._reject(c.topic, c.payload, conflict)
         metrics.INGEST_BATCHES.labels(result).inc()
         if result == "duplicate":
             # Stored before: re-ack (the first ack may have been lost), count it, keep a trace
@@ -586,7 +697,7 @@ class BatchWriter:
             replay = Rejected(
                 "replay", "identical to a stored batch; re-acked", header, verified=True
             )
-            self._quarantine(topic, None, replay)
+            self._quarantine(c.topic, None, replay)
         if result == "stored":
             metrics.INGEST_EVENTS.inc(len(events))
             with contextlib.suppress(ValueError):
@@ -666,11 +777,12 @@ class IngestWorker:
             except queue.Full:
                 continue
 
-    def _process(self, topic: str, payload: bytes) -> Outcome | None:
-        """One message, waiting out database outages; None when stopping first."""
+    def _guard(self, step: Callable[[], T], topic: str, payload: bytes) -> T | Outcome | None:
+        """One step of one message, waiting out database outages; None when stopping first.
+        An unexpected error keeps the message in quarantine, unanswered (the agent resends)."""
         while not self.stop_event.is_set():
             try:
-                return self.store.process(topic, payload)
+                return step()
             except TRANSIENT as exc:
                 log.warning("database unavailable, holding the batch", error=str(exc)[:200])
                 self.stop_event.wait(2.0)
@@ -678,6 +790,58 @@ class IngestWorker:
                 log.exception("unexpected error while processing a batch")
                 return self.store.keep_failed(topic, payload, exc)
         return None
+
+    def _store_group(self, group: list[Checked]) -> list[Outcome] | None:
+        """Checked batches of one (agent, epoch) stored together, waiting out database
+        outages; None when stopping first. After an unexpected error each batch is tried
+        alone, so the error is kept with the batch it belongs to."""
+        while not self.stop_event.is_set():
+            try:
+                return self.store.store_group(group)
+            except TRANSIENT as exc:
+                log.warning("database unavailable, holding the batches", error=str(exc)[:200])
+                self.stop_event.wait(2.0)
+            except Exception:
+                log.exception("unexpected error while storing batches together; one by one")
+                outcomes: list[Outcome] = []
+                for c in group:
+                    outcome = self._guard(partial(self.store.store_checked, c), c.topic, c.payload)
+                    if outcome is None:
+                        return None
+                    outcomes.append(outcome)
+                return outcomes
+        return None
+
+    def _handle(self, items: list[tuple[str, bytes]]) -> tuple[list[Outcome], bool]:
+        """Check every message of a round, then store the checked batches of each (agent,
+        epoch) together; the outcomes so far and whether the worker is stopping."""
+        outcomes: list[Outcome] = []
+        checked: list[Checked] = []
+        for topic, payload in items:
+            result = self._guard(partial(self.store.check, topic, payload), topic, payload)
+            if result is None:
+                return outcomes, True
+            if isinstance(result, Outcome):
+                outcomes.append(result)
+                self.processed += 1
+            else:
+                checked.append(result)
+        groups: dict[tuple[str, str], list[list[Checked]]] = {}
+        for c in checked:
+            parts = groups.setdefault((c.header.agent_id, c.header.epoch), [[]])
+            if sum(len(x.events) for x in parts[-1]) + len(c.events) > GROUP_MAX_EVENTS:
+                parts.append([])
+            parts[-1].append(c)
+        for parts in groups.values():
+            for group in parts:
+                if not group:
+                    continue
+                stored = self._store_group(group)
+                if stored is None:
+                    return outcomes, True
+                outcomes.extend(stored)
+                self.processed += len(stored)
+        return outcomes, False
 
     def _publish_acks(self, outcomes: list[Outcome]) -> None:
         """One signed ack per (agent, epoch) naming every batch stored in this round."""
@@ -708,18 +872,13 @@ class IngestWorker:
                     items.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            outcomes: list[Outcome] = []
-            stopping = False
+            messages: list[tuple[str, bytes]] = []
             for item in items:
                 if item is None:
-                    stopping = True
                     break
-                outcome = self._process(*item)
-                if outcome is None:
-                    stopping = True
-                    break
-                outcomes.append(outcome)
-                self.processed += 1
+                messages.append(item)
+            outcomes, stopping = self._handle(messages)
+            stopping = stopping or len(messages) < len(items)
             self._publish_acks(outcomes)
             if stopping:
                 break

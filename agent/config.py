@@ -522,6 +522,17 @@ def _load_yaml(text: str) -> tuple[Any, dict[tuple[str, ...], Position]]:
     return data, lines
 
 
+def _load_data(text: str) -> Any:
+    """The document alone (see _load_yaml), with the same parser and error messages."""
+    try:
+        return yaml.load(text, Loader=_FAST_LOADER)
+    except yaml.YAMLError:
+        if _FAST_LOADER is yaml.SafeLoader:
+            raise
+        yaml.safe_load(text)  # raises with the message that shows the line
+        raise
+
+
 def _line_index(root: yaml.Node | None) -> dict[tuple[str, ...], Position]:
     """YAML path -> where it is written, so errors can point into the file."""
     lines: dict[tuple[str, ...], Position] = {}
@@ -712,7 +723,7 @@ def parse_config(
     Every problem is reported at once (ConfigError.problems): unset variables, unknown or
     misspelled keys, bad values and references between sections."""
     try:
-        data, lines = _load_yaml(text)
+        data = _load_data(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -721,9 +732,13 @@ def parse_config(
     data = _substitute(data, (), dict(os.environ) if env is None else env, unset)
     found: list[Found] = []
     config: AgentConfig | None = None
+    # Where each path is written, for the problems only: a valid file (every start and
+    # reload) does not pay for an index of every node.
+    lines: dict[tuple[str, ...], Position] = {}
     try:
         config = AgentConfig.model_validate(data, context={"replay": replay})
     except ValidationError as exc:
+        lines = _text_line_index(text)
         found = _raw_problems(exc, lines)
         if not any(_is_cross_check(e) for e in exc.errors()):
             # The cross-section checks run only on a model whose fields are valid: run them on
@@ -736,6 +751,8 @@ def parse_config(
                     found.append((loc, why, _line_of(lines, loc)))
     # A value left empty by an unset variable is not reported as a second problem.
     found = [p for p in found if not any(p[0][: len(loc)] == loc for loc, _ in unset)]
+    if unset and not lines:
+        lines = _text_line_index(text)
     found += [
         (
             loc,
@@ -747,7 +764,8 @@ def parse_config(
     if found:
         problems = _merge(found)
         raise ConfigError(format_problems(source, problems), problems)
-    assert config is not None
+    if config is None:  # unreachable: no problem found means the model validated
+        raise RuntimeError("the configuration was neither valid nor refused")
     return config
 
 

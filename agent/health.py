@@ -21,16 +21,13 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
+from agent.exposition import CONTENT_TYPE, MetricFamily, counter, gauge, render
 from oee.engine import to_us
 
 log = structlog.get_logger("agent.health")
 
 HOST = "127.0.0.1"
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # The states the engine knows; every one is exported so a dashboard sees a 0 -> 1 change.
 STATES = ("running", "idle", "fault", "setup", "planned_stop", "unknown")
 
@@ -71,21 +68,19 @@ def _now_us() -> int:
     return int(datetime.now(UTC).timestamp() * 1_000_000)
 
 
-class AgentCollector(Collector):
+class AgentCollector:
     """Reads the live pipeline at each scrape."""
 
     def __init__(self, service: Supervised) -> None:
         self.service = service
         self.rate = SampleRate()
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[MetricFamily]:
         service = self.service
         runtime = service.runtime
         config = service.config
         agent = config.agent
-        info = GaugeMetricFamily(
-            "edge_agent_info", "The running agent", labels=["agent", "site", "version"]
-        )
+        info = gauge("edge_agent_info", "The running agent", labels=["agent", "site", "version"])
         version = _version()
         info.add_metric([agent.id, agent.site, version], 1.0)
         yield info
@@ -102,12 +97,12 @@ class AgentCollector(Collector):
             "Configuration in use (1 = as started)",
             reloads.generation,
         )
-        counter = CounterMetricFamily(
+        reload_counts = counter(
             "edge_agent_config_reloads", "SIGHUP reloads by result", labels=["result"]
         )
-        counter.add_metric(["applied"], reloads.applied)
-        counter.add_metric(["rejected"], reloads.rejected)
-        yield counter
+        reload_counts.add_metric(["applied"], reloads.applied)
+        reload_counts.add_metric(["rejected"], reloads.rejected)
+        yield reload_counts
         if runtime is None:
             return
         yield from self._connections(runtime)
@@ -116,16 +111,16 @@ class AgentCollector(Collector):
         yield from self._outbox(runtime)
         yield from self._uplink(runtime)
 
-    def _connections(self, runtime: Any) -> Iterable[Metric]:
-        up = GaugeMetricFamily(
+    def _connections(self, runtime: Any) -> Iterable[MetricFamily]:
+        up = gauge(
             "edge_agent_connection_up", "1 while the PLC connection is up", labels=["connection"]
         )
-        latency = GaugeMetricFamily(
+        latency = gauge(
             "edge_agent_connection_read_latency_seconds",
             "Duration of the last complete read cycle of the connection",
             labels=["connection"],
         )
-        requests = CounterMetricFamily(
+        requests = counter(
             "edge_agent_connection_requests",
             "Requests sent to the PLC over the connection",
             labels=["connection"],
@@ -138,29 +133,29 @@ class AgentCollector(Collector):
             requests.add_metric([name], float(getattr(hub, "requests", 0)))
         yield from (up, latency, requests)
 
-    def _samples(self, runtime: Any) -> Iterable[Metric]:
+    def _samples(self, runtime: Any) -> Iterable[MetricFamily]:
         total = int(runtime.samples_total)
         rate = self.rate.update(self.service.monotonic(), total, runtime)
-        yield CounterMetricFamily("edge_agent_samples", "Samples read from PLCs", value=total)
+        yield counter("edge_agent_samples", "Samples read from PLCs", value=total)
         yield _gauge("edge_agent_samples_per_second", "Samples per second, last few seconds", rate)
-        yield CounterMetricFamily(
+        yield counter(
             "edge_agent_samples_rejected",
             "Samples the OEE engine refused (unknown equipment, bad value)",
             value=int(runtime.samples_ignored),
         )
 
-    def _equipment(self, runtime: Any) -> Iterable[Metric]:
-        state = GaugeMetricFamily(
+    def _equipment(self, runtime: Any) -> Iterable[MetricFamily]:
+        state = gauge(
             "edge_agent_equipment_state",
             "1 for the equipment's current state, 0 for the others",
             labels=["equipment", "state"],
         )
-        since = GaugeMetricFamily(
+        since = gauge(
             "edge_agent_equipment_state_seconds",
             "Seconds the equipment has been in its current state",
             labels=["equipment"],
         )
-        oee = GaugeMetricFamily(
+        oee = gauge(
             "edge_agent_shift_oee_ratio",
             "A, P, Q and OEE of the running shift over its closed buckets",
             labels=["equipment", "shift", "ratio"],
@@ -182,7 +177,7 @@ class AgentCollector(Collector):
                         oee.add_metric([equipment_id, shift.name, name], float(value))
         yield from (state, since, oee)
 
-    def _outbox(self, runtime: Any) -> Iterable[Metric]:
+    def _outbox(self, runtime: Any) -> Iterable[MetricFamily]:
         stats = runtime.outbox.stats()
         yield _gauge("edge_agent_outbox_batches", "Batches waiting for an ack", stats.depth)
         yield _gauge("edge_agent_outbox_events", "Events waiting for an ack", stats.events)
@@ -196,18 +191,18 @@ class AgentCollector(Collector):
         # Flash wear: what the outbox made the kernel write (its transactions and WAL
         # checkpoints, from /proc/self/io), and the fsyncs SQLite issued for them.
         written = runtime.outbox.counters
-        yield CounterMetricFamily(
+        yield counter(
             "edge_agent_outbox_written_bytes",
             "Bytes the outbox's transactions and checkpoints wrote to storage",
             value=written.bytes,
         )
-        yield CounterMetricFamily(
+        yield counter(
             "edge_agent_outbox_fsyncs", "fsyncs of the outbox's files", value=written.fsyncs
         )
-        yield CounterMetricFamily(
+        yield counter(
             "edge_agent_outbox_commits", "Write transactions committed", value=written.commits
         )
-        yield CounterMetricFamily(
+        yield counter(
             "edge_agent_outbox_sealed_bytes",
             "Bytes of sealed batches stored (what the written bytes carry)",
             value=written.sealed_bytes,
@@ -218,24 +213,20 @@ class AgentCollector(Collector):
             max(0.0, time.monotonic() - written.opened_at),
         )
 
-    def _uplink(self, runtime: Any) -> Iterable[Metric]:
+    def _uplink(self, runtime: Any) -> Iterable[MetricFamily]:
         stats = runtime.uplink.stats
         yield _gauge("edge_agent_broker_connected", "1 while connected to MQTT", stats.connected)
-        yield CounterMetricFamily(
-            "edge_agent_batches_published", "Batch publishes", value=stats.published
-        )
-        yield CounterMetricFamily(
-            "edge_agent_acks", "Batches acked by the cloud", value=stats.acked_batches
-        )
-        yield CounterMetricFamily(
+        yield counter("edge_agent_batches_published", "Batch publishes", value=stats.published)
+        yield counter("edge_agent_acks", "Batches acked by the cloud", value=stats.acked_batches)
+        yield counter(
             "edge_agent_resends", "Batches sent again after a timeout", value=stats.resent
         )
-        yield CounterMetricFamily(
+        yield counter(
             "edge_agent_acks_rejected",
             "Acks refused (bad signature, unknown key, foreign agent)",
             value=stats.acks_rejected,
         )
-        yield CounterMetricFamily(
+        yield counter(
             "edge_agent_batches_rejected",
             "Batches the cloud refused for good (signed rejection): loss recorded, removed",
             value=stats.rejected_batches,
@@ -249,20 +240,20 @@ class AgentCollector(Collector):
                 "1 while connected to the plant broker (plant_mqtt)",
                 plant.connected,
             )
-            yield CounterMetricFamily(
+            yield counter(
                 "edge_agent_plant_messages_published",
                 "Messages published to the plant broker (Sparkplug B or UNS JSON)",
                 value=plant.published,
             )
-            yield CounterMetricFamily(
+            yield counter(
                 "edge_agent_plant_updates_dropped",
                 "Live values not sent to the plant broker (its queue was full); newer ones follow",
                 value=plant.dropped,
             )
 
 
-def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, documentation, value=float(value))
+def _gauge(name: str, documentation: str, value: float) -> MetricFamily:
+    return gauge(name, documentation, value=float(value))
 
 
 def _version() -> str:
@@ -280,8 +271,7 @@ class HealthServer:
     def __init__(self, service: Supervised, *, port: int) -> None:
         self.service = service
         self.port = port
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(AgentCollector(service))
+        self.collector = AgentCollector(service)
         self._server: asyncio.Server | None = None
 
     async def _listen(self, port: int) -> asyncio.Server:
@@ -321,7 +311,7 @@ class HealthServer:
 
     def render(self, path: str) -> tuple[int, str, bytes]:
         if path == "/metrics":
-            return 200, CONTENT_TYPE, generate_latest(self.registry)
+            return 200, CONTENT_TYPE, render(self.collector.collect())
         if path == "/healthz":
             problem = self.service.problem()
             runtime = self.service.runtime

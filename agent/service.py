@@ -25,6 +25,7 @@ import structlog
 
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.remote_config import Candidate, RemoteConfig
+from common.memory import release_free_memory
 from oee.engine import PlantEngine
 from sync.keys import AgentKeys, KeyFileError
 
@@ -348,6 +349,9 @@ class AgentService:
             run_stop = asyncio.Event()
             task = asyncio.create_task(runtime.run(run_stop), name="pipeline")
             await self._wait_started(runtime, task)
+            # What parsing the file, building the pipeline and (on a reload) the pipeline
+            # before it freed stays resident in the C heap until given back.
+            release_free_memory()
             if not task.done():
                 self.notifier.ready(
                     f"running {len(self.config.equipment)} equipment, "

@@ -18,12 +18,15 @@ Before both, the import floor: the RSS each layer of the agent's imports adds in
 interpreter (`import_floor_mb`); after the sizes, the kB each machine adds (`kb_per_machine`).
 
 The agent runs from a virtual environment with the project's own dependencies only (no test
-tools), as it is installed on an edge box: `var/bench-agent-venv`, created on first use.
-`--venv current` runs the interpreter's own `edge-agent` instead.
+tools), as it is installed on an edge box: `var/bench-agent-venv`, created on first use and
+byte-compiled as deploy/install-edge.sh does. `--venv current` runs the interpreter's own
+`edge-agent` instead. It runs with the `Environment=` settings of the shipped unit,
+systemd/edge-agent.service (PYTHONOPTIMIZE=2 among them); `--no-unit-env` leaves them out.
 
 Run: `python -m bench.agent [--machines 20,100,300] [--seconds 90] [--unreachable-seconds
-600] [--runs 1] [--venv bench|current]`. Uses the machine's Mosquitto and PostgreSQL (a fresh
-database per size, dropped afterwards). The last line printed is one JSON object.
+600] [--runs 1] [--venv bench|current] [--no-unit-env]`. Uses the machine's Mosquitto and
+PostgreSQL (a fresh database per size, dropped afterwards). The last line printed is one
+JSON object.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from bench.plant import Plant, plc_count, start_agent, stop_process
 AGENT, SITE = "edge-footprint-01", "plant-footprint"
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / "var" / "bench-agent-venv"
+UNIT = ROOT / "systemd" / "edge-agent.service"
+PACKAGES = ("agent", "buffer", "common", "connectors", "oee", "sync")
 TARGETS = {"rss_mb_at_100": 50.0, "cpu_percent_at_100": 5.0, "unreachable_mb_per_min": 0.05}
 CPU_FROM_S = 20.0
 RSS_AT_S = 60.0
@@ -69,7 +74,25 @@ def agent_venv(choice: str) -> Path:
             [*pip, "--config-settings", "editable_mode=compat", "-e", str(ROOT)], check=True
         )
         stamp.touch()
+    # As install-edge.sh does: .pyc files for plain and -OO runs (the unit's PYTHONOPTIMIZE).
+    # Up-to-date files are skipped; the project's own packages are installed editable.
+    python = str(bin_dir / "python")
+    folders = [*(str(p) for p in (VENV / "lib").glob("python3*")), *PACKAGES]
+    for flags in ([], ["-OO"]):
+        subprocess.run([python, *flags, "-m", "compileall", "-q", *folders], check=True, cwd=ROOT)
     return bin_dir
+
+
+def unit_environment(unit: Path = UNIT) -> dict[str, str]:
+    """The `Environment=NAME=VALUE ...` settings of the agent's systemd unit."""
+    env: dict[str, str] = {}
+    for raw in unit.read_text(encoding="utf-8").splitlines():
+        key, _, value = raw.strip().partition("=")
+        if key == "Environment":
+            for pair in value.split():
+                name, _, setting = pair.partition("=")
+                env[name] = setting.strip('"')
+    return env
 
 
 # What `edge-agent run` imports, in layers: each step's RSS growth is what that layer adds
@@ -84,7 +107,6 @@ IMPORT_LAYERS = (
     ("zstandard, envelope", "import sync.envelope"),
     ("paho-mqtt", "import paho.mqtt.client"),
     ("pymodbus, pyserial", "import pymodbus.client"),
-    ("prometheus-client", "import prometheus_client"),
     ("the agent's configuration models", "import agent.config"),
     (
         "the rest of the agent",
@@ -108,14 +130,16 @@ print(json.dumps(out))
 """
 
 
-def import_floor(bin_dir: Path) -> dict[str, float]:
-    """RSS (MB) each layer of the agent's imports adds, in a fresh interpreter of its venv."""
+def import_floor(bin_dir: Path, env: dict[str, str]) -> dict[str, float]:
+    """RSS (MB) each layer of the agent's imports adds, in a fresh interpreter of its venv
+    (with the agent's environment)."""
     done = subprocess.run(
         [str(bin_dir / "python"), "-c", IMPORT_PROBE, json.dumps(IMPORT_LAYERS)],
         capture_output=True,
         text=True,
         check=True,
         cwd=ROOT,
+        env={**os.environ, **env},
     )
     layers = {str(k): float(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1])}
     layers["total"] = round(sum(layers.values()), 1)
@@ -161,6 +185,7 @@ class AgentRun:
     bin_dir: Path
     machines: int
     acknowledging: bool
+    env: dict[str, str]
     rss: list[tuple[float, float]] = field(default_factory=list)
 
     def run(self, seconds: float, every: float) -> dict[str, Any]:
@@ -177,7 +202,7 @@ class AgentRun:
         agent: subprocess.Popen[bytes] | None = None
         result: dict[str, Any] = {"machines": self.machines, "plcs": plc_count(self.machines)}
         try:
-            agent = start_agent(plant.config, log, self.bin_dir)
+            agent = start_agent(plant.config, log, self.bin_dir, self.env)
             started = time.monotonic()
             cpu_from: tuple[float, float] | None = None
             rss_at: float | None = None
@@ -218,13 +243,17 @@ class AgentRun:
         return result
 
 
-def sizes_run(bin_dir: Path, tmp: Path, machines: int, seconds: float) -> dict[str, Any]:
-    run = AgentRun(tmp / f"m{machines}-{secrets.token_hex(2)}", bin_dir, machines, True)
+def sizes_run(
+    bin_dir: Path, tmp: Path, machines: int, seconds: float, env: dict[str, str]
+) -> dict[str, Any]:
+    run = AgentRun(tmp / f"m{machines}-{secrets.token_hex(2)}", bin_dir, machines, True, env)
     return run.run(seconds, every=1.0)
 
 
-def unreachable_run(bin_dir: Path, tmp: Path, seconds: float) -> dict[str, Any]:
-    run = AgentRun(tmp / f"unreachable-{secrets.token_hex(2)}", bin_dir, 100, False)
+def unreachable_run(
+    bin_dir: Path, tmp: Path, seconds: float, env: dict[str, str]
+) -> dict[str, Any]:
+    run = AgentRun(tmp / f"unreachable-{secrets.token_hex(2)}", bin_dir, 100, False, env)
     result = run.run(seconds, every=5.0)
     window = [(t, v) for t, v in run.rss if t >= SLOPE_FROM_S]
     result["seconds"] = seconds
@@ -252,16 +281,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--venv", default="bench", help="'bench' (runtime dependencies only) or 'current'"
     )
+    parser.add_argument(
+        "--no-unit-env",
+        action="store_true",
+        help="run the agent without the Environment= settings of systemd/edge-agent.service",
+    )
     args = parser.parse_args(argv)
     sizes = [int(m) for m in args.machines.split(",") if m.strip()]
     bin_dir = agent_venv(args.venv)
+    env = {} if args.no_unit_env else unit_environment()
     out: dict[str, Any] = {"bench": "agent", "venv": str(bin_dir.parent), "sizes": []}
-    out["import_floor_mb"] = import_floor(bin_dir)
+    out["agent_environment"] = env
+    out["import_floor_mb"] = import_floor(bin_dir, env)
     print("imports (MB):", json.dumps(out["import_floor_mb"]), flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp:
         for machines in sizes:
             for _ in range(args.runs):
-                r = sizes_run(bin_dir, Path(tmp), machines, max(args.seconds, RSS_AT_S + 5))
+                seconds = max(args.seconds, RSS_AT_S + 5)
+                r = sizes_run(bin_dir, Path(tmp), machines, seconds, env)
                 out["sizes"].append(r)
                 print(
                     f"{machines:4d} machines: {r['rss_mb_at_60s']} MB at 60 s, "
@@ -272,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.unreachable_seconds > 0:
             out["unreachable"] = []
             for _ in range(args.runs):
-                r = unreachable_run(bin_dir, Path(tmp), args.unreachable_seconds)
+                r = unreachable_run(bin_dir, Path(tmp), args.unreachable_seconds, env)
                 out["unreachable"].append(r)
                 print(
                     f"cloud unreachable {args.unreachable_seconds:.0f} s: "

@@ -187,13 +187,17 @@ def keyed_state(folder: Path) -> tuple[Path, Path, str]:
     return ring_dir, state, ed25519_line(key.public_key())
 
 
-def start_agent(config: Path, log: Path, bin_dir: Path | None = None) -> subprocess.Popen[bytes]:
-    """The real `edge-agent run`: from `bin_dir`, else of the interpreter running the bench."""
+def start_agent(
+    config: Path, log: Path, bin_dir: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """The real `edge-agent run`: from `bin_dir`, else of the interpreter running the bench;
+    `env` is added to the bench's environment."""
     folder = bin_dir if bin_dir is not None else Path(sys.executable).parent
     return subprocess.Popen(
         [str(folder / "edge-agent"), "run", "-c", str(config)],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
+        env=None if env is None else {**os.environ, **env},
     )
 
 

@@ -428,7 +428,8 @@ class Outbox:
     @property
     def epoch(self) -> str:
         epoch = self._meta("epoch")
-        assert epoch is not None
+        if epoch is None:  # written when the outbox is created
+            raise RuntimeError("the outbox has no epoch")
         return epoch
 
     def _stored_bytes(self) -> int:

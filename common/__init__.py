@@ -11,4 +11,5 @@ contract in `sync/`.
 - `common.retry`: the one backoff policy (capped exponential, optional jitter).
 - `common.mqtt`: the paho client both sides use (settings, TLS, subscribe on every connect,
   the network thread's start and stop).
+- `common.memory`: freed heap pages back to the kernel after start-up and reloads.
 """

@@ -109,7 +109,9 @@ else
   fi
   run "${PIP[@]}" "$PACKAGE"
   # Byte-compile now: the unit's ProtectSystem=strict keeps /opt read-only at run time.
+  # The unit runs Python with -OO (PYTHONOPTIMIZE=2), which reads its own .opt-2.pyc files.
   run "$VENV/bin/python" -m compileall -q "$VENV/lib"
+  run "$VENV/bin/python" -OO -m compileall -q "$VENV/lib"
 fi
 AGENT="$VENV/bin/edge-agent"
 

@@ -688,7 +688,8 @@ class EquipmentEngine:
             self._start(t)
         self._accrue(t)
         if self.state != "unknown":
-            assert self.cursor_us is not None
+            if self.cursor_us is None:  # set by _start above
+                raise RuntimeError("the equipment has no cursor")
             self._change_state("unknown", max(t, self.cursor_us), raw=None, reason=why)
         return self._drain()
 
@@ -919,7 +920,8 @@ class EquipmentEngine:
 
     def _judge_stop(self, end: int, *, open_ended: bool = False) -> None:
         """Move the pending time of the current stop to its class, on its full length."""
-        assert self.state_since_us is not None
+        if self.state_since_us is None:  # a stop has a start
+            raise RuntimeError("the current state has no start")
         length = end - self.state_since_us
         threshold = self._threshold_us
         # Inclusive: a stop of exactly the threshold is a micro-stop.
@@ -945,7 +947,8 @@ class EquipmentEngine:
 
     def _close_buckets(self, *, final: bool) -> None:
         cursor = self.cursor_us
-        assert cursor is not None
+        if cursor is None:  # buckets close only after the first sample
+            raise RuntimeError("the equipment has no cursor")
         done: list[int] = []
         for key, bucket in self.buckets.items():
             if bucket.pending or (bucket.end > cursor and not final):

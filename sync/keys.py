@@ -328,7 +328,8 @@ class CloudKeyring:
         )
         hpke_current = _current_per_suite(directory, hpke_keys)
         ack_current = read_one_current(directory, "ack", ack_keys)
-        assert ack_current is not None  # required: read_one_current raised otherwise
+        if ack_current is None:  # required: read_one_current raised otherwise
+            raise KeyFileError(f"{directory}: no current ack key")
         return cls(hpke_keys, ack_keys, hpke_current[0], ack_current, tuple(hpke_current))
 
     @property

@@ -349,7 +349,8 @@ class PlantOpcUaServer:
 
     async def update(self) -> None:
         """Write every value that changed since the last update (one source timestamp)."""
-        assert self.server is not None
+        if self.server is None:
+            raise RuntimeError("the OPC UA server is not started")
         now = datetime.now(UTC)
         for key, metric, value in self._values():
             nodeid = self._nodes.get(key)

@@ -76,7 +76,8 @@ def _set_value(metric: Any, kind: str, value: Value) -> None:
     elif kind == "string":
         metric.string_value = str(value)
     elif kind == "datetime":
-        assert isinstance(value, datetime)
+        if not isinstance(value, datetime):
+            raise TypeError(f"a datetime metric got {type(value).__name__}")
         metric.long_value = _ms(value)
     elif kind == "boolean":
         metric.boolean_value = bool(value)
@@ -573,7 +574,8 @@ class UnsPublisher(PlantPublisher):
 
     def __init__(self, cfg: PlantMqttConfig, source: LiveSource, *, agent: str, site: str):
         super().__init__(cfg, source, agent=agent, site=site)
-        assert cfg.uns is not None
+        if cfg.uns is None:  # the configuration gives uns with this format
+            raise ValueError("plant_mqtt.uns is not set")
         self.prefix = cfg.uns.prefix.rstrip("/")
         self.sent: dict[tuple[str, str], Value] = {}
 

@@ -293,7 +293,8 @@ class OpcUaHub:
 
     async def _secure(self, client: Client) -> None:
         cfg = self.config
-        assert cfg.certificate is not None and cfg.private_key is not None
+        if cfg.certificate is None or cfg.private_key is None:  # see OpcUaConnection
+            raise ValueError("a secure connection needs certificate and private_key")
         policy = _POLICIES[cfg.security_policy]
         mode = _MODES[cfg.security_mode]
         endpoints = await client.connect_and_get_server_endpoints()
@@ -405,7 +406,8 @@ class OpcUaHub:
     async def _untrusted(self, status: int | None) -> str:
         """What to do when the server did not accept our certificate."""
         cert = self.config.certificate
-        assert cert is not None  # a secure connection has one (see OpcUaConnection)
+        if cert is None:  # a secure connection has one (see OpcUaConnection)
+            raise ValueError("a secure connection needs a certificate")
         try:
             ours = f"SHA-1 {thumbprint(await asyncio.to_thread(_load_der, cert))}"
         except (OSError, ValueError) as exc:

@@ -1,5 +1,6 @@
 """An agent configured with Modbus only imports no library it does not use: not the OPC UA
-client or server (asyncua), not Sparkplug B's protobuf, not the HTTP client of `status`.
+client or server (asyncua), not Sparkplug B's protobuf, not the HTTP client of `status`, not
+prometheus-client (its own writer serves /metrics).
 
 The agent runs in a fresh interpreter (imports already made by other tests would hide one),
 through the service `edge-agent run` starts, until its pipeline has committed its first
@@ -69,7 +70,11 @@ NOT_FOR_MODBUS = (
     "agent.floor.opcua_server",
     "agent.floor.sparkplug",
     "connectors.opcua.hub",
-    "prometheus_client.parser",
+    # /metrics is written by agent.exposition: prometheus-client (and the http.server,
+    # wsgiref it imports) is for the cloud and for `edge-agent status`.
+    "prometheus_client",
+    "wsgiref",
+    "http.server",
 )
 
 

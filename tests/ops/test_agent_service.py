@@ -29,7 +29,7 @@ from cloud_api.ingest.worker import IngestWorker
 from connectors.modbus.simulator import Press, PressLine
 from sync.keys import CloudKeyring
 from tests.conftest import MQTT_HOST, MQTT_PORT, enroll, free_port, make_agent_keys
-from tests.ops.test_systemd_units import stop_timeout_s
+from tests.ops.test_systemd_units import stop_timeout_s, unit
 
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
 
@@ -252,8 +252,19 @@ def current_states(port: int) -> dict[str, str]:
     }
 
 
+def unit_environment() -> dict[str, str]:
+    """The unit's `Environment=` settings (PYTHONOPTIMIZE=2 among them): the agent runs here
+    as systemd runs it, docstrings and assert statements left out."""
+    pairs = (
+        p
+        for line in unit("edge-agent.service").get("Service.Environment", [])
+        for p in line.split()
+    )
+    return dict(pair.partition("=")[::2] for pair in pairs)
+
+
 def start_agent(config: Path, log: Path, notify: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NOTIFY_SOCKET": notify}
+    env = {**os.environ, **unit_environment(), "NOTIFY_SOCKET": notify}
     env["WATCHDOG_USEC"] = "1000000"  # a ping every 0.5 s
     env.pop("WATCHDOG_PID", None)
     with log.open("ab") as out:

@@ -35,6 +35,7 @@ from cloud_api.alerts.routes import router as alerts_router
 from cloud_api.api import ops_stats
 from cloud_api.api.cache import Answers, AnswersMiddleware, DataMarks
 from cloud_api.api.dashboard import install_dashboard
+from cloud_api.api.fastpath import SeriesFastPath
 from cloud_api.api.middleware import (
     RequestLimitsMiddleware,
     RequestStatsMiddleware,
@@ -43,7 +44,7 @@ from cloud_api.api.middleware import (
     UnhandledErrorsMiddleware,
 )
 from cloud_api.api.ops_stats import RequestStats
-from cloud_api.api.routes import install_routes
+from cloud_api.api.routes import analytics, install_routes
 from cloud_api.api.routes.annotations import router as annotations_router
 from cloud_api.api.routes.targets import router as targets_router
 from cloud_api.config import CloudSettings
@@ -140,6 +141,9 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
     _document_security(app)
 
     # add_middleware puts each one outside those added before it: innermost first.
+    # Plainly valid /v1/oee and /v1/counts requests skip the router and FastAPI's parameter
+    # validation (fastpath.py); everything else reaches them as before.
+    app.add_middleware(SeriesFastPath, routes=analytics.router.routes)
     # Inner to the timing middleware, so answers served again are timed and counted too.
     app.add_middleware(AnswersMiddleware, answers=app.state.answers)
     app.add_middleware(TimingMiddleware)

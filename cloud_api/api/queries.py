@@ -377,13 +377,12 @@ MAX_RANGED_BUCKETS = 400
 RANGED_MIN_ROWS = 1000
 
 
-def _wall_to_utc(wall: datetime, tz: ZoneInfo) -> datetime | None:
-    """The instant of the naive wall-clock time `wall` in `tz`, or None when the wall time
-    is skipped or repeated there (a DST change at midnight)."""
-    first = wall.replace(tzinfo=tz).astimezone(UTC)
-    if wall.replace(tzinfo=tz, fold=1).astimezone(UTC) != first:
-        return None
-    return first
+def _unique_instant(wall: datetime, tz: ZoneInfo) -> bool:
+    """Whether the naive wall-clock time `wall` happens exactly once in `tz` (not skipped or
+    repeated by a DST change)."""
+    return wall.replace(tzinfo=tz).astimezone(UTC) == wall.replace(tzinfo=tz, fold=1).astimezone(
+        UTC
+    )
 
 
 def local_buckets(
@@ -402,11 +401,11 @@ def local_buckets(
         return None
     labels: list[datetime] = []
     while True:
-        label = _wall_to_utc(wall, tz)
-        if label is None or len(labels) > MAX_RANGED_BUCKETS:
-            return None
+        label = wall.replace(tzinfo=tz).astimezone(UTC)
         if label >= end:
             return labels
+        if not _unique_instant(wall, tz) or len(labels) == MAX_RANGED_BUCKETS:
+            return None
         labels.append(label)
         if interval == "1d":
             wall += timedelta(days=1)
@@ -437,13 +436,15 @@ def oee_series(
     *,
     marked: bool = False,
     with_targets: bool = False,
+    ranged: bool = True,
 ) -> Series:
     """Summed components per (group, bucket) over [start, end).
 
     With `marked`, also the data watermark of the scope and window (data_watermark), and with
     `with_targets` the targets rows of the scope's sites (targets_rows): read in the same
     statement, hence the same snapshot and round trip (a second one only when no bucket has
-    data).
+    data). `ranged=False` groups every row by `date_trunc` even where bucket bounds would
+    do (the reference the ranges are tested against).
     """
     if not members:
         return Series([], "none", 0 if marked else None, [] if with_targets else None)
@@ -476,7 +477,7 @@ def oee_series(
         tables = tuple(table for table, _, _ in parts)
         # Short series (a week of one machine: 168 hourly rows) are quicker grouped.
         many = len(members) * (end - start).total_seconds() >= RANGED_MIN_ROWS * 3600
-        labels = local_buckets(start, end, interval, tz) if hourly and many else None
+        labels = local_buckets(start, end, interval, tz) if ranged and hourly and many else None
         if labels:
             params["b_lo"], params["b_hi"] = labels, [*labels[1:], end]
             query = _ranged_series_sql(group_by, tables, marked, with_targets)

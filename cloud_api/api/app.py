@@ -46,6 +46,7 @@ from cloud_api.api.middleware import (
 from cloud_api.api.ops_stats import RequestStats
 from cloud_api.api.routes import analytics, install_routes
 from cloud_api.api.routes.annotations import router as annotations_router
+from cloud_api.api.routes.common import DbThreads
 from cloud_api.api.routes.targets import router as targets_router
 from cloud_api.config import CloudSettings
 from cloud_api.db import make_pool, with_retry
@@ -91,6 +92,8 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
                 )
             if owns_pool:
                 stack.callback(app.state.pool.close)
+            # Closed before the pool: the database work still running ends first.
+            stack.callback(app.state.db_threads.close)
             # Every checkout runs as the API's role with the caller's sites.
             app.state.pool = scoped_pool(app.state.pool, settings.security)
             # Until it listens (and whenever it does not), routes read watermarks from the
@@ -116,6 +119,10 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.pool = scoped_pool(pool, settings.security) if pool is not None else None
+    # One thread per connection of the pool (routes/common.py).
+    app.state.db_threads = DbThreads(
+        pool.max_size if pool is not None else settings.database.pool_max
+    )
     app.state.security = security
     app.state.request_stats = request_stats
     app.state.data_marks = DataMarks(

@@ -15,6 +15,11 @@ INGEST_LAG = Histogram(
 HTTP_REQUESTS = Counter("http_requests_total", "HTTP requests", ["route", "method", "status"])
 HTTP_LATENCY = Histogram("http_request_duration_seconds", "HTTP latency", ["route"])
 DB_LATENCY = Histogram("db_query_duration_seconds", "Database query latency", ["query"])
+SERIES_FAST_PATH = Counter(
+    "api_series_fast_path_total",
+    "Series requests answered without FastAPI's routing and validation (api/fastpath.py)",
+    ["route"],
+)
 CACHE_REQUESTS = Counter("api_result_cache_total", "Result cache lookups by outcome", ["outcome"])
 DB_POOL = Gauge("db_pool_connections", "API connection pool use", ["state"])
 AUTH_FAILURES = Counter(

@@ -35,6 +35,7 @@ from cloud_api.alerts.routes import router as alerts_router
 from cloud_api.api import ops_stats
 from cloud_api.api.cache import Answers, AnswersMiddleware, DataMarks
 from cloud_api.api.dashboard import install_dashboard
+from cloud_api.api.fastpath import SeriesFastPath
 from cloud_api.api.middleware import (
     RequestLimitsMiddleware,
     RequestStatsMiddleware,
@@ -43,8 +44,9 @@ from cloud_api.api.middleware import (
     UnhandledErrorsMiddleware,
 )
 from cloud_api.api.ops_stats import RequestStats
-from cloud_api.api.routes import install_routes
+from cloud_api.api.routes import analytics, install_routes
 from cloud_api.api.routes.annotations import router as annotations_router
+from cloud_api.api.routes.common import DbThreads
 from cloud_api.api.routes.targets import router as targets_router
 from cloud_api.config import CloudSettings
 from cloud_api.db import make_pool, with_retry
@@ -90,6 +92,8 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
                 )
             if owns_pool:
                 stack.callback(app.state.pool.close)
+            # Closed before the pool: the database work still running ends first.
+            stack.callback(app.state.db_threads.close)
             # Every checkout runs as the API's role with the caller's sites.
             app.state.pool = scoped_pool(app.state.pool, settings.security)
             # Until it listens (and whenever it does not), routes read watermarks from the
@@ -115,6 +119,10 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.pool = scoped_pool(pool, settings.security) if pool is not None else None
+    # One thread per connection of the pool (routes/common.py).
+    app.state.db_threads = DbThreads(
+        pool.max_size if pool is not None else settings.database.pool_max
+    )
     app.state.security = security
     app.state.request_stats = request_stats
     app.state.data_marks = DataMarks(
@@ -140,6 +148,9 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
     _document_security(app)
 
     # add_middleware puts each one outside those added before it: innermost first.
+    # Plainly valid /v1/oee and /v1/counts requests skip the router and FastAPI's parameter
+    # validation (fastpath.py); everything else reaches them as before.
+    app.add_middleware(SeriesFastPath, routes=analytics.router.routes)
     # Inner to the timing middleware, so answers served again are timed and counted too.
     app.add_middleware(AnswersMiddleware, answers=app.state.answers)
     app.add_middleware(TimingMiddleware)

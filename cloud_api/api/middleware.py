@@ -10,6 +10,8 @@ From the outside in (the security ones are in cloud_api/access/security.py):
     AuthMiddleware             authentication, rate limits, the default permission
     TimingMiddleware           Prometheus counts and latencies, Server-Timing
     AnswersMiddleware          answers served again without running the route (cache.py)
+    SeriesFastPath             plainly valid /v1/oee and /v1/counts without the router and
+                               FastAPI's parameter validation (fastpath.py)
 
 Each is a plain ASGI callable rather than `@app.middleware("http")`: Starlette's
 BaseHTTPMiddleware runs the rest of the app in a separate task and pipes the response through

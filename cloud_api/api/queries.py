@@ -329,6 +329,93 @@ def _series_sql(
     return stmt.as_bytes(None)
 
 
+# Sums per bucket of a day, week or month as index range scans: the bucket bounds come from
+# Python (local_buckets), and each equipment's rows of each bucket are summed on their own
+# (LATERAL), so no row is converted to the zone and no row is sorted. On one year of hourly
+# rows this halved the database's time of a year by month and of a site's 30 days by day.
+# Empty (equipment, bucket) pairs are left out, as the grouping of rows leaves them out.
+@functools.lru_cache(maxsize=256)
+def _ranged_series_sql(
+    group_by: GroupBy, tables: tuple[str, ...], marked: bool, with_targets: bool
+) -> bytes:
+    mark = sql.SQL((_MARK_COLUMN if marked else "") + (_TARGETS_COLUMN if with_targets else ""))
+    selects = [
+        sql.SQL(
+            "SELECT {cols} FROM rollups.{table} "
+            "WHERE site_id = s.site_id AND equipment_id = s.equipment_id "
+            "AND bucket >= greatest(b.lo, {lo}) AND bucket < least(b.hi, {hi})"
+        ).format(
+            cols=_COLS,
+            table=sql.Identifier(table),
+            lo=sql.Placeholder(f"lo{i}"),
+            hi=sql.Placeholder(f"hi{i}"),
+        )
+        for i, table in enumerate(tables)
+    ]
+    inner = sql.SQL(", ").join(
+        sql.SQL("sum({c}) AS {c}").format(c=sql.Identifier(c)) for c in COMPONENT_FIELDS
+    )
+    stmt = _SCOPE_CTE + sql.SQL(
+        "SELECT {groups}, b.lo AS label, {sums}{mark} FROM scope s "
+        "CROSS JOIN unnest(%(b_lo)s::timestamptz[], %(b_hi)s::timestamptz[]) AS b(lo, hi) "
+        "CROSS JOIN LATERAL (SELECT count(*) AS n, {inner} FROM ({union}) u) r "
+        "WHERE r.n > 0 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+    ).format(
+        groups=_group_cols(group_by),
+        sums=_sums("r."),
+        mark=mark,
+        inner=inner,
+        union=sql.SQL(" UNION ALL ").join(selects),
+    )
+    return stmt.as_bytes(None)
+
+
+# The most buckets summed by ranges; longer series group their rows by date_trunc. And the
+# fewest hourly rows (equipment times hours): a week of one machine (168 rows) took 0.96 ms
+# by ranges and 0.83 ms grouped, one machine's year by month 6.5 ms and 10.2 ms.
+MAX_RANGED_BUCKETS = 400
+RANGED_MIN_ROWS = 1000
+
+
+def _unique_instant(wall: datetime, tz: ZoneInfo) -> bool:
+    """Whether the naive wall-clock time `wall` happens exactly once in `tz` (not skipped or
+    repeated by a DST change)."""
+    return wall.replace(tzinfo=tz).astimezone(UTC) == wall.replace(tzinfo=tz, fold=1).astimezone(
+        UTC
+    )
+
+
+def local_buckets(
+    start: datetime, end: datetime, interval: Interval, tz: ZoneInfo
+) -> list[datetime] | None:
+    """The starts (UTC) of the day, week or month buckets in `tz` that [start, end) touches,
+    as PostgreSQL's `date_trunc(unit, bucket, tz)` labels the rows; None when one of them is
+    a local midnight that is skipped or repeated (only then can a zone's date go back, and
+    only `date_trunc` says what it makes of such a row), or when there are too many."""
+    wall = start.astimezone(tz).replace(tzinfo=None, hour=0, minute=0, second=0, microsecond=0)
+    if interval == "1w":
+        wall -= timedelta(days=wall.weekday())  # ISO weeks start on Monday, as in PostgreSQL
+    elif interval == "1mo":
+        wall = wall.replace(day=1)
+    elif interval != "1d":
+        return None
+    labels: list[datetime] = []
+    while True:
+        label = wall.replace(tzinfo=tz).astimezone(UTC)
+        if label >= end:
+            return labels
+        if not _unique_instant(wall, tz) or len(labels) == MAX_RANGED_BUCKETS:
+            return None
+        labels.append(label)
+        if interval == "1d":
+            wall += timedelta(days=1)
+        elif interval == "1w":
+            wall += timedelta(days=7)
+        else:
+            year, month = (wall.year + 1, 1) if wall.month == 12 else (wall.year, wall.month + 1)
+            wall = wall.replace(year=year, month=month)
+
+
 class Series(NamedTuple):
     buckets: list[Bucket]
     source: str  # the tables the sums came from
@@ -349,13 +436,15 @@ def oee_series(
     *,
     marked: bool = False,
     with_targets: bool = False,
+    ranged: bool = True,
 ) -> Series:
     """Summed components per (group, bucket) over [start, end).
 
     With `marked`, also the data watermark of the scope and window (data_watermark), and with
     `with_targets` the targets rows of the scope's sites (targets_rows): read in the same
     statement, hence the same snapshot and round trip (a second one only when no bucket has
-    data).
+    data). `ranged=False` groups every row by `date_trunc` even where bucket bounds would
+    do (the reference the ranges are tested against).
     """
     if not members:
         return Series([], "none", 0 if marked else None, [] if with_targets else None)
@@ -386,7 +475,14 @@ def oee_series(
         for i, (_table, lo, hi) in enumerate(parts):
             params[f"lo{i}"], params[f"hi{i}"] = lo, hi
         tables = tuple(table for table, _, _ in parts)
-        query = _series_sql(group_by, interval, tables, marked, with_targets)
+        # Short series (a week of one machine: 168 hourly rows) are quicker grouped.
+        many = len(members) * (end - start).total_seconds() >= RANGED_MIN_ROWS * 3600
+        labels = local_buckets(start, end, interval, tz) if ranged and hourly and many else None
+        if labels:
+            params["b_lo"], params["b_hi"] = labels, [*labels[1:], end]
+            query = _ranged_series_sql(group_by, tables, marked, with_targets)
+        else:
+            query = _series_sql(group_by, interval, tables, marked, with_targets)
         rows = run(conn, f"oee_{interval}", query, params)
         buckets = [
             Bucket(

@@ -147,7 +147,7 @@ def series_table(payload: dict[str, Any]) -> list[dict[str, Any]]:
     return table
 
 
-async def _series(
+async def series_response(
     request: Request,
     route: str,
     scope: ScopeKind,
@@ -238,7 +238,7 @@ async def oee(
     tz: Tz = "UTC",
     group_by: GroupQ = "none",
 ) -> Response:
-    return await _series(
+    return await series_response(
         request, "oee", scope, id, site, from_, to, interval, max_points, tz, group_by, "oee"
     )
 
@@ -297,7 +297,7 @@ async def counts(
     tz: Tz = "UTC",
     group_by: GroupQ = "none",
 ) -> Response:
-    return await _series(
+    return await series_response(
         request, "counts", scope, id, site, from_, to, interval, max_points, tz, group_by, "counts"
     )
 

@@ -220,6 +220,7 @@ class AgentService:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._watchdog_problem: str | None = None
+        self._ready = False  # READY sent once: watchdog pings start after it
         # Pushed configurations (config.source: cloud); the stored version replaces the file.
         self.remote = RemoteConfig(config, keys, check=check_config)
         stored = self.remote.startup()
@@ -260,6 +261,8 @@ class AgentService:
 
     def beat(self) -> bool:
         """Ping the watchdog if the pipeline is alive; returns whether a ping was sent."""
+        if not self._ready:
+            return False  # the first pipeline has not started: no ping before READY
         problem = self.problem()
         if problem is None:
             if self._watchdog_problem is not None:
@@ -349,14 +352,16 @@ class AgentService:
             run_stop = asyncio.Event()
             task = asyncio.create_task(runtime.run(run_stop), name="pipeline")
             await self._wait_started(runtime, task)
-            # What parsing the file, building the pipeline and (on a reload) the pipeline
-            # before it freed stays resident in the C heap until given back.
-            release_free_memory()
             if not task.done():
                 self.notifier.ready(
                     f"running {len(self.config.equipment)} equipment, "
                     f"configuration generation {self.reloads.generation}"
                 )
+                self._ready = True
+            # What parsing the file, building the pipeline and (on a reload) the pipeline
+            # before it freed stays resident in the C heap until given back (after READY,
+            # which it must not delay).
+            release_free_memory()
             candidate: tuple[AgentConfig, AgentKeys] | None = None
             rolling_back = False
             if settling is not None and last_good is not None:

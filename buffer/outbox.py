@@ -42,7 +42,7 @@ Tuned for flash (every figure in README "Storage"):
 - The agent opens it with `exclusive=True` (`locking_mode = EXCLUSIVE`, set before the first
   read): SQLite then keeps the WAL index in the process's memory instead of the shared
   `-shm` file, whose pages (its header and the hash slots of a commit's frames) the kernel
-  otherwise writes back after every commit: about a third of an idle line's bytes. The WAL
+  otherwise writes back after every commit: about half of an idle line's bytes. The WAL
   and its fsyncs are unchanged, and the index is rebuilt from the WAL when the file is
   opened after a crash, as it is from a stale `-shm`. The price: no other process can open
   the file while the agent runs (read-only commands ask the agent over its health port,

@@ -336,19 +336,25 @@ class HealthServer:
                 "application/json",
                 json.dumps(body).encode(),
             )
-        if path in ("/outbox", "/outbox/keys"):
+        if path == "/outbox":
             runtime = self.service.runtime
             if runtime is None:
                 return 503, "text/plain; charset=utf-8", b"the pipeline is not running\n"
-            from agent.outbox_report import keys_report, stats_report
+            from agent.outbox_report import stats_report
 
-            report = (
-                stats_report(runtime.outbox, runtime.config)
-                if path == "/outbox"
-                else keys_report(runtime.outbox)
-            )
+            report = stats_report(runtime.outbox, runtime.config)
             return 200, "application/json", json.dumps(report).encode()
         return 404, "text/plain; charset=utf-8", b"not found: try /healthz or /metrics\n"
+
+    async def _render_keys(self) -> tuple[int, str, bytes]:
+        """`GET /outbox/keys`: reads every unacked batch's header, a page at a time."""
+        runtime = self.service.runtime
+        if runtime is None:
+            return 503, "text/plain; charset=utf-8", b"the pipeline is not running\n"
+        from agent.outbox_report import keys_report_async
+
+        report = await keys_report_async(runtime.outbox)
+        return 200, "application/json", json.dumps(report).encode()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -356,6 +362,8 @@ class HealthServer:
             method, target, _ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
             if method not in ("GET", "HEAD"):
                 status, ctype, body = 405, "text/plain; charset=utf-8", b"GET only\n"
+            elif target.split("?", 1)[0] == "/outbox/keys":
+                status, ctype, body = await self._render_keys()
             else:
                 status, ctype, body = self.render(target.split("?", 1)[0])
             reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(

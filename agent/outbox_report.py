@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from agent.config import AgentConfig
-from buffer.outbox import Outbox
+from buffer.outbox import Outbox, PendingBatch
 
 
 class AgentNotAnswering(Exception):
@@ -51,23 +51,47 @@ def stats_report(outbox: Outbox, config: AgentConfig) -> dict[str, Any]:
 def keys_report(outbox: Outbox) -> dict[str, dict[str, int]]:
     """Batches not acked yet, counted by the key that signed them and the cloud key sealing
     them (what `keys status` needs before a retired key may be revoked)."""
+    counts: tuple[dict[str, int], dict[str, int]] = ({}, {})
+    after = 0
+    while batches := outbox.pending(KEYS_PAGE, after_seq=after):
+        after = _count_keys(batches, counts)
+    return _keys_dict(counts)
+
+
+async def keys_report_async(outbox: Outbox) -> dict[str, dict[str, int]]:
+    """`keys_report` inside the running agent: a page of batches at a time with the event
+    loop let go between pages, so a large backlog never holds up polling or the watchdog."""
+    import asyncio
+
+    counts: tuple[dict[str, int], dict[str, int]] = ({}, {})
+    after = 0
+    while batches := outbox.pending(KEYS_PAGE, after_seq=after):
+        after = _count_keys(batches, counts)
+        await asyncio.sleep(0)
+    return _keys_dict(counts)
+
+
+KEYS_PAGE = 500
+
+
+def _count_keys(batches: list[PendingBatch], counts: tuple[dict[str, int], dict[str, int]]) -> int:
     from sync.envelope import EnvelopeError, parse_header
 
-    by_signer: dict[str, int] = {}
-    by_cloud: dict[str, int] = {}
-    after = 0
-    while batches := outbox.pending(1000, after_seq=after):
-        for batch in batches:
-            try:
-                header = parse_header(batch.envelope)
-            except EnvelopeError:
-                continue
-            by_signer[header.signing_key_id] = by_signer.get(header.signing_key_id, 0) + 1
-            by_cloud[header.cloud_key_id] = by_cloud.get(header.cloud_key_id, 0) + 1
-        after = batches[-1].seq
+    by_signer, by_cloud = counts
+    for batch in batches:
+        try:
+            header = parse_header(batch.envelope)
+        except EnvelopeError:
+            continue
+        by_signer[header.signing_key_id] = by_signer.get(header.signing_key_id, 0) + 1
+        by_cloud[header.cloud_key_id] = by_cloud.get(header.cloud_key_id, 0) + 1
+    return batches[-1].seq
+
+
+def _keys_dict(counts: tuple[dict[str, int], dict[str, int]]) -> dict[str, dict[str, int]]:
     return {
-        "unacked_batches_by_signing_key": by_signer,
-        "unacked_batches_by_cloud_key": by_cloud,
+        "unacked_batches_by_signing_key": counts[0],
+        "unacked_batches_by_cloud_key": counts[1],
     }
 
 

@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -195,44 +195,60 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keys_status(args: argparse.Namespace) -> int:
+def _outbox_report(config: AgentConfig, route: str) -> dict[str, Any]:
+    """What `route` of the health port reports (see agent/outbox_report.py): asked of the
+    running agent when it holds the state folder, read from the file otherwise. Raises
+    AgentNotAnswering."""
+    import sqlite3
+
+    from agent.outbox_report import ask_agent, keys_report, stats_report
+    from agent.statelock import is_held
     from buffer.outbox import Outbox
-    from sync.envelope import EnvelopeError, parse_header
+
+    if is_held(config.agent.state_dir):
+        return ask_agent(config, route)
+    try:
+        outbox = Outbox(
+            config.outbox_path,
+            max_bytes=config.outbox.max_bytes,
+            min_free_bytes=config.outbox.min_free_bytes,
+        )
+    except sqlite3.OperationalError:
+        if is_held(config.agent.state_dir):  # an agent started in between and holds the file
+            return ask_agent(config, route)
+        raise
+    try:
+        if route == "/outbox":
+            return stats_report(outbox, config)
+        return dict(keys_report(outbox))
+    finally:
+        outbox.close()
+
+
+def cmd_keys_status(args: argparse.Namespace) -> int:
+    from agent.outbox_report import AgentNotAnswering
 
     config = _config(args.config)
     keys = AgentKeys.load(config.keys_dir)
-    by_signer: dict[str, int] = {}
-    by_cloud: dict[str, int] = {}
-    outbox = Outbox(config.outbox_path, max_bytes=config.outbox.max_bytes)
     try:
-        after = 0
-        while batches := outbox.pending(1000, after_seq=after):
-            for batch in batches:
-                try:
-                    header = parse_header(batch.envelope)
-                except EnvelopeError:
-                    continue
-                by_signer[header.signing_key_id] = by_signer.get(header.signing_key_id, 0) + 1
-                by_cloud[header.cloud_key_id] = by_cloud.get(header.cloud_key_id, 0) + 1
-            after = batches[-1].seq
-    finally:
-        outbox.close()
+        unacked = _outbox_report(config, "/outbox/keys")
+    except AgentNotAnswering as exc:
+        return _fail(str(exc), 1)
     data = {
         "signing_key_id": keys.signing_key_id,
         "retired_signing_key_ids": sorted(retired_signing_keys(config.keys_dir)),
         "cloud_hpke_keys": {k.suite: k.key_id for k in keys.cloud_publics},
         "sealing_suite": config.uplink.suite,
         "cloud_ack_key_ids": sorted(keys.ack_verify_keys),
-        "unacked_batches_by_signing_key": by_signer,
-        "unacked_batches_by_cloud_key": by_cloud,
+        "unacked_batches_by_signing_key": unacked["unacked_batches_by_signing_key"],
+        "unacked_batches_by_cloud_key": unacked["unacked_batches_by_cloud_key"],
     }
     print(json.dumps(data, indent=None if args.json else 2))
     return 0
 
 
 def cmd_buffer_stats(args: argparse.Namespace) -> int:
-    from agent.outbox_writer import fill_level
-    from buffer.outbox import Outbox
+    from agent.outbox_report import AgentNotAnswering
 
     config = _config(args.config)
     if not config.outbox_path.exists():
@@ -241,72 +257,50 @@ def cmd_buffer_stats(args: argparse.Namespace) -> int:
             "configuration)",
             1,
         )
-    outbox = Outbox(
-        config.outbox_path,
-        max_bytes=config.outbox.max_bytes,
-        min_free_bytes=config.outbox.min_free_bytes,
-    )
-    stats = outbox.stats()
-    outbox.close()
-    data = {
-        "epoch": stats.epoch,
-        "depth_batches": stats.depth,
-        "events": stats.events,
-        "bytes": stats.bytes,
-        "quota_bytes": stats.max_bytes,
-        "capacity_bytes": stats.capacity_bytes,
-        "disk_free_bytes": stats.disk_free_bytes,
-        "min_free_bytes": stats.min_free_bytes,
-        "fill": round(stats.fill_ratio, 4),
-        "fill_level": fill_level(stats.fill_ratio, full=False),
-        "when_full": config.outbox.when_full,
-        "oldest_unacked_age_s": stats.oldest_unacked_age_s,
-        "acked_seq_high_water": stats.acked_seq_high_water,
-        "acked_batches_total": stats.acked_batches_total,
-        "next_seq": stats.next_seq,
-        "sheddable_batches": stats.sheddable_batches,
-        "shed_batches_total": stats.shed_batches_total,
-        "shed_events_total": stats.shed_events_total,
-    }
+    try:
+        data = _outbox_report(config, "/outbox")
+    except AgentNotAnswering as exc:
+        return _fail(str(exc), 1)
     if args.json:
         print(json.dumps(data))
         return 0
     from agent import readable
     from agent.status import table
 
-    oldest = stats.oldest_unacked_age_s
+    oldest = data["oldest_unacked_age_s"]
+    depth = int(data["depth_batches"])
     rows = [
-        ["file", f"{config.outbox_path} (epoch {stats.epoch})"],
+        ["file", f"{config.outbox_path} (epoch {data['epoch']})"],
         [
             "waiting to be acked",
-            f"{readable.count(stats.depth)} batches, {readable.count(stats.events)} events, "
-            f"{readable.size(stats.bytes)}",
+            f"{readable.count(depth)} batches, {readable.count(data['events'])} events, "
+            f"{readable.size(data['bytes'])}",
         ],
         [
             "oldest unacked",
-            readable.age(oldest, none="none (all acked)") if stats.depth else "none (all acked)",
+            readable.age(oldest, none="none (all acked)") if depth else "none (all acked)",
         ],
         [
             "room",
-            f"{readable.percent(stats.fill_ratio)} of {readable.size(stats.capacity_bytes)} "
+            f"{readable.percent(data['fill'])} of {readable.size(data['capacity_bytes'])} "
             f"used ({data['fill_level']}); when full: {config.outbox.when_full}",
         ],
-        ["quota", readable.size(stats.max_bytes)],
+        ["quota", readable.size(data["quota_bytes"])],
         [
             "disk free",
-            f"{readable.size(stats.disk_free_bytes)} "
-            f"(the outbox leaves {readable.size(stats.min_free_bytes)} free)",
+            f"{readable.size(data['disk_free_bytes'])} "
+            f"(the outbox leaves {readable.size(data['min_free_bytes'])} free)",
         ],
         [
             "acked",
-            f"{readable.count(stats.acked_batches_total)} batches in all, up to seq "
-            f"{stats.acked_seq_high_water}; next seq {stats.next_seq}",
+            f"{readable.count(data['acked_batches_total'])} batches in all, up to seq "
+            f"{data['acked_seq_high_water']}; next seq {data['next_seq']}",
         ],
         [
             "raw samples shed",
-            f"{readable.count(stats.shed_batches_total)} batches "
-            f"({readable.count(stats.shed_events_total)} events); "
-            f"{readable.count(stats.sheddable_batches)} could be shed now",
+            f"{readable.count(data['shed_batches_total'])} batches "
+            f"({readable.count(data['shed_events_total'])} events); "
+            f"{readable.count(data['sheddable_batches'])} could be shed now",
         ],
     ]
     print(table("Outbox", None, rows))

@@ -4,9 +4,11 @@
 uses) and 503 with the reason otherwise; `GET /metrics` is the Prometheus text format with
 per connection status and read latency, samples per second, per equipment current state and
 OEE of the running shift, outbox depth/bytes/oldest age, bytes and fsyncs it wrote, acks,
-resends and rejects. The
+resends and rejects. `GET /outbox` and `GET /outbox/keys` answer what `edge-agent buffer
+stats` and `keys status` print (the running agent holds its outbox exclusively, so those
+commands ask it: agent/outbox_report.py). The
 values are read from the running pipeline at scrape time, so a configuration reload shows up
-at the next scrape. The server is a small HTTP/1.1 responder on asyncio: two read-only
+at the next scrape. The server is a small HTTP/1.1 responder on asyncio: a few read-only
 routes do not justify a web framework on the edge box.
 """
 
@@ -207,6 +209,11 @@ class AgentCollector:
             "Bytes of sealed batches stored (what the written bytes carry)",
             value=written.sealed_bytes,
         )
+        yield counter(
+            "edge_agent_outbox_batches_stored",
+            "Sealed batches stored (their bytes: edge_agent_outbox_sealed_bytes)",
+            value=written.batches,
+        )
         yield _gauge(
             "edge_agent_outbox_open_seconds",
             "Seconds since the outbox was opened (the written counters start then)",
@@ -329,7 +336,25 @@ class HealthServer:
                 "application/json",
                 json.dumps(body).encode(),
             )
+        if path == "/outbox":
+            runtime = self.service.runtime
+            if runtime is None:
+                return 503, "text/plain; charset=utf-8", b"the pipeline is not running\n"
+            from agent.outbox_report import stats_report
+
+            report = stats_report(runtime.outbox, runtime.config)
+            return 200, "application/json", json.dumps(report).encode()
         return 404, "text/plain; charset=utf-8", b"not found: try /healthz or /metrics\n"
+
+    async def _render_keys(self) -> tuple[int, str, bytes]:
+        """`GET /outbox/keys`: reads every unacked batch's header, a page at a time."""
+        runtime = self.service.runtime
+        if runtime is None:
+            return 503, "text/plain; charset=utf-8", b"the pipeline is not running\n"
+        from agent.outbox_report import keys_report_async
+
+        report = await keys_report_async(runtime.outbox)
+        return 200, "application/json", json.dumps(report).encode()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -337,6 +362,8 @@ class HealthServer:
             method, target, _ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
             if method not in ("GET", "HEAD"):
                 status, ctype, body = 405, "text/plain; charset=utf-8", b"GET only\n"
+            elif target.split("?", 1)[0] == "/outbox/keys":
+                status, ctype, body = await self._render_keys()
             else:
                 status, ctype, body = self.render(target.split("?", 1)[0])
             reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(

@@ -101,6 +101,7 @@ class AgentRuntime:
             config.outbox_path,
             max_bytes=config.outbox.max_bytes,
             min_free_bytes=config.outbox.min_free_bytes,
+            exclusive=True,
         )
         self.state_store = EngineStore(
             self.outbox,
@@ -487,6 +488,15 @@ class AgentRuntime:
             self.log.info("batches stay in the outbox until the next start", batches=left)
 
     async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self._run(stop)
+        finally:
+            # Always, even when a stage or the graceful stop failed: the outbox is held
+            # exclusively, and the next pipeline of this process (a reload, a roll-back)
+            # opens it again.
+            self.outbox.close()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         self._resume()
         self.flush()
         self.log.info(

@@ -5,7 +5,9 @@ outbox, so the cloud would count their parts twice. `edge-agent run` takes an ex
 flock(2) on `<state_dir>/agent.lock` before it opens anything else and keeps it until the
 process ends; the kernel drops it when the process dies (kill -9, power loss), so nothing
 stale is left behind. The file holds the PID of the holder, for the error a second start
-prints. Read-only commands (status, buffer stats, validate) do not take the lock.
+prints. Read-only commands (status, buffer stats, keys status, validate) do not take the
+lock; `is_held` tells them whether an agent runs, so they ask it instead of opening the
+outbox it holds exclusively.
 """
 
 from __future__ import annotations
@@ -66,3 +68,41 @@ def lock_state_folder(folder: Path) -> StateFolderLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
     return StateFolderLock(folder, fd)
+
+
+def is_held(folder: Path) -> bool:
+    """Whether a process (a running agent) holds the folder's lock now, without taking it.
+
+    Read from /proc/locks, so a command asking never makes an agent starting at that instant
+    fail; where /proc/locks cannot be read, a shared lock is tried and given back at once."""
+    path = folder / LOCK_NAME
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    try:
+        with open("/proc/locks", encoding="ascii") as f:
+            text = f.read()
+    except OSError:
+        return _probe(path)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in text.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF" (a waiter: "1: -> FLOCK ...")
+        parts = line.split()
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == inode:
+            return True
+    return False
+
+
+def _probe(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the shared lock if it was taken
+    return False

@@ -16,7 +16,10 @@ what the kernel must write to the device), fsyncs per minute (strace -f -c on th
 when strace can attach; the agent's own counter otherwise), sealed event bytes per minute
 (the envelopes the outbox stored) and their ratio, the write amplification. The floor,
 measured in the same run: a plain sqlite3 table (WAL, synchronous=FULL, nothing else)
-committing batches of the same sizes once a second in a child process, its write_bytes.
+committing batches of the same sizes once a second in a child process, its write_bytes
+(each second's batches as the agent's /metrics counted them: how many, and their bytes
+shared equally among them; the running agent holds its outbox exclusively, so the file
+cannot be read beside it).
 
 Run: `python -m bench.flash [--seconds 180] [--warmup 45] [--modes unreachable,acknowledging,idle]`.
 Uses the machine's Mosquitto and PostgreSQL for `acknowledging` (a fresh database, dropped
@@ -26,7 +29,6 @@ afterwards). The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing
 import os
@@ -81,35 +83,36 @@ def _write_bytes(pid: int) -> int:
 
 
 class BatchWatch:
-    """Reads (read-only) the batches the outbox stores: sizes per second, for the floor."""
+    """The batches the agent stores, second by second, for the floor: read from its /metrics
+    (batches stored and their sealed bytes), since the running agent holds its outbox
+    exclusively. A second with n batches of b bytes in all gives the floor n batches of
+    about b / n bytes each."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.last_seq = 0
-        self.sizes: dict[int, int] = {}
+    def __init__(self, health_port: int) -> None:
+        self.health_port = health_port
         self.per_second: list[list[int]] = []
-        self._current: list[int] = []
+        self._last: tuple[float, float] | None = None
 
-    def poll(self) -> None:
-        if not self.path.exists():
-            return
-        try:
-            with contextlib.closing(
-                sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
-            ) as conn:
-                rows = conn.execute(
-                    "SELECT seq, bytes FROM batches WHERE seq > ? ORDER BY seq", (self.last_seq,)
-                ).fetchall()
-        except sqlite3.OperationalError:
-            return  # the agent is still creating the file
-        for seq, size in rows:
-            self.sizes[int(seq)] = int(size)
-            self._current.append(int(size))
-            self.last_seq = int(seq)
+    def _read(self) -> tuple[float, float] | None:
+        m = metrics(self.health_port)
+        batches = m.get("edge_agent_outbox_batches_stored_total")
+        sealed = m.get("edge_agent_outbox_sealed_bytes_total")
+        return None if batches is None or sealed is None else (batches, sealed)
+
+    def start(self) -> None:
+        self._last = self._read()
+        self.per_second = []
 
     def second(self) -> None:
-        self.per_second.append(self._current)
-        self._current = []
+        now = self._read()
+        sizes: list[int] = []
+        if now is not None and self._last is not None:
+            n, total = int(now[0] - self._last[0]), int(now[1] - self._last[1])
+            if n > 0:
+                sizes = [total // n + (1 if i < total % n else 0) for i in range(n)]
+        if now is not None:
+            self._last = now
+        self.per_second.append(sizes)
 
 
 def _strace(pid: int) -> subprocess.Popen[str] | None:
@@ -150,28 +153,23 @@ def run_mode(mode: str, seconds: float, warmup: float, folder: Path) -> dict[str
         db_prefix="bench_flash",
         idle=mode == "idle",
     )
-    state, health_port, cloud = plant.state, plant.health_port, plant.cloud
+    health_port, cloud = plant.health_port, plant.cloud
     agent: subprocess.Popen[bytes] | None = None
-    watch = BatchWatch(state / "outbox.db")
+    watch = BatchWatch(health_port)
     try:
         agent = start_agent(plant.config, folder / "agent.log")
         end_warmup = time.monotonic() + warmup
         while time.monotonic() < end_warmup:
-            watch.poll()
             time.sleep(0.1)
         if agent.poll() is not None:
             raise RuntimeError((folder / "agent.log").read_text()[-3000:])
         tracer = _strace(agent.pid)
         m0 = metrics(health_port)
         b0 = _write_bytes(agent.pid)
-        watch.poll()
-        seq0 = watch.last_seq
-        watch.per_second.clear()
-        watch._current = []
+        watch.start()
         t0 = time.monotonic()
         next_second = t0 + 1
         while (now := time.monotonic()) < t0 + seconds:
-            watch.poll()
             if now >= next_second:
                 watch.second()
                 next_second += 1
@@ -179,7 +177,6 @@ def run_mode(mode: str, seconds: float, warmup: float, folder: Path) -> dict[str
         b1 = _write_bytes(agent.pid)
         m1 = metrics(health_port)
         elapsed = time.monotonic() - t0
-        watch.poll()
         fsyncs_strace = _strace_count(tracer) if tracer is not None else None
         stored = cloud.stored_batches() if cloud is not None else None
     finally:
@@ -191,8 +188,8 @@ def run_mode(mode: str, seconds: float, warmup: float, folder: Path) -> dict[str
         sealed = sealed_metric - m0["edge_agent_outbox_sealed_bytes_total"]
         sealed_source = "agent counter"
     else:
-        sealed = float(sum(size for seq, size in watch.sizes.items() if seq > seq0))
-        sealed_source = "outbox rows polled"
+        sealed = float(sum(sum(sizes) for sizes in watch.per_second))
+        sealed_source = "per-second metrics"
     fsync_metric = m1.get("edge_agent_outbox_fsyncs_total")
     fsyncs_agent = None
     if fsync_metric is not None and "edge_agent_outbox_fsyncs_total" in m0:

@@ -39,6 +39,14 @@ Tuned for flash (every figure in README "Storage"):
   so commits overwrite blocks the file already has instead of growing it: a commit that grows
   the file also makes its fdatasync write the file's new size and extents, every time.
   SQLite reads a WAL only up to its last valid frame, so the unused tail is never read.
+- The agent opens it with `exclusive=True` (`locking_mode = EXCLUSIVE`, set before the first
+  read): SQLite then keeps the WAL index in the process's memory instead of the shared
+  `-shm` file, whose pages (its header and the hash slots of a commit's frames) the kernel
+  otherwise writes back after every commit: about half of an idle line's bytes. The WAL
+  and its fsyncs are unchanged, and the index is rebuilt from the WAL when the file is
+  opened after a crash, as it is from a stale `-shm`. The price: no other process can open
+  the file while the agent runs (read-only commands ask the agent over its health port,
+  agent/outbox_report.py); a reader without `exclusive` uses the shared index as before.
 
 Exceptions: OutboxError <- OutboxFull.
 """
@@ -148,6 +156,7 @@ class WriteCounters:
     commits: int = 0
     checkpoints: int = 0
     sealed_bytes: int = 0
+    batches: int = 0
     opened_at: float = field(default_factory=time.monotonic)
 
 
@@ -207,6 +216,7 @@ class OutboxStats:
     sheddable_batches: int = 0
     shed_batches_total: int = 0
     shed_events_total: int = 0
+    oldest_unacked_seq: int | None = None
 
     @property
     def fill_ratio(self) -> float:
@@ -243,8 +253,10 @@ class Outbox:
         min_free_bytes: int = 0,
         clock: Callable[[], float] = time.time,
         free_space: DiskFree = disk_free,
+        exclusive: bool = False,
     ) -> None:
         self.path = Path(path)
+        self.exclusive = exclusive
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
         self._clock = clock
@@ -256,6 +268,7 @@ class Outbox:
         self._next_seq = 1
         self._since_checkpoint = (0, 0)  # (bytes, commits)
         self._wal_ready = False  # blocks given to the WAL (at the first write: a reader never)
+        self._closed = False
         self.open_report = self._open()
 
     # -- opening ------------------------------------------------------------------------
@@ -263,6 +276,9 @@ class Outbox:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
         conn.execute("PRAGMA busy_timeout = 10000")
+        if self.exclusive:
+            # Before the first read: the WAL index then lives in this process's memory.
+            conn.execute("PRAGMA locking_mode = EXCLUSIVE")
         # Only takes effect while the file is still empty (a new outbox).
         conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -338,6 +354,10 @@ class Outbox:
         return target
 
     def close(self) -> None:
+        """Delete acked batches, fold the WAL in, close the file; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         if self._acked:
             with contextlib.suppress(sqlite3.Error), self._tx(delete_acked=True):
                 pass
@@ -496,6 +516,7 @@ class Outbox:
                 )
                 seqs.append(next_seq)
                 self.counters.sealed_bytes += len(envelope)
+                self.counters.batches += 1
                 next_seq += 1
             if state is not None:
                 self._store_state(conn, state, next_seq)
@@ -636,7 +657,7 @@ class Outbox:
         ).fetchone()
         acked = self._acked
         oldest_row = self._conn.execute(
-            "SELECT created_ms FROM batches WHERE seq > ? ORDER BY seq LIMIT 1",
+            "SELECT created_ms, seq FROM batches WHERE seq > ? ORDER BY seq LIMIT 1",
             (self._acked_prefix(),),
         ).fetchone()
         oldest = None if oldest_row is None else max(0.0, self._clock() - oldest_row[0] / 1000)
@@ -658,6 +679,7 @@ class Outbox:
             sheddable_batches=int(row[3]),
             shed_batches_total=int(self._meta("shed_batches") or "0"),
             shed_events_total=int(self._meta("shed_events") or "0"),
+            oldest_unacked_seq=None if oldest_row is None else int(oldest_row[1]),
         )
 
     def _acked_prefix(self) -> int:

@@ -186,6 +186,14 @@ class Plant:
         return self.log.read_text(errors="replace")[-4000:]
 
     def outbox_empty(self) -> bool:
+        """No batch waits for its ack: the running agent's own figure (it holds the outbox
+        exclusively, so the file cannot be read beside it), the file once it has stopped."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{self.health_port}/metrics", timeout=5).text
+            except httpx.HTTPError:
+                return False
+            return "\nedge_agent_outbox_batches 0.0\n" in text
         with sqlite3.connect(f"file:{self.state / 'outbox.db'}?mode=ro", uri=True) as conn:
             return int(conn.execute("SELECT count(*) FROM batches").fetchone()[0]) == 0
 

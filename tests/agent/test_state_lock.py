@@ -54,18 +54,20 @@ def _edge_agent(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _wait_committed(outbox: Path, limit_s: float = 30) -> None:
-    import sqlite3
+def _wait_committed(health_port: int, limit_s: float = 30) -> None:
+    """Until the running agent has committed a batch (its own figure: it holds the outbox
+    exclusively, so the file cannot be read beside it)."""
+    import httpx
 
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        if outbox.exists():
-            try:
-                with sqlite3.connect(f"file:{outbox}?mode=ro", uri=True) as conn:
-                    if conn.execute("SELECT count(*) FROM batches").fetchone()[0] > 0:
-                        return
-            except sqlite3.Error:
-                pass
+        try:
+            text = httpx.get(f"http://127.0.0.1:{health_port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            text = ""
+        for line in text.splitlines():
+            if line.startswith("edge_agent_outbox_batches ") and float(line.split()[1]) > 0:
+                return
         time.sleep(0.1)
     raise AssertionError("the first agent committed nothing")
 
@@ -84,16 +86,27 @@ def test_a_second_agent_on_the_same_state_folder_exits_at_once(
         [EDGE_AGENT, "run", "-c", str(first_config)], stdout=log, stderr=subprocess.STDOUT
     )
     try:
-        _wait_committed(state / "outbox.db")
+        _wait_committed(health_port)
         second = _edge_agent("run", "-c", str(second_config))
         assert second.returncode == 1, second
         assert str(state) in second.stderr and f"PID {first.pid}" in second.stderr, second.stderr
         assert first.poll() is None, "the first agent keeps running"
 
-        # Read-only commands beside the running agent.
-        stats = _edge_agent("buffer", "stats", "--json", "-c", str(second_config))
+        # Read-only commands beside the running agent: the outbox's figures come from the
+        # agent itself (its health port), which holds the file exclusively.
+        stats = _edge_agent("buffer", "stats", "--json", "-c", str(first_config))
         assert stats.returncode == 0, stats.stderr
         assert json.loads(stats.stdout)["depth_batches"] >= 1
+        table = _edge_agent("buffer", "stats", "-c", str(first_config))
+        assert table.returncode == 0 and "waiting to be acked" in table.stdout, table
+        keys = _edge_agent("keys", "status", "--json", "-c", str(first_config))
+        assert keys.returncode == 0, keys.stderr
+        unacked = json.loads(keys.stdout)["unacked_batches_by_signing_key"]
+        assert sum(unacked.values()) >= 1, keys.stdout
+        # A configuration whose health port is not the running agent's cannot ask it: a
+        # clear error, not a wait on the locked file.
+        other = _edge_agent("buffer", "stats", "--json", "-c", str(second_config))
+        assert other.returncode == 1 and "running agent" in other.stderr, other
         valid = _edge_agent("validate", "-c", str(second_config))
         assert valid.returncode == 0 and "ok" in valid.stdout, valid
         status = _edge_agent("status", "-c", str(first_config))
@@ -138,3 +151,21 @@ def test_a_second_agent_on_the_same_state_folder_exits_at_once(
     finally:
         third.send_signal(signal.SIGTERM)
         third.wait(60)
+
+
+def test_is_held_tells_whether_an_agent_holds_the_folder_without_taking_the_lock(
+    tmp_path: Path,
+) -> None:
+    from agent.statelock import is_held, lock_state_folder
+
+    folder = tmp_path / "state"
+    assert not is_held(folder)  # no lock file yet
+    lock = lock_state_folder(folder)
+    try:
+        assert is_held(folder)
+        assert is_held(folder)  # asking twice takes nothing: the holder keeps it
+    finally:
+        lock.release()
+    assert not is_held(folder)
+    again = lock_state_folder(folder)  # nothing left behind by the questions
+    again.release()

@@ -285,3 +285,66 @@ def test_the_wal_gets_its_blocks_at_the_first_write_and_commits_in_it_survive_a_
     assert again.append([(1, blob_sealer(10))], state("cp3")) == [4]
     again.close()
     box.close()
+
+
+WRITER = """
+import sys, time
+from buffer.outbox import Outbox, StateWrite
+box = Outbox(sys.argv[1], exclusive=True)
+for i in range(1, 6):
+    box.append([(1, lambda epoch, seq: (b"e" * 3000, f"{epoch}-{seq}"))],
+               StateWrite(at=i, entry=f"cp{i}".encode()))
+print("committed", flush=True)
+time.sleep(600)
+"""
+
+
+def test_an_exclusive_outbox_keeps_its_wal_index_in_memory_and_its_commits_survive_kill_9(
+    tmp_path: Path,
+) -> None:
+    """The agent's outbox (`exclusive=True`): no `-shm` file, no other process can open the
+    file while it runs, and what it committed is all there after a kill -9 (the WAL index is
+    rebuilt from the WAL), for an exclusive and a shared opener alike."""
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "o.db"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout is not None
+        assert writer.stdout.readline().strip() == "committed"
+        assert not Path(f"{path}-shm").exists()
+        with (
+            pytest.raises(sqlite3.OperationalError, match="locked"),
+            contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.2)) as c,
+        ):
+            c.execute("SELECT count(*) FROM batches").fetchone()
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(10)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait(10)
+        if writer.stdout is not None:
+            writer.stdout.close()
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for suffix in ("", "-wal"):
+        shutil.copyfile(f"{path}{suffix}", crashed / f"o.db{suffix}")
+    shared = Outbox(crashed / "o.db")
+    assert [b.seq for b in shared.pending(10)] == [1, 2, 3, 4, 5]
+    assert [entry for _, entry in shared.load_state().journal] == [
+        f"cp{i}".encode() for i in range(1, 6)
+    ]
+    shared.close()
+    again = Outbox(path, exclusive=True)
+    assert [b.seq for b in again.pending(10)] == [1, 2, 3, 4, 5]
+    assert last_state(again) == b"cp5"
+    assert again.append([(1, blob_sealer(10))], state("cp6")) == [6]
+    again.close()
+    reader = Outbox(path)
+    assert reader.stats().depth == 6 and last_state(reader) == b"cp6"
+    reader.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -29,7 +30,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -436,12 +437,29 @@ class Agent:
         return self.proc is not None and self.proc.poll() is None
 
     def depth(self) -> int:
+        """Batches waiting in the outbox: the running agent's own figure (it holds the file
+        exclusively, so nothing else can open it; -1 while it does not answer), the file's
+        rows once it has stopped (-1 before the file exists)."""
+        if self.running():
+            value = self.metric("edge_agent_outbox_batches")
+            return -1 if value is None else int(value)
         if not self.outbox_path.exists():
             return -1
         with contextlib.closing(
             sqlite3.connect(f"file:{self.outbox_path}?mode=ro", uri=True, timeout=10)
         ) as conn:
             return int(conn.execute("SELECT count(*) FROM batches").fetchone()[0])
+
+    def outbox_report(self) -> dict[str, Any] | None:
+        """The running agent's `GET /outbox` (what `buffer stats --json` prints); None while
+        it does not answer."""
+        url = f"http://127.0.0.1:{self.health_port}/outbox"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                data = json.loads(response.read().decode())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
 
     def metric(self, name: str) -> float | None:
         """A value of the running agent's /metrics; None while it does not answer."""
@@ -457,9 +475,10 @@ class Agent:
         return None
 
     def drained(self) -> bool:
-        """Every batch the outbox holds is acked. The running agent's metrics say so at once;
-        its file keeps acked batches until their grouped delete (seconds later) or its close."""
-        return self.metric("edge_agent_outbox_batches") == 0 or self.depth() == 0
+        """Every batch the outbox holds is acked. The running agent's metrics say so at once
+        (its file keeps acked batches until their grouped delete, seconds later, or its
+        close); a stopped agent's file, after that close, too."""
+        return self.depth() == 0
 
     def log_tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""

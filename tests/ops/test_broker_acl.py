@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import paho.mqtt.client as mqtt
 import psycopg
 import pytest
@@ -346,6 +346,8 @@ mqtt:
 uplink:
   flush_interval: 200ms
   ack_timeout: 2s
+health:
+  port: {health_port}
 shifts:
   - name: all-day
     start: "00:00"
@@ -374,6 +376,7 @@ async def test_agent_and_ingest_work_through_the_guarded_broker(
     line = PressLine([press], port=plc_port)
     await line.start(tick=0.05)
     config = tmp_path / "agent.yaml"
+    health_port = free_port()
     config.write_text(
         AGENT_CONFIG.format(
             state=state,
@@ -381,6 +384,7 @@ async def test_agent_and_ingest_work_through_the_guarded_broker(
             mqtt_port=broker.agent_port,
             password=broker.passwords["agent-a"],
             equipment=EQUIPMENT.format(unit=1),
+            health_port=health_port,
         ),
         encoding="utf-8",
     )
@@ -403,11 +407,16 @@ async def test_agent_and_ingest_work_through_the_guarded_broker(
                 stored = conn.execute(
                     "SELECT count(*) FROM facts.batches WHERE agent_id = 'agent-a' AND seq <= 3"
                 ).fetchone()
-            if stored != (3,) or not (state / "outbox.db").exists():
+            if stored != (3,):
                 return False
-            with sqlite3.connect(f"file:{state / 'outbox.db'}?mode=ro", uri=True) as outbox:
-                left = outbox.execute("SELECT count(*) FROM batches WHERE seq <= 3").fetchone()
-            return bool(left == (0,))
+            # The running agent's outbox (it holds the file exclusively): none of the first
+            # three batches is still waiting for its ack.
+            try:
+                report = httpx.get(f"http://127.0.0.1:{health_port}/outbox", timeout=5).json()
+            except (httpx.HTTPError, ValueError):
+                return False
+            oldest = report["oldest_unacked_seq"]
+            return oldest is None or int(oldest) > 3
 
         deadline = time.monotonic() + 60
         while not await asyncio.to_thread(stored_and_acked):

@@ -112,10 +112,14 @@ async def test_check_prints_a_clean_table_and_progress_on_stderr(tmp_path: Path)
         "                       counted as 32-bit unsigned (type: uint32)",
         "3 of 7 signal(s) read",
     ]
-    # while the silent PLC did not answer: one line for it, none for the PLC that answered
-    assert done.stderr.splitlines() == [
-        "waiting for line-2-plc (no answer after 2 s; gives up after 14 s)"
-    ]
+    # While the silent PLC did not answer: one line for it. The PLC that answers does so at
+    # once and gets none, unless a loaded machine held its answer past 2 s (then its line
+    # is the same kind of line, and the table above shows it answered).
+    lines = done.stderr.splitlines()
+    assert "waiting for line-2-plc (no answer after 2 s; gives up after 14 s)" in lines
+    late = [line for line in lines if not line.startswith("waiting for line-2-plc ")]
+    assert all(line.startswith("waiting for plc (no answer after 2 s; ") for line in late), lines
+    assert len(lines) == 1 + len(late) and len(late) <= 1, lines
 
 
 async def test_check_json_for_scripts(tmp_path: Path) -> None:

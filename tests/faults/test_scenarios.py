@@ -216,7 +216,7 @@ async def test_postgres_stopped_and_restarted(
             await asyncio.sleep(1)
             await asyncio.to_thread(server.stop, "immediate")
             await asyncio.sleep(4)
-            await wait_for(lambda: agent.depth() > 3, 20, "batches waiting in the outbox")
+            await wait_for(lambda: agent.depth() > 3, 60, "batches waiting in the outbox")
             await asyncio.to_thread(server.start)
             await asyncio.sleep(1.5)
             await finish(agent, plant, checker, server.url)

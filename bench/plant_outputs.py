@@ -79,6 +79,10 @@ def _rss_kib() -> int:
 
 
 async def _child(args: argparse.Namespace) -> dict[str, Any]:
+    # What the agent imports whatever its configuration (the service `edge-agent run`
+    # starts: uplink, keys, outbox, connectors' common parts), in both children, so that the
+    # difference is what the outputs add to a running agent, their libraries included.
+    import agent.service  # noqa: F401
     from agent.config import parse_config
     from agent.floor.outputs import PlantFloor
     from connectors.sample import Sample

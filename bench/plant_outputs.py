@@ -85,6 +85,7 @@ async def _child(args: argparse.Namespace) -> dict[str, Any]:
     import agent.service  # noqa: F401
     from agent.config import parse_config
     from agent.floor.outputs import PlantFloor
+    from common.memory import release_free_memory
     from connectors.sample import Sample
     from oee.engine import PlantEngine
 
@@ -150,8 +151,11 @@ async def _child(args: argparse.Namespace) -> dict[str, Any]:
             opcua_server=config.opcua_server,
         )
         floor.start()
-        if floor.opcua is not None:
-            await asyncio.wait_for(floor.opcua.ready.wait(), 60)
+    # The agent's service gives the C heap's free pages back once its pipeline has started
+    # (common/memory.py); so do both children, at the same point.
+    release_free_memory()
+    if floor is not None and floor.opcua is not None:
+        await asyncio.wait_for(floor.opcua.ready.wait(), 60)
     await asyncio.sleep(2)  # warm-up: births, address space
     rss_start = _rss_kib()
     cpu_start = time.process_time()

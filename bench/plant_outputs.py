@@ -7,7 +7,8 @@ agent). The first runs the engine alone; the second also runs both outputs at a
 1 s interval: the Sparkplug B edge node publishing every machine's metrics (all of them)
 to a Mosquitto the bench starts on a free port (a host application subscribed to the
 group decodes every payload, in the bench's parent process, not in the agent), and the OPC
-UA server (Basic256Sha256 SignAndEncrypt endpoint, certificate made for the run) updating
+UA server (Basic256Sha256 SignAndEncrypt endpoint, certificate made for the run by the
+parent, as `edge-agent keys` makes it before the agent runs) updating
 its 100 x 40 variables. Each child reports its CPU time and its resident memory at the end;
 the difference is the outputs' share.
 
@@ -78,9 +79,13 @@ def _rss_kib() -> int:
 
 
 async def _child(args: argparse.Namespace) -> dict[str, Any]:
+    # What the agent imports whatever its configuration (the service `edge-agent run`
+    # starts: uplink, keys, outbox, connectors' common parts), in both children, so that the
+    # difference is what the outputs add to a running agent, their libraries included.
+    import agent.service  # noqa: F401
     from agent.config import parse_config
     from agent.floor.outputs import PlantFloor
-    from connectors.opcua.certs import create_certificate
+    from common.memory import release_free_memory
     from connectors.sample import Sample
     from oee.engine import PlantEngine
 
@@ -131,13 +136,6 @@ async def _child(args: argparse.Namespace) -> dict[str, Any]:
 
     driver = asyncio.create_task(drive())
     if outputs:
-        create_certificate(
-            keys / "opcua-server.der",
-            keys / "opcua-server.pem",
-            application_uri="urn:factory-edge-gateway:edge-agent:server",
-            hostnames=["127.0.0.1"],
-            overwrite=True,
-        )
         floor = PlantFloor(
             engine=engine,
             agent="edge-bench",
@@ -153,8 +151,11 @@ async def _child(args: argparse.Namespace) -> dict[str, Any]:
             opcua_server=config.opcua_server,
         )
         floor.start()
-        if floor.opcua is not None:
-            await asyncio.wait_for(floor.opcua.ready.wait(), 60)
+    # The agent's service gives the C heap's free pages back once its pipeline has started
+    # (common/memory.py); so do both children, at the same point.
+    release_free_memory()
+    if floor is not None and floor.opcua is not None:
+        await asyncio.wait_for(floor.opcua.ready.wait(), 60)
     await asyncio.sleep(2)  # warm-up: births, address space
     rss_start = _rss_kib()
     cpu_start = time.process_time()
@@ -264,6 +265,16 @@ def main(argv: list[str] | None = None) -> int:
             ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
+            # The server's certificate is made before, as `edge-agent keys` does, not by the
+            # agent while it runs (an RSA key made in a child would count against its memory).
+            from connectors.opcua.certs import create_certificate
+
+            create_certificate(
+                Path(tmp) / "opcua-server.der",
+                Path(tmp) / "opcua-server.pem",
+                application_uri="urn:factory-edge-gateway:edge-agent:server",
+                hostnames=["127.0.0.1"],
+            )
             time.sleep(0.5)
             host = _Host(port)
             baseline = _run_child("baseline", args, port, tmp)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from agent.floor.aspace import ensure_shelf, use_small_index
 from agent.floor.config import OpcUaServerConfig
 from agent.floor.live import METRICS, OUTBOX_DEPTH, LiveSource, Metric, Value
 from agent.floor.nodes import Interner, compact
+from common.memory import release_free_memory
 
 _UNECE = "http://www.opcfoundation.org/UA/units/un/cefact"
 _FOLDERS = ("Shift", "LastBucket", "Link")
@@ -61,6 +62,8 @@ _DATATYPES: dict[str, int] = {
     "seconds": ObjectIds.Double,
     "ratio": ObjectIds.Double,
 }
+_LINK = Metric("Connected", "boolean", "whether the PLC connection is up")
+_UNWRITTEN = object()  # a value never written equals no value
 SERVER_CERT = "opcua-server.der"
 SERVER_KEY = "opcua-server.pem"
 
@@ -157,8 +160,11 @@ class PlantOpcUaServer:
         self.log = structlog.get_logger("agent.floor").bind(output="opcua", endpoint=cfg.endpoint)
         self.server: Server | None = None
         self.ns = 0
-        self._nodes: dict[tuple[str, str], ua.NodeId] = {}
-        self._written: dict[ua.NodeId, Value] = {}
+        # The values by row (an equipment's METRICS, the agent's outbox depth, one PLC link's
+        # state): their node ids (None: not served) and the values last written, in the row's
+        # order, instead of one dict entry and key per value (4,000 for 100 machines).
+        self._nodes: dict[str, list[ua.NodeId | None]] = {}
+        self._written: dict[str, list[object]] = {}
         self.ready = asyncio.Event()
 
     @property
@@ -213,6 +219,9 @@ class PlantOpcUaServer:
             server.set_certificate_validator(await self._validator(cfg.trusted_clients))
         self.ns = await server.register_namespace(cfg.namespace)
         await self._address_space(server)
+        # Building the nodes allocates and frees about 40 MB of asyncua's objects (the
+        # compact nodes keep 5 MB of them for 100 machines); glibc would keep about 2 MB.
+        release_free_memory()
         return server
 
     async def _validator(self, folder: Path) -> Any:
@@ -242,9 +251,10 @@ class PlantOpcUaServer:
         )
 
     async def _variable(
-        self, parent: Any, key: tuple[str, str], name: str, metric: Metric
+        self, parent: Any, key: tuple[str, int], name: str, metric: Metric
     ) -> list[ua.NodeId]:
-        """Adds a value (and its engineering unit); returns the node ids it made."""
+        """Adds a value (and its engineering unit) at `key` (row, place in the row); returns
+        the node ids it made."""
         nodeid = _nid(name, self.ns)
         made = [nodeid]
         var = await parent.add_variable(
@@ -272,7 +282,10 @@ class PlantOpcUaServer:
                 eu,
                 datatype=_nid(ObjectIds.EUInformation),
             )
-        self._nodes[key] = nodeid
+        row, place = key
+        nodeids = self._nodes.setdefault(row, [])
+        nodeids.extend([None] * (place + 1 - len(nodeids)))
+        nodeids[place] = nodeid
         return made
 
     def _qn(self, name: str) -> ua.QualifiedName:
@@ -301,7 +314,7 @@ class PlantOpcUaServer:
             obj = await lines[line_name].add_object(_nid(eq, self.ns), self._qn(eq))
             made = [obj.nodeid]
             folders: dict[str, Any] = {}
-            for metric in METRICS:
+            for place, metric in enumerate(METRICS):
                 path = browse_path(metric.name)
                 parent = obj
                 if len(path) > 1:
@@ -312,18 +325,15 @@ class PlantOpcUaServer:
                         made.append(folders[path[0]].nodeid)
                     parent = folders[path[0]]
                 made += await self._variable(
-                    parent, (eq, metric.name), node_name(eq, metric.name), metric
+                    parent, (eq, place), node_name(eq, metric.name), metric
                 )
             compact(aspace, made, interner)
             await asyncio.sleep(0)  # the agent's other tasks run between two equipment
         agent = await site.add_object(_nid(f"{self.site}.Agent", self.ns), self._qn("Agent"))
         made = [agent.nodeid]
-        made += await self._variable(
-            agent, ("", OUTBOX_DEPTH.name), f"{self.site}.Agent.OutboxDepth", OUTBOX_DEPTH
-        )
+        made += await self._variable(agent, ("", 0), f"{self.site}.Agent.OutboxDepth", OUTBOX_DEPTH)
         links = await agent.add_folder(_nid(f"{self.site}.Agent.Links", self.ns), self._qn("Links"))
         made.append(links.nodeid)
-        link = Metric("Connected", "boolean", "whether the PLC connection is up")
         for conn in self.connections:
             folder = await links.add_folder(
                 _nid(f"{self.site}.Agent.Links.{conn}", self.ns), self._qn(conn)
@@ -331,33 +341,36 @@ class PlantOpcUaServer:
             made.append(folder.nodeid)
             made += await self._variable(
                 folder,
-                (f"link:{conn}", "Connected"),
+                (f"link:{conn}", 0),
                 f"{self.site}.Agent.Links.{conn}.Connected",
-                link,
+                _LINK,
             )
         compact(aspace, made + containers, interner)
 
-    def _values(self) -> Iterator[tuple[tuple[str, str], Metric, Value]]:
+    def _rows(self) -> Iterator[tuple[str, Sequence[Metric], list[Value]]]:
         for eq, item in self.source.read().items():
-            for metric in METRICS:
-                yield (eq, metric.name), metric, item.values.get(metric.name)
-        yield ("", OUTBOX_DEPTH.name), OUTBOX_DEPTH, self.source.outbox_depth()
+            yield eq, METRICS, [item.values.get(metric.name) for metric in METRICS]
+        yield "", (OUTBOX_DEPTH,), [self.source.outbox_depth()]
         links = self.source.links()
-        link = Metric("Connected", "boolean", "")
         for conn in self.connections:
-            yield (f"link:{conn}", "Connected"), link, links.get(conn, False)
+            yield f"link:{conn}", (_LINK,), [links.get(conn, False)]
 
     async def update(self) -> None:
         """Write every value that changed since the last update (one source timestamp)."""
         if self.server is None:
             raise RuntimeError("the OPC UA server is not started")
         now = datetime.now(UTC)
-        for key, metric, value in self._values():
-            nodeid = self._nodes.get(key)
-            if nodeid is None or (nodeid in self._written and self._written[nodeid] == value):
+        for row, metrics, values in self._rows():
+            nodeids = self._nodes.get(row)
+            if nodeids is None:
                 continue
-            await self.server.write_attribute_value(nodeid, _data_value(metric, value, now))
-            self._written[nodeid] = value
+            written = self._written.setdefault(row, [_UNWRITTEN] * len(nodeids))
+            cells = zip(nodeids, metrics, values, strict=False)  # a row is served whole
+            for place, (nodeid, metric, value) in enumerate(cells):
+                if nodeid is None or written[place] == value:
+                    continue
+                await self.server.write_attribute_value(nodeid, _data_value(metric, value, now))
+                written[place] = value
 
     async def run(self) -> None:
         delay = 1.0

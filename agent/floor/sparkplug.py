@@ -341,10 +341,15 @@ class SparkplugEdgeNode(PlantPublisher):
         self.host_id = cfg.sparkplug.primary_host_id
         self.bdseq = 0
         self.seq = 0
-        self.aliases: dict[tuple[str, str], int] = {}
+        # A metric's alias is its equipment's base plus its place in the equipment's list;
+        # equipment publishing the same list share one table of places.
+        self.alias_base: dict[str, int] = {}
+        self.alias_places: dict[str, dict[str, int]] = {}
+        tables: dict[tuple[str, ...], dict[str, int]] = {}
         for i, (eq, metrics) in enumerate(self.publish_plan.items()):
-            for j, metric in enumerate(metrics):
-                self.aliases[(eq, metric.name)] = _DEVICE_ALIAS_BASE * (i + 1) + j
+            names = tuple(metric.name for metric in metrics)
+            self.alias_base[eq] = _DEVICE_ALIAS_BASE * (i + 1)
+            self.alias_places[eq] = tables.setdefault(names, {n: j for j, n in enumerate(names)})
         self.born: dict[str, dict[str, Value]] = {}  # equipment -> values last sent
         self.node_values: dict[str, Value] = {}
         self.node_born = False
@@ -352,6 +357,9 @@ class SparkplugEdgeNode(PlantPublisher):
         self.host_ts = -1
         self._next_bdseq = 0
         self.log = self.log.bind(group=self.group, edge_node=self.node)
+
+    def alias(self, eq: str, metric: str) -> int:
+        return self.alias_base[eq] + self.alias_places[eq][metric]
 
     def topic(self, kind: str, device: str | None = None) -> str:
         base = f"{NAMESPACE}/{self.group}/{kind}/{self.node}"
@@ -439,9 +447,7 @@ class SparkplugEdgeNode(PlantPublisher):
         values: dict[str, Value] = {}
         for spec in self.publish_plan[live.equipment]:
             value = live.values.get(spec.name)
-            _add_metric(
-                payload, spec, value, self.aliases[(live.equipment, spec.name)], ts, birth=True
-            )
+            _add_metric(payload, spec, value, self.alias(live.equipment, spec.name), ts, birth=True)
             values[spec.name] = value
         if self._send(session, self.topic("DBIRTH", live.equipment), payload):
             self.born[live.equipment] = values
@@ -509,7 +515,7 @@ class SparkplugEdgeNode(PlantPublisher):
         for spec in changes:
             value = item.values.get(spec.name)
             _add_metric(
-                payload, spec, value, self.aliases[(item.equipment, spec.name)], ts, birth=False
+                payload, spec, value, self.alias(item.equipment, spec.name), ts, birth=False
             )
         if self._send(session, self.topic("DDATA", item.equipment), payload):
             sent.update({spec.name: item.values.get(spec.name) for spec in changes})

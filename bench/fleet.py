@@ -108,12 +108,12 @@ class Machine:
 
 @dataclass
 class AgentStats:
-    acks: int = 0
+    ack_times: list[float] = field(default_factory=list)  # wall time of each verified ack
     created: dict[int, float] = field(default_factory=dict)  # seq -> wall time sealed
-    ack_lags: list[float] = field(default_factory=list)  # (measured batches only)
-    # Sealing to the first hand-over to the MQTT client (measured batches only): the part
-    # of the lag the generator process adds when it is starved of CPU.
-    publish_lags: list[float] = field(default_factory=list)
+    ack_lags: list[tuple[float, float]] = field(default_factory=list)  # (sealed, lag)
+    # Sealing to the first hand-over to the MQTT client (sealed, lag): the part of the lag
+    # the generator process adds when it is starved of CPU.
+    publish_lags: list[tuple[float, float]] = field(default_factory=list)
     published: set[int] = field(default_factory=set)
 
 
@@ -155,7 +155,8 @@ async def run_agents(spec: dict[str, Any]) -> dict[str, Any]:
     ack_keys = ring.ack_verify_keys()
     calendar = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
     specs = equipment_specs(spec["machines"])
-    measure_from, measure_to = spec["measure_from"], spec["measure_to"]
+    control, ready = spec["control"], spec["ready"]
+    end = float("inf")  # wall time to stop, set by the bench through `control`
     folder = Path(spec["outbox_dir"])
 
     class CountingOutbox(Outbox):
@@ -169,16 +170,15 @@ async def run_agents(spec: dict[str, Any]) -> dict[str, Any]:
             for seq in deleted:
                 self.stats_ref.published.discard(seq)
                 created = self.stats_ref.created.pop(seq, None)
-                if created is not None and measure_from <= created < measure_to:
-                    self.stats_ref.ack_lags.append(now - created)
+                if created is not None:
+                    self.stats_ref.ack_lags.append((created, now - created))
             return deleted
 
     class CountingUplink(Uplink):
         stats_ref: AgentStats
 
         def apply_ack(self, payload: bytes) -> list[int]:
-            if measure_from <= time.time() < measure_to:
-                self.stats_ref.acks += 1
+            self.stats_ref.ack_times.append(time.time())
             return super().apply_ack(payload)
 
         def _publish_due(self) -> None:
@@ -187,8 +187,8 @@ async def run_agents(spec: dict[str, Any]) -> dict[str, Any]:
             for seq in self._in_flight.keys() - stats.published:
                 stats.published.add(seq)
                 created = stats.created.get(seq)
-                if created is not None and measure_from <= created < measure_to:
-                    stats.publish_lags.append(now - created)
+                if created is not None:
+                    stats.publish_lags.append((created, now - created))
 
     @dataclass
     class SimAgent:
@@ -276,7 +276,7 @@ async def run_agents(spec: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(offset)
         next_at = loop.time()
         next_flush = time.time() + interval
-        while time.time() < spec["end"]:
+        while time.time() < end:
             now_wall = time.time()
             at = datetime.fromtimestamp(now_wall, UTC)
             for m in a.machines:
@@ -325,9 +325,23 @@ async def run_agents(spec: dict[str, Any]) -> dict[str, Any]:
     loops = [
         asyncio.create_task(guarded(a, i * interval / len(agents))) for i, a in enumerate(agents)
     ]
+    # Ready once every agent is connected and has written a batch; the bench then starts
+    # its window after a warm-up and writes the end time to `control`.
     connected_max = 0
-    while time.time() < spec["end"]:
-        connected_max = max(connected_max, sum(1 for a in agents if a.uplink.stats.connected))
+    is_ready = False
+    while time.time() < end:
+        connected = sum(1 for a in agents if a.uplink.stats.connected)
+        connected_max = max(connected_max, connected)
+        if (
+            not is_ready
+            and connected == len(agents)
+            and all(a.stats.created or a.stats.ack_lags for a in agents)
+        ):
+            with open(ready, "w") as f:  # noqa: ASYNC230 (a few bytes on tmpfs, once)
+                f.write(str(time.time()))
+            is_ready = True
+        with contextlib.suppress(FileNotFoundError), open(control) as f:  # noqa: ASYNC230
+            end = float(f.read())  # (a few bytes on tmpfs, once a second)
         await asyncio.sleep(1.0)
     await asyncio.gather(*loops, return_exceptions=True)
     for t in tasks:
@@ -339,9 +353,11 @@ async def run_agents(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "agents": len(agents),
         "connected_max": connected_max,
-        "acks": sum(a.stats.acks for a in agents),
-        "ack_lags": [round(x, 4) for a in agents for x in a.stats.ack_lags],
-        "publish_lags": [round(x, 4) for a in agents for x in a.stats.publish_lags],
+        "ack_times": [round(t, 3) for a in agents for t in a.stats.ack_times],
+        "ack_lags": [(round(c, 3), round(x, 4)) for a in agents for c, x in a.stats.ack_lags],
+        "publish_lags": [
+            (round(c, 3), round(x, 4)) for a in agents for c, x in a.stats.publish_lags
+        ],
         "resent": sum(a.uplink.stats.resent for a in agents),
         "errors": errors[:5],
         "error_count": len(errors),
@@ -472,11 +488,9 @@ def run_setting(args: argparse.Namespace, ingest: int) -> dict[str, Any]:
         }
         start_ingest(env, tmp, ingest, args.workers, procs)
         # The agents: connect, warm up (first buckets close), then the measured window.
-        t0 = time.time()
-        connect_s = max(10.0, args.agents / 100)
-        measure_from = t0 + connect_s + args.warmup
-        measure_to = measure_from + args.window
-        end = measure_to + 2.0
+        # The window starts after every generator is ready (all its agents connected, each
+        # has written a batch) and a warm-up; the generators run until `control`'s time.
+        control = tmp / "end"
         results = [tmp / f"gen-{g}.json" for g in range(args.generators)]
         for g in range(args.generators):
             spec = {
@@ -487,9 +501,8 @@ def run_setting(args: argparse.Namespace, ingest: int) -> dict[str, Any]:
                 "keys_dir": str(keys_dir),
                 "port": port,
                 "outbox_dir": str(shm),
-                "measure_from": measure_from,
-                "measure_to": measure_to,
-                "end": end,
+                "control": str(control),
+                "ready": str(tmp / f"gen-{g}.ready"),
             }
             spec_path = tmp / f"gen-{g}.spec.json"
             spec_path.write_text(json.dumps(spec))
@@ -508,6 +521,15 @@ def run_setting(args: argparse.Namespace, ingest: int) -> dict[str, Any]:
                     stderr=(tmp / f"gen-{g}.log").open("wb"),
                 )
             )
+        t0 = time.monotonic()
+        while not all((tmp / f"gen-{g}.ready").exists() for g in range(args.generators)):
+            if any(g.poll() is not None for g in gens):
+                raise RuntimeError("a generator process exited before its agents were ready")
+            time.sleep(0.5)
+        ready_s = time.monotonic() - t0
+        measure_from = time.time() + args.warmup
+        measure_to = measure_from + args.window
+        control.write_text(str(measure_to + 2.0))
         while time.time() < measure_from:
             time.sleep(0.2)
         groups = {
@@ -580,9 +602,13 @@ def run_setting(args: argparse.Namespace, ingest: int) -> dict[str, Any]:
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
     batches, events = int(row[0]), int(row[1])
-    ack_lags = [x for r in gen_results for x in r["ack_lags"]]
-    publish_lags = [x for r in gen_results for x in r["publish_lags"]]
-    acks = sum(r["acks"] for r in gen_results)
+
+    def in_window(pairs: list[list[float]]) -> list[float]:
+        return [lag for created, lag in pairs if measure_from <= created < measure_to]
+
+    ack_lags = in_window([x for r in gen_results for x in r["ack_lags"]])
+    publish_lags = in_window([x for r in gen_results for x in r["publish_lags"]])
+    acks = sum(1 for r in gen_results for t in r["ack_times"] if measure_from <= t < measure_to)
     cores = os.cpu_count() or 1
     spent = {k: (after[k] - before[k]) / CLK_TCK for k in groups}
     busy = {
@@ -613,6 +639,7 @@ def run_setting(args: argparse.Namespace, ingest: int) -> dict[str, Any]:
         "ingest_processes": ingest,
         "agents": args.agents,
         "connected_max": sum(r["connected_max"] for r in gen_results),
+        "ready_s": round(ready_s, 1),
         "events_per_s": round(events / wall),
         "batches_per_s": round(batches / wall),
         "events_created_per_s": round(int(made[1]) / wall),

@@ -5,7 +5,9 @@ Ed25519 key, a `PlantEngine` with 20 machines (the real OEE engine: count, state
 agent events), a durable SQLite outbox (`buffer.outbox`, sequence numbers, deletion only on a
 verified ack) written every `--flush-interval` through the agent's `OutboxWriter`, batches
 sealed with `sync.envelope.seal` (zstd, HPKE, Ed25519) as `AgentRuntime` seals them, and
-its own MQTT connection (`sync.uplink.Uplink`, QoS 1, resend after ack timeout). The
+its own MQTT connection (`sync.uplink.Uplink`, QoS 1, resend after `--ack-timeout`, 15 s
+as the agent's default; polled every `--poll-interval`, 5 s, where the agent polls every
+0.5 s: a commit (`notify`) and an ack wake it at once, so polling only finds overdue acks). The
 machines are simulated at 1 Hz polling, reported on change: each runs at a cycle time of
 2-6 s and stops now and then for a fault or missing material with a reason, so an agent
 produces about 6 events a second (a count for each poll that saw parts, state changes,
@@ -13,7 +15,14 @@ produces about 6 events a second (a count for each poll that saw parts, state ch
 (asyncio, paho's network thread per connection; at most 60 agents a process, as paho's
 select() takes file descriptors below 1024 only); the engine's checkpoint is not written
 (the bench measures the cloud side); outboxes live on tmpfs (each real agent has its own
-disk).
+disk). Where a generator's CPU goes (py-spy, 60 agents): the OEE engine about a third (a
+pydantic event and a uuid7 per event), the outbox write about a third (sealing half of it),
+the uplink a sixth (verifying acks half of it), asyncio the rest; paho's threads next to
+nothing. `--nice` lowers the generators' priority so that, on a shared machine, the cloud
+side is served first, as it would be with agents on computers of their own.
+
+The measuring window starts `--warmup` seconds after every generator reports all its agents
+connected and each agent's first batch written.
 
 The cloud side is the real one: `cloud-api ingest` processes on a shared subscription of a
 Mosquitto started for the bench (own port and configuration, no connection limit), and
@@ -21,9 +30,13 @@ PostgreSQL (a fresh database per setting, dropped afterwards).
 
 Figures per setting (ingest processes 1, 2, 4), over a steady window after a warm-up:
 - events_per_s: events whose batch was stored in the window, per second;
+  events_made_per_s: events the agents sealed in the window, per second (what the fleet
+  offered), and events_made_stored_per_s: of those, stored by the end of the run;
 - lag_p50_s / lag_p99_s: batch creation on the agent (`created`, sealed at the flush) to
   its storing transaction (`received_at`; commit follows within the same transaction);
-  ack_lag_*: creation to the verified ack at the agent;
+  ack_lag_*: creation to the verified ack at the agent; publish_lag_*: creation to the
+  hand-over to the MQTT client (what a starved generator adds); resent: batches sent again
+  after the ack timeout (each one a replay for ingest to verify, decrypt and re-ack);
 - acks_per_s: signed ack messages the agents received and verified;
 - cpu_ms_per_1000_events for ingest (all processes), broker, postgres (the backends of the
   bench database) and the agent generators, from /proc over the window;
@@ -31,7 +44,8 @@ Figures per setting (ingest processes 1, 2, 4), over a steady window after a war
   core, PostgreSQL and the machine all cores); `bottleneck` names the first part above 90 %
   (the machine when it is the one, since all of it shares 2 cores).
 
-Run: `python -m bench.fleet [--agents 1000] [--machines 20] [--ingest 1,2,4] [--window 60]`.
+Run: `python -m bench.fleet [--agents 1000] [--machines 20] [--ingest 1,2,4] [--window 60]
+[--nice 10] [--ack-timeout 15]`.
 The last line is one JSON object with every setting.
 """
 

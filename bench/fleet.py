@@ -253,7 +253,7 @@ async def run_agents(spec: dict[str, Any]) -> dict[str, Any]:
             site=site_id,
             agent=agent_id,
             ack_keys=ack_keys,
-            ack_timeout=spec.get("ack_timeout", 15.0),
+            ack_timeout=spec["ack_timeout"],
             max_in_flight=16,
             poll_interval=spec["poll_interval"],
         )
@@ -540,9 +540,12 @@ def run_setting(args: argparse.Namespace, ingest: int) -> dict[str, Any]:
                 )
             )
         t0 = time.monotonic()
+        ready_limit = 300 + args.agents / 5
         while not all((tmp / f"gen-{g}.ready").exists() for g in range(args.generators)):
             if any(g.poll() is not None for g in gens):
                 raise RuntimeError("a generator process exited before its agents were ready")
+            if time.monotonic() - t0 > ready_limit:
+                raise RuntimeError(f"agents not all connected within {ready_limit:.0f} s")
             time.sleep(0.5)
         ready_s = time.monotonic() - t0
         measure_from = time.time() + args.warmup
@@ -628,7 +631,7 @@ def run_setting(args: argparse.Namespace, ingest: int) -> dict[str, Any]:
     publish_lags = in_window([x for r in gen_results for x in r["publish_lags"]])
     acks = sum(1 for r in gen_results for t in r["ack_times"] if measure_from <= t < measure_to)
     made_at_agents = sum(
-        n for r in gen_results for c, n in r.get("made", []) if measure_from <= c < measure_to
+        n for r in gen_results for c, n in r["made"] if measure_from <= c < measure_to
     )
     cores = os.cpu_count() or 1
     spent = {k: (after[k] - before[k]) / CLK_TCK for k in groups}

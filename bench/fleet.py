@@ -5,7 +5,9 @@ Ed25519 key, a `PlantEngine` with 20 machines (the real OEE engine: count, state
 agent events), a durable SQLite outbox (`buffer.outbox`, sequence numbers, deletion only on a
 verified ack) written every `--flush-interval` through the agent's `OutboxWriter`, batches
 sealed with `sync.envelope.seal` (zstd, HPKE, Ed25519) as `AgentRuntime` seals them, and
-its own MQTT connection (`sync.uplink.Uplink`, QoS 1, resend after ack timeout). The
+its own MQTT connection (`sync.uplink.Uplink`, QoS 1, resend after `--ack-timeout`, 15 s
+as the agent's default; polled every `--poll-interval`, 5 s, where the agent polls every
+0.5 s: a commit (`notify`) and an ack wake it at once, so polling only finds overdue acks). The
 machines are simulated at 1 Hz polling, reported on change: each runs at a cycle time of
 2-6 s and stops now and then for a fault or missing material with a reason, so an agent
 produces about 6 events a second (a count for each poll that saw parts, state changes,
@@ -13,7 +15,14 @@ produces about 6 events a second (a count for each poll that saw parts, state ch
 (asyncio, paho's network thread per connection; at most 60 agents a process, as paho's
 select() takes file descriptors below 1024 only); the engine's checkpoint is not written
 (the bench measures the cloud side); outboxes live on tmpfs (each real agent has its own
-disk).
+disk). Where a generator's CPU goes (py-spy, 60 agents): the OEE engine about a third (a
+pydantic event and a uuid7 per event), the outbox write about a third (sealing half of it),
+the uplink a sixth (verifying acks half of it), asyncio the rest; paho's threads next to
+nothing. `--nice` lowers the generators' priority so that, on a shared machine, the cloud
+side is served first, as it would be with agents on computers of their own.
+
+The measuring window starts `--warmup` seconds after every generator reports all its agents
+connected and each agent's first batch written.
 
 The cloud side is the real one: `cloud-api ingest` processes on a shared subscription of a
 Mosquitto started for the bench (own port and configuration, no connection limit), and
@@ -21,9 +30,13 @@ PostgreSQL (a fresh database per setting, dropped afterwards).
 
 Figures per setting (ingest processes 1, 2, 4), over a steady window after a warm-up:
 - events_per_s: events whose batch was stored in the window, per second;
+  events_made_per_s: events the agents sealed in the window, per second (what the fleet
+  offered), and events_made_stored_per_s: of those, stored by the end of the run;
 - lag_p50_s / lag_p99_s: batch creation on the agent (`created`, sealed at the flush) to
   its storing transaction (`received_at`; commit follows within the same transaction);
-  ack_lag_*: creation to the verified ack at the agent;
+  ack_lag_*: creation to the verified ack at the agent; publish_lag_*: creation to the
+  hand-over to the MQTT client (what a starved generator adds); resent: batches sent again
+  after the ack timeout (each one a replay for ingest to verify, decrypt and re-ack);
 - acks_per_s: signed ack messages the agents received and verified;
 - cpu_ms_per_1000_events for ingest (all processes), broker, postgres (the backends of the
   bench database) and the agent generators, from /proc over the window;
@@ -31,7 +44,8 @@ Figures per setting (ingest processes 1, 2, 4), over a steady window after a war
   core, PostgreSQL and the machine all cores); `bottleneck` names the first part above 90 %
   (the machine when it is the one, since all of it shares 2 cores).
 
-Run: `python -m bench.fleet [--agents 1000] [--machines 20] [--ingest 1,2,4] [--window 60]`.
+Run: `python -m bench.fleet [--agents 1000] [--machines 20] [--ingest 1,2,4] [--window 60]
+[--nice 10] [--ack-timeout 15]`.
 The last line is one JSON object with every setting.
 """
 
@@ -108,9 +122,14 @@ class Machine:
 
 @dataclass
 class AgentStats:
-    acks: int = 0
+    ack_times: list[float] = field(default_factory=list)  # wall time of each verified ack
     created: dict[int, float] = field(default_factory=dict)  # seq -> wall time sealed
-    ack_lags: list[float] = field(default_factory=list)  # (measured batches only)
+    ack_lags: list[tuple[float, float]] = field(default_factory=list)  # (sealed, lag)
+    # Sealing to the first hand-over to the MQTT client (sealed, lag): the part of the lag
+    # the generator process adds when it is starved of CPU.
+    publish_lags: list[tuple[float, float]] = field(default_factory=list)
+    made: list[tuple[float, int]] = field(default_factory=list)  # (sealed, events) per batch
+    published: set[int] = field(default_factory=set)
 
 
 def equipment_specs(machines: int) -> list[Any]:
@@ -151,7 +170,8 @@ async def run_agents(spec: dict[str, Any]) -> dict[str, Any]:
     ack_keys = ring.ack_verify_keys()
     calendar = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
     specs = equipment_specs(spec["machines"])
-    measure_from, measure_to = spec["measure_from"], spec["measure_to"]
+    control, ready = spec["control"], spec["ready"]
+    end = float("inf")  # wall time to stop, set by the bench through `control`
     folder = Path(spec["outbox_dir"])
 
     class CountingOutbox(Outbox):
@@ -163,18 +183,27 @@ async def run_agents(spec: dict[str, Any]) -> dict[str, Any]:
             deleted = super().ack(epoch, acked)
             now = time.time()
             for seq in deleted:
+                self.stats_ref.published.discard(seq)
                 created = self.stats_ref.created.pop(seq, None)
-                if created is not None and measure_from <= created < measure_to:
-                    self.stats_ref.ack_lags.append(now - created)
+                if created is not None:
+                    self.stats_ref.ack_lags.append((created, now - created))
             return deleted
 
     class CountingUplink(Uplink):
         stats_ref: AgentStats
 
         def apply_ack(self, payload: bytes) -> list[int]:
-            if measure_from <= time.time() < measure_to:
-                self.stats_ref.acks += 1
+            self.stats_ref.ack_times.append(time.time())
             return super().apply_ack(payload)
+
+        def _publish_due(self) -> None:
+            super()._publish_due()
+            stats, now = self.stats_ref, time.time()
+            for seq in self._in_flight.keys() - stats.published:
+                stats.published.add(seq)
+                created = stats.created.get(seq)
+                if created is not None:
+                    stats.publish_lags.append((created, now - created))
 
     @dataclass
     class SimAgent:
@@ -203,6 +232,7 @@ async def run_agents(spec: dict[str, Any]) -> dict[str, Any]:
                     trace_id=secrets.token_hex(16),
                 )  # fmt: skip
                 stats.created[seq] = time.time()
+                stats.made.append((stats.created[seq], len(events)))
                 raw = seal(plaintext, header, key, cloud)
                 return raw, envelope_digest(raw)
 
@@ -223,8 +253,9 @@ async def run_agents(spec: dict[str, Any]) -> dict[str, Any]:
             site=site_id,
             agent=agent_id,
             ack_keys=ack_keys,
-            ack_timeout=15.0,
+            ack_timeout=spec["ack_timeout"],
             max_in_flight=16,
+            poll_interval=spec["poll_interval"],
         )
         uplink.stats_ref = stats
         rng = random.Random(agent_id)
@@ -261,7 +292,7 @@ async def run_agents(spec: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(offset)
         next_at = loop.time()
         next_flush = time.time() + interval
-        while time.time() < spec["end"]:
+        while time.time() < end:
             now_wall = time.time()
             at = datetime.fromtimestamp(now_wall, UTC)
             for m in a.machines:
@@ -310,9 +341,23 @@ async def run_agents(spec: dict[str, Any]) -> dict[str, Any]:
     loops = [
         asyncio.create_task(guarded(a, i * interval / len(agents))) for i, a in enumerate(agents)
     ]
+    # Ready once every agent is connected and has written a batch; the bench then starts
+    # its window after a warm-up and writes the end time to `control`.
     connected_max = 0
-    while time.time() < spec["end"]:
-        connected_max = max(connected_max, sum(1 for a in agents if a.uplink.stats.connected))
+    is_ready = False
+    while time.time() < end:
+        connected = sum(1 for a in agents if a.uplink.stats.connected)
+        connected_max = max(connected_max, connected)
+        if (
+            not is_ready
+            and connected == len(agents)
+            and all(a.stats.created or a.stats.ack_lags for a in agents)
+        ):
+            with open(ready, "w") as f:  # noqa: ASYNC230 (a few bytes on tmpfs, once)
+                f.write(str(time.time()))
+            is_ready = True
+        with contextlib.suppress(FileNotFoundError), open(control) as f:  # noqa: ASYNC230
+            end = float(f.read())  # (a few bytes on tmpfs, once a second)
         await asyncio.sleep(1.0)
     await asyncio.gather(*loops, return_exceptions=True)
     for t in tasks:
@@ -324,8 +369,12 @@ async def run_agents(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "agents": len(agents),
         "connected_max": connected_max,
-        "acks": sum(a.stats.acks for a in agents),
-        "ack_lags": [round(x, 4) for a in agents for x in a.stats.ack_lags],
+        "ack_times": [round(t, 3) for a in agents for t in a.stats.ack_times],
+        "ack_lags": [(round(c, 3), round(x, 4)) for a in agents for c, x in a.stats.ack_lags],
+        "made": [(round(c, 3), n) for a in agents for c, n in a.stats.made],
+        "publish_lags": [
+            (round(c, 3), round(x, 4)) for a in agents for c, x in a.stats.publish_lags
+        ],
         "resent": sum(a.uplink.stats.resent for a in agents),
         "errors": errors[:5],
         "error_count": len(errors),
@@ -456,23 +505,22 @@ def run_setting(args: argparse.Namespace, ingest: int) -> dict[str, Any]:
         }
         start_ingest(env, tmp, ingest, args.workers, procs)
         # The agents: connect, warm up (first buckets close), then the measured window.
-        t0 = time.time()
-        connect_s = max(10.0, args.agents / 100)
-        measure_from = t0 + connect_s + args.warmup
-        measure_to = measure_from + args.window
-        end = measure_to + 2.0
+        # The window starts after every generator is ready (all its agents connected, each
+        # has written a batch) and a warm-up; the generators run until `control`'s time.
+        control = tmp / "end"
         results = [tmp / f"gen-{g}.json" for g in range(args.generators)]
         for g in range(args.generators):
             spec = {
                 "agents": agents[g :: args.generators],
                 "machines": args.machines,
                 "flush_interval": args.flush_interval,
+                "poll_interval": args.poll_interval,
+                "ack_timeout": args.ack_timeout,
                 "keys_dir": str(keys_dir),
                 "port": port,
                 "outbox_dir": str(shm),
-                "measure_from": measure_from,
-                "measure_to": measure_to,
-                "end": end,
+                "control": str(control),
+                "ready": str(tmp / f"gen-{g}.ready"),
             }
             spec_path = tmp / f"gen-{g}.spec.json"
             spec_path.write_text(json.dumps(spec))
@@ -480,6 +528,7 @@ def run_setting(args: argparse.Namespace, ingest: int) -> dict[str, Any]:
             gens.append(
                 subprocess.Popen(
                     [
+                        *(["nice", "-n", str(args.nice)] if args.nice else []),
                         sys.executable,
                         "-m",
                         "bench.fleet",
@@ -490,6 +539,18 @@ def run_setting(args: argparse.Namespace, ingest: int) -> dict[str, Any]:
                     stderr=(tmp / f"gen-{g}.log").open("wb"),
                 )
             )
+        t0 = time.monotonic()
+        ready_limit = 300 + args.agents / 5
+        while not all((tmp / f"gen-{g}.ready").exists() for g in range(args.generators)):
+            if any(g.poll() is not None for g in gens):
+                raise RuntimeError("a generator process exited before its agents were ready")
+            if time.monotonic() - t0 > ready_limit:
+                raise RuntimeError(f"agents not all connected within {ready_limit:.0f} s")
+            time.sleep(0.5)
+        ready_s = time.monotonic() - t0
+        measure_from = time.time() + args.warmup
+        measure_to = measure_from + args.window
+        control.write_text(str(measure_to + 2.0))
         while time.time() < measure_from:
             time.sleep(0.2)
         groups = {
@@ -562,8 +623,16 @@ def run_setting(args: argparse.Namespace, ingest: int) -> dict[str, Any]:
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
     batches, events = int(row[0]), int(row[1])
-    ack_lags = [x for r in gen_results for x in r["ack_lags"]]
-    acks = sum(r["acks"] for r in gen_results)
+
+    def in_window(pairs: list[list[float]]) -> list[float]:
+        return [lag for created, lag in pairs if measure_from <= created < measure_to]
+
+    ack_lags = in_window([x for r in gen_results for x in r["ack_lags"]])
+    publish_lags = in_window([x for r in gen_results for x in r["publish_lags"]])
+    acks = sum(1 for r in gen_results for t in r["ack_times"] if measure_from <= t < measure_to)
+    made_at_agents = sum(
+        n for r in gen_results for c, n in r["made"] if measure_from <= c < measure_to
+    )
     cores = os.cpu_count() or 1
     spent = {k: (after[k] - before[k]) / CLK_TCK for k in groups}
     busy = {
@@ -594,14 +663,19 @@ def run_setting(args: argparse.Namespace, ingest: int) -> dict[str, Any]:
         "ingest_processes": ingest,
         "agents": args.agents,
         "connected_max": sum(r["connected_max"] for r in gen_results),
+        "ready_s": round(ready_s, 1),
         "events_per_s": round(events / wall),
         "batches_per_s": round(batches / wall),
-        "events_created_per_s": round(int(made[1]) / wall),
+        # Sealed by the agents in the window, and of those, stored by the end of the run.
+        "events_made_per_s": round(made_at_agents / wall),
+        "events_made_stored_per_s": round(int(made[1]) / wall),
         "lag_p50_s": round(float(row[2]), 3) if row[2] is not None else None,
         "lag_p99_s": round(float(row[3]), 3) if row[3] is not None else None,
         "lag_max_s": round(float(row[4]), 3) if row[4] is not None else None,
         "ack_lag_p50_s": percentile(ack_lags, 0.5),
         "ack_lag_p99_s": percentile(ack_lags, 0.99),
+        "publish_lag_p50_s": percentile(publish_lags, 0.5),
+        "publish_lag_p99_s": percentile(publish_lags, 0.99),
         "acks_per_s": round(acks / args.window),
         "resent": sum(r["resent"] for r in gen_results),
         "agent_errors": sum(r["error_count"] for r in gen_results),
@@ -638,6 +712,27 @@ def main(argv: list[str] | None = None) -> int:
         help="the agents' uplink.flush_interval (s); 1 s, the agent's default, makes 1,000 "
         "agents 1,000 batches and transactions a second",
     )
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=5.0,
+        help="the uplinks' poll interval (s; the agent's is 0.5): a committed batch and an ack "
+        "wake the uplink at once, so polling only finds batches whose ack is overdue",
+    )
+    parser.add_argument(
+        "--ack-timeout",
+        type=float,
+        default=15.0,
+        help="the agents' uplink.ack_timeout (s; the agent's default is 15): a batch not "
+        "acked within it is sent again, and ingest handles it again (a replay)",
+    )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="niceness of the generator processes (real agents have CPUs of their own; a "
+        "positive value lets the cloud side go first on this machine)",
+    )
     parser.add_argument("--warmup", type=float, default=20.0)
     parser.add_argument("--window", type=float, default=60.0)
     args = parser.parse_args(argv)
@@ -657,6 +752,9 @@ def main(argv: list[str] | None = None) -> int:
                 "agents": args.agents,
                 "machines_per_agent": args.machines,
                 "flush_interval_s": args.flush_interval,
+                "poll_interval_s": args.poll_interval,
+                "generator_nice": args.nice,
+                "ack_timeout_s": args.ack_timeout,
                 "window_s": args.window,
                 "settings": settings,
                 "target_lag_p99_s": 2.0,

@@ -12,6 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import structlog
+from hypothesis import settings as hypothesis_settings
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
@@ -27,6 +28,13 @@ from sync.keys import (
     install_cloud_public_keys,
 )
 from sync.uplink import BrokerSettings
+
+# Property tests check what holds, never how fast: no deadline per example (a loaded machine
+# took a Modbus read plan past Hypothesis' 200 ms). Under CI Hypothesis' own "ci" profile
+# (which has no deadline either, and derandomizes) stays in force.
+if not os.environ.get("CI"):
+    hypothesis_settings.register_profile("suite", deadline=None)
+    hypothesis_settings.load_profile("suite")
 
 PG_ADMIN = os.environ.get("TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 MQTT_HOST = os.environ.get("TEST_MQTT_HOST", "127.0.0.1")

@@ -46,6 +46,8 @@ mqtt:
   host: 127.0.0.1
   port: {mqtt_port}
   topic_prefix: "{prefix}"
+health:
+  port: {health_port}
 uplink:
   flush_interval: 200ms
   ack_timeout: 2s
@@ -70,6 +72,7 @@ class ConfiguredAgent(Agent):
             state=self.state,
             mqtt_port=self.mqtt_port,
             prefix=self.prefix,
+            health_port=self.health_port,
         )
         self.config_path.write_text(head + self.body, encoding="utf-8")
 

@@ -25,8 +25,6 @@ from tests.invariants import Truth
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto")
 
 BODY = """
-health:
-  port: {health_port}
 connections:
   - id: plc
     type: modbus
@@ -70,7 +68,6 @@ async def test_broken_outputs_do_not_touch_counting_or_shipping(
     plant = Mosquitto(tmp_path / "plant-broker", persistence=False)
     plant.start()
     opcua_port = free_port()
-    health_port = free_port()
     squatter = socket.socket()  # another program holds the OPC UA server's port
     squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     squatter.bind(("127.0.0.1", opcua_port))
@@ -90,7 +87,6 @@ async def test_broken_outputs_do_not_touch_counting_or_shipping(
             plc_port=plc_port,
             plant_port=plant.port,
             opcua_port=opcua_port,
-            health_port=health_port,
         ),
     )
     agent.start()
@@ -115,7 +111,7 @@ async def test_broken_outputs_do_not_touch_counting_or_shipping(
         assert agent.running(), agent.log_tail(200_000)[-3000:]
         # The local metrics say so too.
         async with httpx.AsyncClient() as client:
-            text = (await client.get(f"http://127.0.0.1:{health_port}/metrics")).text
+            text = (await client.get(f"http://127.0.0.1:{agent.health_port}/metrics")).text
         metrics = {
             line.split(" ")[0]: float(line.split(" ")[1])
             for line in text.splitlines()

@@ -10,6 +10,7 @@ dictionaries these functions build; with no agent running they open the file the
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from agent.config import AgentConfig
@@ -52,9 +53,8 @@ def keys_report(outbox: Outbox) -> dict[str, dict[str, int]]:
     """Batches not acked yet, counted by the key that signed them and the cloud key sealing
     them (what `keys status` needs before a retired key may be revoked)."""
     counts: tuple[dict[str, int], dict[str, int]] = ({}, {})
-    after = 0
-    while batches := outbox.pending(KEYS_PAGE, after_seq=after):
-        after = _count_keys(batches, counts)
+    for batches in _pages(outbox):
+        _count_keys(batches, counts)
     return _keys_dict(counts)
 
 
@@ -64,9 +64,8 @@ async def keys_report_async(outbox: Outbox) -> dict[str, dict[str, int]]:
     import asyncio
 
     counts: tuple[dict[str, int], dict[str, int]] = ({}, {})
-    after = 0
-    while batches := outbox.pending(KEYS_PAGE, after_seq=after):
-        after = _count_keys(batches, counts)
+    for batches in _pages(outbox):
+        _count_keys(batches, counts)
         await asyncio.sleep(0)
     return _keys_dict(counts)
 
@@ -74,7 +73,15 @@ async def keys_report_async(outbox: Outbox) -> dict[str, dict[str, int]]:
 KEYS_PAGE = 500
 
 
-def _count_keys(batches: list[PendingBatch], counts: tuple[dict[str, int], dict[str, int]]) -> int:
+def _pages(outbox: Outbox) -> Iterator[list[PendingBatch]]:
+    """The unacked batches, KEYS_PAGE at a time, oldest first."""
+    after = 0
+    while batches := outbox.pending(KEYS_PAGE, after_seq=after):
+        yield batches
+        after = batches[-1].seq
+
+
+def _count_keys(batches: list[PendingBatch], counts: tuple[dict[str, int], dict[str, int]]) -> None:
     from sync.envelope import EnvelopeError, parse_header
 
     by_signer, by_cloud = counts
@@ -85,7 +92,6 @@ def _count_keys(batches: list[PendingBatch], counts: tuple[dict[str, int], dict[
             continue
         by_signer[header.signing_key_id] = by_signer.get(header.signing_key_id, 0) + 1
         by_cloud[header.cloud_key_id] = by_cloud.get(header.cloud_key_id, 0) + 1
-    return batches[-1].seq
 
 
 def _keys_dict(counts: tuple[dict[str, int], dict[str, int]]) -> dict[str, dict[str, int]]:

@@ -321,6 +321,26 @@ _TARGETS_COLUMN = (
 )
 
 
+def _rollup_selects(
+    tables: tuple[str, ...], columns: str, lower: str, upper: str
+) -> list[sql.Composed]:
+    """One SELECT per rollup table of a series: the scope row's equipment (`s`), its buckets
+    from `lower` to `upper` (SQL around the table's own bounds, placeholders lo{i} and hi{i})."""
+    return [
+        sql.SQL(
+            f"SELECT {columns} FROM rollups.{{table}} "
+            "WHERE site_id = s.site_id AND equipment_id = s.equipment_id "
+            f"AND bucket >= {lower} AND bucket < {upper}"
+        ).format(
+            cols=_COLS,
+            table=sql.Identifier(table),
+            lo=sql.Placeholder(f"lo{i}"),
+            hi=sql.Placeholder(f"hi{i}"),
+        )
+        for i, table in enumerate(tables)
+    ]
+
+
 @functools.lru_cache(maxsize=256)
 def _series_sql(
     group_by: GroupBy,
@@ -340,19 +360,7 @@ def _series_sql(
             "GROUP BY g_site, g_id, b.shift, b.shift_start ORDER BY g_site, g_id, label, shift"
         ).format(groups=_group_cols(group_by), sums=_sums("b."), mark=mark)
         return stmt.as_bytes(None)
-    selects = [
-        sql.SQL(
-            "SELECT bucket, {cols} FROM rollups.{table} "
-            "WHERE site_id = s.site_id AND equipment_id = s.equipment_id "
-            "AND bucket >= {lo} AND bucket < {hi}"
-        ).format(
-            cols=_COLS,
-            table=sql.Identifier(table),
-            lo=sql.Placeholder(f"lo{i}"),
-            hi=sql.Placeholder(f"hi{i}"),
-        )
-        for i, table in enumerate(tables)
-    ]
+    selects = _rollup_selects(tables, "bucket, {cols}", "{lo}", "{hi}")
     # One primary-key range scan per equipment, whatever the table's size: OFFSET 0 keeps
     # the planner from flattening the LATERAL subquery into a hash join over a full scan.
     stmt = _SCOPE_CTE + sql.SQL(
@@ -379,19 +387,7 @@ def _ranged_series_sql(
     group_by: GroupBy, tables: tuple[str, ...], marked: bool, with_targets: bool
 ) -> bytes:
     mark = sql.SQL((_MARK_COLUMN if marked else "") + (_TARGETS_COLUMN if with_targets else ""))
-    selects = [
-        sql.SQL(
-            "SELECT {cols} FROM rollups.{table} "
-            "WHERE site_id = s.site_id AND equipment_id = s.equipment_id "
-            "AND bucket >= greatest(b.lo, {lo}) AND bucket < least(b.hi, {hi})"
-        ).format(
-            cols=_COLS,
-            table=sql.Identifier(table),
-            lo=sql.Placeholder(f"lo{i}"),
-            hi=sql.Placeholder(f"hi{i}"),
-        )
-        for i, table in enumerate(tables)
-    ]
+    selects = _rollup_selects(tables, "{cols}", "greatest(b.lo, {lo})", "least(b.hi, {hi})")
     inner = sql.SQL(", ").join(
         sql.SQL("sum({c}) AS {c}").format(c=sql.Identifier(c)) for c in COMPONENT_FIELDS
     )

@@ -351,10 +351,11 @@ class HealthServer:
         runtime = self.service.runtime
         if runtime is None:
             return 503, "text/plain; charset=utf-8", b"the pipeline is not running\n"
-        from agent.outbox_report import keys_report_async
+        from agent.outbox_report import keys_report_async, outbox_name
 
         report = await keys_report_async(runtime.outbox)
-        return 200, "application/json", json.dumps(report).encode()
+        body = {"outbox": outbox_name(runtime.config), **report}
+        return 200, "application/json", json.dumps(body).encode()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

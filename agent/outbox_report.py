@@ -27,6 +27,7 @@ def stats_report(outbox: Outbox, config: AgentConfig) -> dict[str, Any]:
 
     stats = outbox.stats()
     return {
+        "outbox": outbox_name(config),
         "epoch": stats.epoch,
         "depth_batches": stats.depth,
         "events": stats.events,
@@ -47,6 +48,13 @@ def stats_report(outbox: Outbox, config: AgentConfig) -> dict[str, Any]:
         "shed_batches_total": stats.shed_batches_total,
         "shed_events_total": stats.shed_events_total,
     }
+
+
+def outbox_name(config: AgentConfig) -> str:
+    """The outbox file as the reports name it: its absolute path, so that a command can tell
+    whether the agent answering on `health.port` is the one whose configuration it was given
+    (two agents on one box with the same port: the second one's endpoint does not start)."""
+    return str(config.outbox_path.resolve())
 
 
 def keys_report(outbox: Outbox) -> dict[str, dict[str, int]]:
@@ -118,4 +126,11 @@ def ask_agent(config: AgentConfig, path: str, timeout: float = 10.0) -> dict[str
         raise AgentNotAnswering(f"no answer from the running agent on {url}: {exc}") from None
     if not isinstance(data, dict):
         raise AgentNotAnswering(f"{url} answered {type(data).__name__}, not an object")
+    mine = outbox_name(config)
+    if data.get("outbox") != mine:
+        raise AgentNotAnswering(
+            f"the agent answering on {url} keeps its outbox in {data.get('outbox')}, not in "
+            f"{mine}: two agents on this box use health.port {config.health.port}; give each "
+            "its own"
+        )
     return data

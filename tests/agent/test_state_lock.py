@@ -169,3 +169,55 @@ def test_is_held_tells_whether_an_agent_holds_the_folder_without_taking_the_lock
     assert not is_held(folder)
     again = lock_state_folder(folder)  # nothing left behind by the questions
     again.release()
+
+
+def test_commands_refuse_the_answer_of_another_agent_on_the_same_health_port(
+    tmp_path: Path, cloud_keys: CloudKeyring
+) -> None:
+    """Two agents on one box, each with its own state folder, both left on one health port:
+    the second one's endpoint cannot bind, so its port answers for the first agent. Its
+    `buffer stats` and `keys status` say so instead of printing the other agent's outbox."""
+    health_port = free_port()
+    agents = []
+    try:
+        for name in ("one", "two"):
+            state = tmp_path / name
+            make_agent_keys(state / "keys", cloud_keys)
+            config = _config(tmp_path, name, state, health_port)
+            log = (tmp_path / f"{name}.log").open("wb")
+            agents.append(
+                (
+                    config,
+                    subprocess.Popen(
+                        [EDGE_AGENT, "run", "-c", str(config)], stdout=log, stderr=log
+                    ),
+                    log,
+                )
+            )
+            if name == "one":
+                _wait_committed(health_port)
+        second_state = tmp_path / "two"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            lock = second_state / "agent.lock"
+            if lock.exists() and lock.read_text().strip() == str(agents[1][1].pid):
+                break
+            assert agents[1][1].poll() is None, (tmp_path / "two.log").read_text()
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the second agent did not take its state folder")
+
+        mine = _edge_agent("buffer", "stats", "--json", "-c", str(agents[0][0]))
+        assert mine.returncode == 0, mine.stderr
+        assert json.loads(mine.stdout)["outbox"] == str(tmp_path / "one" / "outbox.db")
+        for command in (("buffer", "stats"), ("keys", "status")):
+            done = _edge_agent(*command, "--json", "-c", str(agents[1][0]))
+            assert done.returncode == 1, done
+            assert f"keeps its outbox in {tmp_path / 'one' / 'outbox.db'}" in done.stderr
+            assert f"not in {tmp_path / 'two' / 'outbox.db'}" in done.stderr, done.stderr
+            assert f"health.port {health_port}; give each its own" in done.stderr
+    finally:
+        for _config_path, process, log in agents:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+            log.close()

@@ -12,9 +12,16 @@ parent, as `edge-agent keys` makes it before the agent runs) updating
 its 100 x 40 variables. Each child reports its CPU time and its resident memory at the end;
 the difference is the outputs' share.
 
-Then each output alone, the same way. Run: `python -m bench.plant_outputs [--machines 100]
-[--seconds 30]`. The last line of the output is one JSON object (target: extra CPU under
-10 % of one core, under 20 MB more).
+Then each output alone, the same way. Every child runs as the agent runs on an edge box: with
+the `Environment=` settings of the shipped unit, systemd/edge-agent.service (PYTHONOPTIMIZE=2
+among them: no docstrings, no asserts), from byte-compiled files made for plain and -OO runs
+as deploy/install-edge.sh makes them (the interpreter's library folder and the project's
+packages; files already up to date are skipped); `--no-unit-env` runs the children with the
+bench's own environment instead.
+
+Run: `python -m bench.plant_outputs [--machines 100] [--seconds 30] [--no-unit-env]`. The last
+line of the output is one JSON object (target: extra CPU under 10 % of one core, under 20 MB
+more).
 """
 
 from __future__ import annotations
@@ -210,7 +217,23 @@ class _Host:
         self.client.loop_stop()
 
 
-def _run_child(kind: str, args: argparse.Namespace, broker: int, keys: str) -> dict[str, Any]:
+def _byte_compile() -> None:
+    """.pyc files for plain and -OO runs, as deploy/install-edge.sh makes them."""
+    from bench.agent import PACKAGES, ROOT
+
+    folders = [str(p) for p in (Path(sys.prefix) / "lib").glob("python3*")]
+    for flags in ([], ["-OO"]):
+        subprocess.run(
+            [sys.executable, *flags, "-m", "compileall", "-q", *folders, *PACKAGES],
+            check=True,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
+
+
+def _run_child(
+    kind: str, args: argparse.Namespace, broker: int, keys: str, env: dict[str, str]
+) -> dict[str, Any]:
     out = subprocess.run(
         [
             sys.executable,
@@ -232,7 +255,7 @@ def _run_child(kind: str, args: argparse.Namespace, broker: int, keys: str) -> d
         capture_output=True,
         text=True,
         check=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
     )
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
@@ -246,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker-port", type=int, default=0)
     parser.add_argument("--opcua-port", type=int, default=0)
     parser.add_argument("--keys", default="")
+    parser.add_argument(
+        "--no-unit-env",
+        action="store_true",
+        help="run the children without the agent unit's Environment= settings",
+    )
     args = parser.parse_args(argv)
     if args.child:
         from common.logs import configure_logging
@@ -253,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging("error")
         print(json.dumps(asyncio.run(_child(args))))
         return 0
+    from bench.agent import unit_environment
+
+    env = {} if args.no_unit_env else unit_environment()
+    if env.get("PYTHONOPTIMIZE"):
+        _byte_compile()
     with tempfile.TemporaryDirectory() as tmp:
         port = _free_port()
         conf = Path(tmp) / "mosquitto.conf"
@@ -277,10 +310,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             time.sleep(0.5)
             host = _Host(port)
-            baseline = _run_child("baseline", args, port, tmp)
-            outputs = _run_child("outputs", args, port, tmp)
-            sparkplug = _run_child("sparkplug", args, port, tmp)
-            opcua = _run_child("opcua", args, port, tmp)
+            baseline = _run_child("baseline", args, port, tmp, env)
+            outputs = _run_child("outputs", args, port, tmp, env)
+            sparkplug = _run_child("sparkplug", args, port, tmp, env)
+            opcua = _run_child("opcua", args, port, tmp, env)
             host.close()
         finally:
             broker.terminate()
@@ -313,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         "sparkplug_dropped": outputs.get("dropped"),
         "host_messages_received_both_sparkplug_runs": host.messages,
         "host_metrics_received_both_sparkplug_runs": host.metrics,
+        "unit_environment": env,
         "load_average_1m": round(os.getloadavg()[0], 2),
         "target": {"extra_cpu_share_of_one_core": 0.10, "extra_rss_mb": 20},
     }

@@ -11,8 +11,8 @@ their parent and to their type.
 `compact(aspace, nodeids)` replaces nodes that asyncua has built (by its ordinary calls, so
 the nodes are exactly what asyncua makes) with `CompactNode`s: each node keeps its own node
 id and, for a variable, its value; every other attribute, and every reference that does not
-name the node itself, is one object shared by all nodes where it is equal. About 1 kB per
-node remains.
+name the node itself, is one object shared by all nodes where it is equal. About 600 bytes
+of Python objects per node remain (value included).
 
 Shared objects are never written: the server is read-only for its clients, and the agent
 writes only the values, which stay per node. The nodes are compacted one machine at a time

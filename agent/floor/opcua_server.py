@@ -42,7 +42,10 @@ from agent.floor.aspace import ensure_shelf, use_small_index
 from agent.floor.config import OpcUaServerConfig
 from agent.floor.live import METRICS, OUTBOX_DEPTH, LiveSource, Metric, Value
 from agent.floor.nodes import Interner, compact
+from agent.floor.slim import make_names_lazy
 from common.memory import release_free_memory
+
+make_names_lazy()
 
 _UNECE = "http://www.opcfoundation.org/UA/units/un/cefact"
 _FOLDERS = ("Shift", "LastBucket", "Link")
@@ -213,8 +216,14 @@ class PlantOpcUaServer:
                         f"{path} does not exist: create it with "
                         "`edge-agent keys opcua-server-cert -c FILE`"
                     )
-            await server.load_certificate(str(self.certificate))
-            await server.load_private_key(str(self.private_key))
+            # Read here and handed over as bytes: asyncua would read the files through
+            # anyio's worker threads (its thread machinery and a thread's heap, about 1 MB).
+            for path, load in (
+                (self.certificate, server.load_certificate),
+                (self.private_key, server.load_private_key),
+            ):
+                kind = "pem" if path.suffix.lower() == ".pem" else "der"
+                await load(path.read_bytes(), format=kind)
         if cfg.trusted_clients is not None:
             server.set_certificate_validator(await self._validator(cfg.trusted_clients))
         self.ns = await server.register_namespace(cfg.namespace)

@@ -181,6 +181,24 @@ def _plain_text(value: object, min_chars: int, max_chars: int) -> bool:
     return True
 
 
+# Ids already found plain: an engine's three ids are the same on every event it makes.
+_plain_ids: set[str] = set()
+_PLAIN_IDS_MAX = 10_000
+
+
+def _plain_id(value: object) -> bool:
+    if type(value) is not str:
+        return False
+    if value in _plain_ids:
+        return True
+    if not _plain_text(value, 1, MAX_ID_CHARS):
+        return False
+    if len(_plain_ids) >= _PLAIN_IDS_MAX:
+        _plain_ids.clear()
+    _plain_ids.add(value)
+    return True
+
+
 def _plain_int(value: object) -> bool:
     return type(value) is int and -MAX_INT <= value <= MAX_INT
 
@@ -214,9 +232,9 @@ def count_event(
         and ts.utcoffset() == _ZERO
         and (product is None or _plain_text(product, 0, MAX_TEXT_CHARS))
         and (scrap_reason is None or _plain_text(scrap_reason, 0, MAX_TEXT_CHARS))
-        and _plain_text(agent_id, 1, MAX_ID_CHARS)
-        and _plain_text(site_id, 1, MAX_ID_CHARS)
-        and _plain_text(equipment_id, 1, MAX_ID_CHARS)
+        and _plain_id(agent_id)
+        and _plain_id(site_id)
+        and _plain_id(equipment_id)
     ):
         return CountEvent(
             agent_id=agent_id,

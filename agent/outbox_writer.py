@@ -164,6 +164,10 @@ class OutboxWriter:
 
     def _alarm(self, now: datetime, *, full: bool) -> None:
         """Queue an `outbox_fill` event when the fill level changes (logged once per change)."""
+        # Checked at every write: the fill ratio alone first, the full stats (what the event
+        # reports) only when the level may have changed.
+        if fill_level(self.outbox.fill_ratio(), full=full) == self.level:
+            return
         stats = self.outbox.stats()
         level = fill_level(stats.fill_ratio, full=full)
         if level == self.level:

@@ -15,10 +15,13 @@ produces about 6 events a second (a count for each poll that saw parts, state ch
 (asyncio, paho's network thread per connection; at most 60 agents a process, as paho's
 select() takes file descriptors below 1024 only); the engine's checkpoint is not written
 (the bench measures the cloud side); outboxes live on tmpfs (each real agent has its own
-disk). Where a generator's CPU goes (py-spy, 60 agents): the OEE engine about a third (a
-pydantic event and a uuid7 per event), the outbox write about a third (sealing half of it),
-the uplink a sixth (verifying acks half of it), asyncio the rest; paho's threads next to
-nothing. `--nice` lowers the generators' priority so that, on a shared machine, the cloud
+disk). Where a generator's CPU goes (py-spy on a generator of 60 agents, 40 s of the
+window, start-up and shutdown left out): sealing a fifth (HPKE, Ed25519 and zstd of each
+batch, its header, the events' JSON), the OEE engine a fifth (a quarter before count events
+were made without validating again what the engine already holds, and ids without
+`uuid.UUID`), the rest of the outbox write an eighth (the SQLite append and commit, the fill
+check), the uplink a quarter (verifying acks 10 %, paho's publish 6 %), asyncio 15 %, paho's
+threads 6 %. `--nice` lowers the generators' priority so that, on a shared machine, the cloud
 side is served first, as it would be with agents on computers of their own.
 
 The measuring window starts `--warmup` seconds after every generator reports all its agents

@@ -59,7 +59,7 @@ from oee.components import (
 )
 from oee.config import CounterSpec, EquipmentSpec
 from oee.counters import MAX_COUNTER_DELTA, counter_delta
-from oee.events import AgentEvent, CountEvent, Event, OeeEvent, StateEvent
+from oee.events import AgentEvent, Event, OeeEvent, StateEvent, count_event
 from oee.quantities import COUNTER_SIGNALS, counter_effects
 
 STOP_STATES = ("fault", "idle")
@@ -1212,7 +1212,7 @@ class EquipmentEngine:
         if self.count_events:
             # The event carries exactly what the bucket received (oee.quantities).
             self._out.append(
-                CountEvent(
+                count_event(
                     agent_id=self.agent_id,
                     site_id=self.site_id,
                     equipment_id=self.spec.id,

@@ -28,6 +28,7 @@ import json
 import re
 import secrets
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -305,10 +306,21 @@ def parse_header(raw: bytes) -> EnvelopeHeader:
     return _header_from(_split(raw)[0])
 
 
+# One zstd compressor per thread, made at its first batch: setting up a compressor cost
+# about as much as compressing a batch of a second. A compressor is not thread-safe; each
+# `compress` call is a frame of its own, the same bytes as from a new compressor.
+_zstd = threading.local()
+
+
 def _compress(compression: str, plaintext: bytes) -> bytes:
     if compression == "zstd":
-        # Level 1 with the content size in the frame (the opener bounds its output by it).
-        return zstandard.ZstdCompressor(level=1, write_content_size=True).compress(plaintext)
+        compressor: zstandard.ZstdCompressor | None = getattr(_zstd, "compressor", None)
+        if compressor is None:
+            # Level 1 with the content size in the frame (the opener bounds its output by it).
+            compressor = zstandard.ZstdCompressor(level=1, write_content_size=True)
+            _zstd.compressor = compressor
+        compressed: bytes = compressor.compress(plaintext)
+        return compressed
     return zlib.compress(plaintext, 6)
 
 

@@ -156,6 +156,7 @@ class Uplink:
     def _enqueue_ack(self, payload: bytes) -> None:
         with contextlib.suppress(asyncio.QueueFull):
             self._acks.put_nowait(payload)
+        self._wake.set()
 
     def _connected(self, up: bool, address: tuple[str, int]) -> None:
         if up != self.stats.connected:
@@ -253,17 +254,12 @@ class Uplink:
                     self.apply_ack(self._acks.get_nowait())
                 self.store.tidy()
                 self._publish_due()
+                # Nothing can arrive between the drain above and here (no await): an ack,
+                # a commit (`notify`) or a (re)connect sets `_wake` from now on. One wait
+                # on one event, no task per round: a round runs for every ack and commit.
                 self._wake.clear()
-                ack_wait = asyncio.ensure_future(self._acks.get())
-                wake_wait = asyncio.ensure_future(self._wake.wait())
-                done, pending = await asyncio.wait(
-                    {ack_wait, wake_wait},
-                    timeout=self.poll_interval,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                for task in pending:
-                    task.cancel()
-                if ack_wait in done:
-                    self.apply_ack(ack_wait.result())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_interval):
+                        await self._wake.wait()
         finally:
             self._link.stop()

@@ -30,6 +30,7 @@ import contextlib
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -57,10 +58,12 @@ from sync.envelope import (
     AckBody,
     EnvelopeError,
     EnvelopeHeader,
+    Framed,
     RejectionBody,
     clean_detail,
     envelope_digest,
-    open_envelope,
+    frame,
+    open_framed,
     parse_header,
     sign_ack,
     sign_rejection,
@@ -89,6 +92,12 @@ PERMANENT: frozenset[str] = frozenset(
 # same partition, a foreign key or partition-routing (check) violation from registry or
 # retention changes made meanwhile; those stay unanswered and the agent sends again.
 CONTENT_ERRORS = (psycopg.errors.DataError, psycopg.errors.NotNullViolation)
+# A resend left the agent at least its ack timeout (15 s by default) after the batch was
+# created: only batches older than this are looked up as possible replays before they are
+# opened (a lookup for every fresh batch would cost more than the replays it finds; a replay
+# that is not looked up still takes the full path, which re-acks it as before).
+REPLAY_MIN_AGE_S = 5.0
+REPLAY_DETAIL = "identical to a stored batch; re-acked"
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,7 @@ class Outcome:
     status: Status
     reason: str | None = None
     header: EnvelopeHeader | None = None
-    ack: bytes | None = None
+    acked: bool = False  # stored (now or before): named in the round's signed ack
     ack_topic: str | None = None
     rejection: bytes | None = None  # the signed answer to a permanent refusal
     events: int = 0
@@ -295,24 +304,32 @@ class BatchWriter:
         self.max_envelope_bytes = max_envelope_bytes
         self.registry = AgentRegistry(pool)
         self._partitions: set[str] = set()
+        # Connections (sessions) whose `_new_buckets` staging table exists, committed.
+        self._staging: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
 
     # -- checks ---------------------------------------------------------------------------
 
-    def _check(self, topic: str, payload: bytes) -> tuple[EnvelopeHeader, bytes, str, list[Event]]:
+    def _frame(self, payload: bytes) -> Framed:
         if len(payload) > self.max_envelope_bytes:
             raise Rejected("oversize", f"{len(payload)} bytes")
         try:
-            header = parse_header(payload)
+            return frame(payload)
         except EnvelopeError as exc:
             raise Rejected(exc.reason, exc.detail) from None
+
+    def _check(
+        self, topic: str, payload: bytes, framed: Framed | None = None
+    ) -> tuple[EnvelopeHeader, bytes, str, list[Event]]:
+        if framed is None:
+            framed = self._frame(payload)
+        header = framed.header
         if self.registry.site_of(header.agent_id) is None:
             raise Rejected("unknown_agent", header.agent_id, header)
         try:
-            opened = open_envelope(
-                payload,
+            opened = open_framed(
+                framed,
                 verify_key_for=self.registry.key,
                 decrypt_key_for=self.keyring.decrypt_key_for,
-                max_size=self.max_envelope_bytes,
             )
         except EnvelopeError as exc:
             verified = exc.reason in AFTER_SIGNATURE
@@ -341,6 +358,20 @@ class BatchWriter:
         return header, payload, opened.digest, events
 
     # -- storing --------------------------------------------------------------------------
+
+    def _prepare_session(self, conn: psycopg.Connection[Any], events: Sequence[Event]) -> None:
+        """Before a storing transaction: the month partitions its events need and the
+        session's staging table of OEE buckets, created and committed once (not in the
+        storing transaction: a rollback there would drop a table created in it)."""
+        self._ensure_partitions(conn, events)
+        if conn not in self._staging:
+            conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS _new_buckets (LIKE facts.oee_buckets) "
+                "ON COMMIT DELETE ROWS"
+            )
+            conn.commit()
+            self._staging.add(conn)
+        conn.commit()
 
     def _ensure_partitions(self, conn: psycopg.Connection[Any], events: Sequence[Event]) -> None:
         # (year, month) tuples: strftime per event costs milliseconds per batch.
@@ -387,8 +418,7 @@ class BatchWriter:
         self, header: EnvelopeHeader, digest: str, events: Sequence[Event]
     ) -> Literal["stored", "duplicate", "conflict"]:
         with self.pool.connection() as conn:
-            self._ensure_partitions(conn, events)
-            conn.commit()
+            self._prepare_session(conn, events)
             # Pipeline mode: statements go out without waiting for the one before; the
             # transaction waits for the server only where a result is read (the batch key,
             # the agent's sequence row) and at its commit. Order and transaction are the same
@@ -423,8 +453,7 @@ class BatchWriter:
         equipment and the agent's row once."""
         ordered = sorted(group, key=lambda c: c.header.seq)
         with self.pool.connection() as conn:
-            self._ensure_partitions(conn, [e for c in ordered for e in c.events])
-            conn.commit()
+            self._prepare_session(conn, [e for c in ordered for e in c.events])
             with conn.pipeline(), conn.transaction():
                 results = [self._claim(conn, c.header, c.digest) for c in ordered]
                 stored = [c for c, r in zip(ordered, results, strict=True) if r == "stored"]
@@ -475,10 +504,6 @@ class BatchWriter:
     def _stage_buckets(self, conn: psycopg.Connection[Any], buckets: Sequence[OeeEvent]) -> None:
         """The batch's OEE buckets into `_new_buckets` (emptied at commit)."""
         if buckets:
-            conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS _new_buckets (LIKE facts.oee_buckets) "
-                "ON COMMIT DELETE ROWS"
-            )
             data = EVENT_LIST_ADAPTER.dump_json(list(buckets))
             conn.execute(STAGE_BUCKETS, (Jsonb(data, dumps=_raw_json),))
 
@@ -552,9 +577,6 @@ class BatchWriter:
 
         with_retry(write)
 
-    def _ack(self, header: EnvelopeHeader, digest: str) -> bytes:
-        return self.make_ack(header.agent_id, header.epoch, {header.seq: digest})
-
     def make_ack(self, agent_id: str, epoch: str, digests: dict[int, str]) -> bytes:
         """One signed ack naming the stored batches of one (agent, epoch) as seq ranges."""
         key_id, key = self.keyring.current_ack
@@ -617,11 +639,117 @@ class BatchWriter:
         )
         return sign_rejection(body, key)
 
-    def check(self, topic: str, payload: bytes) -> Checked | Outcome:
+    def find_replays(
+        self, messages: Sequence[tuple[str, bytes]]
+    ) -> tuple[dict[int, Outcome], dict[int, Framed]]:
+        """The messages of a round that are, byte for byte, an envelope stored before: their
+        re-acks, found without verifying, decrypting or validating them again; and the
+        framed envelope of the others that were looked at (for check()).
+
+        Safe to decide before the signature is verified: a message is a replay only when the
+        SHA-256 of all its bytes equals the digest stored with the batch of the key its
+        header names, so it IS that envelope, whose signature, content and topic were
+        verified when it was stored; and its agent must still be enrolled at that site with
+        the signing key not revoked, as the full path would require. A forged or altered
+        header or payload has another digest and takes the full path, which verifies it
+        first: nothing unauthenticated is acked, stored or charged to an agent here, and
+        only a stored batch is acked. What an attacker gains by sending a captured envelope
+        again is the re-ack the full path would send too, for one indexed lookup per round.
+        Only batches created at least REPLAY_MIN_AGE_S ago are looked up. Database errors
+        propagate; the caller then takes the full path for every message."""
+        framed: dict[int, Framed] = {}
+        wanted: dict[int, tuple[Framed, str]] = {}
+        now = datetime.now(UTC)
+        for i, (topic, payload) in enumerate(messages):
+            try:
+                f = self._frame(payload)
+            except Rejected:
+                continue  # refused on the full path, with its reason
+            framed[i] = f
+            h = f.header
+            if topic != batch_topic(self.topic_prefix, h.site_id, h.agent_id):
+                continue
+            with contextlib.suppress(ValueError):
+                age = (now - datetime.fromisoformat(h.created)).total_seconds()
+                if age >= REPLAY_MIN_AGE_S:
+                    wanted[i] = (f, envelope_digest(payload))
+        if not wanted:
+            return {}, framed
+        keys = [
+            (f.header.site_id, f.header.agent_id, f.header.epoch, f.header.seq)
+            for f, _ in wanted.values()
+        ]
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT b.site_id, b.agent_id, b.epoch, b.seq, b.digest FROM facts.batches b "
+                "WHERE (b.site_id, b.agent_id, b.epoch, b.seq) IN (SELECT * FROM "
+                "unnest(%s::text[], %s::text[], %s::text[], %s::bigint[]))",
+                [list(col) for col in zip(*keys, strict=True)],
+            ).fetchall()
+            conn.rollback()
+        stored = {(r[0], r[1], r[2], int(r[3])): r[4] for r in rows}
+        replays: dict[int, Framed] = {}
+        for i, (f, digest) in wanted.items():
+            h = f.header
+            if stored.get((h.site_id, h.agent_id, h.epoch, h.seq)) != digest:
+                continue  # new, or another envelope under that key: the full path decides
+            if self.registry.site_of(h.agent_id) != h.site_id:
+                continue
+            if self.registry.key(h.agent_id, h.signing_key_id) is None:
+                continue
+            replays[i] = f
+        if not replays:
+            return {}, framed
+        self._quarantine_replays([(messages[i][0], f.header) for i, f in replays.items()])
+        outcomes: dict[int, Outcome] = {}
+        for i, f in replays.items():
+            h = f.header
+            metrics.INGEST_BATCHES.labels("duplicate").inc()
+            metrics.INGEST_REJECTS.labels("replay").inc()
+            outcomes[i] = Outcome(
+                "duplicate",
+                None,
+                h,
+                acked=True,
+                ack_topic=ack_topic(self.topic_prefix, h.site_id, h.agent_id),
+                digest=wanted[i][1],
+            )
+        return outcomes, framed
+
+    def _quarantine_replays(self, replays: Sequence[tuple[str, EnvelopeHeader]]) -> None:
+        """The trace of replays (as _quarantine keeps for one, without the payload), all of
+        a round in one transaction."""
+        per_agent: dict[str, int] = {}
+        for _, h in replays:
+            per_agent[h.agent_id] = per_agent.get(h.agent_id, 0) + 1
+
+        def write() -> None:
+            with self.pool.connection() as conn, conn.pipeline(), conn.transaction():
+                conn.cursor().executemany(
+                    "INSERT INTO ops.quarantine(reason, detail, topic, site_id, agent_id, "
+                    "epoch, seq, payload) VALUES ('replay', %s, %s, %s, %s, %s, %s, NULL)",
+                    [
+                        (REPLAY_DETAIL, clean_detail(topic[:500]), h.site_id, h.agent_id,
+                         h.epoch, h.seq)
+                        for topic, h in replays
+                    ],
+                )  # fmt: skip
+                conn.cursor().executemany(
+                    "INSERT INTO ops.reject_counts(reason, agent_id, topic, verified, count) "
+                    "VALUES ('replay', %s, '', true, %s) "
+                    "ON CONFLICT (reason, agent_id, topic, verified) DO UPDATE "
+                    "SET count = ops.reject_counts.count + excluded.count, last_at = now()",
+                    sorted(per_agent.items()),
+                )
+
+        with_retry(write)
+
+    def check(self, topic: str, payload: bytes, framed: Framed | None = None) -> Checked | Outcome:
         """Check one MQTT message: a Checked batch to store, or the Outcome of its refusal
-        (counted and kept in quarantine). Never raises for bad input."""
+        (counted and kept in quarantine). Never raises for bad input. `framed`: the message
+        framed already (find_replays)."""
         try:
-            header, _, digest, events = self._check(topic, payload)
+            header, _, digest, events = self._check(topic, payload, framed)
         except Rejected as rejected:
             return self._reject(topic, payload, rejected)
         return Checked(topic, payload, header, digest, events)
@@ -694,9 +822,7 @@ class BatchWriter:
             # Stored before: re-ack (the first ack may have been lost), count it, keep a trace
             # without the payload (the identical bytes are stored already).
             metrics.INGEST_REJECTS.labels("replay").inc()
-            replay = Rejected(
-                "replay", "identical to a stored batch; re-acked", header, verified=True
-            )
+            replay = Rejected("replay", REPLAY_DETAIL, header, verified=True)
             self._quarantine(c.topic, None, replay)
         if result == "stored":
             metrics.INGEST_EVENTS.inc(len(events))
@@ -707,7 +833,7 @@ class BatchWriter:
             result,
             None,
             header,
-            ack=self._ack(header, digest),
+            acked=True,
             ack_topic=ack_topic(self.topic_prefix, header.site_id, header.agent_id),
             events=len(events) if result == "stored" else 0,
             digest=digest,
@@ -812,13 +938,30 @@ class IngestWorker:
                 return outcomes
         return None
 
+    def _find_replays(
+        self, items: list[tuple[str, bytes]]
+    ) -> tuple[dict[int, Outcome], dict[int, Framed]]:
+        """BatchWriter.find_replays; on any error none (the full path handles every message,
+        waiting out a database outage)."""
+        try:
+            return self.store.find_replays(items)
+        except Exception as exc:
+            log.warning("replay check failed; full path for the round", error=str(exc)[:200])
+            return {}, {}
+
     def _handle(self, items: list[tuple[str, bytes]]) -> tuple[list[Outcome], bool]:
         """Check every message of a round, then store the checked batches of each (agent,
         epoch) together; the outcomes so far and whether the worker is stopping."""
         outcomes: list[Outcome] = []
         checked: list[Checked] = []
-        for topic, payload in items:
-            result = self._guard(partial(self.store.check, topic, payload), topic, payload)
+        replays, framed = self._find_replays(items)
+        for i, (topic, payload) in enumerate(items):
+            if i in replays:
+                outcomes.append(replays[i])
+                self.processed += 1
+                continue
+            check = partial(self.store.check, topic, payload, framed.get(i))
+            result = self._guard(check, topic, payload)
             if result is None:
                 return outcomes, True
             if isinstance(result, Outcome):
@@ -850,7 +993,7 @@ class IngestWorker:
             if o.rejection is not None and o.ack_topic is not None:
                 self.link.publish(o.ack_topic, o.rejection, qos=1)
                 continue
-            if o.ack_topic is None or o.header is None or o.digest is None:
+            if not o.acked or o.ack_topic is None or o.header is None or o.digest is None:
                 continue
             key = (o.ack_topic, o.header.agent_id, o.header.epoch)
             groups.setdefault(key, {})[o.header.seq] = o.digest

@@ -30,12 +30,11 @@ import contextlib
 import queue
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import psycopg
 import structlog
@@ -49,7 +48,7 @@ from cloud_api import metrics, tracing
 from cloud_api.access.revocations import CredentialStamp
 from cloud_api.db import TRANSIENT, with_retry
 from cloud_api.ingest import derived
-from cloud_api.ingest.sequence import record_batch_seq, record_declared_losses
+from cloud_api.ingest.sequence import note_gap, record_declared_losses
 from common.mqtt import BrokerSettings, MqttLink
 from oee.components import COMPONENT_FIELDS, INTEGER_FIELDS
 from oee.events import EVENT_LIST_ADAPTER, Event, OeeEvent, load_events
@@ -172,9 +171,10 @@ def _rollup_sql(table: str, unit: str, source: str) -> sql.Composed:
     )
 
 
-# Facts and rollups in one statement: the rollups add exactly the buckets this statement
-# inserted (RETURNING), so a bucket that is already stored (sent again in another batch, or
-# by a concurrent worker) is never added to a rollup twice.
+# Facts and rollups in one statement from a staging table `_new_buckets` (bench.api loads
+# its history this way; ingest uses STORE_BUCKETS_JSON below): the rollups add exactly the
+# buckets this statement inserted (RETURNING), so a bucket that is already stored (sent again
+# in another batch, or by a concurrent worker) is never added to a rollup twice.
 STORE_BUCKETS = (
     sql.SQL(
         "WITH inserted AS (INSERT INTO facts.oee_buckets SELECT * FROM _new_buckets "
@@ -191,10 +191,8 @@ BUCKET_COLS = (
     "site_id", "equipment_id", "bucket_start", "bucket_end", "event_id", "shift",
     "shift_start", *COMPONENT_FIELDS, "downtime_by_reason",
 )  # fmt: skip
-# The OEE buckets of a batch into the staging table in one statement from their JSON array
-# (dumped by pydantic from the validated models, as the events are): PostgreSQL extracts the
-# columns, instead of a Python loop building a column array each and psycopg dumping every
-# value of them.
+# The columns of an OEE bucket from its JSON (PostgreSQL extracts them, instead of a Python
+# loop building a column array each and psycopg dumping every value of them).
 _BUCKET_VALUES = (
     "e->>'site_id'", "e->>'equipment_id'", "(e->>'bucket_start')::timestamptz",
     "(e->>'bucket_end')::timestamptz", "(e->>'event_id')::uuid", "e->>'shift'",
@@ -205,23 +203,53 @@ _BUCKET_VALUES = (
     ),
     "e->'downtime_by_reason'",
 )  # fmt: skip
-STAGE_BUCKETS = (
-    f"INSERT INTO _new_buckets ({', '.join(BUCKET_COLS)}) "
-    f"SELECT {', '.join(_BUCKET_VALUES)} FROM jsonb_array_elements(%s) AS t(e)"
-).encode()  # bytes: psycopg sends them as they are
-# The events of a batch in one statement from the batch's JSON array (dumped once by
-# pydantic from the validated models, so the stored body is the normalized event, defaults
-# included and timestamps in UTC): PostgreSQL parses the array once and extracts the columns
-# with jsonb operators. This replaces a per-event Python loop (model_dump_json, COPY row
-# formatting) and a staging table that every row was written to and read back from; the
-# ON CONFLICT on the primary key still drops an event id stored before.
-INSERT_EVENTS = (
-    "INSERT INTO facts.events (site_id, ts, event_id, agent_id, epoch, seq, equipment_id, kind, "
-    "body, trace_id) "
-    "SELECT %(site)s, (e->>'ts')::timestamptz, (e->>'event_id')::uuid, %(agent)s, %(epoch)s, "
-    "%(seq)s, e->>'equipment_id', e->>'kind', e, %(trace)s "
-    "FROM jsonb_array_elements(%(events)s) AS t(e) ON CONFLICT DO NOTHING"
+# The OEE buckets of a batch (or of a group of batches) from their JSON array (dumped by
+# pydantic from the validated models, as the events are), in ONE statement: PostgreSQL
+# extracts the columns; the buckets that are new go into facts and, exactly those
+# (RETURNING), into the minute and hour rollups; every (site, equipment, UTC day) the batch
+# touches gets a new data version (as derived.DATA_VERSIONS_SQL from a staging table).
+STORE_BUCKETS_JSON = (
+    sql.SQL(
+        "WITH b AS (SELECT {values} FROM jsonb_array_elements(%s) AS t(e)), "
+        "inserted AS (INSERT INTO facts.oee_buckets ({cols}) SELECT {cols} FROM b "
+        "ON CONFLICT DO NOTHING RETURNING *), "
+        "minute AS ({minute} RETURNING 1), hour AS ({hour} RETURNING 1) "
+        "INSERT INTO rollups.data_versions AS v (site_id, equipment_id, day, version) "
+        "SELECT site_id, equipment_id, (bucket_start AT TIME ZONE 'UTC')::date, "
+        "nextval('rollups.data_version_seq') FROM b GROUP BY 1, 2, 3 "
+        "ON CONFLICT (site_id, equipment_id, day) DO UPDATE SET version = excluded.version"
+    )
+    .format(
+        values=sql.SQL(", ").join(
+            sql.SQL("{} AS {}").format(sql.SQL(v), sql.Identifier(c))
+            for v, c in zip(_BUCKET_VALUES, BUCKET_COLS, strict=True)
+        ),
+        cols=sql.SQL(", ").join(sql.Identifier(c) for c in BUCKET_COLS),
+        minute=_rollup_sql("oee_1m", "minute", "inserted"),
+        hour=_rollup_sql("oee_1h", "hour", "inserted"),
+    )
+    .as_bytes()
 )
+# The batch key and its events, then the agent's sequence row, equipment and last-seen
+# (migration 0040); the parameters are cast so each call resolves to its function.
+_BATCH_ARGS = (
+    "%(site)s::text, %(agent)s::text, %(epoch)s::text, %(seq)s::bigint, %(digest)s::text, "
+    "%(count)s::integer, %(created)s::timestamptz, %(trace)s::text, %(events)s::jsonb"
+)
+STORE_BATCH = (
+    f"SELECT result, opened FROM ops.store_batch({_BATCH_ARGS}, %(equipment)s::text[])"
+).encode()
+CLAIM_BATCH = f"SELECT ops.claim_batch({_BATCH_ARGS})".encode()
+FINISH_BATCH = (
+    b"SELECT ops.finish_batch(%(site)s::text, %(agent)s::text, %(epoch)s::text, "
+    b"%(seq)s::bigint, %(created)s::timestamptz, %(equipment)s::text[])"
+)
+
+
+def _equipment(events: Sequence[Event]) -> list[str]:
+    """The equipment a batch names, sorted (a stable lock order); _check made sure every
+    event is of the header's site."""
+    return sorted({e.equipment_id for e in events if e.equipment_id})
 
 
 def _raw_json(data: Any) -> str | bytes:
@@ -304,8 +332,6 @@ class BatchWriter:
         self.max_envelope_bytes = max_envelope_bytes
         self.registry = AgentRegistry(pool)
         self._partitions: set[str] = set()
-        # Connections (sessions) whose `_new_buckets` staging table exists, committed.
-        self._staging: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
 
     # -- checks ---------------------------------------------------------------------------
 
@@ -359,20 +385,6 @@ class BatchWriter:
 
     # -- storing --------------------------------------------------------------------------
 
-    def _prepare_session(self, conn: psycopg.Connection[Any], events: Sequence[Event]) -> None:
-        """Before a storing transaction: the month partitions its events need and the
-        session's staging table of OEE buckets, created and committed once (not in the
-        storing transaction: a rollback there would drop a table created in it)."""
-        self._ensure_partitions(conn, events)
-        if conn not in self._staging:
-            conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS _new_buckets (LIKE facts.oee_buckets) "
-                "ON COMMIT DELETE ROWS"
-            )
-            conn.commit()
-            self._staging.add(conn)
-        conn.commit()
-
     def _ensure_partitions(self, conn: psycopg.Connection[Any], events: Sequence[Event]) -> None:
         # (year, month) tuples: strftime per event costs milliseconds per batch.
         stamps = {(e.ts.year, e.ts.month) for e in events}
@@ -385,158 +397,113 @@ class BatchWriter:
             conn.execute("SELECT ops.ensure_month_partitions(%s)", (t,))
             self._partitions.add(month)
 
-    def _claim(
-        self, conn: psycopg.Connection[Any], header: EnvelopeHeader, digest: str
-    ) -> Literal["stored", "duplicate", "conflict"]:
-        """Insert the batch key; "stored" when it is new (its events must follow in the same
-        transaction), else whether the stored batch of that key is this one."""
-        row = conn.execute(
-            "INSERT INTO facts.batches(site_id, agent_id, epoch, seq, digest, "
-            "event_count, created, trace_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
-            "ON CONFLICT DO NOTHING RETURNING seq",
-            (
-                header.site_id,
-                header.agent_id,
-                header.epoch,
-                header.seq,
-                digest,
-                header.count,
-                header.created,
-                header.trace_id,
-            ),
-        ).fetchone()
-        if row is not None:
-            return "stored"
-        stored = conn.execute(
-            "SELECT digest FROM facts.batches WHERE site_id = %s AND agent_id = %s "
-            "AND epoch = %s AND seq = %s",
-            (header.site_id, header.agent_id, header.epoch, header.seq),
-        ).fetchone()
-        return "duplicate" if stored and stored[0] == digest else "conflict"
-
     def _store(
         self, header: EnvelopeHeader, digest: str, events: Sequence[Event]
     ) -> Literal["stored", "duplicate", "conflict"]:
         with self.pool.connection() as conn:
-            self._prepare_session(conn, events)
-            # Pipeline mode: statements go out without waiting for the one before; the
-            # transaction waits for the server only where a result is read (the batch key,
-            # the agent's sequence row) and at its commit. Order and transaction are the same
-            # as without it, and an error anywhere still rolls back all of it.
+            self._ensure_partitions(conn, events)
+            conn.commit()
+            # Pipeline mode: what follows the batch key goes out without waiting; the
+            # transaction waits for the server where the batch key's answer is read and at
+            # its commit. An error anywhere still rolls back all of it.
             with conn.pipeline(), conn.transaction():
-                claimed = self._claim(conn, header, digest)
-                if claimed != "stored":
-                    return claimed
-                # The events first: the bulk of the transaction's work, and it updates no
-                # row that another batch shares (only an event id sent in two batches makes
-                # one insert wait for the other). From record_batch_seq on, the agent's
-                # (agent, epoch) row is locked until commit, which serializes the batches of
-                # one agent across workers; taking it after the events lets workers insert
-                # events in parallel while everything shared (sequence, rollups, data
-                # versions, equipment, agent) still runs in the same order as before.
-                self._insert_events(conn, header, events)
-                record_batch_seq(conn, header.site_id, header.agent_id, header.epoch, header.seq)
-                buckets = [e for e in events if isinstance(e, OeeEvent)]
-                self._stage_buckets(conn, buckets)
-                self._insert_derived(conn, header, events, has_buckets=bool(buckets))
+                # Batch key and events, then (only for a new key) the agent's sequence row,
+                # equipment and last-seen (migration 0040): the events go in before the
+                # agent's (agent, epoch) row is locked until commit, so workers insert the
+                # events of one agent's batches in parallel while everything shared runs in
+                # the same order as before.
+                row = conn.execute(
+                    STORE_BATCH, self._batch_params(header, digest, events, equipment=True)
+                ).fetchone()
+                assert row is not None
+                result, opened = row
+                if result != "stored":
+                    return cast(Literal["duplicate", "conflict"], result)
+                note_gap(header.agent_id, header.epoch, opened)
+                self._store_buckets(conn, [e for e in events if isinstance(e, OeeEvent)])
+                derived.record_reports(conn, events)
                 record_declared_losses(conn, header.site_id, header.agent_id, list(events))
-                self._touch_agent(conn, header.agent_id, header.created)
             return "stored"
 
     def _store_many(
         self, group: Sequence[Checked]
     ) -> list[Literal["stored", "duplicate", "conflict"]]:
         """The batches of one (agent, epoch) in one transaction, in seq order: per batch its
-        key and events (as _store), then per stored batch its sequence row, agent reports
-        and loss records in the order _store would apply them one transaction after the
-        other; the OEE buckets of all of them staged together, their rollups, data versions,
-        equipment and the agent's row once."""
+        key and events (as _store), then per stored batch its sequence row, equipment and
+        last-seen, agent reports and loss records in the order _store would apply them one
+        transaction after the other; the OEE buckets of all of them together."""
         ordered = sorted(group, key=lambda c: c.header.seq)
         with self.pool.connection() as conn:
-            self._prepare_session(conn, [e for c in ordered for e in c.events])
+            self._ensure_partitions(conn, [e for c in ordered for e in c.events])
+            conn.commit()
             with conn.pipeline(), conn.transaction():
-                results = [self._claim(conn, c.header, c.digest) for c in ordered]
+                claims = [
+                    conn.execute(CLAIM_BATCH, self._batch_params(c.header, c.digest, c.events))
+                    for c in ordered
+                ]
+                results: list[Literal["stored", "duplicate", "conflict"]] = []
+                for cur in claims:
+                    row = cur.fetchone()
+                    assert row is not None
+                    results.append(row[0])
                 stored = [c for c, r in zip(ordered, results, strict=True) if r == "stored"]
-                for c in stored:
-                    self._insert_events(conn, c.header, c.events)
+                finished = []
                 for c in stored:
                     h = c.header
-                    record_batch_seq(conn, h.site_id, h.agent_id, h.epoch, h.seq)
+                    finished.append(
+                        conn.execute(
+                            FINISH_BATCH,
+                            {
+                                "site": h.site_id,
+                                "agent": h.agent_id,
+                                "epoch": h.epoch,
+                                "seq": h.seq,
+                                "created": h.created,
+                                "equipment": _equipment(c.events),
+                            },
+                        )
+                    )
                     derived.record_reports(conn, c.events)
                     record_declared_losses(conn, h.site_id, h.agent_id, list(c.events))
                 if stored:
                     events = [e for c in stored for e in c.events]
-                    buckets = [e for e in events if isinstance(e, OeeEvent)]
-                    self._stage_buckets(conn, buckets)
-                    if buckets:
-                        conn.execute(STORE_BUCKETS)
-                        conn.execute(derived.DATA_VERSIONS_SQL)
-                    self._upsert_equipment(conn, stored[0].header.agent_id, events)
-                    created = max(c.header.created for c in stored)
-                    self._touch_agent(conn, stored[0].header.agent_id, created)
+                    self._store_buckets(conn, [e for e in events if isinstance(e, OeeEvent)])
+                for c, cur in zip(stored, finished, strict=True):
+                    row = cur.fetchone()
+                    note_gap(c.header.agent_id, c.header.epoch, row[0] if row else None)
         by_batch = {id(c): r for c, r in zip(ordered, results, strict=True)}
         return [by_batch[id(c)] for c in group]
 
-    def _touch_agent(self, conn: psycopg.Connection[Any], agent_id: str, created: str) -> None:
-        conn.execute(
-            "UPDATE registry.agents SET last_seen = now(), last_batch_created = "
-            "GREATEST(last_batch_created, %s) WHERE agent_id = %s",
-            (created, agent_id),
-        )
-
-    def _insert_events(
-        self, conn: psycopg.Connection[Any], header: EnvelopeHeader, events: Sequence[Event]
-    ) -> None:
-        conn.execute(
-            INSERT_EVENTS,
-            {
-                "site": header.site_id,
-                "agent": header.agent_id,
-                "epoch": header.epoch,
-                "seq": header.seq,
-                "trace": header.trace_id,
-                # One pydantic call for the whole batch; _check made sure every event names
-                # the header's agent and site.
-                "events": Jsonb(EVENT_LIST_ADAPTER.dump_json(list(events)), dumps=_raw_json),
-            },
-        )
-
-    def _stage_buckets(self, conn: psycopg.Connection[Any], buckets: Sequence[OeeEvent]) -> None:
-        """The batch's OEE buckets into `_new_buckets` (emptied at commit)."""
-        if buckets:
-            data = EVENT_LIST_ADAPTER.dump_json(list(buckets))
-            conn.execute(STAGE_BUCKETS, (Jsonb(data, dumps=_raw_json),))
-
-    def _insert_derived(
+    def _batch_params(
         self,
-        conn: psycopg.Connection[Any],
         header: EnvelopeHeader,
+        digest: str,
         events: Sequence[Event],
         *,
-        has_buckets: bool,
-    ) -> None:
-        """OEE buckets (staged before) with their rollups, data versions, agent status and
-        equipment."""
-        if has_buckets:
-            conn.execute(STORE_BUCKETS)
-        derived.record_batch(conn, events, has_buckets=has_buckets)
-        self._upsert_equipment(conn, header.agent_id, events)
-
-    def _upsert_equipment(
-        self, conn: psycopg.Connection[Any], agent_id: str, events: Sequence[Event]
-    ) -> None:
-        equipment = {(e.site_id, e.equipment_id) for e in events if e.equipment_id}
+        equipment: bool = False,
+    ) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "site": header.site_id,
+            "agent": header.agent_id,
+            "epoch": header.epoch,
+            "seq": header.seq,
+            "digest": digest,
+            "count": header.count,
+            "created": header.created,
+            "trace": header.trace_id,
+            # One pydantic call for the whole batch; _check made sure every event names the
+            # header's agent and site.
+            "events": Jsonb(EVENT_LIST_ADAPTER.dump_json(list(events)), dumps=_raw_json),
+        }
         if equipment:
-            # One statement for every equipment of the batch (sorted: a stable lock order).
-            pairs = sorted(equipment)
-            conn.execute(
-                "INSERT INTO registry.equipment(site_id, equipment_id, agent_id) "
-                "SELECT s, e, %s FROM unnest(%s::text[], %s::text[]) AS t(s, e) "
-                "ON CONFLICT (site_id, equipment_id) DO UPDATE "
-                "SET agent_id = excluded.agent_id, updated_at = now() "
-                "WHERE registry.equipment.agent_id IS DISTINCT FROM excluded.agent_id",
-                (agent_id, [s for s, _ in pairs], [e for _, e in pairs]),
-            )
+            params["equipment"] = _equipment(events)
+        return params
+
+    def _store_buckets(self, conn: psycopg.Connection[Any], buckets: Sequence[OeeEvent]) -> None:
+        """OEE buckets with their rollups and data versions, in one statement."""
+        if buckets:
+            data = EVENT_LIST_ADAPTER.dump_json(list(buckets))
+            conn.execute(STORE_BUCKETS_JSON, (Jsonb(data, dumps=_raw_json),))
 
     def _quarantine(self, topic: str, payload: bytes | None, rejected: Rejected) -> None:
         """Count a refused message by reason and keep it (payload None: not worth keeping).
@@ -671,14 +638,24 @@ class BatchWriter:
                 continue
             with contextlib.suppress(ValueError):
                 age = (now - datetime.fromisoformat(h.created)).total_seconds()
-                if age >= REPLAY_MIN_AGE_S:
-                    wanted[i] = (f, envelope_digest(payload))
+                if age < REPLAY_MIN_AGE_S:
+                    continue
+            # What the full path requires of the agent besides the envelope: still enrolled
+            # at that site, the signing key not revoked (looked up before a connection is
+            # held: a registry reload takes one of its own).
+            if self.registry.site_of(h.agent_id) != h.site_id:
+                continue
+            if self.registry.key(h.agent_id, h.signing_key_id) is None:
+                continue
+            wanted[i] = (f, envelope_digest(payload))
         if not wanted:
             return {}, framed
         keys = [
             (f.header.site_id, f.header.agent_id, f.header.epoch, f.header.seq)
             for f, _ in wanted.values()
         ]
+        replays: dict[int, Framed] = {}
+        # The lookup and the replays' trace in one transaction.
         with self.pool.connection() as conn:
             rows = conn.execute(
                 "SELECT b.site_id, b.agent_id, b.epoch, b.seq, b.digest FROM facts.batches b "
@@ -686,21 +663,17 @@ class BatchWriter:
                 "unnest(%s::text[], %s::text[], %s::text[], %s::bigint[]))",
                 [list(col) for col in zip(*keys, strict=True)],
             ).fetchall()
-            conn.rollback()
-        stored = {(r[0], r[1], r[2], int(r[3])): r[4] for r in rows}
-        replays: dict[int, Framed] = {}
-        for i, (f, digest) in wanted.items():
-            h = f.header
-            if stored.get((h.site_id, h.agent_id, h.epoch, h.seq)) != digest:
-                continue  # new, or another envelope under that key: the full path decides
-            if self.registry.site_of(h.agent_id) != h.site_id:
-                continue
-            if self.registry.key(h.agent_id, h.signing_key_id) is None:
-                continue
-            replays[i] = f
-        if not replays:
-            return {}, framed
-        self._quarantine_replays([(messages[i][0], f.header) for i, f in replays.items()])
+            stored = {(r[0], r[1], r[2], int(r[3])): r[4] for r in rows}
+            for i, (f, digest) in wanted.items():
+                h = f.header
+                # New, or another envelope under that key: the full path decides.
+                if stored.get((h.site_id, h.agent_id, h.epoch, h.seq)) == digest:
+                    replays[i] = f
+            if not replays:
+                conn.rollback()
+                return {}, framed
+            self._keep_replays(conn, [(messages[i][0], f.header) for i, f in replays.items()])
+            conn.commit()
         outcomes: dict[int, Outcome] = {}
         for i, f in replays.items():
             h = f.header
@@ -716,33 +689,31 @@ class BatchWriter:
             )
         return outcomes, framed
 
-    def _quarantine_replays(self, replays: Sequence[tuple[str, EnvelopeHeader]]) -> None:
+    def _keep_replays(
+        self, conn: psycopg.Connection[Any], replays: Sequence[tuple[str, EnvelopeHeader]]
+    ) -> None:
         """The trace of replays (as _quarantine keeps for one, without the payload), all of
-        a round in one transaction."""
+        a round in the caller's transaction."""
         per_agent: dict[str, int] = {}
         for _, h in replays:
             per_agent[h.agent_id] = per_agent.get(h.agent_id, 0) + 1
-
-        def write() -> None:
-            with self.pool.connection() as conn, conn.pipeline(), conn.transaction():
-                conn.cursor().executemany(
-                    "INSERT INTO ops.quarantine(reason, detail, topic, site_id, agent_id, "
-                    "epoch, seq, payload) VALUES ('replay', %s, %s, %s, %s, %s, %s, NULL)",
-                    [
-                        (REPLAY_DETAIL, clean_detail(topic[:500]), h.site_id, h.agent_id,
-                         h.epoch, h.seq)
-                        for topic, h in replays
-                    ],
-                )  # fmt: skip
-                conn.cursor().executemany(
-                    "INSERT INTO ops.reject_counts(reason, agent_id, topic, verified, count) "
-                    "VALUES ('replay', %s, '', true, %s) "
-                    "ON CONFLICT (reason, agent_id, topic, verified) DO UPDATE "
-                    "SET count = ops.reject_counts.count + excluded.count, last_at = now()",
-                    sorted(per_agent.items()),
-                )
-
-        with_retry(write)
+        with conn.pipeline():
+            conn.cursor().executemany(
+                "INSERT INTO ops.quarantine(reason, detail, topic, site_id, agent_id, "
+                "epoch, seq, payload) VALUES ('replay', %s, %s, %s, %s, %s, %s, NULL)",
+                [
+                    (REPLAY_DETAIL, clean_detail(topic[:500]), h.site_id, h.agent_id,
+                     h.epoch, h.seq)
+                    for topic, h in replays
+                ],
+            )  # fmt: skip
+            conn.cursor().executemany(
+                "INSERT INTO ops.reject_counts(reason, agent_id, topic, verified, count) "
+                "VALUES ('replay', %s, '', true, %s) "
+                "ON CONFLICT (reason, agent_id, topic, verified) DO UPDATE "
+                "SET count = ops.reject_counts.count + excluded.count, last_at = now()",
+                sorted(per_agent.items()),
+            )
 
     def check(self, topic: str, payload: bytes, framed: Framed | None = None) -> Checked | Outcome:
         """Check one MQTT message: a Checked batch to store, or the Outcome of its refusal

@@ -1,8 +1,9 @@
 """Ingest: verify, decrypt, validate and store batches exactly once, then ack them.
 
 Order per batch: size -> header -> agent -> signature (before decryption) -> decrypt ->
-topic/site -> schema -> one PostgreSQL transaction (batch key, events, OEE buckets, rollups)
--> commit -> signed ack. The batches of one (agent, epoch) that a worker takes off the queue
+topic/site -> schema -> one PostgreSQL transaction (batch key, events, sequence row, OEE
+buckets, rollups; the per-batch statements are the functions of migration 0040) -> commit
+-> signed ack. The batches of one (agent, epoch) that a worker takes off the queue
 in the same round share that transaction (BatchWriter.store_group); each is stored as it
 would be alone, and if the shared transaction fails each is stored in its own. Anything
 refused is counted by reason and kept in ops.quarantine; no message can stop the worker. A
@@ -19,7 +20,11 @@ answered; an unexpected error is kept in quarantine as `internal_error`, unanswe
 agent resends it).
 
 A resent batch that is already stored is re-acked (its first ack may have been lost) and
-counted as `replay`. Sequence gaps per (agent, epoch) are tracked in the same transaction
+counted as `replay`. Before a round is opened, the batches created at least
+REPLAY_MIN_AGE_S ago are looked up by the key their header names: one whose SHA-256 over all
+its bytes equals the digest stored with that key is that very envelope, verified when it
+was stored, and is re-acked without verifying, decrypting or validating it again
+(BatchWriter.find_replays says why that is safe); every other message takes the full path. Sequence gaps per (agent, epoch) are tracked in the same transaction
 (cloud_api.sequence). The worker coalesces the acks of the batches it handled together into
 one signed ack per (agent, epoch) naming seq ranges.
 """

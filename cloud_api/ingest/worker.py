@@ -24,9 +24,10 @@ counted as `replay`. Before a round is opened, the batches created at least
 REPLAY_MIN_AGE_S ago are looked up by the key their header names: one whose SHA-256 over all
 its bytes equals the digest stored with that key is that very envelope, verified when it
 was stored, and is re-acked without verifying, decrypting or validating it again
-(BatchWriter.find_replays says why that is safe); every other message takes the full path. Sequence gaps per (agent, epoch) are tracked in the same transaction
-(cloud_api.sequence). The worker coalesces the acks of the batches it handled together into
-one signed ack per (agent, epoch) naming seq ranges.
+(BatchWriter.find_replays says why that is safe); every other message takes the full
+path. Sequence gaps per (agent, epoch) are tracked in the same transaction (migration 0040,
+cloud_api.ingest.sequence). The worker coalesces the acks of the batches it handled together
+into one signed ack per (agent, epoch) naming seq ranges.
 """
 
 from __future__ import annotations

@@ -301,6 +301,26 @@ def _header_from(hb: bytes) -> EnvelopeHeader:
     return header
 
 
+@dataclass(frozen=True)
+class Framed:
+    """An envelope split into its parts with its header parsed, NOTHING verified yet: what
+    routing, logging and a replay check may read before open_framed verifies it."""
+
+    raw: bytes = field(repr=False)
+    header: EnvelopeHeader
+    header_bytes: bytes = field(repr=False)
+    ciphertext: bytes = field(repr=False)
+    signed: bytes = field(repr=False)
+    signature: bytes = field(repr=False)
+
+
+def frame(raw: bytes) -> Framed:
+    """Split an envelope and parse its header, verifying nothing (EnvelopeError if the
+    framing or the header is not valid)."""
+    hb, ct, signed, sig = _split(raw)
+    return Framed(raw, _header_from(hb), hb, ct, signed, sig)
+
+
 def parse_header(raw: bytes) -> EnvelopeHeader:
     """Read the header WITHOUT verifying anything: for routing and logging only."""
     return _header_from(_split(raw)[0])
@@ -383,8 +403,25 @@ def open_envelope(
     """
     if isinstance(raw, bytes) and len(raw) > max_size:
         raise EnvelopeError("oversize", f"{len(raw)} > {max_size} bytes")
-    hb, ct, signed, sig = _split(raw)
-    header = _header_from(hb)
+    return open_framed(
+        frame(raw),
+        verify_key_for=verify_key_for,
+        decrypt_key_for=decrypt_key_for,
+        max_plaintext=max_plaintext,
+    )
+
+
+def open_framed(
+    framed: Framed,
+    *,
+    verify_key_for: Callable[[str, str], Ed25519PublicKey | None],
+    decrypt_key_for: Callable[[str], HpkePrivateKey | None],
+    max_plaintext: int = MAX_PLAINTEXT,
+) -> OpenedEnvelope:
+    """open_envelope for an envelope already framed (its header is parsed once): verify,
+    then decrypt and decompress. The caller bounds the envelope's size."""
+    header, hb, ct = framed.header, framed.header_bytes, framed.ciphertext
+    signed, sig = framed.signed, framed.signature
     verify_key = verify_key_for(header.agent_id, header.signing_key_id)
     if verify_key is None:
         raise EnvelopeError("unknown_agent", f"{header.agent_id}/{header.signing_key_id}")
@@ -402,9 +439,8 @@ def open_envelope(
         compressed = _HPKE[header.suite].decrypt(ct, key, info=MAGIC + hb)
     except Exception as exc:  # InvalidTag, or ValueError for a short/invalid encapsulation
         raise EnvelopeError("undecryptable") from exc
-    return OpenedEnvelope(
-        header, _decompress(header.compression, compressed, max_plaintext), envelope_digest(raw)
-    )
+    plaintext = _decompress(header.compression, compressed, max_plaintext)
+    return OpenedEnvelope(header, plaintext, envelope_digest(framed.raw))
 
 
 # --- acks -----------------------------------------------------------------------------------

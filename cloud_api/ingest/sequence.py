@@ -13,6 +13,7 @@ batches are missing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import psycopg
@@ -29,46 +30,14 @@ LOSS_CODE = "data_shed"
 REJECTED_CODE = "batch_rejected"
 
 
-def record_batch_seq(
-    conn: psycopg.Connection[Any], site_id: str, agent_id: str, epoch: str, seq: int
-) -> tuple[int, int] | None:
-    """Advance the (agent, epoch) high-water mark; returns a newly opened gap, if any."""
-    conn.execute(
-        "INSERT INTO ops.agent_epochs(agent_id, epoch, site_id) VALUES (%s, %s, %s) "
-        "ON CONFLICT DO NOTHING",
-        (agent_id, epoch, site_id),
-    )
-    row = conn.execute(
-        "SELECT max_seq FROM ops.agent_epochs WHERE site_id = %s AND agent_id = %s "
-        "AND epoch = %s FOR UPDATE",
-        (site_id, agent_id, epoch),
-    ).fetchone()
-    previous = int(row[0]) if row else 0
-    opened: tuple[int, int] | None = None
-    if seq > previous + 1:
-        opened = (previous + 1, seq - 1)
-        conn.execute(
-            "INSERT INTO ops.seq_gaps(site_id, agent_id, epoch, first_seq, last_seq) "
-            "VALUES (%s, %s, %s, %s, %s)",
-            (site_id, agent_id, epoch, *opened),
-        )
+def note_gap(agent_id: str, epoch: str, opened: Sequence[int] | None) -> None:
+    """Count and log the gap a stored batch opened (ops.finish_batch, migration 0040, tracks
+    the (agent, epoch) high-water mark and the gaps in the storing transaction)."""
+    if opened:
         GAPS_OPENED.inc()
         log.debug(
             "sequence gap opened", agent=agent_id, epoch=epoch, first=opened[0], last=opened[1]
         )
-    elif seq <= previous:
-        _resolve(conn, site_id, agent_id, epoch, seq, "filled")
-        conn.execute(
-            "DELETE FROM ops.declared_losses WHERE site_id = %s AND agent_id = %s "
-            "AND epoch = %s AND seq = %s",
-            (site_id, agent_id, epoch, seq),
-        )
-    conn.execute(
-        "UPDATE ops.agent_epochs SET max_seq = GREATEST(max_seq, %s), batches = batches + 1, "
-        "last_seen = now() WHERE site_id = %s AND agent_id = %s AND epoch = %s",
-        (seq, site_id, agent_id, epoch),
-    )
-    return opened
 
 
 def _resolve(
@@ -80,27 +49,10 @@ def _resolve(
     resolution: Literal["filled", "declared"],
 ) -> bool:
     row = conn.execute(
-        "SELECT id, first_seq, last_seq, detected_at FROM ops.seq_gaps "
-        "WHERE site_id = %s AND agent_id = %s AND epoch = %s AND resolved_at IS NULL "
-        "AND first_seq <= %s AND last_seq >= %s FOR UPDATE",
-        (site_id, agent_id, epoch, seq, seq),
+        "SELECT ops.resolve_seq_gap(%s::text, %s::text, %s::text, %s::bigint, %s::text)",
+        (site_id, agent_id, epoch, seq, resolution),
     ).fetchone()
-    if row is None:
-        return False
-    gap_id, first, last, detected = row
-    conn.execute(
-        "UPDATE ops.seq_gaps SET resolved_at = now(), resolution = %s "
-        "WHERE site_id = %s AND id = %s",
-        (resolution, site_id, gap_id),
-    )
-    for lo, hi in ((first, seq - 1), (seq + 1, last)):
-        if lo <= hi:
-            conn.execute(
-                "INSERT INTO ops.seq_gaps(site_id, agent_id, epoch, first_seq, last_seq, "
-                "detected_at) VALUES (%s, %s, %s, %s, %s, %s)",
-                (site_id, agent_id, epoch, lo, hi, detected),
-            )
-    return True
+    return bool(row and row[0])
 
 
 def record_declared_losses(

@@ -1,8 +1,9 @@
 """Ingest: verify, decrypt, validate and store batches exactly once, then ack them.
 
 Order per batch: size -> header -> agent -> signature (before decryption) -> decrypt ->
-topic/site -> schema -> one PostgreSQL transaction (batch key, events, OEE buckets, rollups)
--> commit -> signed ack. The batches of one (agent, epoch) that a worker takes off the queue
+topic/site -> schema -> one PostgreSQL transaction (batch key, events, sequence row, OEE
+buckets, rollups; the per-batch statements are the functions of migration 0040) -> commit
+-> signed ack. The batches of one (agent, epoch) that a worker takes off the queue
 in the same round share that transaction (BatchWriter.store_group); each is stored as it
 would be alone, and if the shared transaction fails each is stored in its own. Anything
 refused is counted by reason and kept in ops.quarantine; no message can stop the worker. A
@@ -19,9 +20,14 @@ answered; an unexpected error is kept in quarantine as `internal_error`, unanswe
 agent resends it).
 
 A resent batch that is already stored is re-acked (its first ack may have been lost) and
-counted as `replay`. Sequence gaps per (agent, epoch) are tracked in the same transaction
-(cloud_api.sequence). The worker coalesces the acks of the batches it handled together into
-one signed ack per (agent, epoch) naming seq ranges.
+counted as `replay`. Before a round is opened, the batches created at least
+REPLAY_MIN_AGE_S ago are looked up by the key their header names: one whose SHA-256 over all
+its bytes equals the digest stored with that key is that very envelope, verified when it
+was stored, and is re-acked without verifying, decrypting or validating it again
+(BatchWriter.find_replays says why that is safe); every other message takes the full
+path. Sequence gaps per (agent, epoch) are tracked in the same transaction (migration 0040,
+cloud_api.ingest.sequence). The worker coalesces the acks of the batches it handled together
+into one signed ack per (agent, epoch) naming seq ranges.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import psycopg
 import structlog
@@ -48,7 +54,7 @@ from cloud_api import metrics, tracing
 from cloud_api.access.revocations import CredentialStamp
 from cloud_api.db import TRANSIENT, with_retry
 from cloud_api.ingest import derived
-from cloud_api.ingest.sequence import record_batch_seq, record_declared_losses
+from cloud_api.ingest.sequence import note_gap, record_declared_losses
 from common.mqtt import BrokerSettings, MqttLink
 from oee.components import COMPONENT_FIELDS, INTEGER_FIELDS
 from oee.events import EVENT_LIST_ADAPTER, Event, OeeEvent, load_events
@@ -57,10 +63,12 @@ from sync.envelope import (
     AckBody,
     EnvelopeError,
     EnvelopeHeader,
+    Framed,
     RejectionBody,
     clean_detail,
     envelope_digest,
-    open_envelope,
+    frame,
+    open_framed,
     parse_header,
     sign_ack,
     sign_rejection,
@@ -89,6 +97,12 @@ PERMANENT: frozenset[str] = frozenset(
 # same partition, a foreign key or partition-routing (check) violation from registry or
 # retention changes made meanwhile; those stay unanswered and the agent sends again.
 CONTENT_ERRORS = (psycopg.errors.DataError, psycopg.errors.NotNullViolation)
+# A resend left the agent at least its ack timeout (15 s by default) after the batch was
+# created: only batches older than this are looked up as possible replays before they are
+# opened (a lookup for every fresh batch would cost more than the replays it finds; a replay
+# that is not looked up still takes the full path, which re-acks it as before).
+REPLAY_MIN_AGE_S = 5.0
+REPLAY_DETAIL = "identical to a stored batch; re-acked"
 
 
 @dataclass(frozen=True)
@@ -96,7 +110,7 @@ class Outcome:
     status: Status
     reason: str | None = None
     header: EnvelopeHeader | None = None
-    ack: bytes | None = None
+    acked: bool = False  # stored (now or before): named in the round's signed ack
     ack_topic: str | None = None
     rejection: bytes | None = None  # the signed answer to a permanent refusal
     events: int = 0
@@ -163,9 +177,10 @@ def _rollup_sql(table: str, unit: str, source: str) -> sql.Composed:
     )
 
 
-# Facts and rollups in one statement: the rollups add exactly the buckets this statement
-# inserted (RETURNING), so a bucket that is already stored (sent again in another batch, or
-# by a concurrent worker) is never added to a rollup twice.
+# Facts and rollups in one statement from a staging table `_new_buckets` (bench.api loads
+# its history this way; ingest uses STORE_BUCKETS_JSON below): the rollups add exactly the
+# buckets this statement inserted (RETURNING), so a bucket that is already stored (sent again
+# in another batch, or by a concurrent worker) is never added to a rollup twice.
 STORE_BUCKETS = (
     sql.SQL(
         "WITH inserted AS (INSERT INTO facts.oee_buckets SELECT * FROM _new_buckets "
@@ -182,10 +197,8 @@ BUCKET_COLS = (
     "site_id", "equipment_id", "bucket_start", "bucket_end", "event_id", "shift",
     "shift_start", *COMPONENT_FIELDS, "downtime_by_reason",
 )  # fmt: skip
-# The OEE buckets of a batch into the staging table in one statement from their JSON array
-# (dumped by pydantic from the validated models, as the events are): PostgreSQL extracts the
-# columns, instead of a Python loop building a column array each and psycopg dumping every
-# value of them.
+# The columns of an OEE bucket from its JSON (PostgreSQL extracts them, instead of a Python
+# loop building a column array each and psycopg dumping every value of them).
 _BUCKET_VALUES = (
     "e->>'site_id'", "e->>'equipment_id'", "(e->>'bucket_start')::timestamptz",
     "(e->>'bucket_end')::timestamptz", "(e->>'event_id')::uuid", "e->>'shift'",
@@ -196,23 +209,53 @@ _BUCKET_VALUES = (
     ),
     "e->'downtime_by_reason'",
 )  # fmt: skip
-STAGE_BUCKETS = (
-    f"INSERT INTO _new_buckets ({', '.join(BUCKET_COLS)}) "
-    f"SELECT {', '.join(_BUCKET_VALUES)} FROM jsonb_array_elements(%s) AS t(e)"
-).encode()  # bytes: psycopg sends them as they are
-# The events of a batch in one statement from the batch's JSON array (dumped once by
-# pydantic from the validated models, so the stored body is the normalized event, defaults
-# included and timestamps in UTC): PostgreSQL parses the array once and extracts the columns
-# with jsonb operators. This replaces a per-event Python loop (model_dump_json, COPY row
-# formatting) and a staging table that every row was written to and read back from; the
-# ON CONFLICT on the primary key still drops an event id stored before.
-INSERT_EVENTS = (
-    "INSERT INTO facts.events (site_id, ts, event_id, agent_id, epoch, seq, equipment_id, kind, "
-    "body, trace_id) "
-    "SELECT %(site)s, (e->>'ts')::timestamptz, (e->>'event_id')::uuid, %(agent)s, %(epoch)s, "
-    "%(seq)s, e->>'equipment_id', e->>'kind', e, %(trace)s "
-    "FROM jsonb_array_elements(%(events)s) AS t(e) ON CONFLICT DO NOTHING"
+# The OEE buckets of a batch (or of a group of batches) from their JSON array (dumped by
+# pydantic from the validated models, as the events are), in ONE statement: PostgreSQL
+# extracts the columns; the buckets that are new go into facts and, exactly those
+# (RETURNING), into the minute and hour rollups; every (site, equipment, UTC day) the batch
+# touches gets a new data version (as derived.DATA_VERSIONS_SQL from a staging table).
+STORE_BUCKETS_JSON = (
+    sql.SQL(
+        "WITH b AS (SELECT {values} FROM jsonb_array_elements(%s) AS t(e)), "
+        "inserted AS (INSERT INTO facts.oee_buckets ({cols}) SELECT {cols} FROM b "
+        "ON CONFLICT DO NOTHING RETURNING *), "
+        "minute AS ({minute} RETURNING 1), hour AS ({hour} RETURNING 1) "
+        "INSERT INTO rollups.data_versions AS v (site_id, equipment_id, day, version) "
+        "SELECT site_id, equipment_id, (bucket_start AT TIME ZONE 'UTC')::date, "
+        "nextval('rollups.data_version_seq') FROM b GROUP BY 1, 2, 3 "
+        "ON CONFLICT (site_id, equipment_id, day) DO UPDATE SET version = excluded.version"
+    )
+    .format(
+        values=sql.SQL(", ").join(
+            sql.SQL("{} AS {}").format(sql.SQL(v), sql.Identifier(c))
+            for v, c in zip(_BUCKET_VALUES, BUCKET_COLS, strict=True)
+        ),
+        cols=sql.SQL(", ").join(sql.Identifier(c) for c in BUCKET_COLS),
+        minute=_rollup_sql("oee_1m", "minute", "inserted"),
+        hour=_rollup_sql("oee_1h", "hour", "inserted"),
+    )
+    .as_bytes()
 )
+# The batch key and its events, then the agent's sequence row, equipment and last-seen
+# (migration 0040); the parameters are cast so each call resolves to its function.
+_BATCH_ARGS = (
+    "%(site)s::text, %(agent)s::text, %(epoch)s::text, %(seq)s::bigint, %(digest)s::text, "
+    "%(count)s::integer, %(created)s::timestamptz, %(trace)s::text, %(events)s::jsonb"
+)
+STORE_BATCH = (
+    f"SELECT result, opened FROM ops.store_batch({_BATCH_ARGS}, %(equipment)s::text[])"
+).encode()
+CLAIM_BATCH = f"SELECT ops.claim_batch({_BATCH_ARGS})".encode()
+FINISH_BATCH = (
+    b"SELECT ops.finish_batch(%(site)s::text, %(agent)s::text, %(epoch)s::text, "
+    b"%(seq)s::bigint, %(created)s::timestamptz, %(equipment)s::text[])"
+)
+
+
+def _equipment(events: Sequence[Event]) -> list[str]:
+    """The equipment a batch names, sorted (a stable lock order); _check made sure every
+    event is of the header's site."""
+    return sorted({e.equipment_id for e in events if e.equipment_id})
 
 
 def _raw_json(data: Any) -> str | bytes:
@@ -298,21 +341,27 @@ class BatchWriter:
 
     # -- checks ---------------------------------------------------------------------------
 
-    def _check(self, topic: str, payload: bytes) -> tuple[EnvelopeHeader, bytes, str, list[Event]]:
+    def _frame(self, payload: bytes) -> Framed:
         if len(payload) > self.max_envelope_bytes:
             raise Rejected("oversize", f"{len(payload)} bytes")
         try:
-            header = parse_header(payload)
+            return frame(payload)
         except EnvelopeError as exc:
             raise Rejected(exc.reason, exc.detail) from None
+
+    def _check(
+        self, topic: str, payload: bytes, framed: Framed | None = None
+    ) -> tuple[EnvelopeHeader, bytes, str, list[Event]]:
+        if framed is None:
+            framed = self._frame(payload)
+        header = framed.header
         if self.registry.site_of(header.agent_id) is None:
             raise Rejected("unknown_agent", header.agent_id, header)
         try:
-            opened = open_envelope(
-                payload,
+            opened = open_framed(
+                framed,
                 verify_key_for=self.registry.key,
                 decrypt_key_for=self.keyring.decrypt_key_for,
-                max_size=self.max_envelope_bytes,
             )
         except EnvelopeError as exc:
             verified = exc.reason in AFTER_SIGNATURE
@@ -354,164 +403,113 @@ class BatchWriter:
             conn.execute("SELECT ops.ensure_month_partitions(%s)", (t,))
             self._partitions.add(month)
 
-    def _claim(
-        self, conn: psycopg.Connection[Any], header: EnvelopeHeader, digest: str
-    ) -> Literal["stored", "duplicate", "conflict"]:
-        """Insert the batch key; "stored" when it is new (its events must follow in the same
-        transaction), else whether the stored batch of that key is this one."""
-        row = conn.execute(
-            "INSERT INTO facts.batches(site_id, agent_id, epoch, seq, digest, "
-            "event_count, created, trace_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
-            "ON CONFLICT DO NOTHING RETURNING seq",
-            (
-                header.site_id,
-                header.agent_id,
-                header.epoch,
-                header.seq,
-                digest,
-                header.count,
-                header.created,
-                header.trace_id,
-            ),
-        ).fetchone()
-        if row is not None:
-            return "stored"
-        stored = conn.execute(
-            "SELECT digest FROM facts.batches WHERE site_id = %s AND agent_id = %s "
-            "AND epoch = %s AND seq = %s",
-            (header.site_id, header.agent_id, header.epoch, header.seq),
-        ).fetchone()
-        return "duplicate" if stored and stored[0] == digest else "conflict"
-
     def _store(
         self, header: EnvelopeHeader, digest: str, events: Sequence[Event]
     ) -> Literal["stored", "duplicate", "conflict"]:
         with self.pool.connection() as conn:
             self._ensure_partitions(conn, events)
             conn.commit()
-            # Pipeline mode: statements go out without waiting for the one before; the
-            # transaction waits for the server only where a result is read (the batch key,
-            # the agent's sequence row) and at its commit. Order and transaction are the same
-            # as without it, and an error anywhere still rolls back all of it.
+            # Pipeline mode: what follows the batch key goes out without waiting; the
+            # transaction waits for the server where the batch key's answer is read and at
+            # its commit. An error anywhere still rolls back all of it.
             with conn.pipeline(), conn.transaction():
-                claimed = self._claim(conn, header, digest)
-                if claimed != "stored":
-                    return claimed
-                # The events first: the bulk of the transaction's work, and it updates no
-                # row that another batch shares (only an event id sent in two batches makes
-                # one insert wait for the other). From record_batch_seq on, the agent's
-                # (agent, epoch) row is locked until commit, which serializes the batches of
-                # one agent across workers; taking it after the events lets workers insert
-                # events in parallel while everything shared (sequence, rollups, data
-                # versions, equipment, agent) still runs in the same order as before.
-                self._insert_events(conn, header, events)
-                record_batch_seq(conn, header.site_id, header.agent_id, header.epoch, header.seq)
-                buckets = [e for e in events if isinstance(e, OeeEvent)]
-                self._stage_buckets(conn, buckets)
-                self._insert_derived(conn, header, events, has_buckets=bool(buckets))
+                # Batch key and events, then (only for a new key) the agent's sequence row,
+                # equipment and last-seen (migration 0040): the events go in before the
+                # agent's (agent, epoch) row is locked until commit, so workers insert the
+                # events of one agent's batches in parallel while everything shared runs in
+                # the same order as before.
+                row = conn.execute(
+                    STORE_BATCH, self._batch_params(header, digest, events, equipment=True)
+                ).fetchone()
+                assert row is not None
+                result, opened = row
+                if result != "stored":
+                    return cast(Literal["duplicate", "conflict"], result)
+                note_gap(header.agent_id, header.epoch, opened)
+                self._store_buckets(conn, [e for e in events if isinstance(e, OeeEvent)])
+                derived.record_reports(conn, events)
                 record_declared_losses(conn, header.site_id, header.agent_id, list(events))
-                self._touch_agent(conn, header.agent_id, header.created)
             return "stored"
 
     def _store_many(
         self, group: Sequence[Checked]
     ) -> list[Literal["stored", "duplicate", "conflict"]]:
         """The batches of one (agent, epoch) in one transaction, in seq order: per batch its
-        key and events (as _store), then per stored batch its sequence row, agent reports
-        and loss records in the order _store would apply them one transaction after the
-        other; the OEE buckets of all of them staged together, their rollups, data versions,
-        equipment and the agent's row once."""
+        key and events (as _store), then per stored batch its sequence row, equipment and
+        last-seen, agent reports and loss records in the order _store would apply them one
+        transaction after the other; the OEE buckets of all of them together."""
         ordered = sorted(group, key=lambda c: c.header.seq)
         with self.pool.connection() as conn:
             self._ensure_partitions(conn, [e for c in ordered for e in c.events])
             conn.commit()
             with conn.pipeline(), conn.transaction():
-                results = [self._claim(conn, c.header, c.digest) for c in ordered]
+                claims = [
+                    conn.execute(CLAIM_BATCH, self._batch_params(c.header, c.digest, c.events))
+                    for c in ordered
+                ]
+                results: list[Literal["stored", "duplicate", "conflict"]] = []
+                for cur in claims:
+                    row = cur.fetchone()
+                    assert row is not None
+                    results.append(row[0])
                 stored = [c for c, r in zip(ordered, results, strict=True) if r == "stored"]
-                for c in stored:
-                    self._insert_events(conn, c.header, c.events)
+                finished = []
                 for c in stored:
                     h = c.header
-                    record_batch_seq(conn, h.site_id, h.agent_id, h.epoch, h.seq)
+                    finished.append(
+                        conn.execute(
+                            FINISH_BATCH,
+                            {
+                                "site": h.site_id,
+                                "agent": h.agent_id,
+                                "epoch": h.epoch,
+                                "seq": h.seq,
+                                "created": h.created,
+                                "equipment": _equipment(c.events),
+                            },
+                        )
+                    )
                     derived.record_reports(conn, c.events)
                     record_declared_losses(conn, h.site_id, h.agent_id, list(c.events))
                 if stored:
                     events = [e for c in stored for e in c.events]
-                    buckets = [e for e in events if isinstance(e, OeeEvent)]
-                    self._stage_buckets(conn, buckets)
-                    if buckets:
-                        conn.execute(STORE_BUCKETS)
-                        conn.execute(derived.DATA_VERSIONS_SQL)
-                    self._upsert_equipment(conn, stored[0].header.agent_id, events)
-                    created = max(c.header.created for c in stored)
-                    self._touch_agent(conn, stored[0].header.agent_id, created)
+                    self._store_buckets(conn, [e for e in events if isinstance(e, OeeEvent)])
+                for c, cur in zip(stored, finished, strict=True):
+                    row = cur.fetchone()
+                    note_gap(c.header.agent_id, c.header.epoch, row[0] if row else None)
         by_batch = {id(c): r for c, r in zip(ordered, results, strict=True)}
         return [by_batch[id(c)] for c in group]
 
-    def _touch_agent(self, conn: psycopg.Connection[Any], agent_id: str, created: str) -> None:
-        conn.execute(
-            "UPDATE registry.agents SET last_seen = now(), last_batch_created = "
-            "GREATEST(last_batch_created, %s) WHERE agent_id = %s",
-            (created, agent_id),
-        )
-
-    def _insert_events(
-        self, conn: psycopg.Connection[Any], header: EnvelopeHeader, events: Sequence[Event]
-    ) -> None:
-        conn.execute(
-            INSERT_EVENTS,
-            {
-                "site": header.site_id,
-                "agent": header.agent_id,
-                "epoch": header.epoch,
-                "seq": header.seq,
-                "trace": header.trace_id,
-                # One pydantic call for the whole batch; _check made sure every event names
-                # the header's agent and site.
-                "events": Jsonb(EVENT_LIST_ADAPTER.dump_json(list(events)), dumps=_raw_json),
-            },
-        )
-
-    def _stage_buckets(self, conn: psycopg.Connection[Any], buckets: Sequence[OeeEvent]) -> None:
-        """The batch's OEE buckets into `_new_buckets` (emptied at commit)."""
-        if buckets:
-            conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS _new_buckets (LIKE facts.oee_buckets) "
-                "ON COMMIT DELETE ROWS"
-            )
-            data = EVENT_LIST_ADAPTER.dump_json(list(buckets))
-            conn.execute(STAGE_BUCKETS, (Jsonb(data, dumps=_raw_json),))
-
-    def _insert_derived(
+    def _batch_params(
         self,
-        conn: psycopg.Connection[Any],
         header: EnvelopeHeader,
+        digest: str,
         events: Sequence[Event],
         *,
-        has_buckets: bool,
-    ) -> None:
-        """OEE buckets (staged before) with their rollups, data versions, agent status and
-        equipment."""
-        if has_buckets:
-            conn.execute(STORE_BUCKETS)
-        derived.record_batch(conn, events, has_buckets=has_buckets)
-        self._upsert_equipment(conn, header.agent_id, events)
-
-    def _upsert_equipment(
-        self, conn: psycopg.Connection[Any], agent_id: str, events: Sequence[Event]
-    ) -> None:
-        equipment = {(e.site_id, e.equipment_id) for e in events if e.equipment_id}
+        equipment: bool = False,
+    ) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "site": header.site_id,
+            "agent": header.agent_id,
+            "epoch": header.epoch,
+            "seq": header.seq,
+            "digest": digest,
+            "count": header.count,
+            "created": header.created,
+            "trace": header.trace_id,
+            # One pydantic call for the whole batch; _check made sure every event names the
+            # header's agent and site.
+            "events": Jsonb(EVENT_LIST_ADAPTER.dump_json(list(events)), dumps=_raw_json),
+        }
         if equipment:
-            # One statement for every equipment of the batch (sorted: a stable lock order).
-            pairs = sorted(equipment)
-            conn.execute(
-                "INSERT INTO registry.equipment(site_id, equipment_id, agent_id) "
-                "SELECT s, e, %s FROM unnest(%s::text[], %s::text[]) AS t(s, e) "
-                "ON CONFLICT (site_id, equipment_id) DO UPDATE "
-                "SET agent_id = excluded.agent_id, updated_at = now() "
-                "WHERE registry.equipment.agent_id IS DISTINCT FROM excluded.agent_id",
-                (agent_id, [s for s, _ in pairs], [e for _, e in pairs]),
-            )
+            params["equipment"] = _equipment(events)
+        return params
+
+    def _store_buckets(self, conn: psycopg.Connection[Any], buckets: Sequence[OeeEvent]) -> None:
+        """OEE buckets with their rollups and data versions, in one statement."""
+        if buckets:
+            data = EVENT_LIST_ADAPTER.dump_json(list(buckets))
+            conn.execute(STORE_BUCKETS_JSON, (Jsonb(data, dumps=_raw_json),))
 
     def _quarantine(self, topic: str, payload: bytes | None, rejected: Rejected) -> None:
         """Count a refused message by reason and keep it (payload None: not worth keeping).
@@ -551,9 +549,6 @@ class BatchWriter:
                 )
 
         with_retry(write)
-
-    def _ack(self, header: EnvelopeHeader, digest: str) -> bytes:
-        return self.make_ack(header.agent_id, header.epoch, {header.seq: digest})
 
     def make_ack(self, agent_id: str, epoch: str, digests: dict[int, str]) -> bytes:
         """One signed ack naming the stored batches of one (agent, epoch) as seq ranges."""
@@ -617,11 +612,121 @@ class BatchWriter:
         )
         return sign_rejection(body, key)
 
-    def check(self, topic: str, payload: bytes) -> Checked | Outcome:
+    def find_replays(
+        self, messages: Sequence[tuple[str, bytes]]
+    ) -> tuple[dict[int, Outcome], dict[int, Framed]]:
+        """The messages of a round that are, byte for byte, an envelope stored before: their
+        re-acks, found without verifying, decrypting or validating them again; and the
+        framed envelope of the others that were looked at (for check()).
+
+        Safe to decide before the signature is verified: a message is a replay only when the
+        SHA-256 of all its bytes equals the digest stored with the batch of the key its
+        header names, so it IS that envelope, whose signature, content and topic were
+        verified when it was stored; and its agent must still be enrolled at that site with
+        the signing key not revoked, as the full path would require. A forged or altered
+        header or payload has another digest and takes the full path, which verifies it
+        first: nothing unauthenticated is acked, stored or charged to an agent here, and
+        only a stored batch is acked. What an attacker gains by sending a captured envelope
+        again is the re-ack the full path would send too, for one indexed lookup per round.
+        Only batches created at least REPLAY_MIN_AGE_S ago are looked up. Database errors
+        propagate; the caller then takes the full path for every message."""
+        framed: dict[int, Framed] = {}
+        wanted: dict[int, tuple[Framed, str]] = {}
+        now = datetime.now(UTC)
+        for i, (topic, payload) in enumerate(messages):
+            try:
+                f = self._frame(payload)
+            except Rejected:
+                continue  # refused on the full path, with its reason
+            framed[i] = f
+            h = f.header
+            if topic != batch_topic(self.topic_prefix, h.site_id, h.agent_id):
+                continue
+            with contextlib.suppress(ValueError):
+                age = (now - datetime.fromisoformat(h.created)).total_seconds()
+                if age < REPLAY_MIN_AGE_S:
+                    continue
+            # What the full path requires of the agent besides the envelope: still enrolled
+            # at that site, the signing key not revoked (looked up before a connection is
+            # held: a registry reload takes one of its own).
+            if self.registry.site_of(h.agent_id) != h.site_id:
+                continue
+            if self.registry.key(h.agent_id, h.signing_key_id) is None:
+                continue
+            wanted[i] = (f, envelope_digest(payload))
+        if not wanted:
+            return {}, framed
+        keys = [
+            (f.header.site_id, f.header.agent_id, f.header.epoch, f.header.seq)
+            for f, _ in wanted.values()
+        ]
+        replays: dict[int, Framed] = {}
+        # The lookup and the replays' trace in one transaction.
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT b.site_id, b.agent_id, b.epoch, b.seq, b.digest FROM facts.batches b "
+                "WHERE (b.site_id, b.agent_id, b.epoch, b.seq) IN (SELECT * FROM "
+                "unnest(%s::text[], %s::text[], %s::text[], %s::bigint[]))",
+                [list(col) for col in zip(*keys, strict=True)],
+            ).fetchall()
+            stored = {(r[0], r[1], r[2], int(r[3])): r[4] for r in rows}
+            for i, (f, digest) in wanted.items():
+                h = f.header
+                # New, or another envelope under that key: the full path decides.
+                if stored.get((h.site_id, h.agent_id, h.epoch, h.seq)) == digest:
+                    replays[i] = f
+            if not replays:
+                conn.rollback()
+                return {}, framed
+            self._keep_replays(conn, [(messages[i][0], f.header) for i, f in replays.items()])
+            conn.commit()
+        outcomes: dict[int, Outcome] = {}
+        for i, f in replays.items():
+            h = f.header
+            metrics.INGEST_BATCHES.labels("duplicate").inc()
+            metrics.INGEST_REJECTS.labels("replay").inc()
+            outcomes[i] = Outcome(
+                "duplicate",
+                None,
+                h,
+                acked=True,
+                ack_topic=ack_topic(self.topic_prefix, h.site_id, h.agent_id),
+                digest=wanted[i][1],
+            )
+        return outcomes, framed
+
+    def _keep_replays(
+        self, conn: psycopg.Connection[Any], replays: Sequence[tuple[str, EnvelopeHeader]]
+    ) -> None:
+        """The trace of replays (as _quarantine keeps for one, without the payload), all of
+        a round in the caller's transaction."""
+        per_agent: dict[str, int] = {}
+        for _, h in replays:
+            per_agent[h.agent_id] = per_agent.get(h.agent_id, 0) + 1
+        with conn.pipeline():
+            conn.cursor().executemany(
+                "INSERT INTO ops.quarantine(reason, detail, topic, site_id, agent_id, "
+                "epoch, seq, payload) VALUES ('replay', %s, %s, %s, %s, %s, %s, NULL)",
+                [
+                    (REPLAY_DETAIL, clean_detail(topic[:500]), h.site_id, h.agent_id,
+                     h.epoch, h.seq)
+                    for topic, h in replays
+                ],
+            )  # fmt: skip
+            conn.cursor().executemany(
+                "INSERT INTO ops.reject_counts(reason, agent_id, topic, verified, count) "
+                "VALUES ('replay', %s, '', true, %s) "
+                "ON CONFLICT (reason, agent_id, topic, verified) DO UPDATE "
+                "SET count = ops.reject_counts.count + excluded.count, last_at = now()",
+                sorted(per_agent.items()),
+            )
+
+    def check(self, topic: str, payload: bytes, framed: Framed | None = None) -> Checked | Outcome:
         """Check one MQTT message: a Checked batch to store, or the Outcome of its refusal
-        (counted and kept in quarantine). Never raises for bad input."""
+        (counted and kept in quarantine). Never raises for bad input. `framed`: the message
+        framed already (find_replays)."""
         try:
-            header, _, digest, events = self._check(topic, payload)
+            header, _, digest, events = self._check(topic, payload, framed)
         except Rejected as rejected:
             return self._reject(topic, payload, rejected)
         return Checked(topic, payload, header, digest, events)
@@ -694,9 +799,7 @@ class BatchWriter:
             # Stored before: re-ack (the first ack may have been lost), count it, keep a trace
             # without the payload (the identical bytes are stored already).
             metrics.INGEST_REJECTS.labels("replay").inc()
-            replay = Rejected(
-                "replay", "identical to a stored batch; re-acked", header, verified=True
-            )
+            replay = Rejected("replay", REPLAY_DETAIL, header, verified=True)
             self._quarantine(c.topic, None, replay)
         if result == "stored":
             metrics.INGEST_EVENTS.inc(len(events))
@@ -707,7 +810,7 @@ class BatchWriter:
             result,
             None,
             header,
-            ack=self._ack(header, digest),
+            acked=True,
             ack_topic=ack_topic(self.topic_prefix, header.site_id, header.agent_id),
             events=len(events) if result == "stored" else 0,
             digest=digest,
@@ -812,13 +915,30 @@ class IngestWorker:
                 return outcomes
         return None
 
+    def _find_replays(
+        self, items: list[tuple[str, bytes]]
+    ) -> tuple[dict[int, Outcome], dict[int, Framed]]:
+        """BatchWriter.find_replays; on any error none (the full path handles every message,
+        waiting out a database outage)."""
+        try:
+            return self.store.find_replays(items)
+        except Exception as exc:
+            log.warning("replay check failed; full path for the round", error=str(exc)[:200])
+            return {}, {}
+
     def _handle(self, items: list[tuple[str, bytes]]) -> tuple[list[Outcome], bool]:
         """Check every message of a round, then store the checked batches of each (agent,
         epoch) together; the outcomes so far and whether the worker is stopping."""
         outcomes: list[Outcome] = []
         checked: list[Checked] = []
-        for topic, payload in items:
-            result = self._guard(partial(self.store.check, topic, payload), topic, payload)
+        replays, framed = self._find_replays(items)
+        for i, (topic, payload) in enumerate(items):
+            if i in replays:
+                outcomes.append(replays[i])
+                self.processed += 1
+                continue
+            check = partial(self.store.check, topic, payload, framed.get(i))
+            result = self._guard(check, topic, payload)
             if result is None:
                 return outcomes, True
             if isinstance(result, Outcome):
@@ -850,7 +970,7 @@ class IngestWorker:
             if o.rejection is not None and o.ack_topic is not None:
                 self.link.publish(o.ack_topic, o.rejection, qos=1)
                 continue
-            if o.ack_topic is None or o.header is None or o.digest is None:
+            if not o.acked or o.ack_topic is None or o.header is None or o.digest is None:
                 continue
             key = (o.ack_topic, o.header.agent_id, o.header.epoch)
             groups.setdefault(key, {})[o.header.seq] = o.digest

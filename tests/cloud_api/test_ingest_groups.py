@@ -117,7 +117,7 @@ def test_batches_stored_together_store_what_they_store_one_by_one(
     assert [o.status for o in outcomes] == ["stored"] * len(group)
     assert [o.header.seq for o in outcomes if o.header] == [c.header.seq for c in group]
     assert sum(o.events for o in outcomes) == sum(len(p) for p in parts_grouped)
-    assert all(o.ack is not None for o in outcomes)
+    assert all(o.acked for o in outcomes)
 
     one_by_one = stored_state(pg_url, "s-1")
     together = stored_state(pg_url, "s-2")
@@ -143,8 +143,8 @@ def test_a_group_answers_replays_and_reused_keys_per_batch(
         ("rejected", "conflict"),
         ("duplicate", None),
     ]
-    assert outcomes[0].ack is not None and outcomes[3].ack is not None
-    assert outcomes[2].rejection is not None and outcomes[2].ack is None
+    assert outcomes[0].acked and outcomes[3].acked
+    assert outcomes[2].rejection is not None and not outcomes[2].acked
     with psycopg.connect(pg_url) as conn:
         events = conn.execute(
             "SELECT count(*), count(DISTINCT event_id) FROM facts.events WHERE site_id = 's-3'"

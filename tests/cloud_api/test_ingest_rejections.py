@@ -73,7 +73,7 @@ def test_a_batch_that_can_never_be_stored_is_quarantined_whole_and_answered(
     # The event model (where it bounds the field) or PostgreSQL (where it does not yet)
     # refuses it; both are permanent.
     assert outcome.reason in ("invalid_schema", "invalid_content")
-    assert outcome.ack is None
+    assert not outcome.acked
     assert outcome.ack_topic == ack_topic("test/", "s-p", "edge-p")
     rejection = verified_rejection(outcome, cloud_keys, agent)
     header = parse_header(raw)

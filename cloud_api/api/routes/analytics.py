@@ -217,7 +217,8 @@ async def series_response(
             caching.computed(members, mark, payload)
         return ("miss" if closed else "open"), payload, mark
 
-    outcome, payload, mark = await db(request, load)
+    # Every shape of the series statement runs its generic plan (security.GENERIC_PLANS).
+    outcome, payload, mark = await db(request, load, generic_plans=True)
     table = series_table(payload) if wants_csv(request) else None
     response = respond(request, payload, table, closed=closed, cache=outcome)
     if mark is not None:

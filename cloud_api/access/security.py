@@ -268,26 +268,30 @@ class SecurityHeadersMiddleware:
 
         async def send_secured(message: Message) -> None:
             if message["type"] == "http.response.start":
-                raw = list(message.get("headers", []))
-                present = set()
-                content_type = b""
-                for k, v in raw:
-                    name = k.lower()
-                    present.add(name)
-                    if name == b"content-type":
-                        content_type = v
-                html = content_type.startswith(b"text/html")
-                for name, value in self._fixed_headers(path, html):
-                    if name not in present:
-                        raw.append((name, value))
-                # The caller's rate limit, once AuthMiddleware counted the request.
-                for name, value in scope.get("state", {}).get(RATE_LIMIT_HEADERS, ()):
-                    if name not in present:
-                        raw.append((name, value))
-                message = {**message, "headers": raw}
+                message = self.secured(scope, path, message)
             await send(message)
 
         await self.app(scope, receive, send_secured)
+
+    def secured(self, scope: Scope, path: str, message: Message) -> Message:
+        """The start of an answer with the security and rate-limit headers it lacks."""
+        raw = list(message.get("headers", []))
+        present = set()
+        content_type = b""
+        for k, v in raw:
+            name = k.lower()
+            present.add(name)
+            if name == b"content-type":
+                content_type = v
+        html = content_type.startswith(b"text/html")
+        for name, value in self._fixed_headers(path, html):
+            if name not in present:
+                raw.append((name, value))
+        # The caller's rate limit, once AuthMiddleware counted the request.
+        for name, value in scope.get("state", {}).get(RATE_LIMIT_HEADERS, ()):
+            if name not in present:
+                raw.append((name, value))
+        return {**message, "headers": raw}
 
     def _fixed_headers(self, path: str, html: bool) -> tuple[tuple[bytes, bytes], ...]:
         dashboard = html or not (path.startswith(PROTECTED_PREFIX) or path.startswith("/openapi"))
@@ -332,7 +336,7 @@ class AuthMiddleware:
         try:
             refusal = None
             if path.startswith(PROTECTED_PREFIX):
-                refusal = await self._admit(scope, path)
+                refusal = await self.admit(scope, path)
             if refusal is not None:
                 await refusal(scope, receive, send)
             else:
@@ -340,8 +344,9 @@ class AuthMiddleware:
         finally:
             _SCOPE.reset(scope_token)
 
-    async def _admit(self, scope: Scope, path: str) -> ASGIApp | None:
-        """None to let the request through, else the response that refuses it."""
+    async def admit(self, scope: Scope, path: str) -> ASGIApp | None:
+        """None to let the request through, else the response that refuses it. Sets the
+        caller's database scope (`_SCOPE`) in the current context when it lets it through."""
         state: MutableMapping[str, Any] = scope.setdefault("state", {})
         headers = request_headers.of(scope).values
         method: str = scope.get("method", "GET")

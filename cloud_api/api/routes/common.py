@@ -186,15 +186,17 @@ def respond(
     *,
     closed: bool = False,
     cache: str | None = None,
+    encoded: bytes | None = None,
 ) -> Response:
     """Render JSON (or CSV when asked and the result is a table) with a strong ETag.
+    `encoded`: `payload` already encoded as JSON (by orjson, as here).
 
     Closed windows may be reused briefly and revalidated; open ones always revalidate.
     """
     if table is not None and wants_csv(request):
         body, media = _csv_body(table), f"{request_headers.CSV}; charset=utf-8"
     else:
-        body = orjson.dumps(payload, default=_default)
+        body = encoded if encoded is not None else orjson.dumps(payload, default=_default)
         media = "application/json"
     etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
     headers = {

@@ -484,17 +484,22 @@ class AnswersMiddleware:
         if answer is None:
             await self.app(scope, receive, send)
             return
-        metrics.CACHE_REQUESTS.labels("hit").inc()
-        scope["route"] = answer.route
-        headers = [*answer.headers, (b"server-timing", b'cache;desc="hit"')]
-        if _matches(scope, answer.etag):
-            status, body = 304, b""
-            headers = [(k, v) for k, v in headers if k != b"content-type"]
-        else:
-            status, body = 200, answer.body
-            headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await serve_again(scope, answer, send)
+
+
+async def serve_again(scope: Scope, answer: Answer, send: Send) -> None:
+    """Send a remembered answer (Answers.lookup) as the answer to this request."""
+    metrics.CACHE_REQUESTS.labels("hit").inc()
+    scope["route"] = answer.route
+    headers = [*answer.headers, (b"server-timing", b'cache;desc="hit"')]
+    if _matches(scope, answer.etag):
+        status, body = 304, b""
+        headers = [(k, v) for k, v in headers if k != b"content-type"]
+    else:
+        status, body = 200, answer.body
+        headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _matches(scope: Scope, etag: bytes) -> bool:
@@ -564,13 +569,16 @@ class SeriesCaching:
                 self.marks.put_members(self.scope_key, members, self.stamp)
         return members
 
-    def computed(self, members: list[Member], mark: int, result: dict[str, Any]) -> None:
-        """A closed window's fresh result and the watermark it was computed at."""
+    def computed(self, members: list[Member], mark: int, result: dict[str, Any]) -> bytes:
+        """A closed window's fresh result and the watermark it was computed at; returns the
+        result as JSON (the body of its answer: see `respond`)."""
         if self.marks is not None:
             self.marks.put(self.memo, members, mark, self.stamp, self.span)
         # As JSON: thousands of cached results as Python objects would make every full
         # garbage collection of the worker walk millions of them.
-        self.results.put((*self.key, mark), orjson.dumps(result))
+        encoded = orjson.dumps(result)
+        self.results.put((*self.key, mark), encoded)
+        return encoded
 
     def remember(self, mark: int, response: Response) -> None:
         """The rendered answer, served again by AnswersMiddleware while `mark` holds."""

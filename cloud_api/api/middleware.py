@@ -13,6 +13,12 @@ From the outside in (the security ones are in cloud_api/access/security.py):
     SeriesFastPath             plainly valid /v1/oee and /v1/counts without the router and
                                FastAPI's parameter validation (fastpath.py)
 
+Such a plainly valid series request takes a shorter way still: `SeriesShortcut`
+(fastpath.py) sits before the whole stack and does each layer's work with the layer's own
+code (`traced`, `served_again`, `RequestStatsMiddleware.record`, `unhandled`, `timed`, ...),
+with one `send` instead of a wrapper per layer; a request any layer would refuse before
+authentication goes through the stack.
+
 Each is a plain ASGI callable rather than `@app.middleware("http")`: Starlette's
 BaseHTTPMiddleware runs the rest of the app in a separate task and pipes the response through
 memory streams, which cost about a fifth of a cached request's time.
@@ -73,16 +79,28 @@ class TracingMiddleware:
                 nonlocal status
                 if message["type"] == "http.response.start":
                     status = message["status"]
-                    raw = list(message.get("headers", []))
-                    if all(k.lower() != b"x-trace-id" for k, _ in raw):
-                        raw.append(own)
-                    message = {**message, "headers": raw}
+                    message = {**message, "headers": traced(message.get("headers", []), own)}
                 await send(message)
 
             try:
                 await self.app(scope, receive, send_traced)
             finally:
                 span.set_attribute("http.response.status_code", status)
+
+
+def traced(headers: Any, own: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    """An answer's headers with the request's X-Trace-Id (`own`), unless it has one."""
+    raw = list(headers)
+    if all(k.lower() != b"x-trace-id" for k, _ in raw):
+        raw.append(own)
+    return raw
+
+
+def served_again(status: int, headers: Any) -> bool:
+    """Whether an answer came from a cache: a 304, or `Server-Timing: cache;desc="hit"`."""
+    return status == 304 or any(
+        k.lower() == b"server-timing" and b'desc="hit"' in v for k, v in headers
+    )
 
 
 class RequestStatsMiddleware:
@@ -105,23 +123,23 @@ class RequestStatsMiddleware:
             nonlocal status, cache_hit
             if message["type"] == "http.response.start":
                 status = message["status"]
-                cache_hit = status == 304 or any(
-                    k.lower() == b"server-timing" and b'desc="hit"' in v
-                    for k, v in message.get("headers", [])
-                )
+                cache_hit = served_again(status, message.get("headers", []))
             await send(message)
 
         try:
             await self.app(scope, receive, send_counted)
         finally:
-            route = scope.get("route")
-            self.stats.record(
-                getattr(route, "path", "unmatched"),
-                scope.get("method", "GET"),
-                status,
-                (time.perf_counter() - started) * 1000,
-                cache_hit=cache_hit,
-            )
+            self.record(scope, status, started, cache_hit)
+
+    def record(self, scope: Scope, status: int, started: float, cache_hit: bool) -> None:
+        route = scope.get("route")
+        self.stats.record(
+            getattr(route, "path", "unmatched"),
+            scope.get("method", "GET"),
+            status,
+            (time.perf_counter() - started) * 1000,
+            cache_hit=cache_hit,
+        )
 
 
 class BodyTooLarge(Exception):
@@ -142,7 +160,7 @@ class RequestLimitsMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
-        refusal = self._refusal(scope, path)
+        refusal = self.refusal(scope, path)
         if refusal is not None:
             await refusal(scope, receive, send)
             return
@@ -167,7 +185,8 @@ class RequestLimitsMiddleware:
                 raise
             await self._too_large(scope, path)(scope, receive, send_limited)
 
-    def _refusal(self, scope: Scope, path: str) -> ASGIApp | None:
+    def refusal(self, scope: Scope, path: str) -> ASGIApp | None:
+        """The answer that refuses the request before any route sees it, or None."""
         parsed = request_headers.of(scope)
         duplicate = parsed.duplicate_of
         if duplicate is not None:
@@ -246,29 +265,33 @@ class UnhandledErrorsMiddleware:
                 started = True
             await send(message)
 
-        path: str = scope.get("path", "")
         try:
             await self.app(scope, receive, send_watched)
         except BodyTooLarge:
             raise
-        except psycopg.OperationalError:
-            if started:
-                raise
-            await database_unavailable(path, _trace_id(scope))(scope, receive, send_watched)
-        except Exception:
-            log.exception(
-                "unhandled error in a request", path=path[:200], method=scope.get("method")
-            )
-            if started:
-                raise
-            response = problem_response(
-                500,
-                "the server failed to answer this request; quote the trace id to support",
-                slug="internal-error",
-                instance=path,
-                trace_id=_trace_id(scope),
-            )
-            await response(scope, receive, send_watched)
+        except Exception as exc:
+            answer = unhandled(scope, exc, started)
+            await answer(scope, receive, send_watched)
+
+
+def unhandled(scope: Scope, exc: Exception, started: bool) -> ASGIApp:
+    """The answer to an exception no route handled (call it in the `except` block: it logs
+    the traceback); re-raises it when the answer had already begun."""
+    path: str = scope.get("path", "")
+    if isinstance(exc, psycopg.OperationalError):
+        if started:
+            raise exc
+        return database_unavailable(path, _trace_id(scope))
+    log.exception("unhandled error in a request", path=path[:200], method=scope.get("method"))
+    if started:
+        raise exc
+    return problem_response(
+        500,
+        "the server failed to answer this request; quote the trace id to support",
+        slug="internal-error",
+        instance=path,
+        trace_id=_trace_id(scope),
+    )
 
 
 class TimingMiddleware:
@@ -286,22 +309,28 @@ class TimingMiddleware:
 
         async def timed_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                elapsed = time.perf_counter() - started
-                # The router has put the matched route into the (shared) scope by now.
-                path = getattr(scope.get("route"), "path", "unmatched")
-                status = message["status"]
-                metrics.HTTP_REQUESTS.labels(path, scope["method"], str(status)).inc()
-                metrics.HTTP_LATENCY.labels(path).observe(elapsed)
-                # Routes may already have added their own parts (db time, cache outcome).
-                own = f"app;dur={elapsed * 1000:.1f}".encode()
-                headers = []
-                for name, value in message.get("headers", []):
-                    if name.lower() == b"server-timing":
-                        own = own + b", " + value
-                    else:
-                        headers.append((name, value))
-                headers.append((b"server-timing", own))
-                message = {**message, "headers": headers}
+                message = timed(scope, message, started)
             await send(message)
 
         await self.app(scope, receive, timed_send)
+
+
+def timed(scope: Scope, message: Message, started: float) -> Message:
+    """The start of an answer counted and timed (Prometheus) and its Server-Timing header
+    with the `app` part first."""
+    elapsed = time.perf_counter() - started
+    # The router has put the matched route into the (shared) scope by now.
+    path = getattr(scope.get("route"), "path", "unmatched")
+    status = message["status"]
+    metrics.HTTP_REQUESTS.labels(path, scope["method"], str(status)).inc()
+    metrics.HTTP_LATENCY.labels(path).observe(elapsed)
+    # Routes may already have added their own parts (db time, cache outcome).
+    own = f"app;dur={elapsed * 1000:.1f}".encode()
+    headers = []
+    for name, value in message.get("headers", []):
+        if name.lower() == b"server-timing":
+            own = own + b", " + value
+        else:
+            headers.append((name, value))
+    headers.append((b"server-timing", own))
+    return {**message, "headers": headers}

@@ -11,8 +11,12 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 
+from cloud_api.access.auth import Principal
+from cloud_api.access.security import SitePool, database_scope
 from cloud_api.api import queries
 from cloud_api.api.queries import COMPONENT_FIELDS, Member, local_buckets, oee_series
+from cloud_api.config import DatabaseSettings
+from cloud_api.db import make_pool
 
 MEMBERS = [
     Member("plant-a", "m1", "line-1"),
@@ -144,3 +148,71 @@ def test_local_buckets_stop_at_a_skipped_or_repeated_midnight() -> None:
     assert local_buckets(start, start + timedelta(days=4), "1d", santiago) is None
     assert local_buckets(start, start + timedelta(days=1), "1d", santiago) is not None
     assert local_buckets(start, start + timedelta(hours=3), "1h", santiago) is None
+
+
+def test_generic_plans_give_the_same_series(pg_url: str) -> None:
+    """The series routes' checkouts run the generic plan of every shape of the series
+    statement (SitePool.connection(generic_plans=True)); it gives the same buckets, sums,
+    watermark and targets as the custom plans PostgreSQL chooses by itself."""
+    _seed(pg_url)
+    rng = random.Random(5)
+    # Every statement prepared at once, so both connections run prepared statements.
+    settings = DatabaseSettings(url=pg_url, pool_min=1, pool_max=1, prepare_threshold=0)
+    pool = SitePool(make_pool(settings, name="plans", prepare=True), "gateway_api")
+    berlin = ZoneInfo("Europe/Berlin")
+    utc, santiago = ZoneInfo("UTC"), ZoneInfo("America/Santiago")
+
+    def at(*args: int) -> datetime:
+        return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+
+    cases: list[tuple[datetime, datetime, queries.Interval, ZoneInfo]] = [
+        (at(2025, 3, 3), at(2025, 3, 10), "1d", utc),  # the benchmark's week
+        (at(2024, 12, 31, 23), at(2025, 12, 31, 23), "1mo", berlin),  # ranged
+        (at(2025, 5, 31, 22), at(2025, 6, 30, 22), "1d", berlin),
+        (at(2025, 6, 2, 7, 13), at(2025, 6, 9, 5, 52), "1h", berlin),  # 1-minute edges
+        (at(2025, 3, 29, 12), at(2025, 4, 2), "1w", berlin),
+        (at(2025, 8, 1, 6, 4), at(2025, 8, 1, 11), "15m", berlin),
+        (at(2025, 8, 1, 6, 4), at(2025, 8, 1, 8), "1m", berlin),
+        (at(2025, 9, 5, 12), at(2025, 9, 9), "1d", santiago),  # a skipped midnight
+    ]
+    everyone = Principal("t", "viewer", None, "token", "plans")
+    try:
+        with database_scope(everyone):
+            # Twice each: the second time, the statements are prepared and their plans cached.
+            for start, end, interval, tz in cases * 2:
+                for group_by in ("none", "line", "equipment"):
+                    members = sorted(
+                        rng.sample(MEMBERS, rng.randint(1, 3)), key=lambda m: m.equipment_id
+                    )
+                    got = []
+                    for generic in (True, False):
+                        with pool.connection(generic_plans=generic) as conn:
+                            got.append(
+                                oee_series(
+                                    conn,
+                                    members,
+                                    start,
+                                    end,
+                                    interval,
+                                    tz,
+                                    group_by,
+                                    marked=True,
+                                    with_targets=True,
+                                )
+                            )
+                    generic_series, custom_series = got
+                    assert _buckets(generic_series) == _buckets(custom_series), (start, interval)
+                    assert generic_series.buckets, (start, interval)
+                    assert (generic_series.mark, generic_series.targets) == (
+                        custom_series.mark, custom_series.targets,
+                    )  # fmt: skip
+            with pool.connection() as conn:
+                generic_runs, custom_runs = conn.execute(
+                    "SELECT sum(generic_plans), sum(custom_plans) FROM pg_prepared_statements "
+                    "WHERE statement LIKE 'WITH scope AS%'"
+                ).fetchone() or (0, 0)
+        # Half of the executions ran a generic plan, the other half whatever the server chose.
+        assert generic_runs >= len(cases) * 3
+        assert custom_runs > 0
+    finally:
+        pool.close()

@@ -271,5 +271,15 @@ def test_the_apis_own_pool_switches_scope_per_caller(pg_url: str) -> None:
             conn.execute("SELECT site_id FROM registry.sites").fetchall()
         assert left_on_the_connection() in {("postgres", None), ("postgres", "")}
         assert visible(caller("site-a")) == [("site-a",)]
+        # A checkout with generic plans is scoped the same way, and its plan cache mode ends
+        # with it as well.
+        with database_scope(caller("site-b")), pool.connection(generic_plans=True) as conn:
+            assert conn.execute(
+                "SELECT current_user, current_setting('plan_cache_mode')"
+            ).fetchone() == ("gateway_api", "force_generic_plan")
+            assert conn.execute("SELECT site_id FROM registry.sites").fetchall() == [("site-b",)]
+        with pool.pool.connection() as conn:
+            assert conn.execute("SELECT current_setting('plan_cache_mode')").fetchone() == ("auto",)
+        assert left_on_the_connection() in {("postgres", None), ("postgres", "")}
     finally:
         pool.close()

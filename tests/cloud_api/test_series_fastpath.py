@@ -82,6 +82,19 @@ def _comparable(r: httpx.Response) -> tuple[int, Any, dict[str, str | None]]:
     return r.status_code, body, headers
 
 
+# Different in every answer: the trace id, the times, the rate limit's remaining requests.
+_PER_REQUEST = frozenset(("x-trace-id", "server-timing", "ratelimit", "date"))
+
+
+def _all_headers(r: httpx.Response) -> tuple[list[str], dict[str, str]]:
+    """Every header's name in order, and the values of those not made per request; the
+    parts of Server-Timing without their durations."""
+    values = {k: v for k, v in r.headers.items() if k not in _PER_REQUEST}
+    timing = r.headers.get("server-timing", "")
+    values["server-timing"] = ", ".join(part.split(";dur=")[0] for part in timing.split(", "))
+    return list(r.headers.keys()), values
+
+
 def test_answers_equal_the_routes_own(
     api: httpx.Client,  # noqa: F811
     pg_url: str,
@@ -133,6 +146,7 @@ def test_answers_equal_the_routes_own(
             usual = api.get(f"{path}?{query}&ignored=1", headers=fresh)
             assert _short_way(path[4:]) == taken + 1, params
             assert _comparable(short) == _comparable(usual), (path, params)
+            assert _all_headers(short) == _all_headers(usual), (path, params)
             for r in (short, usual):
                 assert "app;dur=" in r.headers["server-timing"]
                 assert r.headers["x-content-type-options"] == "nosniff"
@@ -152,3 +166,25 @@ def test_answers_equal_the_routes_own(
     assert _short_way("oee") == taken
     assert bad.status_code == 422
     assert bad.json()["invalid_params"][0]["name"] == "scope"
+
+
+def test_refusals_equal_the_stacks_own(api: httpx.Client) -> None:  # noqa: F811
+    """A plainly valid series request that authentication refuses (no credential, a bad
+    token, a token without the site's rights is not a refusal but an empty scope) gets the
+    same answer and headers on the short way before the stack as through it."""
+    query = urlencode(
+        {"scope": "equipment", "id": "m1", "from": T0.isoformat(),
+         "to": (T0 + timedelta(days=1)).isoformat()}
+    )  # fmt: skip
+    fresh = {"Cache-Control": "no-cache"}
+    with httpx.Client(base_url=api.base_url) as anonymous:
+        for headers in (fresh, {**fresh, "Authorization": "Bearer not-a-token"}):
+            for path in ("/v1/oee", "/v1/counts"):
+                taken = _short_way(path[4:])
+                short = anonymous.get(f"{path}?{query}", headers=headers)
+                usual = anonymous.get(f"{path}?{query}&ignored=1", headers=headers)
+                assert short.status_code == 401, short.text
+                assert _short_way(path[4:]) == taken  # refused before the route
+                assert _comparable(short) == _comparable(usual)
+                assert _all_headers(short) == _all_headers(usual)
+                assert short.json()["trace_id"] == short.headers["x-trace-id"]

@@ -182,7 +182,7 @@ async def series_response(
         caching.remember(known, response)
         return response
 
-    def load(conn: Conn) -> tuple[str, dict[str, Any], int | None]:
+    def load(conn: Conn) -> tuple[str, dict[str, Any], int | None, bytes | None]:
         members = caching.members(lambda: queries.resolve_scope(conn, scope, ident, site, sites))
         # The series, for a closed window its watermark, and the targets the answer shows in
         # one statement: a miss costs one round trip.
@@ -213,13 +213,16 @@ async def series_response(
             "source": source,
             **_series_payload(buckets, start, end, tz, group_by, fields, targets),
         }
+        encoded = None
         if mark is not None:
-            caching.computed(members, mark, payload)
-        return ("miss" if closed else "open"), payload, mark
+            encoded = caching.computed(members, mark, payload)
+        return ("miss" if closed else "open"), payload, mark, encoded
 
-    outcome, payload, mark = await db(request, load)
+    # Every shape of the series statement runs its generic plan (security.GENERIC_PLANS).
+    outcome, payload, mark, encoded = await db(request, load, generic_plans=True)
     table = series_table(payload) if wants_csv(request) else None
-    response = respond(request, payload, table, closed=closed, cache=outcome)
+    # The JSON the result cache keeps is the answer's body: encoded once.
+    response = respond(request, payload, table, closed=closed, cache=outcome, encoded=encoded)
     if mark is not None:
         caching.remember(mark, response)
     return response

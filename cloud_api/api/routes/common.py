@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -24,6 +25,7 @@ from psycopg_pool import ConnectionPool
 
 from cloud_api import metrics
 from cloud_api.access import headers as request_headers
+from cloud_api.access.security import SitePool
 from cloud_api.api.cache import etag_matches
 from cloud_api.api.queries import Ambiguous, Conn, NotFound
 from cloud_api.db import with_retry
@@ -115,13 +117,20 @@ class DbThreads:
             self._executor = None
 
 
-async def db(request: Request, fn: Callable[[Conn], T]) -> T:
+async def db(request: Request, fn: Callable[[Conn], T], *, generic_plans: bool = False) -> T:
     """Run `fn` with a pooled connection on a worker thread, retrying transient errors
-    (reads only, so a retry is safe); adds the time to the request's Server-Timing."""
+    (reads only, so a retry is safe); adds the time to the request's Server-Timing.
+    `generic_plans`: the checkout's prepared statements run their generic plan
+    (`SitePool.connection`)."""
     pool: ConnectionPool = request.app.state.pool
+    checkout: Callable[[], AbstractContextManager[Conn]] = (
+        functools.partial(pool.connection, generic_plans=True)
+        if generic_plans and isinstance(pool, SitePool)
+        else pool.connection
+    )
 
     def call() -> T:
-        with pool.connection() as conn:
+        with checkout() as conn:
             return fn(conn)
 
     started = time.perf_counter()
@@ -177,15 +186,17 @@ def respond(
     *,
     closed: bool = False,
     cache: str | None = None,
+    encoded: bytes | None = None,
 ) -> Response:
     """Render JSON (or CSV when asked and the result is a table) with a strong ETag.
+    `encoded`: `payload` already encoded as JSON (by orjson, as here).
 
     Closed windows may be reused briefly and revalidated; open ones always revalidate.
     """
     if table is not None and wants_csv(request):
         body, media = _csv_body(table), f"{request_headers.CSV}; charset=utf-8"
     else:
-        body = orjson.dumps(payload, default=_default)
+        body = encoded if encoded is not None else orjson.dumps(payload, default=_default)
         media = "application/json"
     etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
     headers = {

@@ -46,11 +46,16 @@ class Agent:
     def topic(self) -> str:
         return batch_topic(self.store.topic_prefix, self.site_id, self.agent_id)
 
-    def sealed(self, events: Sequence[Event], *, seq: int | None = None) -> bytes:
-        """The envelope of one batch (the next seq unless given)."""
+    def sealed(
+        self, events: Sequence[Event], *, seq: int | None = None, created: datetime | None = None
+    ) -> bytes:
+        """The envelope of one batch (the next seq unless given; created now unless given)."""
         if seq is None:
             self.seq += 1
             seq = self.seq
+        made = {}
+        if created is not None:  # as the envelope writes its own: UTC, milliseconds, "Z"
+            made["created"] = created.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         header = EnvelopeHeader(
             agent_id=self.agent_id,
             site_id=self.site_id,
@@ -60,6 +65,7 @@ class Agent:
             signing_key_id=self.keys.signing_key_id,
             cloud_key_id=self.keys.cloud_public.key_id,
             suite=self.keys.cloud_public.suite,
+            **made,
         )
         return seal(
             dump_events(list(events)), header, self.keys.signing_key, self.keys.cloud_public

@@ -11,8 +11,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from cloud_api.ingest.worker import REPLAY_MIN_AGE_S, BatchWriter
-from oee.events import dump_events
-from sync.envelope import EnvelopeHeader, envelope_digest, seal
+from sync.envelope import envelope_digest
 from sync.keys import CloudKeyring
 from sync.uplink import batch_topic
 from tests.cloud_api.ingestion import Agent, enrolled_agent
@@ -22,20 +21,8 @@ T0 = datetime(2026, 3, 2, 6, 0, tzinfo=UTC)
 
 def sealed(agent: Agent, seq: int, *, age_s: float) -> bytes:
     """A batch of agent `agent` created `age_s` seconds ago (a resend's age)."""
-    created = datetime.now(UTC) - timedelta(seconds=age_s)
     events = [agent.bucket("press-1", T0 + timedelta(minutes=seq), produced=seq, good=seq)]
-    header = EnvelopeHeader(
-        agent_id=agent.agent_id,
-        site_id=agent.site_id,
-        epoch=agent.epoch,
-        seq=seq,
-        count=len(events),
-        signing_key_id=agent.keys.signing_key_id,
-        cloud_key_id=agent.keys.cloud_public.key_id,
-        suite=agent.keys.cloud_public.suite,
-        created=created.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-    )
-    return seal(dump_events(events), header, agent.keys.signing_key, agent.keys.cloud_public)
+    return agent.sealed(events, seq=seq, created=datetime.now(UTC) - timedelta(seconds=age_s))
 
 
 def replay_counts(pg_url: str, agent_id: str) -> tuple[int, int]:

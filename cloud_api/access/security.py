@@ -41,7 +41,10 @@ from cloud_api.config import CloudSettings, RateTier, SecuritySettings
 from cloud_api.db import CheckedPool, Opening
 from cloud_api.problems import Problem, problem_response
 
-_SCOPE: ContextVar[str] = ContextVar("db_site_scope", default="")
+# The sites a database checkout of this request is scoped to (`app.sites` of the opening
+# statement, row policies): "" (none) when a request starts, set by authentication, reset
+# when the request ends (by the middleware stack and by the series shortcut alike).
+DB_SCOPE: ContextVar[str] = ContextVar("db_site_scope", default="")
 # Where AuthMiddleware leaves the rate-limit headers in the request's state.
 RATE_LIMIT_HEADERS = "rate_limit_headers"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -89,7 +92,7 @@ class SitePool:
         """A scoped checkout. With `generic_plans`, the transaction's prepared statements run
         their generic plan (`plan_cache_mode`, set local to the transaction in the opening
         statement, so no round trip more): see `GENERIC_PLANS`."""
-        begin = _opening_sql(self.role, _SCOPE.get(), generic_plans)
+        begin = _opening_sql(self.role, DB_SCOPE.get(), generic_plans)
         autocommit = False
 
         def opening(conn: psycopg.Connection[Any]) -> None:
@@ -184,11 +187,11 @@ def scoped_pool(pool: ConnectionPool | SitePool, settings: SecuritySettings) -> 
 @contextmanager
 def database_scope(principal: Principal | None) -> Iterator[None]:
     """Run database work as `principal` outside a request (None: no site visible)."""
-    token = _SCOPE.set(principal.db_scope if principal else "")
+    token = DB_SCOPE.set(principal.db_scope if principal else "")
     try:
         yield
     finally:
-        _SCOPE.reset(token)
+        DB_SCOPE.reset(token)
 
 
 # --- dependencies for routes ----------------------------------------------------------------
@@ -332,7 +335,7 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
-        scope_token = _SCOPE.set("")
+        scope_token = DB_SCOPE.set("")
         try:
             refusal = None
             if path.startswith(PROTECTED_PREFIX):
@@ -342,11 +345,11 @@ class AuthMiddleware:
             else:
                 await self.app(scope, receive, send)
         finally:
-            _SCOPE.reset(scope_token)
+            DB_SCOPE.reset(scope_token)
 
     async def admit(self, scope: Scope, path: str) -> ASGIApp | None:
         """None to let the request through, else the response that refuses it. Sets the
-        caller's database scope (`_SCOPE`) in the current context when it lets it through."""
+        caller's database scope (`DB_SCOPE`) in the current context when it lets it through."""
         state: MutableMapping[str, Any] = scope.setdefault("state", {})
         headers = request_headers.of(scope).values
         method: str = scope.get("method", "GET")
@@ -407,7 +410,7 @@ class AuthMiddleware:
         state["principal"] = principal
         state["sites"] = principal.site_list
         # Copied into the tasks and worker threads that serve this request.
-        _SCOPE.set(principal.db_scope)
+        DB_SCOPE.set(principal.db_scope)
         return None
 
 

@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloud_api import metrics, tracing
 from cloud_api.access import headers as request_headers
-from cloud_api.access.security import _SCOPE, AuthMiddleware, SecurityHeadersMiddleware
+from cloud_api.access.security import DB_SCOPE, AuthMiddleware, SecurityHeadersMiddleware
 from cloud_api.api.cache import Answers, serve_again
 from cloud_api.api.middleware import (
     RequestLimitsMiddleware,
@@ -244,7 +244,7 @@ class SeriesShortcut:
 
             try:
                 try:
-                    scope_token = _SCOPE.set("")
+                    scope_token = DB_SCOPE.set("")
                     try:
                         refusal = await self.auth.admit(scope, path)
                         if refusal is not None:
@@ -257,7 +257,7 @@ class SeriesShortcut:
                             else:
                                 await self.fast.serve(scope, receive, send_all, taken)
                     finally:
-                        _SCOPE.reset(scope_token)
+                        DB_SCOPE.reset(scope_token)
                 except Exception as exc:
                     await unhandled(scope, exc, answer_started)(scope, receive, send_all)
             finally:

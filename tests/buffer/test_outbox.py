@@ -7,8 +7,11 @@ import shutil
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.outbox_writer import OutboxWriter, fill_level
 from buffer.outbox import NewBatch, Outbox, OutboxFull, StateWrite
@@ -347,4 +350,119 @@ def test_an_exclusive_outbox_keeps_its_wal_index_in_memory_and_its_commits_survi
     again.close()
     reader = Outbox(path)
     assert reader.stats().depth == 6 and last_state(reader) == b"cp6"
+    reader.close()
+
+
+def _sums_over(conn: sqlite3.Connection) -> tuple[int, int, int, int]:
+    row = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0), "
+        "COALESCE(SUM(sheddable), 0) FROM batches"
+    ).fetchone()
+    return (int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+
+def _sums(path: Path) -> tuple[int, int, int, int]:
+    """The batches' totals summed over the file by a connection of its own."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return _sums_over(conn)
+
+
+def _totals(box: Outbox) -> tuple[int, int, int, int]:
+    """What `stats()` reports, with the acked batches it hides added back."""
+    s = box.stats()
+    acked = box._acked.values()
+    return (
+        s.depth + len(acked),
+        s.events + sum(n for n, _ in acked),
+        s.bytes + sum(b for _, b in acked),
+        s.sheddable_batches,
+    )
+
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("append"), st.lists(st.tuples(st.integers(1, 9), st.booleans()), max_size=4)
+        ),
+        st.tuples(st.just("ack"), st.lists(st.integers(1, 40), max_size=5)),
+        st.tuples(st.just("tidy"), st.just([])),
+        st.tuples(st.just("shed"), st.integers(1, 400)),
+        st.tuples(st.just("reject"), st.integers(1, 40)),
+        st.tuples(st.just("fail"), st.integers(1, 3)),
+        st.tuples(st.just("reopen"), st.just([])),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=_OPS, exclusive=st.booleans())
+def test_the_totals_kept_in_memory_are_the_files_sums_after_any_operation(
+    ops: list[tuple[str, Any]], exclusive: bool, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import buffer.outbox as outbox_module
+
+    path = tmp_path_factory.mktemp("totals") / "o.db"
+    box = Outbox(path, exclusive=exclusive)
+    outbox_module_due = outbox_module.ACK_DELETE_AFTER_S
+    try:
+        for i, (op, arg) in enumerate(ops):
+            if op == "append":
+                size = 10 + 7 * i
+                box.append(
+                    [NewBatch(n, blob_sealer(size), sheddable=shed) for n, shed in arg], None
+                )
+            elif op == "ack":
+                box.ack(box.epoch, {seq: f"{box.epoch}-{seq}" for seq in arg})
+            elif op == "tidy":
+                outbox_module.ACK_DELETE_AFTER_S = 0.0
+                box.tidy()
+                outbox_module.ACK_DELETE_AFTER_S = outbox_module_due
+            elif op == "shed":
+                box.shed(arg)
+            elif op == "reject":
+                box.remove_rejected(box.epoch, arg, f"{box.epoch}-{arg}")
+            elif op == "fail":  # a sealer fails after `arg` batches were inserted: rolled back
+
+                def broken(epoch: str, seq: int) -> tuple[bytes, str]:
+                    raise RuntimeError("sealing failed")
+
+                with pytest.raises(RuntimeError):
+                    box.append([NewBatch(1, blob_sealer(50))] * arg + [NewBatch(1, broken)], None)
+            elif op == "reopen":
+                box.close()
+                box = Outbox(path, exclusive=exclusive)
+            assert _totals(box) == _sums_of(box, path, exclusive)
+        box.close()
+        reopened = Outbox(path)
+        assert _totals(reopened) == _sums(path)
+        reopened.close()
+    finally:
+        outbox_module.ACK_DELETE_AFTER_S = outbox_module_due
+
+
+def _sums_of(box: Outbox, path: Path, exclusive: bool) -> tuple[int, int, int, int]:
+    if not exclusive:
+        return _sums(path)
+    # An exclusive outbox's file cannot be opened beside it: sum over its own connection.
+    return _sums_over(box._conn)
+
+
+def test_a_reader_sees_the_totals_another_connection_commits(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    writer = Outbox(path)
+    reader = Outbox(path)
+    assert reader.stats().depth == 0
+    writer.append(
+        [NewBatch(3, blob_sealer(100)), NewBatch(4, blob_sealer(50), sheddable=True)], None
+    )
+    s = reader.stats()
+    assert (s.depth, s.events, s.bytes, s.sheddable_batches) == (2, 7, 150, 1)
+    e = writer.epoch
+    writer.ack(e, {1: f"{e}-1"})
+    writer.flush_acks()  # deleted by the writer: the reader's next read sums again
+    s = reader.stats()
+    assert (s.depth, s.events, s.bytes, s.sheddable_batches) == (1, 4, 50, 1)
+    assert _totals(reader) == _totals(writer) == _sums(path)
+    writer.close()
     reader.close()

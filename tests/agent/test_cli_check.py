@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import io
 import json
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -113,13 +114,14 @@ async def test_check_prints_a_clean_table_and_progress_on_stderr(tmp_path: Path)
         "3 of 7 signal(s) read",
     ]
     # While the silent PLC did not answer: one line for it. The PLC that answers does so at
-    # once and gets none, unless a loaded machine held its answer past 2 s (then its line
-    # is the same kind of line, and the table above shows it answered).
+    # once and gets none, unless a loaded machine held its answer past 2 s (then its lines,
+    # one every 2 s while it is late, are the same kind of line, and the table above shows
+    # it answered).
     lines = done.stderr.splitlines()
     assert "waiting for line-2-plc (no answer after 2 s; gives up after 14 s)" in lines
     late = [line for line in lines if not line.startswith("waiting for line-2-plc ")]
-    assert all(line.startswith("waiting for plc (no answer after 2 s; ") for line in late), lines
-    assert len(lines) == 1 + len(late) and len(late) <= 1, lines
+    assert all(line.startswith("waiting for plc (no answer after ") for line in late), lines
+    assert len(lines) == 1 + len(late), lines
 
 
 async def test_check_json_for_scripts(tmp_path: Path) -> None:
@@ -147,7 +149,11 @@ async def test_progress_on_a_terminal_is_one_line_rewritten(tmp_path: Path) -> N
     shown = screen.getvalue()
     assert "\rwaiting for line-2-plc (1 s of 14 s)..." in shown
     assert "\rwaiting for line-2-plc (3 s of 14 s)..." in shown
-    assert "plc (" not in shown.replace("line-2-plc (", "")  # the PLC that answered: no line
+    # The PLC that answers does so at once and gets no line, unless a loaded machine held
+    # its answer past the first second: then its line is the same kind of line.
+    others = shown.replace("\rwaiting for line-2-plc (", "").split("\rwaiting for plc (")[1:]
+    assert "plc (" not in shown.replace("line-2-plc (", "").replace("waiting for plc (", "")
+    assert all(re.match(r"\d+ s of 5 s\)\.\.\.", o) for o in others), shown
     assert shown.endswith("\r")  # the line is cleared before the table is printed
     assert "\n" not in shown
 

@@ -41,9 +41,27 @@ def _storable(value: str) -> str:
 # pattern (`string_unicode`); JSON input with a lone surrogate escape is refused by the
 # parser. This keeps length constraints on Text in Rust too; ingest validates every text
 # field of every event, and a Python validator per string was about a third of that time.
-Text = Annotated[str, Field(pattern=r"^[^\x00]*$")]
+NO_NUL = r"^[^\x00]*$"
+Text = Annotated[str, Field(pattern=NO_NUL)]
 BoundedInt = Annotated[int, Field(ge=-MAX_INT, le=MAX_INT)]
 BoundedFloat = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_FLOAT, le=MAX_FLOAT)]
+
+
+def plain_errors(errors: list[Any]) -> str:
+    """pydantic's errors of a list of events in words, `event 2, count.product: ...; ...`,
+    with the NUL pattern's refusal said as such (its message names the pattern)."""
+    nul = f"String should match pattern '{NO_NUL}'"
+    parts = []
+    for error in errors:
+        loc = list(error.get("loc", ()))
+        where = f"event {loc.pop(0)}" if loc and isinstance(loc[0], int) else ""
+        path = ".".join(str(part) for part in loc)
+        where = ", ".join(w for w in (where, path) if w) or "batch"
+        msg = error.get("msg", "")
+        if error.get("type") == "string_pattern_mismatch" and msg == nul:
+            msg = "text holds a NUL character"
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
 
 
 def number_in_bounds(value: float) -> bool:

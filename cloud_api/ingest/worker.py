@@ -56,6 +56,7 @@ from cloud_api.db import TRANSIENT, with_retry
 from cloud_api.ingest import derived
 from cloud_api.ingest.sequence import note_gap, record_declared_losses
 from common.mqtt import BrokerSettings, MqttLink
+from oee.bounds import plain_errors
 from oee.components import COMPONENT_FIELDS, INTEGER_FIELDS
 from oee.events import EVENT_LIST_ADAPTER, Event, OeeEvent, load_events
 from sync.envelope import (
@@ -379,7 +380,8 @@ class BatchWriter:
         except ValidationError as exc:
             # Locations and messages only: the refused input may hold anything (NUL, huge).
             errors = exc.errors(include_url=False, include_input=False, include_context=False)
-            raise Rejected("invalid_schema", str(errors[:3]), header, verified=True) from None
+            detail = plain_errors(errors[:3])
+            raise Rejected("invalid_schema", detail, header, verified=True) from None
         if len(events) != header.count:
             detail = "event count differs from the header"
             raise Rejected("invalid_schema", detail, header, verified=True)

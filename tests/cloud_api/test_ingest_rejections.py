@@ -81,6 +81,10 @@ def test_a_batch_that_can_never_be_stored_is_quarantined_whole_and_answered(
     assert rejection.digest == envelope_digest(raw)
     assert rejection.reason == outcome.reason
     assert "\x00" not in rejection.detail
+    if any(isinstance(v, str) and "\x00" in v for v in update.values()):
+        # Said in words, not as the pattern that refused it.
+        assert "text holds a NUL character" in rejection.detail, rejection.detail
+        assert "pattern" not in rejection.detail, rejection.detail
     # Nothing of it is stored, and the whole envelope is kept (the only copy once dropped).
     assert stored_batches(pg_url) == 0
     assert quarantined(pg_url) == [(outcome.reason, header.epoch, header.seq, raw)]

@@ -5,12 +5,13 @@ topic/site -> schema -> one PostgreSQL transaction (batch key, events, sequence 
 buckets, rollups; the per-batch statements are the functions of migration 0040; a batch
 without configuration reports or loss records is one call, ops.ingest_batch of migration
 0041, that is its own transaction) -> commit -> signed ack. The batches of one (agent,
-epoch) that a worker takes off the queue in the same round share that transaction (BatchWriter.store_group); each is stored as it
-would be alone, and if the shared transaction fails each is stored in its own. Anything
-refused is counted by reason and kept in ops.quarantine; no message can stop the worker. A
-refusal is charged to the agent its header names only once the agent's signature has
-verified that header; before that it is counted under the topic it arrived on, marked
-unverified (a forged frame cannot raise another agent's counts).
+epoch) that a worker takes off the queue in the same round share that transaction
+(BatchWriter.store_group); each is stored as it would be alone, and if the shared
+transaction fails each is stored in its own. Anything refused is counted by reason and kept
+in ops.quarantine; no message can stop the worker. A refusal is charged to the agent its
+header names only once the agent's signature has verified that header; before that it is
+counted under the topic it arrived on, marked unverified (a forged frame cannot raise
+another agent's counts).
 
 Permanent versus transient: a signed batch that can never be stored (content the event model
 refuses, values or characters PostgreSQL refuses, a key reused with other content) is kept

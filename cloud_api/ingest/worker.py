@@ -38,6 +38,7 @@ import contextlib
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -347,6 +348,9 @@ class BatchWriter:
         self.max_envelope_bytes = max_envelope_bytes
         self.registry = AgentRegistry(pool)
         self._partitions: set[str] = set()
+        self._cursors: weakref.WeakKeyDictionary[psycopg.Connection[Any], psycopg.Cursor[Any]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # -- checks ---------------------------------------------------------------------------
 
@@ -474,9 +478,14 @@ class BatchWriter:
             version,
             status_ts,
         )
+        # One cursor per connection, reused: its dumpers (a dozen parameter types) are made
+        # once instead of at every batch.
+        cur = self._cursors.get(conn)
+        if cur is None or cur.closed:
+            cur = self._cursors[conn] = conn.cursor()
         conn.autocommit = True
         try:
-            row = conn.execute(INGEST_BATCH, params).fetchone()
+            row = cur.execute(INGEST_BATCH, params).fetchone()
         finally:
             if not conn.broken and not conn.closed:
                 conn.autocommit = False

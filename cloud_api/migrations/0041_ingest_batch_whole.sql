@@ -14,9 +14,10 @@
 --   own JSON array: the buckets that are new go into facts and, exactly those (RETURNING),
 --   into the minute and hour rollups; every (site, equipment, UTC day) they touch gets a
 --   new data version.
--- ops.ingest_batch: ops.store_batch, then (only when the batch was stored) its buckets and
---   the newest status report of the batch when ingest passes one (p_status: the report's
---   kept keys, p_version, p_status_ts: its time; the newest report wins, as before).
+-- ops.ingest_batch: what ops.store_batch does, then (only when the batch was stored) its
+--   buckets and the newest status report of the batch when ingest passes one (p_status:
+--   the report's kept keys, p_version, p_status_ts: its time; the newest report wins, as
+--   before).
 --   Batches with configuration reports or loss records take ingest's other path.
 
 CREATE FUNCTION ops.store_buckets(p_events jsonb) RETURNS void LANGUAGE plpgsql AS $$
@@ -143,12 +144,13 @@ CREATE FUNCTION ops.ingest_batch(
     OUT result text, OUT opened bigint[]
 ) LANGUAGE plpgsql AS $$
 BEGIN
-    SELECT s.result, s.opened INTO result, opened
-    FROM ops.store_batch(p_site, p_agent, p_epoch, p_seq, p_digest, p_count, p_created,
-        p_trace, p_events, p_equipment) AS s;
+    -- As ops.store_batch, its two calls made directly (an assignment, not a query).
+    result := ops.claim_batch(p_site, p_agent, p_epoch, p_seq, p_digest, p_count, p_created,
+        p_trace, p_events);
     IF result <> 'stored' THEN
         RETURN;
     END IF;
+    opened := ops.finish_batch(p_site, p_agent, p_epoch, p_seq, p_created, p_equipment);
     IF p_buckets THEN
         PERFORM ops.store_buckets(p_events);
     END IF;

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import psycopg
 
 from cloud_api.fleetconfig import store as config_store
+from cloud_api.ingest.sequence import LOSS_CODE, REJECTED_CODE
 from oee.events import AgentEvent, Event
 from oee.targets import target_error
 
@@ -62,19 +64,41 @@ def record_batch(
     record_reports(conn, events)
 
 
+# Agent events whose effects only record_reports and record_declared_losses apply, with
+# statements of their own; a batch without them is stored by one call (ops.ingest_batch).
+STATEMENT_CODES = frozenset({CONFIG_CODE, config_store.RESULT_CODE, LOSS_CODE, REJECTED_CODE})
+
+
+def needs_statements(events: Sequence[Event]) -> bool:
+    """Whether the batch holds reports or loss records applied by statements of their own
+    (configuration, configuration outcome, loss records); a status report does not."""
+    return any(isinstance(e, AgentEvent) and e.code in STATEMENT_CODES for e in events)
+
+
+def status_report(events: Sequence[Event]) -> tuple[str, str | None, datetime] | None:
+    """The newest status report of a batch as stored: its kept keys (JSON), the version it
+    names and its time; None without one."""
+    status = _latest(events, STATUS_CODE)
+    return None if status is None else _status_values(status)
+
+
+def _status_values(status: AgentEvent) -> tuple[str, str | None, datetime]:
+    data = {k: status.data[k] for k in STATUS_KEYS if k in status.data}
+    version = data.get("version")
+    return json.dumps(data), str(version) if version is not None else None, status.ts
+
+
 def record_reports(conn: psycopg.Connection[Any], events: Sequence[Event]) -> None:
     """The agent's status, configuration and configuration outcome reported in one batch."""
     status = _latest(events, STATUS_CODE)
     if status is not None:
-        data = {k: status.data[k] for k in STATUS_KEYS if k in status.data}
-        version = data.get("version")
+        data, version, ts = _status_values(status)
         conn.execute(
             "UPDATE registry.agents SET status = %s::jsonb, "
             "version = COALESCE(%s, version), status_reported_at = %s "
             "WHERE agent_id = %s AND (status_reported_at IS NULL OR status_reported_at < %s)",
-            (json.dumps(data), str(version) if version is not None else None, status.ts,
-             status.agent_id, status.ts),
-        )  # fmt: skip
+            (data, version, ts, status.agent_id, ts),
+        )
     config = _latest(events, CONFIG_CODE)
     if config is not None:
         _record_config(conn, config)

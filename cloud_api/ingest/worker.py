@@ -2,14 +2,16 @@
 
 Order per batch: size -> header -> agent -> signature (before decryption) -> decrypt ->
 topic/site -> schema -> one PostgreSQL transaction (batch key, events, sequence row, OEE
-buckets, rollups; the per-batch statements are the functions of migration 0040) -> commit
--> signed ack. The batches of one (agent, epoch) that a worker takes off the queue
-in the same round share that transaction (BatchWriter.store_group); each is stored as it
-would be alone, and if the shared transaction fails each is stored in its own. Anything
-refused is counted by reason and kept in ops.quarantine; no message can stop the worker. A
-refusal is charged to the agent its header names only once the agent's signature has
-verified that header; before that it is counted under the topic it arrived on, marked
-unverified (a forged frame cannot raise another agent's counts).
+buckets, rollups; the per-batch statements are the functions of migration 0040; a batch
+without configuration reports or loss records is one call, ops.ingest_batch of migration
+0041, that is its own transaction) -> commit -> signed ack. The batches of one (agent,
+epoch) that a worker takes off the queue in the same round share that transaction
+(BatchWriter.store_group); each is stored as it would be alone, and if the shared
+transaction fails each is stored in its own. Anything refused is counted by reason and kept
+in ops.quarantine; no message can stop the worker. A refusal is charged to the agent its
+header names only once the agent's signature has verified that header; before that it is
+counted under the topic it arrived on, marked unverified (a forged frame cannot raise
+another agent's counts).
 
 Permanent versus transient: a signed batch that can never be stored (content the event model
 refuses, values or characters PostgreSQL refuses, a key reused with other content) is kept
@@ -36,6 +38,7 @@ import contextlib
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -58,7 +61,7 @@ from cloud_api.ingest.sequence import note_gap, record_declared_losses
 from common.mqtt import BrokerSettings, MqttLink
 from oee.bounds import plain_errors
 from oee.components import COMPONENT_FIELDS, INTEGER_FIELDS
-from oee.events import EVENT_LIST_ADAPTER, Event, OeeEvent, load_events
+from oee.events import EVENT_LIST_ADAPTER, AgentEvent, Event, OeeEvent, load_events
 from sync.envelope import (
     AFTER_SIGNATURE,
     AckBody,
@@ -246,6 +249,13 @@ _BATCH_ARGS = (
 STORE_BATCH = (
     f"SELECT result, opened FROM ops.store_batch({_BATCH_ARGS}, %(equipment)s::text[])"
 ).encode()
+# A batch without configuration reports or loss records, whole, in one call (migration
+# 0041): as STORE_BATCH, then its OEE buckets (from the same JSON) and its status report.
+INGEST_BATCH = (
+    b"SELECT result, opened FROM ops.ingest_batch(%s::text, %s::text, %s::text, %s::bigint, "
+    b"%s::text, %s::integer, %s::timestamptz, %s::text, %s::jsonb, %s::text[], %s::boolean, "
+    b"%s::jsonb, %s::text, %s::timestamptz)"
+)
 CLAIM_BATCH = f"SELECT ops.claim_batch({_BATCH_ARGS})".encode()
 FINISH_BATCH = (
     b"SELECT ops.finish_batch(%(site)s::text, %(agent)s::text, %(epoch)s::text, "
@@ -339,6 +349,9 @@ class BatchWriter:
         self.max_envelope_bytes = max_envelope_bytes
         self.registry = AgentRegistry(pool)
         self._partitions: set[str] = set()
+        self._cursors: weakref.WeakKeyDictionary[psycopg.Connection[Any], psycopg.Cursor[Any]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # -- checks ---------------------------------------------------------------------------
 
@@ -411,6 +424,9 @@ class BatchWriter:
         with self.pool.connection() as conn:
             self._ensure_partitions(conn, events)
             conn.commit()
+            reports = [e for e in events if isinstance(e, AgentEvent)]
+            if not derived.needs_statements(reports):
+                return self._store_whole(conn, header, digest, events, reports)
             # Pipeline mode: what follows the batch key goes out without waiting; the
             # transaction waits for the server where the batch key's answer is read and at
             # its commit. An error anywhere still rolls back all of it.
@@ -432,6 +448,54 @@ class BatchWriter:
                 derived.record_reports(conn, events)
                 record_declared_losses(conn, header.site_id, header.agent_id, list(events))
             return "stored"
+
+    def _store_whole(
+        self,
+        conn: psycopg.Connection[Any],
+        header: EnvelopeHeader,
+        digest: str,
+        events: Sequence[Event],
+        reports: Sequence[AgentEvent],
+    ) -> Literal["stored", "duplicate", "conflict"]:
+        """A batch without configuration reports or loss records in ONE statement that is
+        its own transaction (ops.ingest_batch, migration 0041): the connection in autocommit
+        for that statement, whose result arrives only after its commit (an error rolls all
+        of it back). No BEGIN, COMMIT or pipeline, and the buckets are taken from the
+        events' JSON instead of being dumped a second time."""
+        status = derived.status_report(reports)
+        data, version, status_ts = status if status is not None else (None, None, None)
+        params = (
+            header.site_id,
+            header.agent_id,
+            header.epoch,
+            header.seq,
+            digest,
+            header.count,
+            header.created,
+            header.trace_id,
+            Jsonb(EVENT_LIST_ADAPTER.dump_json(list(events)), dumps=_raw_json),
+            _equipment(events),
+            any(isinstance(e, OeeEvent) for e in events),
+            data,
+            version,
+            status_ts,
+        )
+        # One cursor per connection, reused: its dumpers (a dozen parameter types) are made
+        # once instead of at every batch.
+        cur = self._cursors.get(conn)
+        if cur is None or cur.closed:
+            cur = self._cursors[conn] = conn.cursor()
+        conn.autocommit = True
+        try:
+            row = cur.execute(INGEST_BATCH, params).fetchone()
+        finally:
+            if not conn.broken and not conn.closed:
+                conn.autocommit = False
+        assert row is not None
+        result, opened = row
+        if result == "stored":
+            note_gap(header.agent_id, header.epoch, opened)
+        return cast(Literal["stored", "duplicate", "conflict"], result)
 
     def _store_many(
         self, group: Sequence[Checked]

@@ -43,6 +43,7 @@ from fastapi.concurrency import run_in_threadpool
 from psycopg_pool import ConnectionPool
 from starlette.requests import Request
 
+from cloud_api.access import headers as request_headers
 from cloud_api.access.revocations import CredentialStamp
 from cloud_api.config import JwksSettings, Role, SecuritySettings
 from cloud_api.problems import DATABASE_RETRY_AFTER_S, Problem
@@ -444,10 +445,13 @@ class Authenticator:
             ) from None
 
     async def authenticate(self, request: Request) -> Principal:
-        api_key = request.headers.get("x-api-key")
+        # The request's one parse of its headers (the first of each name, as Starlette's
+        # `request.headers.get` reads them).
+        headers = request_headers.of(request.scope).values
+        api_key = headers.get("x-api-key")
         if api_key is not None:
             return await run_in_threadpool(self._api_key, api_key.strip())
-        header = request.headers.get("authorization")
+        header = headers.get("authorization")
         if not header:
             raise _unauthorized("a bearer token or an API key is required")
         scheme, _, credential = header.partition(" ")

@@ -508,6 +508,8 @@ def _matches(scope: Scope, etag: bytes) -> bool:
 
 def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
     """Whether an If-None-Match header value names `etag` (a list, comma-separated)."""
+    if not if_none_match:  # none sent: the usual case
+        return False
     return bool(etag) and etag in {t.strip() for t in if_none_match.split(b",")}
 
 

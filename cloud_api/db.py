@@ -195,12 +195,15 @@ def make_pool(
     prepare: bool = False,
     timeout: float = 30.0,
     check_idle_s: float = 0.0,
+    autocommit: bool = False,
 ) -> ConnectionPool:
     """A checked connection pool; with `role`, every connection runs as that database role.
 
     With `prepare` (the API's read pool and ingest's pool), queries run often are prepared
     on the server per `settings.prepare_threshold`; otherwise nothing is prepared. `timeout`
     bounds each checkout (PoolTimeout after it); `check_idle_s`: see CheckedPool.
+    `autocommit`: the connections' mode (the API's pool, whose every checkout opens and closes
+    its transaction itself: `SitePool`).
     """
 
     def configure(conn: psycopg.Connection[Any]) -> None:
@@ -213,7 +216,7 @@ def make_pool(
         min_size=settings.pool_min,
         max_size=settings.pool_max,
         kwargs={
-            "autocommit": False,
+            "autocommit": autocommit,
             "prepare_threshold": settings.prepare_threshold if prepare else None,
         },
         configure=configure if role else None,

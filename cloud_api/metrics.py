@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+M = TypeVar("M", bound=MetricWrapperBase)
+# The children of labelled metrics that the API's busiest paths count into, by metric and
+# label values: `labels()` validates, converts and looks its child up under a lock on every
+# call (a few microseconds, several times per request).
+_CHILDREN: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def child(metric: M, *labels: str) -> M:
+    """`metric.labels(*labels)`, looked up once per label values (children of these metrics
+    are never removed)."""
+    key = (metric, labels)
+    found: M | None = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(*labels)
+    return found
+
 
 INGEST_BATCHES = Counter("ingest_batches_total", "Batches handled by outcome", ["outcome"])
 INGEST_EVENTS = Counter("ingest_events_total", "Events stored")

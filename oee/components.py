@@ -110,6 +110,15 @@ def ratios(c: Components) -> Ratios:
     A = APT/PBT, P = ideal_produced/APT, Q = ideal_good/ideal_produced, OEE = ideal_good/PBT.
     Performance is never clamped.
     """
+    availability, performance, quality, oee = ratio_values(c)
+    return Ratios(availability=availability, performance=performance, quality=quality, oee=oee)
+
+
+def ratio_values(
+    c: Components,
+) -> tuple[float | None, float | None, float | None, float | None]:
+    """(availability, performance, quality, oee) of `ratios`, without building the model
+    (read APIs render many of them per answer)."""
     pbt = c.planned_busy_s
     apt = c.production_s
     availability = apt / pbt if pbt > 0 else None
@@ -121,7 +130,7 @@ def ratios(c: Components) -> Ratios:
     else:
         quality = None
     oee = c.ideal_good_s / pbt if pbt > 0 else None
-    return Ratios(availability=availability, performance=performance, quality=quality, oee=oee)
+    return availability, performance, quality, oee
 
 
 @dataclass(frozen=True, slots=True)

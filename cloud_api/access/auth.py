@@ -19,6 +19,7 @@ Roles and what they may do (API keys are further limited to their scopes):
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import math
@@ -30,6 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, get_args
 
 import jwt
@@ -41,6 +43,7 @@ from fastapi.concurrency import run_in_threadpool
 from psycopg_pool import ConnectionPool
 from starlette.requests import Request
 
+from cloud_api.access import headers as request_headers
 from cloud_api.access.revocations import CredentialStamp
 from cloud_api.config import JwksSettings, Role, SecuritySettings
 from cloud_api.problems import DATABASE_RETRY_AFTER_S, Problem
@@ -158,8 +161,10 @@ class TokenKeyring:
         )
         return cls(keys, read_one_current(directory, "jwt", keys, required=False))
 
-    @property
+    @functools.cached_property
     def public_keys(self) -> dict[str, Ed25519PublicKey]:
+        """By key id; derived once per ring (a ring read from the directory is never changed,
+        a new one is read instead)."""
         return {kid: k.public_key() for kid, k in self.keys.items()}
 
     @property
@@ -322,6 +327,16 @@ class Revocations:
 # --- verification ---------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=256)
+def _unverified(token: str) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """The header and claims of `token`, unverified (what it says of itself: which key and
+    issuer verify it); a token seen first is read here twice before its verification. Raises
+    PyJWTError when they cannot be read."""
+    header = jwt.get_unverified_header(token)
+    claims = jwt.decode(token, options={"verify_signature": False})
+    return MappingProxyType(header), MappingProxyType(claims)
+
+
 def _unauthorized(detail: str) -> Problem:
     return Problem(401, detail, slug="unauthenticated", headers=WWW_AUTHENTICATE)
 
@@ -430,10 +445,13 @@ class Authenticator:
             ) from None
 
     async def authenticate(self, request: Request) -> Principal:
-        api_key = request.headers.get("x-api-key")
+        # The request's one parse of its headers (the first of each name, as Starlette's
+        # `request.headers.get` reads them).
+        headers = request_headers.of(request.scope).values
+        api_key = headers.get("x-api-key")
         if api_key is not None:
             return await run_in_threadpool(self._api_key, api_key.strip())
-        header = request.headers.get("authorization")
+        header = headers.get("authorization")
         if not header:
             raise _unauthorized("a bearer token or an API key is required")
         scheme, _, credential = header.partition(" ")
@@ -463,8 +481,8 @@ class Authenticator:
         if self._ring is None:
             return False
         try:
-            header = jwt.get_unverified_header(token)
-            issuer = jwt.decode(token, options={"verify_signature": False}).get("iss")
+            header, unverified = _unverified(token)
+            issuer = unverified.get("iss")
         except jwt.PyJWTError:
             return True  # refused as malformed without any I/O either
         return issuer == self.settings.issuer and header.get("kid") in self._ring.public_keys
@@ -484,8 +502,7 @@ class Authenticator:
         if known is not None:
             return self._still_valid(known)
         try:
-            header = jwt.get_unverified_header(token)
-            unverified = jwt.decode(token, options={"verify_signature": False})
+            header, unverified = _unverified(token)
         except jwt.PyJWTError:
             raise _unauthorized("the bearer token is malformed") from None
         issuer = unverified.get("iss")

@@ -99,12 +99,18 @@ class SitePool:
             nonlocal autocommit
             autocommit = conn.autocommit
             # The transaction is opened and closed here by hand: psycopg must not add its own.
-            conn.autocommit = True
+            # (The API's own pool hands out connections in autocommit already: each switch
+            # is a call into psycopg's wait loop.)
+            if not autocommit:
+                conn.autocommit = True
             try:
                 conn.execute(begin, prepare=False)
             except BaseException:
                 with contextlib.suppress(psycopg.Error):
-                    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                    if (
+                        not autocommit
+                        and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+                    ):
                         conn.autocommit = autocommit
                 raise
 
@@ -131,7 +137,10 @@ class SitePool:
                     prepare=False,
                 )
             finally:
-                if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                if (
+                    not autocommit
+                    and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+                ):
                     conn.autocommit = autocommit
 
     def close(self) -> None:

@@ -89,6 +89,9 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
                         name="api",
                         prepare=True,
                         timeout=settings.database.checkout_timeout_seconds,
+                        # Every checkout goes through SitePool, which opens and closes
+                        # the transaction itself.
+                        autocommit=True,
                     )
                 )
             if owns_pool:

@@ -115,7 +115,7 @@ class ResultCache(LruMap[Hashable, bytes]):
 
     def get(self, key: Hashable) -> bytes | None:
         value = super().get(key)
-        metrics.CACHE_REQUESTS.labels("miss" if value is None else "hit").inc()
+        metrics.child(metrics.CACHE_REQUESTS, "miss" if value is None else "hit").inc()
         return value
 
 
@@ -489,7 +489,7 @@ class AnswersMiddleware:
 
 async def serve_again(scope: Scope, answer: Answer, send: Send) -> None:
     """Send a remembered answer (Answers.lookup) as the answer to this request."""
-    metrics.CACHE_REQUESTS.labels("hit").inc()
+    metrics.child(metrics.CACHE_REQUESTS, "hit").inc()
     scope["route"] = answer.route
     headers = [*answer.headers, (b"server-timing", b'cache;desc="hit"')]
     if _matches(scope, answer.etag):
@@ -508,6 +508,8 @@ def _matches(scope: Scope, etag: bytes) -> bool:
 
 def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
     """Whether an If-None-Match header value names `etag` (a list, comma-separated)."""
+    if not if_none_match:  # none sent: the usual case
+        return False
     return bool(etag) and etag in {t.strip() for t in if_none_match.split(b",")}
 
 

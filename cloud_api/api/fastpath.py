@@ -18,10 +18,11 @@ metrics (`scope["route"]`) are the same either way.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Annotated, Any, Literal, NamedTuple, cast
+from typing import Annotated, Any, Literal, NamedTuple, cast, get_args
 from urllib.parse import parse_qsl
 
 from pydantic import Field, TypeAdapter, ValidationError
@@ -59,6 +60,19 @@ _ADAPTERS: dict[str, TypeAdapter[Any]] = {
     "tz": TypeAdapter(Annotated[str, Field(max_length=MAX_ZONE_NAME)]),
     "group_by": TypeAdapter(GroupBy),
 }
+# Parameters whose validation is a set membership or a length (the same checks as their
+# adapters above, which a str input passes unchanged or fails): what a Literal of strings
+# allows, and (min, max) characters of a plain str.
+_CHOICES: dict[str, frozenset[str]] = {
+    "scope": frozenset(get_args(ScopeKind)),
+    "interval": frozenset(get_args(Interval)),
+    "group_by": frozenset(get_args(GroupBy)),
+}
+_LENGTHS: dict[str, tuple[int, int]] = {
+    "id": (1, 200),
+    "site": (0, sys.maxsize),
+    "tz": (0, MAX_ZONE_NAME),
+}
 _REQUIRED = frozenset(("scope", "id", "from", "to"))
 _DEFAULTS: dict[str, Any] = {
     "site": None,
@@ -79,6 +93,18 @@ def parse(query_string: bytes) -> dict[str, Any] | None:
         adapter = _ADAPTERS.get(name)
         if adapter is None or name in values or not raw:
             return None
+        choices = _CHOICES.get(name)
+        if choices is not None:
+            if raw not in choices:
+                return None
+            values[name] = raw
+            continue
+        lengths = _LENGTHS.get(name)
+        if lengths is not None:
+            if not lengths[0] <= len(raw) <= lengths[1]:
+                return None
+            values[name] = raw
+            continue
         try:
             values[name] = adapter.validate_python(raw)
         except ValidationError:
@@ -127,7 +153,7 @@ class SeriesFastPath:
 
     async def serve(self, scope: Scope, receive: Receive, send: Send, taken: Taken) -> None:
         route, fields, values = taken
-        metrics.SERIES_FAST_PATH.labels(fields).inc()
+        metrics.child(metrics.SERIES_FAST_PATH, fields).inc()
         # What the router puts into the scope of the route it matched.
         scope["route"] = route
         scope["endpoint"] = getattr(route, "endpoint", None)

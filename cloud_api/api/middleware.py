@@ -322,8 +322,8 @@ def timed(scope: Scope, message: Message, started: float) -> Message:
     # The router has put the matched route into the (shared) scope by now.
     path = getattr(scope.get("route"), "path", "unmatched")
     status = message["status"]
-    metrics.HTTP_REQUESTS.labels(path, scope["method"], str(status)).inc()
-    metrics.HTTP_LATENCY.labels(path).observe(elapsed)
+    metrics.child(metrics.HTTP_REQUESTS, path, scope["method"], str(status)).inc()
+    metrics.child(metrics.HTTP_LATENCY, path).observe(elapsed)
     # Routes may already have added their own parts (db time, cache outcome).
     own = f"app;dur={elapsed * 1000:.1f}".encode()
     headers = []

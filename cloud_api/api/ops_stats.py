@@ -65,13 +65,22 @@ class RequestStats:
         self.clock = clock
         self._rows: dict[Key, _Minute] = {}
         self._lock = threading.Lock()
+        # The last minute counted into, by its start in seconds since the epoch.
+        self._minute: tuple[float, datetime] = (-1.0, datetime.min.replace(tzinfo=UTC))
 
     def record(
         self, route: str, method: str, status: int, duration_ms: float, *, cache_hit: bool
     ) -> None:
-        minute = datetime.fromtimestamp(self.clock() // 60 * 60, UTC)
+        start = self.clock() // 60 * 60
+        known, minute = self._minute
+        if start != known:
+            minute = datetime.fromtimestamp(start, UTC)
+            self._minute = (start, minute)
+        key = (minute, route, method)
         with self._lock:
-            row = self._rows.setdefault((minute, route, method), _Minute())
+            row = self._rows.get(key)
+            if row is None:
+                row = self._rows[key] = _Minute()
             row.requests += 1
             row.server_errors += status >= 500
             row.client_errors += 400 <= status < 500

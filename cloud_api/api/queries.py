@@ -134,7 +134,7 @@ def run(
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(stmt, params)
         rows: list[dict[str, Any]] = cur.fetchall()
-    metrics.DB_LATENCY.labels(name).observe(time.perf_counter() - started)
+    metrics.child(metrics.DB_LATENCY, name).observe(time.perf_counter() - started)
     return rows
 
 

@@ -32,7 +32,7 @@ from cloud_api.api.routes.common import (
     zone,
 )
 from cloud_api.problems import invalid_parameter
-from oee.components import QUANTITY_FIELDS, Components
+from oee.components import QUANTITY_FIELDS, Components, ratio_values
 
 router = APIRouter(prefix="/v1", tags=["oee"])
 
@@ -53,12 +53,12 @@ RATIO_NAMES = ("availability", "performance", "quality", "oee")
 
 
 def ratios_of(c: Components) -> dict[str, float | None]:
-    r = c.ratios()
+    availability, performance, quality, oee = ratio_values(c)
     return {
-        "availability": r.availability,
-        "performance": r.performance,
-        "quality": r.quality,
-        "oee": r.oee,
+        "availability": availability,
+        "performance": performance,
+        "quality": quality,
+        "oee": oee,
     }
 
 

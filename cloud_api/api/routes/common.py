@@ -5,18 +5,20 @@ Server-Timing parts)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import csv
 import functools
 import hashlib
 import io
 import json
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from datetime import UTC, date, datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
@@ -91,30 +93,87 @@ class DbThreads:
     503. With anyio's 40 threads and 10 connections, 1,000 clients made some threads wait
     out the timeout while the threads holding connections waited for the GIL.
 
-    A hop through concurrent.futures also costs the event loop about half of anyio's
-    `run_in_threadpool` (its capacity limiter, cancel scope and Condition-based queue were a
-    fifth of the loop's time per uncached answer, py-spy --gil)."""
+    The hop is an asyncio future, a C queue and one `call_soon_threadsafe` back: anyio's
+    `run_in_threadpool` (its capacity limiter, cancel scope and Condition-based queue) was a
+    fifth of the loop's time per uncached answer (py-spy --gil), and `run_in_executor` still
+    chains a concurrent.futures future to an asyncio one under their locks on every call.
+    Work whose caller was cancelled before a thread took it up is not run, as with an
+    executor."""
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
-        self._executor: ThreadPoolExecutor | None = None
+        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._workers: list[threading.Thread] = []
+        self._lock = threading.Lock()
 
-    def executor(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="api-db")
-        return self._executor
+    def _start(self) -> None:
+        with self._lock:
+            while len(self._workers) < self.threads:
+                worker = threading.Thread(
+                    target=self._work, name=f"api-db_{len(self._workers)}", daemon=True
+                )
+                worker.start()
+                self._workers.append(worker)
 
     async def run(self, fn: Callable[[], T]) -> T:
         """`fn()` on one of the threads, in a copy of the caller's context (the caller's
         database scope is a context variable, cloud_api/access/security.py)."""
-        context = contextvars.copy_context()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor(), context.run, fn)
+        future: asyncio.Future[T] = loop.create_future()
+        if len(self._workers) < self.threads:
+            self._start()
+        self._queue.put(_Work(contextvars.copy_context(), fn, loop, future))
+        return await future
+
+    def _work(self) -> None:
+        while True:
+            work = self._queue.get()
+            if work is None:
+                return
+            _do(work)
+            del work  # nothing of a request outlives it here
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        with self._lock:
+            workers, self._workers = self._workers, []
+        for _ in workers:
+            self._queue.put(None)
+        for worker in workers:
+            worker.join()
+
+
+class _Work(NamedTuple):
+    context: contextvars.Context
+    fn: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+
+def _do(work: _Work) -> None:
+    if work.future.cancelled():
+        return
+    try:
+        result = work.context.run(work.fn)
+    except BaseException as exc:
+        _settle(work, _failed, exc)
+    else:
+        _settle(work, _succeeded, result)
+
+
+def _settle(work: _Work, settle: Callable[[asyncio.Future[Any], Any], None], value: Any) -> None:
+    # A closed loop raises RuntimeError: nobody waits any more.
+    with contextlib.suppress(RuntimeError):
+        work.loop.call_soon_threadsafe(settle, work.future, value)
+
+
+def _succeeded(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _failed(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 async def db(request: Request, fn: Callable[[Conn], T], *, generic_plans: bool = False) -> T:
@@ -145,9 +204,9 @@ async def db(request: Request, fn: Callable[[Conn], T], *, generic_plans: bool =
         timings = request.state.__dict__.setdefault("timings", {})
         timings["db"] = timings.get("db", 0.0) + (time.perf_counter() - started) * 1000
         stats = pool.get_stats()
-        metrics.DB_POOL.labels("size").set(stats.get("pool_size", 0))
-        metrics.DB_POOL.labels("available").set(stats.get("pool_available", 0))
-        metrics.DB_POOL.labels("waiting").set(stats.get("requests_waiting", 0))
+        metrics.child(metrics.DB_POOL, "size").set(stats.get("pool_size", 0))
+        metrics.child(metrics.DB_POOL, "available").set(stats.get("pool_available", 0))
+        metrics.child(metrics.DB_POOL, "waiting").set(stats.get("requests_waiting", 0))
 
 
 def _default(value: object) -> object:

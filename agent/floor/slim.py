@@ -1,6 +1,6 @@
 """What asyncua makes a process import and keep that the plant-floor server never uses.
 
-Two things, both at run time (asyncua's files are untouched):
+Three things, all at run time (asyncua's files are untouched):
 
 `deferred(groups)` is a context manager around the first import of asyncua: while it is open,
 a module of one of the groups (a module name and the modules under it, e.g. `asyncua.pubsub`)
@@ -22,13 +22,19 @@ node ids to its name (a dict and its own int objects, about 1 MB), the inverse o
 table from `ObjectIds` the first time it is read, and keeps it. Only a few of asyncua's
 functions read it: naming a data type or a reference type from its id (XML export, custom
 structures, relative paths), none of which the plant-floor server calls.
+
+`compact_object_ids()` replaces the `ObjectIds` class itself (one attribute per standard node
+id) by a class of the same name whose ids are looked up in one sorted table of the names and
+kept as attributes once asked for (see its docstring).
 """
 
 from __future__ import annotations
 
+import array
 import importlib
 import importlib.abc
 import importlib.machinery
+import itertools
 import sys
 import threading
 import types
@@ -81,7 +87,7 @@ class DeferredName:
     """A name imported from a placeholder module; its first use imports the real module and
     the real object takes the stand-in's place in every module that holds it."""
 
-    __slots__ = ("_deferrer", "_module", "_attr")
+    __slots__ = ("_attr", "_deferrer", "_module")
 
     def __init__(self, deferrer: _Deferrer, module: str, attr: str) -> None:
         self._deferrer = deferrer
@@ -193,6 +199,80 @@ def deferred(groups: Sequence[str] = UNUSED_BY_SERVER) -> Iterator[None]:
                     del sys.modules[name]
 
 
+class _CompactIdsType(type):
+    """The type of the compact `ObjectIds`: a name not looked up yet is found in the table
+    and kept as a class attribute, so the next lookup is a plain attribute's."""
+
+    _names: bytes  # the names, sorted, one after the other
+    _ends: array.array[int]  # where each name ends in `_names`
+    _ids: array.array[int]  # each name's node id
+
+    def __getattr__(cls, name: str) -> int:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        key = name.encode()
+        names, ends = cls._names, cls._ends
+        lo, hi = 0, len(ends)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            found = names[ends[mid - 1] if mid else 0 : ends[mid]]
+            if found < key:
+                lo = mid + 1
+            elif found > key:
+                hi = mid
+            else:
+                value = cls._ids[mid]
+                type.__setattr__(cls, name, value)
+                return value
+        raise AttributeError(f"type object 'ObjectIds' has no attribute '{name}'")
+
+    def standard_ids(cls) -> Iterator[tuple[str, int]]:
+        """Every name and node id of the table."""
+        start = 0
+        for end, value in zip(cls._ends, cls._ids, strict=True):
+            yield cls._names[start:end].decode(), value
+            start = end
+
+
+def _standard_ids(ids: type) -> Iterator[tuple[str, int]]:
+    if isinstance(ids, _CompactIdsType):
+        return ids.standard_ids()
+    return (
+        (name, value)
+        for name, value in vars(ids).items()
+        if not name.startswith("_") and isinstance(value, int)
+    )
+
+
+def compact_object_ids() -> None:
+    """Replace `asyncua.ua.ObjectIds`, a class with one attribute per standard node id (14,772
+    names of 75 bytes on average, their ints and the class's dict: about 2.6 MB), in every
+    module that holds it, by a class of the same name that finds an id in one sorted table
+    of the names (about 1.2 MB) the first time it is asked for, and then keeps it."""
+    from asyncua.ua import object_ids
+
+    old = object_ids.ObjectIds
+    if isinstance(old, _CompactIdsType):
+        return
+    table = vars(old)
+    # Few and large temporary objects (the names are ASCII: a str sorts as its bytes).
+    names = sorted(name for name, _ in _standard_ids(old))
+    compact = _CompactIdsType(
+        "ObjectIds", (), {"__module__": old.__module__, "__qualname__": old.__qualname__}
+    )
+    type.__setattr__(compact, "_ids", array.array("L", map(table.__getitem__, names)))
+    type.__setattr__(compact, "_ends", array.array("L", itertools.accumulate(map(len, names))))
+    type.__setattr__(compact, "_names", "".join(names).encode("ascii"))
+    del names, table
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for key, value in list(namespace.items()):
+            if value is old:
+                namespace[key] = compact
+
+
 class LazyObjectIdNames(Mapping[int, str]):
     """The names of the standard node ids by id, built from `ObjectIds` when first read."""
 
@@ -203,11 +283,7 @@ class LazyObjectIdNames(Mapping[int, str]):
         if self._names is None:
             from asyncua.ua import object_ids
 
-            self._names = {
-                value: name
-                for name, value in vars(object_ids.ObjectIds).items()
-                if not name.startswith("_") and isinstance(value, int)
-            }
+            self._names = {value: name for name, value in _standard_ids(object_ids.ObjectIds)}
         return self._names
 
     def __getitem__(self, key: int) -> str:

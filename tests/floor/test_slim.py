@@ -1,5 +1,6 @@
 """What the plant-floor server keeps out of asyncua (agent/floor/slim.py), each in a fresh
-interpreter: the table of node id names, built on first read and the same; the modules left
+interpreter: the table of node id names, built on first read and the same; the standard node
+ids, found in a compact table with the same answers; the modules left
 unexecuted until used, with a module and names of its own; and the agent's server, which with
 clients reading and subscribing loads none of them, and loads each, working, when used."""
 
@@ -28,7 +29,7 @@ def run(code: str, *args: str, cwd: Path = ROOT) -> str:
 
 
 NAMES = """
-import sys
+import gc, sys, weakref
 from asyncua import ua
 from asyncua.common.ua_utils import data_type_to_string
 from asyncua.ua import object_ids, relative_path
@@ -48,12 +49,14 @@ def readers():
 
 
 original = dict(object_ids.ObjectIdNames)
+ids = {k: v for k, v in vars(object_ids.ObjectIds).items() if not k.startswith("_")}
+old_ids = weakref.ref(object_ids.ObjectIds)
 answers = readers()
 held = object_ids.ObjectIdNames
 before = sys.getrefcount(held)
 
-import agent.floor.opcua_server  # makes the table lazy when imported
-from agent.floor.slim import LazyObjectIdNames, make_names_lazy
+import agent.floor.opcua_server  # makes the tables lazy and compact when imported
+from agent.floor.slim import LazyObjectIdNames, compact_object_ids, make_names_lazy
 
 for module in (ua, object_ids, relative_path):
     assert isinstance(module.ObjectIdNames, LazyObjectIdNames), module
@@ -67,6 +70,29 @@ assert readers() == answers, (readers(), answers)
 assert dict(lazy) == original and len(lazy) == len(original) > 10000
 assert set(lazy.keys()) == set(original)
 assert ua.ObjectIds.Double in lazy and -1 not in lazy
+
+# The compact ObjectIds, in every module that held the class (which is freed).
+compact = ua.ObjectIds
+compact_object_ids()  # a second call changes nothing
+assert compact is ua.ObjectIds
+from asyncua.ua import uatypes, uaprotocol_auto
+from asyncua.common import manage_nodes
+for module in (object_ids, uatypes, uaprotocol_auto, relative_path, agent.floor.opcua_server):
+    assert module.ObjectIds is compact, module
+gc.collect()
+assert old_ids() is None
+assert compact.__name__ == "ObjectIds" and compact.__module__ == "asyncua.ua.object_ids"
+assert len(ids) > 10000 and all(getattr(compact, k) == v for k, v in ids.items())
+assert all(getattr(compact, k) == v for k, v in ids.items())  # kept after the first lookup
+assert dict(compact.standard_ids()) == ids
+for missing in ("NoSuchNode", "Doubl", "DoubleX", "_private", "zzz", "AAA"):
+    assert not hasattr(compact, missing) and getattr(compact, missing, None) is None
+# What asyncua's readers of it answer (a type guessed from a variant, a relative path).
+variant = ua.Variant(1.5, ua.VariantType.Double)
+assert manage_nodes._guess_datatype(variant) == ua.NodeId(ids["Double"])
+units = ua.Variant(ua.EUInformation(), ua.VariantType.ExtensionObject)
+assert manage_nodes._guess_datatype(units) == ua.NodeId(ids["EUInformation"])
+assert readers() == answers
 print("ok")
 """
 
@@ -204,7 +230,9 @@ async def main():
     (tmp / "opcua-server.der").write_bytes((tmp / "server.der").read_bytes())
     (tmp / "opcua-server.pem").write_bytes((tmp / "server.pem").read_bytes())
     config = parse_config(CONFIG, replay=True)
-    engine = PlantEngine(config.oee_specs(), config.calendar(), agent_id="edge-ua", site_id="plant-ua")
+    engine = PlantEngine(
+        config.oee_specs(), config.calendar(), agent_id="edge-ua", site_id="plant-ua"
+    )
     now = datetime.now(UTC)
     engine.start(now)
     engine.feed(Sample("press-1", "state", 2, now))
@@ -292,7 +320,8 @@ async def main():
         browsed = (await found.read_browse_name()).Name
         changes = Changes()
         sub = await client.create_subscription(50, changes)
-        await sub.subscribe_data_change(client.get_node(ua.NodeId("plant-ua.Agent.OutboxDepth", ns)))
+        depth = client.get_node(ua.NodeId("plant-ua.Agent.OutboxDepth", ns))
+        await sub.subscribe_data_change(depth)
         await asyncio.wait_for(changes.enough.wait(), 60)
         await sub.delete()
     print(json.dumps({"ns": ns, "state": state, "browsed": browsed, "changes": changes.values}))

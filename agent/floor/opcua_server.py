@@ -42,10 +42,11 @@ from agent.floor.aspace import ensure_shelf, use_small_index
 from agent.floor.config import OpcUaServerConfig
 from agent.floor.live import METRICS, OUTBOX_DEPTH, LiveSource, Metric, Value
 from agent.floor.nodes import Interner, compact
-from agent.floor.slim import make_names_lazy
+from agent.floor.slim import compact_object_ids, make_names_lazy
 from common.memory import release_free_memory
 
 make_names_lazy()
+compact_object_ids()
 
 _UNECE = "http://www.opcfoundation.org/UA/units/un/cefact"
 _FOLDERS = ("Shift", "LastBucket", "Link")

@@ -51,7 +51,10 @@ class PlantFloor:
             self.publisher = build_publisher(plant_mqtt, self.source, agent=agent, site=site)
         self.opcua: PlantOpcUaServer | None = None
         if opcua_server is not None:
-            from agent.floor.opcua_server import PlantOpcUaServer
+            from agent.floor.slim import deferred
+
+            with deferred():  # what asyncua imports and the server does not use, on first use
+                from agent.floor.opcua_server import PlantOpcUaServer
 
             self.opcua = PlantOpcUaServer(
                 opcua_server,

@@ -1,20 +1,276 @@
-"""asyncua's table of node id names, made only when something reads it.
+"""What asyncua makes a process import and keep that the plant-floor server never uses.
 
-`asyncua.ua.ObjectIdNames` maps each of the 14,772 standard node ids to its name: a dict and
-its own int objects, about 1 MB in every process that imports asyncua. It is the inverse of
-the `ObjectIds` class (whose names are the same string objects), and only a few of asyncua's
+Three things, all at run time (asyncua's files are untouched):
+
+`deferred(groups)` is a context manager around the first import of asyncua: while it is open,
+a module of one of the groups (a module name and the modules under it, e.g. `asyncua.pubsub`)
+is not executed but replaced by a placeholder module, and a name imported from a placeholder
+(`from ..pubsub.pubsub import PubSub`) by a stand-in (`DeferredName`). The first use of a
+placeholder or of a stand-in (an attribute, a call, `isinstance`, a subclass) imports the real
+modules of its group and puts them and their objects in the place of every placeholder and
+stand-in of that group that a module holds: code that uses one runs as it would have without
+`deferred`, only later. When the context closes, the placeholders leave `sys.modules`, so a
+module imported afterwards (the OPC UA client of an agent polling an OPC UA PLC) gets the real
+modules. asyncua's server module imports its client, pub/sub, XML import and export, their
+date and time zone libraries (dateutil, pytz) and the code loading custom structures, and the
+server calls none of it unless asked to (`import_xml`, `export_xml`, `get_pubsub`,
+`register_to_discovery`, `load_data_type_definitions`); `UNUSED_BY_SERVER` lists them.
+
+`make_names_lazy()` replaces `asyncua.ua.ObjectIdNames`, which maps each of the 14,772 standard
+node ids to its name (a dict and its own int objects, about 1 MB), the inverse of the
+`ObjectIds` class (whose names are the same string objects), by a mapping that builds the same
+table from `ObjectIds` the first time it is read, and keeps it. Only a few of asyncua's
 functions read it: naming a data type or a reference type from its id (XML export, custom
-structures, relative paths), none of which the plant-floor server calls. `make_names_lazy()`
-puts in its place a mapping that builds the same table from `ObjectIds` the first time it is
-read, and keeps it. Runtime only; asyncua's files are untouched.
+structures, relative paths), none of which the plant-floor server calls.
+
+`compact_object_ids()` replaces the `ObjectIds` class itself (one attribute per standard node
+id) by a class of the same name whose ids are looked up in one sorted table of the names and
+kept as attributes once asked for (see its docstring).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, KeysView, Mapping
+import array
+import importlib
+import importlib.abc
+import importlib.machinery
+import itertools
+import sys
+import threading
+import types
+from collections.abc import Iterator, KeysView, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
 
-from asyncua import ua
-from asyncua.ua import object_ids, relative_path
+# What asyncua's server imports and the plant-floor server does not run (see the module
+# docstring); each is imported when first used. `tests/floor/test_slim.py` checks that a
+# running server with clients reading and subscribing loads none of them.
+UNUSED_BY_SERVER = (
+    "asyncua.client",  # Client (register_to_discovery), UaSession
+    "asyncua.pubsub",  # get_pubsub
+    "asyncua.common.xmlimporter",  # import_xml
+    "asyncua.common.xmlexporter",  # export_xml
+    "asyncua.common.xmlparser",
+    "asyncua.common.structures",  # load_type_definitions, load_enums
+    "asyncua.common.structures104",  # load_data_type_definitions
+    "dateutil.parser",  # string_to_val of a DateTime (XML import)
+    "pytz",  # XML import
+    "xml.etree",  # XML import and export, structures' type dictionaries
+)
+
+_lock = threading.RLock()
+
+
+def _group_of(name: str, groups: Sequence[str]) -> str | None:
+    for group in groups:
+        if name == group or name.startswith(group + "."):
+            return group
+    return None
+
+
+class _Placeholder(types.ModuleType):
+    """A module not executed yet; its first use imports the real one (see `_Deferrer`)."""
+
+    def __getattr__(self, attr: str) -> Any:
+        deferrer: _Deferrer = self.__dict__["_deferrer"]
+        if attr.startswith("__") and attr.endswith("__"):
+            if attr == "__path__":  # asked by the import system: not a package
+                raise AttributeError(attr)
+            return getattr(deferrer.real_module(self.__name__), attr)
+        if deferrer.open:
+            # `from module import name` while deferring: a stand-in, resolved when used.
+            return DeferredName(deferrer, self.__name__, attr)
+        return getattr(deferrer.real_module(self.__name__), attr)
+
+
+class DeferredName:
+    """A name imported from a placeholder module; its first use imports the real module and
+    the real object takes the stand-in's place in every module that holds it."""
+
+    __slots__ = ("_attr", "_deferrer", "_module")
+
+    def __init__(self, deferrer: _Deferrer, module: str, attr: str) -> None:
+        self._deferrer = deferrer
+        self._module = module
+        self._attr = attr
+
+    def _target(self) -> Any:
+        module = self._deferrer.real_module(self._module)
+        try:
+            return getattr(module, self._attr)
+        except AttributeError:
+            if not hasattr(module, "__path__"):
+                raise
+            # `from package import submodule`, as the import system does it
+            return importlib.import_module(f"{self._module}.{self._attr}")
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._target(), attr)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._target()(*args, **kwargs)
+
+    def __instancecheck__(self, obj: object) -> bool:
+        return isinstance(obj, self._target())
+
+    def __subclasscheck__(self, cls: type) -> bool:
+        return issubclass(cls, self._target())
+
+    def __mro_entries__(self, bases: tuple[object, ...]) -> tuple[Any, ...]:
+        return (self._target(),)
+
+    def __repr__(self) -> str:
+        return f"<deferred {self._module}.{self._attr}>"
+
+
+class _Deferrer(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """The finder and loader of the placeholders of `groups`."""
+
+    def __init__(self, groups: Sequence[str]) -> None:
+        self.groups = tuple(groups)
+        self.loaded: set[str] = set()  # groups imported for real
+        self.open = False
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        group = _group_of(fullname, self.groups)
+        if group is None or group in self.loaded:
+            return None
+        real = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if real is None:
+            return None  # no such module: the import fails as it would have
+        spec = importlib.machinery.ModuleSpec(fullname, self, origin=real.origin)
+        spec.submodule_search_locations = real.submodule_search_locations
+        return spec
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        module = _Placeholder(spec.name)
+        module.__dict__["_deferrer"] = self
+        return module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        pass
+
+    def real_module(self, name: str) -> types.ModuleType:
+        """Imports the real modules of `name`'s group (once) and puts them in place."""
+        with _lock:
+            group = _group_of(name, self.groups)
+            if group is not None and group not in self.loaded:
+                self.loaded.add(group)
+                for held in [m for m, v in sys.modules.items() if _group_of(m, (group,))]:
+                    if isinstance(sys.modules[held], _Placeholder):
+                        del sys.modules[held]
+                importlib.import_module(name)
+                self._replace(group)
+            module = sys.modules.get(name)
+            if module is None or isinstance(module, _Placeholder):
+                module = importlib.import_module(name)
+            return module
+
+    def _replace(self, group: str) -> None:
+        """Puts the real objects of `group` where its placeholders and stand-ins are held."""
+        for module in list(sys.modules.values()):
+            namespace = getattr(module, "__dict__", None)
+            if not isinstance(namespace, dict):
+                continue
+            for key, value in list(namespace.items()):
+                if isinstance(value, _Placeholder) and _group_of(value.__name__, (group,)):
+                    namespace[key] = importlib.import_module(value.__name__)
+                elif type(value) is DeferredName and _group_of(value._module, (group,)):
+                    namespace[key] = value._target()
+
+
+@contextmanager
+def deferred(groups: Sequence[str] = UNUSED_BY_SERVER) -> Iterator[None]:
+    """Imports in this context leave the modules of `groups` not yet imported unexecuted
+    until first used (see the module docstring)."""
+    deferrer = _Deferrer(groups)
+    deferrer.open = True
+    sys.meta_path.insert(0, deferrer)
+    try:
+        yield
+    finally:
+        deferrer.open = False
+        sys.meta_path.remove(deferrer)
+        with _lock:
+            for name, module in list(sys.modules.items()):
+                if isinstance(module, _Placeholder) and module.__dict__["_deferrer"] is deferrer:
+                    del sys.modules[name]
+
+
+class _CompactIdsType(type):
+    """The type of the compact `ObjectIds`: a name not looked up yet is found in the table
+    and kept as a class attribute, so the next lookup is a plain attribute's."""
+
+    _names: bytes  # the names, sorted, one after the other
+    _ends: array.array[int]  # where each name ends in `_names`
+    _ids: array.array[int]  # each name's node id
+
+    def __getattr__(cls, name: str) -> int:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        key = name.encode()
+        names, ends = cls._names, cls._ends
+        lo, hi = 0, len(ends)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            found = names[ends[mid - 1] if mid else 0 : ends[mid]]
+            if found < key:
+                lo = mid + 1
+            elif found > key:
+                hi = mid
+            else:
+                value = cls._ids[mid]
+                type.__setattr__(cls, name, value)
+                return value
+        raise AttributeError(f"type object 'ObjectIds' has no attribute '{name}'")
+
+    def standard_ids(cls) -> Iterator[tuple[str, int]]:
+        """Every name and node id of the table."""
+        start = 0
+        for end, value in zip(cls._ends, cls._ids, strict=True):
+            yield cls._names[start:end].decode(), value
+            start = end
+
+
+def _standard_ids(ids: type) -> Iterator[tuple[str, int]]:
+    if isinstance(ids, _CompactIdsType):
+        return ids.standard_ids()
+    return (
+        (name, value)
+        for name, value in vars(ids).items()
+        if not name.startswith("_") and isinstance(value, int)
+    )
+
+
+def compact_object_ids() -> None:
+    """Replace `asyncua.ua.ObjectIds`, a class with one attribute per standard node id (14,772
+    names of 75 bytes on average, their ints and the class's dict: about 2.6 MB), in every
+    module that holds it, by a class of the same name that finds an id in one sorted table
+    of the names (about 1.2 MB) the first time it is asked for, and then keeps it."""
+    from asyncua.ua import object_ids
+
+    old = object_ids.ObjectIds
+    if isinstance(old, _CompactIdsType):
+        return
+    table = vars(old)
+    # Few and large temporary objects (the names are ASCII: a str sorts as its bytes).
+    names = sorted(name for name, _ in _standard_ids(old))
+    compact = _CompactIdsType(
+        "ObjectIds", (), {"__module__": old.__module__, "__qualname__": old.__qualname__}
+    )
+    type.__setattr__(compact, "_ids", array.array("L", map(table.__getitem__, names)))
+    type.__setattr__(compact, "_ends", array.array("L", itertools.accumulate(map(len, names))))
+    type.__setattr__(compact, "_names", "".join(names).encode("ascii"))
+    del names, table
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for key, value in list(namespace.items()):
+            if value is old:
+                namespace[key] = compact
 
 
 class LazyObjectIdNames(Mapping[int, str]):
@@ -25,11 +281,9 @@ class LazyObjectIdNames(Mapping[int, str]):
 
     def _table(self) -> dict[int, str]:
         if self._names is None:
-            self._names = {
-                value: name
-                for name, value in vars(object_ids.ObjectIds).items()
-                if not name.startswith("_") and isinstance(value, int)
-            }
+            from asyncua.ua import object_ids
+
+            self._names = {value: name for name, value in _standard_ids(object_ids.ObjectIds)}
         return self._names
 
     def __getitem__(self, key: int) -> str:
@@ -50,6 +304,9 @@ class LazyObjectIdNames(Mapping[int, str]):
 
 def make_names_lazy() -> None:
     """Replace asyncua's table of node id names (every module holding it) by the lazy one."""
+    from asyncua import ua
+    from asyncua.ua import object_ids, relative_path
+
     if isinstance(object_ids.ObjectIdNames, LazyObjectIdNames):
         return
     names = LazyObjectIdNames()

@@ -1,13 +1,35 @@
-"""asyncua's table of node id names, built when first read: the same table, the old one freed,
-and what asyncua's readers of it answer unchanged."""
+"""What the plant-floor server keeps out of asyncua (agent/floor/slim.py), each in a fresh
+interpreter: the table of node id names, built on first read and the same; the standard node
+ids, found in a compact table with the same answers; the modules left
+unexecuted until used, with a module and names of its own; and the agent's server, which with
+clients reading and subscribing loads none of them, and loads each, working, when used."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
-PROBE = """
-import sys
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(code: str, *args: str, cwd: Path = ROOT) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=cwd,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+NAMES = """
+import gc, sys, weakref
 from asyncua import ua
 from asyncua.common.ua_utils import data_type_to_string
 from asyncua.ua import object_ids, relative_path
@@ -27,12 +49,14 @@ def readers():
 
 
 original = dict(object_ids.ObjectIdNames)
+ids = {k: v for k, v in vars(object_ids.ObjectIds).items() if not k.startswith("_")}
+old_ids = weakref.ref(object_ids.ObjectIds)
 answers = readers()
 held = object_ids.ObjectIdNames
 before = sys.getrefcount(held)
 
-import agent.floor.opcua_server  # makes the table lazy when imported
-from agent.floor.slim import LazyObjectIdNames, make_names_lazy
+import agent.floor.opcua_server  # makes the tables lazy and compact when imported
+from agent.floor.slim import LazyObjectIdNames, compact_object_ids, make_names_lazy
 
 for module in (ua, object_ids, relative_path):
     assert isinstance(module.ObjectIdNames, LazyObjectIdNames), module
@@ -46,13 +70,269 @@ assert readers() == answers, (readers(), answers)
 assert dict(lazy) == original and len(lazy) == len(original) > 10000
 assert set(lazy.keys()) == set(original)
 assert ua.ObjectIds.Double in lazy and -1 not in lazy
+
+# The compact ObjectIds, in every module that held the class (which is freed).
+compact = ua.ObjectIds
+compact_object_ids()  # a second call changes nothing
+assert compact is ua.ObjectIds
+from asyncua.ua import uatypes, uaprotocol_auto
+from asyncua.common import manage_nodes
+for module in (object_ids, uatypes, uaprotocol_auto, relative_path, agent.floor.opcua_server):
+    assert module.ObjectIds is compact, module
+gc.collect()
+assert old_ids() is None
+assert compact.__name__ == "ObjectIds" and compact.__module__ == "asyncua.ua.object_ids"
+assert len(ids) > 10000 and all(getattr(compact, k) == v for k, v in ids.items())
+assert all(getattr(compact, k) == v for k, v in ids.items())  # kept after the first lookup
+assert dict(compact.standard_ids()) == ids
+for missing in ("NoSuchNode", "Doubl", "DoubleX", "_private", "zzz", "AAA"):
+    assert not hasattr(compact, missing) and getattr(compact, missing, None) is None
+# What asyncua's readers of it answer (a type guessed from a variant, a relative path).
+variant = ua.Variant(1.5, ua.VariantType.Double)
+assert manage_nodes._guess_datatype(variant) == ua.NodeId(ids["Double"])
+units = ua.Variant(ua.EUInformation(), ua.VariantType.ExtensionObject)
+assert manage_nodes._guess_datatype(units) == ua.NodeId(ids["EUInformation"])
+assert readers() == answers
 print("ok")
 """
 
 
 def test_node_id_names_are_the_same_table_built_on_first_read() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE], capture_output=True, text=True, check=False
+    assert run(NAMES) == "ok"
+
+
+# A package of our own: `user` imports names and modules from `heavy` (whose import is
+# counted) as asyncua's server imports from its client; `heavy` is deferred.
+PACKAGE = {
+    "pkg/__init__.py": "",
+    "pkg/heavy/__init__.py": (
+        "import builtins\n"
+        "builtins.heavy_runs = getattr(builtins, 'heavy_runs', 0) + 1\n"
+        "from .tools import Tool, make\n"
+        "CONSTANT = 42\n"
+    ),
+    "pkg/heavy/tools.py": (
+        "class Tool:\n"
+        "    def __init__(self, size):\n"
+        "        self.size = size\n"
+        "def make(size):\n"
+        "    return Tool(size)\n"
+    ),
+    "pkg/user.py": (
+        "from pkg.heavy import Tool, make\n"
+        "from pkg.heavy import tools\n"
+        "import pkg.heavy.tools as tools_again\n"
+        "def build(size):\n"
+        "    return Tool(size)\n"
+    ),
+}
+
+DEFERRED = """
+import builtins, sys
+from agent.floor.slim import DeferredName, deferred
+
+with deferred(["pkg.heavy", "pkg.missing"]):
+    import pkg.user as user
+    try:
+        import pkg.missing
+    except ModuleNotFoundError:
+        pass  # a deferred name that does not exist fails as it would have
+    else:
+        raise AssertionError("pkg.missing imported")
+assert getattr(builtins, "heavy_runs", 0) == 0  # not executed
+assert "pkg.heavy" not in sys.modules and "pkg.heavy.tools" not in sys.modules
+assert type(vars(user)["Tool"]) is DeferredName
+
+case = sys.argv[1]
+if case == "call":
+    tool = user.build(3)
+    assert tool.size == 3
+elif case == "isinstance":
+    from pkg.heavy.tools import Tool as Real  # a later import gets the real module
+    assert not isinstance(object(), user.Tool)
+    assert isinstance(Real(1), user.Tool)
+elif case == "subclass":
+    class Bigger(user.Tool):
+        pass
+    assert Bigger(5).size == 5 and issubclass(Bigger, user.Tool)
+elif case == "attribute":
+    assert user.tools.make(4).size == 4  # a placeholder module
+elif case == "submodule":
+    assert user.tools_again.Tool(2).size == 2
+assert builtins.heavy_runs == 1  # executed once, when used
+import pkg.heavy, pkg.heavy.tools
+# The real objects took the place of every stand-in.
+assert user.Tool is pkg.heavy.tools.Tool and user.make is pkg.heavy.tools.make
+assert user.tools is pkg.heavy.tools and user.tools_again is pkg.heavy.tools
+assert pkg.heavy.CONSTANT == 42 and sys.modules["pkg.heavy"] is pkg.heavy
+print("ok")
+"""
+
+
+def test_a_deferred_module_runs_once_when_first_used(tmp_path: Path) -> None:
+    for name, text in PACKAGE.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    for case in ("call", "isinstance", "subclass", "attribute", "submodule"):
+        code = f"import sys; sys.path[:0] = [{str(tmp_path)!r}, {str(ROOT)!r}]\n" + DEFERRED
+        assert run(code, case, cwd=tmp_path) == "ok", case
+
+
+# The agent's server (agent/floor/outputs.py imports it as the agent does), a secure client in
+# another process reading, browsing and subscribing; then what was loaded, and each deferred
+# group used.
+SERVER = """
+import asyncio, json, subprocess, sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import agent.service  # what the agent imports whatever its configuration
+from agent.config import parse_config
+from agent.floor.outputs import PlantFloor
+from agent.floor.slim import UNUSED_BY_SERVER, DeferredName
+from connectors.opcua.certs import create_certificate
+from connectors.sample import Sample
+from oee.engine import PlantEngine
+
+tmp, port = Path(sys.argv[1]), int(sys.argv[2])
+CONFIG = '''
+agent: {id: edge-ua, site: plant-ua, timezone: UTC, bucket_seconds: 1}
+shifts: [{name: all-day, start: "00:00", end: "00:00"}]
+opcua_server:
+  endpoint: opc.tcp://127.0.0.1:%d
+  security: [Basic256Sha256_SignAndEncrypt]
+  users: [{username: hmi, password: right-password}]
+  update_interval: 100ms
+equipment:
+  - id: press-1
+    line: line-1
+    ideal_cycle_time: 1s
+    signals:
+      state: {map: {0: idle, 1: running, 2: fault}}
+      total_count: {}
+''' % port
+
+
+def loaded(group):
+    return sorted(
+        m for m in sys.modules
+        if (m == group or m.startswith(group + ".")) and sys.modules[m] is not None
     )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok"
+
+
+async def main():
+    for name, uri in (
+        ("server", "urn:factory-edge-gateway:edge-agent:server"), ("client", "urn:test:client")
+    ):
+        create_certificate(
+            tmp / f"{name}.der", tmp / f"{name}.pem", application_uri=uri, hostnames=["127.0.0.1"]
+        )
+    (tmp / "opcua-server.der").write_bytes((tmp / "server.der").read_bytes())
+    (tmp / "opcua-server.pem").write_bytes((tmp / "server.pem").read_bytes())
+    config = parse_config(CONFIG, replay=True)
+    engine = PlantEngine(
+        config.oee_specs(), config.calendar(), agent_id="edge-ua", site_id="plant-ua"
+    )
+    now = datetime.now(UTC)
+    engine.start(now)
+    engine.feed(Sample("press-1", "state", 2, now))
+    engine.tick(now + timedelta(microseconds=1))  # applies the scan of `now`
+    depth = iter(range(10**9))
+    floor = PlantFloor(
+        engine=engine, agent="edge-ua", site="plant-ua", lines={"press-1": "line-1"},
+        connections={"press-1": None}, connection_ids=["plc"], links=lambda: {"plc": True},
+        outbox_depth=lambda: next(depth), keys_dir=tmp, state_dir=tmp,
+        plant_mqtt=None, opcua_server=config.opcua_server,
+    )
+    floor.start()
+    await asyncio.wait_for(floor.opcua.ready.wait(), 120)
+    client = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CLIENT, str(port), str(tmp), stdout=subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(client.communicate(), 120)
+    assert client.returncode == 0, out
+    seen = json.loads(out.decode().strip().splitlines()[-1])
+    assert seen["state"] == floor.source.read()["press-1"].values["State"] == "fault", seen
+    assert seen["ns"] >= 2, seen
+    assert len(seen["changes"]) >= 2 and len(set(seen["changes"])) >= 2, seen
+    assert seen["browsed"] == "State", seen
+
+    # What serving loaded: none of the deferred groups; the server holds stand-ins.
+    for group in UNUSED_BY_SERVER:
+        assert loaded(group) == [], (group, loaded(group))
+    from asyncua.server import server as server_module
+    assert type(vars(server_module)["XmlExporter"]) is DeferredName
+
+    # Each group used works: XML export, a date parsed (dateutil), pub/sub, the client.
+    from asyncua import ua
+    server = floor.opcua.server
+    node = server.get_node(ua.NodeId("press-1.State", floor.opcua.ns))
+    await server.export_xml([node], str(tmp / "nodes.xml"))
+    assert "press-1.State" in (tmp / "nodes.xml").read_text()
+    from asyncua.common.ua_utils import string_to_val
+    when = string_to_val("2024-05-01T06:30:00Z", ua.VariantType.DateTime)
+    assert (when.year, when.hour, when.minute) == (2024, 6, 30), when
+    import asyncua.pubsub.pubsub
+    pubsub = await server.get_pubsub()
+    assert isinstance(pubsub, asyncua.pubsub.pubsub.PubSub)
+    from asyncua import Client
+    import asyncua.client.client
+    assert type(Client("opc.tcp://127.0.0.1:1")) is asyncua.client.client.Client
+    assert server_module.Client is asyncua.client.client.Client
+    assert server_module.XmlExporter is sys.modules["asyncua.common.xmlexporter"].XmlExporter
+    await floor.stop()
+    print("ok")
+
+
+CLIENT = '''
+import asyncio, json, sys
+from asyncua import ua
+from asyncua.client.client import Client
+
+port, tmp = sys.argv[1], sys.argv[2]
+
+
+class Changes:
+    def __init__(self):
+        self.values = []
+        self.enough = asyncio.Event()
+
+    def datachange_notification(self, node, value, data):
+        self.values.append(value)
+        if len(set(self.values)) >= 2:
+            self.enough.set()
+
+
+async def main():
+    client = Client(f"opc.tcp://127.0.0.1:{port}", timeout=10)
+    client.application_uri = "urn:test:client"
+    await client.set_security_string(
+        f"Basic256Sha256,SignAndEncrypt,{tmp}/client.der,{tmp}/client.pem"
+    )
+    client.set_user("hmi")
+    client.set_password("right-password")
+    async with client:
+        ns = await client.get_namespace_index("urn:factory-edge-gateway:plant-floor")
+        state = await client.get_node(ua.NodeId("press-1.State", ns)).read_value()
+        found = await client.nodes.objects.get_child(
+            [f"{ns}:Plant", f"{ns}:plant-ua", f"{ns}:line-1", f"{ns}:press-1", f"{ns}:State"]
+        )
+        browsed = (await found.read_browse_name()).Name
+        changes = Changes()
+        sub = await client.create_subscription(50, changes)
+        depth = client.get_node(ua.NodeId("plant-ua.Agent.OutboxDepth", ns))
+        await sub.subscribe_data_change(depth)
+        await asyncio.wait_for(changes.enough.wait(), 60)
+        await sub.delete()
+    print(json.dumps({"ns": ns, "state": state, "browsed": browsed, "changes": changes.values}))
+
+
+asyncio.run(main())
+'''
+
+asyncio.run(main())
+"""
+
+
+def test_the_server_serves_without_the_deferred_modules(tmp_path: Path) -> None:
+    assert run(SERVER, str(tmp_path), str(free_port())) == "ok"

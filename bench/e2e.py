@@ -54,6 +54,23 @@ MQTT_PORT = int(os.environ.get("BENCH_MQTT_PORT", "1883"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def enrolled_agent(url: str, keys_dir: Path) -> tuple[CloudKeyring, Ed25519PrivateKey]:
+    """The cloud's keys made in `keys_dir`, and the bench's agent (AGENT at SITE) enrolled in
+    the database at `url` with a new signing key."""
+    generate_cloud_hpke_keys(keys_dir, [SUITE_X25519])
+    generate_cloud_ack_key(keys_dir)
+    ring = CloudKeyring.load(keys_dir)
+    key = Ed25519PrivateKey.generate()
+    with psycopg.connect(url) as conn, conn.transaction():
+        conn.execute("INSERT INTO registry.sites(site_id) VALUES (%s)", (SITE,))
+        conn.execute("INSERT INTO registry.agents VALUES (%s, %s)", (AGENT, SITE))
+        conn.execute(
+            "INSERT INTO registry.agent_keys(agent_id, key_id, public_key) VALUES (%s, %s, %s)",
+            (AGENT, ed25519_key_id(key.public_key()), ed25519_line(key.public_key())),
+        )
+    return ring, key
+
+
 def cpu_ticks(pid: int) -> int:
     """utime + stime of one process (all its threads), in clock ticks; 0 when gone."""
     try:
@@ -195,18 +212,7 @@ def run(args: argparse.Namespace) -> tuple[float, int]:
             if args.own_broker:
                 broker, port = start_broker(folder)
             keys_dir = folder / "cloud-keys"
-            generate_cloud_hpke_keys(keys_dir, [SUITE_X25519])
-            generate_cloud_ack_key(keys_dir)
-            ring = CloudKeyring.load(keys_dir)
-            key = Ed25519PrivateKey.generate()
-            with psycopg.connect(url) as conn, conn.transaction():
-                conn.execute("INSERT INTO registry.sites(site_id) VALUES (%s)", (SITE,))
-                conn.execute("INSERT INTO registry.agents VALUES (%s, %s)", (AGENT, SITE))
-                conn.execute(
-                    "INSERT INTO registry.agent_keys(agent_id, key_id, public_key) "
-                    "VALUES (%s, %s, %s)",
-                    (AGENT, ed25519_key_id(key.public_key()), ed25519_line(key.public_key())),
-                )
+            ring, key = enrolled_agent(url, keys_dir)
             # The backlog, sealed once as the agent would have sealed it during an outage.
             outbox = Outbox(folder / "outbox.db", max_bytes=64 * 1024**3, min_free_bytes=0)
             events = make_events(args.events)

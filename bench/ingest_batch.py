@@ -25,22 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from psycopg import sql
 
 import cloud_api.ingest.worker as ingest
-from bench.e2e import CLK_TCK, cpu_ticks, database_backends
+from bench.e2e import CLK_TCK, cpu_ticks, database_backends, enrolled_agent
 from bench.outbox import AGENT, SITE, make_events, make_sealer
 from cloud_api.config import DatabaseSettings
 from cloud_api.db import make_pool, migrate
 from cloud_api.ingest.worker import BatchWriter, IngestWorker
 from sync.keys import (
     SUITE_X25519,
-    CloudKeyring,
-    ed25519_key_id,
-    ed25519_line,
-    generate_cloud_ack_key,
-    generate_cloud_hpke_keys,
 )
 from sync.uplink import batch_topic
 
@@ -101,18 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         migrate(url)
         with tempfile.TemporaryDirectory() as tmp:
-            keys_dir = Path(tmp) / "cloud-keys"
-            generate_cloud_hpke_keys(keys_dir, [SUITE_X25519])
-            generate_cloud_ack_key(keys_dir)
-            ring = CloudKeyring.load(keys_dir)
-        key = Ed25519PrivateKey.generate()
-        with psycopg.connect(url) as conn, conn.transaction():
-            conn.execute("INSERT INTO registry.sites(site_id) VALUES (%s)", (SITE,))
-            conn.execute("INSERT INTO registry.agents VALUES (%s, %s)", (AGENT, SITE))
-            conn.execute(
-                "INSERT INTO registry.agent_keys(agent_id, key_id, public_key) VALUES (%s, %s, %s)",
-                (AGENT, ed25519_key_id(key.public_key()), ed25519_line(key.public_key())),
-            )
+            ring, key = enrolled_agent(url, Path(tmp) / "cloud-keys")
         events = make_events(args.batches * args.size)
         epoch = secrets.token_hex(8)
         cloud = ring.current_hpke.public

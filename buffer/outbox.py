@@ -522,11 +522,7 @@ class Outbox:
         """Inside a write transaction, before `DELETE FROM batches {where}`: take the rows it
         will delete out of the totals (by primary key; no RETURNING, which SQLite before
         3.35 lacks)."""
-        row = self._conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0), "
-            f"COALESCE(SUM(sheddable), 0) FROM batches {where}",
-            params,
-        ).fetchone()
+        row = self._conn.execute(f"{_SUMS} {where}", params).fetchone()
         self._change.add(-int(row[0]), -int(row[1]), -int(row[2]), -int(row[3]))
 
     def _meta(self, key: str) -> str | None:

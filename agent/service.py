@@ -263,6 +263,10 @@ class AgentService:
         """Ping the watchdog if the pipeline is alive; returns whether a ping was sent."""
         if not self._ready:
             return False  # the first pipeline has not started: no ping before READY
+        if self._stop.is_set():
+            # Stopping: the stages are being cancelled on purpose, and systemd times a stop
+            # with TimeoutStopSec, not the watchdog. Nothing to report.
+            return False
         problem = self.problem()
         if problem is None:
             if self._watchdog_problem is not None:

@@ -26,11 +26,21 @@ structures, relative paths), none of which the plant-floor server calls.
 `compact_object_ids()` replaces the `ObjectIds` class itself (one attribute per standard node
 id) by a class of the same name whose ids are looked up in one sorted table of the names and
 kept as attributes once asked for (see its docstring).
+
+`lazy_dataclass_methods()` is a context manager around the same first import: a dataclass
+made while it is open gets its generated `__init__`, `__repr__`, `__eq__`, ordering and
+`__hash__` as `LazyMethod`s, each made (by `dataclasses`' own code, from the arguments it was
+given) the first time it is used and then put in its class as the plain function. asyncua
+defines 443 dataclasses, nearly all in `asyncua.ua`; each method `dataclasses` makes is
+compiled from source (`exec`) and its code kept, about 4 kB a class, and a server uses the
+methods of a few dozen of them. (Under `-OO` a dataclass without a docstring is also given one
+from `inspect.signature`, which would make the `__init__`; in the context it gets its name.)
 """
 
 from __future__ import annotations
 
 import array
+import dataclasses
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -38,7 +48,7 @@ import itertools
 import sys
 import threading
 import types
-from collections.abc import Iterator, KeysView, Mapping, Sequence
+from collections.abc import Callable, Iterator, KeysView, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -312,3 +322,89 @@ def make_names_lazy() -> None:
     names = LazyObjectIdNames()
     for module in (ua, object_ids, relative_path):
         module.ObjectIdNames = names  # type: ignore[attr-defined]
+
+
+# `dataclasses`' makers of generated methods (Python 3.11): each returns the method, which
+# `_process_class` puts in the class.
+_METHOD_MAKERS = ("_init_fn", "_repr_fn", "_cmp_fn", "_hash_fn")
+
+
+class LazyMethod:
+    """A dataclass method not made yet: `dataclasses`' maker and its arguments. Looked up on
+    an instance (`obj.__init__`, `obj == other`, `hash(obj)`), it makes the method and puts it
+    in the class that holds the stand-in; looked up on the class it stays itself, and a call
+    makes the method and runs it."""
+
+    __slots__ = ("args", "fn", "kwargs", "maker")
+
+    def __init__(
+        self, maker: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        self.maker: Callable[..., Any] | None = maker
+        self.args: tuple[Any, ...] | None = args
+        self.kwargs: dict[str, Any] | None = kwargs
+        self.fn: Callable[..., Any] | None = None
+
+    def _made(self) -> Callable[..., Any]:
+        with _lock:
+            if self.fn is None:
+                if self.maker is None or self.args is None or self.kwargs is None:
+                    raise RuntimeError("a lazy dataclass method lost its arguments")
+                self.fn = self.maker(*self.args, **self.kwargs)
+                self.maker = self.args = self.kwargs = None
+            return self.fn
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        fn = self._made()
+        name = fn.__name__
+        for klass in (owner or type(instance)).__mro__:
+            if klass.__dict__.get(name) is self:
+                fn.__qualname__ = f"{klass.__qualname__}.{name}"
+                setattr(klass, name, fn)
+                break
+        return fn.__get__(instance, owner)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._made()(*args, **kwargs)
+
+
+class _NoSignature:
+    """Stands for `inspect` in `dataclasses` while the context is open: a class without a
+    docstring is documented by its name only (its signature would make its `__init__`)."""
+
+    @staticmethod
+    def signature(obj: object) -> Any:
+        raise ValueError("not computed for a lazily made dataclass")
+
+
+def _lazy(maker: Callable[..., Any]) -> Callable[..., LazyMethod]:
+    def make(*args: Any, **kwargs: Any) -> LazyMethod:
+        return LazyMethod(maker, args, kwargs)
+
+    return make
+
+
+@contextmanager
+def lazy_dataclass_methods() -> Iterator[None]:
+    """Dataclasses made in this context get their generated methods when first used (see
+    the module docstring). With a `dataclasses` other than the one this was written for, it
+    changes nothing."""
+    found = {name: getattr(dataclasses, name, None) for name in _METHOD_MAKERS}
+    makers: dict[str, Callable[..., Any]] = {n: m for n, m in found.items() if callable(m)}
+    if len(makers) != len(_METHOD_MAKERS) or not hasattr(dataclasses, "inspect"):
+        yield
+        return
+    with _lock:
+        real_inspect = dataclasses.inspect
+        for name, maker in makers.items():
+            setattr(dataclasses, name, _lazy(maker))
+        dataclasses.inspect = _NoSignature
+    try:
+        yield
+    finally:
+        with _lock:
+            for name, maker in makers.items():
+                setattr(dataclasses, name, maker)
+            dataclasses.inspect = real_inspect

@@ -51,11 +51,12 @@ class PlantFloor:
             self.publisher = build_publisher(plant_mqtt, self.source, agent=agent, site=site)
         self.opcua: PlantOpcUaServer | None = None
         if opcua_server is not None:
-            from agent.floor.slim import deferred, lazy_dataclass_methods
+            from agent.floor.slim import deferred, lazy_dataclass_methods, object_ids_from_source
 
             # What asyncua imports and the server does not use, and the methods of its
-            # dataclasses, made when first used (agent/floor/slim.py).
-            with deferred(), lazy_dataclass_methods():
+            # dataclasses, made when first used; its table of standard node ids made
+            # compact from its source (agent/floor/slim.py).
+            with deferred(), lazy_dataclass_methods(), object_ids_from_source():
                 from agent.floor.opcua_server import PlantOpcUaServer
 
             self.opcua = PlantOpcUaServer(

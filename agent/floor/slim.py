@@ -40,16 +40,20 @@ from `inspect.signature`, which would make the `__init__`; in the context it get
 from __future__ import annotations
 
 import array
+import bisect
 import dataclasses
+import hashlib
 import importlib
 import importlib.abc
 import importlib.machinery
 import itertools
+import re
 import sys
 import threading
 import types
 from collections.abc import Callable, Iterator, KeysView, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 # What asyncua's server imports and the plant-floor server does not run (see the module
@@ -211,37 +215,71 @@ def deferred(groups: Sequence[str] = UNUSED_BY_SERVER) -> Iterator[None]:
 
 class _CompactIdsType(type):
     """The type of the compact `ObjectIds`: a name not looked up yet is found in the table
-    and kept as a class attribute, so the next lookup is a plain attribute's."""
+    (by a 64-bit hash of the name) and kept as a class attribute, so the next lookup is a
+    plain attribute's. Every name and id (`standard_ids`) are read from asyncua's source."""
 
-    _names: bytes  # the names, sorted, one after the other
-    _ends: array.array[int]  # where each name ends in `_names`
-    _ids: array.array[int]  # each name's node id
+    _keys: array.array[int]  # the names' hashes, sorted
+    _ids: array.array[int]  # each hash's node id
+    _source: str  # asyncua's object_ids.py
 
     def __getattr__(cls, name: str) -> int:
         if name.startswith("_"):
             raise AttributeError(name)
-        key = name.encode()
-        names, ends = cls._names, cls._ends
-        lo, hi = 0, len(ends)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            found = names[ends[mid - 1] if mid else 0 : ends[mid]]
-            if found < key:
-                lo = mid + 1
-            elif found > key:
-                hi = mid
-            else:
-                value = cls._ids[mid]
-                type.__setattr__(cls, name, value)
-                return value
+        key = _name_key(name.encode())
+        at = bisect.bisect_left(cls._keys, key)
+        if at < len(cls._keys) and cls._keys[at] == key:
+            value = cls._ids[at]
+            type.__setattr__(cls, name, value)
+            return value
         raise AttributeError(f"type object 'ObjectIds' has no attribute '{name}'")
 
     def standard_ids(cls) -> Iterator[tuple[str, int]]:
         """Every name and node id of the table."""
-        start = 0
-        for end, value in zip(cls._ends, cls._ids, strict=True):
-            yield cls._names[start:end].decode(), value
-            start = end
+        return ((name.decode(), value) for name, value in _source_ids(Path(cls._source)))
+
+
+# asyncua's object_ids.py: `class ObjectIds:` with one `    Name = 123` line per id, then
+# `ObjectIdNames[123] = 'Name'` lines.
+_CLASS_HEAD = b"\nclass ObjectIds:\n"
+_ID_LINE = re.compile(rb"^    ([A-Za-z_][A-Za-z0-9_]*) = ([0-9]+)$", re.MULTILINE)
+_MIN_IDS = 1000  # fewer means the file is not what this was written for
+
+
+def _name_key(name: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little")
+
+
+def _source_ids(source: Path) -> Iterator[tuple[bytes, int]]:
+    """The names and ids of the class `ObjectIds` in asyncua's source file (none when the
+    file does not hold it)."""
+    data = source.read_bytes()
+    head = data.find(_CLASS_HEAD)
+    if head < 0:
+        return
+    body_end = data.find(b"\n\n", head + len(_CLASS_HEAD))
+    for found in _ID_LINE.finditer(data, head, len(data) if body_end < 0 else body_end):
+        yield found[1], int(found[2])
+
+
+def _compact_class(source: Path, module: str) -> type | None:
+    """The compact `ObjectIds` of asyncua's `source`, or None when it cannot be made: no
+    source, not the expected shape, or two names of the same hash."""
+    try:
+        keyed = sorted((_name_key(name), value) for name, value in _source_ids(source))
+    except OSError:
+        return None
+    if len(keyed) < _MIN_IDS:
+        return None
+    keys = array.array("Q", (key for key, _ in keyed))
+    ids = array.array("L", (value for _, value in keyed))
+    del keyed
+    if any(a == b for a, b in itertools.pairwise(keys)):
+        return None
+    compact = _CompactIdsType("ObjectIds", (), {"__module__": module, "__qualname__": "ObjectIds"})
+    type.__setattr__(compact, "_keys", keys)
+    type.__setattr__(compact, "_ids", ids)
+    type.__setattr__(compact, "_source", str(source))
+    return compact
 
 
 def _standard_ids(ids: type) -> Iterator[tuple[str, int]]:
@@ -257,23 +295,17 @@ def _standard_ids(ids: type) -> Iterator[tuple[str, int]]:
 def compact_object_ids() -> None:
     """Replace `asyncua.ua.ObjectIds`, a class with one attribute per standard node id (14,772
     names of 75 bytes on average, their ints and the class's dict: about 2.6 MB), in every
-    module that holds it, by a class of the same name that finds an id in one sorted table
-    of the names (about 1.2 MB) the first time it is asked for, and then keeps it."""
+    module that holds it, by a class of the same name that finds an id by the hash of its
+    name in two arrays (about 180 kB) the first time it is asked for, and then keeps it.
+    For asyncua imported before `object_ids_from_source` could make it so."""
     from asyncua.ua import object_ids
 
     old = object_ids.ObjectIds
-    if isinstance(old, _CompactIdsType):
+    if isinstance(old, _CompactIdsType) or object_ids.__file__ is None:
         return
-    table = vars(old)
-    # Few and large temporary objects (the names are ASCII: a str sorts as its bytes).
-    names = sorted(name for name, _ in _standard_ids(old))
-    compact = _CompactIdsType(
-        "ObjectIds", (), {"__module__": old.__module__, "__qualname__": old.__qualname__}
-    )
-    type.__setattr__(compact, "_ids", array.array("L", map(table.__getitem__, names)))
-    type.__setattr__(compact, "_ends", array.array("L", itertools.accumulate(map(len, names))))
-    type.__setattr__(compact, "_names", "".join(names).encode("ascii"))
-    del names, table
+    compact = _compact_class(Path(object_ids.__file__), old.__module__)
+    if compact is None:
+        return
     for module in list(sys.modules.values()):
         namespace = getattr(module, "__dict__", None)
         if not isinstance(namespace, dict):
@@ -281,6 +313,57 @@ def compact_object_ids() -> None:
         for key, value in list(namespace.items()):
             if value is old:
                 namespace[key] = compact
+
+
+class _ObjectIdsLoader(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes `asyncua.ua.object_ids` from its source text without running it (see
+    `object_ids_from_source`); asyncua's own code when the text is not as expected."""
+
+    NAME = "asyncua.ua.object_ids"
+
+    def __init__(self) -> None:
+        self.real: dict[str, importlib.machinery.ModuleSpec] = {}
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != self.NAME:
+            return None
+        real = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if real is None or real.origin is None or not real.origin.endswith(".py"):
+            return None
+        self.real[fullname] = real
+        return importlib.machinery.ModuleSpec(fullname, self, origin=real.origin)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        real = self.real.pop(module.__name__)
+        compact = None if real.origin is None else _compact_class(Path(real.origin), self.NAME)
+        if compact is None or real.loader is None:
+            if real.loader is None:
+                raise ImportError(f"no loader for {self.NAME}")
+            module.__spec__ = real
+            real.loader.exec_module(module)
+            return
+        module.__file__ = real.origin
+        module.ObjectIds = compact  # type: ignore[attr-defined]
+        module.ObjectIdNames = LazyObjectIdNames()  # type: ignore[attr-defined]
+
+
+@contextmanager
+def object_ids_from_source() -> Iterator[None]:
+    """While open, `asyncua.ua.object_ids` (if not imported yet) is made from its source
+    text: the compact `ObjectIds` and the lazy `ObjectIdNames`, without running the module.
+    Running it makes a code object, a class and a dict of 14,772 entries each (about 5 MB
+    together) that the compaction then frees, leaving the heap fragmented."""
+    loader = _ObjectIdsLoader()
+    sys.meta_path.insert(0, loader)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(loader)
 
 
 class LazyObjectIdNames(Mapping[int, str]):

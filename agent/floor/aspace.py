@@ -7,8 +7,9 @@ agent therefore builds it in a child process (its memory returns to the system w
 child ends) the first time the OPC UA server starts, in the state folder, once per asyncua
 version: about 20 MB written once, read (never written) by every later start.
 
-The shelf's own index (dbm.dumb's: a dict of tuples, about 1.2 MB in every server) is not
-kept: `use_small_index` swaps it for `ShelfIndex`, 24 bytes a node in three arrays.
+The shelf's own index (dbm.dumb's: a dict of tuples, about 1.2 MB in every server) is never
+read: `init_server` has asyncua open the shelf as a `ShelfIndex`, 24 bytes a node in three
+arrays. (Reading dbm.dumb's index and then dropping it left about 1.5 MB of the heap behind.)
 
 Crash safety: the shelf counts as present only when its marker file exists, and the marker is
 written (and fsynced) after the child has written and fsynced the shelf. A child killed half
@@ -28,6 +29,7 @@ import sys
 from array import array
 from importlib.metadata import version
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 
@@ -124,15 +126,26 @@ class ShelfIndex:
             data.seek(where[0])
             return pickle.loads(data.read(where[1]))
 
+    def close(self) -> None:
+        """Nothing to close: each read opens the data file."""
 
-def use_small_index(server: Any, path: Path) -> None:
-    """Reads the shelf of a server inited with `shelf_file=path` through `ShelfIndex`."""
-    nodes = server.iserver.aspace._nodes
-    shelf = getattr(nodes, "source", None)
-    if shelf is None:  # not read from a shelf
+
+async def init_server(server: Any, shelf: Path | None) -> None:
+    """`server.init(shelf_file=shelf)`, with asyncua reading the shelf through `ShelfIndex`
+    (`shelf` None: the standard address space in memory, as asyncua does by default)."""
+    if shelf is None:
+        await server.init()
         return
-    nodes.source = ShelfIndex(path)
-    shelf.close()
+    from asyncua.server import address_space
+
+    namespace = vars(address_space)
+    real = namespace["shelve"]
+    # asyncua's loader calls `shelve.open(str(path), "r")` and reads nodes by key from it.
+    namespace["shelve"] = SimpleNamespace(open=lambda path, flag="r": ShelfIndex(Path(path)))
+    try:
+        await server.init(shelf_file=shelf)
+    finally:
+        namespace["shelve"] = real
 
 
 async def _build(path: Path) -> None:

@@ -38,7 +38,7 @@ from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
 
-from agent.floor.aspace import ensure_shelf, use_small_index
+from agent.floor.aspace import ensure_shelf, init_server
 from agent.floor.config import OpcUaServerConfig
 from agent.floor.live import METRICS, OUTBOX_DEPTH, LiveSource, Metric, Value
 from agent.floor.nodes import Interner, compact
@@ -192,9 +192,7 @@ class PlantOpcUaServer:
                     "standard address space kept in memory: its file could not be made",
                     error=str(exc),
                 )
-        await server.init(shelf_file=shelf)
-        if shelf is not None:
-            use_small_index(server, shelf)
+        await init_server(server, shelf)
         server.set_endpoint(cfg.endpoint)
         server.set_server_name("factory edge gateway: plant floor")
         await server.set_application_uri(cfg.application_uri)

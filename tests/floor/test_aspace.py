@@ -11,7 +11,7 @@ import pytest
 from asyncua import ua
 from asyncua.server.server import Server
 
-from agent.floor.aspace import ShelfIndex, ensure_shelf, shelf_path, use_small_index
+from agent.floor.aspace import ShelfIndex, ensure_shelf, init_server, shelf_path
 
 
 async def test_shelf_is_built_once_and_serves_the_standard_nodes(tmp_path: Path) -> None:
@@ -55,8 +55,10 @@ async def test_the_small_index_reads_every_node_of_the_shelf(tmp_path: Path) -> 
 async def test_a_server_reads_the_standard_nodes_through_the_small_index(tmp_path: Path) -> None:
     path = await ensure_shelf(tmp_path)
     server = Server()
-    await server.init(shelf_file=path)
-    use_small_index(server, path)
+    await init_server(server, path)
     assert isinstance(server.iserver.aspace._nodes.source, ShelfIndex)
+    from asyncua.server import address_space
+
+    assert vars(address_space)["shelve"] is shelve  # asyncua's own again for anything else
     node = server.get_node(ua.NodeId(ua.ObjectIds.Server_ServerStatus_BuildInfo_ProductName))
     assert await node.read_browse_name() == ua.QualifiedName("ProductName", 0)

@@ -12,7 +12,7 @@ from asyncua.server.server import Server
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
 
-from agent.floor.aspace import ensure_shelf, use_small_index
+from agent.floor.aspace import ensure_shelf, init_server
 from agent.floor.nodes import CompactNode, Interner, compact
 
 NS = "urn:test:compact"
@@ -69,8 +69,7 @@ async def test_compacted_nodes_are_what_asyncua_built_and_share_what_is_equal(
 ) -> None:
     shelf = await ensure_shelf(tmp_path)
     server = Server()
-    await server.init(shelf_file=shelf)
-    use_small_index(server, shelf)
+    await init_server(server, shelf)
     ns = await server.register_namespace(NS)
     plant = await server.nodes.objects.add_folder(ua.NodeId("Plant", ns), "Plant")
     made = [plant.nodeid]

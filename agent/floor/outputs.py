@@ -46,7 +46,10 @@ class PlantFloor:
         self.source = LiveSource(engine, lines, connections, links, outbox_depth)
         self.publisher: PlantPublisher | None = None
         if plant_mqtt is not None:
-            from agent.floor.sparkplug import build_publisher
+            from agent.floor.slim import UNUSED_WITH_UPB, deferred
+
+            with deferred(UNUSED_WITH_UPB):  # protobuf's pure-Python messages (slim.py)
+                from agent.floor.sparkplug import build_publisher
 
             self.publisher = build_publisher(plant_mqtt, self.source, agent=agent, site=site)
         self.opcua: PlantOpcUaServer | None = None

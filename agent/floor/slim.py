@@ -12,9 +12,10 @@ stand-in of that group that a module holds: code that uses one runs as it would 
 `deferred`, only later. When the context closes, the placeholders leave `sys.modules`, so a
 module imported afterwards (the OPC UA client of an agent polling an OPC UA PLC) gets the real
 modules. asyncua's server module imports its client, pub/sub, XML import and export, their
-date and time zone libraries (dateutil, pytz) and the code loading custom structures, and the
-server calls none of it unless asked to (`import_xml`, `export_xml`, `get_pubsub`,
-`register_to_discovery`, `load_data_type_definitions`); `UNUSED_BY_SERVER` lists them.
+date and time zone libraries (dateutil, pytz), the code loading custom structures and the
+event types, and the server calls none of it unless asked to (`import_xml`, `export_xml`,
+`get_pubsub`, `register_to_discovery`, `load_data_type_definitions`, `get_event_generator`);
+`UNUSED_BY_SERVER` lists them.
 
 `make_names_lazy()` replaces `asyncua.ua.ObjectIdNames`, which maps each of the 14,772 standard
 node ids to its name (a dict and its own int objects, about 1 MB), the inverse of the
@@ -67,10 +68,17 @@ UNUSED_BY_SERVER = (
     "asyncua.common.xmlparser",
     "asyncua.common.structures",  # load_type_definitions, load_enums
     "asyncua.common.structures104",  # load_data_type_definitions
+    "asyncua.common.event_objects",  # get_event_generator, condition methods (not bound)
+    "asyncua.common.events",
     "dateutil.parser",  # string_to_val of a DateTime (XML import)
     "pytz",  # XML import
     "xml.etree",  # XML import and export, structures' type dictionaries
 )
+
+# What protobuf imports and never runs when its messages are upb's (the C implementation
+# its wheels ship): the pure-Python message classes, with their decoder, encoder and text
+# format (about 0.6 MB). Imported when first used, as when protobuf runs in pure Python.
+UNUSED_WITH_UPB = ("google.protobuf.internal.python_message",)
 
 _lock = threading.RLock()
 

@@ -285,6 +285,9 @@ async def main():
     import asyncua.pubsub.pubsub
     pubsub = await server.get_pubsub()
     assert isinstance(pubsub, asyncua.pubsub.pubsub.PubSub)
+    generator = await server.get_event_generator()  # events: asyncua.common.event_objects
+    assert isinstance(generator.event, sys.modules["asyncua.common.event_objects"].BaseEvent)
+    await generator.trigger(message="plant-floor event")
     from asyncua import Client
     import asyncua.client.client
     assert type(Client("opc.tcp://127.0.0.1:1")) is asyncua.client.client.Client
@@ -466,6 +469,58 @@ def test_lazy_dataclass_methods_behave_as_dataclasses_own() -> None:
     defaults, factories, keyword-only fields, InitVar, slots, inheritance; repr, recursive
     repr; eq, order, hash; errors), and holds the plain methods once they are used."""
     assert run(LAZY) == "ok"
+
+
+UPB = """
+import sys
+from pathlib import Path
+from google.protobuf.internal import api_implementation
+from agent.config import parse_config
+from agent.floor.outputs import PlantFloor
+from oee.engine import PlantEngine
+
+CONFIG = '''
+agent: {id: edge-pb, site: plant-pb, timezone: UTC}
+shifts: [{name: all-day, start: "00:00", end: "00:00"}]
+plant_mqtt:
+  port: 1
+  publish: {press-1: all}
+equipment:
+  - id: press-1
+    ideal_cycle_time: 1s
+    signals:
+      state: {map: {0: idle, 1: running}}
+      total_count: {}
+'''
+PURE = "google.protobuf.internal.python_message"
+config = parse_config(CONFIG, replay=True)
+engine = PlantEngine(config.oee_specs(), config.calendar(), agent_id="edge-pb", site_id="plant-pb")
+floor = PlantFloor(
+    engine=engine, agent="edge-pb", site="plant-pb", lines={"press-1": None},
+    connections={"press-1": None}, connection_ids=[], links=dict, outbox_depth=lambda: 0,
+    keys_dir=Path("."), plant_mqtt=config.plant_mqtt, opcua_server=None,
+)
+from agent.floor import sparkplug_b_pb2 as pb
+node = floor.publisher
+death = pb.Payload()
+death.ParseFromString(node._ndeath())  # encoded and decoded by upb
+assert [m.name for m in death.metrics] == ["bdSeq"], death
+rebirth = pb.Payload()
+metric = rebirth.metrics.add()
+metric.name, metric.datatype, metric.boolean_value = "Node Control/Rebirth", pb.Boolean, True
+assert node._on_ncmd(rebirth.SerializeToString()) and node._rebirth.is_set()
+if api_implementation.Type() == "upb":
+    assert PURE not in sys.modules or type(sys.modules[PURE]).__name__ == "_Placeholder"
+    from google.protobuf.internal import python_message  # still there when asked for
+    assert hasattr(python_message, "_AttachFieldHelpers")
+print("ok")
+"""
+
+
+def test_sparkplug_runs_without_protobufs_pure_python_messages() -> None:
+    """With upb's messages, the edge node encodes and decodes its payloads without importing
+    protobuf's pure-Python message classes; they import when asked for."""
+    assert run(UPB) == "ok"
 
 
 def test_the_server_serves_without_the_deferred_modules(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ child ends) the first time the OPC UA server starts, in the state folder, once p
 version: about 20 MB written once, read (never written) by every later start.
 
 The shelf's own index (dbm.dumb's: a dict of tuples, about 1.2 MB in every server) is never
-read: `init_server` has asyncua open the shelf as a `ShelfIndex`, 24 bytes a node in three
+read: `init_server` has asyncua open the shelf as a `ShelfIndex`, 12 bytes a node in three
 arrays. (Reading dbm.dumb's index and then dropping it left about 1.5 MB of the heap behind.)
 
 Crash safety: the shelf counts as present only when its marker file exists, and the marker is
@@ -84,6 +84,11 @@ async def ensure_shelf(state_dir: Path) -> Path:
 _NUMERIC = re.compile(r"'i=(\d+)', \((\d+), (\d+)\)")
 
 
+def _smallest(values: list[int]) -> array[int]:
+    """`values` in an array of 4-byte items when they fit, else of 8-byte ones."""
+    return array("I" if max(values, default=0) < 2**32 else "Q", values)
+
+
 class ShelfIndex:
     """Reads the nodes of a shelf written with dbm.dumb (`path.dir` lists where each pickled
     node lies in `path.dat`) by their node id string, as `shelve` does, from an index of
@@ -102,9 +107,9 @@ class ShelfIndex:
                 key, (pos, size) = ast.literal_eval(line)
                 self.other[key] = (pos, size)
         rows.sort()
-        self.ids = array("Q", (r[0] for r in rows))
-        self.positions = array("Q", (r[1] for r in rows))
-        self.sizes = array("Q", (r[2] for r in rows))
+        self.ids = _smallest([r[0] for r in rows])
+        self.positions = _smallest([r[1] for r in rows])
+        self.sizes = _smallest([r[2] for r in rows])
 
     def _find(self, key: str) -> tuple[int, int] | None:
         if key.startswith("i=") and key[2:].isdigit():

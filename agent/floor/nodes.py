@@ -40,22 +40,47 @@ _HAS_TYPE_DEFINITION = ua.NodeId(ObjectIds.HasTypeDefinition)  # type: ignore[ar
 
 
 class CompactAttribute:
-    """What asyncua's `AttributeValue` holds, in slots."""
+    """What asyncua's `AttributeValue` holds, in slots. Its `datachange_callbacks` dict is
+    made when a subscription first adds to it (most values are never subscribed to)."""
 
-    __slots__ = ("datachange_callbacks", "value", "value_callback", "value_setter")
+    __slots__ = ("callbacks", "value", "value_callback", "value_setter")
 
     def __init__(self, value: ua.DataValue | None) -> None:
         self.value = value
         self.value_callback: Callable[..., Any] | None = None
         self.value_setter: Callable[..., Any] | None = None
-        self.datachange_callbacks: dict[int, Callable[..., Any]] = {}
+        self.callbacks: dict[int, Callable[..., Any]] | None = None
+
+    @property
+    def datachange_callbacks(self) -> dict[int, Callable[..., Any]]:
+        """asyncua's use: `.items()` at every write, `[handle] = callback` to subscribe,
+        `.pop(handle)` to stop."""
+        if self.callbacks is None:
+            return _Callbacks(self)
+        return self.callbacks
+
+
+class _Callbacks(dict[int, Callable[..., Any]]):
+    """An attribute's callbacks before it has any: becomes the attribute's own at the first
+    one added."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: CompactAttribute) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __setitem__(self, key: int, callback: Callable[..., Any]) -> None:
+        self.owner.callbacks = self
+        super().__setitem__(key, callback)
 
 
 class CompactNode(Mapping[Any, CompactAttribute]):
     """What asyncua's `NodeData` holds, in slots; the node is also its own `attributes`:
     its node id (made when first read) and value over a dict shared with equal nodes."""
 
-    __slots__ = ("call", "id_attribute", "nodeid", "references", "shared", "value")
+    __slots__ = ("id_attribute", "nodeid", "references", "shared", "value")
+    call = None  # asyncua's method callback: none of these nodes is a method
 
     def __init__(
         self,
@@ -68,7 +93,6 @@ class CompactNode(Mapping[Any, CompactAttribute]):
         self.value = value
         self.shared = shared
         self.references = references
-        self.call: Callable[..., Any] | None = None
         self.id_attribute: CompactAttribute | None = None
 
     @property
@@ -166,7 +190,8 @@ def compact(aspace: AddressSpace, nodeids: Iterable[ua.NodeId], interner: Intern
                 continue
             if attr == _VALUE and keep_value:
                 value = CompactAttribute(attval.value)
-                value.datachange_callbacks.update(attval.datachange_callbacks)
+                if attval.datachange_callbacks:
+                    value.callbacks = dict(attval.datachange_callbacks)
             elif attr == _VALUE:
                 shared[attr] = interner.attribute(attval.value, timeless=True)
             else:

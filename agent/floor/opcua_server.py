@@ -354,6 +354,19 @@ class PlantOpcUaServer:
                 _LINK,
             )
         compact(aspace, made + containers, interner)
+        # Until the first update writes what is known, every value is undefined: one null
+        # value with BadNoData for all (asyncua would store a copy of its own per node for a
+        # write of a bad status), and an update writes only the values that are defined.
+        undefined = ua.DataValue(
+            ua.Variant(None, ua.VariantType.Null),
+            StatusCode=UNDEFINED,
+            SourceTimestamp=datetime.now(UTC),  # type: ignore[arg-type]
+        )
+        for row, nodeids in self._nodes.items():
+            for nodeid in nodeids:
+                if nodeid is not None:
+                    aspace[nodeid].value.value = undefined  # type: ignore[attr-defined]
+            self._written[row] = [None] * len(nodeids)
 
     def _rows(self) -> Iterator[tuple[str, Sequence[Metric], list[Value]]]:
         for eq, item in self.source.read().items():
@@ -368,6 +381,9 @@ class PlantOpcUaServer:
         if self.server is None:
             raise RuntimeError("the OPC UA server is not started")
         now = datetime.now(UTC)
+        # Equal values written in one update share their DataValue (asyncua never changes a
+        # stored one): one `True` for every link that is up, one `running` for every press.
+        made: dict[tuple[str, Value], ua.DataValue] = {}
         for row, metrics, values in self._rows():
             nodeids = self._nodes.get(row)
             if nodeids is None:
@@ -377,7 +393,11 @@ class PlantOpcUaServer:
             for place, (nodeid, metric, value) in enumerate(cells):
                 if nodeid is None or written[place] == value:
                     continue
-                await self.server.write_attribute_value(nodeid, _data_value(metric, value, now))
+                key = (metric.kind, value)
+                data = made.get(key)
+                if data is None:
+                    data = made[key] = _data_value(metric, value, now)
+                await self.server.write_attribute_value(nodeid, data)
                 written[place] = value
 
     async def run(self) -> None:

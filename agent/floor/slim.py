@@ -279,7 +279,8 @@ def _compact_class(source: Path, module: str) -> type | None:
     if len(keyed) < _MIN_IDS:
         return None
     keys = array.array("Q", (key for key, _ in keyed))
-    ids = array.array("L", (value for _, value in keyed))
+    wide = max(value for _, value in keyed) >= 2**32
+    ids = array.array("Q" if wide else "I", (value for _, value in keyed))
     del keyed
     if any(a == b for a, b in itertools.pairwise(keys)):
         return None
@@ -304,7 +305,7 @@ def compact_object_ids() -> None:
     """Replace `asyncua.ua.ObjectIds`, a class with one attribute per standard node id (14,772
     names of 75 bytes on average, their ints and the class's dict: about 2.6 MB), in every
     module that holds it, by a class of the same name that finds an id by the hash of its
-    name in two arrays (about 180 kB) the first time it is asked for, and then keeps it.
+    name in two arrays (about 120 kB) the first time it is asked for, and then keeps it.
     For asyncua imported before `object_ids_from_source` could make it so."""
     from asyncua.ua import object_ids
 
@@ -426,23 +427,27 @@ class LazyMethod:
     in the class that holds the stand-in; looked up on the class it stays itself, and a call
     makes the method and runs it."""
 
-    __slots__ = ("args", "fn", "kwargs", "maker")
+    __slots__ = ("fn", "making")
 
     def __init__(
-        self, maker: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        maker: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: tuple[tuple[str, Any], ...] = (),
     ) -> None:
-        self.maker: Callable[..., Any] | None = maker
-        self.args: tuple[Any, ...] | None = args
-        self.kwargs: dict[str, Any] | None = kwargs
+        # The maker's call, kept as small as it can be (a few hundred bytes a class).
+        self.making: tuple[Callable[..., Any], tuple[Any, ...], tuple[tuple[str, Any], ...]] | None
+        self.making = (maker, args, kwargs)
         self.fn: Callable[..., Any] | None = None
 
     def _made(self) -> Callable[..., Any]:
         with _lock:
             if self.fn is None:
-                if self.maker is None or self.args is None or self.kwargs is None:
+                if self.making is None:
                     raise RuntimeError("a lazy dataclass method lost its arguments")
-                self.fn = self.maker(*self.args, **self.kwargs)
-                self.maker = self.args = self.kwargs = None
+                maker, args, kwargs = self.making
+                self.fn = maker(*args, **dict(kwargs))
+                self.making = None
             return self.fn
 
     def __get__(self, instance: object, owner: type | None = None) -> Any:
@@ -472,7 +477,7 @@ class _NoSignature:
 
 def _lazy(maker: Callable[..., Any]) -> Callable[..., LazyMethod]:
     def make(*args: Any, **kwargs: Any) -> LazyMethod:
-        return LazyMethod(maker, args, kwargs)
+        return LazyMethod(maker, args, tuple(kwargs.items()))
 
     return make
 

@@ -110,6 +110,11 @@ async def test_compacted_nodes_are_what_asyncua_built_and_share_what_is_equal(
     assert aspace.read_attribute_value(made[7], AttributeIds.Value).Value == ua.Variant(None)
     assert heard == [(handle, ua.Variant(0.85))]
     aspace.delete_datachange_callback(handle)
+    await server.write_attribute_value(made[3], ua.DataValue(ua.Variant(0.9)))
+    assert len(heard) == 1  # the subscription ended
+    # A value nobody subscribed to never got a dict of callbacks.
+    assert aspace[made[7]].attributes[AttributeIds.Value].callbacks is None  # type: ignore[attr-defined]
+    await server.write_attribute_value(made[3], ua.DataValue(ua.Variant(0.85)))
     # A value of the wrong type is refused as before.
     await server.write_attribute_value(made[3], ua.DataValue(ua.Variant("text")))
     assert aspace.read_attribute_value(made[3], AttributeIds.Value).Value == ua.Variant(0.85)

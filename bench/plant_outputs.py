@@ -9,7 +9,7 @@ to a Mosquitto the bench starts on a free port (a host application subscribed to
 group decodes every payload, in the bench's parent process, not in the agent), and the OPC
 UA server (Basic256Sha256 SignAndEncrypt endpoint, certificate made for the run by the
 parent, as `edge-agent keys` makes it before the agent runs) updating
-its 100 x 40 variables. Each child reports its CPU time and its resident memory at the end;
+its 100 x 32 variables. Each child reports its CPU time and its resident memory at the end;
 the difference is the outputs' share.
 
 Then each output alone, the same way. Every child runs as the agent runs on an edge box: with

@@ -2,7 +2,7 @@
 
 asyncua keeps every node as a `NodeData` holding a dict of about 15 attributes, each an
 `AttributeValue` (with its own callback dict) around a `DataValue` around a `Variant`, and
-its references as `ReferenceDescription` objects: about 7 kB per node, 40 MB for the 100 x 40
+its references as `ReferenceDescription` objects: about 7 kB per node, 40 MB for the 100 x 32
 values of 100 machines and their engineering-unit properties. Most of it repeats: the data
 type, access level, value rank, description, browse and display name and engineering unit
 of `Shift/OEE` are the same on every machine, and so are the references of sibling nodes to
@@ -18,6 +18,11 @@ Shared objects are never written: the server is read-only for its clients, and t
 writes only the values, which stay per node. The nodes are compacted one machine at a time
 while the address space is built, so the few hundred kB asyncua's objects take before they
 are compacted are reused for the next machine instead of growing the process.
+
+`make_properties_virtual(aspace, nodeids)` then takes the engineering-unit properties out of
+the node table, all but one of each kind: asyncua asks the table's source for a node it does
+not hold, and `VirtualProperties` makes the property again from its kind's template the first
+time a client asks for it (asyncua then keeps it).
 """
 
 from __future__ import annotations
@@ -200,3 +205,103 @@ def compact(aspace: AddressSpace, nodeids: Iterable[ua.NodeId], interner: Intern
         aspace[nodeid] = CompactNode(  # type: ignore[assignment]
             nodeid, value, interner.shared(shared), references
         )
+
+
+_PROPERTY_SUFFIX = ".EngineeringUnits"
+
+
+class VirtualProperties:
+    """The standard address space's index with the plant's engineering-unit properties made
+    when a client first asks for one (asyncua's shelf-backed node table asks its `source` for
+    a node not yet in its cache, and keeps what it gets).
+
+    A value's property differs from its equal on another equipment only by its own node id
+    and its reference to its parent, so one built property per kind of value (the first
+    one's, kept in the table) is the template of the others; the parent's reference to the
+    property (its node id, which browsing shows) stays with the parent. About 200 bytes a
+    property are not kept until asked for: 2,200 properties for 100 machines."""
+
+    def __init__(self, source: Any, nodes: Mapping[Any, Any]) -> None:
+        self.source = source
+        self.nodes = nodes
+        # A parent's shared attributes (one dict for every value of its kind) -> the template
+        # property and the place of its reference to its parent.
+        self.templates: dict[int, tuple[CompactNode, int]] = {}
+
+    def add_template(self, prop: CompactNode, parent: CompactNode) -> bool:
+        """`prop`, a property of `parent`, as the template for the parents equal to it;
+        False when there is one already."""
+        key = id(parent.shared)
+        if key in self.templates:
+            return False
+        place = next(
+            i
+            for i, ref in enumerate(prop.references)
+            if not ref.IsForward and ref.ReferenceTypeId == _HAS_PROPERTY
+        )
+        self.templates[key] = (prop, place)
+        return True
+
+    def _made(self, key: str) -> CompactNode | None:
+        if not key.endswith(_PROPERTY_SUFFIX) or not key.startswith("ns="):
+            return None
+        head, sep, identifier = key.partition(";s=")
+        if not sep or not head[3:].isdigit():
+            return None
+        ns = int(head[3:])
+        parent = self.nodes.get(ua.NodeId(identifier[: -len(_PROPERTY_SUFFIX)], ns))  # type: ignore[arg-type]
+        if not isinstance(parent, CompactNode):
+            return None
+        template = self.templates.get(id(parent.shared))
+        if template is None:
+            return None
+        prop, place = template
+        nodeid = ua.NodeId(identifier, ns)  # type: ignore[arg-type]
+        if not any(ref.IsForward and ref.NodeId == nodeid for ref in parent.references):
+            return None  # a property this parent does not have
+        references = list(prop.references)
+        references[place] = dataclasses.replace(references[place], NodeId=parent.nodeid)
+        return CompactNode(nodeid, None, prop.shared, references)
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str) and self._made(key) is not None:
+            return True
+        return key in self.source
+
+    def __getitem__(self, key: str) -> Any:
+        made = self._made(key)
+        return made if made is not None else self.source[key]
+
+    def close(self) -> None:
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()
+
+
+def make_properties_virtual(aspace: AddressSpace, properties: Iterable[ua.NodeId]) -> int:
+    """Takes the compacted engineering-unit `properties` out of `aspace`'s node table, each
+    to be made again when asked for (`VirtualProperties`), keeping one of each kind as the
+    template; returns how many were taken out. Nothing is taken out of a table that is not
+    read from a shelf (asyncua's default, a plain dict)."""
+    nodes: Any = aspace._nodes
+    cache = getattr(nodes, "cache", None)
+    source = getattr(nodes, "source", None)
+    if cache is None or source is None:
+        return 0
+    if not isinstance(source, VirtualProperties):
+        source = nodes.source = VirtualProperties(source, nodes)
+    taken = 0
+    for nodeid in properties:
+        prop = cache.get(nodeid)
+        if not isinstance(prop, CompactNode):
+            continue
+        parent_ref = next(
+            (r for r in prop.references if not r.IsForward and r.ReferenceTypeId == _HAS_PROPERTY),
+            None,
+        )
+        parent = None if parent_ref is None else cache.get(parent_ref.NodeId)
+        if not isinstance(parent, CompactNode) or source.add_template(prop, parent):
+            continue  # the template stays, as does a property of an unusual parent
+        del cache[nodeid]
+        taken += 1
+    return taken

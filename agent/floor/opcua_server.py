@@ -41,7 +41,7 @@ from asyncua.ua.status_codes import StatusCodes
 from agent.floor.aspace import ensure_shelf, init_server
 from agent.floor.config import OpcUaServerConfig
 from agent.floor.live import METRICS, OUTBOX_DEPTH, LiveSource, Metric, Value
-from agent.floor.nodes import Interner, compact
+from agent.floor.nodes import Interner, compact, make_properties_virtual
 from agent.floor.slim import compact_object_ids, make_names_lazy
 from common.memory import release_free_memory
 
@@ -88,6 +88,10 @@ def browse_path(name: str) -> list[str]:
 def node_name(equipment: str, metric: str) -> str:
     """The string part of a value's node id: `press-1.Shift.OEE`."""
     return ".".join([equipment, *browse_path(metric)])
+
+
+def _is_property_id(nodeid: ua.NodeId) -> bool:
+    return isinstance(nodeid.Identifier, str) and nodeid.Identifier.endswith(".EngineeringUnits")
 
 
 def unit_id(code: str) -> int:
@@ -336,6 +340,8 @@ class PlantOpcUaServer:
                     parent, (eq, place), node_name(eq, metric.name), metric
                 )
             compact(aspace, made, interner)
+            # Its engineering units are made again when asked for (nodes.VirtualProperties).
+            make_properties_virtual(aspace, [n for n in made if _is_property_id(n)])
             await asyncio.sleep(0)  # the agent's other tasks run between two equipment
         agent = await site.add_object(_nid(f"{self.site}.Agent", self.ns), self._qn("Agent"))
         made = [agent.nodeid]

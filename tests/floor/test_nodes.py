@@ -13,7 +13,7 @@ from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
 
 from agent.floor.aspace import ensure_shelf, init_server
-from agent.floor.nodes import CompactNode, Interner, compact
+from agent.floor.nodes import CompactNode, Interner, compact, make_properties_virtual
 
 NS = "urn:test:compact"
 
@@ -78,9 +78,17 @@ async def test_compacted_nodes_are_what_asyncua_built_and_share_what_is_equal(
     before = _seen(server, made)
 
     compact(server.iserver.aspace, made, Interner())
+    # The second engineering unit leaves the table, to be made from the first when asked for.
+    assert make_properties_virtual(server.iserver.aspace, made) == 1
+    cache = server.iserver.aspace._nodes.cache  # type: ignore[attr-defined]
+    assert made[4] in cache and made[8] not in cache
 
     aspace = server.iserver.aspace
+    assert made[8] in aspace  # asked for: made again
     assert all(isinstance(aspace[n], CompactNode) for n in made)
+    assert made[8] in cache
+    missing = ua.NodeId("press-1.Shift.EngineeringUnits", made[8].NamespaceIndex)
+    assert missing not in aspace  # the folder has no unit: nothing is made for it
     after = _seen(server, made)
     assert after.keys() == before.keys()
     for key, was in before.items():

@@ -9,7 +9,7 @@ version: about 20 MB written once, read (never written) by every later start.
 
 The shelf's own index (dbm.dumb's: a dict of tuples, about 1.2 MB in every server) is never
 read: `init_server` has asyncua open the shelf as a `ShelfIndex`, 12 bytes a node in three
-arrays. (Reading dbm.dumb's index and then dropping it left about 1.5 MB of the heap behind.)
+arrays. (Reading dbm.dumb's index and then dropping it left about 1.4 MB of the heap behind.)
 
 Crash safety: the shelf counts as present only when its marker file exists, and the marker is
 written (and fsynced) after the child has written and fsynced the shelf. A child killed half

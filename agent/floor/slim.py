@@ -81,6 +81,7 @@ UNUSED_BY_SERVER = (
 UNUSED_WITH_UPB = ("google.protobuf.internal.python_message",)
 
 _lock = threading.RLock()
+_method_lock = threading.Lock()
 
 
 def _group_of(name: str, groups: Sequence[str]) -> str | None:
@@ -349,14 +350,15 @@ class _ObjectIdsLoader(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module: types.ModuleType) -> None:
         real = self.real.pop(module.__name__)
+        module.__file__ = real.origin
         compact = None if real.origin is None else _compact_class(Path(real.origin), self.NAME)
-        if compact is None or real.loader is None:
+        if compact is None:  # asyncua's own module, run as it would have been
             if real.loader is None:
                 raise ImportError(f"no loader for {self.NAME}")
             module.__spec__ = real
+            module.__loader__ = real.loader
             real.loader.exec_module(module)
             return
-        module.__file__ = real.origin
         module.ObjectIds = compact  # type: ignore[attr-defined]
         module.ObjectIdNames = LazyObjectIdNames()  # type: ignore[attr-defined]
 
@@ -441,7 +443,9 @@ class LazyMethod:
         self.fn: Callable[..., Any] | None = None
 
     def _made(self) -> Callable[..., Any]:
-        with _lock:
+        # Its own lock, not `_lock`: a thread importing a deferred group holds `_lock`, and
+        # making a method imports nothing.
+        with _method_lock:
             if self.fn is None:
                 if self.making is None:
                     raise RuntimeError("a lazy dataclass method lost its arguments")

@@ -190,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
                     "seconds_min": seconds[0],
                     "seconds_median": seconds[len(seconds) // 2],
                     "seconds_max": seconds[-1],
+                    # The runs' rates (the fastest run is the one of fewest seconds).
+                    "events_per_s_min": round(args.events / seconds[-1]),
+                    "events_per_s_median": round(args.events / seconds[len(seconds) // 2]),
+                    "events_per_s_max": round(args.events / seconds[0]),
+                    "target_events_per_s": 60_000,
                 }
             )
         )

@@ -173,10 +173,17 @@ class Interner:
         return self(ref)
 
 
+def _parent_place(node: Any) -> int | None:
+    """Where a property's reference to its parent (inverse HasProperty) is in its references;
+    None when the node is not a property."""
+    for place, ref in enumerate(node.references):
+        if not ref.IsForward and ref.ReferenceTypeId == _HAS_PROPERTY:
+            return place
+    return None
+
+
 def _is_property(node: Any) -> bool:
-    return any(
-        not ref.IsForward and ref.ReferenceTypeId == _HAS_PROPERTY for ref in node.references
-    )
+    return _parent_place(node) is not None
 
 
 def compact(aspace: AddressSpace, nodeids: Iterable[ua.NodeId], interner: Interner) -> None:
@@ -219,7 +226,9 @@ class VirtualProperties:
     and its reference to its parent, so one built property per kind of value (the first
     one's, kept in the table) is the template of the others; the parent's reference to the
     property (its node id, which browsing shows) stays with the parent. About 200 bytes a
-    property are not kept until asked for: 2,200 properties for 100 machines."""
+    property are not kept until asked for: 2,200 properties for 100 machines. Only a property
+    whose node id is its parent's followed by `.EngineeringUnits` is taken out: its id names
+    its parent."""
 
     def __init__(self, source: Any, nodes: Mapping[Any, Any]) -> None:
         self.source = source
@@ -228,21 +237,14 @@ class VirtualProperties:
         # property and the place of its reference to its parent.
         self.templates: dict[int, tuple[CompactNode, int]] = {}
 
-    def add_template(self, prop: CompactNode, parent: CompactNode) -> bool:
-        """`prop`, a property of `parent`, as the template for the parents equal to it;
-        False when there is one already."""
-        key = id(parent.shared)
-        if key in self.templates:
-            return False
-        place = next(
-            i
-            for i, ref in enumerate(prop.references)
-            if not ref.IsForward and ref.ReferenceTypeId == _HAS_PROPERTY
-        )
-        self.templates[key] = (prop, place)
-        return True
+    def add_template(self, prop: CompactNode, parent: CompactNode, place: int) -> bool:
+        """`prop`, a property of `parent` with its reference to it at `place`, as the template
+        for the parents equal to `parent`; False when there is one already."""
+        return self.templates.setdefault(id(parent.shared), (prop, place))[0] is prop
 
-    def _made(self, key: str) -> CompactNode | None:
+    def _found(self, key: str) -> tuple[ua.NodeId, CompactNode, CompactNode, int] | None:
+        """The property of node id string `key` if it is one taken out: its node id, its
+        parent, its template and the place of the reference to the parent."""
         if not key.endswith(_PROPERTY_SUFFIX) or not key.startswith("ns="):
             return None
         head, sep, identifier = key.partition(";s=")
@@ -255,22 +257,24 @@ class VirtualProperties:
         template = self.templates.get(id(parent.shared))
         if template is None:
             return None
-        prop, place = template
         nodeid = ua.NodeId(identifier, ns)  # type: ignore[arg-type]
         if not any(ref.IsForward and ref.NodeId == nodeid for ref in parent.references):
             return None  # a property this parent does not have
-        references = list(prop.references)
-        references[place] = dataclasses.replace(references[place], NodeId=parent.nodeid)
-        return CompactNode(nodeid, None, prop.shared, references)
+        return nodeid, parent, *template
 
     def __contains__(self, key: object) -> bool:
-        if isinstance(key, str) and self._made(key) is not None:
+        if isinstance(key, str) and self._found(key) is not None:
             return True
         return key in self.source
 
     def __getitem__(self, key: str) -> Any:
-        made = self._made(key)
-        return made if made is not None else self.source[key]
+        found = self._found(key)
+        if found is None:
+            return self.source[key]
+        nodeid, parent, prop, place = found
+        references = list(prop.references)
+        references[place] = dataclasses.replace(references[place], NodeId=parent.nodeid)
+        return CompactNode(nodeid, None, prop.shared, references)
 
     def close(self) -> None:
         close = getattr(self.source, "close", None)
@@ -278,11 +282,11 @@ class VirtualProperties:
             close()
 
 
-def make_properties_virtual(aspace: AddressSpace, properties: Iterable[ua.NodeId]) -> int:
-    """Takes the compacted engineering-unit `properties` out of `aspace`'s node table, each
-    to be made again when asked for (`VirtualProperties`), keeping one of each kind as the
-    template; returns how many were taken out. Nothing is taken out of a table that is not
-    read from a shelf (asyncua's default, a plain dict)."""
+def make_properties_virtual(aspace: AddressSpace, nodeids: Iterable[ua.NodeId]) -> int:
+    """Takes the compacted engineering-unit properties among `nodeids` out of `aspace`'s node
+    table, each to be made again when asked for (`VirtualProperties`), keeping one of each
+    kind as the template; returns how many were taken out. Nothing is taken out of a table
+    that is not read from a shelf (asyncua's default, a plain dict)."""
     nodes: Any = aspace._nodes
     cache = getattr(nodes, "cache", None)
     source = getattr(nodes, "source", None)
@@ -291,17 +295,18 @@ def make_properties_virtual(aspace: AddressSpace, properties: Iterable[ua.NodeId
     if not isinstance(source, VirtualProperties):
         source = nodes.source = VirtualProperties(source, nodes)
     taken = 0
-    for nodeid in properties:
+    for nodeid in nodeids:
         prop = cache.get(nodeid)
-        if not isinstance(prop, CompactNode):
+        if not isinstance(prop, CompactNode) or (place := _parent_place(prop)) is None:
             continue
-        parent_ref = next(
-            (r for r in prop.references if not r.IsForward and r.ReferenceTypeId == _HAS_PROPERTY),
-            None,
-        )
-        parent = None if parent_ref is None else cache.get(parent_ref.NodeId)
-        if not isinstance(parent, CompactNode) or source.add_template(prop, parent):
-            continue  # the template stays, as does a property of an unusual parent
+        parent = cache.get(prop.references[place].NodeId)
+        if not isinstance(parent, CompactNode) or not isinstance(parent.nodeid.Identifier, str):
+            continue
+        # The id `VirtualProperties` finds the parent by.
+        named = f"{parent.nodeid.Identifier}{_PROPERTY_SUFFIX}"
+        named_id = ua.NodeId(named, parent.nodeid.NamespaceIndex)  # type: ignore[arg-type]
+        if nodeid != named_id or source.add_template(prop, parent, place):
+            continue  # not one its id can make again, or the template: it stays
         del cache[nodeid]
         taken += 1
     return taken

@@ -90,10 +90,6 @@ def node_name(equipment: str, metric: str) -> str:
     return ".".join([equipment, *browse_path(metric)])
 
 
-def _is_property_id(nodeid: ua.NodeId) -> bool:
-    return isinstance(nodeid.Identifier, str) and nodeid.Identifier.endswith(".EngineeringUnits")
-
-
 def unit_id(code: str) -> int:
     """OPC UA's UnitId of a UNECE common code (OPC 10000-8, 5.6.3)."""
     value = 0
@@ -341,7 +337,7 @@ class PlantOpcUaServer:
                 )
             compact(aspace, made, interner)
             # Its engineering units are made again when asked for (nodes.VirtualProperties).
-            make_properties_virtual(aspace, [n for n in made if _is_property_id(n)])
+            make_properties_virtual(aspace, made)
             await asyncio.sleep(0)  # the agent's other tasks run between two equipment
         agent = await site.add_object(_nid(f"{self.site}.Agent", self.ns), self._qn("Agent"))
         made = [agent.nodeid]

@@ -12,12 +12,11 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from cloud_api.ingest.worker import Checked
 from oee.components import COMPONENT_FIELDS
 from oee.events import AgentEvent, Event
 from sync.keys import CloudKeyring
 from tests.cloud_api.ingestion import Agent, enrolled_agent
-from tests.cloud_api.test_ingest_groups import T0, chunks, shift_events, stored_state
+from tests.cloud_api.test_ingest_groups import T0, checked, chunks, shift_events, stored_state
 
 
 def status(agent: Agent, minute: int, depth: int) -> AgentEvent:
@@ -64,11 +63,7 @@ def test_one_call_stores_what_the_statements_store(
     for raw in raws:
         assert whole.store.process(whole.topic, raw).status == "stored"
     # The same together: store_group's transaction, statement by statement.
-    group = []
-    for part in parts_statements:
-        result = statements.store.check(statements.topic, statements.sealed(part))
-        assert isinstance(result, Checked)
-        group.append(result)
+    group = [checked(statements, statements.sealed(part)) for part in parts_statements]
     assert [o.status for o in statements.store.store_group(group)] == ["stored"] * len(group)
 
     assert stored_state(pg_url, "s-1")["buckets"], "the shift closed no bucket"

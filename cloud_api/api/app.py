@@ -123,9 +123,12 @@ def create_app(settings: CloudSettings, pool: ConnectionPool | None = None) -> F
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.pool = scoped_pool(pool, settings.security) if pool is not None else None
-    # One thread per connection of the pool (routes/common.py).
+    # `http.db_threads`, never more than the pool has connections (routes/common.py).
     app.state.db_threads = DbThreads(
-        pool.max_size if pool is not None else settings.database.pool_max
+        min(
+            settings.http.db_threads,
+            pool.max_size if pool is not None else settings.database.pool_max,
+        )
     )
     app.state.security = security
     app.state.request_stats = request_stats

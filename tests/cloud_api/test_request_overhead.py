@@ -18,9 +18,12 @@ from prometheus_client import CollectorRegistry, Counter
 
 from cloud_api import metrics, tracing
 from cloud_api.api import fastpath
+from cloud_api.api.app import create_app
 from cloud_api.api.ops_stats import RequestStats
 from cloud_api.api.routes.analytics import ratios_of
 from cloud_api.api.routes.common import DbThreads
+from cloud_api.config import CloudSettings, DatabaseSettings, HttpSettings
+from cloud_api.db import make_pool
 from oee.components import Components, ratios
 
 _VAR: contextvars.ContextVar[str] = contextvars.ContextVar("test_db_threads", default="unset")
@@ -125,6 +128,22 @@ def test_db_threads_start_again_after_close() -> None:
         assert asyncio.run(threads.run(lambda: 2)) == 2
     finally:
         threads.close()
+
+
+@pytest.mark.parametrize(("db_threads", "pool_max", "expected"), [(2, 10, 2), (8, 4, 4)])
+def test_an_app_runs_http_db_threads_never_more_than_its_pool_has_connections(
+    pg_url: str, db_threads: int, pool_max: int, expected: int
+) -> None:
+    settings = CloudSettings(
+        database=DatabaseSettings(url=pg_url, pool_max=pool_max),
+        http=HttpSettings(db_threads=db_threads),
+    )
+    assert create_app(settings).state.db_threads.threads == expected
+    pool = make_pool(DatabaseSettings(url=pg_url, pool_min=0, pool_max=pool_max), name="t")
+    try:
+        assert create_app(settings, pool=pool).state.db_threads.threads == expected
+    finally:
+        pool.close()
 
 
 @pytest.mark.parametrize(

@@ -87,11 +87,13 @@ def zone(name: str) -> ZoneInfo:
 
 
 class DbThreads:
-    """The threads the read routes' database work runs on: as many as the pool has
-    connections, so that a request waits for a thread in the queue here (no time limit, in
-    arrival order) rather than for a connection in the pool, whose checkout timeout answers
-    503. With anyio's 40 threads and 10 connections, 1,000 clients made some threads wait
-    out the timeout while the threads holding connections waited for the GIL.
+    """The threads the read routes' database work runs on: `http.db_threads`, never more
+    than the pool has connections, so that a request waits for a thread in the queue here
+    (no time limit, in arrival order) rather than for a connection in the pool, whose
+    checkout timeout answers 503. With anyio's 40 threads and 10 connections, 1,000 clients
+    made some threads wait out the timeout while the threads holding connections waited for
+    the GIL; with 10 threads for 10 connections, the answers' p99 at 32 clients was three
+    times that with 2 (python -m bench.api): the threads take turns at the GIL.
 
     The hop is an asyncio future, a C queue and one `call_soon_threadsafe` back: anyio's
     `run_in_threadpool` (its capacity limiter, cancel scope and Condition-based queue) was a

@@ -14,6 +14,10 @@ arrays. (Reading dbm.dumb's index and then dropping it left about 1.4 MB of the 
 Crash safety: the shelf counts as present only when its marker file exists, and the marker is
 written (and fsynced) after the child has written and fsynced the shelf. A child killed half
 way leaves no marker: the next start builds the shelf again from scratch.
+
+Its files are the agent's state and are created 0600 in a 0700 folder whatever the umask (the
+child builds under umask 077); a shelf an earlier version left readable to others is made
+0600 when it is found.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ async def ensure_shelf(state_dir: Path) -> Path:
     """The shelf of the standard address space, built in a child process when missing."""
     path = shelf_path(state_dir)
     if path.is_file():
+        for part in path.parent.iterdir():
+            if part.stat().st_mode & 0o077:
+                part.chmod(0o600)
         return path
     folder = path.parent
     # Shelves of other asyncua versions are of no use any more.
@@ -74,9 +81,11 @@ async def ensure_shelf(state_dir: Path) -> Path:
         raise RuntimeError(f"building the OPC UA address space failed: {tail[0]}")
     for part in folder.iterdir():
         _fsync(part)
-    with path.open("wb") as marker:
-        marker.flush()
-        os.fsync(marker.fileno())
+    marker = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fsync(marker)
+    finally:
+        os.close(marker)
     _fsync(folder)
     return path
 
@@ -157,7 +166,9 @@ async def _build(path: Path) -> None:
     from asyncua.server.server import Server
 
     # The shelf is written by asyncua right after it has filled the standard address space
-    # (shelve with the dbm module this Python has; dbm.dumb here: path.dat and path.dir).
+    # (shelve with the dbm module this Python has; dbm.dumb here: path.dat and path.dir),
+    # readable by the agent's user only.
+    os.umask(0o077)
     await Server().init(shelf_file=path)
 
 

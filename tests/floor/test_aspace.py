@@ -20,6 +20,10 @@ async def test_shelf_is_built_once_and_serves_the_standard_nodes(tmp_path: Path)
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     built = {p.name: p.stat().st_mtime_ns for p in path.parent.iterdir()}
     assert len(built) > 1, built  # the marker and the shelf's own files
+    # State files: the agent's user only, whatever the umask of the test run.
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.parent.iterdir()} == dict.fromkeys(
+        built, 0o600
+    )
     # A later start finds the shelf and writes nothing.
     assert await ensure_shelf(tmp_path) == path
     assert {p.name: p.stat().st_mtime_ns for p in path.parent.iterdir()} == built
@@ -27,6 +31,16 @@ async def test_shelf_is_built_once_and_serves_the_standard_nodes(tmp_path: Path)
     await server.init(shelf_file=path)
     node = server.get_node(ua.NodeId(ua.ObjectIds.Server_ServerStatus_State))
     assert await node.read_browse_name() == ua.QualifiedName("State", 0)
+
+
+async def test_a_shelf_left_readable_to_others_is_made_private_when_found(
+    tmp_path: Path,
+) -> None:
+    path = await ensure_shelf(tmp_path)
+    for part in path.parent.iterdir():
+        part.chmod(0o644)  # as versions before this one wrote them under umask 022
+    assert await ensure_shelf(tmp_path) == path
+    assert {stat.S_IMODE(p.stat().st_mode) for p in path.parent.iterdir()} == {0o600}
 
 
 async def test_a_build_without_its_marker_is_made_again(tmp_path: Path) -> None:

@@ -10,8 +10,12 @@ uplink starts only once every ingest process has its subscription acknowledged b
 a batch published before that reaches no subscriber and waits out the resend timeout (30 s
 here), which is what made about one run in ten stall. `resent` counts such resends; a run
 with resends is a stall whatever its duration.
-Run: `python -m bench.e2e [--events 200000] [--ingest-processes 2] [--workers 2] [--runs 1]`.
-With `--runs N` each run prints its JSON object and the last line sums them up.
+With `--agents K` the backlog is split over K agents, each enrolled with its own key at a
+site of its own, with its own outbox and uplink (its own MQTT connection), all draining at
+once: one agent's batches pass its sequence row one at a time, K agents' do not, so this is
+how the drain grows with ingest processes until something else is the limit.
+Run: `python -m bench.e2e [--events 200000] [--agents 1] [--ingest-processes 2] [--workers 2]
+[--runs 1]`. With `--runs N` each run prints its JSON object and the last line sums them up.
 """
 
 from __future__ import annotations
@@ -59,16 +63,22 @@ def enrolled_agent(url: str, keys_dir: Path) -> tuple[CloudKeyring, Ed25519Priva
     the database at `url` with a new signing key."""
     generate_cloud_hpke_keys(keys_dir, [SUITE_X25519])
     generate_cloud_ack_key(keys_dir)
-    ring = CloudKeyring.load(keys_dir)
+    return CloudKeyring.load(keys_dir), enroll(url, AGENT, SITE)
+
+
+def enroll(url: str, agent: str, site: str) -> Ed25519PrivateKey:
+    """`agent` at `site` enrolled in the database at `url` with a new signing key."""
     key = Ed25519PrivateKey.generate()
     with psycopg.connect(url) as conn, conn.transaction():
-        conn.execute("INSERT INTO registry.sites(site_id) VALUES (%s)", (SITE,))
-        conn.execute("INSERT INTO registry.agents VALUES (%s, %s)", (AGENT, SITE))
+        conn.execute(
+            "INSERT INTO registry.sites(site_id) VALUES (%s) ON CONFLICT DO NOTHING", (site,)
+        )
+        conn.execute("INSERT INTO registry.agents VALUES (%s, %s)", (agent, site))
         conn.execute(
             "INSERT INTO registry.agent_keys(agent_id, key_id, public_key) VALUES (%s, %s, %s)",
-            (AGENT, ed25519_key_id(key.public_key()), ed25519_line(key.public_key())),
+            (agent, ed25519_key_id(key.public_key()), ed25519_line(key.public_key())),
         )
-    return ring, key
+    return key
 
 
 def cpu_ticks(pid: int) -> int:
@@ -139,34 +149,47 @@ def _json_lines(text: str) -> list[str]:
 
 
 async def drain(
-    outbox: Outbox, prefix: str, ring: CloudKeyring, in_flight: int, port: int
+    outboxes: list[tuple[Outbox, str, str]],
+    prefix: str,
+    ring: CloudKeyring,
+    in_flight: int,
+    port: int,
 ) -> tuple[float, int]:
-    """Seconds until the outbox is empty, and the number of batches sent again."""
-    uplink = Uplink(
-        outbox,
-        BrokerSettings(host=MQTT_HOST, port=port),
-        site=SITE,
-        agent=AGENT,
-        ack_keys=ring.ack_verify_keys(),
-        topic_prefix=prefix,
-        ack_timeout=30,
-        max_in_flight=in_flight,
-    )
+    """Seconds until every (outbox, agent, site) is empty, each drained by its agent's own
+    uplink, and the number of batches sent again."""
+    uplinks = [
+        Uplink(
+            outbox,
+            BrokerSettings(host=MQTT_HOST, port=port),
+            site=site,
+            agent=agent,
+            ack_keys=ring.ack_verify_keys(),
+            topic_prefix=prefix,
+            ack_timeout=30,
+            max_in_flight=in_flight,
+        )
+        for outbox, agent, site in outboxes
+    ]
     t0 = time.perf_counter()
-    task = asyncio.create_task(uplink.run())
+    tasks = [asyncio.create_task(uplink.run()) for uplink in uplinks]
     try:
-        while outbox.stats().depth:  # noqa: ASYNC110 (the outbox has no change notification)
+        # The outboxes have no change notification: polled.
+        while any(outbox.stats().depth for outbox, _, _ in outboxes):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        return time.perf_counter() - t0, uplink.stats.resent
+        return time.perf_counter() - t0, sum(uplink.stats.resent for uplink in uplinks)
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument(
+        "--agents", type=int, default=1, help="agents sharing the backlog, draining at once"
+    )
     parser.add_argument("--ingest-processes", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="threads per ingest process")
     parser.add_argument("--in-flight", type=int, default=32)
@@ -185,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "bench": "e2e",
                     "runs": args.runs,
+                    "agents": args.agents,
+                    "ingest_processes": args.ingest_processes,
                     "runs_with_resends": sum(1 for _, resent in results if resent),
                     "resent": sum(resent for _, resent in results),
                     "seconds_min": seconds[0],
@@ -218,18 +243,32 @@ def run(args: argparse.Namespace) -> tuple[float, int]:
                 broker, port = start_broker(folder)
             keys_dir = folder / "cloud-keys"
             ring, key = enrolled_agent(url, keys_dir)
-            # The backlog, sealed once as the agent would have sealed it during an outage.
-            outbox = Outbox(folder / "outbox.db", max_bytes=64 * 1024**3, min_free_bytes=0)
-            events = make_events(args.events)
             cloud = ring.current_hpke.public
-            for i in range(0, len(events), args.batch * 10):
-                part = events[i : i + args.batch * 10]
-                chunks = [part[j : j + args.batch] for j in range(0, len(part), args.batch)]
-                outbox.append(
-                    [NewBatch(len(c), make_sealer(c, key, cloud, SUITE_X25519)) for c in chunks],
-                    None,
-                )
-            batches = outbox.stats().depth
+            outboxes: list[tuple[Outbox, str, str]] = []
+            for n in range(args.agents):
+                # One agent is the bench's own (AGENT at SITE); more each have their own.
+                agent, site = (AGENT, SITE) if n == 0 else (f"{AGENT}-{n}", f"{SITE}-{n}")
+                if n:
+                    key = enroll(url, agent, site)
+                # Its backlog, sealed once as the agent would have sealed it during an outage.
+                outbox = Outbox(folder / f"outbox-{n}.db", max_bytes=64 * 1024**3, min_free_bytes=0)
+                share = args.events // args.agents + (n < args.events % args.agents)
+                events = make_events(share, seed=n + 1, agent=agent, site=site)
+                for i in range(0, len(events), args.batch * 10):
+                    part = events[i : i + args.batch * 10]
+                    chunks = [part[j : j + args.batch] for j in range(0, len(part), args.batch)]
+                    outbox.append(
+                        [
+                            NewBatch(
+                                len(c),
+                                make_sealer(c, key, cloud, SUITE_X25519, agent=agent, site=site),
+                            )
+                            for c in chunks
+                        ],
+                        None,
+                    )
+                outboxes.append((outbox, agent, site))
+            batches = sum(outbox.stats().depth for outbox, _, _ in outboxes)
             prefix = f"bench/{secrets.token_hex(4)}/"
             env = {
                 **os.environ,
@@ -245,7 +284,7 @@ def run(args: argparse.Namespace) -> tuple[float, int]:
                 groups["broker"] = [broker.pid]
             before = {k: sum(map(cpu_ticks, v)) for k, v in groups.items()}
             agent_before = time.process_time()
-            seconds, resent = asyncio.run(drain(outbox, prefix, ring, args.in_flight, port))
+            seconds, resent = asyncio.run(drain(outboxes, prefix, ring, args.in_flight, port))
             cpu_ms = {
                 k: round((sum(map(cpu_ticks, v)) - before[k]) / CLK_TCK * 1e6 / args.events, 1)
                 for k, v in groups.items()
@@ -253,7 +292,8 @@ def run(args: argparse.Namespace) -> tuple[float, int]:
             # This process is the agent during the drain: reading batches from the outbox,
             # publishing them, verifying acks and deleting what they name.
             cpu_ms["agent"] = round((time.process_time() - agent_before) * 1e6 / args.events, 1)
-            outbox.close()
+            for outbox, _, _ in outboxes:
+                outbox.close()
         with psycopg.connect(url) as conn:
             row = conn.execute(
                 "SELECT count(*), count(DISTINCT event_id) FROM facts.events"
@@ -282,6 +322,7 @@ def run(args: argparse.Namespace) -> tuple[float, int]:
                 "bench": "e2e",
                 "events": args.events,
                 "batches": batches,
+                "agents": args.agents,
                 "seconds": round(seconds, 3),
                 "events_per_s": round(rate),
                 "resent": resent,

@@ -38,8 +38,9 @@ from sync.keys import SUITE_X25519, CloudPrivateKey, CloudPublicKey, Suite, ed25
 AGENT, SITE = "edge-bench-01", "plant-bench"
 
 
-def make_events(n: int, *, seed: int = 1) -> list[Event]:
-    """A realistic mix: mostly part counts, some state changes, a closed bucket now and then."""
+def make_events(n: int, *, seed: int = 1, agent: str = AGENT, site: str = SITE) -> list[Event]:
+    """A realistic mix: mostly part counts, some state changes, a closed bucket now and then
+    (of `agent` at `site`)."""
     rng = random.Random(seed)
     start = datetime(2026, 1, 5, 6, tzinfo=UTC)
     events: list[Event] = []
@@ -50,8 +51,8 @@ def make_events(n: int, *, seed: int = 1) -> list[Event]:
         if r < 0.80:
             events.append(
                 CountEvent(
-                    agent_id=AGENT,
-                    site_id=SITE,
+                    agent_id=agent,
+                    site_id=site,
                     equipment_id=eq,
                     ts=ts,
                     produced=1,
@@ -62,8 +63,8 @@ def make_events(n: int, *, seed: int = 1) -> list[Event]:
         elif r < 0.95:
             events.append(
                 StateEvent(
-                    agent_id=AGENT,
-                    site_id=SITE,
+                    agent_id=agent,
+                    site_id=site,
                     equipment_id=eq,
                     ts=ts,
                     state=rng.choice(["running", "idle", "fault"]),
@@ -75,8 +76,8 @@ def make_events(n: int, *, seed: int = 1) -> list[Event]:
             bucket = ts.replace(second=0, microsecond=0)
             events.append(
                 OeeEvent(
-                    agent_id=AGENT,
-                    site_id=SITE,
+                    agent_id=agent,
+                    site_id=site,
                     equipment_id=eq,
                     ts=ts,
                     bucket_start=bucket,
@@ -99,14 +100,20 @@ def make_events(n: int, *, seed: int = 1) -> list[Event]:
 
 
 def make_sealer(
-    events: list[Event], key: Ed25519PrivateKey, cloud: CloudPublicKey, suite: Suite
+    events: list[Event],
+    key: Ed25519PrivateKey,
+    cloud: CloudPublicKey,
+    suite: Suite,
+    *,
+    agent: str = AGENT,
+    site: str = SITE,
 ) -> Sealer:
     plaintext = dump_events(events)
     key_id = ed25519_key_id(key.public_key())
 
     def sealer(epoch: str, seq: int) -> tuple[bytes, str]:
         header = EnvelopeHeader(
-            agent_id=AGENT, site_id=SITE, epoch=epoch, seq=seq, count=len(events),
+            agent_id=agent, site_id=site, epoch=epoch, seq=seq, count=len(events),
             signing_key_id=key_id, cloud_key_id=cloud.key_id, suite=suite,
         )  # fmt: skip
         raw = seal(plaintext, header, key, cloud)

@@ -8,6 +8,8 @@ a request gets its trace id and nothing more, which keeps a cached API answer ch
 An ingest batch's span joins the trace the edge agent started: the envelope header's
 `trace_id` (32 hex digits) becomes the span's trace id, and the same id is stored on the
 batch, on each of its events and bound into every log line written while it is handled.
+The agent makes no sampling decision, so a batch's trace is sampled as a new trace would be:
+`sample_ratio` of them by trace id when spans are exported, none otherwise.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    Decision,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import (
     INVALID_SPAN,
     NonRecordingSpan,
@@ -40,13 +48,14 @@ _TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _lock = threading.Lock()
 _configured = False
 _exporting = False  # new traces are sampled (an OTLP endpoint is configured)
+_root: Sampler = ALWAYS_OFF  # which new traces are sampled
 
 tracer = trace.get_tracer("cloud_api")
 
 
 def configure(settings: TracingSettings) -> None:
     """Install the SDK tracer provider once per process; export over OTLP when configured."""
-    global _configured, _exporting
+    global _configured, _exporting, _root
     with _lock:
         if _configured:
             return
@@ -67,6 +76,7 @@ def configure(settings: TracingSettings) -> None:
         trace.set_tracer_provider(provider)
         _configured = True
         _exporting = bool(settings.otlp_endpoint) and settings.sample_ratio > 0
+        _root = root
 
 
 def trace_id_of(span: Span) -> str | None:
@@ -142,11 +152,17 @@ def batch_span(trace_id: str | None, attributes: Mapping[str, Any]) -> Iterator[
     """The span of one ingest batch, inside the trace the agent started (its header trace_id)."""
     token = None
     if trace_id and _TRACE_ID.fullmatch(trace_id) and int(trace_id, 16):
+        number = int(trace_id, 16)
+        # The agent made no sampling decision: the one for a new trace of this id. (Marked
+        # sampled, every batch's span was recorded, exported or not, whatever sample_ratio.)
+        sampled = _exporting and (
+            _root.should_sample(None, number, "ingest.batch").decision == Decision.RECORD_AND_SAMPLE
+        )
         remote = SpanContext(
-            trace_id=int(trace_id, 16),
+            trace_id=number,
             span_id=int.from_bytes(secrets.token_bytes(8), "big") or 1,
             is_remote=True,
-            trace_flags=TraceFlags(TraceFlags.SAMPLED),
+            trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT),
         )
         token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(remote)))
     try:

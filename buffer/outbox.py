@@ -66,7 +66,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -659,8 +659,13 @@ class Outbox:
         legacy = self._conn.execute("SELECT data FROM checkpoint WHERE id = 1").fetchone()
         return StoredState(rows, journal, None if legacy is None else str(legacy[0]))
 
-    def pending(self, limit: int, *, after_seq: int = 0) -> list[PendingBatch]:
-        """The oldest unacked batches with seq > after_seq."""
+    def pending(
+        self, limit: int, *, after_seq: int = 0, skip: Collection[int] = ()
+    ) -> list[PendingBatch]:
+        """The oldest unacked batches with seq > after_seq, leaving out the seqs in `skip`
+        (the uplink's batches in flight: their envelopes are not read again)."""
+        if skip:
+            return self._pending_except(limit, after_seq, skip)
         out: list[PendingBatch] = []
         while len(out) < limit:
             rows = self._conn.execute(
@@ -677,6 +682,34 @@ class Outbox:
                 break
             after_seq = int(rows[-1][0])
         return out[:limit]
+
+    def _pending_except(
+        self, limit: int, after_seq: int, skip: Collection[int]
+    ) -> list[PendingBatch]:
+        """`pending` leaving out `skip`: the seqs first (from the primary key alone), then the
+        rows of the chosen ones."""
+        chosen: list[int] = []
+        while len(chosen) < limit:
+            step = limit + len(self._acked) + len(skip)
+            seqs = [
+                int(r[0])
+                for r in self._conn.execute(
+                    "SELECT seq FROM batches WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, step)
+                )
+            ]
+            chosen += [q for q in seqs if q not in self._acked and q not in skip]
+            if len(seqs) < step:
+                break
+            after_seq = seqs[-1]
+        chosen = chosen[:limit]
+        if not chosen:
+            return []
+        rows = self._conn.execute(
+            "SELECT seq, count, digest, envelope, created_ms FROM batches "
+            f"WHERE seq IN ({','.join('?' * len(chosen))}) ORDER BY seq",
+            chosen,
+        ).fetchall()
+        return [PendingBatch(int(r[0]), int(r[1]), str(r[2]), bytes(r[3]), int(r[4])) for r in rows]
 
     def ack(self, epoch: str, acked: dict[int, str]) -> list[int]:
         """Take the batches an ack names, only where epoch and digest match what we sent.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -57,7 +57,9 @@ class BatchStore(Protocol):
 
     @property
     def epoch(self) -> str: ...
-    def pending(self, limit: int, *, after_seq: int = 0) -> Sequence[PendingLike]: ...
+    def pending(
+        self, limit: int, *, after_seq: int = 0, skip: Collection[int] = ()
+    ) -> Sequence[PendingLike]: ...
     def ack(self, epoch: str, acked: dict[int, str]) -> list[int]: ...
     def tidy(self) -> int:
         """Delete acked batches whose deletion is due (the outbox deletes them together)."""
@@ -232,18 +234,13 @@ class Uplink:
         free = self.max_in_flight - len(self._in_flight)
         if free <= 0:
             return
-        candidates = self.store.pending(self.max_in_flight)
-        for batch in candidates:
-            if free <= 0:
-                break
-            if batch.seq in self._in_flight:
-                continue
+        # The oldest unacked batches not in flight: those in flight are not read again.
+        for batch in self.store.pending(free, skip=self._in_flight.keys()):
             info = self._link.publish(self.batch_topic, batch.envelope, qos=1)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 break
             self._in_flight[batch.seq] = now
             self.stats.published += 1
-            free -= 1
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sqlite3
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -466,3 +467,32 @@ def test_a_reader_sees_the_totals_another_connection_commits(tmp_path: Path) -> 
     assert _totals(reader) == _totals(writer) == _sums(path)
     writer.close()
     reader.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batches=st.integers(0, 40),
+    acked=st.sets(st.integers(1, 40)),
+    skip=st.sets(st.integers(1, 45)),
+    limit=st.integers(1, 20),
+    after=st.integers(0, 40),
+)
+def test_pending_leaving_out_batches_in_flight_is_pending_without_them(
+    batches: int, acked: set[int], skip: set[int], limit: int, after: int
+) -> None:
+    """What the uplink asks for (the oldest unacked batches not in flight, their envelopes
+    read only for those) is exactly the full list without the ones in flight."""
+    with tempfile.TemporaryDirectory() as tmp:
+        box = Outbox(Path(tmp) / "o.db")
+        try:
+            box.append([(1, blob_sealer(5, bytes([65 + i % 26]))) for i in range(batches)], None)
+            e = box.epoch
+            box.ack(e, {seq: f"{e}-{seq}" for seq in acked if seq <= batches})
+            every = [b for b in box.pending(1000, after_seq=after) if b.seq not in skip]
+            got = box.pending(limit, after_seq=after, skip=skip)
+            shape = [(b.seq, b.count, b.digest, b.envelope, b.created_ms) for b in got]
+            assert shape == [
+                (b.seq, b.count, b.digest, b.envelope, b.created_ms) for b in every[:limit]
+            ]
+        finally:
+            box.close()

@@ -87,7 +87,7 @@ class HttpSettings(_Model):
     # `database.pool_max`). They share one GIL with the event loop: each holds it while it
     # turns rows into an answer, so beyond a few, more threads only wait longer for it. With
     # PostgreSQL on the same host, 2 gave the highest rate and the shortest tail (python -m
-    # bench.api: p99 30-50 ms at 32 clients against 100-140 ms with 10); with the database
+    # bench.api: p99 30-49 ms at 32 clients against 98-137 ms with 10); with the database
     # across a network, where a thread mostly waits on round trips, 4-8 cover the wait.
     db_threads: int = Field(default=2, ge=1, le=500)
 

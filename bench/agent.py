@@ -17,6 +17,15 @@ half alone.
 Before both, the import floor: the RSS each layer of the agent's imports adds in a fresh
 interpreter (`import_floor_mb`); after the sizes, the kB each machine adds (`kb_per_machine`).
 
+Part of the resident memory is pages of the shared libraries the agent maps (`rss_file_mb_end`),
+and how many of those pages a start maps depends on what the page cache holds: the kernel
+maps the cached pages around each page fault (fault-around), and the venv's files are all in
+the cache right after pip wrote them. So by default (`--page-cache cold`) the agent's own
+installed files (the venv and the project's packages) are evicted from the cache
+(posix_fadvise DONTNEED) before each agent start and before the import floor, as on a box
+after a reboot, and every run starts from the same state; `warm` leaves the cache as it is.
+Shared system libraries (libpython, libc, OpenSSL) are left alone: other processes use them.
+
 The agent runs from a virtual environment with the project's own dependencies only (no test
 tools), as it is installed on an edge box: `var/bench-agent-venv`, created on first use and
 byte-compiled as deploy/install-edge.sh does. `--venv current` runs the interpreter's own
@@ -24,9 +33,9 @@ byte-compiled as deploy/install-edge.sh does. `--venv current` runs the interpre
 systemd/edge-agent.service (PYTHONOPTIMIZE=2 among them); `--no-unit-env` leaves them out.
 
 Run: `python -m bench.agent [--machines 20,100,300] [--seconds 90] [--unreachable-seconds
-600] [--runs 1] [--venv bench|current] [--no-unit-env]`. Uses the machine's Mosquitto and
-PostgreSQL (a fresh database per size, dropped afterwards). The last line printed is one
-JSON object.
+600] [--runs 1] [--venv bench|current] [--no-unit-env] [--page-cache warm|cold]`. Uses the
+machine's Mosquitto and PostgreSQL (a fresh database per size, dropped afterwards). The last
+line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -161,6 +170,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
 
 
+def evict_from_page_cache(folders: list[Path]) -> int:
+    """Drop the cached pages of every file under `folders` (those no process maps); returns
+    the number of files. Only clean pages go: nothing is written and no file changes."""
+    count = 0
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if not path.is_file() or path.is_symlink():
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                count += 1
+            finally:
+                os.close(fd)
+    return count
+
+
+def agent_files(bin_dir: Path) -> list[Path]:
+    """What the agent loads of its own: its venv's libraries and the project's packages."""
+    return [*bin_dir.parent.glob("lib/python3*"), *(ROOT / p for p in PACKAGES)]
+
+
 def loadavg() -> str:
     return Path("/proc/loadavg").read_text().strip()
 
@@ -186,6 +220,7 @@ class AgentRun:
     machines: int
     acknowledging: bool
     env: dict[str, str]
+    cold: bool = False
     rss: list[tuple[float, float]] = field(default_factory=list)
 
     def run(self, seconds: float, every: float) -> dict[str, Any]:
@@ -202,6 +237,8 @@ class AgentRun:
         agent: subprocess.Popen[bytes] | None = None
         result: dict[str, Any] = {"machines": self.machines, "plcs": plc_count(self.machines)}
         try:
+            if self.cold:
+                result["files_evicted"] = evict_from_page_cache(agent_files(self.bin_dir))
             agent = start_agent(plant.config, log, self.bin_dir, self.env)
             started = time.monotonic()
             cpu_from: tuple[float, float] | None = None
@@ -244,16 +281,17 @@ class AgentRun:
 
 
 def sizes_run(
-    bin_dir: Path, tmp: Path, machines: int, seconds: float, env: dict[str, str]
+    bin_dir: Path, tmp: Path, machines: int, seconds: float, env: dict[str, str], cold: bool
 ) -> dict[str, Any]:
-    run = AgentRun(tmp / f"m{machines}-{secrets.token_hex(2)}", bin_dir, machines, True, env)
+    folder = tmp / f"m{machines}-{secrets.token_hex(2)}"
+    run = AgentRun(folder, bin_dir, machines, True, env, cold)
     return run.run(seconds, every=1.0)
 
 
 def unreachable_run(
-    bin_dir: Path, tmp: Path, seconds: float, env: dict[str, str]
+    bin_dir: Path, tmp: Path, seconds: float, env: dict[str, str], cold: bool
 ) -> dict[str, Any]:
-    run = AgentRun(tmp / f"unreachable-{secrets.token_hex(2)}", bin_dir, 100, False, env)
+    run = AgentRun(tmp / f"unreachable-{secrets.token_hex(2)}", bin_dir, 100, False, env, cold)
     result = run.run(seconds, every=5.0)
     window = [(t, v) for t, v in run.rss if t >= SLOPE_FROM_S]
     result["seconds"] = seconds
@@ -286,19 +324,30 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run the agent without the Environment= settings of systemd/edge-agent.service",
     )
+    parser.add_argument(
+        "--page-cache",
+        choices=("warm", "cold"),
+        default="cold",
+        help="cold: evict the agent's own files from the page cache before each start (as "
+        "after a reboot); warm: leave the cache as it is",
+    )
     args = parser.parse_args(argv)
+    cold = args.page_cache == "cold"
     sizes = [int(m) for m in args.machines.split(",") if m.strip()]
     bin_dir = agent_venv(args.venv)
     env = {} if args.no_unit_env else unit_environment()
     out: dict[str, Any] = {"bench": "agent", "venv": str(bin_dir.parent), "sizes": []}
     out["agent_environment"] = env
+    out["page_cache"] = args.page_cache
+    if cold:
+        evict_from_page_cache(agent_files(bin_dir))
     out["import_floor_mb"] = import_floor(bin_dir, env)
     print("imports (MB):", json.dumps(out["import_floor_mb"]), flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp:
         for machines in sizes:
             for _ in range(args.runs):
                 seconds = max(args.seconds, RSS_AT_S + 5)
-                r = sizes_run(bin_dir, Path(tmp), machines, seconds, env)
+                r = sizes_run(bin_dir, Path(tmp), machines, seconds, env, cold)
                 out["sizes"].append(r)
                 print(
                     f"{machines:4d} machines: {r['rss_mb_at_60s']} MB at 60 s, "
@@ -309,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.unreachable_seconds > 0:
             out["unreachable"] = []
             for _ in range(args.runs):
-                r = unreachable_run(bin_dir, Path(tmp), args.unreachable_seconds, env)
+                r = unreachable_run(bin_dir, Path(tmp), args.unreachable_seconds, env, cold)
                 out["unreachable"].append(r)
                 print(
                     f"cloud unreachable {args.unreachable_seconds:.0f} s: "

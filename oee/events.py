@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -318,9 +319,26 @@ EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 EVENT_LIST_ADAPTER: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 
 
-def dump_events(events: list[Event]) -> bytes:
-    """Serialize events to compact JSON (the plaintext of a batch)."""
-    return EVENT_LIST_ADAPTER.dump_json(events)
+# Each event class's own serializer: the one the list's tagged union picks by `kind`.
+_SERIALIZERS = {
+    cls: cls.__pydantic_serializer__
+    for cls in (StateEvent, CountEvent, OeeEvent, SampleEvent, AgentEvent)
+}
+
+
+def dump_events(events: Sequence[Event]) -> bytes:
+    """Serialize events to compact JSON: the plaintext of a batch, and what ingest stores.
+
+    Each event by its own class's serializer, joined into the array: the same bytes as
+    `EVENT_LIST_ADAPTER.dump_json(events)` in about 60 % of its CPU (the list's serializer
+    first looks each item's class up in the union by its `kind`: 2.0 against 1.2 us an
+    event). A list holding anything but these classes goes through the adapter.
+    """
+    try:
+        parts = [_SERIALIZERS[type(e)].to_json(e) for e in events]
+    except KeyError:
+        return EVENT_LIST_ADAPTER.dump_json(list(events))
+    return b"[" + b",".join(parts) + b"]"
 
 
 def load_events(data: bytes) -> list[Event]:

@@ -61,7 +61,7 @@ from cloud_api.ingest.sequence import note_gap, record_declared_losses
 from common.mqtt import BrokerSettings, MqttLink
 from oee.bounds import plain_errors
 from oee.components import COMPONENT_FIELDS, INTEGER_FIELDS
-from oee.events import EVENT_LIST_ADAPTER, AgentEvent, Event, OeeEvent, load_events
+from oee.events import AgentEvent, Event, OeeEvent, dump_events, load_events
 from sync.envelope import (
     AFTER_SIGNATURE,
     AckBody,
@@ -473,7 +473,7 @@ class BatchWriter:
             header.count,
             header.created,
             header.trace_id,
-            Jsonb(EVENT_LIST_ADAPTER.dump_json(list(events)), dumps=_raw_json),
+            Jsonb(dump_events(events), dumps=_raw_json),
             _equipment(events),
             any(isinstance(e, OeeEvent) for e in events),
             data,
@@ -563,9 +563,9 @@ class BatchWriter:
             "count": header.count,
             "created": header.created,
             "trace": header.trace_id,
-            # One pydantic call for the whole batch; _check made sure every event names the
+            # Serialized once for the whole batch; _check made sure every event names the
             # header's agent and site.
-            "events": Jsonb(EVENT_LIST_ADAPTER.dump_json(list(events)), dumps=_raw_json),
+            "events": Jsonb(dump_events(events), dumps=_raw_json),
         }
         if equipment:
             params["equipment"] = _equipment(events)
@@ -574,7 +574,7 @@ class BatchWriter:
     def _store_buckets(self, conn: psycopg.Connection[Any], buckets: Sequence[OeeEvent]) -> None:
         """OEE buckets with their rollups and data versions, in one statement."""
         if buckets:
-            data = EVENT_LIST_ADAPTER.dump_json(list(buckets))
+            data = dump_events(buckets)
             conn.execute(STORE_BUCKETS_JSON, (Jsonb(data, dumps=_raw_json),))
 
     def _quarantine(self, topic: str, payload: bytes | None, rejected: Rejected) -> None:

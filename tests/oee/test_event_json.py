@@ -12,7 +12,7 @@ from pydantic_core import PydanticSerializationError
 
 from connectors.sample import Sample
 from oee.events import EVENT_LIST_ADAPTER, count_event, dump_events, load_events
-from tests.oee.test_count_event import AT, ids, ints, texts
+from tests.oee.test_count_event import PLAIN, ids, ints, texts
 from tests.oee.test_properties import clean_run, timelines
 
 
@@ -36,21 +36,10 @@ def test_count_events_with_any_text_dump_as_the_list_adapter_dumps_them(
 ) -> None:
     events: list[Any] = []
     for equipment, product, reason, n in fields:
+        given = {"equipment_id": equipment, "produced": n, "good": n}
         try:
             events.append(
-                count_event(
-                    agent_id="edge-01",
-                    site_id="plant-01",
-                    equipment_id=equipment,
-                    ts=AT,
-                    produced=n,
-                    good=n,
-                    scrap=0,
-                    rework=0,
-                    product=product,
-                    scrap_reason=reason,
-                    in_plan=True,
-                )
+                count_event(**{**PLAIN, **given, "product": product, "scrap_reason": reason})
             )
         except ValueError:  # refused as the model refuses it (tests/oee/test_count_event.py)
             continue
@@ -60,8 +49,9 @@ def test_count_events_with_any_text_dump_as_the_list_adapter_dumps_them(
 def test_a_list_with_something_else_goes_through_the_adapter() -> None:
     events: list[Any] = clean_run([], "performance")
     assert events
+    foreign: Any = object()
     with pytest.raises(PydanticSerializationError):
-        EVENT_LIST_ADAPTER.dump_json([*events, object()])
+        EVENT_LIST_ADAPTER.dump_json([*events, foreign])
     with pytest.raises(PydanticSerializationError):
-        dump_events([*events, object()])
+        dump_events([*events, foreign])
     assert dump_events([]) == EVENT_LIST_ADAPTER.dump_json([]) == b"[]"

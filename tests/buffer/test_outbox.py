@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.outbox_writer import OutboxWriter, fill_level
-from buffer.outbox import NewBatch, Outbox, OutboxFull, StateWrite
+from buffer.outbox import PENDING_READ_ROWS, NewBatch, Outbox, OutboxFull, StateWrite
 from oee.events import AgentEvent, CountEvent, Event, SampleEvent, load_events
 
 NOW = datetime(2026, 1, 5, 6, tzinfo=UTC)
@@ -477,22 +477,38 @@ def test_a_reader_sees_the_totals_another_connection_commits(tmp_path: Path) -> 
     limit=st.integers(1, 20),
     after=st.integers(0, 40),
 )
-def test_pending_leaving_out_batches_in_flight_is_pending_without_them(
+def test_pending_is_the_oldest_unacked_batches_not_skipped(
     batches: int, acked: set[int], skip: set[int], limit: int, after: int
 ) -> None:
-    """What the uplink asks for (the oldest unacked batches not in flight, their envelopes
-    read only for those) is exactly the full list without the ones in flight."""
+    """What the uplink asks for (the oldest unacked batches not in flight) is exactly the
+    file's batches after `after_seq`, without the acked ones and the ones in flight."""
     with tempfile.TemporaryDirectory() as tmp:
-        box = Outbox(Path(tmp) / "o.db")
+        path = Path(tmp) / "o.db"
+        box = Outbox(path)
         try:
             box.append([(1, blob_sealer(5, bytes([65 + i % 26]))) for i in range(batches)], None)
             e = box.epoch
-            box.ack(e, {seq: f"{e}-{seq}" for seq in acked if seq <= batches})
-            every = [b for b in box.pending(1000, after_seq=after) if b.seq not in skip]
+            taken = set(box.ack(e, {seq: f"{e}-{seq}" for seq in acked if seq <= batches}))
+            with contextlib.closing(sqlite3.connect(path)) as reader:
+                rows = reader.execute(
+                    "SELECT seq, count, digest, envelope, created_ms FROM batches "
+                    "WHERE seq > ? ORDER BY seq",
+                    (after,),
+                ).fetchall()
+            every = [tuple(r) for r in rows if r[0] not in taken and r[0] not in skip]
             got = box.pending(limit, after_seq=after, skip=skip)
-            shape = [(b.seq, b.count, b.digest, b.envelope, b.created_ms) for b in got]
-            assert shape == [
-                (b.seq, b.count, b.digest, b.envelope, b.created_ms) for b in every[:limit]
-            ]
+            assert [(b.seq, b.count, b.digest, b.envelope, b.created_ms) for b in got] == (
+                every[:limit]
+            )
         finally:
             box.close()
+
+
+def test_pending_reads_more_batches_than_a_statement_takes_parameters(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    try:
+        n = 2 * PENDING_READ_ROWS + 3
+        box.append([(1, blob_sealer(5, b"x")) for _ in range(n)], None)
+        assert [b.seq for b in box.pending(n + 10, skip={2})] == [1, *range(3, n + 1)]
+    finally:
+        box.close()

@@ -1,0 +1,75 @@
+"""Constraints and validators of plain dataclasses, which pydantic applies when it validates.
+
+The agent's configuration, events and wire messages are stdlib dataclasses. Where untrusted
+input enters (the YAML file, a pushed configuration, a batch at ingest), pydantic validates
+it into them (`pydantic.TypeAdapter(SomeDataclass)`); the running agent only builds and reads
+them, and does not import pydantic at all (README "Footprint": pydantic and the models it
+builds are about 13 MB of the agent's memory).
+
+The metadata here is what the dataclasses' `Annotated[...]` fields carry. Each object is
+turned into its pydantic form (`pydantic.Field(...)`, `BeforeValidator`, `AfterValidator`)
+only when pydantic builds a schema, so importing a module of dataclasses imports no pydantic:
+
+    port: Annotated[int, Check(ge=1, le=65535)] = 1883
+    interval: Annotated[float, Before(parse_duration)] = 60.0
+
+`FORBID` as a dataclass's `__pydantic_config__` refuses unknown keys, as
+`ConfigDict(extra="forbid")` does on a model.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final
+
+# A dataclass's `__pydantic_config__`: unknown keys are refused (the TypedDict ConfigDict is
+# a plain dict at run time; spelling it as one keeps pydantic out of the import).
+FORBID: Final[dict[str, Any]] = {"extra": "forbid"}
+
+
+class _Deferred:
+    """Annotated metadata standing for `pydantic.<kind>(*args, **kwargs)`."""
+
+    __slots__ = ("args", "kind", "kwargs")
+
+    def __init__(self, kind: str, *args: Any, **kwargs: Any) -> None:
+        self.kind = kind
+        self.args = args
+        self.kwargs = kwargs
+
+    def __repr__(self) -> str:
+        parts = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"{self.kind}({', '.join(parts)})"
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        import pydantic
+
+        made = getattr(pydantic, self.kind)(*self.args, **self.kwargs)
+        return handler(Annotated[source, made])
+
+
+def Check(**constraints: Any) -> Any:
+    """The constraints of `pydantic.Field` (ge, le, gt, min_length, max_length, pattern,
+    allow_inf_nan, discriminator, ...), applied to the annotated type."""
+    return _Deferred("Field", **constraints)
+
+
+def Before(function: Any) -> Any:
+    """`pydantic.BeforeValidator(function)`: runs on the raw input, before the type's check."""
+    return _Deferred("BeforeValidator", function)
+
+
+def After(function: Any) -> Any:
+    """`pydantic.AfterValidator(function)`: runs on the value the type's check gave."""
+    return _Deferred("AfterValidator", function)
+
+
+def constraints(metadata: Any) -> dict[str, Any]:
+    """The `Check(...)` constraints among a field's Annotated metadata, merged (outer wins)."""
+    out: dict[str, Any] = {}
+    for item in metadata:
+        if isinstance(item, _Deferred) and item.kind == "Field":
+            out.update(item.kwargs)
+    return out
+
+
+__all__ = ["FORBID", "After", "Before", "Check", "constraints"]

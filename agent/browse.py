@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 from typing import get_args
 
 from agent.config import ConfigError, load_config
+from common.checks import validate
 from connectors.opcua.config import OpcUaConnection, SecurityMode, SecurityPolicy
 
 _SECURITY_FLAGS = (
@@ -39,7 +41,7 @@ def _connection(args: argparse.Namespace) -> OpcUaConnection:
                 if not found
                 else f"{args.config}: has several OPC UA connections; name one with --connection"
             )
-        data = found[0].model_dump(exclude_unset=True)
+        data = dataclasses.asdict(found[0])
     elif args.connection:
         raise ConfigError("--connection needs -c FILE")
     if args.url:
@@ -54,7 +56,7 @@ def _connection(args: argparse.Namespace) -> OpcUaConnection:
     elif "username" in data and "password" not in data and "OPCUA_PASSWORD" in os.environ:
         data["password"] = os.environ["OPCUA_PASSWORD"]
     try:
-        return OpcUaConnection.model_validate(data)
+        return validate(OpcUaConnection, data)
     except ValueError as exc:
         raise ConfigError(f"browse: {exc}") from None
 

@@ -50,11 +50,11 @@ def counter_width(signal: SignalConfig, sample: Sample | None) -> str:
     if signal.width is not None:
         why = f"width: {signal.width}"
     elif not signal.width_from_source:
-        why = f"type: {signal.type}"
+        why = f"type: {signal.data_type}"
     elif declared in INTEGER_WIDTHS:
         why = f"the PLC declares {declared}"
     else:
-        why = f"default type {signal.type}; the PLC declared no integer type"
+        why = f"default type {signal.data_type}; the PLC declared no integer type"
     sign = "signed" if counter.signed else "unsigned"
     return f"counted as {counter.width}-bit {sign} ({why})"
 

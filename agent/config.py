@@ -1,31 +1,39 @@
-"""The agent's one YAML file: pydantic models, `${ENV}` substitution, errors with YAML paths.
+"""The agent's one YAML file: dataclasses, `${ENV}` substitution, errors with YAML paths.
 
 `load_config(path)` either returns a validated `AgentConfig` or raises `ConfigError` whose
-message names each offending YAML path (and its line) with the reason.
+message names each offending YAML path (and its line) with the reason. pydantic validates the
+file into the dataclasses (`common.checks`) and is imported only then: the running agent gets
+its configuration from `agent.configcheck`, in a process of its own, and never imports it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
-
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    ClassVar,
+    Literal,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
 )
 
+import yaml
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 from agent.floor.config import OpcUaServerConfig, PlantMqttConfig
+from common.checks import FORBID, After, Check, validate
 from common.duration import Duration
 from common.mqtt import BrokerChoice
 from connectors.modbus.codec import DataType, Order
@@ -66,68 +74,76 @@ class ConfigError(Exception):
         self.problems = problems or []
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@dataclass(kw_only=True)
+class _Model:
+    __pydantic_config__: ClassVar[dict[str, object]] = FORBID
 
 
+def _bucket_divides_an_hour(value: int) -> int:
+    # Buckets are aligned to UTC hours and sum to shifts; the engine refuses others.
+    if 3600 % value:
+        divisors = ", ".join(str(d) for d in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900))
+        raise ValueError(f"must divide an hour (3600 seconds), e.g. {divisors}, 1800, 3600")
+    return value
+
+
+Name = Annotated[str, Check(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
+@dataclass(kw_only=True)
 class AgentSection(_Model):
-    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    site: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    id: Name
+    site: Name
     timezone: TimeZoneName = "UTC"
     state_dir: Path = Path("/var/lib/edge-agent")
-    bucket_seconds: int = Field(default=60, ge=1, le=3600)
-    status_interval: Duration = Field(
-        default=60.0, description="how often health goes to the cloud"
-    )
+    bucket_seconds: Annotated[int, Check(ge=1, le=3600), After(_bucket_divides_an_hour)] = 60
+    status_interval: Duration = 60.0  # how often health goes to the cloud
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-
-    @field_validator("bucket_seconds")
-    @classmethod
-    def _bucket_divides_an_hour(cls, value: int) -> int:
-        # Buckets are aligned to UTC hours and sum to shifts; the engine refuses others.
-        if 3600 % value:
-            divisors = ", ".join(str(d) for d in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900))
-            raise ValueError(f"must divide an hour (3600 seconds), e.g. {divisors}, 1800, 3600")
-        return value
 
 
 _CONNECTION_TYPES = tuple(CONNECTOR_TYPES)
 
 
+DEFAULT_DATA_TYPE: DataType = "uint16"
+
+
+@dataclass(kw_only=True)
 class SignalConfig(_Model):
     """Where a signal is read (connector part) and how the engine reads it (OEE part)."""
 
     address: str | None = None
-    node: str | None = Field(
-        default=None, description="OPC UA: ns=2;s=..., ns=3;i=..., nsu=URI;s=..., /Objects/2:..."
-    )
-    type: DataType = "uint16"
+    node: str | None = None  # OPC UA: ns=2;s=..., ns=3;i=..., nsu=URI;s=..., /Objects/2:...
+    # Unset: uint16 (`data_type`), or, for a counter, the type the PLC declares.
+    type: DataType | None = None
     order: Order = "ABCD"
     scale: float = 1.0
     offset: float = 0.0
-    bit: int | None = Field(default=None, ge=0, le=15)
-    length: int | None = Field(default=None, ge=1, le=125)
+    bit: Annotated[int | None, Check(ge=0, le=15)] = None
+    length: Annotated[int | None, Check(ge=1, le=125)] = None
     map: CodeMap | None = None
     width: Literal[16, 32, 64] | None = None
     signed: bool | None = None
-    max_delta: int | None = Field(default=None, gt=0)
+    max_delta: Annotated[int | None, Check(gt=0)] = None
 
-    @model_validator(mode="after")
-    def _node_notation(self) -> SignalConfig:
+    def __post_init__(self) -> None:
         if self.node is not None and (problem := node_notation_error(self.node)):
             raise ValueError(f"node: {problem}")
-        return self
+
+    @property
+    def data_type(self) -> DataType:
+        """The type the register holds: `type:`, or uint16 when the file does not say."""
+        return self.type or DEFAULT_DATA_TYPE
 
     @property
     def width_from_source(self) -> bool:
         """As a counter, whether the data type the PLC declares decides width and sign."""
-        return "type" not in self.model_fields_set and self.width is None
+        return self.type is None and self.width is None
 
     def counter_spec(self, source_type: str | None = None) -> CounterSpec:
         """How the engine reads this signal as a counter. Without `type:` and `width:`, the
         integer type the PLC declares (`source_type`, e.g. an OPC UA node's DataType)
         decides width and sign; otherwise `type:` does (default uint16)."""
-        declared: str = self.type
+        declared: str = self.data_type
         if self.width_from_source and source_type is not None and source_type in INTEGER_WIDTHS:
             declared = source_type
         width = self.width or INTEGER_WIDTHS.get(declared, 32)
@@ -150,21 +166,21 @@ SignalName = Literal[
 ]
 
 
+@dataclass(kw_only=True)
 class EquipmentConfig(_Model):
-    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    id: Name
     line: str | None = None
     connection: str | None = None
-    unit: int = Field(default=1, ge=0, le=247)
+    unit: Annotated[int, Check(ge=0, le=247)] = 1
     ideal_cycle_time: CycleTime
     micro_stop_threshold: Duration | None = None
     micro_stops: Literal["performance", "availability"] = "performance"
     signals: dict[SignalName, SignalConfig]
-    products: dict[str, ProductSpec] = Field(default_factory=dict)
+    products: dict[str, ProductSpec] = field(default_factory=dict)
     # KPI name (oee.kpis) -> target; API-set targets of the equipment override these.
-    targets: TargetSet = Field(default_factory=dict)
+    targets: TargetSet = field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _state_needs_map(self) -> EquipmentConfig:
+    def __post_init__(self) -> None:
         if "state" not in self.signals:
             raise ValueError("a state signal is required")
         if not self.signals["state"].map:
@@ -175,10 +191,8 @@ class EquipmentConfig(_Model):
             raise ValueError("signals.scrap_reason needs a scrap_count signal")
         try:
             self.oee_spec()
-        except ValidationError as exc:
-            problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
-            raise ValueError(f"signals: {problems}") from None
-        return self
+        except ValueError as exc:
+            raise ValueError(f"signals: {exc}") from None
 
     def oee_spec(self) -> EquipmentSpec:
         def counter(name: str) -> CounterSpec:
@@ -207,42 +221,46 @@ class EquipmentConfig(_Model):
         )
 
 
-class MqttConfig(_Model, BrokerChoice):
+@dataclass(kw_only=True)
+class MqttConfig(BrokerChoice):
     """The cloud's broker: one (`host`, `port`) or the nodes of a cluster (`brokers`), which
     the uplink connects to in turn when the node it is on is lost or refuses it."""
 
     username: str | None = None
-    password: str | None = Field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
     tls: bool = False
     ca_file: Path | None = None
-    keepalive: int = Field(default=30, ge=5, le=3600)
+    keepalive: Annotated[int, Check(ge=5, le=3600)] = 30
     topic_prefix: str = ""
 
 
+@dataclass(kw_only=True)
 class UplinkConfig(_Model):
-    batch_max_events: int = Field(default=1000, ge=1, le=100_000)
+    batch_max_events: Annotated[int, Check(ge=1, le=100_000)] = 1000
     flush_interval: Duration = 1.0
     ack_timeout: Duration = 15.0
-    max_in_flight: int = Field(default=16, ge=1, le=1000)
+    max_in_flight: Annotated[int, Check(ge=1, le=1000)] = 16
     drain_timeout: Duration = 5.0
     suite: Literal["x25519-hkdfsha256-aes256gcm", "mlkem768x25519-hkdfsha256-aes256gcm"] = (
         "x25519-hkdfsha256-aes256gcm"
     )
 
 
+@dataclass(kw_only=True)
 class KeysConfig(_Model):
     """Key files; relative paths are under agent.state_dir/keys."""
 
     dir: Path | None = None
 
 
+@dataclass(kw_only=True)
 class OutboxConfig(_Model):
     """The durable outbox: where it lives and how much it may hold during an outage."""
 
     path: Path | None = None
-    max_bytes: int = Field(default=2 * 1024**3, ge=16 * 1024)
+    max_bytes: Annotated[int, Check(ge=16 * 1024)] = 2 * 1024**3
     # The outbox stops growing when the file system's free space would drop below this.
-    min_free_bytes: int = Field(default=256 * 1024**2, ge=0)
+    min_free_bytes: Annotated[int, Check(ge=0)] = 256 * 1024**2
     # block: hold new events in memory (the checkpoint on disk stays consistent), retry.
     # shed_samples: delete raw-sample batches first and record the loss; OEE data is never shed.
     when_full: Literal["block", "shed_samples"] = "block"
@@ -250,30 +268,33 @@ class OutboxConfig(_Model):
     # crash or power loss at most this much (plus one flush) of observed time is reported as
     # unknown ("agent restarted"); while parts are counted it is one flush. Shorter: a
     # tighter bound, more small writes to the flash (README "Storage").
-    heartbeat_interval: Duration = Field(default=60.0, gt=0, le=3600)
+    heartbeat_interval: Annotated[Duration, Check(gt=0, le=3600)] = 60.0
     # The engine-state journal is folded into one row per equipment this often.
-    snapshot_interval: Duration = Field(default=300.0, gt=0, le=86400)
+    snapshot_interval: Annotated[Duration, Check(gt=0, le=86400)] = 300.0
 
 
+@dataclass(kw_only=True)
 class RawSamplesConfig(_Model):
     """Optional publishing of raw signal values (`sample` events), filtered by a deadband."""
 
     enabled: bool = False
     # A numeric value is published when it moved by more than this since the last one sent.
-    deadband: float = Field(default=0.0, ge=0.0)
+    deadband: Annotated[float, Check(ge=0.0)] = 0.0
     # Publish an unchanged value again after this long (a heartbeat); unset: never.
     max_interval: Duration | None = None
     # Only these signals (default: every signal of every equipment).
     signals: list[str] | None = None
 
 
+@dataclass(kw_only=True)
 class HealthConfig(_Model):
     """The local health and metrics endpoint; it listens on the loopback interface only."""
 
     enabled: bool = True
-    port: int = Field(default=9650, ge=1, le=65535)
+    port: Annotated[int, Check(ge=1, le=65535)] = 9650
 
 
+@dataclass(kw_only=True)
 class ConfigSourceConfig(_Model):
     """Where the running configuration comes from (agent/remote_config.py, README "Manage a
     fleet"): `local`, this file (pushes from the cloud are ignored); `cloud`, this file until
@@ -281,18 +302,10 @@ class ConfigSourceConfig(_Model):
 
     source: Literal["local", "cloud"] = "local"
     # After applying a pushed version, how long the agent watches its health before keeping it.
-    settle: Duration = Field(default=30.0, gt=0, le=3600)
+    settle: Annotated[Duration, Check(gt=0, le=3600)] = 30.0
 
 
 Loc = tuple[str | int, ...]
-
-
-class CrossCheckFailed(ValueError):
-    """Problems that span sections (ids, references between them), each with its YAML path."""
-
-    def __init__(self, problems: list[tuple[Loc, str]]) -> None:
-        super().__init__("; ".join(f"{dotted(loc)}: {reason}" for loc, reason in problems))
-        self.problems = problems
 
 
 def _get(node: object, name: str) -> Any:
@@ -307,7 +320,7 @@ def cross_check(equipment: Any, connections: Any, *, replay: bool = False) -> li
     models and on the raw YAML (to report them beside field problems, in one pass)."""
     problems: list[tuple[Loc, str]] = []
     items = (
-        [e for e in equipment if isinstance(e, dict | BaseModel)]
+        [e for e in equipment if isinstance(e, dict) or dataclasses.is_dataclass(e)]
         if isinstance(equipment, list)
         else []
     )
@@ -349,7 +362,9 @@ def cross_check(equipment: Any, connections: Any, *, replay: bool = False) -> li
         where = CONNECTOR_TYPES[kind].signal_field
         signals = _get(eq, "signals")
         for name, sig in signals.items() if isinstance(signals, dict) else ():
-            if isinstance(sig, dict | BaseModel) and _get(sig, where) is None:
+            if (isinstance(sig, dict) or dataclasses.is_dataclass(sig)) and _get(
+                sig, where
+            ) is None:
                 problems.append(
                     (
                         ("equipment", i, "signals", str(name)),
@@ -359,34 +374,35 @@ def cross_check(equipment: Any, connections: Any, *, replay: bool = False) -> li
     return problems
 
 
+@dataclass(kw_only=True)
 class TargetsConfig(_Model):
     """Targets of the site and of its lines (equipment set theirs under `equipment`); the
     most specific scope that sets a KPI's target wins: equipment > line > site."""
 
-    site: TargetSet = Field(default_factory=dict)
-    lines: dict[str, TargetSet] = Field(default_factory=dict)
+    site: TargetSet = field(default_factory=dict)
+    lines: dict[str, TargetSet] = field(default_factory=dict)
 
 
+@dataclass(kw_only=True)
 class AgentConfig(_Model):
     agent: AgentSection
-    connections: list[Connection] = Field(default_factory=list)
-    mqtt: MqttConfig = Field(default_factory=MqttConfig)
-    uplink: UplinkConfig = Field(default_factory=UplinkConfig)
-    keys: KeysConfig = Field(default_factory=KeysConfig)
-    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
-    raw_samples: RawSamplesConfig = Field(default_factory=RawSamplesConfig)
-    health: HealthConfig = Field(default_factory=HealthConfig)
+    connections: list[Connection] = field(default_factory=list)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    raw_samples: RawSamplesConfig = field(default_factory=RawSamplesConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     # Plant-floor outputs (agent/floor): off unless configured.
     plant_mqtt: PlantMqttConfig | None = None
     opcua_server: OpcUaServerConfig | None = None
-    config: ConfigSourceConfig = Field(default_factory=ConfigSourceConfig)
-    shifts: list[ShiftSpec] = Field(default_factory=list)
-    targets: TargetsConfig = Field(default_factory=TargetsConfig)
-    equipment: list[EquipmentConfig] = Field(min_length=1)
+    config: ConfigSourceConfig = field(default_factory=ConfigSourceConfig)
+    shifts: list[ShiftSpec] = field(default_factory=list)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    equipment: Annotated[list[EquipmentConfig], Check(min_length=1)]
 
-    @model_validator(mode="after")
-    def _cross_checks(self, info: ValidationInfo) -> AgentConfig:
-        replay = bool(info.context and info.context.get("replay"))
+    def cross_problems(self, *, replay: bool = False) -> list[tuple[Loc, str]]:
+        """Problems that span sections (ids, references between them), each with its path."""
         problems = cross_check(self.equipment, self.connections, replay=replay)
         problems += self._plant_floor_references()
         lines = {e.line for e in self.equipment if e.line is not None}
@@ -395,9 +411,7 @@ class AgentConfig(_Model):
             for line in self.targets.lines
             if line not in lines
         ]
-        if problems:
-            raise CrossCheckFailed(problems)
-        return self
+        return problems
 
     def _plant_floor_references(self) -> list[tuple[Loc, str]]:
         """Equipment the plant-floor outputs name must be configured equipment."""
@@ -605,28 +619,34 @@ def _unwrap(annotation: Any) -> Any:
         return annotation
 
 
+def _fields(kind: Any) -> dict[str, Any] | None:
+    """A configuration dataclass's fields and their types (None for anything else)."""
+    if not (isinstance(kind, type) and dataclasses.is_dataclass(kind)):
+        return None
+    hints = get_type_hints(kind, include_extras=True)
+    return {f.name: hints[f.name] for f in dataclasses.fields(kind)}
+
+
 def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
-    """The keys the model accepts in the mapping at pydantic's `loc` (for "did you mean")."""
+    """The keys the file may write in the mapping at pydantic's `loc` (for "did you mean")."""
     current: Any = AgentConfig
     for part in loc:
         current = _unwrap(current)
         origin = get_origin(current)
+        fields = _fields(current)
         if isinstance(part, int) and origin is list:
             current = get_args(current)[0]
         elif origin is dict:
             current = get_args(current)[1]
         elif origin in (Union, UnionType) and isinstance(part, str) and part in CONNECTOR_TYPES:
             current = CONNECTOR_TYPES[part].config_model  # the tag of a connection's type
-        elif isinstance(current, type) and issubclass(current, BaseModel):
-            if not isinstance(part, str) or part not in current.model_fields:
+        elif fields is not None:
+            if not isinstance(part, str) or part not in fields:
                 return []
-            current = current.model_fields[part].annotation
+            current = fields[part]
         else:
             return []
-    current = _unwrap(current)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
+    return list(_fields(_unwrap(current)) or ())
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -635,6 +655,8 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
 
 
 Found = tuple[Loc, str, Position | None]  # a problem before merging: path, reason, position
+# pydantic's words for a key the dataclass does not have.
+_UNKNOWN_KEY = ("unexpected_keyword_argument", "extra_forbidden")
 
 
 def _raw_problems(exc: ValidationError, lines: dict[tuple[str, ...], Position]) -> list[Found]:
@@ -646,12 +668,8 @@ def _raw_problems(exc: ValidationError, lines: dict[tuple[str, ...], Position]) 
     out: list[Found] = []
     for err in errors:
         loc = _yaml_loc(err["loc"])
-        cause = (err.get("ctx") or {}).get("error")
-        if isinstance(cause, CrossCheckFailed):
-            out.extend((where, why, line_of(where)) for where, why in cause.problems)
-            continue
         reason = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden" and loc:
+        if err["type"] in _UNKNOWN_KEY and loc:
             key, parent = str(loc[-1]), loc[:-1]
             # A misspelled required key is also a missing one: say it once, as the typo.
             absent = [str(m[-1]) for m in missing if m[:-1] == parent and m]
@@ -735,20 +753,24 @@ def parse_config(
     # Where each path is written, for the problems only: a valid file (every start and
     # reload) does not pay for an index of every node.
     lines: dict[tuple[str, ...], Position] = {}
+    from pydantic import ValidationError
+
     try:
-        config = AgentConfig.model_validate(data, context={"replay": replay})
+        config = validate(AgentConfig, data)
     except ValidationError as exc:
         lines = _text_line_index(text)
         found = _raw_problems(exc, lines)
-        if not any(_is_cross_check(e) for e in exc.errors()):
-            # The cross-section checks run only on a model whose fields are valid: run them on
-            # the file as written, beside the field problems (skipping what those explain).
-            shown = [loc for loc, _, _ in found]
-            for loc, why in cross_check(
-                data.get("equipment"), data.get("connections"), replay=replay
-            ):
-                if not any(_overlaps(loc, other) for other in shown):
-                    found.append((loc, why, _line_of(lines, loc)))
+        # The cross-section checks need every field valid: run them on the file as written,
+        # beside the field problems (skipping what those explain).
+        shown = [loc for loc, _, _ in found]
+        for loc, why in cross_check(data.get("equipment"), data.get("connections"), replay=replay):
+            if not any(_overlaps(loc, other) for other in shown):
+                found.append((loc, why, _line_of(lines, loc)))
+    else:
+        cross = config.cross_problems(replay=replay)
+        if cross:
+            lines = _text_line_index(text)
+            found = [(loc, why, _line_of(lines, loc)) for loc, why in cross]
     # A value left empty by an unset variable is not reported as a second problem.
     found = [p for p in found if not any(p[0][: len(loc)] == loc for loc, _ in unset)]
     if unset and not lines:
@@ -767,10 +789,6 @@ def parse_config(
     if config is None:  # unreachable: no problem found means the model validated
         raise RuntimeError("the configuration was neither valid nor refused")
     return config
-
-
-def _is_cross_check(err: Any) -> bool:
-    return isinstance((err.get("ctx") or {}).get("error"), CrossCheckFailed)
 
 
 def _overlaps(a: Loc, b: Loc) -> bool:
@@ -800,12 +818,18 @@ def default_config_path(env: dict[str, str] | None = None) -> tuple[Path, str]:
     return DEFAULT_CONFIG_PATH, "the default"
 
 
-def load_config(path: Path | str, *, replay: bool = False) -> AgentConfig:
-    p = Path(path)
+def read_config_text(path: Path) -> str:
+    """The file's text; ConfigError when it cannot be read."""
     try:
-        text = p.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{p}: no such file") from None
+        raise ConfigError(f"{path}: no such file") from None
     except OSError as exc:
-        raise ConfigError(f"{p}: cannot read the configuration: {exc.strerror}") from None
-    return parse_config(text, str(p), replay=replay)
+        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from None
+
+
+def load_config(path: Path | str, *, replay: bool = False) -> AgentConfig:
+    """The file validated in this process (commands that end; `edge-agent run` uses
+    `agent.configcheck`, which keeps pydantic out of the agent's process)."""
+    p = Path(path)
+    return parse_config(read_config_text(p), str(p), replay=replay)

@@ -45,7 +45,7 @@ def _certificate_settings(path: str, connection_id: str | None) -> tuple[str, Pa
     ]
     if connection_id is not None and not found:
         raise ConfigError(f"{path}: no OPC UA connection with id {connection_id!r}")
-    uri = OpcUaConnection.model_fields["application_uri"].default
+    uri = OpcUaConnection.application_uri
     if found:
         i, conn = found[0]
         uri = expand_env(conn.get("application_uri", uri), f"connections[{i}].application_uri")
@@ -54,7 +54,7 @@ def _certificate_settings(path: str, connection_id: str | None) -> tuple[str, Pa
     keys = _section(data, "keys")
     if keys.get("dir") is not None:
         return uri, Path(expand_env(keys["dir"], "keys.dir"))
-    state = _section(data, "agent").get("state_dir", AgentSection.model_fields["state_dir"].default)
+    state = _section(data, "agent").get("state_dir", AgentSection.state_dir)
     return uri, Path(expand_env(state, "agent.state_dir")) / "keys"
 
 
@@ -100,7 +100,7 @@ def cmd_keys_opcua_server_cert(args: argparse.Namespace) -> int:
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{args.config}: cannot read the configuration: {exc}") from None
     server = _section(data if isinstance(data, dict) else {}, "opcua_server")
-    uri = OpcUaServerConfig.model_fields["application_uri"].default
+    uri = OpcUaServerConfig.application_uri
     uri = expand_env(server.get("application_uri", uri), "opcua_server.application_uri")
     if not isinstance(uri, str) or not uri:
         raise ConfigError(f"{args.config}: opcua_server.application_uri must be a text")

@@ -22,6 +22,7 @@ from agent.engine_store import EngineStore
 from agent.outbox_writer import OutboxWriter
 from agent.raw_samples import RawSamplePublisher
 from buffer.outbox import Outbox
+from common.checks import jsonable
 from connectors.connector import Hub
 from connectors.registry import build_hub
 from connectors.sample import Sample
@@ -267,10 +268,10 @@ class AgentRuntime:
             {
                 "timezone": cfg.agent.timezone,
                 "bucket_seconds": cfg.agent.bucket_seconds,
-                "shifts": [s.model_dump(mode="json") for s in cfg.shifts],
+                "shifts": [jsonable(s) for s in cfg.shifts],
                 "equipment": equipment,
                 # Site and line targets (equipment targets are under each equipment).
-                "targets": cfg.targets.model_dump(mode="json"),
+                "targets": jsonable(cfg.targets),
             },
         )
 

@@ -75,6 +75,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from common.checks import validated
+
 PG = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 STATES = {"idle": 0, "running": 1, "fault": 2}
@@ -141,7 +143,8 @@ def equipment_specs(machines: int) -> list[Any]:
     state_map = {str(v): k for k, v in STATES.items()}
     reason_map = {str(v): k for k, v in REASONS.items()}
     return [
-        EquipmentSpec(
+        validated(
+            EquipmentSpec,
             id=f"press-{i + 1}",
             line=f"line-{i // 10 + 1}",
             ideal_cycle_time=2.0 + (i % 5),
@@ -171,7 +174,7 @@ async def run_agents(spec: dict[str, Any]) -> dict[str, Any]:
     ring = CloudKeyring.load(Path(spec["keys_dir"]))
     cloud = ring.current_hpke.public
     ack_keys = ring.ack_verify_keys()
-    calendar = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+    calendar = ShiftCalendar([validated(ShiftSpec, name="all", start="00:00", end="00:00")], "UTC")
     specs = equipment_specs(spec["machines"])
     control, ready = spec["control"], spec["ready"]
     end = float("inf")  # wall time to stop, set by the bench through `control`

@@ -21,6 +21,7 @@ import socket
 import time
 from typing import Any
 
+from common.checks import validated
 from connectors.modbus.config import ModbusConnection
 from connectors.modbus.hub import ModbusHub, ModbusTag
 
@@ -64,7 +65,8 @@ def tags() -> list[ModbusTag]:
 
 
 async def measure(port: int, seconds: float, *, per_tag: bool) -> dict[str, Any]:
-    cfg = ModbusConnection(
+    cfg = validated(
+        ModbusConnection,
         id="bench",
         host="127.0.0.1",
         port=port,

@@ -24,6 +24,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from common.checks import validated
 from connectors.opcua.config import OpcUaConnection
 from connectors.opcua.hub import OpcUaHub, OpcUaTag
 from connectors.sample import Sample
@@ -84,7 +85,8 @@ def _rss_mb() -> float:
 
 
 async def measure(port: int, nodes: int, seconds: float) -> dict[str, Any]:
-    cfg = OpcUaConnection(
+    cfg = validated(
+        OpcUaConnection,
         id="bench",
         url=f"opc.tcp://127.0.0.1:{port}",
         publishing_interval=1.0,

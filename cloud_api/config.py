@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -61,12 +62,13 @@ class DatabaseSettings(_Model):
         return f"database {name} on {info.get('host') or 'localhost'}:{info.get('port') or 5432}"
 
 
-class MqttSettings(_Model, BrokerChoice):
+@dataclass(kw_only=True)
+class MqttSettings(BrokerChoice):
     """The broker: one (`host`, `port`) or the nodes of a cluster (`brokers`); ingest moves to
     the next node when the one it is on is lost, as the agents do."""
 
     username: str | None = None
-    password: str | None = Field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
     tls: bool = False
     ca_file: str | None = None
     topic_prefix: str = ""

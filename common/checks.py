@@ -19,7 +19,16 @@ only when pydantic builds a schema, so importing a module of dataclasses imports
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final
+import dataclasses
+from datetime import date, time
+from functools import cache
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Annotated, Any, Final, TypeVar
+
+if TYPE_CHECKING:
+    from pydantic import TypeAdapter
+
+T = TypeVar("T")
 
 # A dataclass's `__pydantic_config__`: unknown keys are refused (the TypedDict ConfigDict is
 # a plain dict at run time; spelling it as one keeps pydantic out of the import).
@@ -72,4 +81,51 @@ def constraints(metadata: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = ["FORBID", "After", "Before", "Check", "constraints"]
+@cache
+def adapter(kind: Any) -> TypeAdapter[Any]:
+    """pydantic's validator of `kind` (a dataclass, or a type such as list[X]), built once."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(kind)
+
+
+def validate(kind: type[T], data: Any, **options: Any) -> T:
+    """`data` (a mapping as read from YAML or JSON) validated into `kind`; raises
+    pydantic.ValidationError. `options` go to `validate_python` (e.g. `context`)."""
+    checker: Any = kind
+    result: T = adapter(checker).validate_python(data, **options)
+    return result
+
+
+def validated(kind: type[T], /, **fields: Any) -> T:
+    """`kind(**fields)` with every field validated (and converted) as from a file."""
+    return validate(kind, fields)
+
+
+def jsonable(value: Any) -> Any:
+    """A dataclass (and what it holds) as JSON values, as pydantic's `mode="json"` dumps them:
+    times and dates in ISO 8601, paths as text, tuples as lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, time | date):
+        return value.isoformat()
+    if isinstance(value, PurePath):
+        return str(value)
+    return value
+
+
+__all__ = [
+    "FORBID",
+    "After",
+    "Before",
+    "Check",
+    "adapter",
+    "constraints",
+    "jsonable",
+    "validate",
+    "validated",
+]

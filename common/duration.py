@@ -14,7 +14,7 @@ import re
 from datetime import timedelta
 from typing import Annotated
 
-from pydantic import BeforeValidator
+from common.checks import Before
 
 UNIT_SECONDS: dict[str, float] = {
     "ms": 0.001,
@@ -61,7 +61,7 @@ def parse_timedelta(value: object) -> timedelta:
     return timedelta(seconds=parse_duration(value))
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-"""A pydantic field type: a duration in the YAML, seconds (float) in the model."""
+Duration = Annotated[float, Before(parse_duration)]
+"""A field type: a duration in the YAML, seconds (float) in the dataclass."""
 
 __all__ = ["HINT", "UNIT_SECONDS", "Duration", "DurationError", "parse_duration", "parse_timedelta"]

@@ -33,14 +33,15 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from common.checks import FORBID, After, Check
 
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
@@ -66,49 +67,60 @@ class BrokerSettings:
         return [(self.host, self.port), *self.failover]
 
 
-class BrokerAddress(BaseModel):
+@dataclass(kw_only=True)
+class BrokerAddress:
     """One node of a broker cluster."""
 
-    model_config = ConfigDict(extra="forbid")
+    __pydantic_config__: ClassVar[dict[str, object]] = FORBID
 
-    host: str = Field(min_length=1)
-    port: int = Field(default=1883, ge=1, le=65535)
+    host: Annotated[str, Check(min_length=1)]
+    port: Annotated[int, Check(ge=1, le=65535)] = 1883
 
 
-class BrokerChoice(BaseModel):
-    """Where a YAML's `mqtt:` section points (agent and cloud): one broker (`host`, `port`)
-    or the nodes of a cluster (`brokers`, in the order they are tried), never both."""
+def _each_broker_once(value: list[BrokerAddress] | None) -> list[BrokerAddress] | None:
+    seen: dict[tuple[str, int], int] = {}
+    for i, broker in enumerate(value or []):
+        key = (broker.host, broker.port)
+        if key in seen:
+            raise ValueError(f"{broker.host}:{broker.port} is listed twice ([{seen[key]}], [{i}])")
+        seen[key] = i
+    return value
 
-    model_config = ConfigDict(extra="forbid")
 
-    host: str = Field(default="127.0.0.1", min_length=1)
-    port: int = Field(default=1883, ge=1, le=65535)
-    brokers: list[BrokerAddress] | None = Field(default=None, min_length=1)
-
-    @field_validator("brokers")
-    @classmethod
-    def _each_broker_once(cls, value: list[BrokerAddress] | None) -> list[BrokerAddress] | None:
-        seen: dict[tuple[str, int], int] = {}
-        for i, broker in enumerate(value or []):
-            key = (broker.host, broker.port)
-            if key in seen:
-                raise ValueError(
-                    f"{broker.host}:{broker.port} is listed twice ([{seen[key]}], [{i}])"
-                )
-            seen[key] = i
-        return value
-
-    @model_validator(mode="after")
-    def _one_way_to_name_the_broker(self) -> BrokerChoice:
-        both = {"host", "port"} & self.model_fields_set
-        if self.brokers is not None and both:
-            given = " and ".join(sorted(both))
+def _one_way_to_name_the_broker(data: Any) -> Any:
+    if isinstance(data, dict) and data.get("brokers") is not None:
+        both = sorted({"host", "port"} & data.keys())
+        if both:
+            given = " and ".join(both)
             raise ValueError(
                 f"{given} and brokers both given: list every broker under brokers "
                 "(e.g. brokers: [{host: node-1, port: 1883}, {host: node-2}]) and drop "
                 f"{given}"
             )
-        return self
+    return data
+
+
+@dataclass(kw_only=True)
+class BrokerChoice:
+    """Where a YAML's `mqtt:` section points (agent and cloud): one broker (`host`, `port`)
+    or the nodes of a cluster (`brokers`, in the order they are tried), never both."""
+
+    __pydantic_config__: ClassVar[dict[str, object]] = FORBID
+
+    host: Annotated[str, Check(min_length=1)] = "127.0.0.1"
+    port: Annotated[int, Check(ge=1, le=65535)] = 1883
+    brokers: Annotated[
+        list[BrokerAddress] | None, Check(min_length=1), After(_each_broker_once)
+    ] = None
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        # `host`/`port` and `brokers` are told apart by what the file says, before defaults.
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_before_validator_function(
+            _one_way_to_name_the_broker, handler(source)
+        )
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

@@ -1,7 +1,7 @@
 """The connector registry: a connection's `type:` -> its config model and its hub factory.
 
-The config models are imported eagerly (they are plain pydantic); the hubs only when one is
-built, so loading a configuration does not import asyncua or pymodbus.
+The config dataclasses are imported eagerly (they import no library); the hubs only when one
+is built, so loading a configuration does not import asyncua or pymodbus.
 """
 
 from __future__ import annotations
@@ -10,14 +10,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
-
+from common.checks import Check
 from connectors.connector import EquipmentSource, Hub
 from connectors.modbus.config import ModbusConnection, ModbusRtuConnection
 from connectors.opcua.config import OpcUaConnection
 
 Connection = Annotated[
-    ModbusConnection | ModbusRtuConnection | OpcUaConnection, Field(discriminator="type")
+    ModbusConnection | ModbusRtuConnection | OpcUaConnection, Check(discriminator="type")
 ]
 
 
@@ -35,7 +34,7 @@ def _opcua(connection: Any, equipment: Sequence[EquipmentSource]) -> Hub:
 
 @dataclass(frozen=True)
 class ConnectorType:
-    config_model: type[BaseModel]
+    config_model: type
     build: Callable[[Any, Sequence[EquipmentSource]], Hub]
     # which field of a signal says where it is read on this kind of connection
     signal_field: str

@@ -1,26 +1,20 @@
 """The OEE-relevant configuration: the shift calendar and each equipment's spec.
 
-These models are part of the agent's YAML (the agent composes them) and of `replay`; their
-durations are `common.duration.Duration`.
+These dataclasses are part of the agent's YAML (the agent composes them) and of `replay`;
+their durations are `common.duration.Duration`. pydantic validates them from the file
+(`common.checks`); built directly, they take values already of their types, and
+`EquipmentSpec` checks what makes a spec unusable (states, counters, products) itself.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from datetime import time
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    field_validator,
-    model_validator,
-)
-
+from common.checks import FORBID, After, Before, Check
 from common.duration import Duration
 from oee.bounds import MAX_ID_CHARS, MAX_TEXT_CHARS, clean_text
 from oee.events import STATES
@@ -48,26 +42,28 @@ def _parse_clock(value: object) -> time:
     raise ValueError(f'invalid time of day {value!r}: use "HH:MM" in quotes, e.g. "06:00"')
 
 
-ClockTime = Annotated[time, BeforeValidator(_parse_clock)]
+ClockTime = Annotated[time, Before(_parse_clock)]
 
 
-class BreakSpec(BaseModel):
+@dataclass(kw_only=True)
+class BreakSpec:
     """A planned break inside a shift, in the plant's local time."""
 
-    model_config = ConfigDict(extra="forbid")
+    __pydantic_config__: ClassVar[dict[str, object]] = FORBID
     start: ClockTime
     end: ClockTime
 
 
-class ShiftSpec(BaseModel):
+@dataclass(kw_only=True)
+class ShiftSpec:
     """A shift in the plant's local time; `end` <= `start` means it ends the next day."""
 
-    model_config = ConfigDict(extra="forbid")
-    name: EventText = Field(min_length=1)
+    __pydantic_config__: ClassVar[dict[str, object]] = FORBID
+    name: Annotated[EventText, Check(min_length=1)]
     start: ClockTime
     end: ClockTime
-    days: list[Weekday] = Field(default_factory=lambda: list(WEEKDAYS))
-    breaks: list[BreakSpec] = Field(default_factory=list)
+    days: list[Weekday] = field(default_factory=lambda: list(WEEKDAYS))
+    breaks: list[BreakSpec] = field(default_factory=list)
 
 
 def _check_timezone(value: str) -> str:
@@ -78,16 +74,17 @@ def _check_timezone(value: str) -> str:
     return value
 
 
-TimeZoneName = Annotated[str, BeforeValidator(_check_timezone)]
+TimeZoneName = Annotated[str, Before(_check_timezone)]
 
 
-class CounterSpec(BaseModel):
+@dataclass(kw_only=True)
+class CounterSpec:
     """How a cumulative PLC counter behaves: bit width, signedness, plausibility bound."""
 
-    model_config = ConfigDict(extra="forbid")
+    __pydantic_config__: ClassVar[dict[str, object]] = FORBID
     width: Literal[8, 16, 32, 64] = 32
     signed: bool = False
-    max_delta: int | None = Field(default=None, gt=0)
+    max_delta: Annotated[int | None, Check(gt=0)] = None
 
 
 def _cycle_time(value: float) -> float:
@@ -98,11 +95,12 @@ def _cycle_time(value: float) -> float:
     return value
 
 
-CycleTime = Annotated[Duration, AfterValidator(_cycle_time)]
+CycleTime = Annotated[Duration, After(_cycle_time)]
 
 
-class ProductSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@dataclass(kw_only=True)
+class ProductSpec:
+    __pydantic_config__: ClassVar[dict[str, object]] = FORBID
     ideal_cycle_time: CycleTime
 
 
@@ -128,44 +126,46 @@ def _event_text(value: str) -> str:
     return value
 
 
-EventText = Annotated[str, AfterValidator(_event_text)]
-CodeMap = Annotated[dict[str, EventText], BeforeValidator(_code_map)]
+EventText = Annotated[str, After(_event_text)]
+CodeMap = Annotated[dict[str, EventText], Before(_code_map)]
 
 
-class EquipmentSpec(BaseModel):
+def _known_states(value: dict[str, str]) -> None:
+    for raw, state in value.items():
+        if state not in STATES or state == "unknown":
+            allowed = ", ".join(s for s in STATES if s != "unknown")
+            raise ValueError(f"unknown state {state!r} for value {raw}: use one of {allowed}")
+
+
+@dataclass(kw_only=True)
+class EquipmentSpec:
     """What the OEE engine needs to know about one piece of equipment."""
 
-    model_config = ConfigDict(extra="forbid")
-    id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    __pydantic_config__: ClassVar[dict[str, object]] = FORBID
+    id: Annotated[str, Check(min_length=1, max_length=MAX_ID_CHARS)]
     line: str | None = None
     ideal_cycle_time: CycleTime
     micro_stop_threshold: Duration | None = None
     micro_stops: Literal["performance", "availability"] = "performance"
     state_map: CodeMap
-    reason_map: CodeMap = Field(default_factory=dict)
-    scrap_reason_map: CodeMap = Field(default_factory=dict)
-    product_map: CodeMap = Field(default_factory=dict)
-    products: dict[EventText, ProductSpec] = Field(default_factory=dict)
+    reason_map: CodeMap = field(default_factory=dict)
+    scrap_reason_map: CodeMap = field(default_factory=dict)
+    product_map: CodeMap = field(default_factory=dict)
+    products: dict[EventText, ProductSpec] = field(default_factory=dict)
     counters: dict[Literal["total_count", "good_count", "scrap_count", "rework_count"], CounterSpec]
 
-    @field_validator("state_map")
-    @classmethod
-    def _known_states(cls, value: dict[str, str]) -> dict[str, str]:
-        for raw, state in value.items():
-            if state not in STATES or state == "unknown":
-                allowed = ", ".join(s for s in STATES if s != "unknown")
-                raise ValueError(f"unknown state {state!r} for value {raw}: use one of {allowed}")
-        return value
-
-    @model_validator(mode="after")
-    def _counters_make_sense(self) -> EquipmentSpec:
+    def __post_init__(self) -> None:
+        # Checked however the spec is made (validated from a file, or built from an
+        # equipment's configuration): each is a spec the engine could not count with.
+        _known_states(self.state_map)
+        for name in self.products:
+            _event_text(name)
         problem = counter_model_error(self.counters)
         if problem is not None:
             raise ValueError(problem)
         for code, product in self.product_map.items():
             if product not in self.products:
                 raise ValueError(f"product {product!r} (value {code}) has no entry under products")
-        return self
 
     def code(self, raw: object) -> str:
         return _code_key(raw)

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
@@ -540,8 +540,9 @@ class EquipmentEngine:
         old = self.spec.counters.get(signal)  # type: ignore[call-overload]
         if old is None or old == counter:
             return
-        self.spec = self.spec.model_copy(
-            update={"counters": {**self.spec.counters, signal: counter}}
+        self.spec = replace(
+            self.spec,
+            counters={**self.spec.counters, signal: counter},  # type: ignore[dict-item]
         )
         if signal in self.counters:
             stored = self._rebase.pop(signal, old.width)
@@ -1166,7 +1167,7 @@ class EquipmentEngine:
         previous = self.counters.get(signal)
         if self._rebase and signal in self._rebase:
             width = self._rebase.pop(signal)
-            d = self._counter_event(signal, spec.model_copy(update={"width": width}), previous, raw)
+            d = self._counter_event(signal, replace(spec, width=width), previous, raw)
             self.counters[signal] = raw % (1 << spec.width)
         elif previous is not None:
             d = raw - previous

@@ -13,8 +13,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
 
-from pydantic import AfterValidator
-
+from common.checks import After
 from oee.kpis import BETTER, KPI_DEFINITIONS, KPI_NAMES, KpiValue
 
 _UNITS = {d.name: d.unit for d in KPI_DEFINITIONS}
@@ -47,7 +46,7 @@ def check_targets(value: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in value.items()}
 
 
-TargetSet = Annotated[dict[str, float], AfterValidator(check_targets)]
+TargetSet = Annotated[dict[str, float], After(check_targets)]
 
 
 def effective(layers: Iterable[Mapping[str, float] | None]) -> dict[str, float]:

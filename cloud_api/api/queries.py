@@ -31,6 +31,7 @@ from psycopg.rows import dict_row
 from pydantic import TypeAdapter, ValidationError
 
 from cloud_api import metrics
+from common.checks import validate
 from oee.calendar import ShiftCalendar
 from oee.components import (
     COMPONENT_FIELDS,
@@ -807,7 +808,7 @@ def shift_calendars(
     for r in rows:
         zones[r["site_id"]] = r["timezone"] or zones.get(r["site_id"])
         try:
-            shifts = [ShiftSpec.model_validate(hh_mm(s)) for s in r["shifts"] or []]
+            shifts = [validate(ShiftSpec, hh_mm(s)) for s in r["shifts"] or []]
             if shifts:
                 calendars[r["site_id"], r["agent_id"]] = ShiftCalendar(
                     shifts, r["timezone"] or "UTC"

@@ -3,53 +3,52 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from common.checks import FORBID, Check
 from common.duration import Duration
 
 
-class _ModbusCommon(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@dataclass(kw_only=True)
+class _ModbusCommon:
+    __pydantic_config__: ClassVar[dict[str, object]] = FORBID
 
-    id: str = Field(min_length=1)
+    id: Annotated[str, Check(min_length=1)]
     poll_interval: Duration = 1.0
-    timeout: Duration = Field(default=2.0, description="per request and unit")
-    retries: int = Field(default=1, ge=0, le=10)
-    addressing: Literal[0, 1] = Field(
-        default=0, description="0: addresses as sent on the wire; 1: 1-based (PLC manuals)"
-    )
-    coalesce: bool = Field(
-        default=True,
-        description="false: one request per tag, for devices that reject reads "
-        "spanning several of their variables",
-    )
-    max_gap: int = Field(default=10, ge=0, le=120)
-    max_registers: int = Field(default=125, ge=1, le=125, description="per read request")
+    timeout: Duration = 2.0  # per request and unit
+    retries: Annotated[int, Check(ge=0, le=10)] = 1
+    # 0: addresses as sent on the wire; 1: 1-based (PLC manuals)
+    addressing: Literal[0, 1] = 0
+    # false: one request per tag, for devices that reject reads spanning several of their
+    # variables
+    coalesce: bool = True
+    max_gap: Annotated[int, Check(ge=0, le=120)] = 10
+    max_registers: Annotated[int, Check(ge=1, le=125)] = 125  # per read request
     reconnect_max: Duration = 30.0
-    unit_backoff_max: Duration = Field(
-        default=30.0, description="a unit that does not answer is probed at most this rarely"
-    )
+    # a unit that does not answer is probed at most this rarely
+    unit_backoff_max: Duration = 30.0
 
 
+@dataclass(kw_only=True)
 class ModbusConnection(_ModbusCommon):
     """Modbus TCP. With `connection_per_unit` (default) each unit gets its own TCP connection,
     so a unit that never answers cannot hold up requests to the others."""
 
     type: Literal["modbus"] = "modbus"
     host: str
-    port: int = Field(default=502, ge=1, le=65535)
+    port: Annotated[int, Check(ge=1, le=65535)] = 502
     connection_per_unit: bool = True
 
 
+@dataclass(kw_only=True)
 class ModbusRtuConnection(_ModbusCommon):
     """Modbus RTU on a serial line: one request at a time on the bus, so a unit that does not
     answer is marked unavailable and only probed again after a backoff."""
 
     type: Literal["modbus-rtu"] = "modbus-rtu"
-    port: str = Field(min_length=1, description="serial device, e.g. /dev/ttyUSB0")
-    baudrate: int = Field(default=19200, ge=300, le=921600)
+    port: Annotated[str, Check(min_length=1)]  # serial device, e.g. /dev/ttyUSB0
+    baudrate: Annotated[int, Check(ge=300, le=921600)] = 19200
     bytesize: Literal[7, 8] = 8
     parity: Literal["N", "E", "O"] = "E"
     stopbits: Literal[1, 2] = 1

@@ -87,7 +87,7 @@ def modbus_tags(connection_id: str, equipment: Sequence[EquipmentSource]) -> lis
                     signal=str(name),
                     unit=eq.unit,
                     address=sig.address,
-                    data_type=sig.type,
+                    data_type=sig.data_type,
                     order=sig.order,
                     scale=sig.scale,
                     offset=sig.offset,

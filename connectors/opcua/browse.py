@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from asyncua import ua
 from asyncua.common.node import Node
 
+from common.checks import validated
 from connectors.opcua.config import OpcUaConnection
 from connectors.opcua.hub import OpcUaHub, plain_value, resolve_node
 
@@ -45,7 +46,7 @@ async def browse(
     0) are listed but not descended into, except at the start, so the server's own
     diagnostics do not drown the machine's variables."""
     if isinstance(connection, str):
-        connection = OpcUaConnection(id="browse", url=connection)
+        connection = validated(OpcUaConnection, id="browse", url=connection)
     async with OpcUaHub(connection, []) as hub:
         client = await hub.connect()
         namespaces = list(await client.get_namespace_array())

@@ -4,11 +4,11 @@ the node id notations a signal's `node:` accepts."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
+from common.checks import FORBID, Check
 from common.duration import Duration
 
 SecurityPolicy = Literal["None", "Basic256Sha256", "Aes128Sha256RsaOaep", "Aes256Sha256RsaPss"]
@@ -43,17 +43,18 @@ def node_notation_error(text: str) -> str | None:
     )
 
 
-class OpcUaConnection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@dataclass(kw_only=True)
+class OpcUaConnection:
+    __pydantic_config__: ClassVar[dict[str, object]] = FORBID
 
-    id: str = Field(min_length=1)
+    id: Annotated[str, Check(min_length=1)]
     type: Literal["opcua"] = "opcua"
-    url: str = Field(pattern=r"^opc\.tcp://[^/\s]+(/.*)?$")
+    url: Annotated[str, Check(pattern=r"^opc\.tcp://[^/\s]+(/.*)?$")]
     mode: Literal["subscribe", "poll"] = "subscribe"
     publishing_interval: Duration = 0.5
     sampling_interval: Duration = 0.25
-    queue_size: int = Field(default=10, ge=0, le=10_000)
-    deadband: float = Field(default=0.0, ge=0.0, description="absolute, on numeric values")
+    queue_size: Annotated[int, Check(ge=0, le=10_000)] = 10
+    deadband: Annotated[float, Check(ge=0.0)] = 0.0  # absolute, on numeric values
     poll_interval: Duration = 1.0
     timeout: Duration = 5.0
     timestamps: Literal["source", "server", "agent"] = "source"
@@ -64,18 +65,15 @@ class OpcUaConnection(BaseModel):
     security_mode: SecurityMode = "None"
     certificate: Path | None = None
     private_key: Path | None = None
-    private_key_password: str | None = Field(default=None, repr=False)
-    server_certificate: Path | None = Field(
-        default=None,
-        description="the server certificate to trust (DER or PEM); without it a secure "
-        "connection trusts the certificate the server presents (first use)",
-    )
+    private_key_password: str | None = field(default=None, repr=False)
+    # The server certificate to trust (DER or PEM); without it a secure connection trusts the
+    # certificate the server presents (first use).
+    server_certificate: Path | None = None
     application_uri: str = "urn:factory-edge-gateway:edge-agent"
     username: str | None = None
-    password: str | None = Field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
 
-    @model_validator(mode="after")
-    def _security_fits(self) -> OpcUaConnection:
+    def __post_init__(self) -> None:
         if (self.security_policy == "None") != (self.security_mode == "None"):
             raise ValueError(
                 "security_policy and security_mode go together: both None, or a policy "
@@ -90,4 +88,3 @@ class OpcUaConnection(BaseModel):
             )
         if (self.username is None) != (self.password is None):
             raise ValueError("username and password go together")
-        return self

@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from cloud_api.alerts import signature
+from common.checks import validated
 from connectors.sample import Sample
 from oee.calendar import ShiftCalendar
 from oee.config import ShiftSpec
@@ -110,7 +111,9 @@ class LivePress:
 
     def __init__(self, agent: Agent, equipment: list[str]) -> None:
         self.agent = agent
-        calendar = ShiftCalendar([ShiftSpec(name="all-day", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+        calendar = ShiftCalendar(
+            [validated(ShiftSpec, name="all-day", start="00:00", end="00:00")], "UTC"
+        )  # type: ignore[arg-type]
         self.plant = PlantEngine(
             [press_spec(e) for e in equipment],
             calendar,

@@ -12,6 +12,7 @@ from pathlib import Path
 from psycopg_pool import ConnectionPool
 
 from cloud_api.ingest.worker import BatchWriter
+from common.checks import validate, validated
 from connectors.sample import Sample
 from oee.calendar import ShiftCalendar
 from oee.components import Components
@@ -106,7 +107,9 @@ class Agent:
     ) -> list[Event]:
         """What the live engine ships for `samples` over [start, end) (state, count, agent and
         1-minute oee events), with one shift "early" around the clock."""
-        calendar = ShiftCalendar([ShiftSpec(name="early", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+        calendar = ShiftCalendar(
+            [validated(ShiftSpec, name="early", start="00:00", end="00:00")], "UTC"
+        )  # type: ignore[arg-type]
         plant = PlantEngine(
             list(specs), calendar, agent_id=self.agent_id, site_id=self.site_id, bucket_seconds=60
         )
@@ -119,7 +122,7 @@ class Agent:
 def press_spec(equipment: str) -> EquipmentSpec:
     """A press as the engine sees it: state 0 idle, 1 running, 2 fault, 3 setup; reason 1 jam,
     2 no material; product 1 A (1 s), 2 B (2 s); total, scrap and rework counters."""
-    return EquipmentSpec.model_validate(
+    return validate(EquipmentSpec,
         {"id": equipment, "ideal_cycle_time": 1.0,
          "state_map": {0: "idle", 1: "running", 2: "fault", 3: "setup"},
          "reason_map": {1: "jam", 2: "no material"}, "product_map": {1: "A", 2: "B"},

@@ -12,6 +12,7 @@ from psycopg_pool import ConnectionPool
 
 from cloud_api.api import queries
 from cloud_api.db import migrations
+from common.checks import validate
 from connectors.sample import Sample
 from oee.components import Components
 from oee.config import EquipmentSpec
@@ -25,13 +26,14 @@ MIGRATION = "0030_count_quantities.sql"
 
 
 def spec(equipment: str, counters: tuple[str, ...]) -> EquipmentSpec:
-    return EquipmentSpec.model_validate(
+    return validate(
+        EquipmentSpec,
         {
             "id": equipment,
             "ideal_cycle_time": 1.0,
             "state_map": {0: "idle", 1: "running"},
             "counters": {name: {} for name in counters},
-        }
+        },
     )
 
 

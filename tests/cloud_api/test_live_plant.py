@@ -14,22 +14,25 @@ from cloud_api.api.routes.live import (
     shift_of,
     status_interval,
 )
+from common.checks import jsonable, validate
 from oee.calendar import ShiftCalendar
 from oee.config import ShiftSpec
 
 BERLIN = ZoneInfo("Europe/Berlin")
 SHIFTS = [
-    ShiftSpec.model_validate(
+    validate(
+        ShiftSpec,
         {
             "name": "early",
             "start": "06:00",
             "end": "14:00",
             "days": ["mon", "tue", "wed", "thu", "fri"],
             "breaks": [{"start": "09:00", "end": "09:15"}],
-        }
+        },
     ),
-    ShiftSpec.model_validate(
-        {"name": "night", "start": "22:00", "end": "06:00", "days": ["mon", "tue", "wed", "thu"]}
+    validate(
+        ShiftSpec,
+        {"name": "night", "start": "22:00", "end": "06:00", "days": ["mon", "tue", "wed", "thu"]},
     ),
 ]
 CALENDAR = ShiftCalendar(SHIFTS, "Europe/Berlin")
@@ -52,9 +55,9 @@ def test_the_shift_of_a_tile_is_the_newest_that_started_in_a_break_or_after_it_e
 
 
 def test_a_calendar_as_the_agent_reports_it_reads_back_as_its_shifts() -> None:
-    reported = [s.model_dump(mode="json") for s in SHIFTS]
+    reported = [jsonable(s) for s in SHIFTS]
     assert reported[0]["start"] == "06:00:00"
-    assert [ShiftSpec.model_validate(hh_mm(s)) for s in reported] == SHIFTS
+    assert [validate(ShiftSpec, hh_mm(s)) for s in reported] == SHIFTS
     assert hh_mm({"name": "06:00:30", "n": 3}) == {"name": "06:00:30", "n": 3}
 
 

@@ -10,6 +10,7 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from cloud_api.api import queries
+from common.checks import validate
 from connectors.sample import Sample
 from oee.config import EquipmentSpec
 from sync.keys import CloudKeyring
@@ -23,14 +24,15 @@ def test_downtime_events_by_reason_equal_the_pareto(
     pg_url: str, pool: ConnectionPool, cloud_keys: CloudKeyring, tmp_path: Path, state_first: bool
 ) -> None:
     agent = enrolled_agent(pg_url, pool, cloud_keys, tmp_path, agent_id="edge-r", site_id="p-r")
-    press = EquipmentSpec.model_validate(
+    press = validate(
+        EquipmentSpec,
         {
             "id": "press-1",
             "ideal_cycle_time": 1.0,
             "state_map": {0: "idle", 1: "running", 2: "fault"},
             "reason_map": {1: "jam", 2: "no material"},
             "counters": {"total_count": {}},
-        }
+        },
     )
     m = timedelta(minutes=1)
 

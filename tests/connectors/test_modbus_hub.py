@@ -12,6 +12,7 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from agent.config import ConfigError, parse_config
+from common.checks import validate
 from connectors.modbus.codec import ORDERS, encode_value, register_count
 from connectors.modbus.config import ModbusConnection, ModbusRtuConnection
 from connectors.modbus.hub import ModbusHub, ModbusTag
@@ -116,7 +117,7 @@ def conn(port: int, **kw: Any) -> ModbusConnection:
         "unit_backoff_max": "2s",
     }
     data.update(kw)
-    return ModbusConnection.model_validate(data)
+    return validate(ModbusConnection, data)
 
 
 VALUES = {

@@ -16,6 +16,7 @@ import pytest
 from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from common.checks import validated
 from connectors.modbus.codec import encode_value
 from connectors.modbus.config import ModbusRtuConnection
 from connectors.modbus.hub import ModbusHub, ModbusTag
@@ -68,7 +69,8 @@ async def test_rtu_line_two_units(line: tuple[Path, Path]) -> None:
     )
     serving = asyncio.create_task(server.serve_forever())
     try:
-        cfg = ModbusRtuConnection(
+        cfg = validated(
+            ModbusRtuConnection,
             id="bus",
             port=str(agent_port),
             baudrate=115200,

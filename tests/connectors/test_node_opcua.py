@@ -8,6 +8,7 @@ test is skipped only when Node.js or npm is not installed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 import structlog
 
+from common.checks import validate
 from connectors.opcua.certs import create_certificate
 from connectors.opcua.config import OpcUaConnection
 from connectors.opcua.hub import OpcUaHub, OpcUaTag, thumbprint
@@ -116,7 +118,7 @@ def _conn(url: str, **kw: object) -> OpcUaConnection:
         "timeout": "5s",
     }
     data.update(kw)
-    return OpcUaConnection.model_validate(data)
+    return validate(OpcUaConnection, data)
 
 
 async def _reads_the_press(hub: OpcUaHub) -> None:
@@ -166,7 +168,7 @@ async def test_server_that_does_not_trust_our_certificate(
         reconnect_max="200ms",
     )
     with _serve("untrusting_server.js", tmp_path / "server") as url:
-        hub = OpcUaHub(cfg.model_copy(update={"url": url}), TAGS)
+        hub = OpcUaHub(dataclasses.replace(cfg, url=url), TAGS)
         with structlog.testing.capture_logs() as logged:
             caplog.set_level(logging.INFO, logger="asyncua.client.client")
             async with running(hub) as got:

@@ -12,6 +12,7 @@ from asyncua import ua
 
 from agent.cli import main
 from agent.config import ConfigError, parse_config
+from common.checks import validate
 from connectors.modbus.simulator import Press
 from connectors.opcua.certs import create_certificate
 from connectors.opcua.config import OpcUaConnection
@@ -49,7 +50,7 @@ def connection(sim: OpcUaPressServer, **kw: object) -> OpcUaConnection:
         "timeout": "3s",
     }
     data.update(kw)
-    return OpcUaConnection.model_validate(data)
+    return validate(OpcUaConnection, data)
 
 
 def press_tags(sim: OpcUaPressServer) -> list[OpcUaTag]:
@@ -390,7 +391,7 @@ async def test_silent_server_names_the_timeout_actually_used() -> None:
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     url = f"opc.tcp://127.0.0.1:{port}"
-    cfg = OpcUaConnection.model_validate({"id": "plc", "url": url, "timeout": "1s"})
+    cfg = validate(OpcUaConnection, {"id": "plc", "url": url, "timeout": "1s"})
     hub = OpcUaHub(cfg, [OpcUaTag("p1", "state", "ns=2;s=Press1.State")])
     try:
         async with running(hub):

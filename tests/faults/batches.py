@@ -11,6 +11,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from buffer.outbox import Outbox, Sealer
+from common.checks import validate, validated
 from connectors.sample import Sample
 from oee.calendar import ShiftCalendar
 from oee.config import CounterSpec, EquipmentSpec, ShiftSpec
@@ -35,17 +36,18 @@ T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 
 def engine_events(agent_id: str, site_id: str) -> list[Event]:
     """A fault with a reason, parts and closed buckets, as the engine reports them."""
-    spec = EquipmentSpec.model_validate(
+    spec = validate(
+        EquipmentSpec,
         {
             "id": "press-1",
             "ideal_cycle_time": 1.0,
             "state_map": {0: "idle", 1: "running", 2: "fault"},
             "reason_map": {3: "jam"},
             "counters": {"total_count": CounterSpec(width=32)},
-        }
+        },
     )
     calendar = ShiftCalendar(
-        [ShiftSpec(name="day", start="00:00", end="00:00")],  # type: ignore[arg-type]
+        [validated(ShiftSpec, name="day", start="00:00", end="00:00")],
         "UTC",
     )
     engine = EquipmentEngine(spec, calendar, agent_id=agent_id, site_id=site_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
+from common.checks import validate, validated
 from connectors.sample import Sample
 from oee.calendar import ShiftCalendar
 from oee.config import CounterSpec, EquipmentSpec, ShiftSpec
@@ -13,17 +14,18 @@ from oee.engine import EquipmentEngine
 from oee.events import AgentEvent, CountEvent, Event
 
 T0 = datetime(2026, 1, 5, 6, 0, tzinfo=UTC)
-CALENDAR = ShiftCalendar([ShiftSpec(name="day", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+CALENDAR = ShiftCalendar([validated(ShiftSpec, name="day", start="00:00", end="00:00")], "UTC")
 
 
 def engine(width: int) -> EquipmentEngine:
-    spec = EquipmentSpec.model_validate(
+    spec = validate(
+        EquipmentSpec,
         {
             "id": "press-1",
             "ideal_cycle_time": 1.0,
             "state_map": {1: "running"},
             "counters": {"total_count": CounterSpec(width=width)},  # type: ignore[arg-type]
-        }
+        },
     )
     eng = EquipmentEngine(spec, CALENDAR, agent_id="a", site_id="s")
     eng.start(T0)

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from common.checks import validate, validated
 from connectors.sample import Sample
 from oee.calendar import ShiftCalendar
 from oee.components import Components
@@ -25,18 +26,19 @@ def spec(**extra: object) -> EquipmentSpec:
         "counters": {"total_count": CounterSpec(width=32), "scrap_count": CounterSpec(width=32)},
     }
     base.update(extra)
-    return EquipmentSpec.model_validate(base)
+    return validate(EquipmentSpec, base)
 
 
 def oee_com_calendar() -> ShiftCalendar:
-    shift = ShiftSpec(
+    shift = validated(
+        ShiftSpec,
         name="early",
         start="06:00",  # type: ignore[arg-type]
         end="14:00",  # type: ignore[arg-type]
         breaks=[
-            BreakSpec(start="09:00", end="09:15"),  # type: ignore[arg-type]
-            BreakSpec(start="11:30", end="12:00"),  # type: ignore[arg-type]
-            BreakSpec(start="12:45", end="13:00"),  # type: ignore[arg-type]
+            validated(BreakSpec, start="09:00", end="09:15"),
+            validated(BreakSpec, start="11:30", end="12:00"),
+            validated(BreakSpec, start="12:45", end="13:00"),
         ],
     )
     return ShiftCalendar([shift], "Europe/Berlin")
@@ -84,7 +86,7 @@ def test_undefined_ratios_are_null() -> None:
 
 
 def test_counter_wrap_reset_and_restart_without_phantom_delta() -> None:
-    cal = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+    cal = ShiftCalendar([validated(ShiftSpec, name="all", start="00:00", end="00:00")], "UTC")
     s = spec(counters={"total_count": CounterSpec(width=16)})
     engine = EquipmentEngine(s, cal, agent_id="a", site_id="s")
     events: list[object] = []
@@ -103,7 +105,7 @@ def test_counter_wrap_reset_and_restart_without_phantom_delta() -> None:
 
 
 def test_micro_stops_both_settings() -> None:
-    cal = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+    cal = ShiftCalendar([validated(ShiftSpec, name="all", start="00:00", end="00:00")], "UTC")
     results = {}
     for mode in ("performance", "availability"):
         engine = EquipmentEngine(
@@ -128,13 +130,13 @@ def test_micro_stops_both_settings() -> None:
 
 
 def test_calendar_dst_days_and_night_shifts() -> None:
-    whole_day = ShiftSpec(name="all", start="00:00", end="00:00")  # type: ignore[arg-type]
+    whole_day = validated(ShiftSpec, name="all", start="00:00", end="00:00")
     cal = ShiftCalendar([whole_day], "Europe/Berlin")
     spring = cal.window_at(datetime(2026, 3, 29, 12, 0, tzinfo=UTC))
     autumn = cal.window_at(datetime(2026, 10, 25, 12, 0, tzinfo=UTC))
     assert spring.end - spring.start == timedelta(hours=23)
     assert autumn.end - autumn.start == timedelta(hours=25)
-    night = ShiftSpec(name="night", start="22:00", end="06:00")  # type: ignore[arg-type]
+    night = validated(ShiftSpec, name="night", start="22:00", end="06:00")
     cal = ShiftCalendar([night], "Europe/Berlin")
     w = cal.window_at(datetime(2026, 10, 25, 2, 0, tzinfo=UTC))
     assert (w.shift, w.start, w.end) == (
@@ -145,7 +147,8 @@ def test_calendar_dst_days_and_night_shifts() -> None:
 
 
 def test_off_plan_windows_span_weekends_and_empty_calendars() -> None:
-    weekdays = ShiftSpec(
+    weekdays = validated(
+        ShiftSpec,
         name="day",
         start="06:00",  # type: ignore[arg-type]
         end="14:00",  # type: ignore[arg-type]
@@ -170,7 +173,7 @@ def test_off_plan_windows_span_weekends_and_empty_calendars() -> None:
 
 def test_performance_above_one_is_flagged_with_the_suspected_cycle_time() -> None:
     cal = ShiftCalendar(
-        [ShiftSpec(name="early", start="06:00", end="07:00")],  # type: ignore[arg-type]
+        [validated(ShiftSpec, name="early", start="06:00", end="07:00")],
         "UTC",
     )
     engine = EquipmentEngine(spec(ideal_cycle_time=2.0), cal, agent_id="a", site_id="s")
@@ -189,7 +192,7 @@ def test_performance_above_one_is_flagged_with_the_suspected_cycle_time() -> Non
 
 
 def test_noisy_inputs_raise_one_event_per_episode() -> None:
-    cal = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+    cal = ShiftCalendar([validated(ShiftSpec, name="all", start="00:00", end="00:00")], "UTC")
     engine = EquipmentEngine(spec(), cal, agent_id="a", site_id="s")
     events: list[object] = []
     for second in range(10):  # an unmapped state polled at 1 Hz
@@ -211,7 +214,7 @@ def test_checkpoint_of_another_version_is_refused() -> None:
 
 
 def test_restart_gap_is_unknown_time_and_counts_once() -> None:
-    cal = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+    cal = ShiftCalendar([validated(ShiftSpec, name="all", start="00:00", end="00:00")], "UTC")
     engine = EquipmentEngine(spec(), cal, agent_id="a", site_id="s")
     events: list[object] = []
     events += engine.feed(Sample("press-1", "state", 1, at(0)))
@@ -231,7 +234,7 @@ def test_restart_gap_is_unknown_time_and_counts_once() -> None:
 
 
 def test_implausible_jump_is_quarantined_and_reported() -> None:
-    cal = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+    cal = ShiftCalendar([validated(ShiftSpec, name="all", start="00:00", end="00:00")], "UTC")
     s = spec(counters={"total_count": CounterSpec(width=32, max_delta=1000)})
     engine = EquipmentEngine(s, cal, agent_id="a", site_id="s")
     events: list[object] = []
@@ -248,7 +251,7 @@ def test_implausible_jump_is_quarantined_and_reported() -> None:
 def test_unusable_checkpoint_entry_starts_that_equipment_afresh() -> None:
     from oee.engine import PlantEngine
 
-    cal = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+    cal = ShiftCalendar([validated(ShiftSpec, name="all", start="00:00", end="00:00")], "UTC")
     good = EquipmentEngine(spec(), cal, agent_id="a", site_id="s")
     good.feed(Sample("press-1", "total_count", 100, at(0)))
     good.tick(at(1))  # the clock passed the scan: applied
@@ -266,7 +269,7 @@ def test_restart_inside_a_bucket_that_began_mid_bucket_continues_that_bucket() -
     # An agent started at 00:00:20 (its first bucket is [00:00:20, 00:01:00)) and killed at
     # 00:00:40 restarts at 00:02:00: the bucket it had open goes on, and the buckets tile
     # the timeline, each with its whole length in its time classes.
-    cal = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+    cal = ShiftCalendar([validated(ShiftSpec, name="all", start="00:00", end="00:00")], "UTC")
     start = T0 + timedelta(seconds=20)
     engine = EquipmentEngine(spec(), cal, agent_id="a", site_id="s")
     events: list[object] = list(engine.start(start))

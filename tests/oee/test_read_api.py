@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from common.checks import validate, validated
 from connectors.sample import Sample
 from oee.calendar import ShiftCalendar
 from oee.components import Components, performance_excess
@@ -18,20 +19,21 @@ T = datetime(2026, 1, 5, 6, 0, tzinfo=UTC)
 
 
 def spec(eq: str = "press-1") -> EquipmentSpec:
-    return EquipmentSpec.model_validate(
+    return validate(
+        EquipmentSpec,
         {
             "id": eq,
             "ideal_cycle_time": "2s",
             "state_map": {0: "idle", 1: "running", 2: "fault"},
             "counters": {"total_count": CounterSpec(), "scrap_count": CounterSpec()},
             "products": {"A-100": {"ideal_cycle_time": "1s"}},
-        }
+        },
     )
 
 
 def calendar() -> ShiftCalendar:
     return ShiftCalendar(
-        [ShiftSpec(name="early", start="06:00", end="14:00")],  # type: ignore[arg-type]
+        [validated(ShiftSpec, name="early", start="06:00", end="14:00")],
         "UTC",
     )
 

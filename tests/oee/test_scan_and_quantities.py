@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from common.checks import validate, validated
 from connectors.sample import Sample
 from oee.bounds import MAX_TEXT_CHARS
 from oee.calendar import ShiftCalendar
@@ -17,7 +18,7 @@ from oee.engine import EquipmentEngine
 from oee.events import AgentEvent, CountEvent, Event, OeeEvent, StateEvent, dump_events, load_events
 
 T0 = datetime(2026, 1, 5, 6, 0, tzinfo=UTC)
-ALL_DAY = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+ALL_DAY = ShiftCalendar([validated(ShiftSpec, name="all", start="00:00", end="00:00")], "UTC")
 STATES = {0: "idle", 1: "running", 2: "fault", 4: "planned_stop"}
 
 
@@ -28,7 +29,8 @@ def at(seconds: float) -> datetime:
 def engine(
     counters: tuple[str, ...] = ("total_count", "scrap_count"), width: int = 32, **extra: Any
 ) -> EquipmentEngine:
-    spec = EquipmentSpec.model_validate(
+    spec = validate(
+        EquipmentSpec,
         {
             "id": "press-1",
             "ideal_cycle_time": 1.0,
@@ -36,7 +38,7 @@ def engine(
             "reason_map": {1: "no material"},
             "counters": {name: CounterSpec(width=width) for name in counters},  # type: ignore[arg-type]
             **extra,
-        }
+        },
     )
     return EquipmentEngine(spec, ALL_DAY, agent_id="a", site_id="s", bucket_seconds=60)
 
@@ -282,7 +284,9 @@ def test_an_open_scan_survives_a_checkpoint() -> None:
 
 def test_a_performance_too_large_for_an_event_is_reported_without_its_number() -> None:
     eng = engine(("total_count",), width=64, ideal_cycle_time=86_400)
-    eng.calendar = ShiftCalendar([ShiftSpec(name="early", start="06:00", end="07:00")], "UTC")  # type: ignore[arg-type]
+    eng.calendar = ShiftCalendar(
+        [validated(ShiftSpec, name="early", start="06:00", end="07:00")], "UTC"
+    )  # type: ignore[arg-type]
     samples: list[tuple[float, str, object]] = [
         (0, "state", 2),
         (0, "total_count", 0),

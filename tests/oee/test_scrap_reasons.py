@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from common.checks import validate, validated
 from connectors.sample import Sample
 from oee.calendar import ShiftCalendar
 from oee.config import CounterSpec, EquipmentSpec, ShiftSpec
@@ -13,7 +14,7 @@ from oee.engine import EquipmentEngine
 from oee.events import CountEvent, Event, OeeEvent
 
 T0 = datetime(2026, 1, 5, 6, 0, tzinfo=UTC)
-ALL_DAY = ShiftCalendar([ShiftSpec(name="all", start="00:00", end="00:00")], "UTC")  # type: ignore[arg-type]
+ALL_DAY = ShiftCalendar([validated(ShiftSpec, name="all", start="00:00", end="00:00")], "UTC")
 
 
 def at(seconds: float) -> datetime:
@@ -21,14 +22,15 @@ def at(seconds: float) -> datetime:
 
 
 def engine() -> EquipmentEngine:
-    spec = EquipmentSpec.model_validate(
+    spec = validate(
+        EquipmentSpec,
         {
             "id": "press-1",
             "ideal_cycle_time": 1.0,
             "state_map": {0: "idle", 1: "running"},
             "scrap_reason_map": {1: "burr", 2: "crack"},
             "counters": {n: CounterSpec() for n in ("total_count", "scrap_count")},
-        }
+        },
     )
     return EquipmentEngine(spec, ALL_DAY, agent_id="a", site_id="s", bucket_seconds=60)
 
@@ -115,7 +117,7 @@ def test_without_a_scrap_reason_signal_count_events_carry_none() -> None:
         "counters": {n: CounterSpec() for n in ("total_count", "scrap_count")},
     }
     eng = EquipmentEngine(
-        EquipmentSpec.model_validate(spec), ALL_DAY, agent_id="a", site_id="s", bucket_seconds=60
+        validate(EquipmentSpec, spec), ALL_DAY, agent_id="a", site_id="s", bucket_seconds=60
     )
     events = list(eng.start(at(0)))
     events += feed(eng, [*BASE, (10, "total_count", 5), (10, "scrap_count", 1)])

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from common.checks import validate, validated
 from connectors.sample import Sample
 from oee.calendar import ShiftCalendar
 from oee.components import Components
@@ -23,26 +24,28 @@ RUNNING, FAULT, IDLE, PLANNED = 1, 2, 0, 4
 
 def calendar() -> ShiftCalendar:
     shifts = [
-        ShiftSpec(
+        validated(
+            ShiftSpec,
             name="early",
             start="06:00",  # type: ignore[arg-type]
             end="08:00",  # type: ignore[arg-type]
-            breaks=[BreakSpec(start="07:00", end="07:15")],  # type: ignore[arg-type]
+            breaks=[validated(BreakSpec, start="07:00", end="07:15")],
         ),
-        ShiftSpec(name="late", start="08:00", end="10:00"),  # type: ignore[arg-type]
+        validated(ShiftSpec, name="late", start="08:00", end="10:00"),
     ]
     return ShiftCalendar(shifts, "UTC")
 
 
 def engine(**extra: object) -> EquipmentEngine:
-    spec = EquipmentSpec.model_validate(
+    spec = validate(
+        EquipmentSpec,
         {
             "id": "press-1",
             "ideal_cycle_time": 1.0,
             "state_map": {0: "idle", 1: "running", 2: "fault", 3: "setup", 4: "planned_stop"},
             "counters": {"total_count": {}},
             **extra,
-        }
+        },
     )
     return EquipmentEngine(spec, calendar(), agent_id="a", site_id="s")
 

@@ -50,10 +50,11 @@ def _config(path: str) -> AgentConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from agent.configcheck import load_config_apart
     from agent.service import AgentService
     from agent.statelock import StateFolderBusy, lock_state_folder
 
-    config = _config(args.config)
+    config = load_config_apart(args.config)  # validated apart: no pydantic in this process
     configure_logging(config.agent.log_level)
     os.umask(0o077)  # outbox, WAL and key files are readable by the agent's user only
     try:

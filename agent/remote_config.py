@@ -36,7 +36,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
-from agent.config import AgentConfig, ConfigError, Problem, parse_config
+from agent.config import AgentConfig, ConfigError, Problem
+from agent.configcheck import parse_config_apart
 from common.keydir import write_atomic
 from oee.events import AgentEvent, Event
 from sync.config_message import ConfigBody, ConfigMessageError, verify_config
@@ -182,7 +183,7 @@ class RemoteConfig:
     def _candidate_from(self, raw: bytes, body: ConfigBody) -> Candidate:
         """Raises ConfigError with each problem (YAML path and line) when the text is unusable."""
         source = f"cloud configuration version {body.version}"
-        config = parse_config(body.yaml, source)
+        config = parse_config_apart(body.yaml, source)
         problems = identity_problems(config, self.local)
         if problems:
             from agent.config import format_problems

@@ -23,7 +23,8 @@ from typing import Protocol
 
 import structlog
 
-from agent.config import AgentConfig, ConfigError, load_config
+from agent.config import AgentConfig, ConfigError
+from agent.configcheck import load_config_apart
 from agent.remote_config import Candidate, RemoteConfig
 from common.memory import release_free_memory
 from oee.engine import PlantEngine
@@ -166,7 +167,7 @@ def check_candidate(path: Path) -> tuple[AgentConfig, AgentKeys]:
 
     Raises ConfigError with a message for the plant engineer.
     """
-    config = load_config(path)
+    config = load_config_apart(path)
     return config, check_config(config, str(path))
 
 

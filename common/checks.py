@@ -72,4 +72,14 @@ def constraints(metadata: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = ["FORBID", "After", "Before", "Check", "constraints"]
+def afters(metadata: Any) -> list[Any]:
+    """The functions of the `After(...)` validators among a field's Annotated metadata, in
+    the order pydantic runs them."""
+    return [
+        item.args[0]
+        for item in metadata
+        if isinstance(item, _Deferred) and item.kind == "AfterValidator"
+    ]
+
+
+__all__ = ["FORBID", "After", "Before", "Check", "afters", "constraints"]

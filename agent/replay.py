@@ -334,8 +334,8 @@ class ReplayRun:
     def _equipment_result(self, eq: str, tally: _Tally, window_s: float) -> dict[str, Any]:
         values = kpis(tally.components, window_s)
         return {
-            **ratios(tally.components).model_dump(),
-            "components": tally.components.model_dump(),
+            **ratios(tally.components).as_dict(),
+            "components": tally.components.as_dict(),
             "kpis": values,
             "targets": self.targets[eq],
             "against_targets": judge(values, self.targets[eq]),
@@ -355,8 +355,8 @@ class ReplayRun:
             "equipment": self.selected[0] if self.single else self.selected,
             "from": iso(self.start),
             "to": iso(self.end),
-            **ratios(pooled).model_dump(),
-            "components": pooled.model_dump(),
+            **ratios(pooled).as_dict(),
+            "components": pooled.as_dict(),
             "kpis": values,
             "targets": targets,
             "against_targets": judge(values, targets),
@@ -368,7 +368,7 @@ class ReplayRun:
                     "end": iso(b.bucket_end),
                     "shift": b.shift,
                     "shift_start": None if b.shift_start is None else iso(b.shift_start),
-                    "components": b.components.model_dump(),
+                    "components": b.components.as_dict(),
                     "downtime_by_reason": b.downtime_by_reason,
                 }
                 for b in sorted(self.buckets, key=lambda b: (b.bucket_start, b.equipment_id))

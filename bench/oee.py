@@ -124,7 +124,7 @@ def run_group(machines: list[int], total_machines: int, seconds: int) -> dict[st
         "engine_seconds": engine_s,
         "engine_cpu_seconds": engine_cpu,
         "cpu_seconds": time.process_time() - cpu_began,
-        "components": pooled.model_dump(),
+        "components": pooled.as_dict(),
         "warnings": run.warnings_total,
     }
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = sum(r["samples"] for r in results)
     engine_cpu = sum(r["engine_cpu_seconds"] for r in results)
     cpu = sum(r["cpu_seconds"] for r in results)
-    pooled = Components.pool(Components.model_validate(r["components"]) for r in results)
+    pooled = Components.pool(Components(**r["components"]) for r in results)
     r = ratios(pooled)
     report = {
         "bench": "oee",

@@ -81,6 +81,16 @@ def constraints(metadata: Any) -> dict[str, Any]:
     return out
 
 
+def afters(metadata: Any) -> list[Any]:
+    """The functions of the `After(...)` validators among a field's Annotated metadata, in
+    the order pydantic runs them."""
+    return [
+        item.args[0]
+        for item in metadata
+        if isinstance(item, _Deferred) and item.kind == "AfterValidator"
+    ]
+
+
 @cache
 def adapter(kind: Any) -> TypeAdapter[Any]:
     """pydantic's validator of `kind` (a dataclass, or a type such as list[X]), built once."""
@@ -124,6 +134,7 @@ __all__ = [
     "Before",
     "Check",
     "adapter",
+    "afters",
     "constraints",
     "jsonable",
     "validate",

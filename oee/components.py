@@ -2,6 +2,9 @@
 
 Every level (bucket, shift, day, machine, line, site) stores or sums these components;
 ratios are derived from sums at read time and never averaged.
+
+Both are plain dataclasses: `Components(...)` checks its bounds (oee.checking), and where
+untrusted input enters pydantic validates it into the same class (ingest, the cloud's reads).
 """
 
 from __future__ import annotations
@@ -10,9 +13,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
+from common.checks import FORBID
 from oee.bounds import BoundedFloat, BoundedInt
+from oee.checking import checked
 
 TIME_FIELDS: tuple[str, ...] = (
     "planned_busy_s",
@@ -34,7 +37,9 @@ INTEGER_FIELDS: tuple[str, ...] = QUANTITY_FIELDS + STOP_FIELDS
 COMPONENT_FIELDS: tuple[str, ...] = TIME_FIELDS + QUANTITY_FIELDS + IDEAL_FIELDS + STOP_FIELDS
 
 
-class Components(BaseModel):
+@checked
+@dataclass(frozen=True)
+class Components:
     """Additive quantities of one window; `+` pools two windows exactly.
 
     `downtime_s` = `fault_s` + `idle_s` (micro-stops counted as downtime included);
@@ -44,7 +49,7 @@ class Components(BaseModel):
     once, in the bucket where it starts. Events of earlier agents have neither: zero.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    __pydantic_config__ = FORBID
 
     planned_busy_s: BoundedFloat = 0.0
     production_s: BoundedFloat = 0.0
@@ -92,16 +97,29 @@ class Components(BaseModel):
     def ratios(self) -> Ratios:
         return ratios(self)
 
+    def as_dict(self) -> dict[str, Any]:
+        """The fields by name, in order (what the JSON of an event or an answer holds)."""
+        return dict(self.__dict__)
 
-class Ratios(BaseModel):
+
+@dataclass(frozen=True, slots=True)
+class Ratios:
     """A, P, Q and OEE; None where the ratio is undefined (never 0 or 1 by default)."""
 
-    model_config = ConfigDict(extra="forbid")
+    __pydantic_config__ = FORBID
 
     availability: float | None
     performance: float | None
     quality: float | None
     oee: float | None
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {
+            "availability": self.availability,
+            "performance": self.performance,
+            "quality": self.quality,
+            "oee": self.oee,
+        }
 
 
 def ratios(c: Components) -> Ratios:

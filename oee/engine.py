@@ -319,9 +319,10 @@ class _Bucket:
 
 
 def _components(v: dict[str, int]) -> Components:
-    return Components.model_validate(
-        {name: v[name] / US if name in _SCALED else v[name] for name in COMPONENT_FIELDS}
-    )
+    values: dict[str, Any] = {
+        name: v[name] / US if name in _SCALED else v[name] for name in COMPONENT_FIELDS
+    }
+    return Components(**values)
 
 
 class EquipmentEngine:

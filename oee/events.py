@@ -3,30 +3,25 @@
 A batch of events travels sealed under the key (agent_id, epoch, seq); the events
 themselves carry their own ids (UUIDv7) so the cloud can also deduplicate per event.
 
-Every field is bounded (oee.bounds): the agent builds its events through these models and
-ingest validates batches with `load_events`, so an event the cloud could not store or serve
-is refused where it is made, not where it is stored.
+The events are frozen dataclasses. Every field is bounded (oee.bounds): the agent's events
+check their fields when they are made (oee.checking, FieldValueError), and ingest validates
+batches with `load_events` (pydantic, the same bounds), so an event the cloud could not store
+or serve is refused where it is made, not where it is stored. The agent builds, dumps and
+reads events without importing pydantic.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
-from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    AwareDatetime,
-    BaseModel,
-    ConfigDict,
-    Field,
-    TypeAdapter,
-    field_validator,
-)
-
+from common.checks import FORBID, After, Check
 from oee.bounds import (
     MAX_CODE_CHARS,
     MAX_ID_CHARS,
@@ -36,9 +31,14 @@ from oee.bounds import (
     BoundedFloat,
     BoundedInt,
     Text,
+    UtcTime,
     check_data,
 )
+from oee.checking import FieldValueError, build_unchecked, checked
 from oee.components import Components
+
+if TYPE_CHECKING:
+    from pydantic import TypeAdapter
 
 STATES: tuple[str, ...] = ("running", "idle", "fault", "setup", "planned_stop", "unknown")
 State = Literal["running", "idle", "fault", "setup", "planned_stop", "unknown"]
@@ -104,33 +104,24 @@ def uuid7(now_ms: int | None = None) -> str:
 
 _ZERO = timedelta(0)
 
-
-def _utc(value: datetime) -> datetime:
-    # A time already in UTC (what agents send; from JSON its tzinfo is pydantic's own UTC) is
-    # kept as it is: the offset check costs a third of astimezone, on every event ingest reads.
-    return value if value.utcoffset() == _ZERO else value.astimezone(UTC)
-
-
 _UUID = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-Id = Annotated[Text, Field(min_length=1, max_length=MAX_ID_CHARS)]
-PlcText = Annotated[Text, Field(max_length=MAX_TEXT_CHARS)]
+Id = Annotated[Text, Check(min_length=1, max_length=MAX_ID_CHARS)]
+PlcText = Annotated[Text, Check(max_length=MAX_TEXT_CHARS)]
 
 
-class _EventBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _EventBase:
+    __pydantic_config__ = FORBID
 
-    event_id: str = Field(default_factory=uuid7, pattern=_UUID)
+    event_id: Annotated[str, Check(pattern=_UUID)] = field(default_factory=uuid7)
     agent_id: Id
     site_id: Id
     equipment_id: Id | None = None
-    ts: AwareDatetime
-
-    @field_validator("ts", mode="after")
-    @classmethod
-    def _ts_utc(cls, value: datetime) -> datetime:
-        return value if value.utcoffset() == _ZERO else value.astimezone(UTC)
+    ts: UtcTime
 
 
+@checked
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StateEvent(_EventBase):
     """The equipment entered `state` at `ts` (with the downtime reason, if one is known)."""
 
@@ -141,6 +132,8 @@ class StateEvent(_EventBase):
     raw: BoundedFloat | BoundedInt | None = None
 
 
+@checked
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CountEvent(_EventBase):
     """Part counts observed at `ts`, credited to the active bucket and product.
 
@@ -160,13 +153,6 @@ class CountEvent(_EventBase):
     # scrap_reason signal); None: no scrap, or no reason known.
     scrap_reason: PlcText | None = None
     in_plan: bool = True
-
-
-_COUNT_GIVEN = frozenset(
-    {"agent_id", "site_id", "equipment_id", "ts", "produced", "good", "scrap", "rework"}
-    | {"product", "scrap_reason", "in_plan"}
-)
-_set_field = object.__setattr__
 
 
 def _plain_text(value: object, min_chars: int, max_chars: int) -> bool:
@@ -218,11 +204,11 @@ def count_event(
     scrap_reason: str | None,
     in_plan: bool,
 ) -> CountEvent:
-    """`CountEvent(...)` with these fields, the same event, without pydantic's validation
-    when every value already is what validation would keep unchanged: of its field's exact
-    type, within its bounds, `ts` aware with a zero UTC offset. The engine makes one per
-    counter increment, and validation was half of the cost of making it. Any other value
-    goes through the model, which validates (or refuses) it exactly as before."""
+    """`CountEvent(...)` with these fields, the same event, without the field check when
+    every value already is what the check keeps unchanged: of its field's exact type, within
+    its bounds, `ts` aware with a zero UTC offset. The engine makes one per counter
+    increment, and the check was about half of the cost of making it. Any other value goes
+    through the check, which keeps (or refuses, FieldValueError) it as `CountEvent` does."""
     if not (
         type(in_plan) is bool
         and _plain_int(produced)
@@ -250,97 +236,224 @@ def count_event(
             scrap_reason=scrap_reason,
             in_plan=in_plan,
         )
-    event = CountEvent.__new__(CountEvent)
-    _set_field(
-        event,
-        "__dict__",
-        {
-            "event_id": uuid7(),
-            "agent_id": agent_id,
-            "site_id": site_id,
-            "equipment_id": equipment_id,
-            "ts": ts,
-            "kind": "count",
-            "produced": produced,
-            "good": good,
-            "scrap": scrap,
-            "rework": rework,
-            "product": product,
-            "scrap_reason": scrap_reason,
-            "in_plan": in_plan,
-        },
+    return build_unchecked(
+        CountEvent,
+        event_id=uuid7(),
+        agent_id=agent_id,
+        site_id=site_id,
+        equipment_id=equipment_id,
+        ts=ts,
+        kind="count",
+        produced=produced,
+        good=good,
+        scrap=scrap,
+        rework=rework,
+        product=product,
+        scrap_reason=scrap_reason,
+        in_plan=in_plan,
     )
-    _set_field(event, "__pydantic_fields_set__", set(_COUNT_GIVEN))
-    _set_field(event, "__pydantic_extra__", None)
-    _set_field(event, "__pydantic_private__", None)
-    return event
 
 
+@checked
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OeeEvent(_EventBase):
     """A closed bucket [start, end) of one equipment with additive components only."""
 
     kind: Literal["oee"] = "oee"
-    bucket_start: AwareDatetime
-    bucket_end: AwareDatetime
+    bucket_start: UtcTime
+    bucket_end: UtcTime
     shift: PlcText | None = None
-    shift_start: AwareDatetime | None = None
+    shift_start: UtcTime | None = None
     components: Components
-    downtime_by_reason: dict[PlcText, BoundedFloat] = Field(default_factory=dict)
-
-    @field_validator("bucket_start", "bucket_end", "shift_start", mode="after")
-    @classmethod
-    def _bounds_utc(cls, value: datetime | None) -> datetime | None:
-        return None if value is None else _utc(value)
+    downtime_by_reason: dict[PlcText, BoundedFloat] = field(default_factory=dict)
 
 
+@checked
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SampleEvent(_EventBase):
     """A raw signal value as read from the PLC (optional, may be shed under disk pressure)."""
 
     kind: Literal["sample"] = "sample"
-    signal: Annotated[Text, Field(max_length=MAX_CODE_CHARS)]
+    signal: Annotated[Text, Check(max_length=MAX_CODE_CHARS)]
     value: BoundedFloat | BoundedInt | PlcText | bool | None
     quality: Literal["good", "bad"] = "good"
 
 
+@checked
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AgentEvent(_EventBase):
     """Agent health and bookkeeping: counter resets, quarantined readings, loss records, flags."""
 
     kind: Literal["agent"] = "agent"
-    code: Annotated[Text, Field(min_length=1, max_length=MAX_CODE_CHARS)]
-    message: Annotated[Text, Field(max_length=MAX_MESSAGE_CHARS)]
-    data: Annotated[dict[str, Any], AfterValidator(check_data)] = Field(default_factory=dict)
+    code: Annotated[Text, Check(min_length=1, max_length=MAX_CODE_CHARS)]
+    message: Annotated[Text, Check(max_length=MAX_MESSAGE_CHARS)]
+    data: Annotated[dict[str, Any], After(check_data)] = field(default_factory=dict)
 
 
+EVENT_CLASSES: tuple[type[Any], ...] = (StateEvent, CountEvent, OeeEvent, SampleEvent, AgentEvent)
 Event = Annotated[
     StateEvent | CountEvent | OeeEvent | SampleEvent | AgentEvent,
-    Field(discriminator="kind"),
+    Check(discriminator="kind"),
 ]
-EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
-EVENT_LIST_ADAPTER: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 
 
-# Each event class's own serializer: the one the list's tagged union picks by `kind`.
-_SERIALIZERS = {
-    cls: cls.__pydantic_serializer__
-    for cls in (StateEvent, CountEvent, OeeEvent, SampleEvent, AgentEvent)
+# --- pydantic, only where untrusted batches are validated (ingest) --------------------------
+
+_adapters_lock = threading.Lock()
+_adapters: dict[str, Any] = {}
+
+
+def _pydantic() -> dict[str, Any]:
+    """The TypeAdapters of events, built at their first use (importing pydantic then)."""
+    if not _adapters:
+        with _adapters_lock:
+            if not _adapters:
+                from pydantic import TypeAdapter
+
+                made: dict[str, Any] = {
+                    "EVENT_ADAPTER": TypeAdapter(Event),
+                    "EVENT_LIST_ADAPTER": TypeAdapter(list[Event]),
+                    # Each event class's own serializer: the one the list's tagged union
+                    # picks by `kind`.
+                    "serializers": {cls: TypeAdapter(cls).serializer for cls in EVENT_CLASSES},
+                }
+                _adapters.update(made)
+    return _adapters
+
+
+if TYPE_CHECKING:
+    EVENT_ADAPTER: TypeAdapter[Event]
+    EVENT_LIST_ADAPTER: TypeAdapter[list[Event]]
+
+
+def __getattr__(name: str) -> Any:
+    # EVENT_ADAPTER and EVENT_LIST_ADAPTER are built (and pydantic imported) when first read.
+    if name in ("EVENT_ADAPTER", "EVENT_LIST_ADAPTER"):
+        return _pydantic()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def load_events(data: bytes) -> list[Event]:
+    """Parse and validate a batch's plaintext; raises pydantic.ValidationError."""
+    events: list[Event] = _pydantic()["EVENT_LIST_ADAPTER"].validate_json(data)
+    return events
+
+
+# --- JSON without pydantic ------------------------------------------------------------------
+
+_string = json.encoder.encode_basestring
+
+
+def _float(value: float) -> str:
+    # pydantic's float text: Python's shortest repr, except that exponents below -4 are
+    # written without a leading zero or sign padding (1e-7, not 1e-07), and that numbers
+    # from 1e-5 to 1e-4 are written as decimals (0.00001).
+    text = repr(value)
+    if "e-" not in text:
+        return text
+    mantissa, exponent = text.split("e-")
+    if exponent == "05":
+        sign = "-" if mantissa.startswith("-") else ""
+        return f"{sign}0.0000{mantissa.lstrip('-').replace('.', '')}"
+    return f"{mantissa}e-{int(exponent)}"
+
+
+def _time(value: datetime) -> str:
+    text = value.isoformat()
+    if text.endswith("+00:00") and value.utcoffset() == _ZERO:
+        text = text[:-6] + "Z"
+    return f'"{text}"'
+
+
+def _mapping(value: dict[Any, Any]) -> str:
+    return "{" + ",".join(f"{_string(k)}:{_json(v)}" for k, v in value.items()) + "}"
+
+
+def _sequence(value: list[Any] | tuple[Any, ...]) -> str:
+    return "[" + ",".join(map(_json, value)) + "]"
+
+
+def _components(value: Components) -> str:
+    return _mapping(value.as_dict())
+
+
+_WRITERS: dict[type, Callable[[Any], str]] = {
+    str: _string,
+    int: int.__repr__,
+    float: _float,
+    bool: lambda v: "true" if v else "false",
+    type(None): lambda v: "null",
+    datetime: _time,
+    dict: _mapping,
+    list: _sequence,
+    tuple: _sequence,
+    Components: _components,
 }
+
+
+def _json(value: Any) -> str:
+    writer = _WRITERS.get(type(value))
+    if writer is None:
+        raise TypeError(f"an event holds a {type(value).__name__}, which is not JSON")
+    return writer(value)
+
+
+def _event_writer(cls: type[Any]) -> Callable[[Any], str]:
+    names = [(f'"{f.name}":', f.name) for f in fields(cls)]
+
+    def write(event: Any) -> str:
+        return "{" + ",".join([key + _json(getattr(event, name)) for key, name in names]) + "}"
+
+    return write
+
+
+_EVENT_WRITERS = {cls: _event_writer(cls) for cls in EVENT_CLASSES}
 
 
 def dump_events(events: Sequence[Event]) -> bytes:
     """Serialize events to compact JSON: the plaintext of a batch, and what ingest stores.
 
-    Each event by its own class's serializer, joined into the array: the same bytes as
-    `EVENT_LIST_ADAPTER.dump_json(events)` in about 60 % of its CPU (the list's serializer
-    first looks each item's class up in the union by its `kind`: 2.0 against 1.2 us an
-    event). A list holding anything but these classes goes through the adapter.
+    The bytes are those of pydantic's `EVENT_LIST_ADAPTER.dump_json(events)`. A process that
+    validates events with pydantic (ingest) dumps them with each class's pydantic serializer,
+    joined into the array (about 60 % of the list adapter's CPU, which first looks each item's
+    class up in the union by its `kind`); the agent writes the same JSON in plain Python,
+    without importing pydantic. A list holding anything but these classes is refused
+    (TypeError), as by the adapter (a serialization error).
     """
+    if not _adapters:
+        return dump_events_plain(events)
+    serializers = _adapters["serializers"]
     try:
-        parts = [_SERIALIZERS[type(e)].to_json(e) for e in events]
+        parts = [serializers[type(e)].to_json(e) for e in events]
     except KeyError:
-        return EVENT_LIST_ADAPTER.dump_json(list(events))
+        return bytes(_adapters["EVENT_LIST_ADAPTER"].dump_json(list(events)))
     return b"[" + b",".join(parts) + b"]"
 
 
-def load_events(data: bytes) -> list[Event]:
-    """Parse and validate a batch's plaintext; raises pydantic.ValidationError."""
-    return EVENT_LIST_ADAPTER.validate_json(data)
+def dump_events_plain(events: Sequence[Event]) -> bytes:
+    """`dump_events` in plain Python, what the agent runs: the same bytes (TypeError for a
+    list holding anything but events)."""
+    try:
+        text = ",".join([_EVENT_WRITERS[type(e)](e) for e in events])
+    except KeyError:
+        raise TypeError("dump_events takes events only") from None
+    return f"[{text}]".encode()
+
+
+__all__ = [
+    "EVENT_CLASSES",
+    "STATES",
+    "AgentEvent",
+    "CountEvent",
+    "Event",
+    "FieldValueError",
+    "OeeEvent",
+    "SampleEvent",
+    "State",
+    "StateEvent",
+    "count_event",
+    "dump_events",
+    "dump_events_plain",
+    "load_events",
+    "uuid7",
+]

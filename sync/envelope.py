@@ -31,7 +31,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -40,7 +40,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sync.keys import (
     SUITE_MLKEM768X25519,
@@ -126,12 +125,8 @@ def _canonical(obj: Any) -> bytes:
 
 
 def _reason_of(exc: Exception) -> str:
-    """One line for a refused header or body (pydantic's report spans several lines)."""
-    if isinstance(exc, ValidationError):
-        return "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'header'}: {e['msg']}" for e in exc.errors()
-        )
-    return str(exc)
+    """One line for a refused header or body."""
+    return " ".join(str(exc).split())
 
 
 def _check_id(name: str, value: object, *, optional: bool = False) -> None:
@@ -155,25 +150,13 @@ def _check_utc(name: str, value: object) -> None:
         raise ValueError(f"{name} must be UTC")
 
 
-class _WireModel(BaseModel):
-    """A message of the wire: immutable, no unknown field, no type coercion (JSON `true` is
-    not the integer 1, `"7"` not the seq 7)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-    def __init__(self, *args: Any, **data: Any) -> None:
-        # Positional arguments in field order, as the dataclasses these models replaced took.
-        names = list(type(self).model_fields)
-        if len(args) > len(names):
-            raise TypeError(f"{type(self).__name__} takes at most {len(names)} arguments")
-        for name, value in zip(names, args, strict=False):
-            if name in data:
-                raise TypeError(f"{type(self).__name__} got two values for {name}")
-            data[name] = value
-        super().__init__(**data)
+# The messages of the wire are frozen dataclasses that check every field when made
+# (`__post_init__`): an unknown field is a TypeError, a wrong value a ValueError, and nothing
+# is coerced (JSON `true` is not the integer 1, `"7"` not the seq 7).
 
 
-class EnvelopeHeader(_WireModel):
+@dataclass(frozen=True)
+class EnvelopeHeader:
     """The cleartext, signed routing header of one batch."""
 
     agent_id: str
@@ -184,13 +167,12 @@ class EnvelopeHeader(_WireModel):
     signing_key_id: str
     cloud_key_id: str
     suite: Suite = SUITE_X25519
-    created: str = Field(default_factory=utc_now_iso)
+    created: str = field(default_factory=utc_now_iso)
     compression: str = "zstd"
     trace_id: str | None = None
     version: int = 1
 
-    @model_validator(mode="after")
-    def _check(self) -> EnvelopeHeader:
+    def __post_init__(self) -> None:
         if type(self.version) is not int or self.version != 1:
             raise ValueError("version must be 1")
         if self.suite not in SUITES:
@@ -203,13 +185,12 @@ class EnvelopeHeader(_WireModel):
         _check_utc("created", self.created)
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}")
-        return self
 
     def to_bytes(self) -> bytes:
         return _canonical({name: getattr(self, name) for name in sorted(_HEADER_FIELDS)})
 
 
-_HEADER_FIELDS = frozenset(EnvelopeHeader.model_fields)
+_HEADER_FIELDS = frozenset(f.name for f in fields(EnvelopeHeader))
 
 
 @dataclass(frozen=True)
@@ -446,24 +427,21 @@ def open_framed(
 # --- acks -----------------------------------------------------------------------------------
 
 
-class AckBody(_WireModel):
+@dataclass(frozen=True)
+class AckBody:
     """What the cloud stored: inclusive seq ranges of one (agent, epoch) and their digests."""
 
     agent_id: str
     epoch: str
     ranges: Sequence[tuple[int, int]]  # normalised to a tuple of tuples
-    digests: dict[str, str]  # str(seq) -> sha256 hex of the stored envelope
+    digests: Mapping[str, str]  # str(seq) -> sha256 hex of the stored envelope; made a dict
     key_id: str
-    ack_id: str = Field(default_factory=lambda: secrets.token_hex(16))
-    issued: str = Field(default_factory=utc_now_iso)
+    ack_id: str = field(default_factory=lambda: secrets.token_hex(16))
+    issued: str = field(default_factory=utc_now_iso)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _normalise(cls, data: Any) -> Any:
-        # Ranges arrive as JSON lists: checked here and made tuples (the strict model's type).
-        if not isinstance(data, dict):
-            return data
-        raw_ranges = data.get("ranges")
+    def __post_init__(self) -> None:
+        # Ranges arrive as JSON lists: checked here and made tuples (frozen, hence setattr).
+        raw_ranges = self.ranges
         if not isinstance(raw_ranges, Sequence) or isinstance(raw_ranges, str) or not raw_ranges:
             raise ValueError("ranges must be a non-empty list")
         ranges: list[tuple[int, int]] = []
@@ -475,13 +453,10 @@ class AckBody(_WireModel):
             if r[0] > r[1]:
                 raise ValueError("first_seq > last_seq")
             ranges.append((r[0], r[1]))
-        digests = data.get("digests")
-        if not isinstance(digests, Mapping):
+        object.__setattr__(self, "ranges", tuple(ranges))
+        if not isinstance(self.digests, Mapping):
             raise ValueError("digests must be an object")
-        return {**data, "ranges": tuple(ranges), "digests": dict(digests)}
-
-    @model_validator(mode="after")
-    def _check(self) -> AckBody:
+        object.__setattr__(self, "digests", dict(self.digests))
         for name in ("agent_id", "epoch", "key_id", "ack_id"):
             _check_id(name, getattr(self, name))
         _check_utc("issued", self.issued)
@@ -492,7 +467,6 @@ class AckBody(_WireModel):
                 raise ValueError(f"digest for seq {seq} outside the acked ranges")
             if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
                 raise ValueError("digests must be sha256 hex")
-        return self
 
     def covers(self, seq: int) -> bool:
         return any(first <= seq <= last for first, last in self.ranges)
@@ -504,7 +478,7 @@ class AckBody(_WireModel):
         return d
 
 
-_ACK_FIELDS = frozenset(AckBody.model_fields)
+_ACK_FIELDS = frozenset(f.name for f in fields(AckBody))
 
 
 def clean_detail(text: str) -> str:
@@ -513,7 +487,8 @@ def clean_detail(text: str) -> str:
     return "".join(c if " " <= c <= "~" else "?" for c in text[:_DETAIL_MAX])
 
 
-class RejectionBody(_WireModel):
+@dataclass(frozen=True)
+class RejectionBody:
     """A batch the cloud refuses for good: its key, the digest of the envelope, the reason.
 
     Only the envelope with that digest is named, so a rejection can never delete another
@@ -526,11 +501,10 @@ class RejectionBody(_WireModel):
     reason: str  # a stable label, as counted and kept in quarantine
     detail: str
     key_id: str
-    rejection_id: str = Field(default_factory=lambda: secrets.token_hex(16))
-    issued: str = Field(default_factory=utc_now_iso)
+    rejection_id: str = field(default_factory=lambda: secrets.token_hex(16))
+    issued: str = field(default_factory=utc_now_iso)
 
-    @model_validator(mode="after")
-    def _check(self) -> RejectionBody:
+    def __post_init__(self) -> None:
         for name in ("agent_id", "epoch", "key_id", "rejection_id"):
             _check_id(name, getattr(self, name))
         _check_utc("issued", self.issued)
@@ -541,13 +515,12 @@ class RejectionBody(_WireModel):
             raise ValueError(f"reason must match {_REASON.pattern}")
         if not isinstance(self.detail, str) or clean_detail(self.detail) != self.detail:
             raise ValueError(f"detail must be printable ASCII of at most {_DETAIL_MAX} chars")
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _REJECTION_FIELDS}
 
 
-_REJECTION_FIELDS = frozenset(RejectionBody.model_fields)
+_REJECTION_FIELDS = frozenset(f.name for f in fields(RejectionBody))
 # The outer key says which message it is; each has its own signing context.
 _CLOUD_MESSAGES: dict[str, tuple[bytes, frozenset[str], type[AckBody] | type[RejectionBody]]] = {
     "body": (ACK_CONTEXT, _ACK_FIELDS, AckBody),

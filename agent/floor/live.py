@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from oee.components import INTEGER_FIELDS, Components, Ratios, ratios
 from oee.engine import PlantEngine
@@ -95,9 +95,8 @@ OUTBOX_DEPTH = Metric("Outbox/Depth", "count", "sealed batches not yet acknowled
 
 
 def _components(values: Mapping[str, int]) -> Components:
-    return Components.model_validate(
-        {k: v if k in INTEGER_FIELDS else v / _US for k, v in values.items()}
-    )
+    kept: dict[str, Any] = {k: v if k in INTEGER_FIELDS else v / _US for k, v in values.items()}
+    return Components(**kept)
 
 
 @dataclass(frozen=True)

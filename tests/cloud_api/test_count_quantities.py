@@ -3,6 +3,7 @@ agents before count events carried every quantity (migration 0030)."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ def old_shape(event: CountEvent) -> CountEvent:
     exists for events in it."""
     moved = "produced" if event.produced else next(q for q in QUANTITIES if getattr(event, q) > 0)
     update: dict[str, Any] = dict.fromkeys(QUANTITIES, 0) | {moved: getattr(event, moved)}
-    return event.model_copy(update=update)
+    return dataclasses.replace(event, **update)
 
 
 def stored_counts(pg_url: str) -> dict[str, tuple[int, ...]]:

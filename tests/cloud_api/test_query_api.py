@@ -102,7 +102,7 @@ def oee(api: httpx.Client, **params: Any) -> dict[str, Any]:
 
 
 def approx_components(got: dict[str, Any], want: Components) -> None:
-    for name, value in want.model_dump().items():
+    for name, value in want.as_dict().items():
         assert got[name] == pytest.approx(value, abs=1e-6), name
 
 

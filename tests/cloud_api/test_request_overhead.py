@@ -235,4 +235,4 @@ def test_metric_children_are_the_labelled_ones() -> None:
 )  # fmt: skip
 def test_ratios_of_a_series_are_the_models_ratios(values: dict[str, Any]) -> None:
     c = Components(**values)
-    assert ratios_of(c) == ratios(c).model_dump()
+    assert ratios_of(c) == ratios(c).as_dict()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import sqlite3
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from buffer.outbox import Outbox, Sealer
 from common.checks import validate, validated
 from connectors.sample import Sample
 from oee.calendar import ShiftCalendar
+from oee.checking import build_unchecked
 from oee.config import CounterSpec, EquipmentSpec, ShiftSpec
 from oee.engine import EquipmentEngine
 from oee.events import AgentEvent, Event, dump_events
@@ -68,12 +70,15 @@ def first(events: list[Event], kind: type[Event]) -> Event:
 def poisoned(events: list[Event], kind: type[Event], **update: object) -> list[Event]:
     """The engine's events with one field set to what the engine does not produce.
 
-    model_copy(update=) skips validation on purpose: these values come from a PLC, an older
-    or a buggy agent; the engine cleans them (and the event model refuses them where it has
-    bounds), so a poison batch can only be built this way. The batch is sealed and signed by
-    the agent's own key like any other."""
+    The copy skips the field check on purpose (`build_unchecked`): these values come from a
+    PLC, an older or a buggy agent; the engine cleans them (and the event model refuses them
+    where it has bounds), so a poison batch can only be built this way. The batch is sealed
+    and signed by the agent's own key like any other."""
     target = first(events, kind)
-    return [e.model_copy(update=update) if e is target else e for e in events]
+    changed = build_unchecked(
+        type(target), **{f.name: getattr(target, f.name) for f in fields(target)} | update
+    )
+    return [changed if e is target else e for e in events]
 
 
 def sealer(

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
 from buffer.outbox import Outbox
-from oee.events import AgentEvent, load_events
+from oee.events import EVENT_ADAPTER, AgentEvent, load_events
 from sync.envelope import open_envelope
 from sync.keys import CloudKeyring, load_ed25519_publics
 from tests.conftest import free_port
@@ -591,7 +591,8 @@ class Checker:
             ]
         declared: set[tuple[str, int]] = set()
         for body in loss_bodies:
-            event = AgentEvent.model_validate(body)
+            event = EVENT_ADAPTER.validate_python(body)
+            assert isinstance(event, AgentEvent)
             declared |= {(str(event.data["epoch"]), int(s)) for s in event.data["seqs"]}
         lost_ids: list[str] = []
         declared_lost = 0

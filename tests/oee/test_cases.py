@@ -111,7 +111,7 @@ def check_invariants(result: dict[str, Any], run: dict[str, Any], where: str) ->
     busy = c["production_s"] + c["setup_s"] + c["downtime_s"] + c["unknown_s"]
     assert busy == pytest.approx(c["planned_busy_s"], abs=TOL), f"{where}: classes of PBT"
     assert c["produced"] == c["good"] + c["scrap"] + c["rework"], where
-    pooled = Components.pool(Components.model_validate(b["components"]) for b in result["buckets"])
+    pooled = Components.pool(Components(**b["components"]) for b in result["buckets"])
     for name in COMPONENT_FIELDS:
         assert getattr(pooled, name) == pytest.approx(c[name], abs=TOL), f"{where}: {name}"
     for bucket in result["buckets"]:
@@ -121,7 +121,7 @@ def check_invariants(result: dict[str, Any], run: dict[str, Any], where: str) ->
         seconds += bucket["components"]["off_plan_s"]
         assert seconds == pytest.approx((end - start).total_seconds(), abs=TOL), where
         assert 0 < (end - start).total_seconds() <= 60 or start == end, where
-    r = ratios(Components.model_validate(c))
+    r = ratios(Components(**c))
     if r.oee is not None and None not in (r.availability, r.performance, r.quality):
         # OEE = A x P x Q = ideal_good / PBT: the built-in self-check.
         assert r.availability * r.performance * r.quality == pytest.approx(r.oee, abs=TOL)  # type: ignore[operator]
@@ -140,9 +140,7 @@ def test_case(case: Path, capsys: pytest.CaptureFixture[str]) -> None:
         check_invariants(result, run, where)
         results[run["name"]] = result
     for pool in spec.get("pools", []):
-        parts = Components.pool(
-            Components.model_validate(results[name]["components"]) for name in pool["parts"]
-        )
+        parts = Components.pool(Components(**results[name]["components"]) for name in pool["parts"])
         whole = results[pool["whole"]]
         check_components(
             whole["components"],
@@ -150,7 +148,7 @@ def test_case(case: Path, capsys: pytest.CaptureFixture[str]) -> None:
             f"{case.name}: pool {pool['parts']} vs {pool['whole']}",
         )
         pooled = ratios(parts)
-        check_ratios(whole, pooled.model_dump(), f"{case.name}: pooled ratios")
+        check_ratios(whole, pooled.as_dict(), f"{case.name}: pooled ratios")
 
 
 def test_every_edge_case_of_the_spec_has_a_case() -> None:

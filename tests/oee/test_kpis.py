@@ -4,6 +4,7 @@ the parts' KPIs is not)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from datetime import timedelta
@@ -136,14 +137,14 @@ def test_mixed_products_first_pass_yield_counts_parts_quality_weights_ideal_time
 def test_null_exactly_where_a_denominator_is_zero(
     change: dict[str, float], calendar: float | None, nulls: set[str]
 ) -> None:
-    c = SHIFT.model_copy(update=change)
+    c = dataclasses.replace(SHIFT, **change)
     k = kpis(c, calendar)
     assert {n for n, v in k.items() if v is None} == nulls
     assert k["failures"] == c.fault_stops and k["micro_stops"] == c.micro_stops
 
 
 def test_no_production_gives_zero_not_null_where_defined() -> None:
-    c = SHIFT.model_copy(update={"production_s": 0, "downtime_s": 24_000, "fault_s": 23_400})
+    c = dataclasses.replace(SHIFT, production_s=0, downtime_s=24_000, fault_s=23_400)
     k = kpis(c, CALENDAR)
     assert k["availability"] == 0
     assert k["technical_efficiency"] == 0

@@ -54,7 +54,7 @@ def test_replay_prints_failures_mtbf_mttr_by_hand(capsys: pytest.CaptureFixture[
     assert k["technical_efficiency"] == pytest.approx(57_449 / 57_600)
     assert k["throughput_per_hour"] == 0  # this case counts no parts
     assert k["first_pass_yield"] is None
-    c = Components.model_validate(result["components"])
+    c = Components(**result["components"])
     assert (c.fault_stops, c.micro_stops) == (2, 1)
     assert k == kpis(c, 16 * 3600)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -577,3 +578,35 @@ def test_rejection_bodies_are_bounded(override: dict[str, Any]) -> None:
 
 def test_clean_detail_keeps_printable_ascii_only() -> None:
     assert clean_detail("a\0b\x1b[31m\u00e9" + "x" * 600) == "a?b?[31m?" + "x" * 491
+
+
+def test_wire_messages_take_fields_in_order_and_coerce_nothing() -> None:
+    h = header()
+    positional = EnvelopeHeader(
+        "agent-1", "site-a", "0190f1e2", 7, 50, h.signing_key_id, h.cloud_key_id,
+        SUITE_X25519, h.created, "zstd", "trace-1",
+    )  # fmt: skip
+    assert positional == h
+    with pytest.raises(TypeError):
+        header(color="red")  # an unknown field
+    for wrong in ({"seq": "7"}, {"seq": True}, {"count": 1.0}, {"version": True}):
+        with pytest.raises(ValueError):
+            header(**wrong)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        h.seq = 8  # type: ignore[misc]
+    ack = AckBody("agent-1", "0190f1e2", [[7, 9]], {"8": "a" * 64}, ACK_KEY_ID)  # type: ignore[list-item]
+    assert ack.ranges == ((7, 9),) and ack.digests == {"8": "a" * 64}
+    assert ack.covers(9) and not ack.covers(10)
+    with pytest.raises(ValueError, match="first_seq must be an integer"):
+        AckBody("agent-1", "0190f1e2", [(True, 9)], {}, ACK_KEY_ID)
+
+
+def test_a_refused_header_is_said_in_one_line() -> None:
+    d = json.loads(header().to_bytes())
+    d["seq"] = "7"
+    hb = canon(d)
+    raw = b"EGW1" + len(hb).to_bytes(4, "big") + hb + (1).to_bytes(4, "big") + b"x" + bytes(64)
+    with pytest.raises(EnvelopeError) as refused:
+        parse_header(raw)
+    assert refused.value.reason == "malformed"
+    assert refused.value.detail == "seq must be an integer in [0, 9223372036854775807]"

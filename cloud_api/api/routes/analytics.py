@@ -282,7 +282,7 @@ async def equipment_oee(
         "from": start.isoformat(),
         "to": end.isoformat(),
         **values,
-        "components": total.model_dump(),
+        "components": total.as_dict(),
         **target_book.beside(values, targets),
     }
 

@@ -1,10 +1,12 @@
 """An agent configured with Modbus only imports no library it does not use: not the OPC UA
 client or server (asyncua), not Sparkplug B's protobuf, not the HTTP client of `status`, not
-prometheus-client (its own writer serves /metrics).
+prometheus-client (its own writer serves /metrics). No agent imports pydantic: its
+configuration is validated in a child process (agent.configcheck), at start and at reload.
 
 The agent runs in a fresh interpreter (imports already made by other tests would hide one),
 through the service `edge-agent run` starts, until its pipeline has committed its first
-flush; then it lists the modules it has imported."""
+flush and a reload (SIGHUP's path) has replaced it; then it lists the modules it has
+imported."""
 
 from __future__ import annotations
 
@@ -39,22 +41,33 @@ import asyncio, json, sys
 from pathlib import Path
 
 import agent.cli  # the module behind the `edge-agent` command
-from agent.config import load_config
+from agent.configcheck import load_config_apart
 from agent.service import AgentService
 from sync.keys import AgentKeys
 
 path = Path(sys.argv[1])
-config = load_config(path)
+config = load_config_apart(path)  # as `edge-agent run` loads it
 service = AgentService(path, config, AgentKeys.load(config.keys_dir))
+
+
+async def flushed(task: asyncio.Task[None], reloads: int) -> None:
+    for _ in range(6000):  # up to 10 minutes on a loaded machine
+        runtime = service.runtime
+        if task.done() or (
+            service.reloads.applied >= reloads
+            and runtime is not None
+            and getattr(runtime, "last_flush", None)
+        ):
+            return
+        await asyncio.sleep(0.1)
 
 
 async def main() -> None:
     task = asyncio.create_task(service.run())
-    for _ in range(6000):  # up to 10 minutes on a loaded machine
-        runtime = service.runtime
-        if task.done() or (runtime is not None and getattr(runtime, "last_flush", None)):
-            break
-        await asyncio.sleep(0.1)
+    await flushed(task, 0)
+    service.request_reload()
+    await flushed(task, 1)
+    assert service.reloads.applied == 1, service.reloads
     service.request_stop()
     await task
 
@@ -76,6 +89,10 @@ NOT_FOR_MODBUS = (
     "wsgiref",
     "http.server",
 )
+
+
+# Validating is done in a child process: these would stay in the agent's memory for good.
+NOT_IN_ANY_AGENT = ("pydantic", "pydantic_core", "annotated_types")
 
 
 def test_a_modbus_only_agent_does_not_import_what_it_does_not_use(
@@ -109,3 +126,7 @@ def test_a_modbus_only_agent_does_not_import_what_it_does_not_use(
         m for m in modules if any(m == n or m.startswith(f"{n}.") for n in NOT_FOR_MODBUS)
     )
     assert imported == []
+    validators = sorted(
+        m for m in modules if any(m == n or m.startswith(f"{n}.") for n in NOT_IN_ANY_AGENT)
+    )
+    assert validators == []

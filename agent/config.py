@@ -9,7 +9,6 @@ its configuration from `agent.configcheck`, in a process of its own, and never i
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -27,9 +26,8 @@ from typing import (
     get_type_hints,
 )
 
-import yaml
-
 if TYPE_CHECKING:
+    import yaml
     from pydantic import ValidationError
 
 from agent.floor.config import OpcUaServerConfig, PlantMqttConfig
@@ -510,17 +508,25 @@ def expand_env(node: Any, path: str) -> Any:
 Position = tuple[int, int]  # 1-based line, 0-based column
 
 
-# libyaml's parser when PyYAML is built with it: the same documents for a fraction of the
-# memory and time the pure-Python parser takes on a plant-sized file (its peak stays in the
-# agent's resident memory). The pure-Python parser words a syntax error with the line quoted.
-_FAST_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+def _fast_loader() -> type[yaml.SafeLoader]:
+    """libyaml's parser when PyYAML is built with it: the same documents for a fraction of the
+    memory and time the pure-Python parser takes on a plant-sized file. The pure-Python
+    parser words a syntax error with the line quoted. (PyYAML is imported where a file is
+    parsed: the running agent gets its configuration parsed by agent.configcheck.)"""
+    import yaml
+
+    loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return loader
 
 
 def _load_yaml(text: str) -> tuple[Any, dict[tuple[str, ...], Position]]:
     """The document and where each of its paths is written, from one parse. Raises
     yaml.YAMLError with the pure-Python parser's message."""
+    import yaml
+
+    fast = _fast_loader()
     try:
-        loader = _FAST_LOADER(text)
+        loader = fast(text)
         try:
             node = loader.get_single_node()
             lines = _line_index(node)
@@ -529,7 +535,7 @@ def _load_yaml(text: str) -> tuple[Any, dict[tuple[str, ...], Position]]:
         finally:
             loader.dispose()
     except yaml.YAMLError:
-        if _FAST_LOADER is yaml.SafeLoader:
+        if fast is yaml.SafeLoader:
             raise
         yaml.safe_load(text)  # raises with the message that shows the line
         raise
@@ -538,10 +544,13 @@ def _load_yaml(text: str) -> tuple[Any, dict[tuple[str, ...], Position]]:
 
 def _load_data(text: str) -> Any:
     """The document alone (see _load_yaml), with the same parser and error messages."""
+    import yaml
+
+    fast = _fast_loader()
     try:
-        return yaml.load(text, Loader=_FAST_LOADER)
+        return yaml.load(text, Loader=fast)
     except yaml.YAMLError:
-        if _FAST_LOADER is yaml.SafeLoader:
+        if fast is yaml.SafeLoader:
             raise
         yaml.safe_load(text)  # raises with the message that shows the line
         raise
@@ -549,6 +558,8 @@ def _load_data(text: str) -> Any:
 
 def _line_index(root: yaml.Node | None) -> dict[tuple[str, ...], Position]:
     """YAML path -> where it is written, so errors can point into the file."""
+    import yaml
+
     lines: dict[tuple[str, ...], Position] = {}
 
     def at(mark: yaml.Mark) -> Position:
@@ -582,6 +593,8 @@ def _line_index(root: yaml.Node | None) -> dict[tuple[str, ...], Position]:
 
 
 def _text_line_index(text: str) -> dict[tuple[str, ...], Position]:
+    import yaml
+
     try:
         return _load_yaml(text)[1]
     except yaml.YAMLError:
@@ -650,6 +663,8 @@ def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
+    import difflib  # for messages only
+
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f"; did you mean `{close[0]}`?" if close else ""
 
@@ -740,6 +755,8 @@ def parse_config(
 
     Every problem is reported at once (ConfigError.problems): unset variables, unknown or
     misspelled keys, bad values and references between sections."""
+    import yaml
+
     try:
         data = _load_data(text)
     except yaml.YAMLError as exc:

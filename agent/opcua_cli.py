@@ -11,8 +11,6 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agent import arguments
 from agent.config import CONFIG_OPTION_HELP, AgentSection, ConfigError, expand_env
 
@@ -29,6 +27,8 @@ def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
 def _certificate_settings(path: str, connection_id: str | None) -> tuple[str, Path]:
     """The application URI and the keys folder from the configuration file, read without
     the rest of it: `${ENV}` values only `run` needs (passwords) may be unset here."""
+    import yaml
+
     from connectors.opcua.config import OpcUaConnection
 
     try:
@@ -95,6 +95,8 @@ def cmd_keys_opcua_server_cert(args: argparse.Namespace) -> int:
     from connectors.opcua.hub import thumbprint
 
     _, keys_dir = _certificate_settings(args.config, None)
+    import yaml
+
     try:
         data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:

@@ -105,12 +105,12 @@ def unit_environment(unit: Path = UNIT) -> dict[str, str]:
 
 
 # What `edge-agent run` imports, in layers: each step's RSS growth is what that layer adds
-# on top of the ones before (shared imports count where they first come). pydantic is not
-# among them: the agent validates its configuration in a child process (agent.configcheck).
+# on top of the ones before (shared imports count where they first come). pydantic and
+# PyYAML are not among them: the agent's configuration is parsed and validated in a child
+# process (agent.configcheck).
 IMPORT_LAYERS = (
     ("interpreter", ""),
     ("asyncio, ssl, sqlite3, json, logging", "import asyncio, ssl, sqlite3, json, logging"),
-    ("PyYAML", "import yaml"),
     ("structlog", "import structlog"),
     ("cryptography (HPKE, Ed25519, ML-KEM)", "import sync.keys"),
     ("zstandard, envelope", "import sync.envelope"),

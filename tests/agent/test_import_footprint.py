@@ -1,7 +1,8 @@
 """An agent configured with Modbus only imports no library it does not use: not the OPC UA
 client or server (asyncua), not Sparkplug B's protobuf, not the HTTP client of `status`, not
-prometheus-client (its own writer serves /metrics). No agent imports pydantic: its
-configuration is validated in a child process (agent.configcheck), at start and at reload.
+prometheus-client (its own writer serves /metrics). No agent imports pydantic or PyYAML: its
+configuration is parsed and validated in a child process (agent.configcheck), at start and
+at reload.
 
 The agent runs in a fresh interpreter (imports already made by other tests would hide one),
 through the service `edge-agent run` starts, until its pipeline has committed its first
@@ -91,8 +92,9 @@ NOT_FOR_MODBUS = (
 )
 
 
-# Validating is done in a child process: these would stay in the agent's memory for good.
-NOT_IN_ANY_AGENT = ("pydantic", "pydantic_core", "annotated_types")
+# Parsing and validating the file is done in a child process: these would stay in the
+# agent's memory for good. The version is read without importlib.metadata (sync/version.py).
+NOT_IN_ANY_AGENT = ("pydantic", "pydantic_core", "annotated_types", "yaml", "importlib.metadata")
 
 
 def test_a_modbus_only_agent_does_not_import_what_it_does_not_use(

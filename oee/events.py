@@ -209,6 +209,19 @@ def count_event(
     its bounds, `ts` aware with a zero UTC offset. The engine makes one per counter
     increment, and the check was about half of the cost of making it. Any other value goes
     through the check, which keeps (or refuses, FieldValueError) it as `CountEvent` does."""
+    given: dict[str, Any] = {
+        "agent_id": agent_id,
+        "site_id": site_id,
+        "equipment_id": equipment_id,
+        "ts": ts,
+        "produced": produced,
+        "good": good,
+        "scrap": scrap,
+        "rework": rework,
+        "product": product,
+        "scrap_reason": scrap_reason,
+        "in_plan": in_plan,
+    }
     if not (
         type(in_plan) is bool
         and _plain_int(produced)
@@ -223,35 +236,8 @@ def count_event(
         and _plain_id(site_id)
         and _plain_id(equipment_id)
     ):
-        return CountEvent(
-            agent_id=agent_id,
-            site_id=site_id,
-            equipment_id=equipment_id,
-            ts=ts,
-            produced=produced,
-            good=good,
-            scrap=scrap,
-            rework=rework,
-            product=product,
-            scrap_reason=scrap_reason,
-            in_plan=in_plan,
-        )
-    return build_unchecked(
-        CountEvent,
-        event_id=uuid7(),
-        agent_id=agent_id,
-        site_id=site_id,
-        equipment_id=equipment_id,
-        ts=ts,
-        kind="count",
-        produced=produced,
-        good=good,
-        scrap=scrap,
-        rework=rework,
-        product=product,
-        scrap_reason=scrap_reason,
-        in_plan=in_plan,
-    )
+        return CountEvent(**given)
+    return build_unchecked(CountEvent, event_id=uuid7(), kind="count", **given)
 
 
 @checked

@@ -26,10 +26,6 @@ from typing import (
     get_type_hints,
 )
 
-if TYPE_CHECKING:
-    import yaml
-    from pydantic import ValidationError
-
 from agent.floor.config import OpcUaServerConfig, PlantMqttConfig
 from common.checks import FORBID, After, Check, validate
 from common.duration import Duration
@@ -48,6 +44,10 @@ from oee.config import (
     TimeZoneName,
 )
 from oee.targets import TargetSet
+
+if TYPE_CHECKING:
+    import yaml
+    from pydantic import ValidationError
 
 # Counter widths by integer type; any other type (float32, ...) counts at 32 bits.
 INTEGER_WIDTHS = {

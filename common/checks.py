@@ -14,7 +14,11 @@ only when pydantic builds a schema, so importing a module of dataclasses imports
     interval: Annotated[float, Before(parse_duration)] = 60.0
 
 `FORBID` as a dataclass's `__pydantic_config__` refuses unknown keys, as
-`ConfigDict(extra="forbid")` does on a model.
+`ConfigDict(extra="forbid")` does on a model. `validate(Kind, data)` is that validation
+(pydantic imported and its validator built at the first call), `validated(Kind, **fields)`
+the same from keywords, and `jsonable` gives a dataclass's JSON values as pydantic's
+`mode="json"` did. `constraints` and `afters` read the metadata back for the plain check of
+events (oee.checking).
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ on its import path). It reads one request on stdin and writes one answer on stdo
 
 from __future__ import annotations
 
-import os
 import pickle
 import subprocess
 import sys
@@ -55,7 +54,6 @@ def parse_config_apart(
             capture_output=True,
             timeout=CHECK_TIMEOUT_S,
             check=False,
-            env=os.environ.copy(),
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ConfigError(f"{source}: the configuration could not be checked: {exc}") from None

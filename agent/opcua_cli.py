@@ -24,12 +24,9 @@ def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _certificate_settings(path: str, connection_id: str | None) -> tuple[str, Path]:
-    """The application URI and the keys folder from the configuration file, read without
-    the rest of it: `${ENV}` values only `run` needs (passwords) may be unset here."""
+def _read_mapping(path: str) -> dict[str, Any]:
+    """The configuration file as plain YAML data, without validating it."""
     import yaml
-
-    from connectors.opcua.config import OpcUaConnection
 
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -37,6 +34,15 @@ def _certificate_settings(path: str, connection_id: str | None) -> tuple[str, Pa
         raise ConfigError(f"{path}: cannot read the configuration: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with agent, equipment, ... at the top")
+    return data
+
+
+def _certificate_settings(path: str, connection_id: str | None) -> tuple[str, Path]:
+    """The application URI and the keys folder from the configuration file, read without
+    the rest of it: `${ENV}` values only `run` needs (passwords) may be unset here."""
+    from connectors.opcua.config import OpcUaConnection
+
+    data = _read_mapping(path)
     connections = data.get("connections")
     found = [
         (i, c)
@@ -95,13 +101,7 @@ def cmd_keys_opcua_server_cert(args: argparse.Namespace) -> int:
     from connectors.opcua.hub import thumbprint
 
     _, keys_dir = _certificate_settings(args.config, None)
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{args.config}: cannot read the configuration: {exc}") from None
-    server = _section(data if isinstance(data, dict) else {}, "opcua_server")
+    server = _section(_read_mapping(args.config), "opcua_server")
     uri = OpcUaServerConfig.application_uri
     uri = expand_env(server.get("application_uri", uri), "opcua_server.application_uri")
     if not isinstance(uri, str) or not uri:
